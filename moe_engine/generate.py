@@ -100,7 +100,7 @@ def iter_generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence
     for p in prompts:
         if isinstance(p, str):
             text = tok.chat_prompt([{"role": "user", "content": p}]) if chat else p
-            encoded.append(tok.encode(text, add_bos=None if not chat else False) if chat else tok.encode(text))
+            encoded.append(tok.encode(text))  # a chat prompt already starts with BOS; encode never doubles it
         else:
             encoded.append([int(i) for i in p])
     for i, e in enumerate(encoded):
@@ -133,7 +133,8 @@ def iter_generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence
 
     logits = model.forward(ids, attention_mask=mask, cache=cache, step=0, **kw)
     for step in range(1, max_new_tokens + 1):
-        logits[:, vocab:] = -torch.inf  # rows past the tokenizer belong to no token
+        if logits.shape[-1] > vocab:  # rows past the tokenizer belong to no token
+            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=dev) >= vocab, -torch.inf)
         nxt = sample(logits, sampling, gen)
         for i in range(Bsz):
             if finished[i]:

@@ -119,7 +119,7 @@ class Model:
                            dtype=torch.int32, device=self.device)
 
     # -- forward --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids, *, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, interventions: Interventions | None = None,
                 capture: Capture | None = None, usage: torch.Tensor | None = None,
@@ -235,6 +235,16 @@ class Model:
 
     __call__ = forward
 
+    def generate(self, prompts, **kwargs):
+        """Generate completions (see moe_engine.generate.generate for the arguments)."""
+        from .generate import generate
+        return generate(self, prompts, **kwargs)
+
+    def iter_generate(self, prompts, **kwargs):
+        """Stream TokenEvents (see moe_engine.generate.iter_generate)."""
+        from .generate import iter_generate
+        return iter_generate(self, prompts, **kwargs)
+
     # -- pieces ------------------------------------------------------------------------------------
     def _check_ids(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, device=self.device)
@@ -257,7 +267,7 @@ class Model:
         p = pos.float()
         rs = c.rope_scaling
         if rs is not None:
-            kind, factor = rs["type"], float(rs["factor"])
+            kind, factor = rs.type, float(rs.factor)
             if kind == "linear":
                 p = p / factor
             elif kind == "dynamic" and seq_len > c.max_position_embeddings:
