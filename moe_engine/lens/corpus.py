@@ -159,8 +159,7 @@ def iter_file_blocks(path: Path, split: str) -> Iterator[tuple[str, bool]]:
         while True:
             block = f.read(READ_BLOCK)
             if not block:
-                if carry:
-                    yield carry, True
+                yield carry, True   # even when empty: it ends the document
                 return
             text = carry + block
             cut = text.rfind("\n") + 1
