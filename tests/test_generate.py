@@ -81,8 +81,9 @@ def test_parse_expert_mask():
 
 
 def _cli(*args):
+    # cwd outside the checkout: `python -m` puts the cwd first on sys.path
     return subprocess.run([sys.executable, "-m", "moe_engine.generate", *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd="/")
 
 
 def test_cli_streams_tokens_and_interventions_change_output(tiny_dir):
