@@ -1,95 +1,108 @@
-"""expert_ffn: the routed-expert FFN, unweighted per slot (the ``hook_expert_out`` tap).
+"""expert_ffn: the routed experts' SwiGLU for every (token, slot), unweighted, token-aligned.
 
-Shape legend: T tokens, D hidden, E routed experts, K top-k (k_max slots per token), F expert
-width, R = T*k_max slots.
+Shapes: T tokens, D hidden, E experts, F expert width, k_max slots.
 
-    expert_out[t, j, :] = down_e( silu(gate_e(x_t)) * up_e(x_t) ),   e = topk_ids[t, j]
-    expert_out[t, j, :] = 0                                            where e < 0 (sentinel)
+    expert_out[t, j] = W_down[e] (silu(W_gate[e] x[t]) * (W_up[e] x[t])),  e = topk_ids[t, j]
 
-Weights as loaded (DESIGN.md, "Checkpoints"): w13 [E, 2F, D] rows [gate | up], w2 [E, D, F].
-The cpu backend streams them from a packed copy (``CpuExperts``: panels of 32 output rows,
-k-pairs interleaved for vdpbf16ps; csrc/cpu/expert_ffn.cpp), made once at load time.
+experts_gate_up is [E, 2F, D] (gate rows [0, F), up rows [F, 2F)), experts_down is [E, D, F].
+Rows of slots with a sentinel id (< 0 or >= E) are left unspecified; combine skips them.
+expert_out IS the `hook_expert_out` lens tap: slot order = rank order of route.
 
-Numerics: fp32 accumulation; in bf16 the SiLU*up intermediate is rounded to bf16 (as the
-reference does) and the output is rounded once. Tolerances: tests/tolerances.py.
+Backends: torch (this reference, a loop over the experts present), cpu (csrc/cpu/expert_ffn.cpp,
+fused: chosen experts only, each expert's weights streamed once per call for all its tokens,
+SiLU*up in the gate|up epilogue; it reads the panel-packed copy in `CpuExperts`, made once per
+layer at load time -- pass it as `packed=`, else the call packs on the fly), cuda / emu (align + csrc/cuda/expert_gemm.cu, or csrc/cuda/moe_decode.cu for T <= 16).
+Test: tests/test_ops_expert_ffn.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F_
+import torch.nn.functional as Fn
 
-from moe_engine import _C
+from . import backend as B
+from .packed import PackedWeight, pack_weight
 
-_DTYPES = {torch.float32: _C.DType.f32, torch.bfloat16: _C.DType.bf16}
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with gate_up = [gate; up] stacked on the output axis."""
+    gu = x @ gate_up.t()
+    F = gu.shape[-1] // 2
+    return (Fn.silu(gu[..., :F]) * gu[..., F:]) @ down.t()
 
 
-def expert_ffn_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Per-expert loop in x.dtype, as the Hugging Face remote code computes one expert."""
-    T, D = x.shape
-    k_max = topk_ids.shape[1]
-    F = w2.shape[2]
-    out = torch.zeros(T, k_max, D, dtype=x.dtype)
-    ids = topk_ids.long()
-    for e in torch.unique(ids[(ids >= 0) & (ids < w13.shape[0])]).tolist():
-        t, j = torch.nonzero(ids == e, as_tuple=True)
-        gu = x[t] @ w13[e].t()                                   # [n, 2F]
-        h = F_.silu(gu[:, :F]) * gu[:, F:]
-        out[t, j] = h @ w2[e].t()
+def expert_ffn_ref(x, topk_ids, experts_gate_up, experts_down):
+    T, k_max = topk_ids.shape
+    E, D = experts_gate_up.shape[0], x.shape[1]
+    out = torch.zeros((T, k_max, D), dtype=x.dtype, device=x.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    for e in torch.unique(flat_ids[(flat_ids >= 0) & (flat_ids < E)]).tolist():
+        slots = (flat_ids == e).nonzero().squeeze(1)
+        y = swiglu(x[slots // k_max], experts_gate_up[e], experts_down[e])
+        out.view(T * k_max, D)[slots] = y
     return out
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"{name}: expected a cpu tensor, got {t.device}")
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-        raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous (strides {t.stride()})")
+def expert_ffn(x, topk_ids, experts_gate_up, experts_down, *, backend: str = "auto",
+               packed: "CpuExperts | None" = None, out: torch.Tensor | None = None):
+    """Checked dispatcher. Returns expert_out [T, k_max, D] in x's dtype.
+
+    packed: the cpu backend's packed copy of these experts (CpuExperts.pack); out: a
+    preallocated expert_out (cpu backend)."""
+    B.check(x, "x", dtype=(torch.float32, torch.bfloat16))
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, D], got shape {list(x.shape)}")
+    T, D = x.shape
+    dev, dt = x.device, x.dtype
+    B.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, None), device=dev)
+    B.check(experts_gate_up, "experts_gate_up", dtype=dt, shape=(None, None, D), device=dev)
+    E, F2, _ = experts_gate_up.shape
+    if F2 % 2:
+        raise ValueError(f"experts_gate_up has {F2} rows per expert; expected an even 2F")
+    B.check(experts_down, "experts_down", dtype=dt, shape=(E, D, F2 // 2), device=dev)
+    be = B.resolve(backend, dev)
+    if (packed is not None or out is not None) and be != "cpu":
+        raise ValueError(f"packed= and out= belong to the cpu backend, not {be!r}")
+    if be == "torch":
+        return expert_ffn_ref(x, topk_ids, experts_gate_up, experts_down)
+    if be == "cpu":
+        if packed is None:
+            packed = CpuExperts.pack(experts_gate_up, experts_down)
+        elif packed.shape != (E, D, F2 // 2) or packed.dtype != dt:
+            raise ValueError(f"packed experts are {packed.dtype} (E, D, F) = {packed.shape}; the "
+                             f"weights are {dt} {(E, D, F2 // 2)}")
+        return expert_ffn_cpu(x, topk_ids, packed, out=out)
+    return _NATIVE[be](x, topk_ids, experts_gate_up, experts_down)
 
 
-@dataclass(frozen=True)
-class PackedWeight:
-    """A weight [E, N, K] (y = x W^T per expert) in the cpu backend's panel layout."""
-    data: torch.Tensor      # uint8 [pack_size_bytes]
-    dtype: torch.dtype
-    E: int
-    N: int
-    K: int
-    gate_up: bool
+def _unavailable(name):
+    def run(*args):
+        raise B.BackendUnavailable(f"expert_ffn has no {name} implementation in this build")
+    return run
 
 
-def pack_weight(w: torch.Tensor, gate_up: bool = False) -> PackedWeight:
-    """Pack [E, N, K] or [N, K] (E = 1) for csrc/cpu/expert_ffn.cpp. One copy, at load time."""
-    w3 = w.unsqueeze(0) if w.dim() == 2 else w
-    if w3.dtype not in _DTYPES:
-        raise ValueError(f"pack_weight: dtype {w3.dtype} not in {list(_DTYPES)}")
-    w3 = w3.contiguous()
-    E, N, K = w3.shape
-    dt = _DTYPES[w3.dtype]
-    data = torch.empty(_C.pack_size_bytes(dt, E, N, K, gate_up), dtype=torch.uint8)
-    p = _C.PackParams()
-    p.src, p.dst, p.dtype, p.E, p.N, p.K, p.gate_up = w3.data_ptr(), data.data_ptr(), dt, E, N, K, gate_up
-    _C.pack_weights_cpu(p)
-    return PackedWeight(data, w3.dtype, E, N, K, gate_up)
+# Filled in by the cuda/emu implementations below as they land.
+_NATIVE = {"cuda": _unavailable("cuda"), "emu": _unavailable("emu")}
 
 
+# ---- cpu: csrc/cpu/expert_ffn.cpp ----------------------------------------------------------------
 @dataclass(frozen=True)
 class CpuExperts:
-    """Packed gate|up and down weights of E experts for backend="cpu"."""
-    w13: PackedWeight   # [E, 2F, D], gate_up
-    w2: PackedWeight    # [E, D, F]
+    """E experts' gate|up [E, 2F, D] and down [E, D, F] weights, panel-packed (ops/packed.py)."""
+    w13: PackedWeight
+    w2: PackedWeight
 
     @staticmethod
-    def pack(w13: torch.Tensor, w2: torch.Tensor) -> "CpuExperts":
-        if w13.dim() == 2:
-            w13, w2 = w13.unsqueeze(0), w2.unsqueeze(0)
-        E, F2, D = w13.shape
-        if tuple(w2.shape) != (E, D, F2 // 2) or w2.dtype != w13.dtype:
-            raise ValueError(f"CpuExperts.pack: w13 {tuple(w13.shape)} {w13.dtype} and w2 "
-                             f"{tuple(w2.shape)} {w2.dtype} disagree (want w2 [E, D, F])")
-        return CpuExperts(pack_weight(w13, gate_up=True), pack_weight(w2))
+    def pack(experts_gate_up: torch.Tensor, experts_down: torch.Tensor) -> "CpuExperts":
+        """Also packs one dense SwiGLU MLP (gate_up [2S, D], down [D, S]) as E = 1."""
+        gu = experts_gate_up.unsqueeze(0) if experts_gate_up.dim() == 2 else experts_gate_up
+        dn = experts_down.unsqueeze(0) if experts_down.dim() == 2 else experts_down
+        E, F2, D = gu.shape
+        if tuple(dn.shape) != (E, D, F2 // 2) or dn.dtype != gu.dtype:
+            raise ValueError(f"gate_up {list(gu.shape)} {gu.dtype} and down {list(dn.shape)} "
+                             f"{dn.dtype} disagree; expected down [E, D, F] = {[E, D, F2 // 2]}")
+        return CpuExperts(pack_weight(gu, gate_up=True), pack_weight(dn))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -100,49 +113,36 @@ class CpuExperts:
     def dtype(self) -> torch.dtype:
         return self.w13.dtype
 
-    def nbytes_per_expert(self) -> int:
-        E, D, F = self.shape
-        return 3 * D * F * torch.empty(0, dtype=self.dtype).element_size()
+    def expert_bytes(self) -> int:
+        """Weight bytes one expert streams per call (3*D*F elements)."""
+        return (self.w13.nbytes_logical + self.w2.nbytes_logical) // self.w13.E
 
 
 def workspace_bytes(dtype: torch.dtype, T: int, k_max: int, E: int, F: int) -> int:
-    return _C.expert_ffn_workspace_bytes(_DTYPES[dtype], T, k_max, E, F)
+    mod = B.native_module("cpu")
+    return mod.expert_ffn_workspace_bytes(B.native_dtype(mod, dtype), T, k_max, E, F)
 
 
-def expert_ffn_cpu(x: torch.Tensor, experts: CpuExperts, topk_ids: torch.Tensor,
-                   expert_out: torch.Tensor | None = None,
-                   workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """Checked call of csrc/cpu/expert_ffn.cpp; returns expert_out [T, k_max, D]."""
-    E, D, F = experts.shape
+def expert_ffn_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed: CpuExperts, *,
+                   out: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """The cpu kernel on already-validated x [T, D] and topk_ids [T, k_max]; sentinel slots
+    come back as zero rows."""
+    mod = B.native_module("cpu")
+    E, D, F = packed.shape
     T, k_max = topk_ids.shape
-    _check("x", x, (T, D), experts.dtype)
-    _check("topk_ids", topk_ids, (T, k_max), torch.int32)
-    if expert_out is None:
-        expert_out = torch.empty(T, k_max, D, dtype=x.dtype)
-    _check("expert_out", expert_out, (T, k_max, D), x.dtype)
+    B.check(x, "x", dtype=packed.dtype, shape=(T, D), device="cpu")
+    out = torch.empty((T, k_max, D), dtype=x.dtype) if out is None else out
+    B.check(out, "out", dtype=x.dtype, shape=(T, k_max, D), device="cpu")
     need = workspace_bytes(x.dtype, T, k_max, E, F)
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.uint8)
-    elif workspace.dtype != torch.uint8 or workspace.numel() < need or not workspace.is_contiguous():
-        raise ValueError(f"workspace: need a contiguous uint8 tensor of >= {need} bytes")
-    p = _C.ExpertFFNParams()
-    p.x, p.w13, p.w2 = x.data_ptr(), experts.w13.data.data_ptr(), experts.w2.data.data_ptr()
-    p.topk_ids, p.expert_out, p.workspace = topk_ids.data_ptr(), expert_out.data_ptr(), workspace.data_ptr()
-    p.dtype, p.T, p.k_max, p.D, p.F, p.E = _DTYPES[x.dtype], T, k_max, D, F, E
-    _C.expert_ffn_cpu(p)
-    return expert_out
-
-
-def linear_cpu(x: torch.Tensor, w: PackedWeight, y: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T with a packed [N, K] weight (the decode mat-vec of the cpu backend)."""
-    if w.E != 1 or w.gate_up:
-        raise ValueError("linear_cpu: want a plain packed [N, K] weight")
-    T = x.shape[0]
-    _check("x", x, (T, w.K), w.dtype)
-    if y is None:
-        y = torch.empty(T, w.N, dtype=x.dtype)
-    _check("y", y, (T, w.N), x.dtype)
-    p = _C.LinearParams()
-    p.x, p.w, p.y, p.dtype, p.T, p.N, p.K = x.data_ptr(), w.data.data_ptr(), y.data_ptr(), _DTYPES[x.dtype], T, w.N, w.K
-    _C.linear_cpu(p)
-    return y
+    B.check(workspace, "workspace", dtype=torch.uint8, device="cpu")
+    if workspace.numel() < need:
+        raise ValueError(f"workspace has {workspace.numel()} bytes; expert_ffn needs {need}")
+    p = mod.ExpertFFNParams()
+    p.x, p.w13, p.w2 = x.data_ptr(), packed.w13.data.data_ptr(), packed.w2.data.data_ptr()
+    p.topk_ids, p.expert_out, p.workspace = topk_ids.data_ptr(), out.data_ptr(), workspace.data_ptr()
+    p.dtype, p.T, p.k_max, p.D, p.F, p.E = B.native_dtype(mod, x.dtype), T, k_max, D, F, E
+    if T > 0 and k_max > 0:
+        mod.expert_ffn_cpu(p)
+    return out
