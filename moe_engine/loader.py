@@ -11,6 +11,7 @@ not half way through a 32 GB load or inside safetensors.
 Then tensors are read one at a time through `safetensors.safe_open` (memory mapped), cast to the
 requested dtype and copied into preallocated destinations: each expert's gate/up/down lands in its
 slice of the packed [E, 2F, D] / [E, D, F] tensors, so peak memory is the model plus one tensor.
+The result owns its memory (nothing aliases the mapped files).
 
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
@@ -301,7 +302,11 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             return t
 
         def whole(name: str) -> Tensor:
-            return read(name).to(device=device, dtype=dtype).contiguous()
+            t = read(name)
+            out = t.to(device=device, dtype=dtype).contiguous()
+            # get_tensor maps the file: own the memory, so rewriting the checkpoint later cannot
+            # change (or, if truncated, SIGBUS) a loaded model.
+            return out.clone() if out is t else out
 
         def into(dst: Tensor, name: str) -> None:
             dst.copy_(read(name))

@@ -148,6 +148,25 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path, tiny_ckpt):
     assert (again / "tokenizer.json").read_text() == (tiny_ckpt / "tokenizer.json").read_text()
 
 
+def test_weights_do_not_alias_the_files(tiny_ckpt, copy_ckpt):
+    ckpt = copy_ckpt(tiny_ckpt)
+    c, w = load_checkpoint(ckpt, progress=False)
+    before = {k: v.clone() for k, v in unpack(w, c).items()}
+    f = ckpt / "model.safetensors"
+    with open(f, "r+b") as fh:  # overwrite in place: a mapped tensor would see the zeros
+        fh.write(bytes(f.stat().st_size))
+    assert all(torch.equal(v, before[k]) for k, v in unpack(w, c).items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_to_cuda(tiny_ckpt):
+    c, w = load_checkpoint(tiny_ckpt, device="cuda", progress=False)
+    _, ref = load_checkpoint(tiny_ckpt, progress=False)
+    got, want = unpack(w, c), unpack(ref, c)
+    for name, t in got.items():
+        assert t.is_cuda and torch.equal(t.cpu(), want[name]), name
+
+
 def test_progress_bar(tiny_ckpt, capsys):
     load_checkpoint(tiny_ckpt, progress=True)
     assert "tensor" in capsys.readouterr().err
@@ -234,10 +253,7 @@ def test_truncated_file(tiny_ckpt, copy_ckpt):
     f = ckpt / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[:-100])
-    with safe_open(str(tiny_ckpt / "model.safetensors"), framework="pt") as st:
-        header_order = list(st.keys())  # any tensor; the message must name the one cut off
-    msg = expect_error(ckpt, f, "truncated")
-    assert any(name in msg for name in header_order), msg
+    expect_error(ckpt, f, "truncated", "lm_head.weight")  # the last tensor is the one cut off
     f.write_bytes(data[:5000])  # cut inside the header
     expect_error(ckpt, f, "truncated", "header length")
     f.write_bytes(data[:3])
@@ -297,7 +313,6 @@ def test_missing_config_directory_and_weights(tiny_ckpt, copy_ckpt, tmp_path):
     (ckpt / "config.json").unlink()
     expect_error(ckpt, ckpt / "config.json", "missing")
     expect_error(tmp_path / "nowhere", tmp_path / "nowhere", "not found")
-    ckpt = copy_ckpt(tiny_ckpt) if False else ckpt
     (ckpt / "config.json").write_text((tiny_ckpt / "config.json").read_text())
     (ckpt / "model.safetensors").rename(ckpt / "weights.safetensors")
     expect_error(ckpt, "model.safetensors", INDEX, "weights.safetensors")
