@@ -232,7 +232,7 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
         absent = [n for n in names if n not in headers[shard]]
         if absent:
             raise CheckpointError(f"{listing}: names shard {shard.name} for tensor {absent[0]}, "
-                                  f"but {shard} does not hold it ({len(absent)} such tensors)")
+                                  f"but {shard} does not hold it ({len(absent)} tensor(s) affected)")
 
     layout = checkpoint_layout(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
