@@ -59,7 +59,8 @@ class CheckpointError(ValueError):
 
 @dataclass
 class DenseMLPWeights:
-    """SwiGLU MLP `down(silu(gate(x)) * up(x))`: layer-0 dense MLP (F = I) or shared experts (F = S)."""
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))`: a dense layer's MLP (F = I) or the shared
+    experts (F = S)."""
 
     gate_up: Tensor  # [2F, D]: rows [0:F] = gate_proj, rows [F:2F] = up_proj
     down: Tensor     # [D, F]
@@ -168,7 +169,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
             ok = (isinstance(dtype, str) and all(type(s) is int and s >= 0 for s in shape)
                   and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (TypeError, KeyError, ValueError):
@@ -231,8 +233,9 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
         headers[shard] = read_safetensors_header(shard)
         absent = [n for n in names if n not in headers[shard]]
         if absent:
-            raise CheckpointError(f"{listing}: names shard {shard.name} for tensor {absent[0]}, "
-                                  f"but {shard} does not hold it ({len(absent)} tensor(s) affected)")
+            raise CheckpointError(
+                f"{listing}: names shard {shard.name} for tensor {absent[0]}, but {shard} does "
+                f"not hold it ({len(absent)} tensor(s) affected)")
 
     layout = checkpoint_layout(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()

@@ -45,8 +45,8 @@ EOS_TOKEN = "<｜end▁of▁sentence｜>"
 
 # The chat template of deepseek-moe-16b-chat's tokenizer_config.json, verbatim.
 CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if not add_generation_prompt is defined %}"
+    "{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
     "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
     "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
@@ -124,7 +124,8 @@ def make_checkpoint(out_dir: str | Path, preset_or_config_dict: str | dict[str, 
     published 16B config). `layers` sets num_hidden_layers; `overrides` is applied last.
     The bos/eos/pad ids always come from the generated tokenizer."""
     if dtype not in _SAFETENSORS_DTYPE:
-        raise ValueError(f"dtype {dtype!r} not supported; use one of {', '.join(_SAFETENSORS_DTYPE)}")
+        raise ValueError(f"dtype {dtype!r} not supported; "
+                         f"use one of {', '.join(_SAFETENSORS_DTYPE)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed = {seed!r} must be a non-negative integer")
     if isinstance(preset_or_config_dict, str):

@@ -143,8 +143,9 @@ def test_no_shared_experts_and_moe_layer_freq(tmp_path):
 def test_same_seed_same_weights_other_seed_differs(tmp_path, tiny_ckpt):
     again = make_checkpoint(tmp_path / "a", "tiny")
     other = make_checkpoint(tmp_path / "b", "tiny", seed=1)
-    assert (again / "model.safetensors").read_bytes() == (tiny_ckpt / "model.safetensors").read_bytes()
-    assert (other / "model.safetensors").read_bytes() != (tiny_ckpt / "model.safetensors").read_bytes()
+    weights = (tiny_ckpt / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == weights
+    assert (other / "model.safetensors").read_bytes() != weights
     assert (again / "tokenizer.json").read_text() == (tiny_ckpt / "tokenizer.json").read_text()
 
 
@@ -223,15 +224,17 @@ def test_missing_tensor(tiny_ckpt, copy_ckpt):
 
 def test_unexpected_tensor(tiny_ckpt, copy_ckpt):
     ckpt = copy_ckpt(tiny_ckpt)
-    rewrite(ckpt, lambda t: t.update({"model.layers.1.mlp.gate.bias": torch.zeros(8),
-                                      "model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(1)}))
+    extra = {"model.layers.1.mlp.gate.bias": torch.zeros(8),
+             "model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(1)}
+    rewrite(ckpt, lambda t: t.update(extra))
     expect_error(ckpt, ckpt / "model.safetensors", "unexpected", "model.layers.1.mlp.gate.bias",
                  "model.layers.0.mlp.experts.0.up_proj.weight")
 
 
 def test_ignored_rotary_buffer(tiny_ckpt, copy_ckpt):
     ckpt = copy_ckpt(tiny_ckpt)
-    rewrite(ckpt, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    buffer = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    rewrite(ckpt, lambda t: t.update({buffer: torch.ones(8)}))
     load_checkpoint(ckpt, progress=False)
 
 
