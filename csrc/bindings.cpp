@@ -20,7 +20,7 @@ using namespace moe;
       #f, [](const S& s) { return reinterpret_cast<std::uintptr_t>(s.f); },    \
       [](S& s, std::uintptr_t v) { s.f = reinterpret_cast<decltype(S::f)>(v); })
 #define MOE_VAL(cls, S, f) cls.def_readwrite(#f, &S::f)
-#define MOE_STREAM(fn) [](const auto& p, std::uintptr_t stream) { fn(p, reinterpret_cast<void*>(stream)); }
+#define MOE_STREAM(fn, P) [](const P& p, std::uintptr_t stream) { fn(p, reinterpret_cast<void*>(stream)); }
 
 PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   // module_local: _C and _C_emu register the same C++ types in one process.
@@ -56,15 +56,40 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(combine, CombineParams, routed_out); MOE_VAL(combine, CombineParams, dtype);
   MOE_VAL(combine, CombineParams, T); MOE_VAL(combine, CombineParams, k_max); MOE_VAL(combine, CombineParams, D);
 
+  py::class_<PackParams> pack(m, "PackParams", py::module_local());
+  pack.def(py::init<>());
+  MOE_PTR(pack, PackParams, src); MOE_PTR(pack, PackParams, dst); MOE_VAL(pack, PackParams, dtype);
+  MOE_VAL(pack, PackParams, E); MOE_VAL(pack, PackParams, N); MOE_VAL(pack, PackParams, K);
+  MOE_VAL(pack, PackParams, gate_up);
+  m.def("pack_size_bytes", &pack_size_bytes);
+
+  py::class_<ExpertFFNParams> ffn(m, "ExpertFFNParams", py::module_local());
+  ffn.def(py::init<>());
+  MOE_PTR(ffn, ExpertFFNParams, x); MOE_PTR(ffn, ExpertFFNParams, w13); MOE_PTR(ffn, ExpertFFNParams, w2);
+  MOE_PTR(ffn, ExpertFFNParams, topk_ids); MOE_PTR(ffn, ExpertFFNParams, expert_out);
+  MOE_PTR(ffn, ExpertFFNParams, workspace); MOE_VAL(ffn, ExpertFFNParams, dtype);
+  MOE_VAL(ffn, ExpertFFNParams, T); MOE_VAL(ffn, ExpertFFNParams, k_max); MOE_VAL(ffn, ExpertFFNParams, D);
+  MOE_VAL(ffn, ExpertFFNParams, F); MOE_VAL(ffn, ExpertFFNParams, E);
+  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
+
+  py::class_<LinearParams> linear(m, "LinearParams", py::module_local());
+  linear.def(py::init<>());
+  MOE_PTR(linear, LinearParams, x); MOE_PTR(linear, LinearParams, w); MOE_PTR(linear, LinearParams, y);
+  MOE_VAL(linear, LinearParams, dtype); MOE_VAL(linear, LinearParams, T); MOE_VAL(linear, LinearParams, N);
+  MOE_VAL(linear, LinearParams, K);
+
 #if defined(MOE_WITH_CUDA)
-  m.def("route_cuda", MOE_STREAM(route_cuda), py::arg("p"), py::arg("stream") = 0);
-  m.def("align_cuda", MOE_STREAM(align_cuda), py::arg("p"), py::arg("stream") = 0);
-  m.def("combine_cuda", MOE_STREAM(combine_cuda), py::arg("p"), py::arg("stream") = 0);
+  m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0);
 #endif
 #if !defined(MOE_EMU)
   m.def("route_cpu", &route_cpu);
   m.def("align_cpu", &align_cpu);
   m.def("combine_cpu", &combine_cpu);
+  m.def("pack_weights_cpu", &pack_weights_cpu);
+  m.def("expert_ffn_cpu", &expert_ffn_cpu);
+  m.def("linear_cpu", &linear_cpu);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

@@ -81,4 +81,48 @@ void route_cpu(const RouteParams& p);
 void align_cpu(const AlignParams& p);
 void combine_cpu(const CombineParams& p);
 
+// ---- CPU expert FFN ----------------------------------------------------------------------
+// Packed weights ("panels", csrc/cpu/expert_ffn.cpp): W [N, K] (y = x W^T) is stored as
+// ceil(N/32) panels of 32 output rows (zero-padded), each panel contiguous:
+//   bf16: [ceil(K/2)][32][2]  (k pairs interleaved: the vdpbf16ps operand layout)
+//   f32:  [K][32]
+// With gate_up, src rows are [gate F | up F] and panel p holds gate rows 16p..16p+15 in lanes
+// 0..15 and up rows 16p..16p+15 in lanes 16..31, so one panel yields 16 SiLU(gate)*up outputs.
+struct PackParams {
+  const void* src;  // [E, N, K] dtype, contiguous
+  void* dst;        // pack_size_bytes(...)
+  DType dtype;
+  int32_t E, N, K;
+  bool gate_up;     // N = 2F, rows [gate | up]
+};
+int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up);
+
+// expert_out[t,j,:] = down_e(SiLU(gate_e(x_t)) * up_e(x_t)) for e = topk_ids[t,j] (unweighted:
+// the hook_expert_out tap); sentinel slots get zero rows. Each chosen expert's weights are
+// streamed once per call for all tokens that chose it.
+struct ExpertFFNParams {
+  const void* x;            // [T, D] dtype, contiguous
+  const void* w13;          // packed gate|up: E x pack(2F, D, gate_up)
+  const void* w2;           // packed down:    E x pack(D, F)
+  const int32_t* topk_ids;  // [T, k_max]
+  void* expert_out;         // [T, k_max, D] dtype
+  void* workspace;          // expert_ffn_workspace_bytes(...)
+  DType dtype;
+  int32_t T, k_max, D, F, E;
+};
+int64_t expert_ffn_workspace_bytes(DType dtype, int64_t T, int64_t k_max, int64_t E, int64_t F);
+
+// y = x W^T with W packed (E = 1): the small-T (decode) dense mat-vec of the cpu backend.
+struct LinearParams {
+  const void* x;  // [T, K] dtype, contiguous
+  const void* w;  // packed [N, K]
+  void* y;        // [T, N] dtype
+  DType dtype;
+  int32_t T, N, K;
+};
+
+void pack_weights_cpu(const PackParams& p);
+void expert_ffn_cpu(const ExpertFFNParams& p);
+void linear_cpu(const LinearParams& p);
+
 }  // namespace moe
