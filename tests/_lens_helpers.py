@@ -1,4 +1,5 @@
-"""Checkpoints and fixtures shared by test_taps.py, test_interventions.py and test_lens.py.
+"""Checkpoints and fixtures shared by test_taps.py, test_interventions.py and test_lens.py
+(the random tiny fp32 checkpoint is conftest.py's `tiny_fp32_dir`).
 
 Two hand-built checkpoints make the lens analyses' answers known in closed form:
 
@@ -56,12 +57,6 @@ def set_add_bos(path: Path, add: bool) -> None:
 
 def load(path, backend="torch", dtype="float32") -> Model:
     return Model.load(path, dtype=dtype, device=DEVICE[backend], backend=backend, progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """Random tiny checkpoint (3 layers: dense 0, MoE 1-2; E = 8, k = 2, 2 shared), fp32."""
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", dtype="float32", seed=1)
 
 
 # ---- routing known answer ------------------------------------------------------------------

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from _lens_helpers import BACKENDS, load, tiny_dir  # noqa: F401 (fixture)
+from _lens_helpers import BACKENDS, load
 
 from moe_engine import Capture, Interventions, Patch, TapRequest, intervene
 
@@ -79,8 +79,8 @@ def check_layer(cap, l, k, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [0, 1, 3, 8])
-def test_topk_global(tiny_dir, backend, k):
-    model = model_for(tiny_dir, backend)
+def test_topk_global(tiny_fp32_dir, backend, k):
+    model = model_for(tiny_fp32_dir, backend)
     _, cap = run(model, backend, topk=k)
     for l in model.config.moe_layers:
         check_layer(cap, l, k)
@@ -90,8 +90,8 @@ def test_topk_global(tiny_dir, backend, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_per_layer(tiny_dir, backend):
-    model = model_for(tiny_dir, backend)
+def test_topk_per_layer(tiny_fp32_dir, backend):
+    model = model_for(tiny_fp32_dir, backend)
     a, cap = run(model, backend, topk={1: 1, 2: 3})
     b, _ = run(model, backend, topk=[None, 1, 3])
     assert torch.equal(a, b)
@@ -101,8 +101,8 @@ def test_topk_per_layer(tiny_dir, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["reroute", "zero"])
-def test_expert_mask(tiny_dir, backend, mode):
-    model = model_for(tiny_dir, backend)
+def test_expert_mask(tiny_fp32_dir, backend, mode):
+    model = model_for(tiny_fp32_dir, backend)
     k, E = model.config.num_experts_per_tok, model.config.n_routed_experts
     _, clean = run(model, backend)
     # mask the expert layer 1 uses most, so the mask certainly bites
@@ -125,8 +125,8 @@ def test_expert_mask(tiny_dir, backend, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_force_experts(tiny_dir, backend):
-    model = model_for(tiny_dir, backend)
+def test_force_experts(tiny_fp32_dir, backend):
+    model = model_for(tiny_fp32_dir, backend)
     k = model.config.num_experts_per_tok
     _, cap = run(model, backend, force_experts={1: 5})
     check_layer(cap, 1, k, force=5)
@@ -138,8 +138,8 @@ def test_force_experts(tiny_dir, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_renormalize(tiny_dir, backend):
-    model = model_for(tiny_dir, backend)
+def test_renormalize(tiny_fp32_dir, backend):
+    model = model_for(tiny_fp32_dir, backend)
     k = model.config.num_experts_per_tok
     _, cap = run(model, backend, renormalize=True, topk=3)
     for l in model.config.moe_layers:
@@ -151,12 +151,12 @@ def test_renormalize(tiny_dir, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_activation_patching(tiny_dir, backend):
+def test_activation_patching(tiny_fp32_dir, backend):
     """Patch layer 1's resid_mid at one position with another prompt's value: the patched row is
     the source row, earlier positions keep their values (to rounding: the patched token may
     change which experts run, and an expert's GEMM rounds differently with another row count),
     the patched position changes."""
-    model = model_for(tiny_dir, backend)
+    model = model_for(tiny_fp32_dir, backend)
     dev = model.device
     a = torch.tensor(model.tokenizer.encode("the cat sat on the mat today"), device=dev)
     b = torch.tensor(model.tokenizer.encode("a dog ran in the park at noon"), device=dev)
@@ -176,10 +176,10 @@ def test_activation_patching(tiny_dir, backend):
     assert torch.equal(model.forward(a, capture=z, backend=backend), model.forward(a, topk={1: 0}, backend=backend))
 
 
-def test_calls_do_not_interfere(tiny_dir):
+def test_calls_do_not_interfere(tiny_fp32_dir):
     """No state survives a call: interleaved calls with different settings, in one thread and
     in two threads inside different intervene() blocks, give the sequential results."""
-    model = model_for(tiny_dir, "torch")
+    model = model_for(tiny_fp32_dir, "torch")
     ids, mask = batch(model)
     f = lambda **kw: model.forward(ids, attention_mask=mask, **kw)  # noqa: E731
     base = f()
@@ -203,8 +203,8 @@ def test_calls_do_not_interfere(tiny_dir):
     assert torch.equal(f(), base)
 
 
-def test_intervene_context(tiny_dir):
-    model = model_for(tiny_dir, "torch")
+def test_intervene_context(tiny_fp32_dir):
+    model = model_for(tiny_fp32_dir, "torch")
     ids, mask = batch(model)
     f = lambda **kw: model.forward(ids, attention_mask=mask, **kw)  # noqa: E731
     with intervene(topk=1):
@@ -220,8 +220,8 @@ def test_intervene_context(tiny_dir):
             pass
 
 
-def test_invalid_interventions_name_the_problem(tiny_dir):
-    model = model_for(tiny_dir, "torch")
+def test_invalid_interventions_name_the_problem(tiny_fp32_dir):
+    model = model_for(tiny_fp32_dir, "torch")
     ids, mask = batch(model)
     E = model.config.n_routed_experts
     cases = [(dict(topk=E + 1), "out of range"), (dict(expert_mask={1: list(range(E))}), "removes every"),
@@ -239,11 +239,11 @@ SETTINGS = [dict(), dict(topk=1), dict(topk={1: 0, 2: 8}), dict(expert_mask={1: 
 
 @pytest.mark.parametrize("backend", OTHER)
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
-def test_backend_matches_reference(tiny_dir, backend, setting):
+def test_backend_matches_reference(tiny_fp32_dir, backend, setting):
     """Every intervention gives the torch reference's routing and (within TOL) its logits."""
     kw = SETTINGS[setting]
-    ref_logits, ref = run(model_for(tiny_dir, "torch"), "torch", **kw)
-    logits, cap = run(model_for(tiny_dir, backend), backend, **kw)
+    ref_logits, ref = run(model_for(tiny_fp32_dir, "torch"), "torch", **kw)
+    logits, cap = run(model_for(tiny_fp32_dir, backend), backend, **kw)
     for l in (1, 2):
         name = f"blocks.{l}.moe.hook_topk_ids"
         assert torch.equal(cap[name].cpu(), ref[name]), f"{backend} {kw} layer {l}"

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from _lens_helpers import Analytic, analytic_dir, load, routing_dir, tiny_dir  # noqa: F401 (fixtures)
+from _lens_helpers import Analytic, analytic_dir, load, routing_dir  # noqa: F401 (fixtures)
 from PIL import Image
 
 from moe_engine import Capture, TapRequest, lens
@@ -94,10 +94,10 @@ def test_early_decode_known_answer(analytic_dir):
     assert [c[1] for c in paper["layers"][1]["cumulative"][1]] == pytest.approx(probs.tolist(), rel=1e-5, abs=1e-6)
 
 
-def test_logit_lens_reproduces_model_and_targets(tiny_dir):
+def test_logit_lens_reproduces_model_and_targets(tiny_fp32_dir):
     """Decoding the last layer's output through the final norm IS the model's output; targets
     and full log-probs agree with the top-n; no [N, K, V] tensor unless asked."""
-    model = load(tiny_dir)
+    model = load(tiny_fp32_dir)
     ids = torch.tensor(model.tokenizer.encode("The lens decodes every layer 12345"))
     L = model.config.num_hidden_layers
     cap = Capture(TapRequest([f"blocks.{L - 1}.hook_resid_post", *lens.lens_tap_names()]))
@@ -115,8 +115,8 @@ def test_logit_lens_reproduces_model_and_targets(tiny_dir):
     assert len(lo.tokens(model.tokenizer)) == ids.numel()
 
 
-def test_cumulative_at_k_plus_shared_is_layer_output(tiny_dir):
-    model = load(tiny_dir)
+def test_cumulative_at_k_plus_shared_is_layer_output(tiny_fp32_dir):
+    model = load(tiny_fp32_dir)
     ids = torch.tensor(model.tokenizer.encode("residual stream bookkeeping"))
     cap = Capture(TapRequest(["blocks.*.hook_resid_post", "blocks.*.moe.hook_shared_out",
                               "blocks.*.moe.hook_topk_ids", *lens.lens_tap_names()]))
@@ -181,8 +181,8 @@ def test_similarity_known_answer(analytic_dir):
 
 # ---- corpus ----------------------------------------------------------------------------------
 
-def test_corpus_formats_and_chunking(tiny_dir, tmp_path):
-    model = load(tiny_dir)
+def test_corpus_formats_and_chunking(tiny_fp32_dir, tmp_path):
+    model = load(tiny_fp32_dir)
     tok = model.tokenizer
     (tmp_path / "gsm.jsonl").write_text(
         json.dumps({"question": "What is 2+2?", "answer": "#### 4"}) + "\n\n" +
@@ -217,8 +217,8 @@ def test_corpus_formats_and_chunking(tiny_dir, tmp_path):
 
 # ---- taps streamed to disk -------------------------------------------------------------------
 
-def test_tap_writer_streams_shards(tiny_dir, tmp_path):
-    model = load(tiny_dir)
+def test_tap_writer_streams_shards(tiny_fp32_dir, tmp_path):
+    model = load(tiny_fp32_dir)
     names = ["blocks.*.moe.hook_topk_ids", "blocks.2.moe.hook_expert_out"]
     ref = Capture(TapRequest(names))
     prompts = [model.tokenizer.encode(t) for t in ("alpha beta gamma", "one two", "x y z w v u t")]

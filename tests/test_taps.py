@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lens_helpers import BACKENDS, DEVICE, load, tiny_dir  # noqa: F401 (fixture)
+from _lens_helpers import BACKENDS, load
 
 from moe_engine import Capture, TapRequest, lens
 
@@ -41,8 +41,8 @@ def batch(model):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_invariants(tiny_dir, backend, dtype):
-    model = model_for(tiny_dir, backend, dtype)
+def test_invariants(tiny_fp32_dir, backend, dtype):
+    model = model_for(tiny_fp32_dir, backend, dtype)
     c = model.config
     ids, mask, enc = batch(model)
     N = int(mask.sum())
@@ -82,9 +82,9 @@ def test_invariants(tiny_dir, backend, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_capture_changes_nothing(tiny_dir, backend, dtype):
+def test_capture_changes_nothing(tiny_fp32_dir, backend, dtype):
     """Bit-identical logits and usage with and without every tap captured."""
-    model = model_for(tiny_dir, backend, dtype)
+    model = model_for(tiny_fp32_dir, backend, dtype)
     ids, mask, _ = batch(model)
     u0, u1 = model.new_usage_counters(), model.new_usage_counters()
     plain = model.forward(ids, attention_mask=mask, usage=u0)
@@ -98,8 +98,8 @@ def test_capture_changes_nothing(tiny_dir, backend, dtype):
     assert torch.equal(last, last_tapped)
 
 
-def test_positions_select_rows(tiny_dir):
-    model = model_for(tiny_dir, "torch")
+def test_positions_select_rows(tiny_fp32_dir):
+    model = model_for(tiny_fp32_dir, "torch")
     ids, mask, enc = batch(model)
     lens_ = [len(e) for e in enc]
     name = "blocks.1.moe.hook_topk_ids"
@@ -125,8 +125,8 @@ def test_positions_select_rows(tiny_dir):
     check(bool_mask, [(1, lens_[1] - 2, 0)])
 
 
-def test_layer_filter_and_unknown_names(tiny_dir):
-    model = model_for(tiny_dir, "torch")
+def test_layer_filter_and_unknown_names(tiny_fp32_dir):
+    model = model_for(tiny_fp32_dir, "torch")
     ids, mask, _ = batch(model)
     cap = Capture(TapRequest(["blocks.*.moe.hook_topk_ids"], layers=[2]))
     model.forward(ids, attention_mask=mask, capture=cap)
@@ -136,10 +136,10 @@ def test_layer_filter_and_unknown_names(tiny_dir):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_generate_rows_traceable(tiny_dir, backend):
+def test_generate_rows_traceable(tiny_fp32_dir, backend):
     """Every captured row during generate names (sequence, position, step); decode-step rows
     equal a teacher-forced forward of the prompt plus the generated tokens."""
-    model = model_for(tiny_dir, backend)
+    model = model_for(tiny_fp32_dir, backend)
     names = ["blocks.1.moe.hook_topk_ids", "blocks.2.hook_resid_post"]
     cap = Capture(TapRequest(names))
     n_new = 3
@@ -161,8 +161,8 @@ def test_generate_rows_traceable(tiny_dir, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_usage_counters_accumulate_reset_and_follow_per_layer_k(tiny_dir, backend):
-    model = model_for(tiny_dir, backend)
+def test_usage_counters_accumulate_reset_and_follow_per_layer_k(tiny_fp32_dir, backend):
+    model = model_for(tiny_fp32_dir, backend)
     ids, mask, _ = batch(model)
     N = int(mask.sum())
     k = model.config.num_experts_per_tok
@@ -176,8 +176,8 @@ def test_usage_counters_accumulate_reset_and_follow_per_layer_k(tiny_dir, backen
     assert usage.dtype == torch.int32 and usage.device == model.device
 
 
-def test_expert_view_empty_and_full(tiny_dir):
-    model = model_for(tiny_dir, "torch")
+def test_expert_view_empty_and_full(tiny_fp32_dir):
+    model = model_for(tiny_fp32_dir, "torch")
     ids, mask, _ = batch(model)
     names = ["blocks.*.moe.hook_topk_ids", "blocks.*.moe.hook_topk_weights", "blocks.*.moe.hook_expert_out"]
     cap = Capture(TapRequest(names))
