@@ -20,7 +20,8 @@ The command line runs the same analyses and writes JSON + PNG: python -m moe_eng
 from .analyses import (PRESETS, EarlyDecodeResult, LayerStream, Preset, RoutingResult, SimilarityResult,
                        TopkSweepResult, early_decode, get_preset, route_corpus, similarity, topk_sweep)
 from .corpus import Domain, as_domains, domain_from_path, iter_batches, iter_samples
-from .decode import (ExpertView, LensOutput, cumulative, expert_view, lens_tap_names, logit_lens, single)
+from .decode import (ExpertView, LensOutput, cumulative, expert_view, lens_tap_names, logit_lens, single,
+                     token_text)
 from .plots import plot_early_decode, plot_routing, plot_similarity, plot_topk_sweep
 from .store import TapWriter, iter_taps, read_taps
 
@@ -28,4 +29,4 @@ __all__ = ["PRESETS", "Domain", "EarlyDecodeResult", "ExpertView", "LayerStream"
            "RoutingResult", "SimilarityResult", "TapWriter", "TopkSweepResult", "as_domains", "cumulative",
            "domain_from_path", "early_decode", "expert_view", "get_preset", "iter_batches", "iter_samples",
            "iter_taps", "lens_tap_names", "logit_lens", "plot_early_decode", "plot_routing", "plot_similarity",
-           "plot_topk_sweep", "read_taps", "route_corpus", "similarity", "single", "topk_sweep"]
+           "plot_topk_sweep", "read_taps", "route_corpus", "similarity", "single", "token_text", "topk_sweep"]

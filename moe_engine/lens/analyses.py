@@ -26,7 +26,7 @@ from ..interventions import Interventions
 from ..model import Model, rms_norm
 from ..taps import Capture, TapRequest, _layer_of
 from . import corpus as C
-from .decode import cumulative, lens_tap_names, logit_lens, single
+from .decode import cumulative, lens_tap_names, logit_lens, single, token_text
 
 BATCH_TOKENS = 8192           # padded tokens per forward call in the corpus analyses
 
@@ -176,10 +176,9 @@ class EarlyDecodeResult:
 
 
 def _cells(tok, ids: torch.Tensor, probs: torch.Tensor) -> list:
-    """[..., n] ids/probs -> nested lists of [token, prob] pairs."""
+    """[..., n] ids/probs -> nested lists of [token text, prob, token id]."""
     if ids.dim() == 1:
-        return [[tok.decode([int(i)], skip_special=False) if tok is not None else str(int(i)), round(float(p), 6)]
-                for i, p in zip(ids, probs)]
+        return [[token_text(tok, int(i)), round(float(p), 6), int(i)] for i, p in zip(ids, probs)]
     return [_cells(tok, i, p) for i, p in zip(ids, probs)]
 
 
@@ -220,7 +219,7 @@ def early_decode(model: Model, prompt: str | Sequence[int], *, position: int = -
             else:
                 row["cumulative"], row["single"] = [], []
         layers.append(row)
-    toks = [tok.decode([i], skip_special=False) for i in ids[:pos + 1]] if tok is not None else [str(i) for i in ids]
+    toks = [token_text(tok, i) for i in ids[:pos + 1]]
     return EarlyDecodeResult({"analysis": "early-decode", "model": model_info(model), "preset": p.name,
                               "label": label, "norm": norm, "base": p.base, "renormalize": p.renormalize,
                               "position": pos, "prompt_tokens": toks, "top": top, "layers": layers})

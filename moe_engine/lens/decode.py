@@ -86,12 +86,46 @@ class LensOutput:
     logprobs: torch.Tensor | None = None         # [..., V] float32, only with full=True
 
     def tokens(self, tokenizer) -> list:
-        """top_ids as nested lists of decoded token strings."""
+        """top_ids as nested lists of readable token strings (see token_text)."""
         def conv(x):
             if x.dim() == 1:
-                return [tokenizer.decode([int(i)], skip_special=False) for i in x]
+                return [token_text(tokenizer, int(i)) for i in x]
             return [conv(r) for r in x]
         return conv(self.top_ids.cpu())
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the byte-level BPE alphabet (GPT-2's bytes_to_unicode)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
+def token_text(tokenizer, i: int) -> str:
+    """The text of one token; a token that is only part of a UTF-8 character (it decodes to
+    U+FFFD) is shown as its bytes, e.g. "<E2><80>", so distinct tokens stay distinct."""
+    if tokenizer is None:
+        return str(i)
+    text = tokenizer.decode([i], skip_special=False)
+    if "\ufffd" not in text:
+        return text
+    raw = tokenizer.id_to_token(i)
+    if raw and all(ch in _BYTES for ch in raw):
+        data = bytes(_BYTES[ch] for ch in raw)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<{b:02X}>" for b in data)
+    return raw or text
 
 
 @torch.no_grad()

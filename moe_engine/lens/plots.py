@@ -73,7 +73,7 @@ def plot_routing(res: dict, out_dir: str | Path, layers=None) -> list[Path]:
         ax.set_yticks(range(len(moe)))
         ax.set_yticklabels(moe, fontsize=7)
         fig.colorbar(im, ax=ax, label="% of tokens")
-    fig.suptitle("Routing percentage per layer and expert", fontsize=11)
+    fig.suptitle("Routing percentage per layer and expert", fontsize=11, y=1.04)
     files.append(_save(fig, out / "routing_overview.png"))
     return files
 
@@ -92,7 +92,7 @@ def plot_early_decode(res: dict, path: str | Path) -> Path:
     im = ax.imshow(probs, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     for i, r in enumerate(layers):
         cells = [r["layer_out"][0]] + [c[0] for c in r.get("cumulative", [])]
-        for j, (tok, p) in enumerate(cells):
+        for j, (tok, p, *_) in enumerate(cells):
             colour = "white" if p > 0.6 else "black"
             ax.text(j, i - 0.08, _short(tok), ha="center", va="center", fontsize=8, color=colour)
             if j > 0:  # the expert added at this k, with its weight
