@@ -179,6 +179,27 @@ def test_similarity_known_answer(analytic_dir):
     assert k2["domains"]["d"]["1"]["mean"] == pytest.approx(_cos(A.hidden(1), A.hidden(2)), rel=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["notes", "paper"])
+def test_similarity_matches_cumulative_on_a_random_model(tiny_fp32_dir, preset):
+    """The streaming per-layer path equals cos of lens.cumulative's first and last column."""
+    model = load(tiny_fp32_dir)
+    samples = [model.tokenizer.encode("a random model routes unevenly"), model.tokenizer.encode("x = 1 + 2")]
+    res = lens.similarity(model, {"d": samples}, preset=preset, progress=False).to_json()
+    pr = lens.get_preset(preset)
+    for l in model.config.moe_layers:
+        cos = []
+        for ids in samples:
+            cap = Capture(TapRequest(lens.lens_tap_names("*", pr.base), positions=pr.positions))
+            model.forward(torch.tensor(ids), capture=cap)
+            H = lens.cumulative(cap, l, base=pr.base, renormalize=pr.renormalize)
+            cos.append(torch.nn.functional.cosine_similarity(H[:, 0], H[:, -1], dim=-1))
+        cos = torch.cat(cos).double()
+        got = res["domains"]["d"][str(l)]
+        assert got["count"] == cos.numel()
+        assert got["mean"] == pytest.approx(float(cos.mean()), abs=1e-6)
+        assert got["std"] == pytest.approx(float(cos.std(unbiased=False)), abs=1e-4)
+
+
 # ---- corpus ----------------------------------------------------------------------------------
 
 def test_corpus_formats_and_chunking(tiny_fp32_dir, tmp_path):

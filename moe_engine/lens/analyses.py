@@ -351,11 +351,23 @@ def similarity(model: Model, domains, *, preset: str | Preset = "notes", max_len
         acc = torch.zeros((model.config.num_hidden_layers, 3), dtype=torch.float64, device=model.device)
 
         def on_layer(l, taps):
-            H = cumulative({f"blocks.{l}.{s}": v for s, v in taps.items()}, l, base=p.base,
-                           renormalize=p.renormalize)                         # [N, K, D]
-            if H.shape[1] == 0 or H.shape[0] == 0:
+            # H^{l_1} and H^{l_K} only, slot by slot: O(N·D) fp32 besides the taps themselves,
+            # where the full cumulative() would be [N, K, D] fp32.
+            base, w, e = (taps[s] for s in suffixes)
+            N, K = w.shape
+            if N == 0 or K == 0:
                 return
-            cos = torch.nn.functional.cosine_similarity(H[:, 0], H[:, -1], dim=-1).double()
+            w = w.float()
+            first = w[:, :1] * e[:, 0].float()
+            full = first.clone()
+            for j in range(1, K):
+                full += w[:, j:j + 1] * e[:, j].float()
+            if p.renormalize:
+                s1, sK = w[:, :1], w.sum(1, keepdim=True)
+                first = torch.where(s1 > 0, first / torch.where(s1 > 0, s1, 1.0), first)
+                full = torch.where(sK > 0, full / torch.where(sK > 0, sK, 1.0), full)
+            h1, hK = base.float() + first, base.float() + full
+            cos = torch.nn.functional.cosine_similarity(h1, hK, dim=-1).double()
             acc[l, 0] += cos.sum()
             acc[l, 1] += (cos * cos).sum()
             acc[l, 2] += cos.numel()
