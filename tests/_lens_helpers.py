@@ -34,7 +34,8 @@ from moe_engine.synthetic import make_checkpoint
 # (idle threads spin-wait), and the results do not depend on it.
 torch.set_num_threads(1)
 
-BACKENDS = available_backends()
+BACKENDS = [pytest.param(b, marks=getattr(pytest.mark, b)) if b in ("emu", "cuda") else b
+            for b in available_backends()]   # -m "not emu" deselects the slow emulator
 # emu runs the CUDA kernels on the CPU: keep its shapes tiny; cuda needs the model on the GPU.
 DEVICE = {"torch": "cpu", "cpu": "cpu", "emu": "cpu", "cuda": "cuda"}
 
