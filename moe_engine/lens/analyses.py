@@ -137,14 +137,17 @@ def route_corpus(model: Model, domains, *, max_len: int | None = None, batch_tok
                  split: str = "file", max_samples: int | None = None, max_tokens: int | None = None,
                  progress: bool = True, interventions: Interventions | None = None,
                  **intervention_kwargs) -> RoutingResult:
-    """Count (token, slot) hits per expert per layer over each domain on the device (one usage
-    counter [L, E] and one token counter per domain; the host reads them once at the end).
+    """Count (token, slot) hits per expert per layer over each domain on the device (usage
+    counters [L, E] and a token counter per domain; the host reads them once at the end).
     The tokens counted are exactly the tokens routed (pads never reach the MoE layer)."""
     doms = C.as_domains(domains)
     routing = None
     res = None
     for dom in doms:
         usage = model.new_usage_counters()
+        # The kernels count in int32; a hot expert of a multi-billion-token corpus would overflow
+        # it, so each batch's counts are drained into int64 (on the device, no synchronisation).
+        hits = torch.zeros(usage.shape, dtype=torch.int64, device=model.device)
         tokens = torch.zeros((), dtype=torch.int64, device=model.device)
         n_samples = 0
         with _bar(dom, "routing", progress) as bar:
@@ -152,6 +155,8 @@ def route_corpus(model: Model, domains, *, max_len: int | None = None, batch_tok
                               max_samples=max_samples, max_tokens=max_tokens):
                 kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
                 model.forward(b.input_ids, attention_mask=b.attention_mask, usage=usage, logits="last", **kw)
+                hits += usage
+                usage.zero_()
                 tokens += b.attention_mask.sum()
                 n_samples += len(b.lengths)
         if routing is None:
@@ -161,7 +166,7 @@ def route_corpus(model: Model, domains, *, max_len: int | None = None, batch_tok
             res = RoutingResult(model_info(model), [routing.k[l] if l in moe else 0
                                                     for l in range(model.config.num_hidden_layers)])
         res.domains[dom.name] = {"tokens": int(tokens), "samples": n_samples,
-                                 "hits": usage.long().cpu().tolist()}
+                                 "hits": hits.cpu().tolist()}
     return res
 
 
