@@ -30,6 +30,7 @@ def _short(token: str, width: int = 10) -> str:
 
 
 def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
