@@ -17,16 +17,18 @@ checkpoint, built on the engine's taps (notes/lens.md; user guide: docs/lens.md)
 
 The command line runs the same analyses and writes JSON + PNG: python -m moe_engine.lens --help.
 """
-from .analyses import (PRESETS, EarlyDecodeResult, LayerStream, Preset, RoutingResult, SimilarityResult,
-                       TopkSweepResult, early_decode, get_preset, route_corpus, similarity, topk_sweep)
+from .analyses import (PRESETS, EarlyDecodeResult, LayerStream, Preset, RoutingResult,
+                       SimilarityResult, TopkSweepResult, early_decode, get_preset, route_corpus,
+                       similarity, topk_sweep)
 from .corpus import Domain, as_domains, domain_from_path, iter_batches, iter_samples
-from .decode import (ExpertView, LensOutput, cumulative, expert_view, lens_tap_names, logit_lens, single,
-                     token_text)
+from .decode import (ExpertView, LensOutput, cumulative, expert_view, lens_tap_names, logit_lens,
+                     single, token_text)
 from .plots import plot_early_decode, plot_routing, plot_similarity, plot_topk_sweep
 from .store import TapWriter, iter_taps, read_taps
 
-__all__ = ["PRESETS", "Domain", "EarlyDecodeResult", "ExpertView", "LayerStream", "LensOutput", "Preset",
-           "RoutingResult", "SimilarityResult", "TapWriter", "TopkSweepResult", "as_domains", "cumulative",
-           "domain_from_path", "early_decode", "expert_view", "get_preset", "iter_batches", "iter_samples",
-           "iter_taps", "lens_tap_names", "logit_lens", "plot_early_decode", "plot_routing", "plot_similarity",
-           "plot_topk_sweep", "read_taps", "route_corpus", "similarity", "single", "token_text", "topk_sweep"]
+__all__ = ["PRESETS", "Domain", "EarlyDecodeResult", "ExpertView", "LayerStream", "LensOutput",
+           "Preset", "RoutingResult", "SimilarityResult", "TapWriter", "TopkSweepResult",
+           "as_domains", "cumulative", "domain_from_path", "early_decode", "expert_view",
+           "get_preset", "iter_batches", "iter_samples", "iter_taps", "lens_tap_names",
+           "logit_lens", "plot_early_decode", "plot_routing", "plot_similarity", "plot_topk_sweep",
+           "read_taps", "route_corpus", "similarity", "single", "token_text", "topk_sweep"]

@@ -1,10 +1,10 @@
 """python -m moe_engine.lens SUB [--model DIR] --out DIR [options] PATH...
 
 Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
-    routing       percent of tokens per expert per layer per domain        routing.json, routing_layerNN.png
-    early-decode  logit lens per layer for one prompt per domain           early_decode.json, early_decode_<name>.png
-    topk-sweep    per-sample perplexity (geometric mean) vs k per domain   topk_sweep.json, topk_sweep.png
-    similarity    cos(H^{l_1}, H^{l_K}) per layer per domain               similarity.json, similarity.png
+    routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
+    early-decode  logit lens per layer, one prompt per domain   early_decode.json, early_decode_NAME.png
+    topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
+    similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
 
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
 code's choices (minus its misalignment); the default follows the notes.
@@ -35,30 +35,41 @@ def _int_list(s: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m moe_engine.lens", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    head, body = __doc__.split("\n\n", 1)
+    ap = argparse.ArgumentParser(prog="python -m moe_engine.lens", description=head, epilog=body,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="SUB")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("paths", nargs="*", metavar="PATH", help="file or directory per domain (NAME=PATH to label)")
+    common.add_argument("paths", nargs="*", metavar="PATH",
+                        help="file or directory per domain (NAME=PATH to label)")
     common.add_argument("--model", help="checkpoint directory (default: the bundled small model)")
-    common.add_argument("--out", required=True, type=Path, help="directory for the JSON and PNG results")
+    common.add_argument("--out", required=True, type=Path,
+                        help="directory for the JSON and PNG results")
     common.add_argument("--preset", default="notes", choices=sorted(A.PRESETS))
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    common.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "emu"])
-    common.add_argument("--max-len", type=int, default=None, help="tokens per sample (default 2048, capped by the model's context)")
-    common.add_argument("--batch-tokens", type=int, default=A.BATCH_TOKENS, help="padded tokens per forward call")
-    common.add_argument("--split", default="file", choices=SPLITS, help="documents of a plain-text file")
+    common.add_argument("--backend", default="auto",
+                        choices=["auto", "torch", "cpu", "cuda", "emu"])
+    common.add_argument("--max-len", type=int, default=None,
+                        help="tokens per sample (default 2048, capped by the model's context)")
+    common.add_argument("--batch-tokens", type=int, default=A.BATCH_TOKENS,
+                        help="padded tokens per forward call")
+    common.add_argument("--split", default="file", choices=SPLITS,
+                        help="documents of a plain-text file")
     common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
     common.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("routing", parents=[common], help="routing distribution per domain")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
-    p.add_argument("--plot-layers", type=_int_list, help="layers to draw bar plots for (default: all MoE layers)")
-    p = sub.add_parser("early-decode", parents=[common], help="logit lens of layer outputs and H^{l_k}")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); else each PATH's first sample")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each PATH's first sample to use")
+    p.add_argument("--plot-layers", type=_int_list,
+                   help="layers to draw bar plots for (default: all MoE layers)")
+    p = sub.add_parser("early-decode", parents=[common],
+                       help="logit lens of layer outputs and H^{l_k}")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeatable); else each PATH's first sample")
+    p.add_argument("--prompt-tokens", type=int, default=32,
+                   help="tokens of each PATH's first sample to use")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--norm", choices=["final", "none"], help="default: the preset's")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
@@ -70,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -93,22 +104,25 @@ def run(args) -> list[Path]:
         files.append(_write_json(out / "routing.json", res))
         files += P.plot_routing(res, out, layers=args.plot_layers)
     elif args.command == "early-decode":
-        prompts: list[tuple[str, str | list[int]]] = [(f"prompt{i}", t) for i, t in enumerate(args.prompt)]
+        prompts: list[tuple[str, str | list[int]]] = [(f"prompt{i}", t)
+                                                      for i, t in enumerate(args.prompt)]
         for d in domains:
             prompts.append((d.name, _first_prompt(model, d, args)))
         results = []
         for name, prompt in prompts:
-            r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm, label=name,
-                               topk=args.topk).to_json()
+            r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
+                               label=name, topk=args.topk).to_json()
             results.append(r)
             files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
-        files.insert(0, _write_json(out / "early_decode.json", {"analysis": "early-decode", "results": results}))
+        summary = {"analysis": "early-decode", "results": results}
+        files.insert(0, _write_json(out / "early_decode.json", summary))
     elif args.command == "topk-sweep":
         res = A.topk_sweep(model, domains, ks=args.ks, **corpus_kw).to_json()
         files.append(_write_json(out / "topk_sweep.json", res))
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
-        res = A.similarity(model, domains, preset=args.preset, topk=args.topk, **corpus_kw).to_json()
+        res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
+                           **corpus_kw).to_json()
         files.append(_write_json(out / "similarity.json", res))
         files.append(P.plot_similarity(res, out / "similarity.png"))
     return files
@@ -135,7 +149,8 @@ def main(argv=None) -> int:
         return 2
     for f in files:
         print(f)
-    print(f"[{args.command}: {len(files)} files in {args.out} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    dt = time.perf_counter() - t0
+    print(f"[{args.command}: {len(files)} files in {args.out} in {dt:.1f} s]", file=sys.stderr)
     return 0
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..interventions import Interventions
+from ..interventions import Interventions, for_call
 from ..model import Model, rms_norm
 from ..taps import Capture, TapRequest, _layer_of
 from . import corpus as C
@@ -56,8 +56,9 @@ def get_preset(preset: str | Preset) -> Preset:
 
 def model_info(model: Model) -> dict:
     c = model.config
-    return {"path": str(model.path), "backend": model.backend, "dtype": str(model.dtype).replace("torch.", ""),
-            "device": str(model.device), "layers": c.num_hidden_layers, "moe_layers": list(c.moe_layers),
+    return {"path": str(model.path), "backend": model.backend,
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "layers": c.num_hidden_layers, "moe_layers": list(c.moe_layers),
             "experts": c.n_routed_experts, "topk": c.num_experts_per_tok, "vocab": c.vocab_size}
 
 
@@ -72,7 +73,8 @@ def _bar(domain: C.Domain, what: str, progress: bool):
                 disable=not progress, leave=False)
 
 
-def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, split, max_samples, max_tokens):
+def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, split, max_samples,
+             max_tokens):
     samples = C.iter_samples(domain, model.tokenizer, _max_len(model, max_len), split=split,
                              max_samples=max_samples, max_tokens=max_tokens, progress=bar)
     return C.iter_batches(samples, batch_tokens, model.device)
@@ -84,7 +86,8 @@ class LayerStream(Capture):
     at a time whatever the depth of the model."""
 
     def __init__(self, model: Model, suffixes: Sequence[str], fn: Callable, positions="all"):
-        super().__init__(TapRequest([f"blocks.*.{s}" for s in suffixes], list(model.config.moe_layers), positions))
+        names = [f"blocks.*.{s}" for s in suffixes]
+        super().__init__(TapRequest(names, list(model.config.moe_layers), positions))
         self._suffixes = tuple(suffixes)
         self._fn = fn
 
@@ -107,7 +110,7 @@ class LayerStream(Capture):
 class RoutingResult:
     model: dict
     topk: list[int]                       # k per layer (0 for dense layers)
-    domains: dict[str, dict] = field(default_factory=dict)   # name -> {"tokens", "samples", "hits" [L][E]}
+    domains: dict[str, dict] = field(default_factory=dict)  # name -> {tokens, samples, hits [L][E]}
 
     def percent(self, domain: str) -> torch.Tensor:
         """[L, E] percent of the domain's tokens routed to each expert (rows sum to 100·k)."""
@@ -117,7 +120,8 @@ class RoutingResult:
     def to_json(self) -> dict:
         E = self.model["experts"]
         out = {"analysis": "routing", "model": self.model, "topk": self.topk,
-               "uniform_percent": {str(l): 100.0 * self.topk[l] / E for l in self.model["moe_layers"]},
+               "uniform_percent": {str(l): 100.0 * self.topk[l] / E
+                                   for l in self.model["moe_layers"]},
                "domains": {}}
         for name, d in self.domains.items():
             pct = self.percent(name)
@@ -125,22 +129,29 @@ class RoutingResult:
             for l in self.model["moe_layers"]:
                 share = pct[l] / max(self.topk[l], 1)             # percent of routing decisions
                 cum = torch.cumsum(torch.sort(share, descending=True).values, 0)
-                layers[str(l)] = {"hits": d["hits"][l], "percent": [round(x, 6) for x in pct[l].tolist()],
-                                  "experts_for_half": int((cum < 50.0).sum()) + 1 if d["tokens"] else 0,
-                                  "top_experts": torch.argsort(share, descending=True, stable=True)[:8].tolist()}
-            out["domains"][name] = {"tokens": d["tokens"], "samples": d["samples"], "layers": layers}
+                top = torch.argsort(share, descending=True, stable=True)[:8].tolist()
+                half = int((cum < 50.0).sum()) + 1 if d["tokens"] else 0
+                layers[str(l)] = {"hits": d["hits"][l],
+                                  "percent": [round(x, 6) for x in pct[l].tolist()],
+                                  "experts_for_half": half, "top_experts": top}
+            out["domains"][name] = {"tokens": d["tokens"], "samples": d["samples"],
+                                    "layers": layers}
         return out
 
 
 @torch.no_grad()
-def route_corpus(model: Model, domains, *, max_len: int | None = None, batch_tokens: int = BATCH_TOKENS,
-                 split: str = "file", max_samples: int | None = None, max_tokens: int | None = None,
+def route_corpus(model: Model, domains, *, max_len: int | None = None,
+                 batch_tokens: int = BATCH_TOKENS, split: str = "file",
+                 max_samples: int | None = None, max_tokens: int | None = None,
                  progress: bool = True, interventions: Interventions | None = None,
                  **intervention_kwargs) -> RoutingResult:
     """Count (token, slot) hits per expert per layer over each domain on the device (usage
     counters [L, E] and a token counter per domain; the host reads them once at the end).
     The tokens counted are exactly the tokens routed (pads never reach the MoE layer)."""
     doms = C.as_domains(domains)
+    corpus_kw = dict(max_len=max_len, batch_tokens=batch_tokens, split=split,
+                     max_samples=max_samples, max_tokens=max_tokens)
+    kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
     routing = None
     res = None
     for dom in doms:
@@ -151,16 +162,15 @@ def route_corpus(model: Model, domains, *, max_len: int | None = None, batch_tok
         tokens = torch.zeros((), dtype=torch.int64, device=model.device)
         n_samples = 0
         with _bar(dom, "routing", progress) as bar:
-            for b in _batches(model, dom, bar, max_len=max_len, batch_tokens=batch_tokens, split=split,
-                              max_samples=max_samples, max_tokens=max_tokens):
-                kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
-                model.forward(b.input_ids, attention_mask=b.attention_mask, usage=usage, logits="last", **kw)
+            for b in _batches(model, dom, bar, **corpus_kw):
+                model.forward(b.input_ids, attention_mask=b.attention_mask, usage=usage,
+                              logits="last", **kw)
                 hits += usage
                 usage.zero_()
                 tokens += b.attention_mask.sum()
                 n_samples += len(b.lengths)
         if routing is None:
-            iv = interventions if interventions is not None else Interventions(**intervention_kwargs)
+            iv = interventions if interventions is not None else for_call(None, intervention_kwargs)
             routing = iv.resolve(model.config, torch.device("cpu"))
             moe = set(model.config.moe_layers)
             res = RoutingResult(model_info(model), [routing.k[l] if l in moe else 0
@@ -190,7 +200,8 @@ def _cells(tok, ids: torch.Tensor, probs: torch.Tensor) -> list:
 @torch.no_grad()
 def early_decode(model: Model, prompt: str | Sequence[int], *, position: int = -1, top: int = 5,
                  preset: str | Preset = "notes", norm: str | None = None, label: str | None = None,
-                 interventions: Interventions | None = None, **intervention_kwargs) -> EarlyDecodeResult:
+                 interventions: Interventions | None = None,
+                 **intervention_kwargs) -> EarlyDecodeResult:
     """Logit lens at one position of one prompt, for every layer: the layer output
     (hook_resid_post), and on MoE layers H^{l_k} for k = 1..K and base + E_j for each chosen
     expert j, with the chosen experts' ids and weights (notes/lens.md analysis 2)."""
@@ -204,7 +215,7 @@ def early_decode(model: Model, prompt: str | Sequence[int], *, position: int = -
     if not 0 <= pos < len(ids):
         raise ValueError(f"position {position} is outside the prompt's {len(ids)} tokens")
     moe = list(model.config.moe_layers)
-    names = ["blocks.*.hook_resid_post"] + lens_tap_names("*", p.base) + ["blocks.*.moe.hook_topk_ids"]
+    names = ["blocks.*.hook_resid_post", *lens_tap_names("*", p.base), "blocks.*.moe.hook_topk_ids"]
     cap = Capture(TapRequest(names, positions=[pos]))
     kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
     model.forward(torch.tensor(ids[:pos + 1]), capture=cap, logits="last", **kw)
@@ -215,9 +226,11 @@ def early_decode(model: Model, prompt: str | Sequence[int], *, position: int = -
         if l in moe:
             K = cap[f"blocks.{l}.moe.hook_topk_ids"].shape[1]
             row["experts"] = cap[f"blocks.{l}.moe.hook_topk_ids"][0].tolist()
-            row["weights"] = [round(w, 6) for w in cap[f"blocks.{l}.moe.hook_topk_weights"][0].tolist()]
+            weights = cap[f"blocks.{l}.moe.hook_topk_weights"][0].tolist()
+            row["weights"] = [round(w, 6) for w in weights]
             if K:
-                cum = logit_lens(model, cumulative(cap, l, base=p.base, renormalize=p.renormalize)[0], norm=norm, top=top)
+                H = cumulative(cap, l, base=p.base, renormalize=p.renormalize)[0]
+                cum = logit_lens(model, H, norm=norm, top=top)
                 one = logit_lens(model, single(cap, l, base=p.base)[0], norm=norm, top=top)
                 row["cumulative"] = _cells(tok, cum.top_ids, cum.top_probs)
                 row["single"] = _cells(tok, one.top_ids, one.top_probs)
@@ -225,9 +238,10 @@ def early_decode(model: Model, prompt: str | Sequence[int], *, position: int = -
                 row["cumulative"], row["single"] = [], []
         layers.append(row)
     toks = [token_text(tok, i) for i in ids[:pos + 1]]
-    return EarlyDecodeResult({"analysis": "early-decode", "model": model_info(model), "preset": p.name,
-                              "label": label, "norm": norm, "base": p.base, "renormalize": p.renormalize,
-                              "position": pos, "prompt_tokens": toks, "top": top, "layers": layers})
+    return EarlyDecodeResult({"analysis": "early-decode", "model": model_info(model),
+                              "preset": p.name, "label": label, "norm": norm, "base": p.base,
+                              "renormalize": p.renormalize, "position": pos,
+                              "prompt_tokens": toks, "top": top, "layers": layers})
 
 
 # ---- 3. perplexity vs top-k ------------------------------------------------------------------
@@ -237,7 +251,7 @@ class TopkSweepResult:
     model: dict
     ks: list[int]
     reference_k: int
-    domains: dict[str, dict] = field(default_factory=dict)   # name -> {"log_ppl": {k: [per sample]}, "tokens"}
+    domains: dict[str, dict] = field(default_factory=dict)  # name -> {log_ppl {k: [..]}, ...}
 
     def perplexity(self, domain: str, k: int) -> float:
         """Geometric mean over samples of the per-sample perplexity."""
@@ -245,7 +259,8 @@ class TopkSweepResult:
         return math.exp(sum(lp) / len(lp)) if lp else float("nan")
 
     def to_json(self) -> dict:
-        out = {"analysis": "topk-sweep", "model": self.model, "ks": self.ks, "reference_k": self.reference_k,
+        out = {"analysis": "topk-sweep", "model": self.model, "ks": self.ks,
+               "reference_k": self.reference_k,
                "normalised": "log(ppl_k) / log(ppl_reference_k)", "domains": {}}
         for name, d in self.domains.items():
             ppl = {k: self.perplexity(name, k) for k in self.ks}
@@ -253,11 +268,12 @@ class TopkSweepResult:
             out["domains"][name] = {
                 "samples": d["samples"], "tokens": d["tokens"],
                 "perplexity": {str(k): ppl[k] for k in self.ks},
-                "normalised_log_perplexity": {str(k): (math.log(ppl[k]) / ref if ref else float("nan"))
-                                              for k in self.ks},
-                "increase_vs_reference_percent": {str(k): 100.0 * (ppl[k] / ppl[self.reference_k] - 1.0)
-                                                  for k in self.ks if self.reference_k in ppl},
-                "per_sample_perplexity": {str(k): [math.exp(x) for x in d["log_ppl"][k]] for k in self.ks}}
+                "normalised_log_perplexity": {
+                    str(k): (math.log(ppl[k]) / ref if ref else float("nan")) for k in self.ks},
+                "increase_vs_reference_percent": {
+                    str(k): 100.0 * (ppl[k] / ppl[self.reference_k] - 1.0) for k in self.ks},
+                "per_sample_perplexity": {
+                    str(k): [math.exp(x) for x in d["log_ppl"][k]] for k in self.ks}}
         return out
 
 
@@ -286,10 +302,11 @@ def _sample_nll(model: Model, b: C.Batch, resid: torch.Tensor) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def topk_sweep(model: Model, domains, ks: Sequence[int] | None = None, *, reference_k: int | None = None,
-               max_len: int | None = None, batch_tokens: int = BATCH_TOKENS, split: str = "file",
-               max_samples: int | None = None, max_tokens: int | None = None, progress: bool = True,
-               renormalize: bool | None = None) -> TopkSweepResult:
+def topk_sweep(model: Model, domains, ks: Sequence[int] | None = None, *,
+               reference_k: int | None = None, max_len: int | None = None,
+               batch_tokens: int = BATCH_TOKENS, split: str = "file",
+               max_samples: int | None = None, max_tokens: int | None = None,
+               progress: bool = True, renormalize: bool | None = None) -> TopkSweepResult:
     """Perplexity with k overridden on every MoE layer (weights not renormalised unless asked:
     the model's own semantics; shared experts on). Each batch of samples runs once per k, so
     the corpus is read once. Samples with fewer than 2 tokens predict nothing and are skipped."""
@@ -301,24 +318,26 @@ def topk_sweep(model: Model, domains, ks: Sequence[int] | None = None, *, refere
     L = model.config.num_hidden_layers
     last = f"blocks.{L - 1}.hook_resid_post"
     res = TopkSweepResult(model_info(model), ks, reference_k)
+    corpus_kw = dict(max_len=max_len, batch_tokens=batch_tokens, split=split,
+                     max_samples=max_samples, max_tokens=max_tokens)
     for dom in C.as_domains(domains):
         log_ppl = {k: [] for k in ks}
         n_samples = n_tokens = 0
         with _bar(dom, "topk-sweep", progress) as bar:
-            for b in _batches(model, dom, bar, max_len=max_len, batch_tokens=batch_tokens, split=split,
-                              max_samples=max_samples, max_tokens=max_tokens):
+            for b in _batches(model, dom, bar, **corpus_kw):
                 keep = None
                 for k in ks:
                     cap = Capture(TapRequest([last]))
-                    model.forward(b.input_ids, attention_mask=b.attention_mask, capture=cap, logits="last",
-                                  topk=k, renormalize=renormalize)
+                    model.forward(b.input_ids, attention_mask=b.attention_mask, capture=cap,
+                                  logits="last", topk=k, renormalize=renormalize)
                     nll, cnt = _sample_nll(model, b, cap[last])
                     keep = cnt > 0
                     log_ppl[k].append((nll[keep] / cnt[keep]).cpu())
                 n_samples += int(keep.sum())
                 n_tokens += sum(n for n, kp in zip(b.lengths, keep.tolist()) if kp)
         res.domains[dom.name] = {"samples": n_samples, "tokens": n_tokens,
-                                 "log_ppl": {k: torch.cat(v).tolist() if v else [] for k, v in log_ppl.items()}}
+                                 "log_ppl": {k: torch.cat(v).tolist() if v else []
+                                             for k, v in log_ppl.items()}}
     return res
 
 
@@ -331,20 +350,21 @@ class SimilarityResult:
     base: str
     renormalize: bool
     positions: str
-    domains: dict[str, dict] = field(default_factory=dict)   # name -> {layer: {"mean","std","count"}}
+    domains: dict[str, dict] = field(default_factory=dict)  # name -> {layer: {mean, std, count}}
 
     def to_json(self) -> dict:
-        return {"analysis": "similarity", "model": self.model, "preset": self.preset, "base": self.base,
-                "renormalize": self.renormalize, "positions": self.positions,
+        return {"analysis": "similarity", "model": self.model, "preset": self.preset,
+                "base": self.base, "renormalize": self.renormalize, "positions": self.positions,
                 "definition": "cos(H^{l_1}, H^{l_K}) per token; mean and std over tokens",
                 "domains": self.domains}
 
 
 @torch.no_grad()
-def similarity(model: Model, domains, *, preset: str | Preset = "notes", max_len: int | None = None,
-               batch_tokens: int = BATCH_TOKENS, split: str = "file", max_samples: int | None = None,
-               max_tokens: int | None = None, progress: bool = True,
-               interventions: Interventions | None = None, **intervention_kwargs) -> SimilarityResult:
+def similarity(model: Model, domains, *, preset: str | Preset = "notes",
+               max_len: int | None = None, batch_tokens: int = BATCH_TOKENS, split: str = "file",
+               max_samples: int | None = None, max_tokens: int | None = None,
+               progress: bool = True, interventions: Interventions | None = None,
+               **intervention_kwargs) -> SimilarityResult:
     """cos(H^{l_1}, H^{l_K}) per token per MoE layer, accumulated on the device (sum, sum of
     squares, count) one layer at a time (LayerStream), so neither depth nor corpus size bounds
     memory. K is the layer's k in this call (the model's unless overridden)."""
@@ -352,8 +372,12 @@ def similarity(model: Model, domains, *, preset: str | Preset = "notes", max_len
     moe = list(model.config.moe_layers)
     res = SimilarityResult(model_info(model), p.name, p.base, p.renormalize, p.positions)
     suffixes = [n.split(".", 2)[2] for n in lens_tap_names("*", p.base)]
+    corpus_kw = dict(max_len=max_len, batch_tokens=batch_tokens, split=split,
+                     max_samples=max_samples, max_tokens=max_tokens)
+    kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
     for dom in C.as_domains(domains):
-        acc = torch.zeros((model.config.num_hidden_layers, 3), dtype=torch.float64, device=model.device)
+        acc = torch.zeros((model.config.num_hidden_layers, 3), dtype=torch.float64,
+                          device=model.device)                  # sum, sum of squares, count
 
         def on_layer(l, taps):
             # H^{l_1} and H^{l_K} only, slot by slot: O(N·D) fp32 besides the taps themselves,
@@ -378,9 +402,7 @@ def similarity(model: Model, domains, *, preset: str | Preset = "notes", max_len
             acc[l, 2] += cos.numel()
 
         with _bar(dom, "similarity", progress) as bar:
-            for b in _batches(model, dom, bar, max_len=max_len, batch_tokens=batch_tokens, split=split,
-                              max_samples=max_samples, max_tokens=max_tokens):
-                kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
+            for b in _batches(model, dom, bar, **corpus_kw):
                 model.forward(b.input_ids, attention_mask=b.attention_mask, logits="last",
                               capture=LayerStream(model, suffixes, on_layer, p.positions), **kw)
         a = acc.cpu()

@@ -87,7 +87,8 @@ def as_domains(domains) -> list[Domain]:
                 out.append(Domain(name, texts=(src,)))
             elif isinstance(src, Sequence) and src and all(isinstance(x, str) for x in src):
                 out.append(Domain(name, texts=tuple(src)))
-            elif isinstance(src, Sequence) and src and all(isinstance(x, (Sequence, torch.Tensor)) for x in src):
+            elif (isinstance(src, Sequence) and src
+                  and all(isinstance(x, (Sequence, torch.Tensor)) for x in src)):
                 out.append(Domain(name, token_ids=tuple(tuple(int(i) for i in x) for x in src)))
             else:
                 raise TypeError(f"domain {name!r}: expected a path, a list of texts or a list of "

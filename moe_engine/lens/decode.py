@@ -42,7 +42,8 @@ def _parts(taps, layer: int, base: str):
     return b.float(), w.float(), e.float()
 
 
-def cumulative(taps, layer: int, *, base: str = "resid_mid", renormalize: bool = False) -> torch.Tensor:
+def cumulative(taps, layer: int, *, base: str = "resid_mid",
+               renormalize: bool = False) -> torch.Tensor:
     """H^{l_k} for k = 1..K as [N, K, D] float32, from a Capture (or any name -> tensor
     mapping) holding `lens_tap_names(layer, base)`."""
     b, w, e = _parts(taps, layer, base)
@@ -72,7 +73,8 @@ def expert_view(taps, layer: int, expert: int) -> ExpertView:
     """Rows of `layer`'s captured tokens routed to `expert` (empty, never an error, when none
     was). Needs moe.hook_topk_ids, hook_topk_weights and hook_expert_out of that layer."""
     p = f"blocks.{layer}.moe."
-    ids, w, e = taps[p + "hook_topk_ids"], taps[p + "hook_topk_weights"], taps[p + "hook_expert_out"]
+    ids, w = taps[p + "hook_topk_ids"], taps[p + "hook_topk_weights"]
+    e = taps[p + "hook_expert_out"]
     rows, slots = (ids == expert).nonzero(as_tuple=True)
     return ExpertView(rows, slots, w[rows, slots], e[rows, slots])
 
@@ -96,7 +98,8 @@ class LensOutput:
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of the byte-level BPE alphabet (GPT-2's bytes_to_unicode)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -145,7 +148,8 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
     w = model.weights
     D = w.lm_head.shape[1]
     if hidden.shape[-1] != D:
-        raise ValueError(f"hidden has last dim {hidden.shape[-1]}; expected the model's hidden size {D}")
+        raise ValueError(f"hidden has last dim {hidden.shape[-1]}; "
+                         f"expected the model's hidden size {D}")
     V = w.lm_head.shape[0]
     if vocab is None:
         vocab = model.tokenizer.vocab_size if model.tokenizer is not None else V
@@ -161,7 +165,8 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
     n = min(top, vocab)
     ids_out = torch.empty((N, n), dtype=torch.long, device=model.device)
     probs_out = torch.empty((N, n), dtype=torch.float32, device=model.device)
-    tgt_out = None if targets is None else torch.empty(targets.shape, dtype=torch.float32, device=model.device)
+    tgt_out = (None if targets is None
+               else torch.empty(targets.shape, dtype=torch.float32, device=model.device))
     full_out = torch.empty((N, vocab), dtype=torch.float32, device=model.device) if full else None
     step = max(1, LOGIT_BUDGET // V)
     for lo in range(0, N, step):

@@ -64,7 +64,8 @@ def plot_routing(res: dict, out_dir: str | Path, layers=None) -> list[Path]:
         fig.suptitle(f"Expert routing, layer {l} (top-{res['topk'][int(l)]} of {E})", fontsize=11)
         files.append(_save(fig, out / f"routing_layer{int(l):02d}.png"))
     # overview: layer x expert heatmap per domain
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 0.25 * len(moe) + 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 0.25 * len(moe) + 2.2),
+                             squeeze=False)
     for ax, name in zip(axes[0], names):
         grid = [res["domains"][name]["layers"][l]["percent"] for l in moe]
         im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -98,7 +99,8 @@ def plot_early_decode(res: dict, path: str | Path) -> Path:
             ax.text(j, i - 0.08, _short(tok), ha="center", va="center", fontsize=8, color=colour)
             if j > 0:  # the expert added at this k, with its weight
                 e, w = r["experts"][j - 1], r["weights"][j - 1]
-                ax.text(j, i + 0.3, f"e{e}  w={w:.2f}", ha="center", va="center", fontsize=5.5, color=colour)
+                ax.text(j, i + 0.3, f"e{e}  w={w:.2f}", ha="center", va="center", fontsize=5.5,
+                        color=colour)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, fontsize=8)
     ax.xaxis.tick_top()
@@ -138,7 +140,8 @@ def plot_similarity(res: dict, path: str | Path) -> Path:
         std = [d[l]["std"] for l in layers]
         x = [int(l) for l in layers]
         ax.plot(x, mean, marker="o", markersize=3, label=name)
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [min(1.0, m + s) for m, s in zip(mean, std)], alpha=0.15)
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)],
+                        [min(1.0, m + s) for m, s in zip(mean, std)], alpha=0.15)
         lo = min([lo] + [m - s for m, s in zip(mean, std) if m == m])
     ax.set_ylim(max(-1.0, lo - 0.05), 1.01)
     ax.set_xlabel("layer")

@@ -66,8 +66,8 @@ class TapWriter(Capture):
             v = torch.cat(vs).contiguous()
             tensors[name] = v
             tensors[name + "::rows"] = torch.cat(self._pending_rows[name]).contiguous()
-            m = self._meta_out.setdefault(name, {"row_shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", ""),
-                                                  "rows": 0})
+            m = self._meta_out.setdefault(name, {"row_shape": list(v.shape[1:]), "rows": 0,
+                                                  "dtype": str(v.dtype).replace("torch.", "")})
             m["rows"] += v.shape[0]
         fname = f"taps-{len(self._shards):05d}.safetensors"
         save_file(tensors, str(self.out_dir / fname))
@@ -78,7 +78,8 @@ class TapWriter(Capture):
         self._write_index()
 
     def _write_index(self) -> None:
-        (self.out_dir / INDEX).write_text(json.dumps({"shards": self._shards, "taps": self._meta_out}, indent=1))
+        index = {"shards": self._shards, "taps": self._meta_out}
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=1))
 
     def close(self) -> None:
         if not self._closed:
@@ -93,7 +94,7 @@ class TapWriter(Capture):
         self.close()
 
 
-def iter_taps(path: str | Path, name: str, rows: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+def iter_taps(path: str | Path, name: str, rows: bool = False) -> Iterator:
     """One tensor per shard holding `name` (with its [n, 3] rows when rows=True)."""
     path = Path(path)
     index = json.loads((path / INDEX).read_text())
