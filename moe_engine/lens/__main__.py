@@ -2,7 +2,7 @@
 
 Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
     routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
-    early-decode  logit lens per layer, a prompt per domain     early_decode.json, one PNG per prompt
+    early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
     topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
     similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
 
