@@ -26,9 +26,9 @@ A = Analytic
 @pytest.fixture(scope="module")
 def two_domains(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    (d / "digits.txt").write_text("0123456789" * 30 + "9876543210" * 7)   # no newline: it is no digit
+    (d / "digits.txt").write_text("0123456789" * 30 + "9876543210" * 7)  # no "\n": not a digit
     (d / "words").mkdir()
-    (d / "words" / "a.txt").write_text("hello world the quick brown fox jumps over the lazy dog\n" * 8)
+    (d / "words" / "a.txt").write_text("hello world, the quick brown fox jumps over a dog\n" * 8)
     (d / "words" / "b.jsonl").write_text(json.dumps({"text": "some more plain words here"}) + "\n")
     return d
 
@@ -91,7 +91,8 @@ def test_early_decode_known_answer(analytic_dir):
     paper = lens.early_decode(model, [1, 2, 3], top=2, preset="paper").to_json()
     assert paper["norm"] == "none"
     _, probs = _expect_top(A.hidden(2, base="moe_in", renormalize=True), V, 2, norm="none")
-    assert [c[1] for c in paper["layers"][1]["cumulative"][1]] == pytest.approx(probs.tolist(), rel=1e-5, abs=1e-6)
+    got = [c[1] for c in paper["layers"][1]["cumulative"][1]]
+    assert got == pytest.approx(probs.tolist(), rel=1e-5, abs=1e-6)
 
 
 def test_logit_lens_reproduces_model_and_targets(tiny_fp32_dir):
@@ -108,7 +109,8 @@ def test_logit_lens_reproduces_model_and_targets(tiny_fp32_dir):
                           targets=ids, full=True)
     torch.testing.assert_close(out.logprobs, ref, rtol=0, atol=1e-5)
     assert torch.equal(out.top_ids, torch.topk(ref, 4).indices)
-    torch.testing.assert_close(out.target_logprobs, ref.gather(1, ids.view(-1, 1)).squeeze(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.target_logprobs, ref.gather(1, ids.view(-1, 1)).squeeze(1),
+                               rtol=0, atol=1e-5)
     H = lens.cumulative(cap, 1)                                          # [N, K, D]
     lo = lens.logit_lens(model, H, top=2)
     assert lo.top_ids.shape == (ids.numel(), 2, 2) and lo.logprobs is None
@@ -127,7 +129,8 @@ def test_cumulative_at_k_plus_shared_is_layer_output(tiny_fp32_dir):
                                    cap[f"blocks.{l}.hook_resid_post"], rtol=1e-5, atol=1e-5)
         S = lens.single(cap, l)
         e = cap[f"blocks.{l}.moe.hook_expert_out"]
-        torch.testing.assert_close(S - cap[f"blocks.{l}.hook_resid_mid"].unsqueeze(1), e, rtol=0, atol=1e-6)
+        a = cap[f"blocks.{l}.hook_resid_mid"].unsqueeze(1)
+        torch.testing.assert_close(S - a, e, rtol=0, atol=1e-6)
         # renormalised: H^{l_1} = base + E_1 exactly
         Hr = lens.cumulative(cap, l, renormalize=True)
         torch.testing.assert_close(Hr[:, 0], S[:, 0], rtol=1e-6, atol=1e-6)
@@ -151,7 +154,8 @@ def test_topk_sweep_known_answer(analytic_dir):
         a = [-lp[t0].item(), -lp[tb].item()]
         b = (-2 * lp[tb] - 2 * lp[t1]).item() / 4
         assert res.domains["a"]["log_ppl"][k] == pytest.approx(a, rel=1e-4)
-        assert j["domains"]["a"]["perplexity"][str(k)] == pytest.approx(math.exp(sum(a) / 2), rel=1e-4)
+        geo = math.exp(sum(a) / 2)
+        assert j["domains"]["a"]["perplexity"][str(k)] == pytest.approx(geo, rel=1e-4)
         assert j["domains"]["b"]["perplexity"][str(k)] == pytest.approx(math.exp(b), rel=1e-4)
     assert j["domains"]["a"]["normalised_log_perplexity"]["3"] == 1.0
     assert j["domains"]["a"]["samples"] == 2 and j["domains"]["a"]["tokens"] == 10
@@ -171,19 +175,21 @@ def test_similarity_known_answer(analytic_dir):
     got = notes["domains"]["d"]["1"]
     assert got["count"] == 7 and got["mean"] == pytest.approx(want, rel=1e-5) and got["std"] < 1e-3
     paper = lens.similarity(model, samples, preset="paper", progress=False).to_json()
-    want_p = _cos(A.hidden(1, base="moe_in", renormalize=True), A.hidden(3, base="moe_in", renormalize=True))
+    want_p = _cos(A.hidden(1, base="moe_in", renormalize=True),
+                  A.hidden(3, base="moe_in", renormalize=True))
     got = paper["domains"]["d"]["1"]
     assert got["count"] == 2 and got["mean"] == pytest.approx(want_p, rel=1e-5)
     assert paper["base"] == "moe_in" and paper["renormalize"] and paper["positions"] == "last"
-    k2 = lens.similarity(model, samples, topk=2, progress=False).to_json()   # K follows the call's k
-    assert k2["domains"]["d"]["1"]["mean"] == pytest.approx(_cos(A.hidden(1), A.hidden(2)), rel=1e-5)
+    k2 = lens.similarity(model, samples, topk=2, progress=False).to_json()  # K = the call's k
+    assert k2["domains"]["d"]["1"]["mean"] == pytest.approx(_cos(A.hidden(1), A.hidden(2)),
+                                                             rel=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["notes", "paper"])
 def test_similarity_matches_cumulative_on_a_random_model(tiny_fp32_dir, preset):
     """The streaming per-layer path equals cos of lens.cumulative's first and last column."""
     model = load(tiny_fp32_dir)
-    samples = [model.tokenizer.encode("a random model routes unevenly"), model.tokenizer.encode("x = 1 + 2")]
+    samples = [model.tokenizer.encode(t) for t in ("a random model routes unevenly", "x = 1 + 2")]
     res = lens.similarity(model, {"d": samples}, preset=preset, progress=False).to_json()
     pr = lens.get_preset(preset)
     for l in model.config.moe_layers:
@@ -210,13 +216,15 @@ def test_corpus_formats_and_chunking(tiny_fp32_dir, tmp_path):
         json.dumps({"context": "Paris est la capitale.", "question": "Quelle ville ?",
                     "answers": {"text": ["Paris"], "answer_start": [0]}}) + "\n")
     (tmp_path / "squad.json").write_text(json.dumps({"data": [{"paragraphs": [
-        {"context": "C", "qas": [{"question": "Q1", "answers": [{"text": "A1"}]}, {"question": "Q2", "answers": []}]}]}]}))
+        {"context": "C", "qas": [{"question": "Q1", "answers": [{"text": "A1"}]},
+                                 {"question": "Q2", "answers": []}]}]}]}))
     long_text = "word " * 700
     (tmp_path / "book.txt").write_text(long_text)
-    docs = [t for t, _ in lens.corpus.iter_text_pieces(lens.domain_from_path(tmp_path / "gsm.jsonl"))]
-    assert docs == ["What is 2+2?\n#### 4", "Paris est la capitale.\nQuelle ville ?\nParis"]
-    docs = [t for t, _ in lens.corpus.iter_text_pieces(lens.domain_from_path(tmp_path / "squad.json"))]
-    assert docs == ["C\nQ1\nA1", "C\nQ2"]
+    def docs(name):
+        return [t for t, _ in lens.corpus.iter_text_pieces(lens.domain_from_path(tmp_path / name))]
+    assert docs("gsm.jsonl") == ["What is 2+2?\n#### 4",
+                                 "Paris est la capitale.\nQuelle ville ?\nParis"]
+    assert docs("squad.json") == ["C\nQ1\nA1", "C\nQ2"]
     book = lens.domain_from_path(f"english={tmp_path / 'book.txt'}")
     assert book.name == "english"
     samples = list(lens.iter_samples(book, tok, 64))
@@ -250,7 +258,7 @@ def test_tap_writer_streams_shards(tiny_fp32_dir, tmp_path):
     index = json.loads((tmp_path / "taps" / "index.json").read_text())
     assert len(index["shards"]) >= 2
     assert index["taps"]["blocks.1.moe.hook_topk_ids"]["rows"] == sum(map(len, prompts))
-    for name in ("blocks.1.moe.hook_topk_ids", "blocks.2.moe.hook_topk_ids", "blocks.2.moe.hook_expert_out"):
+    for name in ["blocks.1.moe.hook_topk_ids", "blocks.2.moe.hook_topk_ids", names[1]]:
         v, rows = lens.read_taps(tmp_path / "taps", name, rows=True)
         assert torch.equal(v, ref[name]) and torch.equal(rows, ref.rows(name))
 
@@ -267,8 +275,8 @@ def _png_ok(path):
 @pytest.mark.parametrize("sub", ["routing", "early-decode", "topk-sweep", "similarity"])
 def test_cli_end_to_end(sub, routing_dir, two_domains, tmp_path, capsys):
     out = tmp_path / sub
-    argv = [sub, "--model", str(routing_dir), "--out", str(out), "--backend", "torch", "--dtype", "float32",
-            "--max-len", "48", "--max-samples", "3", "--no-progress",
+    argv = [sub, "--model", str(routing_dir), "--out", str(out), "--backend", "torch",
+            "--dtype", "float32", "--max-len", "48", "--max-samples", "3", "--no-progress",
             str(two_domains / "digits.txt"), f"plain={two_domains / 'words'}"]
     if sub == "early-decode":
         argv += ["--prompt", "0 1 2 3", "--prompt-tokens", "8"]
@@ -284,7 +292,8 @@ def test_cli_end_to_end(sub, routing_dir, two_domains, tmp_path, capsys):
     if sub == "routing":
         assert data["domains"]["digits"]["layers"]["1"]["percent"] == [100.0] * 6 + [0.0] * 6
         assert data["domains"]["plain"]["layers"]["2"]["percent"] == [0.0] * 6 + [100.0] * 6
-        assert {p.name for p in pngs} == {"routing_layer01.png", "routing_layer02.png", "routing_overview.png"}
+        assert [p.name for p in pngs] == ["routing_layer01.png", "routing_layer02.png",
+                                          "routing_overview.png"]
     elif sub == "early-decode":
         assert [r["label"] for r in data["results"]] == ["prompt0", "digits", "plain"]
         assert len(pngs) == 3

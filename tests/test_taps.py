@@ -53,29 +53,36 @@ def test_invariants(tiny_fp32_dir, backend, dtype):
     f = lambda name: cap[name].float()  # noqa: E731
     for l in range(c.num_hidden_layers):
         p = f"blocks.{l}."
-        torch.testing.assert_close(f(p + "hook_resid_mid"), f(p + "hook_resid_pre") + f(p + "hook_attn_out"), **tol)
+        torch.testing.assert_close(f(p + "hook_resid_mid"),
+                                   f(p + "hook_resid_pre") + f(p + "hook_attn_out"), **tol)
         if l not in c.moe_layers:
             assert not any(n.startswith(p + "moe.") for n in cap.keys())
-            torch.testing.assert_close(f(p + "hook_resid_post"), f(p + "hook_resid_mid") + f(p + "hook_mlp_out"), **tol)
+            torch.testing.assert_close(f(p + "hook_resid_post"),
+                                       f(p + "hook_resid_mid") + f(p + "hook_mlp_out"), **tol)
             continue
         m = p + "moe."
         k, E, D = c.num_experts_per_tok, c.n_routed_experts, c.hidden_size
-        probs, ids_l, w, eo = f(m + "hook_router_probs"), cap[m + "hook_topk_ids"], cap[m + "hook_topk_weights"], f(m + "hook_expert_out")
-        assert probs.shape == (N, E) and ids_l.shape == (N, k) and w.shape == (N, k) and eo.shape == (N, k, D)
+        probs, eo = f(m + "hook_router_probs"), f(m + "hook_expert_out")
+        ids_l, w = cap[m + "hook_topk_ids"], cap[m + "hook_topk_weights"]
+        assert probs.shape == (N, E) and ids_l.shape == w.shape == (N, k)
+        assert eo.shape == (N, k, D)
         # resid_post = resid_mid + routed_out + shared_out
+        routed, shared = f(m + "hook_routed_out"), f(m + "hook_shared_out")
         torch.testing.assert_close(f(p + "hook_resid_post"),
-                                   f(p + "hook_resid_mid") + f(m + "hook_routed_out") + f(m + "hook_shared_out"), **tol)
-        torch.testing.assert_close(f(p + "hook_mlp_out"), f(m + "hook_routed_out") + f(m + "hook_shared_out"), **tol)
+                                   f(p + "hook_resid_mid") + routed + shared, **tol)
+        torch.testing.assert_close(f(p + "hook_mlp_out"), routed + shared, **tol)
         # routed_out = sum_j w_j expert_out_j
         torch.testing.assert_close(f(m + "hook_routed_out"), (w.unsqueeze(-1) * eo).sum(1), **tol)
         # probabilities: rows sum to 1, sum over everything = T; the weights are the raw probs
-        torch.testing.assert_close(probs.sum(-1), torch.ones(N, device=probs.device), rtol=0, atol=1e-5)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(N, device=probs.device),
+                                   rtol=0, atol=1e-5)
         assert abs(float(probs.sum()) - N) < 1e-3
         torch.testing.assert_close(w, probs.gather(1, ids_l.long()), rtol=0, atol=0)
         assert bool((w[:, :-1] >= w[:, 1:]).all()), "slot order must be rank order"
         # hits: k per token, and the counters count exactly the captured choices
         assert int(usage[l].sum()) == k * N
-        assert torch.equal(usage[l].long().cpu(), torch.bincount(ids_l.long().flatten().cpu(), minlength=E))
+        counted = torch.bincount(ids_l.long().flatten().cpu(), minlength=E)
+        assert torch.equal(usage[l].long().cpu(), counted)
     assert int(usage[0].sum()) == 0                                       # dense layer
     assert cap["logits"].shape == (N, c.vocab_size)
 
@@ -132,7 +139,7 @@ def test_layer_filter_and_unknown_names(tiny_fp32_dir):
     model.forward(ids, attention_mask=mask, capture=cap)
     assert list(cap.keys()) == ["blocks.2.moe.hook_topk_ids"]
     with pytest.raises(ValueError, match="matches no tap"):
-        model.forward(ids, capture=Capture(TapRequest(["blocks.0.moe.hook_topk_ids"])))  # layer 0 is dense
+        model.forward(ids, capture=Capture(TapRequest(["blocks.0.moe.hook_topk_ids"])))  # dense
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -179,7 +186,7 @@ def test_usage_counters_accumulate_reset_and_follow_per_layer_k(tiny_fp32_dir, b
 def test_expert_view_empty_and_full(tiny_fp32_dir):
     model = model_for(tiny_fp32_dir, "torch")
     ids, mask, _ = batch(model)
-    names = ["blocks.*.moe.hook_topk_ids", "blocks.*.moe.hook_topk_weights", "blocks.*.moe.hook_expert_out"]
+    names = [f"blocks.*.moe.hook_{t}" for t in ("topk_ids", "topk_weights", "expert_out")]
     cap = Capture(TapRequest(names))
     model.forward(ids, attention_mask=mask, capture=cap, expert_mask={1: [0]})
     v = lens.expert_view(cap, 1, 0)
