@@ -242,6 +242,9 @@ def test_corpus_formats_and_chunking(tiny_fp32_dir, tmp_path):
     assert whole.name == tmp_path.name and len(whole.files) == 3
     with pytest.raises(ValueError, match="share the label"):
         lens.as_domains([tmp_path / "book.txt", tmp_path / "book.txt"])
+    with pytest.raises(FileNotFoundError):
+        lens.as_domains({"typo": str(tmp_path / "bok.txt")})
+    assert lens.as_domains({"t": ["one text"]})[0].texts == ("one text",)
 
 
 # ---- taps streamed to disk -------------------------------------------------------------------

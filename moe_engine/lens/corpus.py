@@ -72,7 +72,8 @@ def domain_from_path(arg: str | Path) -> Domain:
 
 def as_domains(domains) -> list[Domain]:
     """Normalise what the analyses accept: a Domain, a path, a list of those, or a mapping
-    name -> path | [texts] | [[token ids]]."""
+    name -> path | [texts] | [[token ids]] (a single text goes in a list: a bare string is a
+    path, and a missing path is an error)."""
     if isinstance(domains, (Domain, str, Path)):
         domains = [domains]
     out: list[Domain] = []
@@ -80,11 +81,8 @@ def as_domains(domains) -> list[Domain]:
         for name, src in domains.items():
             if isinstance(src, Domain):
                 out.append(Domain(name, src.files, src.texts, src.token_ids))
-            elif isinstance(src, (str, Path)) and Path(src).exists():
-                d = domain_from_path(src)
-                out.append(Domain(name, d.files))
-            elif isinstance(src, str):
-                out.append(Domain(name, texts=(src,)))
+            elif isinstance(src, (str, Path)):  # a path (a typo must not become a "text")
+                out.append(Domain(name, domain_from_path(src).files))
             elif isinstance(src, Sequence) and src and all(isinstance(x, str) for x in src):
                 out.append(Domain(name, texts=tuple(src)))
             elif (isinstance(src, Sequence) and src
