@@ -94,6 +94,9 @@ class Builder:
             if r.returncode != 0:
                 raise RuntimeError(f"compiling {name} failed:\n{' '.join(cmd)}\n{r.stderr[-8000:]}")
             tmp.rename(exe)
+            for old in self.out_dir.glob(f"{name}-{sanitize_mode()}-*"):  # superseded builds
+                if old != exe and not old.name.endswith(".tmp"):
+                    old.unlink(missing_ok=True)
         return exe
 
 
