@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CPP, ORDERS, REPO, run_program, sanitize_mode
+from emu_harness import CPP, ORDERS, REPO, run_program, sanitize_mode
 
 # Sanitized builds run 5-50x slower (ASan fibers use swapcontext: a syscall per switch), so
 # they take the smaller sweeps of the test programs: full = all T, quick = T <= 17, tiny = T <= 2.
