@@ -50,6 +50,12 @@ struct AlignParams {
   int32_t* num_padded;       // [1] used length of sorted_slots (multiple of block_m)
   int32_t* workspace;        // multi-block path scratch; see align_workspace_size(); nullable
 };
+// int32 elements of workspace the multi-block CUDA path may use (csrc/cuda/align.cu uses
+// ceil(T*k_max/1024) * E of them; this bound matches moe_engine/ops/align.py).
+inline int64_t align_workspace_size(int64_t T, int64_t k_max, int64_t E) {
+  const int64_t chunks = (T * k_max + 1023) / 1024 + 1;
+  return (chunks > 1 ? chunks : 1) * (E + 1);
+}
 // capacity = round_up(T*k_max + E*(block_m-1), block_m)
 inline int64_t align_capacity(int64_t T, int64_t k_max, int64_t E, int64_t block_m) {
   const int64_t n = T * k_max + E * (block_m - 1);
