@@ -65,7 +65,7 @@
 #include <string>
 
 namespace moe {
-namespace {
+namespace gemm_detail {  // named, so the kernel files can share one translation unit in tests
 
 using bf16 = __nv_bfloat16;
 
@@ -222,13 +222,14 @@ void launch(const ExpertGemmParams& p, cudaStream_t stream) {
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace
+}  // namespace gemm_detail
 
 int expert_gemm_block_m(int T, int k_max, int E) {
   return static_cast<int64_t>(T) * k_max >= 32LL * E ? 64 : 16;
 }
 
 void expert_gemm_cuda(const ExpertGemmParams& p, void* stream) {
+  using namespace gemm_detail;
   auto s = [](int64_t v) { return std::to_string(v); };
   if (p.T < 0 || p.k_max < 1 || p.E < 1 || p.capacity < 0)
     bad("need T >= 0, k_max >= 1, E >= 1, capacity >= 0; got T=" + s(p.T) + " k_max=" + s(p.k_max) +

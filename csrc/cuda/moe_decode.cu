@@ -42,7 +42,7 @@
 #include <string>
 
 namespace moe {
-namespace {
+namespace decode_detail {  // named, so the kernel files can share one translation unit in tests
 
 using bf16 = __nv_bfloat16;
 
@@ -181,9 +181,10 @@ void launch(const MoeDecodeParams& p, cudaStream_t stream) {
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace
+}  // namespace decode_detail
 
 void moe_decode_cuda(const MoeDecodeParams& p, void* stream) {
+  using namespace decode_detail;
   auto s = [](int64_t v) { return std::to_string(v); };
   if (p.T < 0 || p.T > kMaxT)
     bad("T must be in [0, " + s(kMaxT) + "] (use align + expert_gemm for more); got T=" + s(p.T));

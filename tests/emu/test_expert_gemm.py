@@ -1,0 +1,64 @@
+"""expert_gemm (grouped GEMM up / down) and the shared experts, run on the CPU through the emulator.
+
+The C++ programs (tests/emu/cpp/test_expert_gemm.cpp, test_shared_expert.cpp) compare against a
+double-precision reference on bf16 inputs (x ~ N(0, 1), weights ~ N(0, 1/10)); tolerances, in
+tests/emu/cpp/moe_test_util.h: |got - ref| <= 2e-2 + 1e-2 |ref| per element and
+1 - 2 sum(xy) / sum(x^2 + y^2) < 1e-5 per tensor. They also check that padding rows and sentinel
+slots are never written (canary values) and that padding rows are never read (NaN there).
+
+Sizes: D, F around 64-200 with tails (D = 136 = 2 x 64 + 8 leaves a K tail in up and an N tail
+in down; F = 72 the reverse), T in {1, 2, 7, 16, 17, 129}, k in {1, 2, 6, 8} (k = E included),
+experts with no tokens (sparse), every token to one expert (one), runtime k < k_max and ids >= E
+(sentinel), both tile heights.
+
+What the emulator cannot show: timing and bandwidth, occupancy, register spills (see
+test_nvcc_build.py), shared-memory capacity and bank conflicts, weak-memory races between the
+cp.async ring and the __syncthreads that guards it (the emulator defers each cp.async to its
+wait_group, so a missing wait reads poison, but a real GPU's reordering is not modelled), and the
+exact tensor-core accumulation order (the emulator sums each mma in double).
+"""
+import pytest
+
+from emu_run import run_program
+
+# T, k_max, E, D, F, block_m, scenario
+GEMM_CASES = [
+    (1, 1, 4, 64, 64, 16, "uniform"),
+    (2, 2, 8, 136, 72, 16, "uniform"),
+    (7, 6, 8, 136, 72, 16, "sentinel"),
+    (7, 8, 8, 64, 64, 64, "uniform"),       # k = E: every expert gets every token
+    (16, 6, 16, 128, 192, 16, "sparse"),    # odd experts get no tokens
+    (17, 2, 4, 136, 72, 64, "one"),
+    (17, 8, 16, 64, 64, 16, "sentinel"),
+    (129, 1, 8, 64, 64, 64, "one"),         # one expert with 129 rows: 3 tiles of 64
+    (129, 6, 8, 136, 72, 64, "uniform"),
+    (129, 2, 16, 64, 64, 16, "sparse"),
+]
+
+
+def _id(c):
+    return "T{}-k{}-E{}-D{}-F{}-bm{}-{}".format(*c)
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=_id)
+def test_expert_gemm(emu_program, case):
+    run_program(emu_program("test_expert_gemm"), *case, 1)
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+def test_expert_gemm_thread_orders(emu_program, order):
+    """A missing __syncthreads or cp.async wait shows only in some schedules."""
+    run_program(emu_program("test_expert_gemm"), 17, 6, 8, 136, 72, 16, "sentinel", 2, order=order)
+    run_program(emu_program("test_expert_gemm"), 33, 4, 4, 136, 72, 64, "uniform", 3, order=order)
+
+
+def test_expert_gemm_errors(emu_program):
+    run_program(emu_program("test_expert_gemm"), "errors")
+
+
+# T, D, S, x_stride: T <= 16 with contiguous x runs moe_decode, otherwise expert_gemm (dense mode)
+@pytest.mark.parametrize("case", [(1, 64, 128, 64), (7, 136, 144, 136), (16, 64, 72, 72),
+                                  (17, 64, 128, 64), (129, 136, 144, 144)],
+                         ids=lambda c: "T{}-D{}-S{}-xs{}".format(*c))
+def test_shared_expert(emu_program, case):
+    run_program(emu_program("test_shared_expert"), *case, 1)
