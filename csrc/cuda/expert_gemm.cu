@@ -185,6 +185,8 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
     }
   }
 
+  cp_async_wait<0>();  // only empty groups remain; retire them so no copy outlives the CTA
+
   bf16* C = static_cast<bf16*>(p.c);
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {

@@ -57,16 +57,19 @@ template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 :
 
 __device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-__device__ inline float dot8(const uint4& a, const uint4& b, float acc) {
-  const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = __bfloat1622float2(a2[i]), y = __bfloat1622float2(b2[i]);
-    acc += x.x * y.x;
-    acc += x.y * y.y;
-  }
+// Dot product of 8 bf16 pairs held in two uint4. The words are unpacked with shifts (a bf16 is
+// the high half of an fp32), not by casting the uint4 to __nv_bfloat162: that cast breaks C++
+// aliasing rules, and g++ -O2 (the emulator build) then reads stale values.
+__device__ inline float dot_word(uint32_t a, uint32_t b, float acc) {
+  acc += __uint_as_float(a << 16) * __uint_as_float(b << 16);
+  acc += __uint_as_float(a & 0xFFFF0000u) * __uint_as_float(b & 0xFFFF0000u);
   return acc;
+}
+__device__ inline float dot8(const uint4& a, const uint4& b, float acc) {
+  acc = dot_word(a.x, b.x, acc);
+  acc = dot_word(a.y, b.y, acc);
+  acc = dot_word(a.z, b.z, acc);
+  return dot_word(a.w, b.w, acc);
 }
 
 template <bool UP>

@@ -167,7 +167,7 @@ struct Check {
     if (!bad) first_bad = where;
     ++bad;
   }
-  double diff() const { return sxx > 0 ? 1 - 2 * sxy / sxx : 0; }
+  double diff() const { return sxx == 0 ? 0 : 1 - 2 * sxy / sxx; }  // NaN stays NaN (fails)
   bool ok() const { return bad == 0 && diff() < kDiff; }
   bool report() const {
     std::printf("%-10s %s  values=%.0f max_abs_err=%.3g diff=%.3g bad=%ld%s%s\n", name.c_str(),
