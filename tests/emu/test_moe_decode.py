@@ -1,6 +1,6 @@
 """moe_decode (the T <= 16 path with no sort) run on the CPU through the emulator.
 
-tests/emu/cpp/test_moe_decode.cpp compares act and expert_out against a double-precision
+tests/emu/cpp/test_moe_decode.cu compares act and expert_out against a double-precision
 reference on bf16 inputs (x ~ N(0, 1), weights ~ N(0, 1/10)); tolerances in
 tests/emu/cpp/moe_test_util.h: |got - ref| <= 2e-2 + 1e-2 |ref| per element and
 1 - 2 sum(xy) / sum(x^2 + y^2) < 1e-5 per tensor; sentinel slots must be exactly zero.
@@ -14,7 +14,21 @@ device numerics (FMA contraction; the shuffle reduction order is the same as on 
 """
 import pytest
 
-from emu_run import run_program
+from conftest import CPP, ORDERS, run_program
+
+
+def _run(exe, *args, order="forward", seed=None):
+    """One case; the program prints one line per checked tensor and exits 0 when all pass."""
+    r = run_program(exe, *map(str, args), order=order, seed=seed)
+    assert r.returncode == 0, (f"{exe.name} {' '.join(map(str, args))} (order {order}): rc={r.returncode}\n"
+                               f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    assert "moe_emu: warning" not in r.stderr, r.stderr[-4000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="session")
+def decode_prog(emu_builder):
+    return emu_builder.build("test_moe_decode", [CPP / "test_moe_decode.cu"])
 
 # T, k_max, E, D, F, scenario
 DECODE_CASES = [
@@ -30,14 +44,18 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-k{}-E{}-D{}-F{}-{}".format(*c))
-def test_moe_decode(emu_program, case):
-    run_program(emu_program("test_moe_decode"), *case, 1)
+def test_moe_decode(decode_prog, case):
+    _run(decode_prog, *case, 1)
 
 
-@pytest.mark.parametrize("order", ["reverse", "random"])
-def test_moe_decode_thread_orders(emu_program, order):
-    run_program(emu_program("test_moe_decode"), 16, 6, 8, 136, 72, "one", 2, order=order)
+@pytest.mark.parametrize("order", ORDERS)
+def test_moe_decode_thread_orders(decode_prog, order):
+    """The slot list in shared memory is rebuilt between passes behind two barriers; a missing
+    one shows only in some orders. Cannot show: GPU interleavings no sampled order produces."""
+    _run(decode_prog, 16, 6, 8, 136, 72, "one", 2, order=order, seed=5)
 
 
-def test_moe_decode_errors(emu_program):
-    run_program(emu_program("test_moe_decode"), "errors")
+def test_moe_decode_errors(decode_prog):
+    """Launcher preconditions throw std::invalid_argument naming the value."""
+    out = _run(decode_prog, "errors")
+    assert "FAIL" not in out and out.count("ok ") == 4, out

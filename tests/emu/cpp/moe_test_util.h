@@ -27,8 +27,12 @@ constexpr double kAtol = 2e-2, kRtol = 1e-2, kDiff = 1e-5;
 constexpr uint16_t kCanary = 0xBEEF;  // bf16 bits of rows a kernel must not write (-0.467)
 constexpr uint16_t kNaN = 0x7FC0;     // bf16 quiet NaN: rows a kernel must not read
 
-inline uint16_t bits(bf16 v) { uint16_t b; std::memcpy(&b, &v, 2); return b; }
-inline bf16 from_bits(uint16_t b) { bf16 v; std::memcpy(&v, &b, 2); return v; }
+inline uint16_t bits(bf16 v) { return static_cast<__nv_bfloat16_raw>(v).x; }
+inline bf16 from_bits(uint16_t b) {
+  __nv_bfloat16_raw r;
+  r.x = b;
+  return bf16(r);
+}
 inline double f(bf16 v) { return static_cast<double>(__bfloat162float(v)); }
 
 struct Rng {

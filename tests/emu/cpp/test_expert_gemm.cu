@@ -13,7 +13,7 @@
 //          expert_out rows of real slots vs act.Wd in double; sentinel slots keep their canary
 //   layer  expert_out vs the whole expert MLP in double (act unrounded)
 // Exit 0 when all pass. Builds with g++ -DMOE_EMU (emulator) or nvcc -x cu (real GPU).
-#include "common.cuh"
+#include "cuda/common.cuh"
 #include "cuda/expert_gemm.cu"
 #include "moe_test_util.h"
 

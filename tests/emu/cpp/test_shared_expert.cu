@@ -6,7 +6,7 @@
 // x [T, D] with row stride x_stride (scale 1), gate_up [2S, D] and down [D, S] (scale 1/10).
 // Checks shared_out [T, D] with the tolerances of moe_test_util.h. A strided x at T <= 16 takes
 // the GEMM path (moe_decode needs contiguous rows), so both paths are reachable at small T.
-#include "common.cuh"
+#include "cuda/common.cuh"
 #include "cuda/expert_gemm.cu"
 #include "cuda/moe_decode.cu"
 #include "cuda/shared_expert.cu"

@@ -10,7 +10,7 @@
 //          sentinel slots (id -1 or >= E) must be exactly zero
 //   layer  expert_out vs the whole expert MLP in double (act unrounded)
 // Exit 0 when all pass. Builds with g++ -DMOE_EMU (emulator) or nvcc -x cu (real GPU).
-#include "common.cuh"
+#include "cuda/common.cuh"
 #include "cuda/moe_decode.cu"
 #include "moe_test_util.h"
 
