@@ -4,7 +4,7 @@
 //   test_expert_gemm errors          (launcher precondition messages)
 //
 // One case: random bf16 x [T, D] (scale 1), experts_gate_up [E, 2F, D] and experts_down [E, D, F]
-// (scale 1/10), topk_ids from the scenario (moe_test_util.h), aligned by the align reference.
+// (scale 1/sqrt(K), see weight_scale), topk_ids from the scenario (moe_test_util.h), aligned by the align reference.
 // Checks, each with the tolerances of moe_test_util.h:
 //   up     act rows of real slots vs silu(h.Wg)*(h.Wu) in double; padding rows and rows past
 //          num_padded keep their canary (never written)
@@ -58,8 +58,8 @@ int main(int argc, char** argv) {
   const int R = T * k_max;
 
   const auto x = randn(static_cast<size_t>(T) * D, 1.0, rng);
-  const auto gate_up = randn(static_cast<size_t>(E) * 2 * F * D, 0.1, rng);
-  const auto down = randn(static_cast<size_t>(E) * D * F, 0.1, rng);
+  const auto gate_up = randn(static_cast<size_t>(E) * 2 * F * D, weight_scale(D), rng);
+  const auto down = randn(static_cast<size_t>(E) * D * F, weight_scale(F), rng);
   const auto ids = make_topk_ids(T, k_max, E, scenario, rng);
   const Aligned al = align_ref(ids, E, block_m);
   std::printf("case T=%d k_max=%d E=%d D=%d F=%d block_m=%d %s: capacity=%d num_padded=%d (suggested block_m %d)\n",

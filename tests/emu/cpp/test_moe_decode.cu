@@ -4,7 +4,7 @@
 //   test_moe_decode errors          (launcher precondition messages)
 //
 // One case: random bf16 x [T, D] (scale 1), experts_gate_up [E, 2F, D], experts_down [E, D, F]
-// (scale 1/10), topk_ids from the scenario (moe_test_util.h). Checks (tolerances there):
+// (scale 1/sqrt(K), see weight_scale), topk_ids from the scenario (moe_test_util.h). Checks (tolerances there):
 //   act    rows of real slots vs silu(x.Wg)*(x.Wu) in double
 //   down   expert_out rows of real slots vs (the kernel's act).Wd in double;
 //          sentinel slots (id -1 or >= E) must be exactly zero
@@ -53,8 +53,8 @@ int main(int argc, char** argv) {
   std::printf("case T=%d k_max=%d E=%d D=%d F=%d %s\n", T, k_max, E, D, F, scenario.c_str());
 
   const auto x = randn(static_cast<size_t>(T) * D, 1.0, rng);
-  const auto gate_up = randn(static_cast<size_t>(E) * 2 * F * D, 0.1, rng);
-  const auto down = randn(static_cast<size_t>(E) * D * F, 0.1, rng);
+  const auto gate_up = randn(static_cast<size_t>(E) * 2 * F * D, weight_scale(D), rng);
+  const auto down = randn(static_cast<size_t>(E) * D * F, weight_scale(F), rng);
   const auto ids = make_topk_ids(T, k_max, E, scenario, rng);
 
   bf16* d_x = to_device(x);

@@ -3,7 +3,7 @@
 //
 //   test_shared_expert T D S x_stride seed
 //
-// x [T, D] with row stride x_stride (scale 1), gate_up [2S, D] and down [D, S] (scale 1/10).
+// x [T, D] with row stride x_stride (scale 1), gate_up [2S, D] and down [D, S] (scale 1/sqrt(K), see weight_scale).
 // Checks shared_out [T, D] with the tolerances of moe_test_util.h. A strided x at T <= 16 takes
 // the GEMM path (moe_decode needs contiguous rows), so both paths are reachable at small T.
 #include "cuda/common.cuh"
@@ -23,8 +23,8 @@ int main(int argc, char** argv) {
   Rng rng(std::strtoull(argv[5], nullptr, 10));
   std::printf("case T=%d D=%d S=%d x_stride=%d\n", T, D, S, xs);
   const auto x = randn(static_cast<size_t>(T) * xs, 1.0, rng);
-  const auto gate_up = randn(static_cast<size_t>(2) * S * D, 0.1, rng);
-  const auto down = randn(static_cast<size_t>(D) * S, 0.1, rng);
+  const auto gate_up = randn(static_cast<size_t>(2) * S * D, weight_scale(D), rng);
+  const auto down = randn(static_cast<size_t>(D) * S, weight_scale(S), rng);
 
   bf16* d_x = to_device(x);
   bf16* d_gate_up = to_device(gate_up);
