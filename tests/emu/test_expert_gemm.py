@@ -73,6 +73,14 @@ def test_expert_gemm_thread_orders(gemm_prog, order):
     _run(gemm_prog, 33, 4, 4, 136, 72, 64, "uniform", 3, order=order, seed=5)
 
 
+def test_expert_gemm_threads_backend(gemm_prog):
+    """One OS thread per CUDA thread, run concurrently between waits: the same answer as fibers.
+    (MOE_EMU_SANITIZE=thread builds this under ThreadSanitizer, where a missing barrier around
+    the cp.async ring or the slot table becomes a reported race.) Cannot show: GPU scheduling."""
+    r = run_program(gemm_prog, "2", "2", "4", "136", "72", "16", "uniform", "1", backend="threads", timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
 def test_expert_gemm_errors(gemm_prog):
     """Launcher preconditions throw std::invalid_argument naming the value."""
     out = _run(gemm_prog, "errors")

@@ -60,3 +60,10 @@ def test_moe_decode_errors(decode_prog):
     """Launcher preconditions throw std::invalid_argument naming the value."""
     out = _run(decode_prog, "errors")
     assert "FAIL" not in out and out.count("ok ") == 4, out
+
+
+def test_moe_decode_threads_backend(decode_prog):
+    """One OS thread per CUDA thread, run concurrently between waits: the same answer as fibers.
+    (MOE_EMU_SANITIZE=thread builds this under ThreadSanitizer.) Cannot show: GPU scheduling."""
+    r = run_program(decode_prog, "2", "2", "4", "136", "72", "one", "1", backend="threads", timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
