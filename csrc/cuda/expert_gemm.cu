@@ -33,8 +33,8 @@
 //   other sizes are handled by zero-fill and masked stores (D, F multiples of 8).
 //   Grid: x = capacity / BM row tiles (fastest, so the CTAs of one expert and N tile run side by
 //   side and share its weights in L2), y = N tiles. 72 KB lets 3 CTAs share an H100 SM
-//   (2 on A100); ~2 x 18-24 KB per CTA in flight is well above the ~25-40 KB per SM that
-//   3.35 TB/s x ~1 us latency / 132 SMs needs.
+//   (2 on A100); (STAGES - 1) x 18-24 KB = ~50 KB in flight per CTA is far above the ~25-40 KB
+//   per SM that 3.35 TB/s x ~1 us latency / 132 SMs needs.
 //   expert_gemm_block_m(T, k_max, E) = 64 when R >= 32 E (>= 32 rows per expert on average),
 //   else 16; align pads to it (vLLM's H100 tables switch near the same point).
 //
@@ -45,17 +45,20 @@
 //   64 (1 - (58/64)^T); H100 floor at 3.35 TB/s (expected fractions are projections: no GPU
 //   has run this code yet):
 //     T = 1, 8   -> moe_decode.cu (no sort, no padding waste).
-//     T = 64     BM 16: 63.9 experts, 1.106 GB + 1.5 MB x/act -> floor 331 us. ~70 row tiles x
-//                (22 up + 16 down) N tiles = ~2,700 CTAs, ~3-4 waves of 396: expect 70-80 %.
-//     T = 512    BM 64: 64 experts, ~48 rows each, 1.107 GB + 25 MB act/x/out -> floor 338 us;
-//                53 GFLOP is ~90 us of mma.sync at ~600 TFLOP/s: still bandwidth bound,
-//                expect 70-80 %.
+//     T = 64     BM 16: 63.9 experts, ~6 rows each, 1.106 GB + ~3 MB x/act/out -> floor 331 us.
+//                ~64 row tiles x (22 up + 16 down) N tiles = ~2,400 working CTAs (another ~20
+//                row tiles past num_padded exit at once); 3 CTAs per SM = 396 slots, ~3.6 and
+//                ~2.6 waves: expect 70-80 % (wave tails, launch gaps).
+//     T = 512    BM 64: 64 experts, ~48 rows each (~1 % need a second tile), 1.107 GB +
+//                ~25 MB act/x/out -> floor 338 us; 53 GFLOP is ~90 us of mma.sync at ~600
+//                TFLOP/s, so still bandwidth bound; ~65 x 22 + 65 x 16 CTAs: expect 70-80 %.
 // Launch: grid (ceil(capacity / BM), ceil(N / BN)), block 128, dynamic smem 72 KB (attribute set).
 // Limits: D, F multiples of 8 (16-byte cp.async); a, w 16-byte aligned; a_stride multiple of 8;
 //   block_m in {16, 64}; R and capacity < 2^31; N tiles < 65536.
-// Reference: moe_engine/ops/expert_gemm.py (expert_gemm_ref; owned by the lead);
-//   CPU twin: csrc/cpu (lead); test: tests/emu/cpp/test_expert_gemm.cpp driven by
-//   tests/emu/test_expert_gemm.py (double-precision reference, tolerances in that file);
+// Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref (align + up + down together);
+//   CPU twin: csrc/cpu/expert_ffn.cpp; test: tests/emu/cpp/test_expert_gemm.cu driven by
+//   tests/emu/test_expert_gemm.py (double-precision reference; tolerances in
+//   tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.
 #include "common.cuh"
 #include "ptx.cuh"

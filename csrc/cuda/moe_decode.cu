@@ -23,17 +23,19 @@
 //   (more than 8 tokens on one expert: once per pass of 8); plus 2 D x T (x), 2 F x R (act,
 //   written then read), 2 D x R (expert_out). DeepSeekMoE-16B (D 2048, F 1408, E 64, k 6):
 //     T = 1: 6 experts = 103.8 MB -> H100 floor 31 us; grid 6 x 88 (up) + 6 x 64 (down) CTAs.
-//     T = 8: ~34.9 experts = 604 MB -> floor 180 us; ~280 x 88 + 280 x 64 CTAs, most of the
-//            48 slots' CTAs do the work, duplicates exit after one ballot.
+//     T = 8: ~34.9 experts = 604 MB -> floor 180 us; grid 48 x 88 + 48 x 64 CTAs, of which the
+//            ~35 first slots of an expert work and the duplicates exit after one ballot.
 //   Expected (a projection, no GPU has run this): 60-75 % of the floor at T = 1 (two launches
-//   of a few us each against 31 us of streaming), 75-85 % at T = 8. Bytes in flight: 4 x 16 B
-//   per lane per step; ~110 registers allow 2 CTAs x 256 threads per SM: ~32 KB per SM, about
-//   the ~25-40 KB that 3.35 TB/s x ~1 us / 132 SMs needs (the first knob to turn on a GPU).
+//   of a few us each against 31 us of streaming), 75-85 % at T = 8. Bytes in flight: each lane
+//   issues the weight loads of two warp steps before any math (2 x 4 x 16 B); __launch_bounds__
+//   (256, 2) caps registers at 128 so 2 CTAs share an SM: 16 warps x 4 KB = 64 KB per SM, above
+//   the ~25-40 KB that 3.35 TB/s x ~1 us latency / 132 SMs needs.
 // Launch: up grid (R, ceil(F / 16)), down grid (R, ceil(D / 32)), block 256, static smem < 64 B.
 // Limits: 1 <= T <= 16 (larger batches: align + expert_gemm), D and F multiples of 8, all
 //   pointers 16-byte aligned, x / act / expert_out contiguous.
-// Reference: moe_engine/ops (lead); CPU twin: csrc/cpu (lead); test: tests/emu/cpp/test_moe_decode.cpp
-//   via tests/emu/test_moe_decode.py (double-precision reference, tolerances there);
+// Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref; CPU twin: csrc/cpu/expert_ffn.cpp; test: tests/emu/cpp/test_moe_decode.cu
+//   via tests/emu/test_moe_decode.py (double-precision reference; tolerances in
+//   tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.
 #include "common.cuh"
 #include "ops.h"
@@ -52,6 +54,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;    // weight rows one warp streams together
 constexpr int kPass = 8;           // slots served per pass over an expert's weight rows
 constexpr int kStep = 32 * 8;      // K elements per warp step (16 bytes per lane)
+constexpr int kUnroll = 2;         // warp steps whose weight loads are issued together
 
 template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 : 1);
 
@@ -73,7 +76,7 @@ __device__ inline float dot8(const uint4& a, const uint4& b, float acc) {
 }
 
 template <bool UP>
-__global__ void __launch_bounds__(kThreads) moe_decode_kernel(const MoeDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecodeParams p) {
   constexpr int kMats = UP ? 2 : 1;                  // up: gate and up rows
   constexpr int kFeatPerWarp = kRowsPerWarp / kMats;
   const int R = p.T * p.k_max, j = blockIdx.x;
@@ -139,16 +142,25 @@ __global__ void __launch_bounds__(kThreads) moe_decode_kernel(const MoeDecodePar
     for (int r = 0; r < kPass; ++r)
       in_off[r] = r < n ? (UP ? s_list[r] / p.k_max : s_list[r]) * K : 0;
     float acc[kRowsPerWarp][kPass] = {};
-    for (int k = lane * 8; k < K; k += kStep) {
-      uint4 w[kRowsPerWarp];
+    // kUnroll steps of weight loads are issued before any math, so each lane keeps
+    // kUnroll x kRowsPerWarp 16-byte loads in flight (the input rows are L1/L2 hits).
+    for (int k0 = lane * 8; k0 < K; k0 += kUnroll * kStep) {
+      uint4 w[kUnroll][kRowsPerWarp];
 #pragma unroll
-      for (int q = 0; q < kRowsPerWarp; ++q) w[q] = *reinterpret_cast<const uint4*>(wrow[q] + k);
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int q = 0; q < kRowsPerWarp; ++q)
+          w[u][q] = k0 + u * kStep < K ? *reinterpret_cast<const uint4*>(wrow[q] + k0 + u * kStep) : uint4{};
 #pragma unroll
       for (int r = 0; r < kPass; ++r) {
         if (r >= n) break;
-        const uint4 v = *reinterpret_cast<const uint4*>(in + in_off[r] + k);
 #pragma unroll
-        for (int q = 0; q < kRowsPerWarp; ++q) acc[q][r] = dot8(w[q], v, acc[q][r]);
+        for (int u = 0; u < kUnroll; ++u) {
+          if (k0 + u * kStep >= K) break;
+          const uint4 v = *reinterpret_cast<const uint4*>(in + in_off[r] + k0 + u * kStep);
+#pragma unroll
+          for (int q = 0; q < kRowsPerWarp; ++q) acc[q][r] = dot8(w[u][q], v, acc[q][r]);
+        }
       }
     }
 #pragma unroll
