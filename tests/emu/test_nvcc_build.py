@@ -46,3 +46,31 @@ def test_compiles_without_spills(src, tmp_path):
         assert {k[0] for k in kernels} == set(ARCHS), f"{src.name}: no kernel report for some of {ARCHS}"
     spilled = [k for k in kernels if k[4] or k[5]]
     assert not spilled, f"{src.name}: register spills in {spilled}"
+
+
+def _gpu_present():
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
+
+
+GPU_PROGRAMS = {  # test program -> one case to run when a GPU is present
+    "test_expert_gemm": ["129", "6", "8", "136", "72", "64", "uniform", "1"],
+    "test_moe_decode": ["16", "6", "16", "136", "72", "sentinel", "1"],
+    "test_shared_expert": ["129", "136", "144", "144", "1"],
+}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the GPU build cannot be checked here")
+@pytest.mark.parametrize("name", list(GPU_PROGRAMS))
+def test_kernel_tests_build_for_the_gpu(name, tmp_path):
+    """The emulated test programs are plain CUDA too: they build with nvcc unchanged, and where a
+    GPU is present one case runs on it (the only check of the mma / ldmatrix fragment layouts
+    and the cp.async ring against hardware)."""
+    exe = tmp_path / name
+    cmd = ["nvcc", "-x", "cu", "-std=c++20", "-O2", "-arch=sm_80", f"-I{ROOT / 'csrc'}",
+           str(ROOT / "tests" / "emu" / "cpp" / f"{name}.cu"), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-6000:]}"
+    if _gpu_present():
+        run = subprocess.run([str(exe), *GPU_PROGRAMS[name]], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

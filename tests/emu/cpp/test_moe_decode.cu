@@ -9,7 +9,8 @@
 //   down   expert_out rows of real slots vs (the kernel's act).Wd in double;
 //          sentinel slots (id -1 or >= E) must be exactly zero
 //   layer  expert_out vs the whole expert MLP in double (act unrounded)
-// Exit 0 when all pass. Builds with g++ -DMOE_EMU (emulator) or nvcc -x cu (real GPU).
+// Exit 0 when all pass. Builds with g++ -DMOE_EMU (emulator) or, unchanged, for a real GPU:
+//   nvcc -x cu -std=c++20 -arch=sm_90a -Icsrc tests/emu/cpp/<this file> (test_nvcc_build.py).
 #include "cuda/common.cuh"
 #include "cuda/moe_decode.cu"
 #include "moe_test_util.h"
