@@ -1,18 +1,139 @@
 // The whole C++ interface of moe_engine on one screen: one Params struct per op.
-// (Branch `gemm`: only the grouped-GEMM / decode / shared-expert structs; the lead reconciles this
-// file with the RouteParams / AlignParams / CombineParams version.)
 //
-// Shape legend: T tokens, D hidden, E routed experts, k_max width of the top-k outputs,
-// F expert width, S shared width, R = T*k_max slots, block_m GEMM tile height,
-// capacity = padded slot capacity = align_capacity(T, k_max, E, block_m).
+// Shape legend: T tokens, D hidden, E routed experts, K top-k (runtime, 0..k_max),
+// k_max buffer width of the top-k outputs, F expert width, S shared width,
+// R = T*k_max slots, block_m GEMM tile height, capacity = padded slot capacity.
 //
-// Pointers are device pointers for the cuda backend and host pointers for emu. Launchers never
-// allocate and never synchronise; bad arguments throw std::invalid_argument naming the value.
+// Conventions (every backend: cuda, cpu, emu):
+// - Pointers are device pointers for the cuda backend and host pointers for cpu / emu.
+// - Slot j of token t is slot index t*k_max + j; slots are in rank order (weight descending,
+//   ties -> lower expert id). Unused slots (j >= k) carry expert id -1 and weight 0; any id
+//   < 0 or >= E is a "skip" sentinel for every op downstream of route.
+// - Launchers never allocate and never synchronise; every buffer is caller-provided and sized
+//   for the worst case, so a decode step can be captured in a CUDA graph. Interventions that
+//   may change between calls (k, expert mask, forced expert) are read from memory, not baked
+//   into the launch.
+// - Bad arguments throw std::invalid_argument with a message naming the value.
 #pragma once
 #include <cstdint>
 
 namespace moe {
 
+enum class DType : int32_t { f32 = 0, bf16 = 1 };
+enum class MaskMode : int32_t { reroute = 0, zero = 1 };
+
+// route: logits [T,E] -> fp32 softmax over all E -> mask -> top-k (runtime k) -> renormalise.
+struct RouteParams {
+  const void* router_logits;  // [T, E] logits_dtype, row stride logits_stride (elements)
+  DType logits_dtype;
+  int64_t logits_stride;
+  int32_t T, E, k_max;
+  const int32_t* k;            // [1] active top-k, 0 <= k <= k_max
+  const uint8_t* expert_mask;  // [E] nonzero = masked out; nullable
+  MaskMode mask_mode;          // reroute: cannot be chosen; zero: chosen, weight set to 0
+  const int32_t* force_expert; // [1] expert forced into slot 0, -1 = none; nullable
+  bool renormalize;            // divide kept weights by their sum (when > 0)
+  int32_t* topk_ids;           // [T, k_max]
+  float* topk_weights;         // [T, k_max]
+  float* router_probs;         // [T, E] tap; nullable
+  int32_t* usage_counts;       // [E] per-layer counters, += chosen slots; nullable
+};
+
+// align: group slots by expert, each expert's segment padded to block_m.
+struct AlignParams {
+  const int32_t* topk_ids;   // [T, k_max]
+  int32_t T, k_max, E, block_m;
+  int32_t* expert_counts;    // [E] slots per expert (unpadded)
+  int32_t* expert_offsets;   // [E+1] start of each expert's padded segment
+  int32_t* sorted_slots;     // [capacity] slot index t*k_max+j, ascending within an expert; -1 pad
+  int32_t* tile_experts;     // [capacity / block_m] expert of each tile, -1 unused
+  int32_t* num_padded;       // [1] used length of sorted_slots (multiple of block_m)
+  int32_t* workspace;        // multi-block path scratch; see align_workspace_size(); nullable
+};
+// int32 elements of workspace the multi-block CUDA path may use (csrc/cuda/align.cu uses
+// ceil(T*k_max/1024) * E of them; this bound matches moe_engine/ops/align.py).
+inline int64_t align_workspace_size(int64_t T, int64_t k_max, int64_t E) {
+  const int64_t chunks = (T * k_max + 1023) / 1024 + 1;
+  return (chunks > 1 ? chunks : 1) * (E + 1);
+}
+// capacity = round_up(T*k_max + E*(block_m-1), block_m)
+inline int64_t align_capacity(int64_t T, int64_t k_max, int64_t E, int64_t block_m) {
+  const int64_t n = T * k_max + E * (block_m - 1);
+  return (n + block_m - 1) / block_m * block_m;
+}
+
+// combine: out = residual + shared_out + sum_j topk_weights[t,j] * expert_out[t,j] (fp32, j ascending).
+struct CombineParams {
+  const void* expert_out;     // [T, k_max, D] unweighted (the hook_expert_out tap)
+  const float* topk_weights;  // [T, k_max]
+  const int32_t* topk_ids;    // [T, k_max]; sentinel slots are skipped
+  const void* shared_out;     // [T, D]; nullable
+  const void* residual;       // [T, D]; nullable
+  void* out;                  // [T, D]
+  void* routed_out;           // [T, D] tap (routed sum only); nullable
+  DType dtype;
+  int32_t T, k_max, D;
+};
+
+// ---- launchers -------------------------------------------------------------------------
+// CUDA (csrc/cuda/*.cu): compiled into _C by nvcc and into _C_emu through csrc/emu.
+// `stream` is a cudaStream_t (ignored by the emulator).
+void route_cuda(const RouteParams& p, void* stream);
+void align_cuda(const AlignParams& p, void* stream);
+void combine_cuda(const CombineParams& p, void* stream);
+
+// CPU twins (csrc/cpu/*.cpp), same contracts.
+void route_cpu(const RouteParams& p);
+void align_cpu(const AlignParams& p);
+void combine_cpu(const CombineParams& p);
+
+// ---- CPU expert FFN ----------------------------------------------------------------------
+// Packed weights ("panels", csrc/cpu/expert_ffn.cpp): W [N, K] (y = x W^T) is stored as
+// ceil(N/32) panels of 32 output rows (zero-padded), each panel contiguous:
+//   bf16: [ceil(K/2)][32][2]  (k pairs interleaved: the vdpbf16ps operand layout)
+//   f32:  [K][32]
+// With gate_up, src rows are [gate F | up F] and panel p holds gate rows 16p..16p+15 in lanes
+// 0..15 and up rows 16p..16p+15 in lanes 16..31, so one panel yields 16 SiLU(gate)*up outputs.
+struct PackParams {
+  const void* src;  // [E, N, K] dtype, contiguous
+  void* dst;        // pack_size_bytes(...)
+  DType dtype;
+  int32_t E, N, K;
+  bool gate_up;     // N = 2F, rows [gate | up]
+};
+int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up);
+
+// expert_out[t,j,:] = down_e(SiLU(gate_e(x_t)) * up_e(x_t)) for e = topk_ids[t,j] (unweighted:
+// the hook_expert_out tap); sentinel slots get zero rows. Each chosen expert's weights are
+// streamed once per call for all tokens that chose it.
+struct ExpertFFNParams {
+  const void* x;            // [T, D] dtype, contiguous
+  const void* w13;          // packed gate|up: E x pack(2F, D, gate_up)
+  const void* w2;           // packed down:    E x pack(D, F)
+  const int32_t* topk_ids;  // [T, k_max]
+  void* expert_out;         // [T, k_max, D] dtype
+  void* workspace;          // expert_ffn_workspace_bytes(...)
+  DType dtype;
+  int32_t T, k_max, D, F, E;
+};
+int64_t expert_ffn_workspace_bytes(DType dtype, int64_t T, int64_t k_max, int64_t E, int64_t F);
+
+// y = x W^T with W packed (E = 1): the small-T (decode) dense mat-vec of the cpu backend.
+struct LinearParams {
+  const void* x;  // [T, K] dtype, contiguous
+  const void* w;  // packed [N, K]
+  void* y;        // [T, N] dtype
+  DType dtype;
+  int32_t T, N, K;
+};
+
+void pack_weights_cpu(const PackParams& p);
+void expert_ffn_cpu(const ExpertFFNParams& p);
+void linear_cpu(const LinearParams& p);
+
+// ---- CUDA expert FFN -----------------------------------------------------------------------
+// The cuda / emu path of expert_ffn: align (above, block_m = expert_gemm_block_m) + expert_gemm up +
+// expert_gemm down, or moe_decode for T <= 16; plus the shared experts as one dense SwiGLU.
 // One grouped GEMM over the aligned slots (csrc/cuda/expert_gemm.cu), bf16 in and out, fp32 accumulate.
 //  up   (up = true):  act[i, :]  = silu(h . Wg[e]^T) * (h . Wu[e]^T),  h = a[sorted_slots[i] / k_max]
 //  down (up = false): c[sorted_slots[i], :] = a[i] . Wd[e]^T          (unweighted, token order)
@@ -56,7 +177,7 @@ struct SharedExpertParams {
   int32_t T, D, S;
 };
 
-// ---- launchers (stream is a cudaStream_t; ignored by the emulator) ----------------------
+// launchers (csrc/cuda/expert_gemm.cu, moe_decode.cu, shared_expert.cu):
 void expert_gemm_cuda(const ExpertGemmParams& p, void* stream);
 void moe_decode_cuda(const MoeDecodeParams& p, void* stream);
 void shared_expert_cuda(const SharedExpertParams& p, void* stream);

@@ -456,6 +456,17 @@ inline uint32_t vote(const Loc& loc, const char* name, int kind, uint32_t mask, 
   return r;
 }
 
+// arg = bytes of the value: each lane gets the lanes of the mask holding a bitwise-equal value.
+inline void exec_match_any(Warp& w, uint32_t mask, int bytes) {
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1)) continue;
+    uint32_t r = 0;
+    for (int j = 0; j < 32; ++j)
+      if ((mask >> j & 1) && std::memcmp(w.lanes[l]->in, w.lanes[j]->in, bytes) == 0) r |= 1u << j;
+    *(uint32_t*)w.lanes[l]->out = r;
+  }
+}
+
 inline uint32_t activemask(const Loc& loc) {
   Thread& t = cur(loc, "__activemask");
   Lock lock;
@@ -969,6 +980,13 @@ inline int __any_sync(unsigned mask, int pred, std::source_location loc = std::s
 }
 inline int __all_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
   return (int)moe_emu::vote(loc, "__all_sync", 2, mask, pred);
+}
+template <class T>
+  requires(std::is_integral_v<T> && (sizeof(T) == 4 || sizeof(T) == 8))
+inline unsigned __match_any_sync(unsigned mask, T value, std::source_location loc = std::source_location::current()) {
+  uint32_t r = 0;
+  moe_emu::warp_collective(loc, "__match_any_sync", mask, moe_emu::exec_match_any, (int)sizeof(T), &value, &r);
+  return r;
 }
 inline unsigned __activemask(std::source_location loc = std::source_location::current()) {
   return moe_emu::activemask(loc);

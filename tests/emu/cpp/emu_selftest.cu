@@ -176,7 +176,7 @@ __global__ void atomics_kernel(int* cnt, float* fsum, int* imax, unsigned* cas_c
   atomicAdd(cnt, 1);
   atomicAdd(fsum, 0.5f);
   atomicMax(imax, (g * 7919) % 10007);
-  unsigned old = *(volatile unsigned*)cas_cnt, seen;
+  unsigned old = 0, seen;  // a plain first read would race with the other CASes (TSan says so)
   while ((seen = atomicCAS(cas_cnt, old, old + 2)) != old) old = seen;
   atomicExch(exch, g);
   atomicAdd(&hist[g % 5], 1);
@@ -287,7 +287,7 @@ static void run_order(bool racy) {
   auto* k = racy ? &order_kernel<true> : &order_kernel<false>;
   MOE_LAUNCH(k, blocks, 256, 0, nullptr, in.d, out.d);
   out.down();
-  long long checksum = 0;
+  unsigned long long checksum = 0;
   for (int b = 0; b < blocks; ++b) {
     checksum = checksum * 1000003 + out.h[b];
     if (!racy) {
@@ -296,7 +296,7 @@ static void run_order(bool racy) {
       EXPECT(out.h[b] == want, "block %d: %d vs %d", b, out.h[b], want);
     }
   }
-  std::printf("CHECKSUM %lld\n", checksum);
+  std::printf("CHECKSUM %llu\n", checksum);
 }
 
 // ---------------------------------------------------------------- cp.async pipeline

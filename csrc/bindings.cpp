@@ -1,0 +1,107 @@
+// The only pybind11 file: exposes the Params structs of ops.h and the launchers. No logic.
+// Built twice: as moe_engine._C (CPU kernels, + CUDA kernels when MOE_WITH_CUDA) and as
+// moe_engine._C_emu (the CUDA kernels compiled through csrc/emu; MOE_EMU).
+// Pointer fields are set from Python ints (tensor.data_ptr()).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "ops.h"
+
+#if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+using namespace moe;
+
+#define MOE_PTR(cls, S, f)                                                      \
+  cls.def_property(                                                             \
+      #f, [](const S& s) { return reinterpret_cast<std::uintptr_t>(s.f); },    \
+      [](S& s, std::uintptr_t v) { s.f = reinterpret_cast<decltype(S::f)>(v); })
+#define MOE_VAL(cls, S, f) cls.def_readwrite(#f, &S::f)
+#define MOE_STREAM(fn, P) [](const P& p, std::uintptr_t stream) { fn(p, reinterpret_cast<void*>(stream)); }
+
+PYBIND11_MODULE(MOE_MODULE_NAME, m) {
+  // module_local: _C and _C_emu register the same C++ types in one process.
+  py::enum_<DType>(m, "DType", py::module_local()).value("f32", DType::f32).value("bf16", DType::bf16);
+  py::enum_<MaskMode>(m, "MaskMode", py::module_local())
+      .value("reroute", MaskMode::reroute)
+      .value("zero", MaskMode::zero);
+
+  py::class_<RouteParams> route(m, "RouteParams", py::module_local());
+  route.def(py::init<>());
+  MOE_PTR(route, RouteParams, router_logits); MOE_VAL(route, RouteParams, logits_dtype);
+  MOE_VAL(route, RouteParams, logits_stride); MOE_VAL(route, RouteParams, T);
+  MOE_VAL(route, RouteParams, E); MOE_VAL(route, RouteParams, k_max); MOE_PTR(route, RouteParams, k);
+  MOE_PTR(route, RouteParams, expert_mask); MOE_VAL(route, RouteParams, mask_mode);
+  MOE_PTR(route, RouteParams, force_expert); MOE_VAL(route, RouteParams, renormalize);
+  MOE_PTR(route, RouteParams, topk_ids); MOE_PTR(route, RouteParams, topk_weights);
+  MOE_PTR(route, RouteParams, router_probs); MOE_PTR(route, RouteParams, usage_counts);
+
+  py::class_<AlignParams> align(m, "AlignParams", py::module_local());
+  align.def(py::init<>());
+  MOE_PTR(align, AlignParams, topk_ids); MOE_VAL(align, AlignParams, T); MOE_VAL(align, AlignParams, k_max);
+  MOE_VAL(align, AlignParams, E); MOE_VAL(align, AlignParams, block_m);
+  MOE_PTR(align, AlignParams, expert_counts); MOE_PTR(align, AlignParams, expert_offsets);
+  MOE_PTR(align, AlignParams, sorted_slots); MOE_PTR(align, AlignParams, tile_experts);
+  MOE_PTR(align, AlignParams, num_padded); MOE_PTR(align, AlignParams, workspace);
+  m.def("align_capacity", &align_capacity);
+
+  py::class_<CombineParams> combine(m, "CombineParams", py::module_local());
+  combine.def(py::init<>());
+  MOE_PTR(combine, CombineParams, expert_out); MOE_PTR(combine, CombineParams, topk_weights);
+  MOE_PTR(combine, CombineParams, topk_ids); MOE_PTR(combine, CombineParams, shared_out);
+  MOE_PTR(combine, CombineParams, residual); MOE_PTR(combine, CombineParams, out);
+  MOE_PTR(combine, CombineParams, routed_out); MOE_VAL(combine, CombineParams, dtype);
+  MOE_VAL(combine, CombineParams, T); MOE_VAL(combine, CombineParams, k_max); MOE_VAL(combine, CombineParams, D);
+
+  py::class_<PackParams> pack(m, "PackParams", py::module_local());
+  pack.def(py::init<>());
+  MOE_PTR(pack, PackParams, src); MOE_PTR(pack, PackParams, dst); MOE_VAL(pack, PackParams, dtype);
+  MOE_VAL(pack, PackParams, E); MOE_VAL(pack, PackParams, N); MOE_VAL(pack, PackParams, K);
+  MOE_VAL(pack, PackParams, gate_up);
+  m.def("pack_size_bytes", &pack_size_bytes);
+
+  py::class_<ExpertFFNParams> ffn(m, "ExpertFFNParams", py::module_local());
+  ffn.def(py::init<>());
+  MOE_PTR(ffn, ExpertFFNParams, x); MOE_PTR(ffn, ExpertFFNParams, w13); MOE_PTR(ffn, ExpertFFNParams, w2);
+  MOE_PTR(ffn, ExpertFFNParams, topk_ids); MOE_PTR(ffn, ExpertFFNParams, expert_out);
+  MOE_PTR(ffn, ExpertFFNParams, workspace); MOE_VAL(ffn, ExpertFFNParams, dtype);
+  MOE_VAL(ffn, ExpertFFNParams, T); MOE_VAL(ffn, ExpertFFNParams, k_max); MOE_VAL(ffn, ExpertFFNParams, D);
+  MOE_VAL(ffn, ExpertFFNParams, F); MOE_VAL(ffn, ExpertFFNParams, E);
+  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
+
+  py::class_<LinearParams> linear(m, "LinearParams", py::module_local());
+  linear.def(py::init<>());
+  MOE_PTR(linear, LinearParams, x); MOE_PTR(linear, LinearParams, w); MOE_PTR(linear, LinearParams, y);
+  MOE_VAL(linear, LinearParams, dtype); MOE_VAL(linear, LinearParams, T); MOE_VAL(linear, LinearParams, N);
+  MOE_VAL(linear, LinearParams, K);
+
+#if defined(MOE_WITH_CUDA)
+  m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0);
+#endif
+#if !defined(MOE_EMU)
+  m.def("route_cpu", &route_cpu);
+  m.def("align_cpu", &align_cpu);
+  m.def("combine_cpu", &combine_cpu);
+  m.def("pack_weights_cpu", &pack_weights_cpu);
+  m.def("expert_ffn_cpu", &expert_ffn_cpu);
+  m.def("linear_cpu", &linear_cpu);
+#endif
+
+#if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
+  m.attr("has_cuda_kernels") = true;
+  m.def("cuda_device_count", [] {
+    int n = 0;
+    const cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess) { (void)cudaGetLastError(); return 0; }
+    return n;
+  });
+#else
+  m.attr("has_cuda_kernels") = false;
+  m.def("cuda_device_count", [] { return 0; });
+#endif
+}

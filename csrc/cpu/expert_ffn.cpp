@@ -1,0 +1,403 @@
+// expert_ffn (CPU): the fused routed-expert FFN, plus the packed dense mat-vec it is built on.
+//
+// Formula: expert_out[t,j,:] = W2_e (SiLU(W1_e x_t) * (W3_e x_t)), e = topk_ids[t,j], fp32
+//   accumulation; unweighted (the hook_expert_out tap); sentinel slots (id < 0) get zero rows.
+//   bf16: the SiLU*up intermediate is rounded to bf16 (as the reference does), fp32 stays fp32.
+// Algorithm: one microkernel serves decode and prefill. Weights are pre-packed into panels of
+//   32 output rows (ops.h "Packed weights"); a tile of M <= kMaxM token rows times one panel
+//   keeps M x 2 zmm accumulators and per k-pair does 2 panel loads + M broadcasts of the
+//   token's (x[k], x[k+1]) + 2M vdpbf16ps (bf16) or 2M FMAs per k (fp32). No horizontal sums,
+//   no activation copies: token rows are read in place through their slot's pointer.
+//   1. group slots by expert (counting sort, ascending slot order; serial, O(T*k_max));
+//   2. gate|up phase: units (expert, panel) over the chosen experts only, split across threads
+//      by cost (tokens + panel streaming), each panel read once for all the expert's tokens,
+//      epilogue h = SiLU(g)*u (vectorised exp) into the workspace;
+//   3. barrier; down phase: units (expert, down panel), A = h rows, stores into expert_out.
+//   Each output element has one fixed summation order, so thread count never changes results.
+// Traffic (decode, bf16): sum over distinct chosen experts of 3*D*F*2 B, read once per call;
+//   + T*k_max*(D + 2F)*2 B of activations. Prefill: the same weight bytes (all experts once)
+//   and 2*T*k_max*3*D*F FLOP at ~full vdpbf16ps rate per core.
+// ISA: AVX-512 (bf16 via avx512_bf16, fp32 FMA) when compiled with them; otherwise portable
+//   loops that GCC vectorises for AVX2 (-mavx2 -mfma), bf16 widened to fp32.
+// Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
+//   moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common.h"
+
+namespace moe {
+namespace {
+
+constexpr int kPanel = 32;  // output rows per panel
+constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
+// Per-unit streaming cost, in "token-rows": a unit of c tokens costs c + kPanelCost. Balances
+// a decode step (every unit 1 token) evenly and a prefill by compute.
+constexpr int64_t kPanelCost = 4;
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define MOE_AVX512 1
+constexpr int kMaxM = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast <= 32 zmm
+#else
+constexpr int kMaxM = 4;
+#endif
+
+inline int64_t k_step(DType dt) { return dt == DType::bf16 ? 2 : 1; }
+inline int64_t panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
+// Elements (bf16 or f32) per panel for reduction length K.
+inline int64_t panel_elems(DType dt, int64_t K) {
+  return dt == DType::bf16 ? (K + 1) / 2 * kPanel * 2 : K * kPanel;
+}
+inline int64_t esize(DType dt) { return dt == DType::bf16 ? 2 : 4; }
+// Row stride of the SiLU*up intermediate h: F rounded up to whole half-panels, so the down
+// kernel may read k pairs up to round_up(F, 2) and every padded column is an exact 0.
+inline int64_t h_stride(int64_t F) { return (F + kHalf - 1) / kHalf * kHalf; }
+
+// ---- microkernel: acc[m][0..1] = 32 outputs of one panel for M token rows --------------
+// a[m] points at token m's K-vector; b at the panel.
+#if MOE_AVX512
+template <int M>
+inline void tile_bf16(const uint16_t* const* a, int64_t K, const uint16_t* b, __m512 (&acc)[kMaxM][2]) {
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * 64);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * 64 + 32);
+#pragma GCC unroll 12
+    for (int m = 0; m < M; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, a[m] + 2 * kp, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], av, b0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], av, b1);
+    }
+  }
+  if (K & 1) {  // last k alone: its partner is the panel's zero padding, the token's is 0
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + pairs * 64);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + pairs * 64 + 32);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int32_t(a[m][K - 1]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], av, b0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], av, b1);
+    }
+  }
+}
+
+template <int M>
+inline void tile_f32(const float* const* a, int64_t K, const float* b, __m512 (&acc)[kMaxM][2]) {
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * 32), b1 = _mm512_loadu_ps(b + k * 32 + 16);
+#pragma GCC unroll 12
+    for (int m = 0; m < M; ++m) {
+      const __m512 av = _mm512_set1_ps(a[m][k]);
+      acc[m][0] = _mm512_fmadd_ps(av, b0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(av, b1, acc[m][1]);
+    }
+  }
+}
+
+// exp(x), Cephes polynomial on the reduced argument, 2^n by scalef; ~1 ulp over the clamp range.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+
+// Round-to-nearest-even fp32 -> bf16 for 16 lanes (vcvtneps2bf16; NaN stays NaN).
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+inline void store16(void* dst, DType dt, __m512 v, __mmask16 mask) {
+  if (dt == DType::f32) _mm512_mask_storeu_ps(dst, mask, v);
+  else _mm256_mask_storeu_epi16(dst, mask, to_bf16(v));
+}
+
+template <int M>
+inline void tile(DType dt, const void* const* a, int64_t K, const void* b, __m512 (&acc)[kMaxM][2]) {
+  if (dt == DType::bf16)
+    tile_bf16<M>(reinterpret_cast<const uint16_t* const*>(a), K, static_cast<const uint16_t*>(b), acc);
+  else
+    tile_f32<M>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), acc);
+}
+using AccT = __m512[kMaxM][2];
+
+// Epilogues consume a tile's accumulators.
+inline void epi_silu(DType dt, const AccT& acc, int M, void* const* h_rows, int64_t col) {
+  for (int m = 0; m < M; ++m)
+    store16(static_cast<char*>(h_rows[m]) + col * esize(dt), dt, silu_mul(acc[m][0], acc[m][1]), 0xffff);
+}
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
+  const int64_t n = std::min<int64_t>(kPanel, N - col);
+  const __mmask16 m0 = n >= 16 ? 0xffff : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? 0xffff : n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1);
+  for (int m = 0; m < M; ++m) {
+    char* row = static_cast<char*>(out_rows[m]) + col * esize(dt);
+    store16(row, dt, acc[m][0], m0);
+    store16(row + 16 * esize(dt), dt, acc[m][1], m1);
+  }
+}
+
+#else  // portable: plain loops over 32 lanes; GCC vectorises them for AVX2/FMA
+
+using AccT = float[kMaxM][kPanel];
+template <int M>
+inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
+  for (int m = 0; m < M; ++m)
+    for (int l = 0; l < kPanel; ++l) acc[m][l] = 0.f;
+  if (dt == DType::bf16) {
+    const uint16_t* const* ab = reinterpret_cast<const uint16_t* const*>(a);
+    const uint16_t* bb = static_cast<const uint16_t*>(b);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint16_t* bp = bb + (k / 2) * 64 + (k & 1);
+      float bw[kPanel];
+      for (int l = 0; l < kPanel; ++l) bw[l] = cpu::bf16_to_f32(bp[2 * l]);
+      for (int m = 0; m < M; ++m) {
+        const float av = cpu::bf16_to_f32(ab[m][k]);
+        for (int l = 0; l < kPanel; ++l) acc[m][l] += av * bw[l];
+      }
+    }
+  } else {
+    const float* const* af = reinterpret_cast<const float* const*>(a);
+    const float* bf = static_cast<const float*>(b);
+    for (int64_t k = 0; k < K; ++k)
+      for (int m = 0; m < M; ++m) {
+        const float av = af[m][k];
+        for (int l = 0; l < kPanel; ++l) acc[m][l] += av * bf[k * kPanel + l];
+      }
+  }
+}
+inline void epi_silu(DType dt, const AccT& acc, int M, void* const* h_rows, int64_t col) {
+  for (int m = 0; m < M; ++m)
+    for (int l = 0; l < kHalf; ++l) {
+      const float g = acc[m][l], u = acc[m][kHalf + l];
+      cpu::store(h_rows[m], dt, col + l, g / (1.f + std::exp(-g)) * u);
+    }
+}
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
+  const int64_t n = std::min<int64_t>(kPanel, N - col);
+  for (int m = 0; m < M; ++m)
+    for (int64_t l = 0; l < n; ++l) cpu::store(out_rows[m], dt, col + l, acc[m][l]);
+}
+#endif
+
+// Runs the M-specialised microkernel for 1 <= M <= kMaxM.
+template <int M = kMaxM>
+inline void tile_dispatch(int m, DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
+  if constexpr (M >= 1) {
+    if (m == M) return tile<M>(dt, a, K, b, acc);
+    return tile_dispatch<M - 1>(m, dt, a, K, b, acc);
+  }
+}
+
+// Calls fn(e, panel) for this thread's share of the units (e, panel), e over experts with
+// count > 0, shares cut by cost so threads get equal work and contiguous weight streams.
+template <class Fn>
+void for_my_units(int tid, int nth, int32_t E, const int32_t* counts, int64_t n_panels, Fn fn) {
+  int64_t total = 0;
+  for (int32_t e = 0; e < E; ++e)
+    if (counts[e] > 0) total += (counts[e] + kPanelCost) * n_panels;
+  const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+  int64_t c = 0;
+  for (int32_t e = 0; e < E; ++e) {
+    if (counts[e] <= 0) continue;
+    const int64_t u = counts[e] + kPanelCost;
+    if (c + u * n_panels <= lo || c >= hi) {
+      c += u * n_panels;
+      continue;
+    }
+    for (int64_t p = 0; p < n_panels; ++p, c += u) {
+      const int64_t mid = c + u / 2;  // a unit belongs to the thread owning its midpoint
+      if (mid >= lo && mid < hi) fn(e, p);
+    }
+  }
+}
+
+struct Workspace {
+  int32_t* counts;   // [E]
+  int32_t* offsets;  // [E+1]
+  int32_t* order;    // [R] slot indices grouped by expert
+  char* h;           // [R, h_stride(F)] dtype
+};
+inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+Workspace carve(void* ws, DType dt, int64_t R, int64_t E, int64_t F) {
+  char* p = static_cast<char*>(ws);
+  Workspace w;
+  w.counts = reinterpret_cast<int32_t*>(p);
+  p += align64(E * 4);
+  w.offsets = reinterpret_cast<int32_t*>(p);
+  p += align64((E + 1) * 4);
+  w.order = reinterpret_cast<int32_t*>(p);
+  p += align64(R * 4);
+  w.h = p;
+  return w;
+}
+
+void check_dt(const char* op, DType dt) {
+  if (dt != DType::f32 && dt != DType::bf16) cpu::fail(op, "dtype must be f32 or bf16");
+}
+
+}  // namespace
+
+int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up) {
+  const int64_t rows = gate_up ? (N / 2 + kHalf - 1) / kHalf * kPanel : N;
+  return E * panels(rows) * panel_elems(dtype, K) * esize(dtype);
+}
+
+void pack_weights_cpu(const PackParams& p) {
+  check_dt("pack_weights_cpu", p.dtype);
+  if (p.E <= 0 || p.N <= 0 || p.K <= 0 || (p.gate_up && p.N % 2))
+    cpu::fail("pack_weights_cpu", "bad sizes E=" + std::to_string(p.E) + " N=" + std::to_string(p.N) +
+                                      " K=" + std::to_string(p.K) + (p.gate_up ? " (gate_up: N even)" : ""));
+  const int64_t F = p.N / 2, K = p.K, ks = k_step(p.dtype), pe = panel_elems(p.dtype, K);
+  const int64_t np = p.gate_up ? (F + kHalf - 1) / kHalf : panels(p.N);
+  const int64_t bytes = esize(p.dtype);
+  // Source row feeding lane l of panel q, or -1 for padding.
+  auto src_row = [&](int64_t q, int64_t l) -> int64_t {
+    if (p.gate_up) {
+      const int64_t f = q * kHalf + (l % kHalf);
+      return f < F ? (l < kHalf ? f : F + f) : -1;
+    }
+    const int64_t r = q * kPanel + l;
+    return r < p.N ? r : -1;
+  };
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t e = 0; e < p.E; ++e)
+    for (int64_t q = 0; q < np; ++q) {
+      const char* src = static_cast<const char*>(p.src) + e * p.N * K * bytes;
+      char* dst = static_cast<char*>(p.dst) + (e * np + q) * pe * bytes;
+      for (int64_t l = 0; l < kPanel; ++l) {
+        const int64_t r = src_row(q, l);
+        for (int64_t k = 0; k < (K + ks - 1) / ks * ks; ++k) {
+          // bf16: element (k/2, l, k%2); f32: (k, l)
+          const int64_t at = (k / ks) * kPanel * ks + l * ks + k % ks;
+          if (r < 0 || k >= K) std::memset(dst + at * bytes, 0, bytes);
+          else std::memcpy(dst + at * bytes, src + (r * K + k) * bytes, bytes);
+        }
+      }
+    }
+}
+
+int64_t expert_ffn_workspace_bytes(DType dtype, int64_t T, int64_t k_max, int64_t E, int64_t F) {
+  const int64_t R = T * k_max;
+  return align64(E * 4) + align64((E + 1) * 4) + align64(R * 4) + R * h_stride(F) * esize(dtype);
+}
+
+void expert_ffn_cpu(const ExpertFFNParams& p) {
+  check_dt("expert_ffn_cpu", p.dtype);
+  if (p.T < 0 || p.k_max < 0 || p.D <= 0 || p.F <= 0 || p.E <= 0)
+    cpu::fail("expert_ffn_cpu", "bad sizes T=" + std::to_string(p.T) + " k_max=" + std::to_string(p.k_max) +
+                                    " D=" + std::to_string(p.D) + " F=" + std::to_string(p.F) +
+                                    " E=" + std::to_string(p.E));
+  const DType dt = p.dtype;
+  const int64_t R = int64_t(p.T) * p.k_max, D = p.D, F = p.F, E = p.E, bytes = esize(dt);
+  const int64_t hs = h_stride(F);
+  const int64_t np13 = (F + kHalf - 1) / kHalf, np2 = panels(D);
+  const int64_t pe13 = panel_elems(dt, D), pe2 = panel_elems(dt, F);
+  const Workspace ws = carve(p.workspace, dt, R, E, F);
+  char* out = static_cast<char*>(p.expert_out);
+
+  // 1. group slots by expert; zero the rows of sentinel slots
+  std::fill(ws.counts, ws.counts + E, 0);
+  for (int64_t s = 0; s < R; ++s) {
+    const int32_t e = p.topk_ids[s];
+    if (e >= 0 && e < E) ++ws.counts[e];
+    else std::memset(out + s * D * bytes, 0, D * bytes);
+  }
+  ws.offsets[0] = 0;
+  for (int64_t e = 0; e < E; ++e) ws.offsets[e + 1] = ws.offsets[e] + ws.counts[e];
+  for (int64_t e = 0; e < E; ++e) ws.counts[e] = ws.offsets[e];  // counts become cursors
+  for (int64_t s = 0; s < R; ++s) {
+    const int32_t e = p.topk_ids[s];
+    if (e >= 0 && e < E) ws.order[ws.counts[e]++] = int32_t(s);
+  }
+  for (int64_t e = 0; e < E; ++e) ws.counts[e] -= ws.offsets[e];  // and back to counts
+  if (ws.offsets[E] == 0) return;
+
+  const char* x = static_cast<const char*>(p.x);
+  const char* w13 = static_cast<const char*>(p.w13);
+  const char* w2 = static_cast<const char*>(p.w2);
+  const int nth = std::max(1, std::min(omp_get_max_threads(), int(ws.offsets[E] * (np13 + np2) / 2)));
+#pragma omp parallel num_threads(nth)
+  {
+    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+    alignas(64) AccT acc;
+    const void* a[kMaxM];
+    void* o[kMaxM];
+    // 2. gate|up -> h
+    for_my_units(tid, n, p.E, ws.counts, np13, [&](int32_t e, int64_t q) {
+      const char* panel = w13 + ((e * np13 + q) * pe13) * bytes;
+      for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += kMaxM) {
+        const int M = std::min<int>(kMaxM, ws.offsets[e + 1] - i);
+        for (int m = 0; m < M; ++m) {
+          a[m] = x + (ws.order[i + m] / p.k_max) * D * bytes;
+          o[m] = ws.h + (i + m) * hs * bytes;
+        }
+        tile_dispatch(M, dt, a, D, panel, acc);
+        epi_silu(dt, acc, M, o, q * kHalf);
+      }
+    });
+#pragma omp barrier
+    // 3. down -> expert_out
+    for_my_units(tid, n, p.E, ws.counts, np2, [&](int32_t e, int64_t q) {
+      const char* panel = w2 + ((e * np2 + q) * pe2) * bytes;
+      for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += kMaxM) {
+        const int M = std::min<int>(kMaxM, ws.offsets[e + 1] - i);
+        for (int m = 0; m < M; ++m) {
+          a[m] = ws.h + (i + m) * hs * bytes;
+          o[m] = out + int64_t(ws.order[i + m]) * D * bytes;
+        }
+        tile_dispatch(M, dt, a, F, panel, acc);
+        epi_store(dt, acc, M, o, q * kPanel, D);
+      }
+    });
+  }
+}
+
+void linear_cpu(const LinearParams& p) {
+  check_dt("linear_cpu", p.dtype);
+  if (p.T < 0 || p.N <= 0 || p.K <= 0)
+    cpu::fail("linear_cpu", "bad sizes T=" + std::to_string(p.T) + " N=" + std::to_string(p.N) +
+                                " K=" + std::to_string(p.K));
+  const DType dt = p.dtype;
+  const int64_t bytes = esize(dt), np = panels(p.N), pe = panel_elems(dt, p.K);
+  const int64_t mt = (p.T + kMaxM - 1) / kMaxM;
+  const char* x = static_cast<const char*>(p.x);
+  char* y = static_cast<char*>(p.y);
+  // Panel-major units so each thread streams a contiguous range of the weight; token tiles
+  // inner, so a panel is reused from L1/L2 across tiles.
+#pragma omp parallel for schedule(static) if (np * p.T * p.K >= cpu::kParallelMinWork)
+  for (int64_t q = 0; q < np; ++q) {
+    alignas(64) AccT acc;
+    const void* a[kMaxM];
+    void* o[kMaxM];
+    for (int64_t i = 0; i < mt; ++i) {
+      const int M = int(std::min<int64_t>(kMaxM, p.T - i * kMaxM));
+      for (int m = 0; m < M; ++m) {
+        a[m] = x + (i * kMaxM + m) * p.K * bytes;
+        o[m] = y + (i * kMaxM + m) * p.N * bytes;
+      }
+      tile_dispatch(M, dt, a, p.K, static_cast<const char*>(p.w) + q * pe * bytes, acc);
+      epi_store(dt, acc, M, o, q * kPanel, p.N);
+    }
+  }
+}
+
+}  // namespace moe

@@ -1,0 +1,111 @@
+// route (CPU twin of csrc/cuda/route.cu): router logits -> expert choice per token.
+//
+// Formula: probs[t] = softmax_fp32(logits[t]) over all E experts (NaN -> -inf, +inf -> FLT_MAX,
+//   a row with no finite logit -> all-zero probs). Slot 0 takes force_expert when set; the other
+//   slots j < k take the highest remaining probability (ties -> lower expert id), skipping masked
+//   experts under MaskMode::reroute; under MaskMode::zero a masked expert is chosen as usual and
+//   its weight set to 0. renormalize divides the kept weights by their sum when it is > 0.
+//   Slots k <= j < k_max: id -1, weight 0. k is read from *p.k at run time.
+// Algorithm: one row per iteration, rows split across OpenMP threads; selection is k passes of
+//   an ascending scan (k*E compares; E=64, k=6: 384), which gives the tie rule for free and never
+//   repeats an id. Rows are independent, so any thread count gives the same bits.
+// Traffic: T*E*(logit bytes [+ 4 probs tap]) + T*k_max*8; compute-trivial.
+// Limits: E <= kMaxExperts (stack row buffer). Reference: moe_engine/ops/route.py (route_ref);
+//   test: tests/test_cpu_ops.py; tolerances: tests/tolerances.py.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
+#include "common.h"
+
+namespace moe {
+namespace {
+
+constexpr int32_t kMaxExperts = 4096;
+
+void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
+  const int32_t E = p.E;
+  float prob[kMaxExperts];
+  bool taken[kMaxExperts];
+  const char* row = static_cast<const char*>(p.router_logits) +
+                    t * p.logits_stride * (p.logits_dtype == DType::f32 ? 4 : 2);
+  bool any_finite = false;
+  float m = -INFINITY;
+  for (int32_t e = 0; e < E; ++e) {
+    float v = cpu::load(row, p.logits_dtype, e);
+    any_finite |= std::isfinite(v);
+    if (std::isnan(v)) v = -INFINITY;
+    if (v == INFINITY) v = FLT_MAX;
+    prob[e] = v;
+    m = std::max(m, v);
+  }
+  if (any_finite) {
+    float sum = 0.f;
+    for (int32_t e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - m));
+    const float inv = 1.f / sum;
+    for (int32_t e = 0; e < E; ++e) prob[e] *= inv;
+  } else {
+    std::fill(prob, prob + E, 0.f);
+  }
+  if (p.router_probs) std::copy(prob, prob + E, p.router_probs + t * E);
+
+  auto masked = [&](int32_t e) { return p.expert_mask && p.expert_mask[e] != 0; };
+  const bool reroute = p.mask_mode == MaskMode::reroute;
+  std::fill(taken, taken + E, false);
+  int32_t* ids = p.topk_ids + t * p.k_max;
+  float* w = p.topk_weights + t * p.k_max;
+  int32_t j = 0;
+  if (k > 0 && forced >= 0) {
+    ids[0] = forced;
+    taken[forced] = true;
+    j = 1;
+  }
+  for (; j < k; ++j) {
+    int32_t best = -1;
+    for (int32_t e = 0; e < E; ++e) {
+      if (taken[e] || (reroute && masked(e))) continue;
+      if (best < 0 || prob[e] > prob[best]) best = e;
+    }
+    ids[j] = best;
+    if (best >= 0) taken[best] = true;
+  }
+  float kept = 0.f;
+  for (j = 0; j < k; ++j) {
+    const int32_t e = ids[j];
+    // A forced expert keeps its slot even when masked under reroute (the caller asked for it).
+    w[j] = (e < 0 || (masked(e) && !reroute)) ? 0.f : prob[e];
+    kept += w[j];
+  }
+  if (p.renormalize && kept > 0.f)
+    for (j = 0; j < k; ++j) w[j] /= kept;
+  for (j = k; j < p.k_max; ++j) {
+    ids[j] = -1;
+    w[j] = 0.f;
+  }
+  if (p.usage_counts)
+    for (j = 0; j < k; ++j)
+      if (ids[j] >= 0) {
+#pragma omp atomic
+        p.usage_counts[ids[j]] += 1;
+      }
+}
+
+}  // namespace
+
+void route_cpu(const RouteParams& p) {
+  if (p.T < 0 || p.E <= 0 || p.E > kMaxExperts || p.k_max < 0 || p.k_max > p.E)
+    cpu::fail("route_cpu", "bad sizes T=" + std::to_string(p.T) + " E=" + std::to_string(p.E) +
+                               " k_max=" + std::to_string(p.k_max));
+  if (p.logits_stride < p.E) cpu::fail("route_cpu", "logits_stride " + std::to_string(p.logits_stride) + " < E");
+  const int32_t k = *p.k;
+  if (k < 0 || k > p.k_max)
+    cpu::fail("route_cpu", "k=" + std::to_string(k) + " outside [0, k_max=" + std::to_string(p.k_max) + "]");
+  const int32_t forced = p.force_expert ? *p.force_expert : -1;
+  if (forced < -1 || forced >= p.E)
+    cpu::fail("route_cpu", "force_expert=" + std::to_string(forced) + " outside [-1, E)");
+  const int64_t T = p.T;
+#pragma omp parallel for schedule(static) if (T * p.E >= cpu::kParallelMinWork)
+  for (int64_t t = 0; t < T; ++t) route_row(p, k, forced, t);
+}
+
+}  // namespace moe

@@ -1,0 +1,120 @@
+"""Interventions are data, not code (DESIGN.md decision 5).
+
+Per call: `topk` (int, or one per layer; 0 <= k <= E; 0 = shared experts only), `expert_mask`
+(bool [L, E], bool [E] for every MoE layer, or {layer: [expert ids]}) with `mask_mode`
+"reroute" (a masked expert cannot be chosen; the next-best takes its slot) or "zero" (chosen as
+usual, contribution removed), `force_experts` (int or {layer: id}: that expert takes slot 0),
+`renormalize` (None = the model's own `norm_topk_prob`).
+
+`Interventions.resolve` validates everything on the host once per call and produces the small
+device tensors the kernels read (k [L], mask [L, E], force [L]), so changing them never
+recompiles, reloads or breaks a captured graph.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .ops.route import MASK_MODES, validate
+
+
+@dataclass(frozen=True)
+class Interventions:
+    topk: int | Sequence[int | None] | Mapping[int, int] | None = None
+    expert_mask: torch.Tensor | Mapping[int, Sequence[int]] | None = None
+    mask_mode: str = "reroute"
+    force_experts: int | Mapping[int, int] | None = None
+    renormalize: bool | None = None
+
+    def resolve(self, config: ModelConfig, device: torch.device) -> "Routing":
+        L, E = config.num_hidden_layers, config.n_routed_experts
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode = {self.mask_mode!r}; expected one of {MASK_MODES}")
+        k = _per_layer(self.topk, L, config.num_experts_per_tok, "topk")
+        force = _per_layer(self.force_experts, L, -1, "force_experts")
+        mask = _mask(self.expert_mask, L, E)
+        renorm = config.norm_topk_prob if self.renormalize is None else bool(self.renormalize)
+        layers = config.moe_layers
+        for l in layers:
+            validate(k[l], E, E, None if mask is None else mask[l], self.mask_mode, force[l], where=l)
+        k_max = max([k[l] for l in layers] + [1])
+        return Routing(
+            k=tuple(k), force=tuple(force), mask=mask, mask_mode=self.mask_mode, renormalize=renorm,
+            k_max=k_max,
+            k_dev=torch.tensor(k, dtype=torch.int32, device=device).view(L, 1),
+            force_dev=torch.tensor(force, dtype=torch.int32, device=device).view(L, 1),
+            mask_dev=None if mask is None else mask.to(device=device, dtype=torch.uint8).contiguous(),
+            mask_bool=None if mask is None else mask.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Resolved, validated routing controls for one call (host copies + device tensors)."""
+    k: tuple[int, ...]
+    force: tuple[int, ...]
+    mask: torch.Tensor | None          # [L, E] bool, host
+    mask_mode: str
+    renormalize: bool
+    k_max: int
+    k_dev: torch.Tensor                # [L, 1] int32
+    force_dev: torch.Tensor            # [L, 1] int32
+    mask_dev: torch.Tensor | None      # [L, E] uint8
+    mask_bool: torch.Tensor | None = field(default=None)  # [L, E] bool on the device
+
+    def layer_mask(self, l: int) -> torch.Tensor | None:
+        if self.mask is None or not bool(self.mask[l].any()):
+            return None
+        return self.mask_bool[l]
+
+    def controls(self, l: int):
+        mask = None if self.layer_mask(l) is None else self.mask_dev[l]
+        return self.k_dev[l], mask, self.force_dev[l]
+
+
+def _per_layer(value, L: int, default: int, name: str) -> list[int]:
+    if value is None:
+        return [default] * L
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, a sequence of {L} ints or a {{layer: int}} dict, got bool")
+    if isinstance(value, int):
+        return [value] * L
+    if isinstance(value, Mapping):
+        out = [default] * L
+        for l, v in value.items():
+            if not isinstance(l, int) or not 0 <= l < L:
+                raise ValueError(f"{name}: layer {l!r} is out of range; expected 0..{L - 1}")
+            out[l] = v
+        return out
+    if isinstance(value, Sequence):
+        if len(value) != L:
+            raise ValueError(f"{name} has {len(value)} entries; expected one per layer ({L})")
+        return [default if v is None else v for v in value]
+    raise TypeError(f"{name} must be an int, a sequence or a dict, got {type(value).__name__}")
+
+
+def _mask(value, L: int, E: int) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        m = torch.zeros(L, E, dtype=torch.bool)
+        for l, ids in value.items():
+            if not isinstance(l, int) or not 0 <= l < L:
+                raise ValueError(f"expert_mask: layer {l!r} is out of range; expected 0..{L - 1}")
+            for e in ids:
+                if not isinstance(e, int) or not 0 <= e < E:
+                    raise ValueError(f"expert_mask: expert id {e!r} in layer {l} is out of range; expected 0..{E - 1}")
+                m[l, e] = True
+        return m
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.bool:
+            raise ValueError(f"expert_mask has dtype {value.dtype}; expected torch.bool (True = masked)")
+        if value.shape == (E,):
+            return value.cpu().expand(L, E).clone()
+        if value.shape != (L, E):
+            raise ValueError(f"expert_mask has shape {list(value.shape)}; expected [{L}, {E}] or [{E}]")
+        return value.cpu().clone()
+    raise TypeError(f"expert_mask must be a bool tensor or a {{layer: [ids]}} dict, got {type(value).__name__}")

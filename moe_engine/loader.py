@@ -1,0 +1,372 @@
+"""Load a Hugging Face DeepSeekMoE checkpoint into packed, contiguous torch tensors.
+
+A checkpoint directory holds `config.json` and either one `model.safetensors` or shards named by
+`model.safetensors.index.json` (shards split layers in the middle, so every tensor is found through
+the weight map, never by guessing its shard). Before reading any data the loader checks every
+shard header itself (length, JSON, dtypes, shapes, data offsets against the file size) and checks
+the set of tensor names and shapes against `checkpoint_layout(config)`, so a truncated download or
+a checkpoint of another shape fails at once with a `CheckpointError` naming the file and tensor,
+not half way through a 32 GB load or inside safetensors.
+
+Then tensors are read one at a time through `safetensors.safe_open` (memory mapped), cast to the
+requested dtype and copied into preallocated destinations: each expert's gate/up/down lands in its
+slice of the packed [E, 2F, D] / [E, D, F] tensors, so peak memory is the model plus one tensor.
+The result owns its memory (nothing aliases the mapped files).
+
+Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
+F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
+(intermediate_size; a dense layer's DenseMLPWeights uses F = I).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .config import ConfigError, ModelConfig
+
+Tensor = torch.Tensor
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# dtypes a checkpoint may store (cast at load time) and byte sizes of every safetensors dtype,
+# needed to check data offsets even for tensors we would refuse.
+LOADABLE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+# Buffers some HF exports save next to the weights; recomputed by the model, so skipped.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_LOAD_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float32": torch.float32, "fp32": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, corrupt, or does not match its config."""
+
+
+# ---- the packed weights -----------------------------------------------------------------------
+
+@dataclass
+class DenseMLPWeights:
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))`: a dense layer's MLP (F = I) or the shared
+    experts (F = S)."""
+
+    gate_up: Tensor  # [2F, D]: rows [0:F] = gate_proj, rows [F:2F] = up_proj
+    down: Tensor     # [D, F]
+
+
+@dataclass
+class MoEWeights:
+    router: Tensor                   # [E, D] (mlp.gate.weight)
+    experts_gate_up: Tensor          # [E, 2F, D]: per expert gate rows first, then up rows
+    experts_down: Tensor             # [E, D, F]
+    shared: DenseMLPWeights | None   # F = S; None when n_shared_experts == 0
+
+
+@dataclass
+class LayerWeights:
+    input_norm: Tensor       # [D]
+    post_attn_norm: Tensor   # [D]
+    q: Tensor                # [H*hd, D]
+    k: Tensor                # [Hkv*hd, D]
+    v: Tensor                # [Hkv*hd, D]
+    o: Tensor                # [D, H*hd]
+    mlp: DenseMLPWeights | MoEWeights
+
+
+@dataclass
+class ModelWeights:
+    embed: Tensor              # [V, D]
+    layers: list[LayerWeights]  # L
+    final_norm: Tensor         # [D]
+    lm_head: Tensor            # [V, D]; the same tensor as embed when tie_word_embeddings
+
+
+# ---- the published tensor layout --------------------------------------------------------------
+
+def checkpoint_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF DeepSeekMoE layout for `config`, name -> shape [out, in], in the
+    order the published checkpoint stores them. `lm_head.weight` is listed even when tied (HF
+    checkpoints may or may not store it then)."""
+    c = config
+    D, hd = c.hidden_size, c.head_dim
+    H, Hkv = c.num_attention_heads, c.num_key_value_heads
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, D)}
+    for l in range(c.num_hidden_layers):
+        p = f"model.layers.{l}."
+        out[p + "input_layernorm.weight"] = (D,)
+        out[p + "post_attention_layernorm.weight"] = (D,)
+        out[p + "self_attn.q_proj.weight"] = (H * hd, D)
+        out[p + "self_attn.k_proj.weight"] = (Hkv * hd, D)
+        out[p + "self_attn.v_proj.weight"] = (Hkv * hd, D)
+        out[p + "self_attn.o_proj.weight"] = (D, H * hd)
+        if c.is_moe_layer(l):
+            F = c.moe_intermediate_size
+            out[p + "mlp.gate.weight"] = (c.n_routed_experts, D)
+            for e in range(c.n_routed_experts):
+                out.update(_mlp_layout(f"{p}mlp.experts.{e}.", D, F))
+            if c.shared_width:
+                out.update(_mlp_layout(p + "mlp.shared_experts.", D, c.shared_width))
+        else:
+            out.update(_mlp_layout(p + "mlp.", D, c.intermediate_size))
+    out["model.norm.weight"] = (D,)
+    out["lm_head.weight"] = (c.vocab_size, D)
+    return out
+
+
+def _mlp_layout(prefix: str, D: int, F: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (F, D), prefix + "up_proj.weight": (F, D),
+            prefix + "down_proj.weight": (D, F)}
+
+
+# ---- safetensors headers, checked before safetensors sees the file ----------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str                 # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]  # relative to the end of the header, as in the file
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and check a .safetensors header: its length against the file size, its JSON, and
+    every tensor's shape, dtype and data offsets against the file size. Raises CheckpointError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            raw = f.read(n) if n is not None and 8 + n <= size and n <= _MAX_HEADER_BYTES else b""
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    if n is None:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: {size} bytes, "
+                              "too short for the 8-byte header length")
+    if n > _MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: header length {n} "
+                              f"bytes runs beyond the file size of {size} bytes")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    data_size = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            ok = (isinstance(dtype, str) and all(type(s) is int and s >= 0 for s in shape)
+                  and type(begin) is int and type(end) is int and 0 <= begin <= end)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has a "
+                                  f"malformed entry {entry!r}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file: tensor {name!r} data ends at "
+                f"byte {8 + n + end} but the file has only {size} bytes")
+        if dtype in _ITEMSIZE and end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensor {name!r} {dtype} {list(shape)} needs "
+                f"{math.prod(shape) * _ITEMSIZE[dtype]} bytes but its data_offsets span "
+                f"{end - begin}")
+        infos[name] = TensorInfo(dtype, shape, (begin, end))
+    return infos
+
+
+# ---- locating and validating the tensors ------------------------------------------------------
+
+def _weight_map(ckpt: Path) -> tuple[Path, dict[str, Path]]:
+    """(the file that lists the tensors, tensor name -> shard path)."""
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            ok = isinstance(weight_map, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not ok:
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        return index, {name: ckpt / shard for name, shard in weight_map.items()}
+    single = ckpt / SINGLE_FILE
+    if single.is_file():
+        return single, {name: single for name in read_safetensors_header(single)}
+    found = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    raise CheckpointError(f"{ckpt}: no {SINGLE_FILE} and no {INDEX_FILE}"
+                          + (f" (found {', '.join(found[:3])}, but no index naming them)"
+                             if found else ""))
+
+
+def _few(names: list[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path], list[str]]:
+    """Validate names, shards, shapes and dtypes; returns (name -> shard, names to load)."""
+    listing, weight_map = _weight_map(ckpt)
+    by_shard: dict[Path, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    headers: dict[Path, dict[str, TensorInfo]] = {}
+    for shard, names in by_shard.items():
+        if not shard.is_file():
+            raise CheckpointError(f"{listing}: shard {shard.name} is missing from {ckpt} "
+                                  f"(it should hold tensor {names[0]} and {len(names) - 1} more)")
+        headers[shard] = read_safetensors_header(shard)
+        absent = [n for n in names if n not in headers[shard]]
+        if absent:
+            raise CheckpointError(
+                f"{listing}: names shard {shard.name} for tensor {absent[0]}, but {shard} does "
+                f"not hold it ({len(absent)} tensor(s) affected)")
+
+    layout = checkpoint_layout(config)
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [n for n in layout if n not in weight_map and n not in optional]
+    if missing:
+        raise CheckpointError(
+            f"{listing}: missing tensor {missing[0]} (expected shape {list(layout[missing[0]])} "
+            f"from {config.source}); {len(missing)} missing in all: {_few(missing)}")
+    unexpected = [n for n in weight_map if n not in layout and not _IGNORED.fullmatch(n)]
+    if unexpected:
+        raise CheckpointError(
+            f"{weight_map[unexpected[0]]}: unexpected tensor {unexpected[0]} not in the "
+            f"DeepSeekMoE layout of {config.source}; {len(unexpected)} unexpected in all: "
+            f"{_few(unexpected)}")
+    for name, shape in layout.items():
+        if name not in weight_map:
+            continue
+        shard = weight_map[name]
+        info = headers[shard][name]
+        if info.shape != shape:
+            raise CheckpointError(f"{shard}: tensor {name} has shape {list(info.shape)}, expected "
+                                  f"{list(shape)} from {config.source}")
+        if info.dtype not in LOADABLE_DTYPES:
+            raise CheckpointError(f"{shard}: tensor {name} has unsupported dtype {info.dtype}; "
+                                  f"supported: {', '.join(LOADABLE_DTYPES)}")
+    to_load = [n for n in layout if n in weight_map and n not in optional]
+    return weight_map, to_load
+
+
+def _as_load_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _LOAD_DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {', '.join(_LOAD_DTYPES)}")
+        return _LOAD_DTYPES[dtype]
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {dtype} not supported; use torch.bfloat16 or torch.float32")
+    return dtype
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
+                 device: str | torch.device = "cpu", progress: bool = True) -> ModelWeights:
+    """Read the checkpoint directory `path` for `config`, cast to `dtype` (bf16 or fp32) on
+    `device`, experts packed. Every problem raises CheckpointError naming the file and tensor."""
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    dtype, device = _as_load_dtype(dtype), torch.device(device)
+    weight_map, to_load = _check_checkpoint(ckpt, config)
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
+        bar = stack.enter_context(tqdm(total=len(to_load), desc=f"loading {ckpt.name}",
+                                       unit="tensor", disable=not progress))
+
+        def read(name: str) -> Tensor:
+            shard = weight_map[name]
+            try:
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(
+                        safe_open(str(shard), framework="pt", device="cpu"))
+                t = handles[shard].get_tensor(name)
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from None
+            bar.update(1)
+            return t
+
+        def whole(name: str) -> Tensor:
+            t = read(name)
+            out = t.to(device=device, dtype=dtype).contiguous()
+            # get_tensor maps the file: own the memory, so rewriting the checkpoint later cannot
+            # change (or, if truncated, SIGBUS) a loaded model.
+            return out.clone() if out is t else out
+
+        def into(dst: Tensor, name: str) -> None:
+            dst.copy_(read(name))
+
+        def empty(*shape: int) -> Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        def dense_mlp(prefix: str, F: int) -> DenseMLPWeights:
+            gate_up = empty(2 * F, config.hidden_size)
+            into(gate_up[:F], prefix + "gate_proj.weight")
+            into(gate_up[F:], prefix + "up_proj.weight")
+            return DenseMLPWeights(gate_up=gate_up, down=whole(prefix + "down_proj.weight"))
+
+        embed = whole("model.embed_tokens.weight")
+        layers = []
+        for l in range(config.num_hidden_layers):
+            bar.set_postfix_str(f"layer {l}", refresh=False)
+            p = f"model.layers.{l}."
+            if config.is_moe_layer(l):
+                E, F, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+                router = whole(p + "mlp.gate.weight")
+                gate_up, down = empty(E, 2 * F, D), empty(E, D, F)
+                for e in range(E):
+                    q = f"{p}mlp.experts.{e}."
+                    into(gate_up[e, :F], q + "gate_proj.weight")
+                    into(gate_up[e, F:], q + "up_proj.weight")
+                    into(down[e], q + "down_proj.weight")
+                shared = (dense_mlp(p + "mlp.shared_experts.", config.shared_width)
+                          if config.shared_width else None)
+                mlp: DenseMLPWeights | MoEWeights = MoEWeights(router, gate_up, down, shared)
+            else:
+                mlp = dense_mlp(p + "mlp.", config.intermediate_size)
+            layers.append(LayerWeights(
+                input_norm=whole(p + "input_layernorm.weight"),
+                post_attn_norm=whole(p + "post_attention_layernorm.weight"),
+                q=whole(p + "self_attn.q_proj.weight"), k=whole(p + "self_attn.k_proj.weight"),
+                v=whole(p + "self_attn.v_proj.weight"), o=whole(p + "self_attn.o_proj.weight"),
+                mlp=mlp))
+        final_norm = whole("model.norm.weight")
+        lm_head = embed if config.tie_word_embeddings else whole("lm_head.weight")
+    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
+                    device: str | torch.device = "cpu",
+                    progress: bool = True) -> tuple[ModelConfig, ModelWeights]:
+    """`config.json` + weights of the HF checkpoint directory `path`."""
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: missing; a checkpoint directory needs "
+                              "its config.json")
+    config = ModelConfig.from_json(ckpt / CONFIG_FILE)
+    return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress)
+
+
+__all__ = ["CheckpointError", "ConfigError", "DenseMLPWeights", "MoEWeights", "LayerWeights",
+           "ModelWeights", "TensorInfo", "checkpoint_layout", "read_safetensors_header",
+           "load_weights", "load_checkpoint"]

@@ -1,0 +1,314 @@
+"""The DeepSeekMoE runtime: embedding -> decoder layers (attention + dense or MoE FFN) -> final
+norm -> lm_head, with a preallocated KV cache and batched prefill / decode of prompts of
+different lengths. Semantics: ../shared/notes/deepseekmoe.md (Hugging Face remote code).
+
+Shape legend: B sequences, T new tokens per sequence in this call, N valid (non-pad) tokens of
+the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E routed experts,
+K top-k, F expert width, V vocab, L layers.
+
+The MoE layer runs on the selected backend's kernels (moe_engine/moe.py); attention, norms and
+the dense GEMMs are PyTorch on every backend. Batches are left-padded: every sequence ends at the
+same cache column, so a decode step appends one column for all of them. Pad tokens never reach
+the MoE layer (it sees only the N valid tokens), so they neither count in the expert usage nor
+appear in taps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as Fn
+
+from .config import ModelConfig
+from .interventions import Interventions, Routing
+from .loader import DenseMLPWeights, ModelWeights, MoEWeights, load_checkpoint
+from .moe import moe_layer
+from .ops import backend as B
+from .ops.expert_ffn import swiglu
+from .taps import Capture, TokenIndex, all_tap_names
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def default_model_dir() -> Path:
+    """The small DeepSeekMoE model shipped inside the package."""
+    return Path(__file__).parent / "assets" / "small"
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(dt): cast back BEFORE the multiply."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values: k, v [L, B, Hkv, S, hd]; `valid` [B, S] marks real (non-pad)
+    keys; `used` columns are filled; `next_pos` [B] is each sequence's next position."""
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    next_pos: torch.Tensor
+    used: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+class Model:
+    """A loaded DeepSeekMoE checkpoint. No global state: every intervention, tap request and
+    usage counter is an argument of the call that uses it."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto",
+                 tokenizer=None, path: Path | None = None):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        self.backend = B.resolve(backend, self.device)
+        self._tap_names = all_tap_names(config.num_hidden_layers, config.moe_layers)
+        hd = config.head_dim
+        self._inv_freq = 1.0 / (config.rope_theta ** (
+            torch.arange(0, hd, 2, dtype=torch.int64, device=self.device).float() / hd))
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
+             device: str | torch.device = "cpu", backend: str = "auto", progress: bool = True) -> "Model":
+        from .tokenizer import Tokenizer
+
+        path = default_model_dir() if path is None else Path(path)
+        if not path.is_dir():
+            hint = (" (the bundled small model is missing from this install)"
+                    if path == default_model_dir() else "")
+            raise FileNotFoundError(f"model directory {path} does not exist{hint}")
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+            dtype = DTYPES[dtype]
+        B.resolve(backend, torch.device(device))
+        config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress)
+        tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        return cls(config, weights, backend=backend, tokenizer=tok, path=path)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        if max_len > c.max_position_embeddings and c.rope_scaling is None:
+            raise ValueError(f"max_len {max_len} exceeds the model's context "
+                             f"(max_position_embeddings = {c.max_position_embeddings})")
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
+        return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
+                       torch.empty(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros((batch, max_len), dtype=torch.bool, device=self.device),
+                       torch.zeros(batch, dtype=torch.long, device=self.device))
+
+    def new_usage_counters(self) -> torch.Tensor:
+        """Per-layer expert usage counters [L, E] int32 on the device (rows of dense layers stay 0);
+        pass as `usage=` and read whenever you like; reset with `.zero_()`."""
+        return torch.zeros((self.config.num_hidden_layers, self.config.n_routed_experts),
+                           dtype=torch.int32, device=self.device)
+
+    # -- forward --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids, *, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, interventions: Interventions | None = None,
+                capture: Capture | None = None, usage: torch.Tensor | None = None,
+                logits: str = "all", backend: str | None = None, step: int = 0,
+                **intervention_kwargs) -> torch.Tensor:
+        """Run the model on `input_ids` [B, T] (or [T]); returns float32 logits [B, T, V]
+        (`logits="all"`) or [B, V] for each sequence's last valid token (`logits="last"`).
+
+        attention_mask [B, T]: 1 for real tokens, 0 for left padding. cache: continue from a
+        KVCache (new tokens are appended). Interventions come as `interventions=` or as keyword
+        arguments (topk=, expert_mask=, mask_mode=, force_experts=, renormalize=).
+        capture: a taps.Capture that records (and patches) taps. usage: counters from
+        new_usage_counters(). step: the generation step recorded with captured rows."""
+        c = self.config
+        ids = self._check_ids(input_ids)
+        Bsz, T = ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device).bool()
+            if attention_mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; "
+                                 f"expected {list(ids.shape)} like input_ids")
+            if T > 1 and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+                raise ValueError("attention_mask must be left-padded (zeros only before a sequence's tokens)")
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("attention_mask: every sequence needs at least its last column real")
+        if cache is None:
+            cache = self.new_cache(Bsz, T)
+        if cache.k.shape[1] != Bsz:
+            raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {Bsz}")
+        if cache.used + T > cache.capacity:
+            raise ValueError(f"{cache.used} cached + {T} new tokens exceed the cache length {cache.capacity}")
+        if interventions is None:
+            interventions = Interventions(**intervention_kwargs)
+        elif intervention_kwargs:
+            raise ValueError("pass interventions either as `interventions=` or as keywords, not both")
+        routing = interventions.resolve(c, self.device)
+        if usage is not None:
+            B.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),
+                    device=self.device)
+        be = self.backend if backend is None else B.resolve(backend, self.device)
+
+        # Positions continue each sequence; pads take position 0 and are never attended to.
+        pos = cache.next_pos.unsqueeze(1) + torch.cumsum(attention_mask.long(), 1) - 1
+        pos = torch.where(attention_mask, pos, torch.zeros_like(pos))
+        max_pos = int(pos.max()) + 1 if pos.numel() else 0
+        if max_pos > c.max_position_embeddings and c.rope_scaling is None:
+            raise ValueError(f"position {max_pos - 1} is beyond the model's context "
+                             f"(max_position_embeddings = {c.max_position_embeddings})")
+        start = cache.used
+        cache.valid[:, start:start + T] = attention_mask
+        cos, sin = self._rope(pos, max_pos)
+        attn_mask = self._attn_mask(cache, start, T)
+
+        flat_mask = attention_mask.reshape(-1)
+        valid_index = flat_mask.nonzero().squeeze(1)              # [N]
+        if capture is not None:
+            seq = valid_index // T
+            last_col = T - 1  # left padding: every sequence's last token is in the last column
+            capture.begin(TokenIndex(seq, pos.reshape(-1)[valid_index], (valid_index % T) == last_col,
+                                     step, valid_index), c.num_hidden_layers, self._tap_names)
+
+        def tap(name, x_bt):  # x_bt [B, T, ...] -> record/patch the valid rows
+            if capture is None or not capture.wants(name):
+                return x_bt
+            flat = x_bt.reshape(Bsz * T, *x_bt.shape[2:])
+            rows = capture(name, flat.index_select(0, valid_index))
+            out = flat.clone()
+            out[valid_index] = rows
+            return out.view_as(x_bt)
+
+        w = self.weights
+        x = w.embed[ids]                                          # [B, T, D]
+        for l, lw in enumerate(w.layers):
+            x = tap(f"blocks.{l}.hook_resid_pre", x)
+            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
+            a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask)
+            a = tap(f"blocks.{l}.hook_attn_out", a)
+            x = tap(f"blocks.{l}.hook_resid_mid", x + a)
+            h = rms_norm(x, lw.post_attn_norm, c.rms_norm_eps)
+            if isinstance(lw.mlp, MoEWeights):
+                hv = h.reshape(Bsz * T, -1).index_select(0, valid_index)
+                xv = x.reshape(Bsz * T, -1).index_select(0, valid_index)
+                out_v = moe_layer(hv, xv, lw.mlp, routing, l, backend=be,
+                                  tap=(lambda name, v: capture(name, v)) if capture is not None else None,
+                                  wants=capture.wants if capture is not None else None,
+                                  usage=None if usage is None else usage[l])
+                y = x.reshape(Bsz * T, -1).clone()
+                y[valid_index] = out_v
+                x = y.view_as(x)
+            else:
+                m = self._dense_mlp(h, lw.mlp)
+                m = tap(f"blocks.{l}.hook_mlp_out", m)
+                x = x + m
+            x = tap(f"blocks.{l}.hook_resid_post", x)
+        cache.used = start + T
+        cache.next_pos = cache.next_pos + attention_mask.long().sum(1)
+
+        if logits == "last":
+            x = x[:, -1:]
+        elif logits != "all":
+            raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
+        xn = rms_norm(x, w.final_norm, c.rms_norm_eps)
+        if capture is not None and logits == "all":
+            xn = tap("hook_final_norm", xn)
+        out = (xn @ w.lm_head.t()).float()
+        if capture is not None and logits == "all":
+            out = tap("logits", out)
+        if capture is not None:
+            capture.end()
+        return out[:, 0] if logits == "last" else out
+
+    __call__ = forward
+
+    def generate(self, prompts, **kwargs):
+        """Generate completions (see moe_engine.generate.generate for the arguments)."""
+        from .generate import generate
+        return generate(self, prompts, **kwargs)
+
+    def iter_generate(self, prompts, **kwargs):
+        """Stream TokenEvents (see moe_engine.generate.iter_generate)."""
+        from .generate import iter_generate
+        return iter_generate(self, prompts, **kwargs)
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, device=self.device)
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {list(ids.shape)}")
+        V = self.config.vocab_size
+        bad = (ids < 0) | (ids >= V)
+        if bool(bad.any()):
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary [0, {V})")
+        return ids.long()
+
+    def _rope(self, pos: torch.Tensor, seq_len: int):
+        """cos, sin [B, T, hd] in the model dtype (rotate-half layout over all head dims)."""
+        c = self.config
+        inv_freq = self._inv_freq
+        p = pos.float()
+        rs = c.rope_scaling
+        if rs is not None:
+            kind, factor = rs.type, float(rs.factor)
+            if kind == "linear":
+                p = p / factor
+            elif kind == "dynamic" and seq_len > c.max_position_embeddings:
+                hd = c.head_dim
+                base = c.rope_theta * ((factor * seq_len / c.max_position_embeddings) - (factor - 1)) ** (hd / (hd - 2))
+                inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, device=self.device).float() / hd))
+        freqs = p.unsqueeze(-1) * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _attn_mask(self, cache: KVCache, start: int, T: int) -> torch.Tensor:
+        """[B, 1, T, start+T] bool: causal over cache columns, real keys only; each query may
+        always see itself, so pad rows stay finite."""
+        S = start + T
+        q_col = torch.arange(start, S, device=self.device).unsqueeze(1)
+        k_col = torch.arange(S, device=self.device).unsqueeze(0)
+        causal = k_col <= q_col                                        # [T, S]
+        allowed = causal.unsqueeze(0) & cache.valid[:, None, :S]       # [B, T, S]
+        allowed = allowed | (k_col == q_col).unsqueeze(0)
+        return allowed.unsqueeze(1)
+
+    def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask):
+        c = self.config
+        Bsz, T, _ = h.shape
+        H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = (h @ lw.q.t()).view(Bsz, T, H, hd).transpose(1, 2)
+        k = (h @ lw.k.t()).view(Bsz, T, Hkv, hd).transpose(1, 2)
+        v = (h @ lw.v.t()).view(Bsz, T, Hkv, hd).transpose(1, 2)
+        cs, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cs + rotate_half(q) * sn
+        k = k * cs + rotate_half(k) * sn
+        cache.k[l, :, :, start:start + T] = k
+        cache.v[l, :, :, start:start + T] = v
+        keys = cache.k[l, :, :, :start + T]
+        vals = cache.v[l, :, :, :start + T]
+        if Hkv != H:
+            keys = keys.repeat_interleave(H // Hkv, dim=1)
+            vals = vals.repeat_interleave(H // Hkv, dim=1)
+        o = Fn.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0 / math.sqrt(hd))
+        return o.transpose(1, 2).reshape(Bsz, T, H * hd) @ lw.o.t()
+
+    @staticmethod
+    def _dense_mlp(h, mlp: DenseMLPWeights):
+        return swiglu(h, mlp.gate_up, mlp.down)

@@ -1,0 +1,81 @@
+"""The MoE layer (DESIGN.md decision 3), the same sequence of ops on every backend:
+
+    router GEMM -> route -> expert_ffn -> shared experts -> combine (+ residual)
+
+Shape legend: N tokens, D hidden, E routed experts, K top-k of this layer (runtime), k_max
+buffer width of this call, F expert width, S shared width.
+
+    router_logits = u W_g^T                         [N, E]   (model dtype; torch GEMM)
+    topk_ids, topk_weights, router_probs = route(router_logits, K, mask, force, renormalize)
+    expert_out[t, j] = FFN_{topk_ids[t, j]}(u[t])   [N, k_max, D]  unweighted (the lens tap)
+    shared_out = FFN_shared(u)                      [N, D]   (torch GEMMs: a dense SwiGLU)
+    resid_post = combine(expert_out, topk_weights, shared_out, residual=resid_mid)
+
+Taps written here: blocks.{l}.moe.hook_in, hook_router_logits, hook_router_probs,
+hook_topk_ids, hook_topk_weights, hook_expert_out, hook_routed_out, hook_shared_out and
+blocks.{l}.hook_mlp_out (= routed_out + shared_out, rounded to the model dtype).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .interventions import Routing
+from .loader import MoEWeights
+from .ops.combine import combine
+from .ops.expert_ffn import expert_ffn, swiglu
+from .ops.route import route
+
+
+def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: Routing, l: int, *,
+              backend: str, tap: Callable | None = None, wants: Callable | None = None,
+              usage: torch.Tensor | None = None) -> torch.Tensor:
+    """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D]."""
+    pre = f"blocks.{l}.moe."
+    want = (lambda name: False) if wants is None else wants
+    t = (lambda name, v: v) if tap is None else tap
+    k = routing.k[l]
+    if u.shape[0] == 0:
+        return resid_mid
+    u = t(pre + "hook_in", u)
+    logits = t(pre + "hook_router_logits", u @ w.router.t())
+    ids, weights, probs = route(
+        logits, k, k_max=routing.k_max, expert_mask=routing.layer_mask(l), mask_mode=routing.mask_mode,
+        force_expert=routing.force[l], renormalize=routing.renormalize, backend=backend,
+        want_probs=want(pre + "hook_router_probs"), usage_counts=usage, controls=routing.controls(l))
+    if probs is not None:
+        t(pre + "hook_router_probs", probs)
+    if want(pre + "hook_topk_ids"):
+        ids = _patch_cols(t, pre + "hook_topk_ids", ids, k)
+    if want(pre + "hook_topk_weights"):
+        weights = _patch_cols(t, pre + "hook_topk_weights", weights, k)
+    if k > 0:
+        expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend)
+    else:  # shared experts only: nothing routed
+        expert_out = torch.zeros((u.shape[0], routing.k_max, u.shape[1]), dtype=u.dtype, device=u.device)
+    if want(pre + "hook_expert_out"):
+        expert_out = _patch_cols(t, pre + "hook_expert_out", expert_out, k)
+    shared_out = None
+    if w.shared is not None:
+        shared_out = t(pre + "hook_shared_out", swiglu(u, w.shared.gate_up, w.shared.down))
+    want_routed = want(pre + "hook_routed_out") or want(f"blocks.{l}.hook_mlp_out")
+    out, routed = combine(expert_out, weights, ids, shared_out, resid_mid, backend=backend,
+                          want_routed=want_routed)
+    if want_routed:
+        t(pre + "hook_routed_out", routed)
+        mlp = routed if shared_out is None else (routed.float() + shared_out.float()).to(routed.dtype)
+        mlp_p = t(f"blocks.{l}.hook_mlp_out", mlp)
+        if mlp_p is not mlp:  # patched: the layer output follows the patched MLP output
+            out = resid_mid + mlp_p
+    return out
+
+
+def _patch_cols(tap, name, buf, k):
+    """Tap the first k slots of a [N, k_max, ...] buffer; a patch writes back into the buffer."""
+    view = buf[:, :k]
+    new = tap(name, view)
+    if new is not view:
+        buf = buf.clone()
+        buf[:, :k] = new
+    return buf

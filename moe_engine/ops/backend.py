@@ -1,0 +1,115 @@
+"""Backend selection and the tensor checks every dispatcher runs before calling a kernel.
+
+Backends (DESIGN.md decision 2):
+  torch  the PyTorch reference; every other backend is checked against it
+  cpu    C++ kernels in csrc/cpu (module moe_engine._C)
+  cuda   the CUDA kernels in csrc/cuda (module moe_engine._C, built when nvcc was found)
+  emu    the same CUDA kernels run on the CPU by csrc/emu (module moe_engine._C_emu);
+         correctness only, slow
+  auto   cuda when the tensors live on a GPU, else cpu
+
+An unsupported case raises; nothing falls back silently to another backend.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpu", "cuda", "emu")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend was not built or has no device here."""
+
+
+@cache
+def native_module(backend: str):
+    """The compiled module that implements `backend`'s kernels."""
+    if backend not in ("cpu", "cuda", "emu"):
+        raise ValueError(f"backend {backend!r} has no compiled module; expected cpu, cuda or emu")
+    name = "moe_engine._C_emu" if backend == "emu" else "moe_engine._C"
+    try:
+        mod = importlib.import_module(name)
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"backend {backend!r} needs the compiled module {name}, which failed to import ({e}); "
+            "reinstall the package (pip install .) or build in place with tools/dev_build.sh"
+        ) from e
+    if backend == "cuda":
+        if not mod.has_cuda_kernels:
+            raise BackendUnavailable(
+                "backend 'cuda': moe_engine._C was built without CUDA kernels (nvcc was not found "
+                "at build time); rebuild on a machine with nvcc"
+            )
+        if mod.cuda_device_count() == 0 or not torch.cuda.is_available():
+            raise BackendUnavailable("backend 'cuda': no GPU is present on this machine")
+    return mod
+
+
+def resolve(backend: str, device: torch.device | str) -> str:
+    """Turn 'auto' into a concrete backend and check that it fits the tensors' device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" else "cpu"
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs tensors on a CUDA device, got {device}")
+    if backend in ("cpu", "emu") and device.type != "cpu":
+        raise ValueError(f"backend {backend!r} needs CPU tensors, got {device}")
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine (torch always)."""
+    out = ["torch"]
+    for b in ("cpu", "emu", "cuda"):
+        try:
+            native_module(b)
+            out.append(b)
+        except BackendUnavailable:
+            pass
+    return out
+
+
+def check(t: torch.Tensor | None, name: str, *, dtype=None, shape=None, device=None,
+          contiguous: bool = True, optional: bool = False) -> None:
+    """Validate one tensor argument; the message names the argument, the value and what was expected.
+
+    `shape` entries may be None (any size)."""
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected {' or '.join(map(str, allowed))}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} has shape {list(t.shape)}, expected {want}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()})")
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(backend: str, device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if backend == "cuda" else 0
+
+
+def native_dtype(mod, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return mod.DType.f32
+    if dtype == torch.bfloat16:
+        return mod.DType.bf16
+    raise ValueError(f"dtype {dtype} is not supported by the kernels; expected float32 or bfloat16")

@@ -1,0 +1,148 @@
+"""expert_ffn: the routed experts' SwiGLU for every (token, slot), unweighted, token-aligned.
+
+Shapes: T tokens, D hidden, E experts, F expert width, k_max slots.
+
+    expert_out[t, j] = W_down[e] (silu(W_gate[e] x[t]) * (W_up[e] x[t])),  e = topk_ids[t, j]
+
+experts_gate_up is [E, 2F, D] (gate rows [0, F), up rows [F, 2F)), experts_down is [E, D, F].
+Rows of slots with a sentinel id (< 0 or >= E) are left unspecified; combine skips them.
+expert_out IS the `hook_expert_out` lens tap: slot order = rank order of route.
+
+Backends: torch (this reference, a loop over the experts present), cpu (csrc/cpu/expert_ffn.cpp,
+fused: chosen experts only, each expert's weights streamed once per call for all its tokens,
+SiLU*up in the gate|up epilogue; it reads the panel-packed copy in `CpuExperts`, made once per
+layer at load time -- pass it as `packed=`, else the call packs on the fly), cuda / emu (align + csrc/cuda/expert_gemm.cu, or csrc/cuda/moe_decode.cu for T <= 16).
+Test: tests/test_ops_expert_ffn.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as Fn
+
+from . import backend as B
+from .packed import PackedWeight, pack_weight
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with gate_up = [gate; up] stacked on the output axis."""
+    gu = x @ gate_up.t()
+    F = gu.shape[-1] // 2
+    return (Fn.silu(gu[..., :F]) * gu[..., F:]) @ down.t()
+
+
+def expert_ffn_ref(x, topk_ids, experts_gate_up, experts_down):
+    T, k_max = topk_ids.shape
+    E, D = experts_gate_up.shape[0], x.shape[1]
+    out = torch.zeros((T, k_max, D), dtype=x.dtype, device=x.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    for e in torch.unique(flat_ids[(flat_ids >= 0) & (flat_ids < E)]).tolist():
+        slots = (flat_ids == e).nonzero().squeeze(1)
+        y = swiglu(x[slots // k_max], experts_gate_up[e], experts_down[e])
+        out.view(T * k_max, D)[slots] = y
+    return out
+
+
+def expert_ffn(x, topk_ids, experts_gate_up, experts_down, *, backend: str = "auto",
+               packed: "CpuExperts | None" = None, out: torch.Tensor | None = None):
+    """Checked dispatcher. Returns expert_out [T, k_max, D] in x's dtype.
+
+    packed: the cpu backend's packed copy of these experts (CpuExperts.pack); out: a
+    preallocated expert_out (cpu backend)."""
+    B.check(x, "x", dtype=(torch.float32, torch.bfloat16))
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, D], got shape {list(x.shape)}")
+    T, D = x.shape
+    dev, dt = x.device, x.dtype
+    B.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, None), device=dev)
+    B.check(experts_gate_up, "experts_gate_up", dtype=dt, shape=(None, None, D), device=dev)
+    E, F2, _ = experts_gate_up.shape
+    if F2 % 2:
+        raise ValueError(f"experts_gate_up has {F2} rows per expert; expected an even 2F")
+    B.check(experts_down, "experts_down", dtype=dt, shape=(E, D, F2 // 2), device=dev)
+    be = B.resolve(backend, dev)
+    if (packed is not None or out is not None) and be != "cpu":
+        raise ValueError(f"packed= and out= belong to the cpu backend, not {be!r}")
+    if be == "torch":
+        return expert_ffn_ref(x, topk_ids, experts_gate_up, experts_down)
+    if be == "cpu":
+        if packed is None:
+            packed = CpuExperts.pack(experts_gate_up, experts_down)
+        elif packed.shape != (E, D, F2 // 2) or packed.dtype != dt:
+            raise ValueError(f"packed experts are {packed.dtype} (E, D, F) = {packed.shape}; the "
+                             f"weights are {dt} {(E, D, F2 // 2)}")
+        return expert_ffn_cpu(x, topk_ids, packed, out=out)
+    return _NATIVE[be](x, topk_ids, experts_gate_up, experts_down)
+
+
+def _unavailable(name):
+    def run(*args):
+        raise B.BackendUnavailable(f"expert_ffn has no {name} implementation in this build")
+    return run
+
+
+# Filled in by the cuda/emu implementations below as they land.
+_NATIVE = {"cuda": _unavailable("cuda"), "emu": _unavailable("emu")}
+
+
+# ---- cpu: csrc/cpu/expert_ffn.cpp ----------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuExperts:
+    """E experts' gate|up [E, 2F, D] and down [E, D, F] weights, panel-packed (ops/packed.py)."""
+    w13: PackedWeight
+    w2: PackedWeight
+
+    @staticmethod
+    def pack(experts_gate_up: torch.Tensor, experts_down: torch.Tensor) -> "CpuExperts":
+        """Also packs one dense SwiGLU MLP (gate_up [2S, D], down [D, S]) as E = 1."""
+        gu = experts_gate_up.unsqueeze(0) if experts_gate_up.dim() == 2 else experts_gate_up
+        dn = experts_down.unsqueeze(0) if experts_down.dim() == 2 else experts_down
+        E, F2, D = gu.shape
+        if tuple(dn.shape) != (E, D, F2 // 2) or dn.dtype != gu.dtype:
+            raise ValueError(f"gate_up {list(gu.shape)} {gu.dtype} and down {list(dn.shape)} "
+                             f"{dn.dtype} disagree; expected down [E, D, F] = {[E, D, F2 // 2]}")
+        return CpuExperts(pack_weight(gu, gate_up=True), pack_weight(dn))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, D, F)"""
+        return self.w13.E, self.w13.K, self.w2.K
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w13.dtype
+
+    def expert_bytes(self) -> int:
+        """Weight bytes one expert streams per call (3*D*F elements)."""
+        return (self.w13.nbytes_logical + self.w2.nbytes_logical) // self.w13.E
+
+
+def workspace_bytes(dtype: torch.dtype, T: int, k_max: int, E: int, F: int) -> int:
+    mod = B.native_module("cpu")
+    return mod.expert_ffn_workspace_bytes(B.native_dtype(mod, dtype), T, k_max, E, F)
+
+
+def expert_ffn_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed: CpuExperts, *,
+                   out: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """The cpu kernel on already-validated x [T, D] and topk_ids [T, k_max]; sentinel slots
+    come back as zero rows."""
+    mod = B.native_module("cpu")
+    E, D, F = packed.shape
+    T, k_max = topk_ids.shape
+    B.check(x, "x", dtype=packed.dtype, shape=(T, D), device="cpu")
+    out = torch.empty((T, k_max, D), dtype=x.dtype) if out is None else out
+    B.check(out, "out", dtype=x.dtype, shape=(T, k_max, D), device="cpu")
+    need = workspace_bytes(x.dtype, T, k_max, E, F)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.uint8)
+    B.check(workspace, "workspace", dtype=torch.uint8, device="cpu")
+    if workspace.numel() < need:
+        raise ValueError(f"workspace has {workspace.numel()} bytes; expert_ffn needs {need}")
+    p = mod.ExpertFFNParams()
+    p.x, p.w13, p.w2 = x.data_ptr(), packed.w13.data.data_ptr(), packed.w2.data.data_ptr()
+    p.topk_ids, p.expert_out, p.workspace = topk_ids.data_ptr(), out.data_ptr(), workspace.data_ptr()
+    p.dtype, p.T, p.k_max, p.D, p.F, p.E = B.native_dtype(mod, x.dtype), T, k_max, D, F, E
+    if T > 0 and k_max > 0:
+        mod.expert_ffn_cpu(p)
+    return out

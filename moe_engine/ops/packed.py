@@ -1,0 +1,71 @@
+"""Weights in the cpu backend's panel layout, and the packed dense mat-vec (csrc/cpu/expert_ffn.cpp).
+
+Shape legend: E experts, N output rows, K reduction length, T tokens.
+
+A weight W [N, K] (y = x W^T) is stored as ceil(N/32) panels of 32 output rows (zero padded),
+each panel contiguous: bf16 [ceil(K/2)][32][2] (k pairs interleaved: the operand layout of
+vdpbf16ps, so a token's (x[k], x[k+1]) broadcast times one 64-byte load gives 16 lanes of
+partial dot products with no horizontal sums); fp32 [K][32]. A gate|up weight [E, 2F, D] packs
+gate rows 16p..16p+15 and up rows 16p..16p+15 into panel p, so a panel yields 16 SiLU(gate)*up
+outputs in its epilogue. The copy is made once, at load time (Model keeps it per layer).
+
+    linear_cpu(x, W) = x W^T      [T, N]   for small T (decode); large T goes to torch GEMMs
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import backend as B
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight [E, N, K] (y = x W^T per expert) in the panel layout."""
+    data: torch.Tensor      # uint8 [pack_size_bytes]
+    dtype: torch.dtype
+    E: int
+    N: int
+    K: int
+    gate_up: bool
+
+    @property
+    def nbytes_logical(self) -> int:
+        """Bytes of the unpadded weight, i.e. what one full read streams from memory."""
+        return self.E * self.N * self.K * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def pack_weight(w: torch.Tensor, gate_up: bool = False) -> PackedWeight:
+    """Pack [E, N, K] (or [N, K] as E = 1) into panels; gate_up: rows are [gate F | up F]."""
+    mod = B.native_module("cpu")
+    B.check(w, "w", dtype=(torch.float32, torch.bfloat16), device="cpu", contiguous=False)
+    w3 = (w.unsqueeze(0) if w.dim() == 2 else w).contiguous()
+    if w3.dim() != 3:
+        raise ValueError(f"w must be [N, K] or [E, N, K], got shape {list(w.shape)}")
+    E, N, K = w3.shape
+    if gate_up and N % 2:
+        raise ValueError(f"gate_up weight has {N} rows; expected an even 2F")
+    dt = B.native_dtype(mod, w3.dtype)
+    data = torch.empty(mod.pack_size_bytes(dt, E, N, K, gate_up), dtype=torch.uint8)
+    p = mod.PackParams()
+    p.src, p.dst, p.dtype, p.E, p.N, p.K, p.gate_up = w3.data_ptr(), data.data_ptr(), dt, E, N, K, gate_up
+    mod.pack_weights_cpu(p)
+    return PackedWeight(data, w3.dtype, E, N, K, gate_up)
+
+
+def linear_cpu(x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T with a packed [N, K] weight."""
+    mod = B.native_module("cpu")
+    if w.E != 1 or w.gate_up:
+        raise ValueError(f"linear_cpu needs a plain packed [N, K] weight, got E={w.E} gate_up={w.gate_up}")
+    B.check(x, "x", dtype=w.dtype, shape=(None, w.K), device="cpu")
+    T = x.shape[0]
+    y = torch.empty((T, w.N), dtype=x.dtype) if out is None else out
+    B.check(y, "out", dtype=x.dtype, shape=(T, w.N), device="cpu")
+    p = mod.LinearParams()
+    p.x, p.w, p.y = x.data_ptr(), w.data.data_ptr(), y.data_ptr()
+    p.dtype, p.T, p.N, p.K = B.native_dtype(mod, x.dtype), T, w.N, w.K
+    if T > 0:
+        mod.linear_cpu(p)
+    return y

@@ -1,0 +1,211 @@
+"""Lens taps (DESIGN.md decision 6): named points of the forward pass whose values a call can
+capture (or patch) without touching model code.
+
+Names follow TransformerLens:
+    blocks.{l}.hook_resid_pre  hook_attn_out  hook_resid_mid  hook_mlp_out  hook_resid_post
+    blocks.{l}.moe.hook_in (u)  hook_router_logits [N,E]  hook_router_probs [N,E]
+                   hook_topk_ids [N,k]  hook_topk_weights [N,k]  hook_expert_out [N,k,D]
+                   hook_routed_out [N,D]  hook_shared_out [N,D]
+    hook_final_norm [N,D]   logits [N,V]
+Dense layers have no `moe.*` taps. N counts the captured tokens: every tap is token-major, and
+row i of every tap belongs to the token described by `Capture.rows[i]` = (sequence, position,
+generation step; 0 = the prompt). Expert outputs are unweighted, slot order = rank.
+
+Nothing is captured unless asked. A request names taps (fnmatch patterns), layers and
+positions ("all", "last", a slice or a list of positions, or a bool [B, T] mask). Selecting
+rows is a device-side index_select: no host synchronisation. Capturing never changes the
+outputs (the values are copied, never written back), so logits are bit-identical.
+
+Patches: `Patch(name, positions, value)` replaces a tap's value at the selected tokens before
+the forward pass goes on (activation patching); `value` is [n, ...] for the n selected tokens,
+or broadcastable to one row.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+LAYER_TAPS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+MOE_TAPS = ("hook_in", "hook_router_logits", "hook_router_probs", "hook_topk_ids",
+            "hook_topk_weights", "hook_expert_out", "hook_routed_out", "hook_shared_out")
+MODEL_TAPS = ("hook_final_norm", "logits")
+
+
+def all_tap_names(num_layers: int, moe_layers: Iterable[int]) -> list[str]:
+    moe = set(moe_layers)
+    names = []
+    for l in range(num_layers):
+        names += [f"blocks.{l}.{t}" for t in LAYER_TAPS]
+        if l in moe:
+            names += [f"blocks.{l}.moe.{t}" for t in MOE_TAPS]
+    return names + list(MODEL_TAPS)
+
+
+Positions = str | slice | Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class TapRequest:
+    names: Sequence[str] = ("*",)
+    layers: str | Sequence[int] | slice = "all"
+    positions: Positions = "all"
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    value: torch.Tensor
+    positions: Positions = "all"
+
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _layer_selected(layers, l: int | None, num_layers: int) -> bool:
+    if l is None or layers == "all":
+        return True
+    if isinstance(layers, slice):
+        return l in range(num_layers)[layers]
+    return l in set(layers)
+
+
+def select_rows(positions: Positions, seq: torch.Tensor, pos: torch.Tensor, last: torch.Tensor,
+                valid_index: torch.Tensor) -> torch.Tensor:
+    """Indices (into the N valid tokens of this call) of the tokens `positions` selects.
+
+    seq, pos, last: [N] sequence index, position and is-last-of-sequence flag of each valid token;
+    valid_index: [N] flat index into the [B, T] input of each valid token."""
+    dev = seq.device
+    if isinstance(positions, str):
+        if positions == "all":
+            return torch.arange(seq.numel(), device=dev)
+        if positions == "last":
+            return last.nonzero().squeeze(1)
+        raise ValueError(f"positions = {positions!r}; expected 'all', 'last', a slice, a list or a bool mask")
+    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        return positions.to(dev).reshape(-1)[valid_index].nonzero().squeeze(1)
+    if isinstance(positions, slice):
+        lo = 0 if positions.start is None else positions.start
+        hi = 2**62 if positions.stop is None else positions.stop
+        st = 1 if positions.step is None else positions.step
+        if lo < 0 or hi < 0 or st <= 0:
+            raise ValueError(f"positions slice {positions} must have non-negative start/stop and a positive step")
+        keep = (pos >= lo) & (pos < hi) & ((pos - lo) % st == 0)
+        return keep.nonzero().squeeze(1)
+    want = torch.as_tensor(list(positions), device=dev, dtype=pos.dtype)
+    if (want < 0).any():
+        raise ValueError(f"positions {list(positions)} must be non-negative")
+    return torch.isin(pos, want).nonzero().squeeze(1)
+
+
+@dataclass
+class TokenIndex:
+    """Where the valid tokens of one forward call sit: seq, pos, last, step, valid_index [N]."""
+    seq: torch.Tensor
+    pos: torch.Tensor
+    last: torch.Tensor
+    step: int
+    valid_index: torch.Tensor
+
+
+class Capture:
+    """Collects taps over one or more forward calls (e.g. every step of a generation).
+
+    >>> cap = Capture(TapRequest(["blocks.*.moe.hook_topk_ids"], positions="last"))
+    >>> model.forward(ids, capture=cap); cap["blocks.1.moe.hook_topk_ids"]
+    """
+
+    def __init__(self, *requests: TapRequest, patches: Sequence[Patch] = ()):
+        self.requests = requests
+        self.patches = tuple(patches)
+        self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._rows: dict[str, list[torch.Tensor]] = defaultdict(list)   # this call's row indices
+        self._meta: dict[str, list[torch.Tensor]] = defaultdict(list)   # (seq, pos, step) per row
+        self._index: TokenIndex | None = None
+        self._sel_cache: dict[int, torch.Tensor] = {}
+        self._num_layers = 0
+        self._known: set[str] = set()
+
+    # -- used by the model ---------------------------------------------------------------
+    def begin(self, index: TokenIndex, num_layers: int, known_names: Iterable[str]) -> None:
+        self._index = index
+        self._sel_cache = {}
+        self._num_layers = num_layers
+        if not self._known:
+            self._known = set(known_names)
+            for pattern in [n for r in self.requests for n in r.names] + [p.name for p in self.patches]:
+                if not fnmatch.filter(self._known, pattern):
+                    raise ValueError(f"tap {pattern!r} matches no tap of this model; "
+                                     f"tap names look like 'blocks.1.moe.hook_topk_ids' or 'logits'")
+
+    def wants(self, name: str) -> bool:
+        return any(self._matches(r, name) for r in self.requests) or any(p.name == name for p in self.patches)
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Record `value` ([N, ...], one row per valid token) and apply patches; returns the
+        tensor the forward pass continues with."""
+        for p in self.patches:
+            if p.name == name:
+                rows = self._select(p.positions, id(p))
+                value = value.clone()
+                value[rows] = p.value.to(device=value.device, dtype=value.dtype)
+        for i, r in enumerate(self.requests):
+            if self._matches(r, name):
+                rows = self._select(r.positions, i)
+                self._values[name].append(value.index_select(0, rows).clone())
+                self._rows[name].append(rows)
+                break
+        return value
+
+    # -- used by the caller ------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._values:
+            raise KeyError(f"tap {name!r} was not captured; captured: {sorted(self._values)[:8]}...")
+        return torch.cat(self._values[name], 0)
+
+    def keys(self):
+        return self._values.keys()
+
+    def items(self):
+        return ((k, self[k]) for k in self._values)
+
+    def rows(self, name: str) -> torch.Tensor:
+        """[N, 3] int64 (sequence, position, generation step) of each captured row of `name`."""
+        return torch.cat(self._meta[name], 0)
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._rows.clear()
+        self._meta.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _matches(self, r: TapRequest, name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, n) for n in r.names)
+                and _layer_selected(r.layers, _layer_of(name), self._num_layers))
+
+    def _select(self, positions, key) -> torch.Tensor:
+        if key not in self._sel_cache:
+            ix = self._index
+            self._sel_cache[key] = select_rows(positions, ix.seq, ix.pos, ix.last, ix.valid_index)
+        return self._sel_cache[key]
+
+    def end(self) -> None:
+        """Turn this call's row indices into (sequence, position, step) triples."""
+        ix = self._index
+        for name, rows_list in self._rows.items():
+            for rows in rows_list:
+                self._meta[name].append(torch.stack(
+                    [ix.seq[rows], ix.pos[rows], torch.full_like(rows, ix.step)], 1))
+        self._rows.clear()
+        self._index = None
