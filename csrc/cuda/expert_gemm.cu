@@ -56,7 +56,7 @@
 // Limits: D, F multiples of 8 (16-byte cp.async); a, w 16-byte aligned; a_stride multiple of 8;
 //   block_m in {16, 64}; R and capacity < 2^31; N tiles < 65536.
 // Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref (align + up + down together);
-//   CPU twin: csrc/cpu/expert_ffn.cpp; test: tests/emu/cpp/test_expert_gemm.cu driven by
+//   CPU twin: csrc/cpu/expert_ffn.cpp; test: tests/emu/cpp/expert_gemm_test.cu driven by
 //   tests/emu/test_expert_gemm.py (double-precision reference; tolerances in
 //   tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.

@@ -34,7 +34,7 @@
 // Limits: 1 <= T <= 16 (larger batches: align + expert_gemm), D and F multiples of 8, all
 //   pointers 16-byte aligned, x / act / expert_out contiguous.
 // Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref; CPU twin: csrc/cpu/expert_ffn.cpp;
-//   test: tests/emu/cpp/test_moe_decode.cu via tests/emu/test_moe_decode.py (double-precision
+//   test: tests/emu/cpp/moe_decode_test.cu via tests/emu/test_moe_decode.py (double-precision
 //   reference; tolerances in tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.
 #include "common.cuh"

@@ -23,7 +23,7 @@
 //   2 T (2 D + 2 S) bytes of activations.
 // Launch / limits: those of moe_decode.cu (T <= 16) and expert_gemm.cu (T > 16);
 //   D and S multiples of 8, pointers 16-byte aligned.
-// Test: tests/emu/cpp/test_shared_expert.cu via tests/emu/test_expert_gemm.py.
+// Test: tests/emu/cpp/shared_expert_test.cu via tests/emu/test_expert_gemm.py.
 #include "common.cuh"
 #include "ops.h"
 

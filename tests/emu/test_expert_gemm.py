@@ -1,6 +1,6 @@
 """expert_gemm (grouped GEMM up / down) and the shared experts, run on the CPU through the emulator.
 
-The C++ programs (tests/emu/cpp/test_expert_gemm.cu, test_shared_expert.cu) compare against a
+The C++ programs (tests/emu/cpp/expert_gemm_test.cu, shared_expert_test.cu) compare against a
 double-precision reference on bf16 inputs (x ~ N(0, 1), weights ~ N(0, 1/K), about 1/10 at these K); tolerances, in
 tests/emu/cpp/moe_test_util.h: |got - ref| <= 2e-2 + 1e-2 |ref| per element and
 1 - 2 sum(xy) / sum(x^2 + y^2) < 1e-5 per tensor. They also check that padding rows and sentinel
@@ -19,7 +19,7 @@ exact tensor-core accumulation order (the emulator sums each mma in double).
 """
 import pytest
 
-from conftest import CPP, ORDERS, run_program
+from conftest import CPP, ORDERS, REPO, run_program
 
 
 def _run(exe, *args, order="forward", seed=None):
@@ -33,12 +33,18 @@ def _run(exe, *args, order="forward", seed=None):
 
 @pytest.fixture(scope="session")
 def gemm_prog(emu_builder):
-    return emu_builder.build("test_expert_gemm", [CPP / "test_expert_gemm.cu"])
+    return emu_builder.build("expert_gemm_test", [CPP / "expert_gemm_test.cu"])
+
+
+@pytest.fixture(scope="session")
+def ffn_prog(emu_builder):
+    kernels = [REPO / "csrc" / "cuda" / f"{k}.cu" for k in ("align", "expert_gemm", "moe_decode")]
+    return emu_builder.build("expert_ffn_test", [CPP / "expert_ffn_test.cu", *kernels])
 
 
 @pytest.fixture(scope="session")
 def shared_prog(emu_builder):
-    return emu_builder.build("test_shared_expert", [CPP / "test_shared_expert.cu"])
+    return emu_builder.build("shared_expert_test", [CPP / "shared_expert_test.cu"])
 
 # T, k_max, E, D, F, block_m, scenario
 GEMM_CASES = [
@@ -93,3 +99,15 @@ def test_expert_gemm_errors(gemm_prog):
                          ids=lambda c: "T{}-D{}-S{}-xs{}".format(*c))
 def test_shared_expert(shared_prog, case):
     _run(shared_prog, *case, 1)
+
+
+# T, k_max, E, D, F, scenario: block_m from expert_gemm_block_m; T = 300 and 600 take align's
+# multi-block path (R > 1024)
+@pytest.mark.parametrize("case", [(1, 6, 16, 64, 64, "uniform"), (7, 2, 4, 136, 72, "sentinel"),
+                                  (16, 8, 8, 64, 64, "one"), (129, 6, 16, 64, 64, "sparse"),
+                                  (300, 6, 16, 64, 64, "uniform"), (600, 2, 4, 64, 64, "one")],
+                         ids=lambda c: "T{}-k{}-E{}-D{}-F{}-{}".format(*c))
+def test_expert_ffn_pipeline(ffn_prog, case):
+    """The real align kernel feeds the grouped GEMM (its output must equal the align contract the
+    GEMM tests assume, bit for bit); for T <= 16 moe_decode must agree with the GEMM path."""
+    _run(ffn_prog, *case, 1)

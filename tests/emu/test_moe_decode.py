@@ -1,6 +1,6 @@
 """moe_decode (the T <= 16 path with no sort) run on the CPU through the emulator.
 
-tests/emu/cpp/test_moe_decode.cu compares act and expert_out against a double-precision
+tests/emu/cpp/moe_decode_test.cu compares act and expert_out against a double-precision
 reference on bf16 inputs (x ~ N(0, 1), weights ~ N(0, 1/K), about 1/10 at these K); tolerances in
 tests/emu/cpp/moe_test_util.h: |got - ref| <= 2e-2 + 1e-2 |ref| per element and
 1 - 2 sum(xy) / sum(x^2 + y^2) < 1e-5 per tensor; sentinel slots must be exactly zero.
@@ -28,7 +28,7 @@ def _run(exe, *args, order="forward", seed=None):
 
 @pytest.fixture(scope="session")
 def decode_prog(emu_builder):
-    return emu_builder.build("test_moe_decode", [CPP / "test_moe_decode.cu"])
+    return emu_builder.build("moe_decode_test", [CPP / "moe_decode_test.cu"])
 
 # T, k_max, E, D, F, scenario
 DECODE_CASES = [

@@ -54,9 +54,9 @@ def _gpu_present():
 
 
 GPU_PROGRAMS = {  # test program -> one case to run when a GPU is present
-    "test_expert_gemm": ["129", "6", "8", "136", "72", "64", "uniform", "1"],
-    "test_moe_decode": ["16", "6", "16", "136", "72", "sentinel", "1"],
-    "test_shared_expert": ["129", "136", "144", "144", "1"],
+    "expert_gemm_test": ["129", "6", "8", "136", "72", "64", "uniform", "1"],
+    "moe_decode_test": ["16", "6", "16", "136", "72", "sentinel", "1"],
+    "shared_expert_test": ["129", "136", "144", "144", "1"],
 }
 
 

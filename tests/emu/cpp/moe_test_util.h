@@ -157,6 +157,7 @@ template <class A> std::vector<double> down_ref(const A& act, const bf16* down, 
 
 // Accumulates element and global errors of one output tensor.
 struct Check {
+  explicit Check(std::string n) : name(std::move(n)) {}
   std::string name;
   double max_err = 0, sxy = 0, sxx = 0, n = 0;
   long bad = 0;

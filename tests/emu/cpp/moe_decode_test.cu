@@ -1,7 +1,7 @@
 // moe_decode (csrc/cuda/moe_decode.cu) against a double-precision reference.
 //
-//   test_moe_decode T k_max E D F scenario seed
-//   test_moe_decode errors          (launcher precondition messages)
+//   moe_decode_test T k_max E D F scenario seed
+//   moe_decode_test errors          (launcher precondition messages)
 //
 // One case: random bf16 x [T, D] (scale 1), experts_gate_up [E, 2F, D], experts_down [E, D, F]
 // (scale 1/sqrt(K), see weight_scale), topk_ids from the scenario (moe_test_util.h). Checks (tolerances there):

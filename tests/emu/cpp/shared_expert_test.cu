@@ -1,7 +1,7 @@
 // shared_expert (csrc/cuda/shared_expert.cu: moe_decode for T <= 16, expert_gemm in dense mode
 // above) against a double-precision dense SwiGLU MLP.
 //
-//   test_shared_expert T D S x_stride seed
+//   shared_expert_test T D S x_stride seed
 //
 // x [T, D] with row stride x_stride (scale 1), gate_up [2S, D] and down [D, S] (scale 1/sqrt(K), see weight_scale).
 // Checks shared_out [T, D] with the tolerances of moe_test_util.h. A strided x at T <= 16 takes

@@ -1,7 +1,7 @@
 // expert_gemm (csrc/cuda/expert_gemm.cu) against a double-precision reference.
 //
-//   test_expert_gemm T k_max E D F block_m scenario seed
-//   test_expert_gemm errors          (launcher precondition messages)
+//   expert_gemm_test T k_max E D F block_m scenario seed
+//   expert_gemm_test errors          (launcher precondition messages)
 //
 // One case: random bf16 x [T, D] (scale 1), experts_gate_up [E, 2F, D] and experts_down [E, D, F]
 // (scale 1/sqrt(K), see weight_scale), topk_ids from the scenario (moe_test_util.h), aligned by the align reference.
