@@ -59,6 +59,8 @@ GEMM_CASES = [
     (129, 6, 8, 136, 72, 64, "uniform"),
     (129, 2, 16, 64, 64, 16, "sparse"),
     (3, 2, 2, 2048, 1408, 16, "uniform"),   # the DeepSeekMoE-16B expert shape (22 x 64, 16 x 128)
+    (5, 2, 3, 8, 16, 16, "uniform"),        # K and N far below one tile
+    (0, 2, 3, 64, 64, 16, "uniform"),       # no tokens: nothing launched, nothing written
 ]
 
 

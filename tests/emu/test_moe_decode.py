@@ -41,6 +41,8 @@ DECODE_CASES = [
     (16, 8, 8, 64, 64, "one"),           # k = E and T = 16: every expert has 16 slots, 2 passes
     (16, 2, 4, 136, 72, "sentinel"),
     (2, 2, 3, 2048, 1408, "uniform"),    # the DeepSeekMoE-16B expert shape
+    (3, 3, 3, 24, 8, "one"),             # K and N far below one warp step
+    (0, 2, 3, 64, 64, "uniform"),        # no tokens
 ]
 
 
