@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   MOE_DYNAMIC_SHARED(uint4, smem);
-  __shared__ int s_src[BM];  // A row of each tile row, -1 = padding
-  __shared__ int s_dst[BM];  // output row of each tile row, -1 = padding
+  MOE_SHARED_ARRAY(int, s_src, BM);  // A row of each tile row, -1 = padding
+  MOE_SHARED_ARRAY(int, s_dst, BM);  // output row of each tile row, -1 = padding
   for (int r = tid; r < BM; r += kThreads) {
     const int i = row0 + r;
     int slot = -1;

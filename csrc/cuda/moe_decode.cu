@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
     return;
   }
 
-  __shared__ int s_list[kPass];  // slots served in this pass
-  __shared__ int s_n, s_next;    // their count; where the next pass resumes
+  MOE_SHARED_ARRAY(int, s_list, kPass);  // slots served in this pass
+  MOE_SHARED_ARRAY(int, s_pass, 2);      // [0] their count, [1] where the next pass resumes
   auto chose_e = [&](int jj) { return jj < R && (ids ? ids[jj] == e : true); };
 
   const bf16* W = static_cast<const bf16*>(UP ? p.experts_gate_up : p.experts_down) +
@@ -130,11 +130,11 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
           n = kPass;
         }
       }
-      if (lane == 0) { s_n = n; s_next = pos; }
+      if (lane == 0) { s_pass[0] = n; s_pass[1] = pos; }
     }
     __syncthreads();
-    const int n = s_n;
-    cursor = s_next;
+    const int n = s_pass[0];
+    cursor = s_pass[1];
     if (n == 0) return;
 
     int in_off[kPass];
