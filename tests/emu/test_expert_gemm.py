@@ -61,6 +61,7 @@ GEMM_CASES = [
     (3, 2, 2, 2048, 1408, 16, "uniform"),   # the DeepSeekMoE-16B expert shape (22 x 64, 16 x 128)
     (5, 2, 3, 8, 16, 16, "uniform"),        # K and N far below one tile
     (0, 2, 3, 64, 64, 16, "uniform"),       # no tokens: nothing launched, nothing written
+    (9, 3, 4, 64, 64, 16, "dup"),           # one expert twice in a token's row
 ]
 
 

@@ -43,6 +43,7 @@ DECODE_CASES = [
     (2, 2, 3, 2048, 1408, "uniform"),    # the DeepSeekMoE-16B expert shape
     (3, 3, 3, 24, 8, "one"),             # K and N far below one warp step
     (0, 2, 3, 64, 64, "uniform"),        # no tokens
+    (16, 8, 4, 64, 64, "dup"),           # an expert twice per row: 32 slots, 4 passes of 8
 ]
 
 

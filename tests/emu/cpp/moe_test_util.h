@@ -82,6 +82,8 @@ template <class T> std::vector<T> to_host(const T* d, size_t n) {
 //             be filled carry -1
 //   sentinel  only the first k = max(k_max - 2, 1) slots are used (k < k_max at run time),
 //             the rest are -1; every third token also has one id >= E (a skip sentinel)
+//   dup       slot 1 repeats slot 0's expert (route never emits this; the kernels work per slot
+//             and must still give both slots the expert's output)
 inline std::vector<int32_t> make_topk_ids(int T, int k_max, int E, const std::string& scenario, Rng& rng) {
   std::vector<int32_t> ids(static_cast<size_t>(T) * k_max, -1);
   for (int t = 0; t < T; ++t) {
@@ -97,7 +99,9 @@ inline std::vector<int32_t> make_topk_ids(int T, int k_max, int E, const std::st
     k = std::min<int>(k, static_cast<int>(pool.size()));
     for (int j = 0; j < k; ++j) ids[static_cast<size_t>(t) * k_max + j] = pool[j];
     if (scenario == "sentinel" && t % 3 == 0) ids[static_cast<size_t>(t) * k_max + rng.below(k)] = E + t % 5;
-    if (scenario != "uniform" && scenario != "one" && scenario != "sparse" && scenario != "sentinel") {
+    if (scenario == "dup" && k_max > 1) ids[static_cast<size_t>(t) * k_max + 1] = ids[static_cast<size_t>(t) * k_max];
+    if (scenario != "uniform" && scenario != "one" && scenario != "sparse" && scenario != "sentinel" &&
+        scenario != "dup") {
       std::fprintf(stderr, "unknown scenario %s\n", scenario.c_str());
       std::exit(2);
     }
