@@ -1,7 +1,7 @@
 // route (CPU twin of csrc/cuda/route.cu): router logits -> expert choice per token.
 //
-// Formula: probs[t] = softmax_fp32(logits[t]) over all E experts (NaN -> -inf, +inf -> FLT_MAX,
-//   a row with no finite logit -> all-zero probs). Slot 0 takes force_expert when set; the other
+// Formula: probs[t] = softmax_fp32(logits[t]) over all E experts; NaN counts as -inf, +inf
+//   experts share the mass equally (+inf -> FLT_MAX), a row of only -inf/NaN -> all-zero probs. Slot 0 takes force_expert when set; the other
 //   slots j < k take the highest remaining probability (ties -> lower expert id), skipping masked
 //   experts under MaskMode::reroute; under MaskMode::zero a masked expert is chosen as usual and
 //   its weight set to 0. renormalize divides the kept weights by their sum when it is > 0.
@@ -29,17 +29,15 @@ void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
   bool taken[kMaxExperts];
   const char* row = static_cast<const char*>(p.router_logits) +
                     t * p.logits_stride * (p.logits_dtype == DType::f32 ? 4 : 2);
-  bool any_finite = false;
   float m = -INFINITY;
   for (int32_t e = 0; e < E; ++e) {
     float v = cpu::load(row, p.logits_dtype, e);
-    any_finite |= std::isfinite(v);
     if (std::isnan(v)) v = -INFINITY;
     if (v == INFINITY) v = FLT_MAX;
     prob[e] = v;
     m = std::max(m, v);
   }
-  if (any_finite) {
+  if (m > -INFINITY) {
     float sum = 0.f;
     for (int32_t e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - m));
     const float inv = 1.f / sum;
@@ -93,13 +91,14 @@ void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
 }  // namespace
 
 void route_cpu(const RouteParams& p) {
-  if (p.T < 0 || p.E <= 0 || p.E > kMaxExperts || p.k_max < 0 || p.k_max > p.E)
+  if (p.T < 0 || p.E <= 0 || p.E > kMaxExperts || p.k_max < 0)
     cpu::fail("route_cpu", "bad sizes T=" + std::to_string(p.T) + " E=" + std::to_string(p.E) +
                                " k_max=" + std::to_string(p.k_max));
   if (p.logits_stride < p.E) cpu::fail("route_cpu", "logits_stride " + std::to_string(p.logits_stride) + " < E");
   const int32_t k = *p.k;
-  if (k < 0 || k > p.k_max)
-    cpu::fail("route_cpu", "k=" + std::to_string(k) + " outside [0, k_max=" + std::to_string(p.k_max) + "]");
+  if (k < 0 || k > p.k_max || k > p.E)
+    cpu::fail("route_cpu", "k=" + std::to_string(k) + " outside [0, min(k_max=" + std::to_string(p.k_max) +
+                               ", E=" + std::to_string(p.E) + ")]");
   const int32_t forced = p.force_expert ? *p.force_expert : -1;
   if (forced < -1 || forced >= p.E)
     cpu::fail("route_cpu", "force_expert=" + std::to_string(forced) + " outside [-1, E)");

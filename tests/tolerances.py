@@ -1,0 +1,44 @@
+"""The one tolerance table of the test suite: (what, dtype) -> (atol, rtol).
+
+Why these numbers:
+- data movement (align, ids) is compared bit for bit; it has no entry here.
+- route weights are fp32 softmax probabilities; kernels may use exp approximations or another
+  summation order: 1e-6 absolute.
+- expert_ffn / combine in bf16: inputs ~N(0, 0.1), fp32 accumulation, outputs rounded to bf16
+  (one bf16 step is 2^-8 relative): atol 2e-2, rtol 2e-2 (vLLM's bar), plus the global metric
+  below, which catches a wrong row that the element-wise bound would forgive.
+- model logits: fp32 runs the same math in another order (SDPA vs explicit softmax,
+  fp32 vs ascending-expert accumulation): 1e-4. bf16: the oracle follows the remote code
+  (bf16 router softmax, bf16 accumulation in expert order) while the engine uses fp32; logits
+  move by a few bf16 steps of the logit scale, and near-ties may pick another expert.
+"""
+import torch
+
+TOL = {
+    ("route_weights", torch.float32): (1e-6, 1e-5),
+    ("expert_ffn", torch.float32): (1e-5, 1e-5),
+    ("expert_ffn", torch.bfloat16): (2e-2, 2e-2),
+    ("combine", torch.float32): (1e-6, 1e-6),
+    ("combine", torch.bfloat16): (1e-2, 1e-2),
+    ("model_logits", torch.float32): (1e-4, 1e-4),
+    ("model_logits", torch.bfloat16): (1.5e-1, 5e-2),
+    ("model_logits_vs_backend", torch.float32): (1e-4, 1e-4),
+    ("model_logits_vs_backend", torch.bfloat16): (1e-1, 5e-2),
+}
+
+# Global similarity bar for bf16 tensors (DeepGEMM's 1 - 2*sum(xy)/sum(x^2+y^2)).
+GLOBAL_DIFF = {torch.float32: 1e-8, torch.bfloat16: 1e-4}
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return 0.0 if denom == 0 else float(1 - 2 * (x * y).sum() / denom)
+
+
+def assert_close(actual, expected, what: str, dtype: torch.dtype, case: str = ""):
+    atol, rtol = TOL[(what, dtype)]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what} [{case}] dtype={dtype}: {m}")
+    d = calc_diff(actual, expected)
+    assert d <= GLOBAL_DIFF[dtype], f"{what} [{case}] dtype={dtype}: global diff {d:.3g} > {GLOBAL_DIFF[dtype]}"
