@@ -20,7 +20,7 @@ using namespace moe;
       #f, [](const S& s) { return reinterpret_cast<std::uintptr_t>(s.f); },    \
       [](S& s, std::uintptr_t v) { s.f = reinterpret_cast<decltype(S::f)>(v); })
 #define MOE_VAL(cls, S, f) cls.def_readwrite(#f, &S::f)
-#define MOE_STREAM(fn) [](const auto& p, std::uintptr_t stream) { fn(p, reinterpret_cast<void*>(stream)); }
+#define MOE_STREAM(fn, P) [](const P& p, std::uintptr_t stream) { fn(p, reinterpret_cast<void*>(stream)); }
 
 PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   // module_local: _C and _C_emu register the same C++ types in one process.
@@ -79,9 +79,9 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(linear, LinearParams, K);
 
 #if defined(MOE_WITH_CUDA)
-  m.def("route_cuda", MOE_STREAM(route_cuda), py::arg("p"), py::arg("stream") = 0);
-  m.def("align_cuda", MOE_STREAM(align_cuda), py::arg("p"), py::arg("stream") = 0);
-  m.def("combine_cuda", MOE_STREAM(combine_cuda), py::arg("p"), py::arg("stream") = 0);
+  m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0);
 #endif
 #if !defined(MOE_EMU)
   m.def("route_cpu", &route_cpu);

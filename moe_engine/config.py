@@ -220,7 +220,8 @@ class ModelConfig:
 
 
 def _rope_scaling(v: Any, source: str) -> RopeScaling | None:
-    """Parse HF `rope_scaling`: null, or {"type" (or "rope_type"): linear|dynamic, "factor": f>=1}."""
+    """Parse HF `rope_scaling`: null, or {"type" (or "rope_type"): linear|dynamic,
+    "factor": f >= 1}."""
     if v is None or isinstance(v, RopeScaling):
         return v
     supported = ('null or {"type": "linear"|"dynamic", "factor": f >= 1}')

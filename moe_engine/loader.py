@@ -11,6 +11,7 @@ not half way through a 32 GB load or inside safetensors.
 Then tensors are read one at a time through `safetensors.safe_open` (memory mapped), cast to the
 requested dtype and copied into preallocated destinations: each expert's gate/up/down lands in its
 slice of the packed [E, 2F, D] / [E, D, F] tensors, so peak memory is the model plus one tensor.
+The result owns its memory (nothing aliases the mapped files).
 
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
@@ -58,7 +59,8 @@ class CheckpointError(ValueError):
 
 @dataclass
 class DenseMLPWeights:
-    """SwiGLU MLP `down(silu(gate(x)) * up(x))`: layer-0 dense MLP (F = I) or shared experts (F = S)."""
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))`: a dense layer's MLP (F = I) or the shared
+    experts (F = S)."""
 
     gate_up: Tensor  # [2F, D]: rows [0:F] = gate_proj, rows [F:2F] = up_proj
     down: Tensor     # [D, F]
@@ -167,7 +169,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
             ok = (isinstance(dtype, str) and all(type(s) is int and s >= 0 for s in shape)
                   and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (TypeError, KeyError, ValueError):
@@ -230,8 +233,9 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
         headers[shard] = read_safetensors_header(shard)
         absent = [n for n in names if n not in headers[shard]]
         if absent:
-            raise CheckpointError(f"{listing}: names shard {shard.name} for tensor {absent[0]}, "
-                                  f"but {shard} does not hold it ({len(absent)} such tensors)")
+            raise CheckpointError(
+                f"{listing}: names shard {shard.name} for tensor {absent[0]}, but {shard} does "
+                f"not hold it ({len(absent)} tensor(s) affected)")
 
     layout = checkpoint_layout(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -301,7 +305,11 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             return t
 
         def whole(name: str) -> Tensor:
-            return read(name).to(device=device, dtype=dtype).contiguous()
+            t = read(name)
+            out = t.to(device=device, dtype=dtype).contiguous()
+            # get_tensor maps the file: own the memory, so rewriting the checkpoint later cannot
+            # change (or, if truncated, SIGBUS) a loaded model.
+            return out.clone() if out is t else out
 
         def into(dst: Tensor, name: str) -> None:
             dst.copy_(read(name))

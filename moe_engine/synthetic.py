@@ -7,7 +7,7 @@ shards, as in the real 16B checkpoint), tokenizer.json, tokenizer_config.json (w
 chat template) and generation_config.json.
 
 - Weights: tensor names and shapes come from `loader.checkpoint_layout` (one place for the layout).
-  Each tensor is drawn from its own generator seeded by (seed, crc32(name)), so a seed gives the
+  Each tensor is drawn from its own generator seeded by (seed, name), so a seed gives the
   same weights whatever the sharding. Linear weights ~ N(0, 1/fan_in); norms 1 + N(0, 0.02²);
   the router N(0, (2/√D)²) so softmax logits have std ~2 and routing is far from uniform
   (top-1 probability ~0.2 of 64 experts, like the real model's peaky routers).
@@ -31,11 +31,10 @@ import json
 import math
 import re
 import warnings
-import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import ModelConfig
@@ -46,8 +45,8 @@ EOS_TOKEN = "<｜end▁of▁sentence｜>"
 
 # The chat template of deepseek-moe-16b-chat's tokenizer_config.json, verbatim.
 CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if not add_generation_prompt is defined %}"
+    "{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
     "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
     "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
@@ -109,10 +108,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float32": "F32"}
-_TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_ITEMSIZE = {"bfloat16": 2, "float32": 4}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _NORM_NOISE = 0.02
 _ROUTER_GAIN = 2.0
+_WRITE_CHUNK = 1 << 22  # elements converted and written at a time
 
 
 def make_checkpoint(out_dir: str | Path, preset_or_config_dict: str | dict[str, Any], *,
@@ -124,7 +124,10 @@ def make_checkpoint(out_dir: str | Path, preset_or_config_dict: str | dict[str, 
     published 16B config). `layers` sets num_hidden_layers; `overrides` is applied last.
     The bos/eos/pad ids always come from the generated tokenizer."""
     if dtype not in _SAFETENSORS_DTYPE:
-        raise ValueError(f"dtype {dtype!r} not supported; use one of {', '.join(_SAFETENSORS_DTYPE)}")
+        raise ValueError(f"dtype {dtype!r} not supported; "
+                         f"use one of {', '.join(_SAFETENSORS_DTYPE)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed = {seed!r} must be a non-negative integer")
     if isinstance(preset_or_config_dict, str):
         if preset_or_config_dict not in PRESETS:
             raise ValueError(f"unknown preset {preset_or_config_dict!r}; "
@@ -165,15 +168,19 @@ def make_checkpoint(out_dir: str | Path, preset_or_config_dict: str | dict[str, 
 
 # ---- weights ----------------------------------------------------------------------------------
 
-def _init_tensor(name: str, shape: tuple[int, ...], config: ModelConfig, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
-    t = torch.randn(shape, generator=g)
+def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """float32 init of one tensor (numpy, single-threaded: torch's thread pool stalls on the
+    thousands of small expert tensors when the machine's cores are busy)."""
+    # torch's CPU generator keeps only 32 seed bits; numpy's SeedSequence takes the whole name.
+    rng = np.random.default_rng([seed, int.from_bytes(name.encode(), "little")])
+    t = rng.standard_normal(shape, dtype=np.float32)
     if len(shape) == 1:  # RMSNorm weight
-        return t.mul_(_NORM_NOISE).add_(1.0)
-    if name == "model.embed_tokens.weight":
-        return t  # followed by RMSNorm: only direction matters
-    gain = _ROUTER_GAIN if name.endswith("mlp.gate.weight") else 1.0
-    return t.mul_(gain / math.sqrt(shape[1]))
+        t *= _NORM_NOISE
+        t += 1.0
+    elif name != "model.embed_tokens.weight":  # the embedding feeds an RMSNorm: any scale works
+        gain = _ROUTER_GAIN if name.endswith("mlp.gate.weight") else 1.0
+        t *= np.float32(gain / math.sqrt(shape[1]))
+    return t
 
 
 def _shard_bounds(names: list[str], nbytes: list[int], shards: int) -> list[int]:
@@ -209,8 +216,7 @@ def _write_weights(out: Path, config: ModelConfig, *, seed: int, shards: int, dt
     if config.tie_word_embeddings:
         del layout["lm_head.weight"]  # HF does not save the tied copy
     names = list(layout)
-    itemsize = torch.empty((), dtype=_TORCH_DTYPE[dtype]).element_size()
-    nbytes = [math.prod(layout[x]) * itemsize for x in names]
+    nbytes = [math.prod(layout[x]) * _ITEMSIZE[dtype] for x in names]
     bounds = [0, *_shard_bounds(names, nbytes, shards), len(names)]
     files = ([SINGLE_FILE] if shards == 1 else
              [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)])
@@ -220,7 +226,7 @@ def _write_weights(out: Path, config: ModelConfig, *, seed: int, shards: int, dt
     for fname, lo, hi in zip(files, bounds, bounds[1:]):
         group = names[lo:hi]
         write_safetensors(out / fname, [(x, layout[x]) for x in group], dtype,
-                          lambda x, shape: _init_tensor(x, shape, config, seed))
+                          lambda x, shape: _init_tensor(x, shape, seed))
         weight_map.update({x: fname for x in group})
     if shards > 1:
         _write_json(out / INDEX_FILE, {"metadata": {"total_size": sum(nbytes)},
@@ -228,11 +234,10 @@ def _write_weights(out: Path, config: ModelConfig, *, seed: int, shards: int, dt
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: str,
-                      make) -> None:
+                      make: Callable[[str, tuple[int, ...]], np.ndarray]) -> None:
     """Write a .safetensors file holding `entries` (name, shape) in order, calling
-    `make(name, shape)` for one tensor at a time so only one is ever in memory."""
-    torch_dtype = _TORCH_DTYPE[dtype]
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    `make(name, shape) -> float32 array` for one tensor at a time so only one is in memory."""
+    itemsize = _ITEMSIZE[dtype]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in entries:
@@ -246,9 +251,20 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...]]], dt
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name, shape in entries:
-            t = make(name, shape).to(torch_dtype).contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            flat = np.ascontiguousarray(make(name, shape), dtype=np.float32).reshape(-1)
+            for lo in range(0, flat.size, _WRITE_CHUNK):  # bounds the conversion temporaries
+                t = flat[lo:lo + _WRITE_CHUNK]
+                out = _bf16_bits(t).astype("<u2", copy=False) if dtype == "bfloat16" else \
+                    t.astype("<f4", copy=False)  # safetensors is little-endian; no copy on x86/ARM
+                f.write(out.data)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even (as torch's .to(bfloat16) for
+    finite values; the init never makes NaN)."""
+    u = x.view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            ).astype(np.uint16)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,62 @@
+"""Shared fixtures: small random checkpoints built once per test session (moe_engine.synthetic).
+
+Set MOE_ENGINE_REQUIRE_BACKENDS=cpu,emu (CI does) to fail instead of skipping when a compiled
+backend is missing, so a broken build can never pass as "skipped".
+"""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_engine.ops import available_backends
+from moe_engine.synthetic import make_checkpoint
+
+
+def pytest_sessionstart(session):
+    required = [b for b in os.environ.get("MOE_ENGINE_REQUIRE_BACKENDS", "").split(",") if b]
+    missing = [b for b in required if b not in available_backends()]
+    if missing:
+        raise pytest.UsageError(f"MOE_ENGINE_REQUIRE_BACKENDS names {missing}, which are not available "
+                                f"here (available: {available_backends()})")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """`tiny` preset (3 layers: dense + 2 MoE, 8 experts top-2, 2 shared), one
+    model.safetensors, bf16. Read-only: copy it before mutating."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+tiny_dir = tiny_ckpt
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_sharded(tmp_path_factory) -> Path:
+    """`tiny` preset in 3 shards + index (same seed, so the same weights as tiny_ckpt)."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-sharded"), "tiny", shards=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny32"), "tiny", seed=1, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_fp32_dir):
+    import moe_engine
+    return moe_engine.load(tiny_fp32_dir, dtype="float32", backend="torch", progress=False)
+
+
+@pytest.fixture
+def copy_ckpt(tmp_path):
+    """copy_ckpt(src) -> a private, mutable copy of a checkpoint directory."""
+    def copy(src: Path) -> Path:
+        return Path(shutil.copytree(src, tmp_path / src.name))
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
