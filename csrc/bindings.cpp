@@ -78,6 +78,22 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(linear, LinearParams, dtype); MOE_VAL(linear, LinearParams, T); MOE_VAL(linear, LinearParams, N);
   MOE_VAL(linear, LinearParams, K);
 
+  py::class_<MoELayerParams> layer(m, "MoELayerParams", py::module_local());
+  layer.def(py::init<>());
+  MOE_PTR(layer, MoELayerParams, x); MOE_PTR(layer, MoELayerParams, residual); MOE_PTR(layer, MoELayerParams, router);
+  MOE_PTR(layer, MoELayerParams, w13); MOE_PTR(layer, MoELayerParams, w2);
+  MOE_PTR(layer, MoELayerParams, shared_w13); MOE_PTR(layer, MoELayerParams, shared_w2);
+  MOE_PTR(layer, MoELayerParams, k); MOE_PTR(layer, MoELayerParams, expert_mask); MOE_VAL(layer, MoELayerParams, mask_mode);
+  MOE_PTR(layer, MoELayerParams, force_expert); MOE_VAL(layer, MoELayerParams, renormalize);
+  MOE_PTR(layer, MoELayerParams, router_logits); MOE_PTR(layer, MoELayerParams, topk_ids);
+  MOE_PTR(layer, MoELayerParams, topk_weights); MOE_PTR(layer, MoELayerParams, router_probs);
+  MOE_PTR(layer, MoELayerParams, usage_counts); MOE_PTR(layer, MoELayerParams, expert_out);
+  MOE_PTR(layer, MoELayerParams, shared_out); MOE_PTR(layer, MoELayerParams, shared_ids);
+  MOE_PTR(layer, MoELayerParams, routed_out); MOE_PTR(layer, MoELayerParams, out);
+  MOE_PTR(layer, MoELayerParams, workspace); MOE_VAL(layer, MoELayerParams, dtype);
+  MOE_VAL(layer, MoELayerParams, T); MOE_VAL(layer, MoELayerParams, D); MOE_VAL(layer, MoELayerParams, E);
+  MOE_VAL(layer, MoELayerParams, F); MOE_VAL(layer, MoELayerParams, S); MOE_VAL(layer, MoELayerParams, k_max);
+
 #if defined(MOE_WITH_CUDA)
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
   m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
@@ -90,6 +106,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("pack_weights_cpu", &pack_weights_cpu);
   m.def("expert_ffn_cpu", &expert_ffn_cpu);
   m.def("linear_cpu", &linear_cpu);
+  m.def("moe_layer_cpu", &moe_layer_cpu);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

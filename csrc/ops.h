@@ -125,4 +125,41 @@ void pack_weights_cpu(const PackParams& p);
 void expert_ffn_cpu(const ExpertFFNParams& p);
 void linear_cpu(const LinearParams& p);
 
+// moe_layer: the whole MoE FFN of one layer for the cpu backend in one call (decode: the Python
+// work per layer is one attribute write and one call). In order, with the ops above:
+//   router_logits = linear(x, router)                     [T, E]   dtype
+//   route(router_logits, *k, expert_mask, force_expert)   -> topk_ids, topk_weights, router_probs
+//   expert_out = expert_ffn(x, experts)                   [T, k_max, D]
+//   shared_out = expert_ffn(x, shared, every token -> expert 0)   [T, D] (when shared_w13)
+//   out = combine(expert_out, topk_weights, shared_out, residual) -> routed_out tap
+// Every intermediate is a caller buffer, so the taps can be read after the call.
+struct MoELayerParams {
+  const void* x;               // [T, D] dtype, the post-attention RMSNorm output
+  const void* residual;        // [T, D] dtype; may alias out
+  const void* router;          // packed [E, D]
+  const void* w13;             // packed experts gate|up
+  const void* w2;              // packed experts down
+  const void* shared_w13;      // packed shared gate|up (E = 1, F = S); nullable
+  const void* shared_w2;       // packed shared down; nullable
+  const int32_t* k;            // [1] runtime top-k
+  const uint8_t* expert_mask;  // [E]; nullable
+  MaskMode mask_mode;
+  const int32_t* force_expert; // [1]; nullable
+  bool renormalize;
+  void* router_logits;         // [T, E] dtype
+  int32_t* topk_ids;           // [T, k_max]
+  float* topk_weights;         // [T, k_max]
+  float* router_probs;         // [T, E]; nullable
+  int32_t* usage_counts;       // [E]; nullable
+  void* expert_out;            // [T, k_max, D] dtype
+  void* shared_out;            // [T, D] dtype (when shared_w13)
+  int32_t* shared_ids;         // [T] all 0 (when shared_w13)
+  void* routed_out;            // [T, D] dtype; nullable
+  void* out;                   // [T, D] dtype
+  void* workspace;             // max of expert_ffn_workspace_bytes(T, k_max, E, F) and (T, 1, 1, S)
+  DType dtype;
+  int32_t T, D, E, F, S, k_max;
+};
+void moe_layer_cpu(const MoELayerParams& p);
+
 }  // namespace moe
