@@ -9,7 +9,7 @@ buffer width of this call, F expert width, S shared width.
     topk_ids, topk_weights, router_probs = route(router_logits, K, mask, force, renormalize)
     expert_out[t, j] = FFN_{topk_ids[t, j]}(u[t])   [N, k_max, D]  unweighted (the lens tap)
     shared_out = FFN_shared(u)                      [N, D]   (torch GEMMs: a dense SwiGLU;
-                                                              cpu, few tokens: the expert kernel)
+                                                              cpu: the expert kernel, E = 1)
     resid_post = combine(expert_out, topk_weights, shared_out, residual=resid_mid)
 
 Taps written here: blocks.{l}.moe.hook_in, hook_router_logits, hook_router_probs,
@@ -24,9 +24,10 @@ import torch
 
 from .interventions import Routing
 from .loader import MoEWeights
-from .cpu_weights import CpuMoEWeights, ffn, linear
+from .cpu_weights import CpuMoEWeights
 from .ops.combine import combine
-from .ops.expert_ffn import expert_ffn
+from .ops.expert_ffn import expert_ffn, expert_ffn_cpu, swiglu
+from .ops.packed import linear_cpu
 from .ops.route import route
 
 
@@ -49,7 +50,10 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         return cpu.fused(u, resid_mid, k, routing.k_max, routing.controls(l), routing.mask_mode,
                          routing.renormalize, usage)
     u = t(pre + "hook_in", u)
-    logits = t(pre + "hook_router_logits", linear(u, w.router, None if cpu is None else cpu.router))
+    # cpu: the router and shared MLP always run on the packed kernels (any N), so the fused call
+    # and this op-by-op path give the same bits.
+    router_logits = u @ w.router.t() if cpu is None else linear_cpu(u, cpu.router)
+    logits = t(pre + "hook_router_logits", router_logits)
     ids, weights, probs = route(
         logits, k, k_max=routing.k_max, expert_mask=routing.layer_mask(l), mask_mode=routing.mask_mode,
         force_expert=routing.force[l], renormalize=routing.renormalize, backend=backend,
@@ -69,7 +73,11 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         expert_out = _patch_cols(t, pre + "hook_expert_out", expert_out, k)
     shared_out = None
     if w.shared is not None:
-        shared = ffn(u, w.shared.gate_up, w.shared.down, None if cpu is None else cpu.shared)
+        if cpu is None:
+            shared = swiglu(u, w.shared.gate_up, w.shared.down)
+        else:
+            every_token = torch.zeros((u.shape[0], 1), dtype=torch.int32)
+            shared = expert_ffn_cpu(u, every_token, cpu.shared).view(u.shape)
         shared_out = t(pre + "hook_shared_out", shared)
     want_routed = want(pre + "hook_routed_out") or want(f"blocks.{l}.hook_mlp_out")
     out, routed = combine(expert_out, weights, ids, shared_out, resid_mid, backend=backend,
