@@ -94,6 +94,14 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(layer, MoELayerParams, T); MOE_VAL(layer, MoELayerParams, D); MOE_VAL(layer, MoELayerParams, E);
   MOE_VAL(layer, MoELayerParams, F); MOE_VAL(layer, MoELayerParams, S); MOE_VAL(layer, MoELayerParams, k_max);
 
+  py::class_<AttnDecodeParams> attn(m, "AttnDecodeParams", py::module_local());
+  attn.def(py::init<>());
+  MOE_PTR(attn, AttnDecodeParams, q); MOE_PTR(attn, AttnDecodeParams, k_cache); MOE_PTR(attn, AttnDecodeParams, v_cache);
+  MOE_PTR(attn, AttnDecodeParams, valid); MOE_PTR(attn, AttnDecodeParams, out); MOE_PTR(attn, AttnDecodeParams, workspace);
+  MOE_VAL(attn, AttnDecodeParams, scale); MOE_VAL(attn, AttnDecodeParams, dtype); MOE_VAL(attn, AttnDecodeParams, B);
+  MOE_VAL(attn, AttnDecodeParams, H); MOE_VAL(attn, AttnDecodeParams, Hkv); MOE_VAL(attn, AttnDecodeParams, hd);
+  MOE_VAL(attn, AttnDecodeParams, S); MOE_VAL(attn, AttnDecodeParams, S_cap); MOE_VAL(attn, AttnDecodeParams, valid_stride);
+
 #if defined(MOE_WITH_CUDA)
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
   m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
@@ -107,6 +115,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("expert_ffn_cpu", &expert_ffn_cpu);
   m.def("linear_cpu", &linear_cpu);
   m.def("moe_layer_cpu", &moe_layer_cpu);
+  m.def("attention_decode_cpu", &attention_decode_cpu);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

@@ -162,4 +162,21 @@ struct MoELayerParams {
 };
 void moe_layer_cpu(const MoELayerParams& p);
 
+// attention_decode: one new query per sequence against its KV cache (the decode step of the cpu
+// backend; PyTorch's CPU SDPA costs ~10x the cache read at these sizes, bench/kernels.py).
+//   out[b,h] = sum_s softmax_s(scale * q[b,h].k[b,g,s]) v[b,g,s],  g = h / (H / Hkv),
+//   over s < S with valid[b,s] or s == S-1 (the query's own column); fp32 math.
+struct AttnDecodeParams {
+  const void* q;          // [B, H, hd] dtype
+  const void* k_cache;    // [B, Hkv, S_cap, hd] dtype (one layer)
+  const void* v_cache;    // [B, Hkv, S_cap, hd] dtype
+  const uint8_t* valid;   // [B, valid_stride] nonzero = a real key
+  void* out;              // [B, H, hd] dtype
+  float* workspace;       // [B * H * S] fp32 scores
+  float scale;
+  DType dtype;
+  int32_t B, H, Hkv, hd, S, S_cap, valid_stride;
+};
+void attention_decode_cpu(const AttnDecodeParams& p);
+
 }  // namespace moe

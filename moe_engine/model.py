@@ -27,6 +27,7 @@ from .loader import ModelWeights, MoEWeights, load_checkpoint
 from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear
 from .moe import moe_layer
 from .ops import backend as B
+from .ops.attention import attention_decode_cpu
 from .taps import Capture, TokenIndex, all_tap_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -318,6 +319,10 @@ class Model:
         k = k * cs + rotate_half(k) * sn
         cache.k[l, :, :, start:start + T] = k
         cache.v[l, :, :, start:start + T] = v
+        if lc is not None and T == 1:  # cpu backend, decode: one pass over the cache
+            o = attention_decode_cpu(q.reshape(Bsz, H, hd), cache.k[l], cache.v[l], cache.valid,
+                                     start + 1, 1.0 / math.sqrt(hd))
+            return linear(o.view(Bsz, T, H * hd), lw.o, lc.o)
         keys = cache.k[l, :, :, :start + T]
         vals = cache.v[l, :, :, :start + T]
         if Hkv != H:

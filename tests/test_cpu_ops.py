@@ -189,3 +189,23 @@ def test_one_and_two_threads_give_the_same_bits(dtype):
             runs.append((*r, eo, *c, linear_cpu(x, lin_w)))
     for a, b in zip(*runs):
         assert torch.equal(a, b), "1 vs 2 threads differ"
+
+
+# ---- attention_decode --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("B,H,Hkv,hd,S,S_cap", [(1, 8, 8, 64, 1, 4), (2, 4, 2, 16, 17, 40), (3, 2, 1, 128, 257, 260)])
+def test_attention_decode_matches_sdpa(dtype, B, H, Hkv, hd, S, S_cap):
+    import math
+
+    from moe_engine.ops.attention import attention_decode_cpu
+    q = torch.randn(B, H, hd).to(dtype)
+    kc, vc = torch.randn(B, Hkv, S_cap, hd).to(dtype), torch.randn(B, Hkv, S_cap, hd).to(dtype)
+    valid = torch.rand(B, S_cap) > 0.3  # left padding and holes: only valid keys count
+    out = attention_decode_cpu(q, kc, vc, valid, S, 1 / math.sqrt(hd))
+    mask = valid[:, :S].clone()
+    mask[:, S - 1] = True
+    keys = kc[:, :, :S].repeat_interleave(H // Hkv, 1).float()
+    vals = vc[:, :, :S].repeat_interleave(H // Hkv, 1).float()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :], scale=1 / math.sqrt(hd))
+    assert_close(out, ref.squeeze(2).to(dtype), "combine", dtype, f"attention B={B} H={H} S={S}")
