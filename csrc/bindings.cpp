@@ -102,6 +102,23 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(attn, AttnDecodeParams, H); MOE_VAL(attn, AttnDecodeParams, Hkv); MOE_VAL(attn, AttnDecodeParams, hd);
   MOE_VAL(attn, AttnDecodeParams, S); MOE_VAL(attn, AttnDecodeParams, S_cap); MOE_VAL(attn, AttnDecodeParams, valid_stride);
 
+  py::class_<AttnBlockParams> ablk(m, "AttnBlockParams", py::module_local());
+  ablk.def(py::init<>());
+  MOE_PTR(ablk, AttnBlockParams, x); MOE_PTR(ablk, AttnBlockParams, qkv); MOE_PTR(ablk, AttnBlockParams, o);
+  MOE_PTR(ablk, AttnBlockParams, cos); MOE_PTR(ablk, AttnBlockParams, sin); MOE_PTR(ablk, AttnBlockParams, k_cache);
+  MOE_PTR(ablk, AttnBlockParams, v_cache); MOE_PTR(ablk, AttnBlockParams, valid); MOE_PTR(ablk, AttnBlockParams, qkv_buf);
+  MOE_PTR(ablk, AttnBlockParams, attn_buf); MOE_PTR(ablk, AttnBlockParams, scores); MOE_PTR(ablk, AttnBlockParams, out);
+  MOE_VAL(ablk, AttnBlockParams, scale); MOE_VAL(ablk, AttnBlockParams, dtype); MOE_VAL(ablk, AttnBlockParams, B);
+  MOE_VAL(ablk, AttnBlockParams, D); MOE_VAL(ablk, AttnBlockParams, H); MOE_VAL(ablk, AttnBlockParams, Hkv);
+  MOE_VAL(ablk, AttnBlockParams, hd); MOE_VAL(ablk, AttnBlockParams, pos); MOE_VAL(ablk, AttnBlockParams, S_cap);
+  MOE_VAL(ablk, AttnBlockParams, valid_stride);
+
+  py::class_<RMSNormParams> rms(m, "RMSNormParams", py::module_local());
+  rms.def(py::init<>());
+  MOE_PTR(rms, RMSNormParams, x); MOE_PTR(rms, RMSNormParams, w); MOE_PTR(rms, RMSNormParams, out);
+  MOE_VAL(rms, RMSNormParams, eps); MOE_VAL(rms, RMSNormParams, dtype); MOE_VAL(rms, RMSNormParams, T);
+  MOE_VAL(rms, RMSNormParams, D);
+
 #if defined(MOE_WITH_CUDA)
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
   m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
@@ -116,6 +133,8 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("linear_cpu", &linear_cpu);
   m.def("moe_layer_cpu", &moe_layer_cpu);
   m.def("attention_decode_cpu", &attention_decode_cpu);
+  m.def("attention_block_decode_cpu", &attention_block_decode_cpu);
+  m.def("rms_norm_cpu", &rms_norm_cpu);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

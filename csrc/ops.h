@@ -179,4 +179,38 @@ struct AttnDecodeParams {
 };
 void attention_decode_cpu(const AttnDecodeParams& p);
 
+// attention_block_decode: a decoder layer's whole attention for one new token per sequence
+// (cpu backend decode; replaces ~30 small torch ops per layer):
+//   q|k|v = linear(x, qkv); q, k = rope(q, k) (rotate-half layout, each op rounded to dtype as
+//   the model's torch code does); cache[:, :, pos] = k, v; o = attention_decode; out = linear(o, o_w)
+struct AttnBlockParams {
+  const void* x;          // [B, D] dtype, the input RMSNorm output
+  const void* qkv;        // packed [(H + 2 Hkv) hd, D]
+  const void* o;          // packed [D, H hd]
+  const void* cos;        // [B, hd] dtype
+  const void* sin;        // [B, hd] dtype
+  void* k_cache;          // [B, Hkv, S_cap, hd] dtype (this layer); column pos is written
+  void* v_cache;
+  const uint8_t* valid;   // [B, valid_stride]
+  void* qkv_buf;          // [B, (H + 2 Hkv) hd] dtype scratch
+  void* attn_buf;         // [B, H hd] dtype scratch
+  float* scores;          // [B * H * (pos + 1)] fp32 scratch
+  void* out;              // [B, D] dtype
+  float scale;
+  DType dtype;
+  int32_t B, D, H, Hkv, hd, pos, S_cap, valid_stride;
+};
+void attention_block_decode_cpu(const AttnBlockParams& p);
+
+// out = w * round_dt(x * rsqrt(mean(x^2) + eps)) (fp32 statistics, the model's rounding order).
+struct RMSNormParams {
+  const void* x;  // [T, D] dtype
+  const void* w;  // [D] dtype
+  void* out;      // [T, D] dtype
+  float eps;
+  DType dtype;
+  int32_t T, D;
+};
+void rms_norm_cpu(const RMSNormParams& p);
+
 }  // namespace moe

@@ -25,9 +25,10 @@ from .config import ModelConfig
 from .interventions import Interventions, Routing
 from .loader import ModelWeights, MoEWeights, load_checkpoint
 from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear
+from .cpu_weights import rms_norm as cpu_rms_norm
 from .moe import moe_layer
 from .ops import backend as B
-from .ops.attention import attention_decode_cpu
+from .ops.attention import attention_block_decode_cpu
 from .taps import Capture, TokenIndex, all_tap_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -198,26 +199,33 @@ class Model:
 
         w = self.weights
         cpu = self._cpu_weights() if be == "cpu" else None
+        norm = rms_norm if cpu is None else cpu_rms_norm
         x = w.embed[ids]                                          # [B, T, D]
         for l, lw in enumerate(w.layers):
             lc = None if cpu is None else cpu.layers[l]
             x = tap(f"blocks.{l}.hook_resid_pre", x)
-            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
+            h = norm(x, lw.input_norm, c.rms_norm_eps)
             a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask, lc)
             a = tap(f"blocks.{l}.hook_attn_out", a)
             x = tap(f"blocks.{l}.hook_resid_mid", x + a)
-            h = rms_norm(x, lw.post_attn_norm, c.rms_norm_eps)
+            h = norm(x, lw.post_attn_norm, c.rms_norm_eps)
             if isinstance(lw.mlp, MoEWeights):
-                hv = h.reshape(Bsz * T, -1).index_select(0, valid_index)
-                xv = x.reshape(Bsz * T, -1).index_select(0, valid_index)
+                all_valid = valid_index.numel() == Bsz * T
+                hv = h.reshape(Bsz * T, -1)
+                xv = x.reshape(Bsz * T, -1)
+                if not all_valid:
+                    hv, xv = hv.index_select(0, valid_index), xv.index_select(0, valid_index)
                 out_v = moe_layer(hv, xv, lw.mlp, routing, l, backend=be,
                                   tap=(lambda name, v: capture(name, v)) if capture is not None else None,
                                   wants=capture.wants if capture is not None else None,
                                   usage=None if usage is None else usage[l],
                                   cpu=None if lc is None else lc.moe)
-                y = x.reshape(Bsz * T, -1).clone()
-                y[valid_index] = out_v
-                x = y.view_as(x)
+                if all_valid:  # out_v is a fresh tensor: no copy needed
+                    x = out_v.view_as(x)
+                else:
+                    y = x.reshape(Bsz * T, -1).clone()
+                    y[valid_index] = out_v
+                    x = y.view_as(x)
             else:
                 m = ffn(h, lw.mlp.gate_up, lw.mlp.down, None if lc is None else lc.dense)
                 m = tap(f"blocks.{l}.hook_mlp_out", m)
@@ -230,7 +238,7 @@ class Model:
             x = x[:, -1:]
         elif logits != "all":
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
-        xn = rms_norm(x, w.final_norm, c.rms_norm_eps)
+        xn = norm(x, w.final_norm, c.rms_norm_eps)
         if capture is not None and logits == "all":
             xn = tap("hook_final_norm", xn)
         out = linear(xn, w.lm_head, None if cpu is None else cpu.lm_head).float()
@@ -307,7 +315,11 @@ class Model:
         c = self.config
         Bsz, T, _ = h.shape
         H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        if lc is not None and Bsz * T <= SMALL_N:  # cpu backend, decode: one packed q|k|v mat-vec
+        if lc is not None and T == 1:  # cpu backend, decode: the whole block in one C++ call
+            return attention_block_decode_cpu(
+                h.view(Bsz, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
+                start, H, Hkv, 1.0 / math.sqrt(hd)).view(Bsz, T, -1)
+        if lc is not None and Bsz * T <= SMALL_N:  # cpu backend, few tokens: one packed q|k|v mat-vec
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
             q, k, v = h @ lw.q.t(), h @ lw.k.t(), h @ lw.v.t()
@@ -319,10 +331,6 @@ class Model:
         k = k * cs + rotate_half(k) * sn
         cache.k[l, :, :, start:start + T] = k
         cache.v[l, :, :, start:start + T] = v
-        if lc is not None and T == 1:  # cpu backend, decode: one pass over the cache
-            o = attention_decode_cpu(q.reshape(Bsz, H, hd), cache.k[l], cache.v[l], cache.valid,
-                                     start + 1, 1.0 / math.sqrt(hd))
-            return linear(o.view(Bsz, T, H * hd), lw.o, lc.o)
         keys = cache.k[l, :, :, :start + T]
         vals = cache.v[l, :, :, :start + T]
         if Hkv != H:

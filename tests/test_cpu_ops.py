@@ -208,4 +208,4 @@ def test_attention_decode_matches_sdpa(dtype, B, H, Hkv, hd, S, S_cap):
     vals = vc[:, :, :S].repeat_interleave(H // Hkv, 1).float()
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float().unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :], scale=1 / math.sqrt(hd))
-    assert_close(out, ref.squeeze(2).to(dtype), "combine", dtype, f"attention B={B} H={H} S={S}")
+    assert_close(out, ref.squeeze(2).to(dtype), "attention_decode", dtype, f"attention B={B} H={H} S={S}")

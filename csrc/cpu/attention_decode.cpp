@@ -78,3 +78,70 @@ void attention_decode_cpu(const AttnDecodeParams& p) {
 }
 
 }  // namespace moe
+
+namespace moe {
+namespace {
+// The model's torch code rounds after every elementwise op in the model dtype; so does this.
+inline float rnd(DType dt, float v) { return dt == DType::f32 ? v : cpu::bf16_to_f32(cpu::f32_to_bf16(v)); }
+}  // namespace
+
+void attention_block_decode_cpu(const AttnBlockParams& p) {
+  const int64_t B = p.B, H = p.H, Hkv = p.Hkv, hd = p.hd, half = p.hd / 2;
+  const int64_t nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv;
+  const DType dt = p.dtype;
+  if (p.pos < 0 || p.pos >= p.S_cap || hd % 2)
+    cpu::fail("attention_block_decode_cpu", "pos=" + std::to_string(p.pos) + " S_cap=" +
+                                                std::to_string(p.S_cap) + " hd=" + std::to_string(hd));
+  linear_cpu(LinearParams{p.x, p.qkv, p.qkv_buf, dt, p.B, int32_t(nqkv), p.D});
+  // rope (rotate-half) on q and k heads in place; v copied; k and v written to the cache column
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = b * nqkv;
+    for (int64_t head = 0; head < H + Hkv; ++head) {
+      const int64_t base = row + head * hd;
+      float tmp[1024];
+      for (int64_t d = 0; d < hd; ++d) {
+        const float x = cpu::load(p.qkv_buf, dt, base + d);
+        const float rot = d < half ? -cpu::load(p.qkv_buf, dt, base + d + half)
+                                   : cpu::load(p.qkv_buf, dt, base + d - half);
+        const float c = cpu::load(p.cos, dt, b * hd + d), s = cpu::load(p.sin, dt, b * hd + d);
+        tmp[d] = rnd(dt, rnd(dt, x * c) + rnd(dt, rot * s));
+      }
+      for (int64_t d = 0; d < hd; ++d) cpu::store(p.qkv_buf, dt, base + d, tmp[d]);
+    }
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t dst = ((b * Hkv + g) * int64_t(p.S_cap) + p.pos) * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        cpu::store(p.k_cache, dt, dst + d, cpu::load(p.qkv_buf, dt, row + nq + g * hd + d));
+        cpu::store(p.v_cache, dt, dst + d, cpu::load(p.qkv_buf, dt, row + nq + nkv + g * hd + d));
+      }
+    }
+  }
+  // attention over the cache: q rows are strided by nqkv, so gather them into attn_buf first
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(static_cast<char*>(p.attn_buf) + b * nq * (dt == DType::f32 ? 4 : 2),
+                static_cast<const char*>(p.qkv_buf) + b * nqkv * (dt == DType::f32 ? 4 : 2),
+                nq * (dt == DType::f32 ? 4 : 2));
+  AttnDecodeParams a{p.attn_buf, p.k_cache, p.v_cache, p.valid, p.qkv_buf, p.scores, p.scale, dt,
+                     p.B, p.H, p.Hkv, p.hd, p.pos + 1, p.S_cap, p.valid_stride};
+  attention_decode_cpu(a);  // writes into qkv_buf (free again): [B, H hd]
+  linear_cpu(LinearParams{p.qkv_buf, p.o, p.out, dt, p.B, p.D, int32_t(nq)});
+}
+
+void rms_norm_cpu(const RMSNormParams& p) {
+  const int64_t T = p.T, D = p.D;
+#pragma omp parallel for schedule(static) if (T * D >= cpu::kParallelMinWork)
+  for (int64_t t = 0; t < T; ++t) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = cpu::load(p.x, p.dtype, t * D + d);
+      ss += v * v;
+    }
+    const float r = 1.f / std::sqrt(ss / float(D) + p.eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const float n = rnd(p.dtype, cpu::load(p.x, p.dtype, t * D + d) * r);
+      cpu::store(p.out, p.dtype, t * D + d, cpu::load(p.w, p.dtype, d) * n);
+    }
+  }
+}
+
+}  // namespace moe
