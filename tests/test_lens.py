@@ -316,6 +316,17 @@ def test_token_text_shows_partial_characters_as_bytes(tiny_fp32_dir):
         assert all(t.startswith("<") for t in texts)
 
 
+def test_cli_default_model_is_the_bundled_one(routing_dir, two_domains, tmp_path, monkeypatch):
+    """No --model: the model comes from moe_engine.model.default_model_dir() (pointed here at a
+    test checkpoint, so the test does not depend on the bundled assets)."""
+    import moe_engine.model
+    monkeypatch.setattr(moe_engine.model, "default_model_dir", lambda: routing_dir)
+    out = tmp_path / "default"
+    assert lens_main(["routing", "--out", str(out), "--backend", "torch", "--max-samples", "1",
+                      "--no-progress", str(two_domains / "digits.txt")]) == 0
+    assert json.loads((out / "routing.json").read_text())["model"]["path"] == str(routing_dir)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert lens_main(["routing", "--out", str(tmp_path), str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
