@@ -62,7 +62,6 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(pack, PackParams, src); MOE_PTR(pack, PackParams, dst); MOE_VAL(pack, PackParams, dtype);
   MOE_VAL(pack, PackParams, E); MOE_VAL(pack, PackParams, N); MOE_VAL(pack, PackParams, K);
   MOE_VAL(pack, PackParams, gate_up);
-  m.def("pack_size_bytes", &pack_size_bytes);
 
   py::class_<ExpertFFNParams> ffn(m, "ExpertFFNParams", py::module_local());
   ffn.def(py::init<>());
@@ -71,7 +70,6 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(ffn, ExpertFFNParams, workspace); MOE_VAL(ffn, ExpertFFNParams, dtype);
   MOE_VAL(ffn, ExpertFFNParams, T); MOE_VAL(ffn, ExpertFFNParams, k_max); MOE_VAL(ffn, ExpertFFNParams, D);
   MOE_VAL(ffn, ExpertFFNParams, F); MOE_VAL(ffn, ExpertFFNParams, E);
-  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
 
   py::class_<LinearParams> linear(m, "LinearParams", py::module_local());
   linear.def(py::init<>());
@@ -164,6 +162,8 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("attention_decode_cpu", &attention_decode_cpu);
   m.def("attention_block_decode_cpu", &attention_block_decode_cpu);
   m.def("rms_norm_cpu", &rms_norm_cpu);
+  m.def("pack_size_bytes", &pack_size_bytes);
+  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
