@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tolerances import TOL as PROJECT_TOL
 
 from moe_engine.model import Model
 from moe_engine.ops import available_backends
@@ -34,10 +35,28 @@ from moe_engine.synthetic import make_checkpoint
 # (idle threads spin-wait), and the results do not depend on it.
 torch.set_num_threads(1)
 
-BACKENDS = [pytest.param(b, marks=getattr(pytest.mark, b)) if b in ("emu", "cuda") else b
-            for b in available_backends()]   # -m "not emu" deselects the slow emulator
-# emu runs the CUDA kernels on the CPU: keep its shapes tiny; cuda needs the model on the GPU.
+# emu runs the CUDA kernels on the CPU (keep its shapes tiny); cuda needs the model on the GPU;
+# the CUDA kernels (so emu too) take bf16 only (DESIGN.md decision 4).
 DEVICE = {"torch": "cpu", "cpu": "cpu", "emu": "cpu", "cuda": "cuda"}
+DTYPES = {"torch": ("float32", "bfloat16"), "cpu": ("float32", "bfloat16"),
+          "emu": ("bfloat16",), "cuda": ("bfloat16",)}
+# Invariants between tensors the engine rounded separately to the model dtype (tolerances.py).
+TOL = {name: dict(atol=PROJECT_TOL["tap_invariant", dt][0], rtol=PROJECT_TOL["tap_invariant", dt][1])
+       for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+
+
+def _marks(b):
+    return [getattr(pytest.mark, b)] if b in ("emu", "cuda") else []   # -m "not emu" skips them
+
+
+BACKENDS = [pytest.param(b, marks=_marks(b)) for b in available_backends()]
+BACKEND_DTYPES = [pytest.param(b, d, marks=_marks(b), id=f"{b}-{d}")
+                  for b in available_backends() for d in DTYPES[b]]
+
+
+def dtype_of(backend: str) -> str:
+    """The most precise dtype a backend runs: fp32 where it can, else bf16."""
+    return DTYPES[backend][0]
 
 
 def edit_checkpoint(path: Path, fn) -> None:
@@ -56,7 +75,8 @@ def set_add_bos(path: Path, add: bool) -> None:
     p.write_text(json.dumps(c))
 
 
-def load(path, backend="torch", dtype="float32") -> Model:
+def load(path, backend="torch", dtype=None) -> Model:
+    dtype = dtype_of(backend) if dtype is None else dtype
     return Model.load(path, dtype=dtype, device=DEVICE[backend], backend=backend, progress=False)
 
 

@@ -3,8 +3,9 @@ expectation computed by hand here from the captured router logits (a per-row Pyt
 (-probability, expert id), independent of ops.route_ref), plus activation patching, the
 intervene() context, and isolation between calls.
 
-Tolerances: routing decisions and weights are compared exactly (they are fp32 softmax values of
-the same logits); sums the engine rounds to the model dtype use TOL.
+Tolerances: routing decisions are compared exactly and weights to 1e-6 (fp32 softmax values of
+the same captured logits); sums the engine rounds to the model dtype use TOL of that dtype (fp32
+on torch/cpu, bf16 on emu/cuda, whose kernels take bf16 only).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import threading
 
 import pytest
 import torch
-from _lens_helpers import BACKENDS, load
+from _lens_helpers import BACKENDS, TOL, dtype_of, load
+from tolerances import TOL as PROJECT_TOL
 
 from moe_engine import Capture, Interventions, Patch, TapRequest, intervene
 
-TOL = dict(rtol=1e-5, atol=1e-5)
 ROUTE_TAPS = [*(f"blocks.*.moe.hook_{t}" for t in ("router_logits", "topk_ids", "topk_weights",
                                                    "expert_out", "routed_out", "shared_out")),
               "blocks.*.hook_resid_mid", "blocks.*.hook_resid_post"]
@@ -24,10 +25,11 @@ PROMPTS = ("Interventions are data, not code", "k = 0 means shared experts only"
 _models: dict = {}
 
 
-def model_for(path, backend):
-    if backend not in _models:
-        _models[backend] = load(path, backend=backend)
-    return _models[backend]
+def model_for(path, backend, dtype=None):
+    dtype = dtype_of(backend) if dtype is None else dtype
+    if (backend, dtype) not in _models:
+        _models[backend, dtype] = load(path, backend=backend, dtype=dtype)
+    return _models[backend, dtype]
 
 
 def batch(model):
@@ -73,10 +75,11 @@ def check_layer(cap, l, k, **kw):
     torch.testing.assert_close(cap[m + "hook_topk_weights"].cpu(), w, rtol=1e-6, atol=1e-7)
     w, e = cap[m + "hook_topk_weights"], cap[m + "hook_expert_out"].float()
     routed = (w.unsqueeze(-1) * e).sum(1)
-    torch.testing.assert_close(cap[m + "hook_routed_out"].float(), routed, **TOL)
+    tol = TOL[str(cap[m + "hook_expert_out"].dtype).removeprefix("torch.")]
+    torch.testing.assert_close(cap[m + "hook_routed_out"].float(), routed, **tol)
     torch.testing.assert_close(cap[f"blocks.{l}.hook_resid_post"].float(),
                                cap[f"blocks.{l}.hook_resid_mid"].float() + routed
-                               + cap[m + "hook_shared_out"].float(), **TOL)
+                               + cap[m + "hook_shared_out"].float(), **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,7 +175,7 @@ def test_activation_patching(tiny_fp32_dir, backend):
     cap = Capture(TapRequest([name]), patches=[Patch(name, src[name][p:p + 1], positions=[p])])
     patched = model.forward(a, capture=cap, backend=backend)
     assert torch.equal(cap[name][p], src[name][p])
-    torch.testing.assert_close(patched[0, :p], clean[0, :p], **TOL)
+    torch.testing.assert_close(patched[0, :p], clean[0, :p], **TOL[dtype_of(backend)])
     assert not torch.equal(patched[0, p], clean[0, p])
     # zeroing layer 1's routing weights everywhere == top-k 0 on layer 1, bit for bit
     z = Capture(patches=[Patch("blocks.1.moe.hook_topk_weights", torch.zeros(1), positions="all")])
@@ -250,11 +253,25 @@ SETTINGS = [dict(), dict(topk=1), dict(topk={1: 0, 2: 8}), dict(expert_mask={1: 
 @pytest.mark.parametrize("backend", OTHER)
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_backend_matches_reference(tiny_fp32_dir, backend, setting):
-    """Every intervention gives the torch reference's routing and (within TOL) its logits."""
+    """Every intervention gives the torch reference's routing and its logits (tolerances.py,
+    model_logits_vs_backend) in the same dtype. In bf16 the second MoE layer's input carries
+    the first layer's kernel rounding, so a near-tie may go the other way there: mostly equal,
+    and the logits are compared on the tokens routed alike in every layer."""
     kw = SETTINGS[setting]
-    ref_logits, ref = run(model_for(tiny_fp32_dir, "torch"), "torch", **kw)
-    logits, cap = run(model_for(tiny_fp32_dir, backend), backend, **kw)
+    dtype = dtype_of(backend)
+    ref_logits, ref = run(model_for(tiny_fp32_dir, "torch", dtype), "torch", **kw)
+    logits, cap = run(model_for(tiny_fp32_dir, backend, dtype), backend, **kw)
+    alike = torch.ones(ref["blocks.1.moe.hook_topk_ids"].shape[0], dtype=torch.bool)
     for l in (1, 2):
         name = f"blocks.{l}.moe.hook_topk_ids"
-        assert torch.equal(cap[name].cpu(), ref[name]), f"{backend} {kw} layer {l}"
-    torch.testing.assert_close(logits.cpu(), ref_logits, **TOL)
+        same = (cap[name].cpu() == ref[name]).all(1)
+        alike &= same
+        frac = same.float().mean()
+        assert frac == 1.0 or (dtype == "bfloat16" and l > 1 and frac >= 0.9), \
+            f"{backend} {kw} layer {l}: {frac:.0%} of rows routed as the reference"
+    _, mask = batch(model_for(tiny_fp32_dir, "torch", dtype))
+    rows = mask.reshape(-1).nonzero().squeeze(1)[alike]          # token rows of [B * T, V]
+    V = logits.shape[-1]
+    atol, rtol = PROJECT_TOL["model_logits_vs_backend", getattr(torch, dtype)]
+    torch.testing.assert_close(logits.cpu().reshape(-1, V)[rows], ref_logits.reshape(-1, V)[rows],
+                               atol=atol, rtol=rtol)

@@ -2,8 +2,8 @@
 closed form, see _lens_helpers.py), the logit lens against the model's own output, corpus
 chunking, taps streamed to disk, and the CLI end to end on a tiny checkpoint (JSON + PNG).
 
-Tolerances: fp32 checkpoints; closed forms are float64, so 1e-5 relative on probabilities and
-cosines, 1e-4 on log-perplexities (sums over tokens).
+The known-answer tests run on every available backend, in fp32 where the backend can (torch,
+cpu) and bf16 on emu/cuda; closed forms are float64; tolerances.py ("lens_known_answer").
 """
 from __future__ import annotations
 
@@ -12,13 +12,20 @@ import math
 
 import pytest
 import torch
-from _lens_helpers import Analytic, analytic_dir, load, routing_dir  # noqa: F401 (fixtures)
+from _lens_helpers import (BACKENDS, Analytic, analytic_dir, dtype_of, load,  # noqa: F401
+                           routing_dir)
+from tolerances import TOL
 from PIL import Image
 
 from moe_engine import Capture, TapRequest, lens
 from moe_engine.lens.__main__ import main as lens_main
 
 A = Analytic
+
+
+def approx(expected, backend):
+    atol, rtol = TOL["lens_known_answer", getattr(torch, dtype_of(backend))]
+    return pytest.approx(expected, rel=rtol, abs=atol)
 
 
 # ---- 1. routing ------------------------------------------------------------------------------
@@ -33,10 +40,11 @@ def two_domains(tmp_path_factory):
     return d
 
 
-def test_routing_known_answer(routing_dir, two_domains):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_known_answer(routing_dir, two_domains, backend):
     """Digit tokens go exactly to experts 0..5, all other tokens to 6..11, in every MoE layer;
-    with k = 2 the tie between six equal logits goes to the two lowest ids."""
-    model = load(routing_dir)
+    with k = 2 the tie between six equal logits goes to the two lowest ids. Exact in any dtype."""
+    model = load(routing_dir, backend)
     tok = model.tokenizer
     n_digits = len(tok.encode("0123456789" * 30 + "9876543210" * 7, add_bos=False))
     res = lens.route_corpus(model, [two_domains / "digits.txt", two_domains / "words"], max_len=64,
@@ -66,14 +74,15 @@ def _expect_top(h, vocab, n, norm="final"):
     return i.tolist(), v.exp()
 
 
-def test_early_decode_known_answer(analytic_dir):
-    model = load(analytic_dir)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_decode_known_answer(analytic_dir, backend):
+    model = load(analytic_dir, backend)
     V = model.tokenizer.vocab_size
     res = lens.early_decode(model, [1, 2, 3, 4, 5], top=3).to_json()
     l0, l1 = res["layers"]
     assert not l0["moe"] and l1["moe"]
     assert l1["experts"] == [0, 1, 2]
-    assert l1["weights"] == pytest.approx(A.probs()[:3].tolist(), rel=1e-5, abs=1e-6)
+    assert l1["weights"] == approx(A.probs()[:3].tolist(), backend)
     # layer 0 writes nothing: its output is a = e0, which decodes to T_BASE
     assert l0["layer_out"][0][2] == A.T_BASE
     for k in range(1, 4):
@@ -81,18 +90,18 @@ def test_early_decode_known_answer(analytic_dir):
         got = l1["cumulative"][k - 1]
         # the third is one of the ~500 tokens with logit 0: compare its probability only
         assert ids[:2] == [c[2] for c in got[:2]]
-        assert [c[1] for c in got] == pytest.approx(probs.tolist(), rel=1e-5, abs=1e-6)
+        assert [c[1] for c in got] == approx(probs.tolist(), backend)
     # a single expert j alone (unweighted, |E_j| = 3 > |a| = 1) votes for its own token
     for j in range(3):
         assert l1["single"][j][0][2] == A.T_EXPERT + j
     # the layer output of the last layer is H^{l_K} (shared experts write nothing here)
     assert l1["layer_out"] == l1["cumulative"][-1]
     # norm="none" and the paper preset (base u, renormalised weights)
-    paper = lens.early_decode(model, [1, 2, 3], top=2, preset="paper").to_json()
+    paper = lens.early_decode(model, [1, 2, 3], top=2, preset="paper").to_json()   # norm="none"
     assert paper["norm"] == "none"
     _, probs = _expect_top(A.hidden(2, base="moe_in", renormalize=True), V, 2, norm="none")
     got = [c[1] for c in paper["layers"][1]["cumulative"][1]]
-    assert got == pytest.approx(probs.tolist(), rel=1e-5, abs=1e-6)
+    assert got == approx(probs.tolist(), backend)
 
 
 def test_logit_lens_reproduces_model_and_targets(tiny_fp32_dir):
@@ -138,7 +147,8 @@ def test_cumulative_at_k_plus_shared_is_layer_output(tiny_fp32_dir):
 
 # ---- 3. perplexity vs top-k ------------------------------------------------------------------
 
-def test_topk_sweep_known_answer(analytic_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_sweep_known_answer(analytic_dir, backend):
     """Every position sees the same hidden state, so a sample's perplexity is exp of the mean
     -log P_k(next token) under the closed-form distribution; the domain score is the geometric
     mean over samples."""
@@ -153,10 +163,10 @@ def test_topk_sweep_known_answer(analytic_dir):
         lp = A.logprobs(A.hidden(k), V)
         a = [-lp[t0].item(), -lp[tb].item()]
         b = (-2 * lp[tb] - 2 * lp[t1]).item() / 4
-        assert res.domains["a"]["log_ppl"][k] == pytest.approx(a, rel=1e-4)
+        assert res.domains["a"]["log_ppl"][k] == approx(a, backend)
         geo = math.exp(sum(a) / 2)
-        assert j["domains"]["a"]["perplexity"][str(k)] == pytest.approx(geo, rel=1e-4)
-        assert j["domains"]["b"]["perplexity"][str(k)] == pytest.approx(math.exp(b), rel=1e-4)
+        assert j["domains"]["a"]["perplexity"][str(k)] == approx(geo, backend)
+        assert j["domains"]["b"]["perplexity"][str(k)] == approx(math.exp(b), backend)
     assert j["domains"]["a"]["normalised_log_perplexity"]["3"] == 1.0
     assert j["domains"]["a"]["samples"] == 2 and j["domains"]["a"]["tokens"] == 10
 
@@ -167,22 +177,22 @@ def _cos(x, y):
     return float(x @ y / (x.norm() * y.norm()))
 
 
-def test_similarity_known_answer(analytic_dir):
-    model = load(analytic_dir)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_known_answer(analytic_dir, backend):
+    model = load(analytic_dir, backend)
     samples = {"d": [[1, 2, 3, 4], [5, 6, 7]]}
     notes = lens.similarity(model, samples, progress=False).to_json()
     want = _cos(A.hidden(1), A.hidden(3))
     got = notes["domains"]["d"]["1"]
-    assert got["count"] == 7 and got["mean"] == pytest.approx(want, rel=1e-5) and got["std"] < 1e-3
+    assert got["count"] == 7 and got["mean"] == approx(want, backend) and got["std"] < 1e-3
     paper = lens.similarity(model, samples, preset="paper", progress=False).to_json()
     want_p = _cos(A.hidden(1, base="moe_in", renormalize=True),
                   A.hidden(3, base="moe_in", renormalize=True))
     got = paper["domains"]["d"]["1"]
-    assert got["count"] == 2 and got["mean"] == pytest.approx(want_p, rel=1e-5)
+    assert got["count"] == 2 and got["mean"] == approx(want_p, backend)
     assert paper["base"] == "moe_in" and paper["renormalize"] and paper["positions"] == "last"
     k2 = lens.similarity(model, samples, topk=2, progress=False).to_json()  # K = the call's k
-    assert k2["domains"]["d"]["1"]["mean"] == pytest.approx(_cos(A.hidden(1), A.hidden(2)),
-                                                             rel=1e-5)
+    assert k2["domains"]["d"]["1"]["mean"] == approx(_cos(A.hidden(1), A.hidden(2)), backend)
 
 
 @pytest.mark.parametrize("preset", ["notes", "paper"])

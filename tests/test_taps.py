@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lens_helpers import BACKENDS, load
+from _lens_helpers import BACKEND_DTYPES, BACKENDS, TOL, dtype_of, load
 
 from moe_engine import Capture, TapRequest, lens
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPTS = ("The quick brown fox", "1 + 2 = 3, and then some more words follow")
 
 _models: dict = {}
 
 
-def model_for(path, backend, dtype="float32"):
+def model_for(path, backend, dtype=None):
+    dtype = dtype_of(backend) if dtype is None else dtype
     key = (str(path), backend, dtype)
     if key not in _models:
         _models[key] = load(path, backend=backend, dtype=dtype)
@@ -39,8 +38,7 @@ def batch(model):
     return ids.to(model.device), mask.to(model.device), enc
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_invariants(tiny_fp32_dir, backend, dtype):
     model = model_for(tiny_fp32_dir, backend, dtype)
     c = model.config
@@ -49,7 +47,7 @@ def test_invariants(tiny_fp32_dir, backend, dtype):
     cap = Capture(TapRequest(["*"]))
     usage = model.new_usage_counters()
     model.forward(ids, attention_mask=mask, capture=cap, usage=usage)
-    tol = TOL[DTYPES[dtype]]
+    tol = TOL[dtype]
     f = lambda name: cap[name].float()  # noqa: E731
     for l in range(c.num_hidden_layers):
         p = f"blocks.{l}."
@@ -87,8 +85,7 @@ def test_invariants(tiny_fp32_dir, backend, dtype):
     assert cap["logits"].shape == (N, c.vocab_size)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_capture_changes_nothing(tiny_fp32_dir, backend, dtype):
     """Bit-identical logits and usage with and without every tap captured."""
     model = model_for(tiny_fp32_dir, backend, dtype)
@@ -145,7 +142,8 @@ def test_layer_filter_and_unknown_names(tiny_fp32_dir):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_rows_traceable(tiny_fp32_dir, backend):
     """Every captured row during generate names (sequence, position, step); decode-step rows
-    equal a teacher-forced forward of the prompt plus the generated tokens."""
+    equal a teacher-forced forward of the prompt plus the generated tokens (in fp32; in bf16
+    the decode path rounds differently, so near-ties may pick another expert: mostly equal)."""
     model = model_for(tiny_fp32_dir, backend)
     names = ["blocks.1.moe.hook_topk_ids", "blocks.2.hook_resid_post"]
     cap = Capture(TapRequest(names))
@@ -163,8 +161,15 @@ def test_generate_rows_traceable(tiny_fp32_dir, backend):
         ref = Capture(TapRequest(names))
         model.forward(torch.tensor(full, device=model.device), capture=ref, backend=backend)
         sel = [i for i, r in enumerate(rows) if r[0] == s]
-        assert torch.equal(cap[names[0]][sel], ref[names[0]])
-        torch.testing.assert_close(cap[names[1]][sel], ref[names[1]], **TOL[torch.float32])
+        if model.dtype == torch.float32:
+            assert torch.equal(cap[names[0]][sel], ref[names[0]])
+            torch.testing.assert_close(cap[names[1]][sel], ref[names[1]], **TOL["float32"])
+        else:
+            same = (cap[names[0]][sel] == ref[names[0]]).all(1).float().mean()
+            assert same >= 0.8, f"{backend}: only {same:.0%} of rows chose the same experts"
+            cos = torch.nn.functional.cosine_similarity(cap[names[1]][sel].float(),
+                                                        ref[names[1]].float(), dim=-1)
+            assert cos.min() > 0.99
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
