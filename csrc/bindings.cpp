@@ -47,6 +47,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(align, AlignParams, sorted_slots); MOE_PTR(align, AlignParams, tile_experts);
   MOE_PTR(align, AlignParams, num_padded); MOE_PTR(align, AlignParams, workspace);
   m.def("align_capacity", &align_capacity);
+  m.def("align_workspace_size", &align_workspace_size);
 
   py::class_<CombineParams> combine(m, "CombineParams", py::module_local());
   combine.def(py::init<>());
@@ -78,10 +79,79 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(linear, LinearParams, dtype); MOE_VAL(linear, LinearParams, T); MOE_VAL(linear, LinearParams, N);
   MOE_VAL(linear, LinearParams, K);
 
+  py::class_<ExpertGemmParams> gemm(m, "ExpertGemmParams", py::module_local());
+  gemm.def(py::init<>());
+  MOE_PTR(gemm, ExpertGemmParams, a); MOE_VAL(gemm, ExpertGemmParams, a_stride);
+  MOE_PTR(gemm, ExpertGemmParams, w); MOE_PTR(gemm, ExpertGemmParams, c);
+  MOE_PTR(gemm, ExpertGemmParams, sorted_slots); MOE_PTR(gemm, ExpertGemmParams, tile_experts);
+  MOE_PTR(gemm, ExpertGemmParams, num_padded); MOE_VAL(gemm, ExpertGemmParams, T);
+  MOE_VAL(gemm, ExpertGemmParams, k_max); MOE_VAL(gemm, ExpertGemmParams, E); MOE_VAL(gemm, ExpertGemmParams, D);
+  MOE_VAL(gemm, ExpertGemmParams, F); MOE_VAL(gemm, ExpertGemmParams, capacity);
+  MOE_VAL(gemm, ExpertGemmParams, block_m); MOE_VAL(gemm, ExpertGemmParams, up);
+
+  py::class_<MoeDecodeParams> dec(m, "MoeDecodeParams", py::module_local());
+  dec.def(py::init<>());
+  MOE_PTR(dec, MoeDecodeParams, x); MOE_PTR(dec, MoeDecodeParams, topk_ids);
+  MOE_PTR(dec, MoeDecodeParams, experts_gate_up); MOE_PTR(dec, MoeDecodeParams, experts_down);
+  MOE_PTR(dec, MoeDecodeParams, act); MOE_PTR(dec, MoeDecodeParams, expert_out);
+  MOE_VAL(dec, MoeDecodeParams, T); MOE_VAL(dec, MoeDecodeParams, k_max); MOE_VAL(dec, MoeDecodeParams, E);
+  MOE_VAL(dec, MoeDecodeParams, D); MOE_VAL(dec, MoeDecodeParams, F);
+
+  py::class_<SharedExpertParams> shared(m, "SharedExpertParams", py::module_local());
+  shared.def(py::init<>());
+  MOE_PTR(shared, SharedExpertParams, x); MOE_VAL(shared, SharedExpertParams, x_stride);
+  MOE_PTR(shared, SharedExpertParams, gate_up); MOE_PTR(shared, SharedExpertParams, down);
+  MOE_PTR(shared, SharedExpertParams, act); MOE_PTR(shared, SharedExpertParams, shared_out);
+  MOE_VAL(shared, SharedExpertParams, T); MOE_VAL(shared, SharedExpertParams, D); MOE_VAL(shared, SharedExpertParams, S);
+  py::class_<MoELayerParams> layer(m, "MoELayerParams", py::module_local());
+  layer.def(py::init<>());
+  MOE_PTR(layer, MoELayerParams, x); MOE_PTR(layer, MoELayerParams, residual); MOE_PTR(layer, MoELayerParams, router);
+  MOE_PTR(layer, MoELayerParams, w13); MOE_PTR(layer, MoELayerParams, w2);
+  MOE_PTR(layer, MoELayerParams, shared_w13); MOE_PTR(layer, MoELayerParams, shared_w2);
+  MOE_PTR(layer, MoELayerParams, k); MOE_PTR(layer, MoELayerParams, expert_mask); MOE_VAL(layer, MoELayerParams, mask_mode);
+  MOE_PTR(layer, MoELayerParams, force_expert); MOE_VAL(layer, MoELayerParams, renormalize);
+  MOE_PTR(layer, MoELayerParams, router_logits); MOE_PTR(layer, MoELayerParams, topk_ids);
+  MOE_PTR(layer, MoELayerParams, topk_weights); MOE_PTR(layer, MoELayerParams, router_probs);
+  MOE_PTR(layer, MoELayerParams, usage_counts); MOE_PTR(layer, MoELayerParams, expert_out);
+  MOE_PTR(layer, MoELayerParams, shared_out); MOE_PTR(layer, MoELayerParams, shared_ids);
+  MOE_PTR(layer, MoELayerParams, routed_out); MOE_PTR(layer, MoELayerParams, out);
+  MOE_PTR(layer, MoELayerParams, workspace); MOE_VAL(layer, MoELayerParams, dtype);
+  MOE_VAL(layer, MoELayerParams, T); MOE_VAL(layer, MoELayerParams, D); MOE_VAL(layer, MoELayerParams, E);
+  MOE_VAL(layer, MoELayerParams, F); MOE_VAL(layer, MoELayerParams, S); MOE_VAL(layer, MoELayerParams, k_max);
+
+  py::class_<AttnDecodeParams> attn(m, "AttnDecodeParams", py::module_local());
+  attn.def(py::init<>());
+  MOE_PTR(attn, AttnDecodeParams, q); MOE_PTR(attn, AttnDecodeParams, k_cache); MOE_PTR(attn, AttnDecodeParams, v_cache);
+  MOE_PTR(attn, AttnDecodeParams, valid); MOE_PTR(attn, AttnDecodeParams, out); MOE_PTR(attn, AttnDecodeParams, workspace);
+  MOE_VAL(attn, AttnDecodeParams, scale); MOE_VAL(attn, AttnDecodeParams, dtype); MOE_VAL(attn, AttnDecodeParams, B);
+  MOE_VAL(attn, AttnDecodeParams, H); MOE_VAL(attn, AttnDecodeParams, Hkv); MOE_VAL(attn, AttnDecodeParams, hd);
+  MOE_VAL(attn, AttnDecodeParams, S); MOE_VAL(attn, AttnDecodeParams, S_cap); MOE_VAL(attn, AttnDecodeParams, valid_stride);
+
+  py::class_<AttnBlockParams> ablk(m, "AttnBlockParams", py::module_local());
+  ablk.def(py::init<>());
+  MOE_PTR(ablk, AttnBlockParams, x); MOE_PTR(ablk, AttnBlockParams, qkv); MOE_PTR(ablk, AttnBlockParams, o);
+  MOE_PTR(ablk, AttnBlockParams, cos); MOE_PTR(ablk, AttnBlockParams, sin); MOE_PTR(ablk, AttnBlockParams, k_cache);
+  MOE_PTR(ablk, AttnBlockParams, v_cache); MOE_PTR(ablk, AttnBlockParams, valid); MOE_PTR(ablk, AttnBlockParams, qkv_buf);
+  MOE_PTR(ablk, AttnBlockParams, attn_buf); MOE_PTR(ablk, AttnBlockParams, scores); MOE_PTR(ablk, AttnBlockParams, out);
+  MOE_VAL(ablk, AttnBlockParams, scale); MOE_VAL(ablk, AttnBlockParams, dtype); MOE_VAL(ablk, AttnBlockParams, B);
+  MOE_VAL(ablk, AttnBlockParams, D); MOE_VAL(ablk, AttnBlockParams, H); MOE_VAL(ablk, AttnBlockParams, Hkv);
+  MOE_VAL(ablk, AttnBlockParams, hd); MOE_VAL(ablk, AttnBlockParams, pos); MOE_VAL(ablk, AttnBlockParams, S_cap);
+  MOE_VAL(ablk, AttnBlockParams, valid_stride);
+
+  py::class_<RMSNormParams> rms(m, "RMSNormParams", py::module_local());
+  rms.def(py::init<>());
+  MOE_PTR(rms, RMSNormParams, x); MOE_PTR(rms, RMSNormParams, w); MOE_PTR(rms, RMSNormParams, out);
+  MOE_VAL(rms, RMSNormParams, eps); MOE_VAL(rms, RMSNormParams, dtype); MOE_VAL(rms, RMSNormParams, T);
+  MOE_VAL(rms, RMSNormParams, D);
+
 #if defined(MOE_WITH_CUDA)
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
   m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
   m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("expert_gemm_cuda", MOE_STREAM(expert_gemm_cuda, ExpertGemmParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("moe_decode_cuda", MOE_STREAM(moe_decode_cuda, MoeDecodeParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("shared_expert_cuda", MOE_STREAM(shared_expert_cuda, SharedExpertParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("expert_gemm_block_m", &expert_gemm_block_m);
 #endif
 #if !defined(MOE_EMU)
   m.def("route_cpu", &route_cpu);
@@ -90,6 +160,10 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("pack_weights_cpu", &pack_weights_cpu);
   m.def("expert_ffn_cpu", &expert_ffn_cpu);
   m.def("linear_cpu", &linear_cpu);
+  m.def("moe_layer_cpu", &moe_layer_cpu);
+  m.def("attention_decode_cpu", &attention_decode_cpu);
+  m.def("attention_block_decode_cpu", &attention_block_decode_cpu);
+  m.def("rms_norm_cpu", &rms_norm_cpu);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

@@ -183,5 +183,92 @@ void moe_decode_cuda(const MoeDecodeParams& p, void* stream);
 void shared_expert_cuda(const SharedExpertParams& p, void* stream);
 // The tile height expert_gemm uses for this batch; align must pad each expert to it.
 int expert_gemm_block_m(int T, int k_max, int E);
+// moe_layer: the whole MoE FFN of one layer for the cpu backend in one call (decode: the Python
+// work per layer is one attribute write and one call). In order, with the ops above:
+//   router_logits = linear(x, router)                     [T, E]   dtype
+//   route(router_logits, *k, expert_mask, force_expert)   -> topk_ids, topk_weights, router_probs
+//   expert_out = expert_ffn(x, experts)                   [T, k_max, D]
+//   shared_out = expert_ffn(x, shared, every token -> expert 0)   [T, D] (when shared_w13)
+//   out = combine(expert_out, topk_weights, shared_out, residual) -> routed_out tap
+// Every intermediate is a caller buffer, so the taps can be read after the call.
+struct MoELayerParams {
+  const void* x;               // [T, D] dtype, the post-attention RMSNorm output
+  const void* residual;        // [T, D] dtype; may alias out
+  const void* router;          // packed [E, D]
+  const void* w13;             // packed experts gate|up
+  const void* w2;              // packed experts down
+  const void* shared_w13;      // packed shared gate|up (E = 1, F = S); nullable
+  const void* shared_w2;       // packed shared down; nullable
+  const int32_t* k;            // [1] runtime top-k
+  const uint8_t* expert_mask;  // [E]; nullable
+  MaskMode mask_mode;
+  const int32_t* force_expert; // [1]; nullable
+  bool renormalize;
+  void* router_logits;         // [T, E] dtype
+  int32_t* topk_ids;           // [T, k_max]
+  float* topk_weights;         // [T, k_max]
+  float* router_probs;         // [T, E]; nullable
+  int32_t* usage_counts;       // [E]; nullable
+  void* expert_out;            // [T, k_max, D] dtype
+  void* shared_out;            // [T, D] dtype (when shared_w13)
+  int32_t* shared_ids;         // [T] all 0 (when shared_w13)
+  void* routed_out;            // [T, D] dtype; nullable
+  void* out;                   // [T, D] dtype
+  void* workspace;             // max of expert_ffn_workspace_bytes(T, k_max, E, F) and (T, 1, 1, S)
+  DType dtype;
+  int32_t T, D, E, F, S, k_max;
+};
+void moe_layer_cpu(const MoELayerParams& p);
+
+// attention_decode: one new query per sequence against its KV cache (the decode step of the cpu
+// backend; PyTorch's CPU SDPA costs ~10x the cache read at these sizes, bench/kernels.py).
+//   out[b,h] = sum_s softmax_s(scale * q[b,h].k[b,g,s]) v[b,g,s],  g = h / (H / Hkv),
+//   over s < S with valid[b,s] or s == S-1 (the query's own column); fp32 math.
+struct AttnDecodeParams {
+  const void* q;          // [B, H, hd] dtype
+  const void* k_cache;    // [B, Hkv, S_cap, hd] dtype (one layer)
+  const void* v_cache;    // [B, Hkv, S_cap, hd] dtype
+  const uint8_t* valid;   // [B, valid_stride] nonzero = a real key
+  void* out;              // [B, H, hd] dtype
+  float* workspace;       // [B * H * S] fp32 scores
+  float scale;
+  DType dtype;
+  int32_t B, H, Hkv, hd, S, S_cap, valid_stride;
+};
+void attention_decode_cpu(const AttnDecodeParams& p);
+
+// attention_block_decode: a decoder layer's whole attention for one new token per sequence
+// (cpu backend decode; replaces ~30 small torch ops per layer):
+//   q|k|v = linear(x, qkv); q, k = rope(q, k) (rotate-half layout, each op rounded to dtype as
+//   the model's torch code does); cache[:, :, pos] = k, v; o = attention_decode; out = linear(o, o_w)
+struct AttnBlockParams {
+  const void* x;          // [B, D] dtype, the input RMSNorm output
+  const void* qkv;        // packed [(H + 2 Hkv) hd, D]
+  const void* o;          // packed [D, H hd]
+  const void* cos;        // [B, hd] dtype
+  const void* sin;        // [B, hd] dtype
+  void* k_cache;          // [B, Hkv, S_cap, hd] dtype (this layer); column pos is written
+  void* v_cache;
+  const uint8_t* valid;   // [B, valid_stride]
+  void* qkv_buf;          // [B, (H + 2 Hkv) hd] dtype scratch
+  void* attn_buf;         // [B, H hd] dtype scratch
+  float* scores;          // [B * H * (pos + 1)] fp32 scratch
+  void* out;              // [B, D] dtype
+  float scale;
+  DType dtype;
+  int32_t B, D, H, Hkv, hd, pos, S_cap, valid_stride;
+};
+void attention_block_decode_cpu(const AttnBlockParams& p);
+
+// out = w * round_dt(x * rsqrt(mean(x^2) + eps)) (fp32 statistics, the model's rounding order).
+struct RMSNormParams {
+  const void* x;  // [T, D] dtype
+  const void* w;  // [D] dtype
+  void* out;      // [T, D] dtype
+  float eps;
+  DType dtype;
+  int32_t T, D;
+};
+void rms_norm_cpu(const RMSNormParams& p);
 
 }  // namespace moe

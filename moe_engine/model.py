@@ -23,10 +23,12 @@ import torch.nn.functional as Fn
 
 from .config import ModelConfig
 from .interventions import Interventions, Routing
-from .loader import DenseMLPWeights, ModelWeights, MoEWeights, load_checkpoint
+from .loader import ModelWeights, MoEWeights, load_checkpoint
+from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear
+from .cpu_weights import rms_norm as cpu_rms_norm
 from .moe import moe_layer
 from .ops import backend as B
-from .ops.expert_ffn import swiglu
+from .ops.attention import attention_block_decode_cpu
 from .taps import Capture, TokenIndex, all_tap_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -78,6 +80,9 @@ class Model:
         self.backend = B.resolve(backend, self.device)
         self._tap_names = all_tap_names(config.num_hidden_layers, config.moe_layers)
         hd = config.head_dim
+        self._cpu: CpuModelWeights | None = None  # packed copy for backend="cpu" (cpu_weights.py)
+        if self.backend == "cpu":
+            self._cpu_weights()
         self._inv_freq = 1.0 / (config.rope_theta ** (
             torch.arange(0, hd, 2, dtype=torch.int64, device=self.device).float() / hd))
 
@@ -193,26 +198,36 @@ class Model:
             return out.view_as(x_bt)
 
         w = self.weights
+        cpu = self._cpu_weights() if be == "cpu" else None
+        norm = rms_norm if cpu is None else cpu_rms_norm
         x = w.embed[ids]                                          # [B, T, D]
         for l, lw in enumerate(w.layers):
+            lc = None if cpu is None else cpu.layers[l]
             x = tap(f"blocks.{l}.hook_resid_pre", x)
-            h = rms_norm(x, lw.input_norm, c.rms_norm_eps)
-            a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask)
+            h = norm(x, lw.input_norm, c.rms_norm_eps)
+            a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask, lc)
             a = tap(f"blocks.{l}.hook_attn_out", a)
             x = tap(f"blocks.{l}.hook_resid_mid", x + a)
-            h = rms_norm(x, lw.post_attn_norm, c.rms_norm_eps)
+            h = norm(x, lw.post_attn_norm, c.rms_norm_eps)
             if isinstance(lw.mlp, MoEWeights):
-                hv = h.reshape(Bsz * T, -1).index_select(0, valid_index)
-                xv = x.reshape(Bsz * T, -1).index_select(0, valid_index)
+                all_valid = valid_index.numel() == Bsz * T
+                hv = h.reshape(Bsz * T, -1)
+                xv = x.reshape(Bsz * T, -1)
+                if not all_valid:
+                    hv, xv = hv.index_select(0, valid_index), xv.index_select(0, valid_index)
                 out_v = moe_layer(hv, xv, lw.mlp, routing, l, backend=be,
                                   tap=(lambda name, v: capture(name, v)) if capture is not None else None,
                                   wants=capture.wants if capture is not None else None,
-                                  usage=None if usage is None else usage[l])
-                y = x.reshape(Bsz * T, -1).clone()
-                y[valid_index] = out_v
-                x = y.view_as(x)
+                                  usage=None if usage is None else usage[l],
+                                  cpu=None if lc is None else lc.moe)
+                if all_valid:  # out_v is a fresh tensor: no copy needed
+                    x = out_v.view_as(x)
+                else:
+                    y = x.reshape(Bsz * T, -1).clone()
+                    y[valid_index] = out_v
+                    x = y.view_as(x)
             else:
-                m = self._dense_mlp(h, lw.mlp)
+                m = ffn(h, lw.mlp.gate_up, lw.mlp.down, None if lc is None else lc.dense)
                 m = tap(f"blocks.{l}.hook_mlp_out", m)
                 x = x + m
             x = tap(f"blocks.{l}.hook_resid_post", x)
@@ -223,10 +238,10 @@ class Model:
             x = x[:, -1:]
         elif logits != "all":
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
-        xn = rms_norm(x, w.final_norm, c.rms_norm_eps)
+        xn = norm(x, w.final_norm, c.rms_norm_eps)
         if capture is not None and logits == "all":
             xn = tap("hook_final_norm", xn)
-        out = (xn @ w.lm_head.t()).float()
+        out = linear(xn, w.lm_head, None if cpu is None else cpu.lm_head).float()
         if capture is not None and logits == "all":
             out = tap("logits", out)
         if capture is not None:
@@ -246,6 +261,13 @@ class Model:
         return iter_generate(self, prompts, **kwargs)
 
     # -- pieces ------------------------------------------------------------------------------------
+    def _cpu_weights(self) -> CpuModelWeights:
+        """The weights packed for the cpu kernels: one copy, made at load for backend="cpu" or
+        the first time a call asks for it (the weights are read-only after load)."""
+        if self._cpu is None:
+            self._cpu = CpuModelWeights.pack(self.weights)
+        return self._cpu
+
     def _check_ids(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, device=self.device)
         if ids.dtype not in (torch.int32, torch.int64):
@@ -289,13 +311,21 @@ class Model:
         allowed = allowed | (k_col == q_col).unsqueeze(0)
         return allowed.unsqueeze(1)
 
-    def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask):
+    def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask, lc=None):
         c = self.config
         Bsz, T, _ = h.shape
         H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = (h @ lw.q.t()).view(Bsz, T, H, hd).transpose(1, 2)
-        k = (h @ lw.k.t()).view(Bsz, T, Hkv, hd).transpose(1, 2)
-        v = (h @ lw.v.t()).view(Bsz, T, Hkv, hd).transpose(1, 2)
+        if lc is not None and T == 1:  # cpu backend, decode: the whole block in one C++ call
+            return attention_block_decode_cpu(
+                h.view(Bsz, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
+                start, H, Hkv, 1.0 / math.sqrt(hd)).view(Bsz, T, -1)
+        if lc is not None and Bsz * T <= SMALL_N:  # cpu backend, few tokens: one packed q|k|v mat-vec
+            q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        else:
+            q, k, v = h @ lw.q.t(), h @ lw.k.t(), h @ lw.v.t()
+        q = q.reshape(Bsz, T, H, hd).transpose(1, 2)
+        k = k.reshape(Bsz, T, Hkv, hd).transpose(1, 2)
+        v = v.reshape(Bsz, T, Hkv, hd).transpose(1, 2)
         cs, sn = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cs + rotate_half(q) * sn
         k = k * cs + rotate_half(k) * sn
@@ -307,8 +337,4 @@ class Model:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)
         o = Fn.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0 / math.sqrt(hd))
-        return o.transpose(1, 2).reshape(Bsz, T, H * hd) @ lw.o.t()
-
-    @staticmethod
-    def _dense_mlp(h, mlp: DenseMLPWeights):
-        return swiglu(h, mlp.gate_up, mlp.down)
+        return linear(o.transpose(1, 2).reshape(Bsz, T, H * hd), lw.o, None if lc is None else lc.o)

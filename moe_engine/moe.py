@@ -8,7 +8,8 @@ buffer width of this call, F expert width, S shared width.
     router_logits = u W_g^T                         [N, E]   (model dtype; torch GEMM)
     topk_ids, topk_weights, router_probs = route(router_logits, K, mask, force, renormalize)
     expert_out[t, j] = FFN_{topk_ids[t, j]}(u[t])   [N, k_max, D]  unweighted (the lens tap)
-    shared_out = FFN_shared(u)                      [N, D]   (torch GEMMs: a dense SwiGLU)
+    shared_out = FFN_shared(u)                      [N, D]   (torch GEMMs: a dense SwiGLU;
+                                                              cpu: the expert kernel, E = 1)
     resid_post = combine(expert_out, topk_weights, shared_out, residual=resid_mid)
 
 Taps written here: blocks.{l}.moe.hook_in, hook_router_logits, hook_router_probs,
@@ -23,23 +24,36 @@ import torch
 
 from .interventions import Routing
 from .loader import MoEWeights
+from .cpu_weights import CpuMoEWeights
 from .ops.combine import combine
-from .ops.expert_ffn import expert_ffn, swiglu
+from .ops.expert_ffn import expert_ffn, expert_ffn_cpu, swiglu
+from .ops.packed import linear_cpu
 from .ops.route import route
 
 
 def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: Routing, l: int, *,
               backend: str, tap: Callable | None = None, wants: Callable | None = None,
-              usage: torch.Tensor | None = None) -> torch.Tensor:
-    """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D]."""
+              usage: torch.Tensor | None = None, cpu: CpuMoEWeights | None = None,
+              fused: bool = True) -> torch.Tensor:
+    """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D].
+    cpu: the packed weights backend="cpu" streams (required for that backend). With no taps
+    requested the cpu backend runs the layer as one C++ call (`fused`; same bits as op by op)."""
+    if (backend == "cpu") != (cpu is not None):
+        raise ValueError(f"moe_layer: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
     pre = f"blocks.{l}.moe."
     want = (lambda name: False) if wants is None else wants
     t = (lambda name, v: v) if tap is None else tap
     k = routing.k[l]
     if u.shape[0] == 0:
         return resid_mid
+    if cpu is not None and tap is None and fused:
+        return cpu.fused(u, resid_mid, k, routing.k_max, routing.controls(l), routing.mask_mode,
+                         routing.renormalize, usage)
     u = t(pre + "hook_in", u)
-    logits = t(pre + "hook_router_logits", u @ w.router.t())
+    # cpu: the router and shared MLP always run on the packed kernels (any N), so the fused call
+    # and this op-by-op path give the same bits.
+    router_logits = u @ w.router.t() if cpu is None else linear_cpu(u, cpu.router)
+    logits = t(pre + "hook_router_logits", router_logits)
     ids, weights, probs = route(
         logits, k, k_max=routing.k_max, expert_mask=routing.layer_mask(l), mask_mode=routing.mask_mode,
         force_expert=routing.force[l], renormalize=routing.renormalize, backend=backend,
@@ -51,14 +65,20 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
     if want(pre + "hook_topk_weights"):
         weights = _patch_cols(t, pre + "hook_topk_weights", weights, k)
     if k > 0:
-        expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend)
+        expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend,
+                                packed=None if cpu is None else cpu.experts)
     else:  # shared experts only: nothing routed
         expert_out = torch.zeros((u.shape[0], routing.k_max, u.shape[1]), dtype=u.dtype, device=u.device)
     if want(pre + "hook_expert_out"):
         expert_out = _patch_cols(t, pre + "hook_expert_out", expert_out, k)
     shared_out = None
     if w.shared is not None:
-        shared_out = t(pre + "hook_shared_out", swiglu(u, w.shared.gate_up, w.shared.down))
+        if cpu is None:
+            shared = swiglu(u, w.shared.gate_up, w.shared.down)
+        else:
+            every_token = torch.zeros((u.shape[0], 1), dtype=torch.int32)
+            shared = expert_ffn_cpu(u, every_token, cpu.shared).view(u.shape)
+        shared_out = t(pre + "hook_shared_out", shared)
     want_routed = want(pre + "hook_routed_out") or want(f"blocks.{l}.hook_mlp_out")
     out, routed = combine(expert_out, weights, ids, shared_out, resid_mid, backend=backend,
                           want_routed=want_routed)

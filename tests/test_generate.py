@@ -1,6 +1,8 @@
 """Generation: greedy determinism, seeded sampling, stop strings, streaming, and the CLI."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,9 +83,12 @@ def test_parse_expert_mask():
 
 
 def _cli(*args):
-    # cwd outside the checkout: `python -m` puts the cwd first on sys.path
+    # Run from outside the checkout (`python -m` puts the cwd first on sys.path) and import the
+    # same moe_engine this test process imported.
+    pkg_parent = str(Path(moe_engine.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "moe_engine.generate", *args], capture_output=True,
-                          text=True, timeout=300, cwd="/")
+                          text=True, timeout=300, cwd="/", env=env)
 
 
 def test_cli_streams_tokens_and_interventions_change_output(tiny_dir):

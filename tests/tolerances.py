@@ -20,6 +20,8 @@ TOL = {
     ("expert_ffn", torch.bfloat16): (2e-2, 2e-2),
     ("combine", torch.float32): (1e-6, 1e-6),
     ("combine", torch.bfloat16): (1e-2, 1e-2),
+    ("attention_decode", torch.float32): (1e-5, 1e-5),
+    ("attention_decode", torch.bfloat16): (1e-2, 1e-2),
     ("model_logits", torch.float32): (1e-4, 1e-4),
     ("model_logits", torch.bfloat16): (1.5e-1, 5e-2),
     ("model_logits_vs_backend", torch.float32): (1e-4, 1e-4),

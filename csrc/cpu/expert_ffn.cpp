@@ -261,6 +261,21 @@ int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_
   return E * panels(rows) * panel_elems(dtype, K) * esize(dtype);
 }
 
+namespace {
+// Panel q of one expert: lane l of k-group g (g = k / ks) at dst[(g*kPanel + l)*ks + k%ks].
+template <typename W>
+void pack_panel(const W* src, W* dst, int64_t K, int64_t ks, const int64_t (&rows)[kPanel]) {
+  const int64_t groups = (K + ks - 1) / ks;
+  std::memset(dst, 0, groups * kPanel * ks * sizeof(W));
+  for (int64_t l = 0; l < kPanel; ++l) {
+    if (rows[l] < 0) continue;
+    const W* row = src + rows[l] * K;
+    W* d = dst + l * ks;
+    for (int64_t k = 0; k < K; ++k) d[(k / ks) * kPanel * ks + k % ks] = row[k];
+  }
+}
+}  // namespace
+
 void pack_weights_cpu(const PackParams& p) {
   check_dt("pack_weights_cpu", p.dtype);
   if (p.E <= 0 || p.N <= 0 || p.K <= 0 || (p.gate_up && p.N % 2))
@@ -269,29 +284,24 @@ void pack_weights_cpu(const PackParams& p) {
   const int64_t F = p.N / 2, K = p.K, ks = k_step(p.dtype), pe = panel_elems(p.dtype, K);
   const int64_t np = p.gate_up ? (F + kHalf - 1) / kHalf : panels(p.N);
   const int64_t bytes = esize(p.dtype);
-  // Source row feeding lane l of panel q, or -1 for padding.
-  auto src_row = [&](int64_t q, int64_t l) -> int64_t {
-    if (p.gate_up) {
-      const int64_t f = q * kHalf + (l % kHalf);
-      return f < F ? (l < kHalf ? f : F + f) : -1;
-    }
-    const int64_t r = q * kPanel + l;
-    return r < p.N ? r : -1;
-  };
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t e = 0; e < p.E; ++e)
     for (int64_t q = 0; q < np; ++q) {
-      const char* src = static_cast<const char*>(p.src) + e * p.N * K * bytes;
-      char* dst = static_cast<char*>(p.dst) + (e * np + q) * pe * bytes;
+      int64_t rows[kPanel];  // source row of each lane, -1 = zero padding
       for (int64_t l = 0; l < kPanel; ++l) {
-        const int64_t r = src_row(q, l);
-        for (int64_t k = 0; k < (K + ks - 1) / ks * ks; ++k) {
-          // bf16: element (k/2, l, k%2); f32: (k, l)
-          const int64_t at = (k / ks) * kPanel * ks + l * ks + k % ks;
-          if (r < 0 || k >= K) std::memset(dst + at * bytes, 0, bytes);
-          else std::memcpy(dst + at * bytes, src + (r * K + k) * bytes, bytes);
+        if (p.gate_up) {
+          const int64_t f = q * kHalf + l % kHalf;
+          rows[l] = f < F ? (l < kHalf ? f : F + f) : -1;
+        } else {
+          rows[l] = q * kPanel + l < p.N ? q * kPanel + l : -1;
         }
       }
+      const char* src = static_cast<const char*>(p.src) + e * p.N * K * bytes;
+      char* dst = static_cast<char*>(p.dst) + (e * np + q) * pe * bytes;
+      if (p.dtype == DType::bf16)
+        pack_panel(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), K, ks, rows);
+      else
+        pack_panel(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), K, ks, rows);
     }
 }
 

@@ -1,7 +1,7 @@
 // route (CPU twin of csrc/cuda/route.cu): router logits -> expert choice per token.
 //
-// Formula: probs[t] = softmax_fp32(logits[t]) over all E experts (NaN -> -inf, +inf -> FLT_MAX,
-//   a row with no finite logit -> all-zero probs). Slot 0 takes force_expert when set; the other
+// Formula: probs[t] = softmax_fp32(logits[t]) over all E experts; NaN counts as -inf, +inf
+//   experts share the mass equally (+inf -> FLT_MAX), a row of only -inf/NaN -> all-zero probs. Slot 0 takes force_expert when set; the other
 //   slots j < k take the highest remaining probability (ties -> lower expert id), skipping masked
 //   experts under MaskMode::reroute; under MaskMode::zero a masked expert is chosen as usual and
 //   its weight set to 0. renormalize divides the kept weights by their sum when it is > 0.
@@ -29,17 +29,15 @@ void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
   bool taken[kMaxExperts];
   const char* row = static_cast<const char*>(p.router_logits) +
                     t * p.logits_stride * (p.logits_dtype == DType::f32 ? 4 : 2);
-  bool any_finite = false;
   float m = -INFINITY;
   for (int32_t e = 0; e < E; ++e) {
     float v = cpu::load(row, p.logits_dtype, e);
-    any_finite |= std::isfinite(v);
     if (std::isnan(v)) v = -INFINITY;
     if (v == INFINITY) v = FLT_MAX;
     prob[e] = v;
     m = std::max(m, v);
   }
-  if (any_finite) {
+  if (m > -INFINITY) {
     float sum = 0.f;
     for (int32_t e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - m));
     const float inv = 1.f / sum;

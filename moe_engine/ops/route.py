@@ -25,7 +25,8 @@ MASK_MODES = ("reroute", "zero")
 
 
 def _softmax_safe(logits: torch.Tensor) -> torch.Tensor:
-    x = torch.nan_to_num(logits.float(), nan=-torch.inf)
+    # nan_to_num alone would also turn +-inf into +-FLT_MAX (a -inf row would become uniform).
+    x = torch.nan_to_num(logits.float(), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     posinf = torch.isposinf(x)
     row_has_inf = posinf.any(-1, keepdim=True)
     p = torch.softmax(x, dim=-1)

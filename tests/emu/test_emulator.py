@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CPP, ORDERS, run_program, sanitize_mode
+from emu_harness import CPP, ORDERS, run_program, sanitize_mode
 
 
 @pytest.fixture(scope="session")

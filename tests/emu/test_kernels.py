@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CPP, ORDERS, REPO, run_program
+from emu_harness import CPP, ORDERS, REPO, run_program, sanitize_mode
+
+# Sanitized builds run 5-50x slower (ASan fibers use swapcontext: a syscall per switch), so
+# they take the smaller sweeps of the test programs: full = all T, quick = T <= 17, tiny = T <= 2.
+SWEEPS = {"none": dict(route="full", align="full", combine="full"),
+          "address": dict(route="tiny", align="quick", combine="quick"),
+          "thread": dict(route="tiny", align="tiny", combine="tiny")}[sanitize_mode()]
 
 KERNELS = {
     "route": "route.cu",
@@ -42,11 +48,12 @@ def test_kernel_vs_reference(kernel_tests, name, order):
     and counts bitwise; combine bitwise against its fixed-order fp32 replica; weights and sums
     within the stated tolerances of a double reference; launcher preconditions raise
     std::invalid_argument naming the value. Cannot show: GPU timing or weak-memory races."""
-    r = run_program(kernel_tests(name), order=order, seed=11)
+    r = run_program(kernel_tests(name), SWEEPS[name], order=order, seed=11, timeout=900)
     assert r.returncode == 0 and f"OK {name}_test" in r.stdout, (
         f"{name} ({order}): rc={r.returncode}\n{r.stdout[-5000:]}\n{r.stderr[-5000:]}")
 
 
+@pytest.mark.skipif(sanitize_mode() == "thread", reason="under TSan every test uses the threads backend")
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_kernel_threads_backend(kernel_tests, name):
     """The small sizes again with one OS thread per CUDA thread (the TSan configuration).

@@ -1,0 +1,179 @@
+"""Per-op timings (us, GB/s, GFLOP/s) of the MoE-layer ops on every backend present, each result
+checked against the PyTorch reference (tests/tolerances.py) before it is timed.
+
+    python bench/kernels.py                          # bench-small shapes, 2 threads
+    python bench/kernels.py --shape 16b --tokens 1,8,64,512 --json
+
+Shapes: T tokens, D hidden, E experts, K top-k, F expert width. GB/s counts the bytes an op
+must move at least once (weights of the experts it touches, activations in and out), so it can
+be read against the machine's read bandwidth printed on the first line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from moe_engine.ops import align, align_ref, available_backends, combine, combine_ref, expert_ffn, expert_ffn_ref
+from moe_engine.ops import route, route_ref
+from moe_engine.ops.expert_ffn import CpuExperts
+from moe_engine.ops.packed import linear_cpu, pack_weight
+from tolerances import TOL, assert_close  # noqa: E402  (the one tolerance table)
+
+SHAPES = {  # name: (D, E, K, F, extra dense mat-vec shapes [N x K] to time)
+    "bench-small": (512, 64, 6, 256, [(1536, 512), (512, 512), (16384, 512)]),
+    "16b": (2048, 64, 6, 1408, [(6144, 2048), (2048, 2048), (102400, 2048)]),
+}
+BLOCK_M = 16
+
+
+def timeit(fn, min_time: float = 0.2, reps: int = 5) -> float:
+    """Median seconds per call: `reps` batches, each long enough to be measured."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-7)
+    n = max(1, int(min_time / reps / one))
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - t) / n)
+    return statistics.median(out)
+
+
+def read_bandwidth() -> float:
+    buf = torch.ones(1 << 28, dtype=torch.float32)
+    t = timeit(lambda: buf.sum(), min_time=1.0)
+    return buf.numel() * 4 / t
+
+
+class Table:
+    def __init__(self, as_json: bool):
+        self.rows, self.as_json = [], as_json
+        if not as_json:
+            print(f"{'op':<11} {'shape':<28} {'backend':<7} {'us':>10} {'GB/s':>8} {'GFLOP/s':>8} {'vs torch':>9}")
+
+    def add(self, op, shape, backend, sec, nbytes, flops=0.0, torch_sec=None):
+        row = dict(op=op, shape=shape, backend=backend, us=sec * 1e6, gb_s=nbytes / sec / 1e9,
+                   gflop_s=flops / sec / 1e9 if flops else None,
+                   speedup_vs_torch=None if torch_sec is None else torch_sec / sec)
+        self.rows.append(row)
+        if not self.as_json:
+            gf = f"{row['gflop_s']:8.1f}" if flops else f"{'':>8}"
+            sp = f"{row['speedup_vs_torch']:8.2f}x" if torch_sec is not None else f"{'':>9}"
+            print(f"{op:<11} {shape:<28} {backend:<7} {row['us']:10.1f} {row['gb_s']:8.2f} {gf} {sp}")
+
+
+def bench(args):
+    D, E, K, F, dense = SHAPES[args.shape]
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    el = torch.empty(0, dtype=dt).element_size()
+    backends = [b for b in available_backends() if b != "cuda"] if not args.backends else args.backends.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    g = torch.Generator().manual_seed(0)
+    tab = Table(args.json)
+    gu = (torch.randn(E, 2 * F, D, generator=g) * 0.05).to(dt)
+    dn = (torch.randn(E, D, F, generator=g) * 0.05).to(dt)
+    packed = CpuExperts.pack(gu, dn) if "cpu" in backends else None
+    router = (torch.randn(E, D, generator=g) * 2 / D ** 0.5).to(dt)
+
+    for T in tokens:
+        x = (torch.randn(T, D, generator=g) * 0.1).to(dt)
+        logits = x @ router.t()
+        ids, w, _ = route_ref(logits, K)
+        n_exp = int(torch.unique(ids).numel())
+
+        # route
+        ref = route_ref(logits, K)
+        ts = {}
+        for be in backends:
+            got = route(logits, K, backend=be)
+            assert torch.equal(got[0], ref[0]), f"route {be} T={T}: ids differ from the reference"
+            torch.testing.assert_close(got[1], ref[1], atol=TOL[("route_weights", torch.float32)][0],
+                                       rtol=TOL[("route_weights", torch.float32)][1])
+            ts[be] = timeit(lambda: route(logits, K, backend=be))
+            tab.add("route", f"T={T} E={E} K={K}", be, ts[be], T * E * el + T * K * 8, 0,
+                    None if be == "torch" else ts.get("torch"))
+
+        # align
+        ref_a = align_ref(ids, E, BLOCK_M)
+        ts = {}
+        for be in backends:
+            a = align(ids, E, BLOCK_M, backend=be)
+            assert torch.equal(a.sorted_slots, ref_a.sorted_slots), f"align {be} T={T}: differs"
+            ts[be] = timeit(lambda: align(ids, E, BLOCK_M, backend=be))
+            tab.add("align", f"T={T} K={K} block_m={BLOCK_M}", be, ts[be], T * K * 4 * 3, 0,
+                    None if be == "torch" else ts.get("torch"))
+
+        # expert_ffn: the routed experts (weights of the distinct chosen experts, read once)
+        ref_e = expert_ffn_ref(x, ids, gu, dn)
+        nbytes = n_exp * 3 * D * F * el + T * K * D * el + T * D * el
+        flops = 2 * T * K * 3 * D * F
+        ts = {}
+        for be in backends:
+            kw = {"packed": packed} if be == "cpu" else {}
+            got = expert_ffn(x, ids, gu, dn, backend=be, **kw)
+            assert_close(got, ref_e, "expert_ffn", dt, f"{be} T={T}")
+            ts[be] = timeit(lambda: expert_ffn(x, ids, gu, dn, backend=be, **kw))
+            tab.add("expert_ffn", f"T={T} D={D} F={F} ({n_exp} exp)", be, ts[be], nbytes, flops,
+                    None if be == "torch" else ts.get("torch"))
+
+        # combine
+        eo = ref_e
+        res = (torch.randn(T, D, generator=g) * 0.1).to(dt)
+        ref_c = combine_ref(eo, w, ids, res, res)[0]
+        ts = {}
+        for be in backends:
+            got = combine(eo, w, ids, res, res, backend=be)[0]
+            assert_close(got, ref_c, "combine", dt, f"{be} T={T}")
+            ts[be] = timeit(lambda: combine(eo, w, ids, res, res, backend=be))
+            tab.add("combine", f"T={T} K={K} D={D}", be, ts[be], T * D * el * (K + 3) + T * K * 8, 0,
+                    None if be == "torch" else ts.get("torch"))
+
+    # dense mat-vec / small GEMM: the packed kernel vs torch's GEMM (sets cpu_weights.SMALL_N)
+    if "cpu" in backends:
+        for N, Kd in dense:
+            wd = (torch.randn(N, Kd, generator=g) / Kd ** 0.5).to(dt)
+            pw = pack_weight(wd)
+            for T in (1, 4, 16, 64):
+                x = (torch.randn(T, Kd, generator=g) * 0.1).to(dt)
+                assert_close(linear_cpu(x, pw), (x.float() @ wd.float().t()).to(dt), "expert_ffn", dt,
+                             f"linear T={T} N={N}")
+                t_torch = timeit(lambda: x @ wd.t())
+                t_cpu = timeit(lambda: linear_cpu(x, pw))
+                tab.add("linear", f"T={T} N={N} K={Kd}", "torch", t_torch, N * Kd * el, 2 * T * N * Kd)
+                tab.add("linear", f"T={T} N={N} K={Kd}", "cpu", t_cpu, N * Kd * el, 2 * T * N * Kd, t_torch)
+    return tab.rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="bench-small", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--tokens", default="1,8,64,512")
+    ap.add_argument("--backends", default="", help="comma list (default: every backend present but cuda)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bw = read_bandwidth()
+    if not args.json:
+        print(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads); shape {args.shape}, {args.dtype}")
+    rows = bench(args)
+    if args.json:
+        print(json.dumps({"read_bandwidth_gb_s": bw / 1e9, "threads": args.threads, "shape": args.shape,
+                          "dtype": args.dtype, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

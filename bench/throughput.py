@@ -1,0 +1,306 @@
+"""End-to-end throughput: prefill and decode tokens/s, per-layer MoE time, and the decode step
+against the memory-bandwidth floor of this machine (see bench/README.md for how to read it).
+
+    python bench/throughput.py --preset bench-small --backend cpu --threads 2
+    python bench/throughput.py --preset bench-small --backend cpu --topk 1 --json
+    python bench/throughput.py --preset 16b-layer:layers=2 --backend cpu --moe-tokens 1,8,64,512
+    python bench/throughput.py --model DIR --backend torch --dtype float32
+
+Method: warm-up, then --reps repetitions of (prefill --prompt-len tokens x --batch sequences,
+then --gen-len greedy decode steps); medians over repetitions (prefill) and steps (decode).
+The floor: bytes of weights a decode step touches (every dense weight, the router, shared
+experts and the distinct routed experts the step actually chose, the lm_head), divided by the
+read bandwidth measured in this process (a sum over a buffer far larger than the caches).
+fraction = floor time / measured step time (1.0 = bandwidth-bound with zero overhead).
+The last line of output with --json is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # 32x this machine's L3; any cache is negligible next to it
+
+
+def median_time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def read_bandwidth(reps: int = 7) -> float:
+    """Bytes/s of a streaming read: an fp32 sum over a buffer far larger than the caches."""
+    buf = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
+    t = median_time(lambda: buf.sum(), reps)
+    del buf
+    return BANDWIDTH_BUFFER_BYTES / t
+
+
+def parse_preset(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        if k != "layers":
+            raise SystemExit(f"--preset {spec}: unknown option {k!r} (only layers=N)")
+        opts["layers"] = int(v)
+    return name, opts
+
+
+def load_model(args):
+    import moe_engine
+    from moe_engine.synthetic import make_checkpoint
+    if args.model:
+        return moe_engine.load(args.model, dtype=args.dtype, backend=args.backend, progress=not args.json)
+    name, opts = parse_preset(args.preset)
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as d:
+        path = make_checkpoint(d, name, seed=args.seed, dtype=args.dtype, **opts)
+        return moe_engine.load(path, dtype=args.dtype, backend=args.backend, progress=not args.json)
+
+
+class Bytes:
+    """Weight bytes a forward pass reads, by part, for the floor."""
+
+    def __init__(self, model):
+        c, w = model.config, model.weights
+        self.el = torch.empty(0, dtype=model.dtype).element_size()
+        E, D, F = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        self.expert = 3 * D * F * self.el
+        self.dense = 0   # attention of every layer, dense MLPs, routers, shared experts
+        for lw in w.layers:
+            self.dense += sum(t.numel() for t in (lw.q, lw.k, lw.v, lw.o)) * self.el
+            m = lw.mlp
+            if hasattr(m, "router"):
+                self.dense += m.router.numel() * self.el
+                if m.shared is not None:
+                    self.dense += (m.shared.gate_up.numel() + m.shared.down.numel()) * self.el
+            else:
+                self.dense += (m.gate_up.numel() + m.down.numel()) * self.el
+        self.lm_head = w.lm_head.numel() * self.el
+
+    def step(self, distinct_experts: int) -> int:
+        return self.dense + self.lm_head + distinct_experts * self.expert
+
+
+def flops_per_token(model, topk: int | None) -> float:
+    """2 x (multiply-adds per token in the weight GEMMs); attention scores excluded."""
+    c, w = model.config, model.weights
+    k = c.num_experts_per_tok if topk is None else topk
+    f = 0
+    for lw in w.layers:
+        f += sum(t.numel() for t in (lw.q, lw.k, lw.v, lw.o))
+        m = lw.mlp
+        if hasattr(m, "router"):
+            f += m.router.numel() + k * 3 * c.hidden_size * c.moe_intermediate_size
+            if m.shared is not None:
+                f += m.shared.gate_up.numel() + m.shared.down.numel()
+        else:
+            f += m.gate_up.numel() + m.down.numel()
+    return 2.0 * f
+
+
+def run_generation(model, args, reps: int, bar=None):
+    """Returns (prefill seconds per rep, decode step seconds, distinct experts per step and layer)."""
+    c = model.config
+    kw = {} if args.topk is None else {"topk": args.topk}
+    g = torch.Generator().manual_seed(args.seed)
+    prefill_s, step_s, distinct = [], [], []
+    moe = c.moe_layers
+    for _ in range(reps):
+        prompt = torch.randint(0, c.vocab_size, (args.batch, args.prompt_len), generator=g)
+        cache = model.new_cache(args.batch, args.prompt_len + args.gen_len)
+        usage = model.new_usage_counters()
+        t = time.perf_counter()
+        logits = model(prompt, cache=cache, logits="last", usage=usage, **kw)
+        prefill_s.append(time.perf_counter() - t)
+        tok = logits.argmax(-1, keepdim=True)
+        for _ in range(args.gen_len - 1):
+            before = usage.clone()
+            t = time.perf_counter()
+            logits = model(tok, cache=cache, logits="last", usage=usage, **kw)
+            step_s.append(time.perf_counter() - t)
+            tok = logits.argmax(-1, keepdim=True)
+            chosen = (usage - before)[list(moe)] > 0
+            distinct.append(chosen.sum(1).float().mean().item() if moe else 0.0)
+            if bar is not None:
+                bar.update(1)
+    return prefill_s, step_s, distinct
+
+
+def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
+    """Median us of one MoE layer's FFN (router .. combine) on `tokens` random tokens, cycling
+    through the MoE layers with fresh inputs each rep (fresh routing: no cache-resident experts)."""
+    from moe_engine.interventions import Interventions
+    from moe_engine.moe import moe_layer
+    from moe_engine.ops.route import route_ref
+    c = model.config
+    layers = c.moe_layers
+    routing = Interventions(topk=args.topk).resolve(c, model.device)
+    cpu = model._cpu_weights() if model.backend == "cpu" else None
+    g = torch.Generator().manual_seed(args.seed + tokens)
+    inputs = [(torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype),
+               torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype)) for _ in range(reps + 2)]
+    by = Bytes(model)
+    ts, floors = [], []
+    for i, (u, r) in enumerate(inputs):
+        l = layers[i % len(layers)]
+        w = model.weights.layers[l].mlp
+        lc = None if cpu is None else cpu.layers[l].moe
+        t = time.perf_counter()
+        moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc)
+        dt = time.perf_counter() - t
+        if i < 2:
+            continue  # warm-up
+        ids = route_ref(u @ w.router.t(), routing.k[l])[0]
+        n_exp = int(torch.unique(ids[ids >= 0]).numel())
+        layer_bytes = w.router.numel() * by.el + n_exp * by.expert
+        if w.shared is not None:
+            layer_bytes += (w.shared.gate_up.numel() + w.shared.down.numel()) * by.el
+        ts.append(dt)
+        floors.append(layer_bytes / bw)
+    t_med = statistics.median(ts)
+    k = routing.k[layers[0]]
+    fl = 2 * tokens * (c.n_routed_experts * c.hidden_size + 3 * c.hidden_size *
+                       (k * c.moe_intermediate_size + c.shared_width))
+    return {"tokens": tokens, "moe_layer_us": t_med * 1e6,
+            "floor_us": statistics.median(floors) * 1e6,
+            "bandwidth_floor_fraction": statistics.median(floors) / t_med,
+            "gflop_s": fl / t_med / 1e9}
+
+
+def torch_expert_gemm_us(model, args, tokens: int, reps: int) -> dict:
+    """The same routed-expert work as PyTorch's own GEMMs would do it: per-expert segments of the
+    routed tokens through torch bf16/fp32 GEMMs (gate_up, SiLU*up, down). The bar for prefill."""
+    from moe_engine.interventions import Interventions
+    from moe_engine.ops.expert_ffn import expert_ffn_ref
+    from moe_engine.ops.route import route_ref
+    c = model.config
+    l = c.moe_layers[0]
+    w = model.weights.layers[l].mlp
+    k = Interventions(topk=args.topk).resolve(c, model.device).k[l]
+    u = torch.randn(tokens, c.hidden_size, generator=torch.Generator().manual_seed(args.seed)).to(model.dtype)
+    ids = route_ref(u @ w.router.t(), k)[0]
+    t = median_time(lambda: expert_ffn_ref(u, ids, w.experts_gate_up, w.experts_down), reps)
+    fl = 2 * tokens * k * 3 * c.hidden_size * c.moe_intermediate_size
+    # The ours-side twin: the routed experts alone through the dispatcher on this backend.
+    from moe_engine.ops.expert_ffn import expert_ffn
+    packed = model._cpu_weights().layers[l].moe.experts if model.backend == "cpu" else None
+    t_ours = median_time(lambda: expert_ffn(u, ids, w.experts_gate_up, w.experts_down,
+                                            backend=model.backend, packed=packed), reps)
+    return {"tokens": tokens, "torch_gemm_us": t * 1e6, "torch_gemm_gflop_s": fl / t / 1e9,
+            "ours_us": t_ours * 1e6, "ours_gflop_s": fl / t_ours / 1e9}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a Hugging Face DeepSeekMoE checkpoint directory")
+    src.add_argument("--preset", default="bench-small",
+                     help="random weights of a preset shape: bench-small | 16b-layer | tiny, "
+                          "optionally :layers=N (default bench-small)")
+    ap.add_argument("--backend", default="cpu", choices=("torch", "cpu", "cuda", "emu", "auto"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--topk", type=int, default=None, help="routed experts per token (default: the model's)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="generation repetitions after the warm-up")
+    ap.add_argument("--moe-tokens", default="",
+                    help="comma list of token counts for the per-MoE-layer table (default: the batch "
+                         "size and the prefill size)")
+    ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    say = (lambda *a: None) if args.json else print
+
+    bw = read_bandwidth()
+    say(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads, {BANDWIDTH_BUFFER_BYTES >> 20} MiB fp32 sum)")
+    t = time.perf_counter()
+    model = load_model(args)
+    c = model.config
+    say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
+        f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
+        f"{args.dtype}, backend {model.backend}, loaded in {time.perf_counter() - t:.1f}s")
+    result = {"model": args.model or args.preset, "backend": model.backend, "dtype": args.dtype,
+              "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
+              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9}
+
+    if not args.no_generate:
+        quiet = args.json or not sys.stderr.isatty()
+        warm = argparse.Namespace(**{**vars(args), "prompt_len": min(args.prompt_len, 16), "gen_len": 4})
+        run_generation(model, warm, 1)
+        with tqdm(total=args.reps * (args.gen_len - 1), desc="decode steps", disable=quiet, file=sys.stderr) as bar:
+            prefill_s, step_s, distinct = run_generation(model, args, args.reps, bar)
+        pre = statistics.median(prefill_s)
+        step = statistics.median(step_s)
+        n_distinct = statistics.median(distinct) if distinct else 0.0
+        by = Bytes(model)
+        step_bytes = by.step(round(n_distinct * len(c.moe_layers)))
+        floor = step_bytes / bw
+        fpt = flops_per_token(model, args.topk)
+        result.update({
+            "prefill_tok_s": args.batch * args.prompt_len / pre,
+            "prefill_ms": pre * 1e3,
+            "prefill_gflop_s": fpt * args.batch * args.prompt_len / pre / 1e9,
+            "decode_tok_s": args.batch / step,
+            "decode_step_ms": step * 1e3,
+            "decode_step_p10_p90_ms": [statistics.quantiles(step_s, n=10)[0] * 1e3,
+                                       statistics.quantiles(step_s, n=10)[-1] * 1e3] if len(step_s) > 1 else None,
+            "distinct_experts_per_moe_layer": n_distinct,
+            "decode_bytes_per_step": step_bytes,
+            "bandwidth_floor_ms": floor * 1e3,
+            "bandwidth_floor_fraction": floor / step})
+        say(f"prefill  {result['prefill_tok_s']:10.1f} tok/s   ({args.batch}x{args.prompt_len} tokens in "
+            f"{pre * 1e3:.1f} ms, {result['prefill_gflop_s']:.1f} GFLOP/s in the weight GEMMs)")
+        say(f"decode   {result['decode_tok_s']:10.1f} tok/s   (step {step * 1e3:.2f} ms median, p10-p90 "
+            f"{result['decode_step_p10_p90_ms'][0]:.2f}-{result['decode_step_p10_p90_ms'][1]:.2f} ms)")
+        say(f"floor    {floor * 1e3:.2f} ms/step = {step_bytes / 1e6:.1f} MB of weights "
+            f"({n_distinct:.1f} distinct experts per MoE layer) / {bw / 1e9:.1f} GB/s"
+            f"  -> {floor / step:.0%} of the floor reached")
+
+    tokens = ([int(x) for x in args.moe_tokens.split(",")] if args.moe_tokens
+              else sorted({args.batch, args.batch * args.prompt_len}))
+    say(f"\nper MoE layer (router .. combine), median over cycled layers and fresh inputs:")
+    say(f"{'tokens':>7} {'us':>10} {'floor us':>10} {'fraction':>9} {'GFLOP/s':>9}")
+    rows = []
+    for n in tokens:
+        reps = max(5, min(40, 2000 // max(n, 1)))
+        r = moe_layer_times(model, args, n, reps, bw)
+        rows.append(r)
+        say(f"{n:7d} {r['moe_layer_us']:10.1f} {r['floor_us']:10.1f} {r['bandwidth_floor_fraction']:9.0%} {r['gflop_s']:9.1f}")
+    result["moe_layers"] = rows
+    result["moe_layer_us"] = rows[0]["moe_layer_us"]
+    if result.get("bandwidth_floor_fraction") is None:
+        result["bandwidth_floor_fraction"] = rows[0]["bandwidth_floor_fraction"]
+    big = max(tokens)
+    if big >= 64:
+        g = torch_expert_gemm_us(model, args, big, 5)
+        result["routed_experts_vs_torch_gemm"] = g
+        say(f"\nrouted experts at {big} tokens: ours {g['ours_us']:.0f} us ({g['ours_gflop_s']:.1f} GFLOP/s) vs "
+            f"PyTorch {args.dtype} GEMMs per expert segment {g['torch_gemm_us']:.0f} us "
+            f"({g['torch_gemm_gflop_s']:.1f} GFLOP/s): {g['torch_gemm_us'] / g['ours_us']:.2f}x")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+// attention_decode (CPU): one query per sequence against its KV cache, for the decode step.
+//
+// Formula: out[b,h] = sum_s p_s v[b,g,s],  p = softmax_s(scale * q[b,h].k[b,g,s]) over the keys
+//   s < S that are real (valid[b,s]) or the query's own column S-1; g = h / (H/Hkv). fp32 math.
+// Algorithm: one (b, h) per iteration across threads; pass 1 scores (a dot per key), pass 2
+//   exp and sum, pass 3 the weighted sum of values; the inner loops over hd vectorise.
+// Traffic: 2*B*Hkv*S*hd*bytes (the cache, once per query head group) -- the floor for decode
+//   attention; PyTorch's CPU SDPA spends ~10x that at decode sizes.
+// Reference: torch SDPA in moe_engine/model.py (Model._attention); test: tests/test_cpu_ops.py.
+#include <algorithm>
+#include <cmath>
+
+#include "common.h"
+
+namespace moe {
+namespace {
+
+template <typename X>
+inline float ld(const X* p, int64_t i) {
+  if constexpr (sizeof(X) == 4) return p[i];
+  else return cpu::bf16_to_f32(p[i]);
+}
+
+template <typename X>
+void attn_impl(const AttnDecodeParams& p) {
+  const int64_t B = p.B, H = p.H, hd = p.hd, S = p.S, group = p.H / p.Hkv;
+  const X* q = static_cast<const X*>(p.q);
+  const X* kc = static_cast<const X*>(p.k_cache);
+  const X* vc = static_cast<const X*>(p.v_cache);
+  X* out = static_cast<X*>(p.out);
+#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H, g = h / group;
+    const X* qr = q + bh * hd;
+    const X* kb = kc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    const X* vb = vc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    const uint8_t* valid = p.valid + b * int64_t(p.valid_stride);
+    float* sc = p.workspace + bh * S;
+    float qf[1024];
+    for (int64_t d = 0; d < hd; ++d) qf[d] = ld(qr, d) * p.scale;
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!valid[s] && s != S - 1) {
+        sc[s] = -INFINITY;
+        continue;
+      }
+      const X* kr = kb + s * hd;
+      float acc = 0.f;
+      for (int64_t d = 0; d < hd; ++d) acc += qf[d] * ld(kr, d);
+      sc[s] = acc;
+      m = std::max(m, acc);
+    }
+    float sum = 0.f;
+    for (int64_t s = 0; s < S; ++s) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : std::exp(sc[s] - m));
+    float acc[1024];
+    std::fill(acc, acc + hd, 0.f);
+    for (int64_t s = 0; s < S; ++s) {
+      const float w = sc[s];
+      if (w == 0.f) continue;
+      const X* vr = vb + s * hd;
+      for (int64_t d = 0; d < hd; ++d) acc[d] += w * ld(vr, d);
+    }
+    const float inv = 1.f / sum;
+    for (int64_t d = 0; d < hd; ++d) cpu::store(out, p.dtype, bh * hd + d, acc[d] * inv);
+  }
+}
+
+}  // namespace
+
+void attention_decode_cpu(const AttnDecodeParams& p) {
+  if (p.B < 0 || p.H <= 0 || p.Hkv <= 0 || p.H % p.Hkv || p.hd <= 0 || p.hd > 1024 || p.S <= 0 ||
+      p.S > p.S_cap || p.valid_stride < p.S)
+    cpu::fail("attention_decode_cpu", "bad sizes B=" + std::to_string(p.B) + " H=" + std::to_string(p.H) +
+                                          " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) +
+                                          " S=" + std::to_string(p.S) + " S_cap=" + std::to_string(p.S_cap));
+  if (p.dtype == DType::f32) attn_impl<float>(p);
+  else attn_impl<uint16_t>(p);
+}
+
+}  // namespace moe
+
+namespace moe {
+namespace {
+// The model's torch code rounds after every elementwise op in the model dtype; so does this.
+inline float rnd(DType dt, float v) { return dt == DType::f32 ? v : cpu::bf16_to_f32(cpu::f32_to_bf16(v)); }
+}  // namespace
+
+void attention_block_decode_cpu(const AttnBlockParams& p) {
+  const int64_t B = p.B, H = p.H, Hkv = p.Hkv, hd = p.hd, half = p.hd / 2;
+  const int64_t nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv;
+  const DType dt = p.dtype;
+  if (p.pos < 0 || p.pos >= p.S_cap || hd % 2)
+    cpu::fail("attention_block_decode_cpu", "pos=" + std::to_string(p.pos) + " S_cap=" +
+                                                std::to_string(p.S_cap) + " hd=" + std::to_string(hd));
+  linear_cpu(LinearParams{p.x, p.qkv, p.qkv_buf, dt, p.B, int32_t(nqkv), p.D});
+  // rope (rotate-half) on q and k heads in place; v copied; k and v written to the cache column
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = b * nqkv;
+    for (int64_t head = 0; head < H + Hkv; ++head) {
+      const int64_t base = row + head * hd;
+      float tmp[1024];
+      for (int64_t d = 0; d < hd; ++d) {
+        const float x = cpu::load(p.qkv_buf, dt, base + d);
+        const float rot = d < half ? -cpu::load(p.qkv_buf, dt, base + d + half)
+                                   : cpu::load(p.qkv_buf, dt, base + d - half);
+        const float c = cpu::load(p.cos, dt, b * hd + d), s = cpu::load(p.sin, dt, b * hd + d);
+        tmp[d] = rnd(dt, rnd(dt, x * c) + rnd(dt, rot * s));
+      }
+      for (int64_t d = 0; d < hd; ++d) cpu::store(p.qkv_buf, dt, base + d, tmp[d]);
+    }
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t dst = ((b * Hkv + g) * int64_t(p.S_cap) + p.pos) * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        cpu::store(p.k_cache, dt, dst + d, cpu::load(p.qkv_buf, dt, row + nq + g * hd + d));
+        cpu::store(p.v_cache, dt, dst + d, cpu::load(p.qkv_buf, dt, row + nq + nkv + g * hd + d));
+      }
+    }
+  }
+  // attention over the cache: q rows are strided by nqkv, so gather them into attn_buf first
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(static_cast<char*>(p.attn_buf) + b * nq * (dt == DType::f32 ? 4 : 2),
+                static_cast<const char*>(p.qkv_buf) + b * nqkv * (dt == DType::f32 ? 4 : 2),
+                nq * (dt == DType::f32 ? 4 : 2));
+  AttnDecodeParams a{p.attn_buf, p.k_cache, p.v_cache, p.valid, p.qkv_buf, p.scores, p.scale, dt,
+                     p.B, p.H, p.Hkv, p.hd, p.pos + 1, p.S_cap, p.valid_stride};
+  attention_decode_cpu(a);  // writes into qkv_buf (free again): [B, H hd]
+  linear_cpu(LinearParams{p.qkv_buf, p.o, p.out, dt, p.B, p.D, int32_t(nq)});
+}
+
+void rms_norm_cpu(const RMSNormParams& p) {
+  const int64_t T = p.T, D = p.D;
+#pragma omp parallel for schedule(static) if (T * D >= cpu::kParallelMinWork)
+  for (int64_t t = 0; t < T; ++t) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = cpu::load(p.x, p.dtype, t * D + d);
+      ss += v * v;
+    }
+    const float r = 1.f / std::sqrt(ss / float(D) + p.eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const float n = rnd(p.dtype, cpu::load(p.x, p.dtype, t * D + d) * r);
+      cpu::store(p.out, p.dtype, t * D + d, cpu::load(p.w, p.dtype, d) * n);
+    }
+  }
+}
+
+}  // namespace moe

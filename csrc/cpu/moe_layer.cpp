@@ -1,0 +1,40 @@
+// moe_layer (CPU): one MoE layer's FFN in a single call, so a decode step's Python work per
+// layer is one call instead of five checked dispatches (bench/throughput.py --no-fused-layer
+// measures the difference). It only sequences the kernels of route.cpp, expert_ffn.cpp and
+// combine.cpp on caller buffers, so its output is bit-identical to the unfused cpu path
+// (tests/test_cpu_ops.py pins that) and every tap buffer is filled as there.
+// Traffic: router E*D + the chosen experts' 3*D*F each + the shared 3*D*S, once per call.
+#include "common.h"
+
+namespace moe {
+
+void moe_layer_cpu(const MoELayerParams& p) {
+  if (p.T <= 0) return;
+  LinearParams lin{p.x, p.router, p.router_logits, p.dtype, p.T, p.E, p.D};
+  linear_cpu(lin);
+
+  RouteParams r{};
+  r.router_logits = p.router_logits;
+  r.logits_dtype = p.dtype;
+  r.logits_stride = p.E;
+  r.T = p.T, r.E = p.E, r.k_max = p.k_max;
+  r.k = p.k, r.expert_mask = p.expert_mask, r.mask_mode = p.mask_mode;
+  r.force_expert = p.force_expert, r.renormalize = p.renormalize;
+  r.topk_ids = p.topk_ids, r.topk_weights = p.topk_weights;
+  r.router_probs = p.router_probs, r.usage_counts = p.usage_counts;
+  route_cpu(r);
+
+  ExpertFFNParams f{p.x, p.w13, p.w2, p.topk_ids, p.expert_out, p.workspace, p.dtype,
+                    p.T, p.k_max, p.D, p.F, p.E};
+  expert_ffn_cpu(f);  // k = 0: every slot is a sentinel, so this only zeroes expert_out
+  if (p.shared_w13) {
+    ExpertFFNParams s{p.x, p.shared_w13, p.shared_w2, p.shared_ids, p.shared_out, p.workspace,
+                      p.dtype, p.T, 1, p.D, p.S, 1};
+    expert_ffn_cpu(s);
+  }
+  CombineParams c{p.expert_out, p.topk_weights, p.topk_ids, p.shared_w13 ? p.shared_out : nullptr,
+                  p.residual, p.out, p.routed_out, p.dtype, p.T, p.k_max, p.D};
+  combine_cpu(c);
+}
+
+}  // namespace moe

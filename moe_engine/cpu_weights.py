@@ -1,0 +1,145 @@
+"""The cpu backend's packed copy of a model's weights (panel layout, ops/packed.py).
+
+Shape legend: N tokens of the call, D hidden, H heads, Hkv key/value heads, hd head dim,
+E routed experts, F expert width, S shared width, I dense width, V vocab.
+
+Why: at decode sizes a step is a string of mat-vecs whose cost is reading the weights, and
+torch's bf16 GEMM reaches a fraction of the memory bandwidth at N = 1 (bench/kernels.py shows
+both). The panel kernels stream every weight once at full bandwidth, so for N <= SMALL_N the
+cpu backend runs the model's GEMMs on packed copies; larger N (prefill) stays on torch/oneDNN
+GEMMs, except the routed experts, which always run in the fused expert kernel.
+Made once, when a Model is created with (or first run on) backend="cpu".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
+from .ops import backend as B
+from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
+from .ops.packed import PackedWeight, linear_cpu, pack_weight
+
+# Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
+# by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins.
+SMALL_N = 16
+
+
+@dataclass(frozen=True)
+class CpuMoEWeights:
+    router: PackedWeight         # [E, D]
+    experts: CpuExperts          # E routed experts
+    shared: CpuExperts | None    # the shared MLP as one expert (E = 1, F = S)
+    # Intermediate buffers of the fused layer call, per (N, k_max): reused across decode steps.
+    # They make a layer non-reentrant: one forward at a time per Model.
+    _buffers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def pack(w: MoEWeights) -> "CpuMoEWeights":
+        shared = None if w.shared is None else CpuExperts.pack(w.shared.gate_up, w.shared.down)
+        return CpuMoEWeights(pack_weight(w.router), CpuExperts.pack(w.experts_gate_up, w.experts_down), shared)
+
+    def fused(self, u: torch.Tensor, resid_mid: torch.Tensor, k: int, k_max: int, controls,
+              mask_mode: str, renormalize: bool, usage: torch.Tensor | None) -> torch.Tensor:
+        """The whole MoE FFN of the layer in one C++ call (csrc/cpu/moe_layer.cpp); same kernels
+        and order as the op-by-op path, so the same bits. u, resid_mid [N, D]; returns resid_post.
+        The caller has validated the routing controls (Interventions.resolve)."""
+        mod = B.native_module("cpu")
+        N, D = u.shape
+        key = (N, k_max)
+        if key not in self._buffers:
+            self._buffers[key] = self._build(mod, N, k_max)
+        p, _ = self._buffers[key]
+        k_t, mask_t, force_t = controls
+        out = torch.empty_like(resid_mid)
+        p.x, p.residual, p.out = u.data_ptr(), resid_mid.data_ptr(), out.data_ptr()
+        p.k, p.force_expert = k_t.data_ptr(), force_t.data_ptr()
+        p.expert_mask = 0 if mask_t is None else mask_t.data_ptr()
+        p.mask_mode = getattr(mod.MaskMode, mask_mode)
+        p.renormalize = bool(renormalize)
+        p.usage_counts = 0 if usage is None else usage.data_ptr()
+        mod.moe_layer_cpu(p)
+        return out
+
+    def _build(self, mod, N: int, k_max: int):
+        E, D, F = self.experts.shape
+        dt = self.experts.dtype
+        S = 0 if self.shared is None else self.shared.shape[2]
+        bufs = dict(
+            router_logits=torch.empty((N, E), dtype=dt),
+            topk_ids=torch.empty((N, k_max), dtype=torch.int32),
+            topk_weights=torch.empty((N, k_max), dtype=torch.float32),
+            expert_out=torch.empty((N, k_max, D), dtype=dt),
+            shared_out=torch.empty((N, D), dtype=dt),
+            shared_ids=torch.zeros(N, dtype=torch.int32),
+            workspace=torch.empty(max(workspace_bytes(dt, N, k_max, E, F),
+                                      workspace_bytes(dt, N, 1, 1, max(S, 1))), dtype=torch.uint8))
+        p = mod.MoELayerParams()
+        for name, t in bufs.items():
+            setattr(p, name, t.data_ptr())
+        p.router, p.w13, p.w2 = self.router.data.data_ptr(), self.experts.w13.data.data_ptr(), self.experts.w2.data.data_ptr()
+        if self.shared is not None:
+            p.shared_w13, p.shared_w2 = self.shared.w13.data.data_ptr(), self.shared.w2.data.data_ptr()
+        p.dtype = B.native_dtype(mod, dt)
+        p.T, p.D, p.E, p.F, p.S, p.k_max = N, D, E, F, S, k_max
+        return p, bufs  # the buffers live as long as the params that point at them
+
+
+@dataclass(frozen=True)
+class CpuLayerWeights:
+    qkv: PackedWeight                 # [(H + 2 Hkv) hd, D]: q, k, v rows stacked
+    o: PackedWeight                   # [D, H hd]
+    dense: CpuExperts | None          # layer's dense MLP as one expert (F = I)
+    moe: CpuMoEWeights | None
+
+    @staticmethod
+    def pack(lw: LayerWeights) -> "CpuLayerWeights":
+        qkv = pack_weight(torch.cat([lw.q, lw.k, lw.v], 0))
+        dense = CpuExperts.pack(lw.mlp.gate_up, lw.mlp.down) if isinstance(lw.mlp, DenseMLPWeights) else None
+        moe = CpuMoEWeights.pack(lw.mlp) if isinstance(lw.mlp, MoEWeights) else None
+        return CpuLayerWeights(qkv, pack_weight(lw.o), dense, moe)
+
+
+@dataclass(frozen=True)
+class CpuModelWeights:
+    layers: tuple[CpuLayerWeights, ...]
+    lm_head: PackedWeight            # [V, D]
+
+    @staticmethod
+    def pack(w: ModelWeights) -> "CpuModelWeights":
+        return CpuModelWeights(tuple(CpuLayerWeights.pack(lw) for lw in w.layers), pack_weight(w.lm_head))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+    """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise."""
+    n = x.numel() // x.shape[-1]
+    if packed is None or n > SMALL_N:
+        return x @ w.t()
+    return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
+
+
+def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, packed: CpuExperts | None) -> torch.Tensor:
+    """A dense SwiGLU MLP: the fused expert kernel (as one expert) for few tokens, else torch."""
+    n = x.numel() // x.shape[-1]
+    if packed is None or n > SMALL_N:
+        return swiglu(x, gate_up, down)
+    x2 = x.reshape(n, x.shape[-1]).contiguous()
+    every_token = torch.zeros((n, 1), dtype=torch.int32)
+    return expert_ffn_cpu(x2, every_token, packed).view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (fp32 statistics, rounded to dt before the multiply by w) in one C++
+    call for few tokens (a decode step runs 2 per layer; as torch ops each is ~8 launches)."""
+    n = x.numel() // x.shape[-1]
+    if n > SMALL_N or not x.is_contiguous():
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    mod = B.native_module("cpu")
+    out = torch.empty_like(x)
+    p = mod.RMSNormParams()
+    p.x, p.w, p.out, p.eps = x.data_ptr(), w.data_ptr(), out.data_ptr(), float(eps)
+    p.dtype, p.T, p.D = B.native_dtype(mod, x.dtype), n, x.shape[-1]
+    mod.rms_norm_cpu(p)
+    return out
