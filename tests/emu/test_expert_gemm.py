@@ -21,7 +21,7 @@ import hashlib
 
 import pytest
 
-from conftest import CPP, ORDERS, REPO, run_program
+from emu_harness import CPP, ORDERS, REPO, run_program
 
 
 def _util_tag():

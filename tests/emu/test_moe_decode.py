@@ -16,7 +16,7 @@ import hashlib
 
 import pytest
 
-from conftest import CPP, ORDERS, run_program
+from emu_harness import CPP, ORDERS, run_program
 
 
 def _util_tag():
