@@ -26,9 +26,9 @@ def model_for(path, backend, dtype=None):
     return _models[key]
 
 
-def batch(model):
-    """Two left-padded prompts of different lengths: [B, T] ids and mask."""
-    enc = [model.tokenizer.encode(p) for p in PROMPTS]
+def batch(model, prompts=PROMPTS):
+    """Left-padded prompts of different lengths: [B, T] ids and mask."""
+    enc = [model.tokenizer.encode(p) for p in prompts]
     T = max(map(len, enc))
     ids = torch.zeros((len(enc), T), dtype=torch.long)
     mask = torch.zeros((len(enc), T), dtype=torch.bool)
@@ -38,11 +38,16 @@ def batch(model):
     return ids.to(model.device), mask.to(model.device), enc
 
 
+# 11 tokens (<= 16) take the kernels' small-batch decode path, ~25 the grouped-GEMM path.
+SIZES = {"decode": ("Hi there, few tokens",), "prefill": PROMPTS}
+
+
+@pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
-def test_invariants(tiny_fp32_dir, backend, dtype):
+def test_invariants(tiny_fp32_dir, backend, dtype, size):
     model = model_for(tiny_fp32_dir, backend, dtype)
     c = model.config
-    ids, mask, enc = batch(model)
+    ids, mask, enc = batch(model, SIZES[size])
     N = int(mask.sum())
     cap = Capture(TapRequest(["*"]))
     usage = model.new_usage_counters()
