@@ -38,7 +38,7 @@ def batch(model, prompts=PROMPTS):
     return ids.to(model.device), mask.to(model.device), enc
 
 
-# 11 tokens (<= 16) take the kernels' small-batch decode path, ~25 the grouped-GEMM path.
+# 14 tokens (<= 16) take the kernels' small-batch decode path, ~25 the grouped-GEMM path.
 SIZES = {"decode": ("Hi there, few tokens",), "prefill": PROMPTS}
 
 
