@@ -180,3 +180,19 @@ def test_js_divergence_bounds():
     a = np.array([1.0, 0, 0, 0])
     b = np.array([0, 1.0, 0, 0])
     assert ev.js_divergence(a, a) == 0 and abs(ev.js_divergence(a, b) - 1) < 1e-12
+
+
+def test_engine_runtime_matches_the_training_twin(tiny_model):
+    """The engine's reference forward on the saved directory reproduces the model that was trained."""
+    model_mod = pytest.importorskip("moe_engine.model")
+    eng = model_mod.Model.load(tiny_model, dtype="float32", backend="torch", progress=False)
+    twin, _ = ts.load_hf(tiny_model)
+    ids = eng.tokenizer.encode("And the king said: x = 333\ndef f():")
+    from tokenizers import Tokenizer
+    assert ids == Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode("And the king said: x = 333\ndef f():").ids
+    x = torch.tensor([ids])
+    for k in (None, 1, 0):
+        kw = {} if k is None else {"topk": k}
+        with torch.no_grad():
+            ref, _ = twin(x, topk=k)
+        torch.testing.assert_close(eng.forward(x, **kw), ref, rtol=1e-4, atol=1e-4)
