@@ -162,7 +162,7 @@ def test_training_is_deterministic_and_replayable(tiny_corpus, tiny_model, tmp_p
 
 
 def test_eval_writes_card_with_perplexity_and_js(tiny_corpus, tiny_model):
-    res = ev.evaluate(tiny_model, tiny_corpus, ks=[1, 3], chunk=16, gen_tokens=4, threads=1)
+    res = ev.evaluate(tiny_model, tiny_corpus, ks=[0, 1, 3], chunk=16, gen_tokens=4, threads=1, train_chunks=3)
     assert set(res["perplexity"]) == set(bc.DOMAINS)
     assert all(res["perplexity"][d][1] > 1 and res["perplexity"][d][3] > 1 for d in bc.DOMAINS)
     for layer, j in res["js_bits"].items():
