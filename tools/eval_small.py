@@ -219,7 +219,9 @@ def write_card(model_dir: Path, res: dict, cmdline: str) -> None:
       "equal shares (random windows), so the model saw each domain about equally often.\n")
     w("## Training\n")
     w(f"- {log['steps_done']} steps of {a['batch']}×{a['seq']} tokens = {log['tokens_seen']:,} tokens "
-      f"(less than one pass over the corpus) in {log['train_seconds'] / 60:.1f} min on {log['threads']} CPU "
+      f"(passes over each domain's train split: " + ", ".join(
+          f"{d} {log['tokens_seen'] / len(DOMAINS) / log['corpus_tokens'][d]['train']:.2f}" for d in DOMAINS)
+      + f") in {log['train_seconds'] / 60:.1f} min on {log['threads']} CPU "
       f"thread(s) of a shared 2-core machine: **{log['tokens_per_s']:.0f} tokens/s** (torch {log['torch']}, fp32).")
     w(f"- AdamW (β 0.9/0.95, weight decay {a['weight_decay']}), peak lr {a['lr']}, {a['warmup']} warmup steps, "
       f"cosine to {a['min_lr_frac']}× over the run (see below), grad clip {a['grad_clip']}, seed {a['seed']}.")
