@@ -147,6 +147,42 @@ def run_generation(model, args, reps: int, bar=None):
     return prefill_s, step_s, distinct
 
 
+def decode_overhead(model, args, steps: int = 40) -> dict:
+    """Where a decode step's time goes: inside the C++ kernels of moe_engine._C (timed by
+    wrapping its entry points) vs everything else (Python, torch ops, allocation)."""
+    from moe_engine import _C
+    names = [n for n in dir(_C) if n.endswith("_cpu") and callable(getattr(_C, n))]
+    spent = {"s": 0.0}
+    saved = {n: getattr(_C, n) for n in names}
+
+    def timed(f):
+        def call(p):
+            t = time.perf_counter()
+            f(p)
+            spent["s"] += time.perf_counter() - t
+        return call
+    kw = {} if args.topk is None else {"topk": args.topk}
+    cache = model.new_cache(args.batch, args.prompt_len + steps + 1)
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len))
+    tok = model(prompt, cache=cache, logits="last", **kw).argmax(-1, keepdim=True)
+    total, inside = [], []
+    try:
+        for n in names:
+            setattr(_C, n, timed(saved[n]))
+        for _ in range(steps):
+            spent["s"] = 0.0
+            t = time.perf_counter()
+            tok = model(tok, cache=cache, logits="last", **kw).argmax(-1, keepdim=True)
+            total.append(time.perf_counter() - t)
+            inside.append(spent["s"])
+    finally:
+        for n in names:
+            setattr(_C, n, saved[n])
+    step, kern = statistics.median(total), statistics.median(inside)
+    return {"step_ms": step * 1e3, "kernels_ms": kern * 1e3, "outside_kernels_ms": (step - kern) * 1e3,
+            "outside_fraction": (step - kern) / step}
+
+
 def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
     """Median us of one MoE layer's FFN (router .. combine) on `tokens` random tokens, cycling
     through the MoE layers with fresh inputs each rep (fresh routing: no cache-resident experts)."""
@@ -243,6 +279,9 @@ def main(argv=None):
                     help="comma list of token counts for the per-MoE-layer table (default: the batch "
                          "size and the prefill size)")
     ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table")
+    ap.add_argument("--profile-overhead", action="store_true",
+                    help="cpu backend: split a decode step into time inside the C++ kernels and "
+                         "outside them, with the fused MoE-layer call and with the op-by-op path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
@@ -293,6 +332,20 @@ def main(argv=None):
         say(f"floor    {floor * 1e3:.2f} ms/step = {step_bytes / 1e6:.1f} MB of weights "
             f"({n_distinct:.1f} distinct experts per MoE layer) / {bw / 1e9:.1f} GB/s"
             f"  -> {floor / step:.0%} of the floor reached")
+
+    if args.profile_overhead and model.backend == "cpu" and not args.no_generate:
+        import moe_engine.model as mm
+        from moe_engine.moe import moe_layer
+        o = decode_overhead(model, args)
+        mm.moe_layer = lambda *a, **k: moe_layer(*a, fused=False, **k)  # the op-by-op path
+        try:
+            u = decode_overhead(model, args)
+        finally:
+            mm.moe_layer = moe_layer
+        result["decode_overhead"] = {"fused_layer": o, "op_by_op_layer": u}
+        for name, r in (("one C++ call per MoE layer", o), ("op-by-op MoE layer", u)):
+            say(f"decode step, {name}: {r['step_ms']:.2f} ms = {r['kernels_ms']:.2f} ms in C++ kernels + "
+                f"{r['outside_kernels_ms']:.2f} ms outside ({r['outside_fraction']:.0%})")
 
     tokens = ([int(x) for x in args.moe_tokens.split(",")] if args.moe_tokens
               else sorted({args.batch, args.batch * args.prompt_len}))
