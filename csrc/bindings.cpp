@@ -47,6 +47,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(align, AlignParams, sorted_slots); MOE_PTR(align, AlignParams, tile_experts);
   MOE_PTR(align, AlignParams, num_padded); MOE_PTR(align, AlignParams, workspace);
   m.def("align_capacity", &align_capacity);
+  m.def("align_workspace_size", &align_workspace_size);
 
   py::class_<CombineParams> combine(m, "CombineParams", py::module_local());
   combine.def(py::init<>());
@@ -61,7 +62,6 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(pack, PackParams, src); MOE_PTR(pack, PackParams, dst); MOE_VAL(pack, PackParams, dtype);
   MOE_VAL(pack, PackParams, E); MOE_VAL(pack, PackParams, N); MOE_VAL(pack, PackParams, K);
   MOE_VAL(pack, PackParams, gate_up);
-  m.def("pack_size_bytes", &pack_size_bytes);
 
   py::class_<ExpertFFNParams> ffn(m, "ExpertFFNParams", py::module_local());
   ffn.def(py::init<>());
@@ -70,7 +70,6 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(ffn, ExpertFFNParams, workspace); MOE_VAL(ffn, ExpertFFNParams, dtype);
   MOE_VAL(ffn, ExpertFFNParams, T); MOE_VAL(ffn, ExpertFFNParams, k_max); MOE_VAL(ffn, ExpertFFNParams, D);
   MOE_VAL(ffn, ExpertFFNParams, F); MOE_VAL(ffn, ExpertFFNParams, E);
-  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
 
   py::class_<LinearParams> linear(m, "LinearParams", py::module_local());
   linear.def(py::init<>());
@@ -78,6 +77,30 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(linear, LinearParams, dtype); MOE_VAL(linear, LinearParams, T); MOE_VAL(linear, LinearParams, N);
   MOE_VAL(linear, LinearParams, K);
 
+  py::class_<ExpertGemmParams> gemm(m, "ExpertGemmParams", py::module_local());
+  gemm.def(py::init<>());
+  MOE_PTR(gemm, ExpertGemmParams, a); MOE_VAL(gemm, ExpertGemmParams, a_stride);
+  MOE_PTR(gemm, ExpertGemmParams, w); MOE_PTR(gemm, ExpertGemmParams, c);
+  MOE_PTR(gemm, ExpertGemmParams, sorted_slots); MOE_PTR(gemm, ExpertGemmParams, tile_experts);
+  MOE_PTR(gemm, ExpertGemmParams, num_padded); MOE_VAL(gemm, ExpertGemmParams, T);
+  MOE_VAL(gemm, ExpertGemmParams, k_max); MOE_VAL(gemm, ExpertGemmParams, E); MOE_VAL(gemm, ExpertGemmParams, D);
+  MOE_VAL(gemm, ExpertGemmParams, F); MOE_VAL(gemm, ExpertGemmParams, capacity);
+  MOE_VAL(gemm, ExpertGemmParams, block_m); MOE_VAL(gemm, ExpertGemmParams, up);
+
+  py::class_<MoeDecodeParams> dec(m, "MoeDecodeParams", py::module_local());
+  dec.def(py::init<>());
+  MOE_PTR(dec, MoeDecodeParams, x); MOE_PTR(dec, MoeDecodeParams, topk_ids);
+  MOE_PTR(dec, MoeDecodeParams, experts_gate_up); MOE_PTR(dec, MoeDecodeParams, experts_down);
+  MOE_PTR(dec, MoeDecodeParams, act); MOE_PTR(dec, MoeDecodeParams, expert_out);
+  MOE_VAL(dec, MoeDecodeParams, T); MOE_VAL(dec, MoeDecodeParams, k_max); MOE_VAL(dec, MoeDecodeParams, E);
+  MOE_VAL(dec, MoeDecodeParams, D); MOE_VAL(dec, MoeDecodeParams, F);
+
+  py::class_<SharedExpertParams> shared(m, "SharedExpertParams", py::module_local());
+  shared.def(py::init<>());
+  MOE_PTR(shared, SharedExpertParams, x); MOE_VAL(shared, SharedExpertParams, x_stride);
+  MOE_PTR(shared, SharedExpertParams, gate_up); MOE_PTR(shared, SharedExpertParams, down);
+  MOE_PTR(shared, SharedExpertParams, act); MOE_PTR(shared, SharedExpertParams, shared_out);
+  MOE_VAL(shared, SharedExpertParams, T); MOE_VAL(shared, SharedExpertParams, D); MOE_VAL(shared, SharedExpertParams, S);
   py::class_<MoELayerParams> layer(m, "MoELayerParams", py::module_local());
   layer.def(py::init<>());
   MOE_PTR(layer, MoELayerParams, x); MOE_PTR(layer, MoELayerParams, residual); MOE_PTR(layer, MoELayerParams, router);
@@ -123,6 +146,10 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
   m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
   m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("expert_gemm_cuda", MOE_STREAM(expert_gemm_cuda, ExpertGemmParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("moe_decode_cuda", MOE_STREAM(moe_decode_cuda, MoeDecodeParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("shared_expert_cuda", MOE_STREAM(shared_expert_cuda, SharedExpertParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("expert_gemm_block_m", &expert_gemm_block_m);
 #endif
 #if !defined(MOE_EMU)
   m.def("route_cpu", &route_cpu);
@@ -135,6 +162,8 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("attention_decode_cpu", &attention_decode_cpu);
   m.def("attention_block_decode_cpu", &attention_block_decode_cpu);
   m.def("rms_norm_cpu", &rms_norm_cpu);
+  m.def("pack_size_bytes", &pack_size_bytes);
+  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

@@ -8,8 +8,8 @@ buffer width of this call, F expert width, S shared width.
     router_logits = u W_g^T                         [N, E]   (model dtype; torch GEMM)
     topk_ids, topk_weights, router_probs = route(router_logits, K, mask, force, renormalize)
     expert_out[t, j] = FFN_{topk_ids[t, j]}(u[t])   [N, k_max, D]  unweighted (the lens tap)
-    shared_out = FFN_shared(u)                      [N, D]   (torch GEMMs: a dense SwiGLU;
-                                                              cpu: the expert kernel, E = 1)
+    shared_out = FFN_shared(u)                      [N, D]   one dense SwiGLU (torch: GEMMs;
+                                           cpu: the expert kernel with E = 1; cuda/emu: shared_expert.cu)
     resid_post = combine(expert_out, topk_weights, shared_out, residual=resid_mid)
 
 Taps written here: blocks.{l}.moe.hook_in, hook_router_logits, hook_router_probs,
@@ -26,7 +26,7 @@ from .interventions import Routing
 from .loader import MoEWeights
 from .cpu_weights import CpuMoEWeights
 from .ops.combine import combine
-from .ops.expert_ffn import expert_ffn, expert_ffn_cpu, swiglu
+from .ops.expert_ffn import expert_ffn, expert_ffn_cpu, shared_expert_cuda, swiglu
 from .ops.packed import linear_cpu
 from .ops.route import route
 
@@ -73,7 +73,9 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         expert_out = _patch_cols(t, pre + "hook_expert_out", expert_out, k)
     shared_out = None
     if w.shared is not None:
-        if cpu is None:
+        if backend in ("cuda", "emu"):
+            shared = shared_expert_cuda(u, w.shared.gate_up, w.shared.down, backend=backend)
+        elif cpu is None:
             shared = swiglu(u, w.shared.gate_up, w.shared.down)
         else:
             every_token = torch.zeros((u.shape[0], 1), dtype=torch.int32)

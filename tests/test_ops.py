@@ -6,8 +6,7 @@ tokens; every token to one expert; masks; renormalise on and off; NaN/Inf rows; 
 Data movement (ids, align) is compared bit for bit; numerics use tests/tolerances.py.
 
 emu runs the CUDA kernels on the CPU (csrc/emu): it proves the kernels' indexing, barriers and
-fragment layouts, not their timing, occupancy or behaviour under weak memory ordering; on emu
-the larger sizes are skipped to keep CI fast.
+fragment layouts, not their timing, occupancy or behaviour under weak memory ordering.
 """
 import math
 
@@ -21,12 +20,6 @@ from tolerances import assert_close
 
 BACKENDS = [b for b in available_backends() if b != "cuda"]
 DEV = "cpu"
-EMU_MAX_T = 17
-
-
-def _skip_slow(backend, T):
-    if backend == "emu" and T > EMU_MAX_T:
-        pytest.skip("emu: large sizes skipped (the emulator runs one fiber per CUDA thread)")
 
 
 # ---- route ---------------------------------------------------------------------------------
@@ -82,7 +75,6 @@ def test_route_ref_matches_brute_force(T, E, k):
 @pytest.mark.parametrize("E,k", [(8, 0), (8, 1), (8, 2), (64, 6), (64, 8), (8, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_backend_matches_reference(backend, T, E, k, dtype):
-    _skip_slow(backend, T)
     g = torch.Generator().manual_seed(T * 1000 + E + k)
     # distinct values per row, so ties cannot make two correct answers differ
     logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
@@ -152,7 +144,6 @@ def _ids_cases(T, k, E, g):
 @pytest.mark.parametrize("T", [1, 2, 7, 16, 17, 129, 257])
 @pytest.mark.parametrize("k,E,block_m", [(1, 8, 16), (2, 8, 1), (6, 64, 16), (8, 64, 64), (8, 8, 8)])
 def test_align_bitwise(backend, T, k, E, block_m):
-    _skip_slow(backend, T)
     g = torch.Generator().manual_seed(T * 7 + k)
     for name, ids in _ids_cases(T, k, E, g):
         a, r = align(ids, E, block_m, backend=backend), align_ref(ids, E, block_m)
@@ -180,7 +171,6 @@ def test_align_bitwise(backend, T, k, E, block_m):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_shared,with_residual", [(True, True), (False, False), (True, False)])
 def test_combine_matches_reference(backend, T, k, D, dtype, with_shared, with_residual):
-    _skip_slow(backend, T)
     eo = (torch.randn(T, k, D) / 10).to(dtype)
     ids = torch.randint(0, 8, (T, k), dtype=torch.int32)
     ids[:, -1] = -1  # a sentinel slot: its (garbage) row must be ignored
@@ -219,7 +209,6 @@ def brute_ffn(x, ids, gu, dn):
 @pytest.mark.parametrize("k,E", [(1, 8), (2, 8), (6, 16), (8, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_ffn_matches_reference(backend, T, k, E, dtype):
-    _skip_slow(backend, T)
     if backend == "emu" and dtype == torch.float32:
         pytest.skip("the CUDA kernels are bf16-only")
     D, F = 64, 48

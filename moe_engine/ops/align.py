@@ -85,7 +85,7 @@ def align(topk_ids: torch.Tensor, E: int, block_m: int, *, backend: str = "auto"
     i32 = dict(dtype=torch.int32, device=dev)
     out = Aligned(torch.empty(E, **i32), torch.empty(E + 1, **i32), torch.empty(cap, **i32),
                   torch.empty(cap // block_m, **i32), torch.empty(1, **i32), block_m)
-    workspace = torch.empty(align_workspace_size(T, k_max, E), **i32)
+    workspace = torch.empty(mod.align_workspace_size(T, k_max, E), **i32)
     p = mod.AlignParams()
     p.topk_ids = B.ptr(topk_ids)
     p.T, p.k_max, p.E, p.block_m = T, k_max, E, block_m
@@ -97,8 +97,3 @@ def align(topk_ids: torch.Tensor, E: int, block_m: int, *, backend: str = "auto"
     else:
         mod.align_cuda(p, B.stream_of(be, dev))
     return out
-
-
-def align_workspace_size(T: int, k_max: int, E: int) -> int:
-    """int32 elements of scratch the multi-block align path may use (see csrc/ops.h)."""
-    return max(1, (T * k_max + 1023) // 1024 + 1) * (E + 1)

@@ -73,17 +73,7 @@ def expert_ffn(x, topk_ids, experts_gate_up, experts_down, *, backend: str = "au
             raise ValueError(f"packed experts are {packed.dtype} (E, D, F) = {packed.shape}; the "
                              f"weights are {dt} {(E, D, F2 // 2)}")
         return expert_ffn_cpu(x, topk_ids, packed, out=out)
-    return _NATIVE[be](x, topk_ids, experts_gate_up, experts_down)
-
-
-def _unavailable(name):
-    def run(*args):
-        raise B.BackendUnavailable(f"expert_ffn has no {name} implementation in this build")
-    return run
-
-
-# Filled in by the cuda/emu implementations below as they land.
-_NATIVE = {"cuda": _unavailable("cuda"), "emu": _unavailable("emu")}
+    return expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, backend=be)
 
 
 # ---- cpu: csrc/cpu/expert_ffn.cpp ----------------------------------------------------------------
@@ -145,4 +135,68 @@ def expert_ffn_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed: CpuExperts, 
     p.dtype, p.T, p.k_max, p.D, p.F, p.E = B.native_dtype(mod, x.dtype), T, k_max, D, F, E
     if T > 0 and k_max > 0:
         mod.expert_ffn_cpu(p)
+    return out
+
+
+# ---- cuda / emu: csrc/cuda/{align,expert_gemm,moe_decode}.cu ------------------------------------
+DECODE_MAX_T = 16  # csrc/cuda/moe_decode.cu: up to here a mat-vec per (token, expert) beats the GEMM
+
+
+def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str):
+    """The CUDA kernels (backend "cuda", or "emu" for the same source run on the CPU): for
+    T <= DECODE_MAX_T the no-sort decode path, else align + grouped GEMM up (SiLU*up fused) +
+    grouped GEMM down writing expert_out in token order. bf16 only."""
+    from .align import align
+    mod = B.native_module(backend)
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the {backend} expert kernels take bfloat16, got {x.dtype}")
+    T, D = x.shape
+    E, F2, _ = experts_gate_up.shape
+    F = F2 // 2
+    k_max = topk_ids.shape[1]
+    dev = x.device
+    stream = B.stream_of(backend, dev)
+    expert_out = torch.empty((T, k_max, D), dtype=x.dtype, device=dev)
+    if T == 0:
+        return expert_out
+    if T <= DECODE_MAX_T:
+        p = mod.MoeDecodeParams()
+        act = torch.empty((T * k_max, F), dtype=x.dtype, device=dev)
+        p.x, p.topk_ids = B.ptr(x), B.ptr(topk_ids)
+        p.experts_gate_up, p.experts_down = B.ptr(experts_gate_up), B.ptr(experts_down)
+        p.act, p.expert_out = B.ptr(act), B.ptr(expert_out)
+        p.T, p.k_max, p.E, p.D, p.F = T, k_max, E, D, F
+        mod.moe_decode_cuda(p, stream)
+        return expert_out
+    block_m = mod.expert_gemm_block_m(T, k_max, E)
+    a = align(topk_ids, E, block_m, backend=backend)
+    cap = a.sorted_slots.numel()
+    act = torch.empty((cap, F), dtype=x.dtype, device=dev)
+    for up in (True, False):
+        p = mod.ExpertGemmParams()
+        p.a, p.a_stride = (B.ptr(x), D) if up else (B.ptr(act), F)
+        p.w = B.ptr(experts_gate_up if up else experts_down)
+        p.c = B.ptr(act if up else expert_out)
+        p.sorted_slots, p.tile_experts, p.num_padded = B.ptr(a.sorted_slots), B.ptr(a.tile_experts), B.ptr(a.num_padded)
+        p.T, p.k_max, p.E, p.D, p.F, p.capacity, p.block_m, p.up = T, k_max, E, D, F, cap, block_m, up
+        mod.expert_gemm_cuda(p, stream)
+    return expert_out
+
+
+def shared_expert_cuda(x, gate_up, down, *, backend: str):
+    """The shared experts as one dense SwiGLU on the CUDA kernels (csrc/cuda/shared_expert.cu)."""
+    mod = B.native_module(backend)
+    T, D = x.shape
+    S = down.shape[1]
+    B.check(x, "x", dtype=torch.bfloat16)
+    B.check(gate_up, "shared gate_up", dtype=torch.bfloat16, shape=(2 * S, D))
+    B.check(down, "shared down", dtype=torch.bfloat16, shape=(D, S))
+    out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    act = torch.empty((T, S), dtype=x.dtype, device=x.device)
+    p = mod.SharedExpertParams()
+    p.x, p.x_stride, p.gate_up, p.down = B.ptr(x), D, B.ptr(gate_up), B.ptr(down)
+    p.act, p.shared_out, p.T, p.D, p.S = B.ptr(act), B.ptr(out), T, D, S
+    mod.shared_expert_cuda(p, B.stream_of(backend, x.device))
     return out

@@ -1,0 +1,261 @@
+// expert_gemm: the grouped GEMM of the MoE layer over the aligned slots (bf16 tensor cores).
+//
+// Shape legend: T tokens, D hidden, E experts, k_max top-k width, F expert width,
+// R = T*k_max slots, capacity = padded slot capacity (ops.h align_capacity), BM = block_m.
+//
+// Formula (i = sorted position, e = tile_experts[i / BM], s = sorted_slots[i], s < 0 = padding):
+//   up:   act[i, f]         = silu(h . Wg[e, f]) * (h . Wu[e, f]),  h = x[s / k_max],
+//         Wg = experts_gate_up[e, 0:F), Wu = experts_gate_up[e, F:2F)      act [capacity, F]
+//   down: expert_out[s, d]  = act[i] . experts_down[e, d]                     expert_out [R, D]
+//   Unweighted and in token order: expert_out is the hook_expert_out tap; combine applies the
+//   routing weights. Padding rows are neither read (their A rows are zero-filled) nor written,
+//   and slots whose id is a sentinel never appear in sorted_slots, so their expert_out rows are
+//   left untouched: combine skips sentinel slots by id (ops.h CombineParams).
+//
+// Algorithm: one CTA per (BM-row tile, N tile). A rows are gathered through sorted_slots straight
+//   from x (no activation copy). K is walked in steps of 64 (one 128-byte smem row per tile row)
+//   through a cp.async ring of STAGES buffers (zero-fill for padding rows and the N / K tails);
+//   fragments come from XOR-swizzled smem (chunk ^ (row & 7): the 8 rows one ldmatrix phase
+//   reads hit 8 distinct 16-byte bank groups) through ldmatrix.x4 into mma.sync.m16n8k16 bf16
+//   with fp32 accumulators. The up CTA stages 64 gate rows and the 64 matching up rows, so every
+//   lane holds the gate and up accumulator of the same (row, column) and the epilogue writes
+//   silu(g)*u in bf16 (the [.., 2F] intermediate never reaches memory; rounded once).
+//   Tiles at or past num_padded (a device value) exit at once, so the grid is sized for the
+//   worst case (capacity / BM tiles) and the launch is CUDA-graph safe.
+//
+// Tiles (128 threads = 4 warps; each stage = BM x 64 of A + 128 x 64 of W):
+//   BM = 16: 4 stages, warps 1 x 4, warp tile 16 x 16 (up: gate+up) / 16 x 32 (down);
+//            smem 4 x (2 KB + 16 KB) = 72 KB.   For batches with few rows per expert.
+//   BM = 64: 3 stages, warps 2 x 2, warp tile 32 x 32 (up: gate+up) / 32 x 64 (down);
+//            smem 3 x (8 KB + 16 KB) = 72 KB.
+//   N tile: up 64 act columns (128 weight rows), down 128 output columns. F = 1408 = 22 x 64,
+//   D = 2048 = 16 x 128 and K (= D or F) = 32 or 22 steps of 64: the 16B layer has no tails;
+//   other sizes are handled by zero-fill and masked stores (D, F multiples of 8).
+//   Grid: x = capacity / BM row tiles (fastest, so the CTAs of one expert and N tile run side by
+//   side and share its weights in L2), y = N tiles. 72 KB lets 3 CTAs share an H100 SM
+//   (2 on A100); (STAGES - 1) x 18-24 KB = ~50 KB in flight per CTA is far above the ~25-40 KB
+//   per SM that 3.35 TB/s x ~1 us latency / 132 SMs needs.
+//   expert_gemm_block_m(T, k_max, E) = 64 when R >= 32 E (>= 32 rows per expert on average),
+//   else 16; align pads to it (vLLM's H100 tables switch near the same point).
+//
+// Memory traffic (bf16): weights 2 bytes x (2F D + D F) per touched expert and row tile
+//   (re-reads of one expert's weights by its further row tiles come from L2), x rows
+//   2 D x R (L2 hits after the first), act written 2 F x R and read back once, expert_out 2 D x R.
+//   DeepSeekMoE-16B layer (D 2048, F 1408, E 64, k 6), one expert = 17.3 MB; experts touched
+//   64 (1 - (58/64)^T); H100 floor at 3.35 TB/s (expected fractions are projections: no GPU
+//   has run this code yet):
+//     T = 1, 8   -> moe_decode.cu (no sort, no padding waste).
+//     T = 64     BM 16: 63.9 experts, ~6 rows each, 1.106 GB + ~3 MB x/act/out -> floor 331 us.
+//                ~64 row tiles x (22 up + 16 down) N tiles = ~2,400 working CTAs (another ~20
+//                row tiles past num_padded exit at once); 3 CTAs per SM = 396 slots, ~3.6 and
+//                ~2.6 waves: expect 70-80 % (wave tails, launch gaps).
+//     T = 512    BM 64: 64 experts, ~48 rows each (~1 % need a second tile), 1.107 GB +
+//                ~25 MB act/x/out -> floor 338 us; 53 GFLOP is ~90 us of mma.sync at ~600
+//                TFLOP/s, so still bandwidth bound; ~65 x 22 + 65 x 16 CTAs: expect 70-80 %.
+// Launch: grid (ceil(capacity / BM), ceil(N / BN)), block 128, dynamic smem 72 KB (attribute set).
+// Limits: D, F multiples of 8 (16-byte cp.async); a, w 16-byte aligned; a_stride multiple of 8;
+//   block_m in {16, 64}; R and capacity < 2^31; N tiles < 65536.
+// Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref (align + up + down together);
+//   CPU twin: csrc/cpu/expert_ffn.cpp; test: tests/emu/cpp/expert_gemm_test.cu driven by
+//   tests/emu/test_expert_gemm.py (double-precision reference; tolerances in
+//   tests/emu/cpp/moe_test_util.h);
+//   nvcc build / spill check: tests/emu/test_nvcc_build.py.
+#include "common.cuh"
+#include "ptx.cuh"
+#include "ops.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace moe {
+namespace gemm_detail {  // named, so the kernel files can share one translation unit in tests
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 128;
+constexpr int kBK = 64;               // K elements per stage: a 128-byte smem row per tile row
+constexpr int kChunks = kBK / 8;      // 16-byte chunks per smem row
+constexpr int kWRows = 128;           // weight rows per stage (up: 64 gate + 64 up; down: 128)
+
+template <int BM> struct Tile;
+template <> struct Tile<16> { static constexpr int kStages = 4, kWarpsM = 1, kWarpsN = 4; };
+template <> struct Tile<64> { static constexpr int kStages = 3, kWarpsM = 2, kWarpsN = 2; };
+
+template <int BM> constexpr int stage_bytes() { return (BM + kWRows) * kBK * 2; }
+template <int BM> constexpr int smem_bytes() { return Tile<BM>::kStages * stage_bytes<BM>(); }
+
+// Offset, in 16-byte units, of chunk c of row r in a swizzled [rows, kChunks] tile.
+__device__ inline int swz(int r, int c) { return r * kChunks + (c ^ (r & 7)); }
+
+__device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+template <int BM, bool UP>
+__global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmParams p) {
+  constexpr int kStages = Tile<BM>::kStages;
+  constexpr int kWarpsN = Tile<BM>::kWarpsN;
+  constexpr int BN = UP ? kWRows / 2 : kWRows;  // output columns per CTA
+  constexpr int WTM = BM / Tile<BM>::kWarpsM, WTN = BN / kWarpsN;
+  constexpr int MI = WTM / 16, NI = WTN / 8, NMAT = UP ? 2 : 1;
+  static_assert(NI % 2 == 0, "B fragments are loaded two n8 tiles per ldmatrix.x4");
+  constexpr int kAChunks = BM * kChunks, kStageChunks = (BM + kWRows) * kChunks;
+
+  const int m_tile = blockIdx.x, n0 = blockIdx.y * BN;
+  const int row0 = m_tile * BM;
+  const int num_padded = p.num_padded ? *p.num_padded : p.capacity;
+  if (row0 >= num_padded) return;
+  const int e = p.tile_experts ? p.tile_experts[m_tile] : 0;
+  if (e < 0 || e >= p.E) return;  // align never emits such a tile below num_padded
+
+  const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
+  const int R = p.T * p.k_max;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  MOE_DYNAMIC_SHARED(uint4, smem);
+  MOE_SHARED_ARRAY(int, s_src, BM);  // A row of each tile row, -1 = padding
+  MOE_SHARED_ARRAY(int, s_dst, BM);  // output row of each tile row, -1 = padding
+  for (int r = tid; r < BM; r += kThreads) {
+    const int i = row0 + r;
+    int slot = -1;
+    if (i < num_padded && i < p.capacity) slot = p.sorted_slots ? p.sorted_slots[i] : (i < R ? i : -1);
+    const bool valid = slot >= 0 && slot < R;
+    s_src[r] = !valid ? -1 : UP ? slot / p.k_max : i;
+    s_dst[r] = !valid ? -1 : UP ? i : slot;
+  }
+  __syncthreads();
+
+  const bf16* A = static_cast<const bf16*>(p.a);
+  const bf16* W = static_cast<const bf16*>(p.w) + static_cast<int64_t>(e) * (UP ? 2 : 1) * N * K;
+
+  auto load_stage = [&](int stage, int kt) {
+    uint4* st = smem + stage * (kStageChunks);
+    const int k0 = kt * kBK;
+    for (int c = tid; c < kStageChunks; c += kThreads) {
+      const bool is_a = c < kAChunks;
+      const int r = (is_a ? c : c - kAChunks) / kChunks, ch = c % kChunks, k = k0 + ch * 8;
+      const bf16* src;
+      bool ok;
+      if (is_a) {
+        const int row = s_src[r];
+        ok = row >= 0 && k < K;
+        src = A + (ok ? row * p.a_stride + k : 0);
+      } else {
+        const int n = n0 + (UP ? r % BN : r);
+        ok = n < N && k < K;
+        const int wrow = UP && r >= BN ? N + n : n;
+        src = W + (ok ? static_cast<int64_t>(wrow) * K + k : 0);
+      }
+      cp_async_16_zfill(st + (is_a ? 0 : kAChunks) + swz(r, ch), src, ok);
+    }
+  };
+
+  float acc[NMAT][MI][NI][4] = {};
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+  const int KT = (K + kBK - 1) / kBK;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < KT) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage kt landed for everyone; stage kt-1 is no longer being read
+    if (kt + kStages - 1 < KT) load_stage((kt + kStages - 1) % kStages, kt + kStages - 1);
+    cp_async_commit();
+
+    const uint4* sA = smem + (kt % kStages) * kStageChunks;
+    const uint4* sW = sA + kAChunks;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t a[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        ldmatrix_x4(a[mi], sA + swz(wm * WTM + mi * 16 + lane % 16, kk * 2 + lane / 16));
+#pragma unroll
+      for (int mat = 0; mat < NMAT; ++mat) {
+#pragma unroll
+        for (int nj = 0; nj < NI; nj += 2) {
+          uint32_t b[4];  // b[0..1]: n8 tile nj, b[2..3]: n8 tile nj+1
+          const int wr = mat * BN + wn * WTN + nj * 8 + lane % 8 + 8 * (lane / 16);
+          ldmatrix_x4(b, sW + swz(wr, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) {
+            mma_m16n8k16_bf16(acc[mat][mi][nj], a[mi], b, acc[mat][mi][nj]);
+            mma_m16n8k16_bf16(acc[mat][mi][nj + 1], a[mi], b + 2, acc[mat][mi][nj + 1]);
+          }
+        }
+      }
+    }
+  }
+
+  cp_async_wait<0>();  // only empty groups remain; retire them so no copy outlives the CTA
+
+  bf16* C = static_cast<bf16*>(p.c);
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int col = n0 + wn * WTN + ni * 8 + 2 * (lane % 4);
+      if (col >= N) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int dst = s_dst[wm * WTM + mi * 16 + lane / 4 + 8 * h];
+        if (dst < 0) continue;
+        float v0 = acc[0][mi][ni][2 * h], v1 = acc[0][mi][ni][2 * h + 1];
+        if constexpr (UP) {
+          v0 = silu(v0) * acc[NMAT - 1][mi][ni][2 * h];
+          v1 = silu(v1) * acc[NMAT - 1][mi][ni][2 * h + 1];
+        }
+        *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(dst) * N + col) =
+            __floats2bfloat162_rn(v0, v1);
+      }
+    }
+  }
+}
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("expert_gemm: " + what); }
+
+template <int BM, bool UP>
+void launch(const ExpertGemmParams& p, cudaStream_t stream) {
+  constexpr int BN = UP ? kWRows / 2 : kWRows;
+  const int N = UP ? p.F : p.D;
+  const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
+  constexpr int smem = smem_bytes<BM>();
+  auto* expert_gemm = &expert_gemm_kernel<BM, UP>;  // one token for MOE_LAUNCH (and its messages)
+  MOE_CUDA_CHECK(cudaFuncSetAttribute(expert_gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  MOE_LAUNCH(expert_gemm, grid, dim3(kThreads), smem, stream, p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace gemm_detail
+
+int expert_gemm_block_m(int T, int k_max, int E) {
+  return static_cast<int64_t>(T) * k_max >= 32LL * E ? 64 : 16;
+}
+
+void expert_gemm_cuda(const ExpertGemmParams& p, void* stream) {
+  using namespace gemm_detail;
+  auto s = [](int64_t v) { return std::to_string(v); };
+  if (p.T < 0 || p.k_max < 1 || p.E < 1 || p.capacity < 0)
+    bad("need T >= 0, k_max >= 1, E >= 1, capacity >= 0; got T=" + s(p.T) + " k_max=" + s(p.k_max) +
+        " E=" + s(p.E) + " capacity=" + s(p.capacity));
+  if (p.D <= 0 || p.F <= 0 || p.D % 8 || p.F % 8)
+    bad("D and F must be positive multiples of 8 (16-byte loads); got D=" + s(p.D) + " F=" + s(p.F));
+  if (p.block_m != 16 && p.block_m != 64) bad("block_m must be 16 or 64; got " + s(p.block_m));
+  if (static_cast<int64_t>(p.T) * p.k_max >= (1LL << 31)) bad("T*k_max overflows int32");
+  const bool dense = !p.sorted_slots && !p.tile_experts && !p.num_padded;
+  if (!dense && (!p.sorted_slots || !p.tile_experts || !p.num_padded))
+    bad("sorted_slots, tile_experts and num_padded must be all set or all null (dense mode)");
+  if (!p.a || !p.w || !p.c) bad("a, w and c must be non-null");
+  const int K = p.up ? p.D : p.F;
+  if (p.a_stride < K || p.a_stride % 8)
+    bad("a_stride must be >= " + s(K) + " and a multiple of 8; got " + s(p.a_stride));
+  auto misaligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 != 0; };
+  if (misaligned(p.a) || misaligned(p.w) || misaligned(p.c)) bad("a, w and c must be 16-byte aligned");
+  if (p.capacity == 0 || p.T == 0) return;
+  auto st = static_cast<cudaStream_t>(stream);
+  if (p.block_m == 16) p.up ? launch<16, true>(p, st) : launch<16, false>(p, st);
+  else p.up ? launch<64, true>(p, st) : launch<64, false>(p, st);
+}
+
+}  // namespace moe

@@ -1,0 +1,221 @@
+// moe_decode: the small-batch MoE path (T <= 16): no sort, no align, weights read once per expert.
+//
+// Shape legend: T tokens, D hidden, E experts, k_max top-k width, F expert width, R = T*k_max slots.
+//
+// Formula, for every slot j = t*k_max + s with e = topk_ids[t, s] in [0, E):
+//   act[j, f]        = silu(x[t] . Wg[e, f]) * (x[t] . Wu[e, f])      (bf16, rounded once)
+//   expert_out[j, d] = act[j] . Wd[e, d]                              (unweighted, token order)
+//   Wg = experts_gate_up[e, 0:F), Wu = experts_gate_up[e, F:2F), Wd = experts_down[e].
+//   Sentinel slots (id < 0 or >= E; k is a runtime value and unused slots carry -1) get
+//   expert_out[j] = 0 and no act row. topk_ids null = dense mode: every slot is expert 0 (the
+//   shared experts, shared_expert.cu).
+//
+// Algorithm: two launches (down needs every column of act). CTA (j, n tile) works only when j
+//   is the first slot that chose its expert e (warp 0 ballots over topk_ids[0:j), which is tiny);
+//   it then collects the slots j' >= j that chose e (ascending, up to 8 per pass; a 9th or later
+//   token of one expert starts another pass, whose weight reads hit L2) and streams its weight
+//   rows once for all of them. Each warp owns 4 weight rows (up: gate and up rows of 2 features;
+//   down: 4 output features) and walks K with 16-byte loads, 32 lanes x 8 bf16 = 256 elements a
+//   step; the input rows (x or act, a few KB) come from L1/L2 for every pass over the weights.
+//   Lane partial sums are reduced with xor shuffles; lane 0 writes.
+//
+// Memory traffic (bf16): per touched expert 2 (2F D + D F) bytes of weights, read once
+//   (more than 8 tokens on one expert: once per pass of 8); plus 2 D x T (x), 2 F x R (act,
+//   written then read), 2 D x R (expert_out). DeepSeekMoE-16B (D 2048, F 1408, E 64, k 6):
+//     T = 1: 6 experts = 103.8 MB -> H100 floor 31 us; grid 6 x 88 (up) + 6 x 64 (down) CTAs.
+//     T = 8: ~34.9 experts = 604 MB -> floor 180 us; grid 48 x 88 + 48 x 64 CTAs, of which the
+//            ~35 first slots of an expert work and the duplicates exit after one ballot.
+//   Expected (a projection, no GPU has run this): 60-75 % of the floor at T = 1 (two launches
+//   of a few us each against 31 us of streaming), 75-85 % at T = 8. Bytes in flight: each lane
+//   issues the weight loads of two warp steps before any math (2 x 4 x 16 B); __launch_bounds__
+//   (256, 2) caps registers at 128 so 2 CTAs share an SM: 16 warps x 4 KB = 64 KB per SM, above
+//   the ~25-40 KB that 3.35 TB/s x ~1 us latency / 132 SMs needs.
+// Launch: up grid (R, ceil(F / 16)), down grid (R, ceil(D / 32)), block 256, static smem < 64 B.
+// Limits: 1 <= T <= 16 (larger batches: align + expert_gemm), D and F multiples of 8, all
+//   pointers 16-byte aligned, x / act / expert_out contiguous.
+// Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref; CPU twin: csrc/cpu/expert_ffn.cpp;
+//   test: tests/emu/cpp/moe_decode_test.cu via tests/emu/test_moe_decode.py (double-precision
+//   reference; tolerances in tests/emu/cpp/moe_test_util.h);
+//   nvcc build / spill check: tests/emu/test_nvcc_build.py.
+#include "common.cuh"
+#include "ops.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace moe {
+namespace decode_detail {  // named, so the kernel files can share one translation unit in tests
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kMaxT = 16;          // beyond this the grouped GEMM wins (tile reuse of weights)
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = 4;    // weight rows one warp streams together
+constexpr int kPass = 8;           // slots served per pass over an expert's weight rows
+constexpr int kStep = 32 * 8;      // K elements per warp step (16 bytes per lane)
+constexpr int kUnroll = 2;         // warp steps whose weight loads are issued together
+
+template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 : 1);
+
+__device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// Dot product of 8 bf16 pairs held in two uint4. The words are unpacked with shifts (a bf16 is
+// the high half of an fp32), not by casting the uint4 to __nv_bfloat162: that cast breaks C++
+// aliasing rules, and g++ -O2 (the emulator build) then reads stale values.
+__device__ inline float dot_word(uint32_t a, uint32_t b, float acc) {
+  acc += __uint_as_float(a << 16) * __uint_as_float(b << 16);
+  acc += __uint_as_float(a & 0xFFFF0000u) * __uint_as_float(b & 0xFFFF0000u);
+  return acc;
+}
+__device__ inline float dot8(const uint4& a, const uint4& b, float acc) {
+  acc = dot_word(a.x, b.x, acc);
+  acc = dot_word(a.y, b.y, acc);
+  acc = dot_word(a.z, b.z, acc);
+  return dot_word(a.w, b.w, acc);
+}
+
+template <bool UP>
+__global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecodeParams p) {
+  constexpr int kMats = UP ? 2 : 1;                  // up: gate and up rows
+  constexpr int kFeatPerWarp = kRowsPerWarp / kMats;
+  const int R = p.T * p.k_max, j = blockIdx.x;
+  const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
+  const int f0 = blockIdx.y * kFeatPerCta<UP>;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int* ids = p.topk_ids;
+  const int e = ids ? ids[j] : 0;
+  bf16* out = static_cast<bf16*>(UP ? p.act : p.expert_out);
+
+  if (e < 0 || e >= p.E) {
+    if constexpr (!UP) {
+      const int f1 = f0 + kFeatPerCta<UP> < N ? f0 + kFeatPerCta<UP> : N;
+      for (int d = f0 + tid; d < f1; d += kThreads) out[static_cast<int64_t>(j) * N + d] = __float2bfloat16(0.0f);
+    }
+    return;
+  }
+
+  MOE_SHARED_ARRAY(int, s_list, kPass);  // slots served in this pass
+  MOE_SHARED_ARRAY(int, s_pass, 2);      // [0] their count, [1] where the next pass resumes
+  auto chose_e = [&](int jj) { return jj < R && (ids ? ids[jj] == e : true); };
+
+  const bf16* W = static_cast<const bf16*>(UP ? p.experts_gate_up : p.experts_down) +
+                  static_cast<int64_t>(e) * kMats * N * K;
+  const bf16* in = static_cast<const bf16*>(UP ? p.x : p.act);
+  const bf16* wrow[kRowsPerWarp];
+  int feat[kRowsPerWarp];
+#pragma unroll
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+    feat[q] = f0 + warp * kFeatPerWarp + q % kFeatPerWarp;
+    const int mat = q / kFeatPerWarp;
+    wrow[q] = W + static_cast<int64_t>(feat[q] < N ? mat * N + feat[q] : 0) * K;
+  }
+
+  for (int cursor = j;;) {
+    if (warp == 0) {
+      bool dup = false;
+      if (cursor == j)
+        for (int base = 0; base < j; base += 32) dup |= __ballot_sync(~0u, base + lane < j && chose_e(base + lane)) != 0;
+      int n = 0, pos = dup ? R : cursor;
+      while (pos < R && n < kPass) {
+        const bool match = chose_e(pos + lane);
+        const unsigned m = __ballot_sync(~0u, match);
+        const int rank = __popc(m & ((1u << lane) - 1u));
+        if (match && n + rank < kPass) s_list[n + rank] = pos + lane;
+        if (n + __popc(m) <= kPass) {
+          n += __popc(m);
+          pos += 32;
+        } else {  // resume at the first match that did not fit
+          pos += __ffs(__ballot_sync(~0u, match && n + rank == kPass)) - 1;
+          n = kPass;
+        }
+      }
+      if (lane == 0) { s_pass[0] = n; s_pass[1] = pos; }
+    }
+    __syncthreads();
+    const int n = s_pass[0];
+    cursor = s_pass[1];
+    if (n == 0) return;
+
+    int in_off[kPass];
+#pragma unroll
+    for (int r = 0; r < kPass; ++r)
+      in_off[r] = r < n ? (UP ? s_list[r] / p.k_max : s_list[r]) * K : 0;
+    float acc[kRowsPerWarp][kPass] = {};
+    // kUnroll steps of weight loads are issued before any math, so each lane keeps
+    // kUnroll x kRowsPerWarp 16-byte loads in flight (the input rows are L1/L2 hits).
+    for (int k0 = lane * 8; k0 < K; k0 += kUnroll * kStep) {
+      uint4 w[kUnroll][kRowsPerWarp];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int q = 0; q < kRowsPerWarp; ++q)
+          w[u][q] = k0 + u * kStep < K ? *reinterpret_cast<const uint4*>(wrow[q] + k0 + u * kStep) : uint4{};
+#pragma unroll
+      for (int r = 0; r < kPass; ++r) {
+        if (r >= n) break;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (k0 + u * kStep >= K) break;
+          const uint4 v = *reinterpret_cast<const uint4*>(in + in_off[r] + k0 + u * kStep);
+#pragma unroll
+          for (int q = 0; q < kRowsPerWarp; ++q) acc[q][r] = dot8(w[u][q], v, acc[q][r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kPass; ++r) {
+      if (r >= n) break;
+#pragma unroll
+      for (int q = 0; q < kRowsPerWarp; ++q)
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) acc[q][r] += __shfl_xor_sync(~0u, acc[q][r], o);
+      if (lane == 0) {
+        const int64_t row = static_cast<int64_t>(s_list[r]) * N;
+#pragma unroll
+        for (int q = 0; q < kFeatPerWarp; ++q) {
+          if (feat[q] >= N) continue;
+          const float v = UP ? silu(acc[q][r]) * acc[q + kFeatPerWarp * (kMats - 1)][r] : acc[q][r];
+          out[row + feat[q]] = __float2bfloat16(v);
+        }
+      }
+    }
+    if (cursor >= R) return;
+    __syncthreads();  // everyone has read s_list before warp 0 refills it
+  }
+}
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("moe_decode: " + what); }
+
+template <bool UP>
+void launch(const MoeDecodeParams& p, cudaStream_t stream) {
+  const int N = UP ? p.F : p.D;
+  const dim3 grid(p.T * p.k_max, (N + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>);
+  auto* moe_decode = &moe_decode_kernel<UP>;  // one token for MOE_LAUNCH (and its messages)
+  MOE_LAUNCH(moe_decode, grid, dim3(kThreads), 0, stream, p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace decode_detail
+
+void moe_decode_cuda(const MoeDecodeParams& p, void* stream) {
+  using namespace decode_detail;
+  auto s = [](int64_t v) { return std::to_string(v); };
+  if (p.T < 0 || p.T > kMaxT)
+    bad("T must be in [0, " + s(kMaxT) + "] (use align + expert_gemm for more); got T=" + s(p.T));
+  if (p.k_max < 1 || p.E < 1) bad("need k_max >= 1 and E >= 1; got k_max=" + s(p.k_max) + " E=" + s(p.E));
+  if (p.D <= 0 || p.F <= 0 || p.D % 8 || p.F % 8)
+    bad("D and F must be positive multiples of 8 (16-byte loads); got D=" + s(p.D) + " F=" + s(p.F));
+  if (!p.x || !p.experts_gate_up || !p.experts_down || !p.act || !p.expert_out)
+    bad("x, experts_gate_up, experts_down, act and expert_out must be non-null");
+  auto misaligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 != 0; };
+  if (misaligned(p.x) || misaligned(p.experts_gate_up) || misaligned(p.experts_down) || misaligned(p.act) ||
+      misaligned(p.expert_out))
+    bad("x, experts_gate_up, experts_down, act and expert_out must be 16-byte aligned");
+  if (p.T == 0) return;
+  auto st = static_cast<cudaStream_t>(stream);
+  launch<true>(p, st);
+  launch<false>(p, st);
+}
+
+}  // namespace moe

@@ -1,0 +1,121 @@
+"""Build and run the emulated C++ test programs under tests/emu/cpp/ (fixtures: conftest.py).
+
+Each program is compiled once per session with g++ against csrc/emu (the CPU emulator) and cached
+by a hash of its sources, every header under csrc/, the compiler flags and the compiler version, so
+reruns only link what changed.
+
+Environment:
+  MOE_EMU_SANITIZE   unset/0: -O2 | 1 or "address": -fsanitize=address,undefined (fibers switch to
+                     glibc ucontext with ASan's fiber annotations) | "thread": -fsanitize=thread
+                     and the threads backend (a missing barrier becomes a reported data race)
+  MOE_EMU_ORDERS     comma list of thread orders the order-parametrised tests run in
+                     (default "forward,reverse,random")
+  MOE_EMU_BUILD_DIR  where binaries are cached (default <repo>/build/emu-tests)
+  CXX                compiler (default g++)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CPP = Path(__file__).resolve().parent / "cpp"
+ORDERS = [o for o in os.environ.get("MOE_EMU_ORDERS", "forward,reverse,random").split(",") if o]
+
+
+def cuda_include() -> str:
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        real = Path(os.path.realpath(nvcc))
+        candidates.append(real.parent.parent / "include")
+        # /usr/local/bin/nvcc may be a wrapper script: ask nvcc where it lives
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+            for line in out.splitlines():
+                if "TOP=" in line:
+                    candidates.append(Path(line.split("TOP=", 1)[1].strip()) / "include")
+        except OSError:
+            pass
+    candidates += [Path("/usr/local/cuda/include")]
+    for c in candidates:
+        if (c / "cuda_bf16.h").exists():
+            return str(c)
+    pytest.skip("no CUDA toolkit headers (cuda_bf16.h) found")
+
+
+def sanitize_mode() -> str:
+    v = os.environ.get("MOE_EMU_SANITIZE", "0").strip().lower()
+    return {"": "none", "0": "none", "1": "address", "address": "address", "asan": "address",
+            "thread": "thread", "tsan": "thread"}.get(v, "address")
+
+
+def compile_flags() -> list[str]:
+    flags = ["-std=c++20", "-DMOE_EMU", f"-I{cuda_include()}", f"-I{REPO / 'csrc'}", "-Wall", "-Wextra",
+             "-Wno-unused-parameter", "-pthread"]
+    mode = sanitize_mode()
+    if mode == "address":
+        flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=undefined"]
+    elif mode == "thread":
+        flags += ["-O1", "-g", "-fsanitize=thread"]
+    else:
+        flags += ["-O2"]
+    return flags
+
+
+class Builder:
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.cxx = os.environ.get("CXX", "g++")
+        self.flags = compile_flags()
+        version = subprocess.run([self.cxx, "--version"], capture_output=True, text=True).stdout
+        h = hashlib.sha256(version.encode() + " ".join(self.flags).encode())
+        for p in sorted((REPO / "csrc").rglob("*")):
+            if p.suffix in {".h", ".cuh", ".cu", ".cpp"} and p.is_file():
+                h.update(str(p.relative_to(REPO)).encode() + p.read_bytes())
+        self.common_hash = h.hexdigest()
+
+    def build(self, name: str, sources: list[Path]) -> Path:
+        h = hashlib.sha256(self.common_hash.encode())
+        for s in sources:
+            h.update(str(s).encode() + s.read_bytes())
+        exe = self.out_dir / f"{name}-{sanitize_mode()}-{h.hexdigest()[:16]}"
+        if not exe.exists():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = exe.with_suffix(".tmp")
+            cmd = [self.cxx, *self.flags, "-x", "c++", *map(str, sources), "-o", str(tmp)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {name} failed:\n{' '.join(cmd)}\n{r.stderr[-8000:]}")
+            tmp.rename(exe)
+            for old in self.out_dir.glob(f"{name}-{sanitize_mode()}-*"):  # superseded builds
+                if old != exe and not old.name.endswith(".tmp"):
+                    old.unlink(missing_ok=True)
+        return exe
+
+
+def make_builder() -> Builder:
+    return Builder(Path(os.environ.get("MOE_EMU_BUILD_DIR", REPO / "build" / "emu-tests")))
+
+
+def run_program(exe: Path, *args: str, order: str = "forward", backend: str | None = None,
+                seed: int | None = None, timeout: float = 300, env_extra: dict | None = None):
+    env = dict(os.environ)
+    env["MOE_EMU_ORDER"] = order
+    if backend:
+        env["MOE_EMU_BACKEND"] = backend
+    if seed is not None:
+        env["MOE_EMU_SEED"] = str(seed)
+    if sanitize_mode() == "address":
+        # abort() in a negative test is the expected outcome, not a leak report
+        env.setdefault("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1")
+        env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=timeout)

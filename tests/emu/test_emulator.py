@@ -1,0 +1,145 @@
+"""Self-tests of the CUDA emulator (csrc/emu/emu.h) through tests/emu/cpp/emu_selftest.cu and
+tests/emu/cpp/mma_selftest.cu.
+
+What the emulator cannot show, whatever these tests say: timing, occupancy, register use,
+shared-memory capacity and bank conflicts; weak-memory races (all accesses are sequentially
+consistent; only a *missing barrier* can surface, as an order-dependent result or a TSan report);
+real warp divergence (__activemask() is the set of live lanes); preemption (a spin-wait on a plain
+load hangs instead of progressing); exact GPU numerics (__expf, FMA contraction, tensor-core
+accumulation order). The mma layouts are checked for self-consistency against the PTX
+documentation; only a run of mma_selftest.cu on a real GPU checks them against hardware.
+"""
+from __future__ import annotations
+
+import pytest
+
+from emu_harness import CPP, ORDERS, run_program, sanitize_mode
+
+
+@pytest.fixture(scope="session")
+def selftest(emu_builder):
+    return emu_builder.build("emu_selftest", [CPP / "emu_selftest.cu"])
+
+
+@pytest.fixture(scope="session")
+def mma_selftest(emu_builder):
+    return emu_builder.build("mma_selftest", [CPP / "mma_selftest.cu"])
+
+
+def _ok(r, case):
+    assert r.returncode == 0 and f"OK {case}" in r.stdout, (
+        f"case {case}: rc={r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}")
+
+
+POSITIVE = {
+    "shfl": "__shfl_sync / up / down / xor for every width 1..32 and offset 0..39 on two warps, against "
+            "the PTX shfl.sync pseudocode and (power-of-two widths, offsets < 32) the CUDA guide rules",
+    "shfl_types": "64-bit, double and bf16 payloads; two half-warps shuffling with disjoint masks",
+    "vote": "__ballot_sync / __any_sync / __all_sync / __syncwarp with full and partial masks",
+    "atomics": "atomicAdd int/float, atomicMax, an atomicCAS loop, atomicExch, a histogram, 6 blocks x 192",
+    "shared": "static (MOE_SHARED_ARRAY) and dynamic shared memory: block sum and scan; both poisoned "
+              "(0xFF) before every block; emulated cudaMalloc fills 0xCD",
+    "cp_async": "a two-stage cp.async pipeline (commit / wait_group 1) and cp_async_16_zfill",
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", list(POSITIVE))
+def test_positive_case(selftest, case, order):
+    """Each primitive gives the documented result in every thread order (fibers backend).
+    Cannot show: timing or weak-memory effects; atomics here are contended only logically."""
+    _ok(run_program(selftest, case, order=order), case)
+
+
+@pytest.mark.parametrize("case", ["vote", "atomics", "shared", "cp_async", "order_correct"])
+def test_threads_backend(selftest, case):
+    """The std::thread backend (one OS thread per CUDA thread, run concurrently between waits) gives
+    the same results. Cannot show: GPU scheduling; this is only what the host OS interleaves."""
+    _ok(run_program(selftest, case, order="forward", backend="threads", timeout=120), case)
+
+
+def _checksum(r):
+    return [l for l in r.stdout.splitlines() if l.startswith("CHECKSUM")]
+
+
+def test_correct_kernel_same_result_in_every_order(selftest):
+    """A block reduction with correct barriers gives one answer in forward, reverse and several
+    random orders. Cannot show: orders a GPU could produce that these do not (e.g. warps
+    preempted mid-phase); it samples interleavings at barrier and warp-collective granularity."""
+    sums = set()
+    for order, seed in [("forward", None), ("reverse", None), ("random", 1), ("random", 2), ("random", 3)]:
+        r = run_program(selftest, "order_correct", order=order, seed=seed)
+        _ok(r, "order_correct")
+        sums.update(_checksum(r))
+    assert len(sums) == 1, sums
+
+
+@pytest.mark.skipif(sanitize_mode() == "thread", reason="under TSan the race is reported instead")
+def test_missing_barrier_shows_as_order_dependence(selftest):
+    """The same reduction without its second barrier: different thread orders give different
+    results, which is how the order sweep in CI exposes a missing __syncthreads. Cannot show: a
+    race that no sampled order happens to expose."""
+    sums = set()
+    for order, seed in [("forward", None), ("reverse", None), ("random", 1)]:
+        r = run_program(selftest, "order_racy", order=order, seed=seed)
+        assert r.returncode == 0, r.stderr
+        sums.update(_checksum(r))
+    assert len(sums) > 1, f"racy kernel gave the same result in every order: {sums}"
+
+
+NEGATIVE = {
+    "neg_divergent_syncthreads": "divergent __syncthreads",
+    "neg_shfl_outside_mask": "outside mask",
+    "neg_caller_not_in_mask": "is not in mask",
+    "neg_mask_disagree": "__ballot_sync",
+    "neg_partial_warp": "do not exist in this block",
+    "neg_deadlock": "deadlock",
+    "neg_exited_lane": "exited",
+    "neg_ldmatrix_global": "not in shared memory",
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", list(NEGATIVE))
+def test_misuse_fails_loudly(selftest, case, order):
+    """Undefined behaviour on a GPU (divergent barrier, bad warp masks, exited lanes, deadlock,
+    ldmatrix on global memory) aborts with a message naming the problem and the source line.
+    Cannot show: what a particular GPU would do instead (often: silently wrong data or a hang)."""
+    r = run_program(selftest, case, order=order, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, f"{case} was not stopped:\n{out}"
+    assert "moe_emu" in out and NEGATIVE[case] in out, out
+    assert "emu_selftest.cu:" in out, f"the message should name the kernel source line:\n{out}"
+
+
+def test_deadlock_threads_backend(selftest):
+    """The threads backend detects the same deadlock (every live thread waits). A spin-wait on a
+    plain load would instead be caught by the watchdog (MOE_EMU_WATCHDOG_S)."""
+    r = run_program(selftest, "neg_deadlock", backend="threads", timeout=60)
+    assert r.returncode != 0 and "deadlock" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_missing_cp_async_wait_reads_poison(selftest, order):
+    """Without cp_async_wait the shared tile still holds the 0xFF poison (NaN), and the kernel's
+    own check reports it. Cannot show: on a GPU the copy may or may not have landed in time."""
+    r = run_program(selftest, "neg_missing_cp_async_wait", order=order)
+    assert r.returncode == 1 and "poison" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mma_ldmatrix_formulas_matmul(mma_selftest, order):
+    """mma.m16n8k16 bf16 through ldmatrix (x4 / x2 / x2.trans / x4.trans) equals mma from fragments
+    built straight from the documented formulas equals a double matmul, exactly; every ldmatrix
+    variant matches the documented layout. Cannot show: that the documentation matches hardware
+    (run mma_selftest.cu under nvcc on a GPU for that) or tensor-core rounding."""
+    r = run_program(mma_selftest, order=order)
+    _ok(r, "mma_selftest")
+
+
+@pytest.mark.skipif(sanitize_mode() != "thread", reason="needs MOE_EMU_SANITIZE=thread")
+def test_tsan_reports_missing_barrier(selftest):
+    """Under -fsanitize=thread (threads backend forced) the reduction without its barrier is a
+    reported data race. Cannot show: races between blocks (blocks never overlap)."""
+    r = run_program(selftest, "order_racy", env_extra={"TSAN_OPTIONS": "halt_on_error=1"})
+    assert r.returncode != 0 and "data race" in r.stderr, r.stderr[-3000:]

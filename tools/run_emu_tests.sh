@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The emulator steps of CI (notes/cuda-emulation.md, "CI steps that together catch most kernel bugs"):
+#   1. tests/emu with fibers in forward, reverse and random thread order (-O2);
+#   2. the same tests built with -fsanitize=address,undefined (fibers on glibc ucontext with
+#      ASan's fiber annotations), forward and random order;
+#   3. the threads backend under -fsanitize=thread (small cases; a missing barrier is a race);
+#   4. nvcc for sm_80 and sm_90a with -Xptxas -v: zero spills (tools/check_ptxas.py).
+# Usage: tools/run_emu_tests.sh [step...]   steps: orders asan tsan ptxas (default: all)
+# Binaries are cached by source hash under build/emu-tests, so a rerun only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(orders asan tsan ptxas)
+PYTEST=${PYTEST:-python -m pytest}
+
+run() {
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "== emu: $name"
+  "$@"
+  echo "== emu: $name passed in $((SECONDS - t0)) s"
+}
+
+for s in "${steps[@]}"; do
+  case $s in
+    orders) run "fibers, forward/reverse/random order" env MOE_EMU_SANITIZE=0 \
+              MOE_EMU_ORDERS=forward,reverse,random $PYTEST -q tests/emu ;;
+    asan) run "ASan + UBSan" env MOE_EMU_SANITIZE=address MOE_EMU_ORDERS=forward,random \
+            $PYTEST -q tests/emu ;;
+    tsan) run "TSan, threads backend" env MOE_EMU_SANITIZE=thread MOE_EMU_ORDERS=forward \
+            $PYTEST -q tests/emu ;;
+    ptxas) run "ptxas sm_80 + sm_90a, zero spills" python tools/check_ptxas.py ;;
+    *) echo "unknown step $s (expected orders, asan, tsan, ptxas)" >&2; exit 2 ;;
+  esac
+done
