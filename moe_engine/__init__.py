@@ -7,7 +7,7 @@ and the CUDA kernels emulated on the CPU), with interpretability controls built 
     logits = model.forward(ids, topk=2, expert_mask={1: [0, 3]}, capture=cap)
 """
 from .config import ConfigError, ModelConfig
-from .interventions import Interventions
+from .interventions import Interventions, intervene
 from .loader import CheckpointError
 from .model import KVCache, Model, default_model_dir
 from .taps import Capture, Patch, TapRequest
@@ -22,4 +22,4 @@ def load(path=None, **kwargs) -> Model:
 
 
 __all__ = ["Capture", "CheckpointError", "ConfigError", "Interventions", "KVCache", "Model",
-           "ModelConfig", "Patch", "TapRequest", "default_model_dir", "load"]
+           "ModelConfig", "Patch", "TapRequest", "default_model_dir", "intervene", "load"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .interventions import Interventions
+from .interventions import Interventions, for_call
 from .model import Model
 from .taps import Capture
 
@@ -92,10 +92,7 @@ def iter_generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence
         prompts = [prompts]
     if len(prompts) == 0:
         raise ValueError("no prompts given")
-    if interventions is None:
-        interventions = Interventions(**intervention_kwargs)
-    elif intervention_kwargs:
-        raise ValueError("pass interventions either as `interventions=` or as keywords, not both")
+    interventions = for_call(interventions, intervention_kwargs)  # once: every step runs the same
     encoded = []
     for p in prompts:
         if isinstance(p, str):

@@ -9,11 +9,18 @@ usual, contribution removed), `force_experts` (int or {layer: id}: that expert t
 `Interventions.resolve` validates everything on the host once per call and produces the small
 device tensors the kernels read (k [L], mask [L, E], force [L]), so changing them never
 recompiles, reloads or breaks a captured graph.
+
+`intervene(...)` is a context manager (a contextvars.ContextVar, so it is per thread and per
+asyncio task, never process-global) that supplies interventions to the calls inside it that name
+none. Nested blocks merge field by field, the inner one winning; keyword arguments of a call
+override the block field by field; an explicit `interventions=` object replaces it entirely.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -73,6 +80,40 @@ class Routing:
     def controls(self, l: int):
         mask = None if self.layer_mask(l) is None else self.mask_dev[l]
         return self.k_dev[l], mask, self.force_dev[l]
+
+
+_CURRENT: ContextVar[Interventions | None] = ContextVar("moe_engine_interventions", default=None)
+_FIELDS = frozenset(f.name for f in fields(Interventions))
+
+
+def _merged(base: Interventions | None, kwargs: Mapping) -> Interventions:
+    unknown = set(kwargs) - _FIELDS
+    if unknown:
+        raise TypeError(f"unknown intervention(s) {sorted(unknown)}; expected some of {sorted(_FIELDS)}")
+    return Interventions(**kwargs) if base is None else replace(base, **kwargs)
+
+
+@contextmanager
+def intervene(**kwargs) -> Iterator[Interventions]:
+    """`with intervene(topk=1, expert_mask={3: [7]}): model.forward(ids)` -- applies to the calls
+    in the block (this thread / task only) that pass no `interventions=`."""
+    merged = _merged(_CURRENT.get(), kwargs)
+    token = _CURRENT.set(merged)
+    try:
+        yield merged
+    finally:
+        _CURRENT.reset(token)
+
+
+def for_call(interventions: Interventions | None, kwargs: Mapping) -> Interventions:
+    """The interventions one call runs with: an explicit object, else the enclosing intervene()
+    block (if any) overridden by the call's keyword arguments."""
+    if interventions is not None:
+        if kwargs:
+            raise ValueError("pass interventions either as `interventions=` or as keywords, not both")
+        return interventions
+    current = _CURRENT.get()
+    return current if current is not None and not kwargs else _merged(current, kwargs)
 
 
 def _per_layer(value, L: int, default: int, name: str) -> list[int]:

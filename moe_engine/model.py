@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .config import ModelConfig
-from .interventions import Interventions, Routing
+from .interventions import Interventions, Routing, for_call
 from .loader import ModelWeights, MoEWeights, load_checkpoint
 from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear
 from .cpu_weights import rms_norm as cpu_rms_norm
@@ -135,7 +135,8 @@ class Model:
 
         attention_mask [B, T]: 1 for real tokens, 0 for left padding. cache: continue from a
         KVCache (new tokens are appended). Interventions come as `interventions=` or as keyword
-        arguments (topk=, expert_mask=, mask_mode=, force_experts=, renormalize=).
+        arguments (topk=, expert_mask=, mask_mode=, force_experts=, renormalize=), which
+        override an enclosing `interventions.intervene(...)` block field by field.
         capture: a taps.Capture that records (and patches) taps. usage: counters from
         new_usage_counters(). step: the generation step recorded with captured rows."""
         c = self.config
@@ -158,10 +159,7 @@ class Model:
             raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {Bsz}")
         if cache.used + T > cache.capacity:
             raise ValueError(f"{cache.used} cached + {T} new tokens exceed the cache length {cache.capacity}")
-        if interventions is None:
-            interventions = Interventions(**intervention_kwargs)
-        elif intervention_kwargs:
-            raise ValueError("pass interventions either as `interventions=` or as keywords, not both")
+        interventions = for_call(interventions, intervention_kwargs)
         routing = interventions.resolve(c, self.device)
         if usage is not None:
             B.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),

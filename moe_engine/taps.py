@@ -162,7 +162,7 @@ class Capture:
         for i, r in enumerate(self.requests):
             if self._matches(r, name):
                 rows = self._select(r.positions, i)
-                self._values[name].append(value.index_select(0, rows).clone())
+                self._values[name].append(value.index_select(0, rows))  # a copy already
                 self._rows[name].append(rows)
                 break
         return value

@@ -48,7 +48,7 @@ namespace decode_detail {  // named, so the kernel files can share one translati
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kMaxT = 16;          // beyond this the grouped GEMM wins (tile reuse of weights)
+constexpr int kMaxT = 16;          // beyond this: align + expert_gemm (tensor cores; no passes of 8)
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;    // weight rows one warp streams together

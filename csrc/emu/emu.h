@@ -19,7 +19,8 @@
 //   MOE_EMU_ORDER     forward | reverse | random   thread (and block) scheduling order
 //   MOE_EMU_SEED      seed for `random` (default 1); the launch index is mixed in
 //   MOE_EMU_BACKEND   fibers | threads             (threads is forced under -fsanitize=thread)
-//   MOE_EMU_WATCHDOG_S  threads backend: abort when no thread makes progress this long (default 60)
+//   MOE_EMU_WATCHDOG_S  abort when no thread makes progress this long (default 60): a spin-wait
+//                     on memory never ends on fibers and may not on threads
 //
 // What it cannot show: timing, occupancy, registers, shared-memory capacity and bank conflicts;
 // weak-memory effects (every access is sequentially consistent here); real divergence
@@ -99,7 +100,7 @@ struct Copy {  // one deferred cp.async
 struct Thread {
   uint3 tid{}, bid{};
   int linear = 0, lane = 0, warp = 0;
-  bool done = false;
+  bool started = false, done = false;
   Wait wait = Wait::none;
   Loc where{};
   const char* what = "";
@@ -170,6 +171,10 @@ struct Runtime {
   fiber::Scheduler sched;
   std::vector<fiber::Stack> stacks;
 
+  // fibers watchdog: counts switches; a running fiber that never yields stops the count
+  std::atomic<uint64_t> switches{0};
+  std::atomic<bool> fibers_running{false};
+
   // threads backend
   std::mutex m;
   std::condition_variable cv;
@@ -181,8 +186,8 @@ struct Runtime {
 };
 
 inline Runtime& rt() {
-  static Runtime r;
-  return r;
+  static Runtime* r = new Runtime;  // never destroyed: the fiber watchdog thread may outlive main
+  return *r;
 }
 inline thread_local Thread* t_cur = nullptr;
 
@@ -235,8 +240,10 @@ inline Thread& cur(const Loc& loc, const char* what) {
   for (Thread& t : R.threads) {
     if (t.done) continue;
     char buf[512];
-    if (t.wait == Wait::none)
-      std::snprintf(buf, sizeof buf, "running (not in any emulator wait: a spin-wait or an endless loop?)");
+    if (!t.started)
+      std::snprintf(buf, sizeof buf, "not started yet");
+    else if (t.wait == Wait::none)
+      std::snprintf(buf, sizeof buf, "running or runnable (in no emulator wait: a spin-wait or an endless loop?)");
     else
       std::snprintf(buf, sizeof buf, "waits in %s at %s:%u", t.what, base_name(t.where.file_name()),
                     t.where.line());
@@ -671,6 +678,7 @@ inline void fiber_entry() {
   Runtime& R = rt();
   Thread& t = *t_cur;
   fiber::on_fiber_start(R.sched);
+  t.started = true;
   R.body(R.body_ctx);
   thread_exit(t);
   fiber::switch_back(R.sched, t.fib, true);
@@ -686,8 +694,31 @@ inline std::vector<int> schedule_order(int n) {
   return v;
 }
 
+// Fibers are never preempted, so a spin-wait on memory hangs the launch. This thread notices that
+// no fiber switch happened for MOE_EMU_WATCHDOG_S seconds and aborts with the stuck report.
+inline void fiber_watchdog() {
+  Runtime& R = rt();
+  uint64_t last = ~0ull;
+  auto since = std::chrono::steady_clock::now();
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const auto now = std::chrono::steady_clock::now();
+    const uint64_t s = R.switches.load();
+    if (!R.fibers_running.load() || s != last) {
+      last = s;
+      since = now;
+      continue;
+    }
+    if (std::chrono::duration<double>(now - since).count() > R.watchdog_s)
+      report_stuck("watchdog: no fiber switch for MOE_EMU_WATCHDOG_S seconds (a spin-wait on memory? fibers are "
+                   "never preempted)");
+  }
+}
+
 inline void run_block_fibers() {
   Runtime& R = rt();
+  static std::once_flag watchdog_started;
+  std::call_once(watchdog_started, [] { std::thread(fiber_watchdog).detach(); });
   if (R.stacks.size() < (size_t)R.nthreads) {
     size_t old = R.stacks.size();
     R.stacks.resize(R.nthreads);
@@ -700,6 +731,7 @@ inline void run_block_fibers() {
       Thread& t = R.threads[i];
       if (t.done || t.wait != Wait::none) continue;
       t_cur = &t;
+      R.switches.fetch_add(1, std::memory_order_relaxed);
       fiber::switch_to(R.sched, t.fib);
       t_cur = nullptr;
       ran = true;
@@ -716,6 +748,10 @@ inline void run_block_threads() {
     Thread& t = R.threads[i];
     t.os = std::thread([&t] {
       t_cur = &t;
+      {
+        Lock lock;
+        t.started = true;
+      }
       rt().body(rt().body_ctx);
       thread_exit(t);
       t_cur = nullptr;
@@ -823,8 +859,13 @@ inline void run_grid(const char* name, dim3 g, dim3 b, size_t smem, void (*body)
     R.bar_first = -1;
     R.statics.clear();
     if (R.dyn) poison(R.dyn, R.dyn_bytes);
-    if (R.backend == Backend::fibers) run_block_fibers();
-    else run_block_threads();
+    if (R.backend == Backend::fibers) {
+      R.fibers_running = true;
+      run_block_fibers();
+      R.fibers_running = false;
+    } else {
+      run_block_threads();
+    }
   }
   R.threads.clear();
   R.kernel_name = "";

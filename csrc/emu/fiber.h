@@ -29,13 +29,12 @@
 #endif
 
 #if !defined(MOE_EMU_UCONTEXT)
-// void moe_emu_switch(void** save_sp, void* load_sp): push callee-saved state, swap stacks, pop.
-// Weak so that every translation unit including this header may emit it.
-asm(R"(
-  .text
-  .weak moe_emu_switch
-  .type moe_emu_switch,@function
-moe_emu_switch:
+// moe_emu_switch(void** save_sp, void* load_sp): push callee-saved state, swap stacks, pop.
+// A naked inline function rather than top-level asm: inline gives it COMDAT linkage, so every
+// translation unit may include this header, link-time optimisation included (LTO pastes all
+// top-level asm of a module into one file, where a second definition is an error).
+[[gnu::naked, gnu::noinline]] inline void moe_emu_switch(void** /*save_sp: rdi*/, void* /*load_sp: rsi*/) {
+  asm(R"(
   pushq %rbp
   pushq %rbx
   pushq %r12
@@ -57,9 +56,8 @@ moe_emu_switch:
   popq  %rbx
   popq  %rbp
   ret
-  .size moe_emu_switch, .-moe_emu_switch
 )");
-extern "C" void moe_emu_switch(void** save_sp, void* load_sp);
+}
 #endif
 
 namespace moe_emu::fiber {

@@ -119,6 +119,19 @@ def test_deadlock_threads_backend(selftest):
     assert r.returncode != 0 and "deadlock" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("backend", ["fibers", "threads"])
+def test_spin_wait_caught_by_watchdog(selftest, backend):
+    """A spin-wait on a flag nobody sets would hang forever (fibers are never preempted); the
+    watchdog aborts after MOE_EMU_WATCHDOG_S seconds with the stuck report. Cannot show: spin
+    waits that a GPU would complete because another warp or block runs concurrently (e.g.
+    inter-block flags): those hang here too and must be redesigned or tested on a GPU."""
+    if sanitize_mode() == "thread" and backend == "fibers":
+        pytest.skip("TSan runs the threads backend only")
+    r = run_program(selftest, "neg_spin_wait", backend=backend, timeout=60,
+                    env_extra={"MOE_EMU_WATCHDOG_S": "1"})
+    assert r.returncode != 0 and "watchdog" in r.stderr and "running" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_missing_cp_async_wait_reads_poison(selftest, order):
     """Without cp_async_wait the shared tile still holds the 0xFF poison (NaN), and the kernel's

@@ -17,9 +17,17 @@ cp.async ring and the __syncthreads that guards it (the emulator defers each cp.
 wait_group, so a missing wait reads poison, but a real GPU's reordering is not modelled), and the
 exact tensor-core accumulation order (the emulator sums each mma in double).
 """
+import hashlib
+
 import pytest
 
-from conftest import CPP, ORDERS, REPO, run_program
+from emu_harness import CPP, ORDERS, REPO, run_program
+
+
+def _util_tag():
+    """conftest's binary cache hashes csrc/ and the listed sources but not headers beside them;
+    name the binaries after moe_test_util.h's content so an edit there rebuilds them."""
+    return hashlib.sha256((CPP / "moe_test_util.h").read_bytes()).hexdigest()[:8]
 
 
 def _run(exe, *args, order="forward", seed=None):
@@ -33,18 +41,18 @@ def _run(exe, *args, order="forward", seed=None):
 
 @pytest.fixture(scope="session")
 def gemm_prog(emu_builder):
-    return emu_builder.build("expert_gemm_test", [CPP / "expert_gemm_test.cu"])
+    return emu_builder.build(f"expert_gemm_test-{_util_tag()}", [CPP / "expert_gemm_test.cu"])
 
 
 @pytest.fixture(scope="session")
 def ffn_prog(emu_builder):
     kernels = [REPO / "csrc" / "cuda" / f"{k}.cu" for k in ("align", "expert_gemm", "moe_decode")]
-    return emu_builder.build("expert_ffn_test", [CPP / "expert_ffn_test.cu", *kernels])
+    return emu_builder.build(f"expert_ffn_test-{_util_tag()}", [CPP / "expert_ffn_test.cu", *kernels])
 
 
 @pytest.fixture(scope="session")
 def shared_prog(emu_builder):
-    return emu_builder.build("shared_expert_test", [CPP / "shared_expert_test.cu"])
+    return emu_builder.build(f"shared_expert_test-{_util_tag()}", [CPP / "shared_expert_test.cu"])
 
 # T, k_max, E, D, F, block_m, scenario
 GEMM_CASES = [

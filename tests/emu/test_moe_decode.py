@@ -12,9 +12,17 @@ slots and ids >= E, and K / N tails (D = 136, F = 72). T = 17 must be refused (e
 What the emulator cannot show: bandwidth, occupancy and register spills (test_nvcc_build.py), and
 device numerics (FMA contraction; the shuffle reduction order is the same as on a GPU).
 """
+import hashlib
+
 import pytest
 
-from conftest import CPP, ORDERS, run_program
+from emu_harness import CPP, ORDERS, run_program
+
+
+def _util_tag():
+    """conftest's binary cache hashes csrc/ and the listed sources but not headers beside them;
+    name the binaries after moe_test_util.h's content so an edit there rebuilds them."""
+    return hashlib.sha256((CPP / "moe_test_util.h").read_bytes()).hexdigest()[:8]
 
 
 def _run(exe, *args, order="forward", seed=None):
@@ -28,7 +36,7 @@ def _run(exe, *args, order="forward", seed=None):
 
 @pytest.fixture(scope="session")
 def decode_prog(emu_builder):
-    return emu_builder.build("moe_decode_test", [CPP / "moe_decode_test.cu"])
+    return emu_builder.build(f"moe_decode_test-{_util_tag()}", [CPP / "moe_decode_test.cu"])
 
 # T, k_max, E, D, F, scenario
 DECODE_CASES = [

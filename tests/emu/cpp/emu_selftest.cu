@@ -376,6 +376,11 @@ __global__ void exited_lane_kernel(int* out) {
   if (threadIdx.x == 3) return;
   out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, (int)threadIdx.x, 1);
 }
+__global__ void spin_wait_kernel(int* flag) {  // waits for a flag nobody sets: needs preemption
+  if (threadIdx.x == 0)
+    while (atomicAdd(flag, 0) == 0) {
+    }
+}
 __global__ void ldmatrix_global_kernel(const uint16_t* g, uint32_t* out) {
   uint32_t r[1];
   ldmatrix_x1(r, g + (threadIdx.x % 8) * 8);  // global memory: not allowed
@@ -415,6 +420,7 @@ int main(int argc, char** argv) {
       {"neg_partial_warp", [&] { launch_negative(partial_warp_kernel, "partial", 48, scratch.d); }},
       {"neg_deadlock", [&] { launch_negative(deadlock_kernel, "deadlock", 64, scratch.d); }},
       {"neg_exited_lane", [&] { launch_negative(exited_lane_kernel, "exited", 32, scratch.d); }},
+      {"neg_spin_wait", [&] { launch_negative(spin_wait_kernel, "spin_wait", 32, scratch.d); }},
       {"neg_ldmatrix_global", [&] {
          launch_negative(ldmatrix_global_kernel, "ldmatrix_global", 32, (const uint16_t*)g16.d, g32.d);
        }},

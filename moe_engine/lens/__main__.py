@@ -1,0 +1,158 @@
+"""python -m moe_engine.lens SUB [--model DIR] --out DIR [options] PATH...
+
+Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
+    routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
+    early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
+    topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
+    similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
+
+With no --model the bundled small model is used. --preset paper applies the public MoE Lens
+code's choices (minus its misalignment); the default follows the notes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import Model
+from . import analyses as A
+from . import plots as P
+from .corpus import SPLITS, Domain, domain_from_path
+
+SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity")
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    head, body = __doc__.split("\n\n", 1)
+    ap = argparse.ArgumentParser(prog="python -m moe_engine.lens", description=head, epilog=body,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="SUB")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("paths", nargs="*", metavar="PATH",
+                        help="file or directory per domain (NAME=PATH to label)")
+    common.add_argument("--model", help="checkpoint directory (default: the bundled small model)")
+    common.add_argument("--out", required=True, type=Path,
+                        help="directory for the JSON and PNG results")
+    common.add_argument("--preset", default="notes", choices=sorted(A.PRESETS))
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    common.add_argument("--backend", default="auto",
+                        choices=["auto", "torch", "cpu", "cuda", "emu"])
+    common.add_argument("--max-len", type=int, default=None,
+                        help="tokens per sample (default 2048, capped by the model's context)")
+    common.add_argument("--batch-tokens", type=int, default=A.BATCH_TOKENS,
+                        help="padded tokens per forward call")
+    common.add_argument("--split", default="file", choices=SPLITS,
+                        help="documents of a plain-text file")
+    common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
+    common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
+    common.add_argument("--threads", type=int, help="CPU threads")
+    common.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("routing", parents=[common], help="routing distribution per domain")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p.add_argument("--plot-layers", type=_int_list,
+                   help="layers to draw bar plots for (default: all MoE layers)")
+    p = sub.add_parser("early-decode", parents=[common],
+                       help="logit lens of layer outputs and H^{l_k}")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeatable); else each PATH's first sample")
+    p.add_argument("--prompt-tokens", type=int, default=32,
+                   help="tokens of each PATH's first sample to use")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--norm", choices=["final", "none"], help="default: the preset's")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p = sub.add_parser("topk-sweep", parents=[common], help="perplexity vs top-k")
+    p.add_argument("--ks", type=_int_list, help="values of k (default 1..K)")
+    p = sub.add_parser("similarity", parents=[common], help="single vs ensemble cosine similarity")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    return ap
+
+
+def _write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def run(args) -> list[Path]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.paths and not (args.command == "early-decode" and args.prompt):
+        raise ValueError(f"{args.command}: give at least one corpus PATH")
+    domains = [domain_from_path(p) for p in args.paths]
+    model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+                       progress=not args.no_progress)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
+                     max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
+    files: list[Path] = []
+    if args.command == "routing":
+        res = A.route_corpus(model, domains, topk=args.topk, **corpus_kw).to_json()
+        files.append(_write_json(out / "routing.json", res))
+        files += P.plot_routing(res, out, layers=args.plot_layers)
+    elif args.command == "early-decode":
+        prompts: list[tuple[str, str | list[int]]] = [(f"prompt{i}", t)
+                                                      for i, t in enumerate(args.prompt)]
+        for d in domains:
+            prompts.append((d.name, _first_prompt(model, d, args)))
+        results = []
+        for name, prompt in prompts:
+            r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
+                               label=name, topk=args.topk).to_json()
+            results.append(r)
+            files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
+        summary = {"analysis": "early-decode", "results": results}
+        files.insert(0, _write_json(out / "early_decode.json", summary))
+    elif args.command == "topk-sweep":
+        res = A.topk_sweep(model, domains, ks=args.ks, **corpus_kw).to_json()
+        files.append(_write_json(out / "topk_sweep.json", res))
+        files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
+    elif args.command == "similarity":
+        res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
+                           **corpus_kw).to_json()
+        files.append(_write_json(out / "similarity.json", res))
+        files.append(P.plot_similarity(res, out / "similarity.png"))
+    return files
+
+
+def _first_prompt(model: Model, d: Domain, args) -> list[int]:
+    from .corpus import iter_samples
+    for s in iter_samples(d, model.tokenizer, args.prompt_tokens, split=args.split):
+        return s
+    raise ValueError(f"domain {d.name!r} has no text to decode")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        files = run(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f)
+    dt = time.perf_counter() - t0
+    print(f"[{args.command}: {len(files)} files in {args.out} in {dt:.1f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
