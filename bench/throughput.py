@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # 32x this machine's L3; any cache is negligible next to it
+CACHE_FLUSH_BYTES = 96 << 20      # read between timed MoE-layer calls: 3x the L3
 
 
 def median_time(fn, reps: int, warmup: int = 2) -> float:
@@ -62,15 +63,19 @@ def parse_preset(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def show_progress(args) -> bool:
+    return not args.json and sys.stderr.isatty()
+
+
 def load_model(args):
     import moe_engine
     from moe_engine.synthetic import make_checkpoint
     if args.model:
-        return moe_engine.load(args.model, dtype=args.dtype, backend=args.backend, progress=not args.json)
+        return moe_engine.load(args.model, dtype=args.dtype, backend=args.backend, progress=show_progress(args))
     name, opts = parse_preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as d:
         path = make_checkpoint(d, name, seed=args.seed, dtype=args.dtype, **opts)
-        return moe_engine.load(path, dtype=args.dtype, backend=args.backend, progress=not args.json)
+        return moe_engine.load(path, dtype=args.dtype, backend=args.backend, progress=show_progress(args))
 
 
 class Bytes:
@@ -142,6 +147,42 @@ def run_generation(model, args, reps: int, bar=None):
     return prefill_s, step_s, distinct
 
 
+def decode_overhead(model, args, steps: int = 40) -> dict:
+    """Where a decode step's time goes: inside the C++ kernels of moe_engine._C (timed by
+    wrapping its entry points) vs everything else (Python, torch ops, allocation)."""
+    from moe_engine import _C
+    names = [n for n in dir(_C) if n.endswith("_cpu") and callable(getattr(_C, n))]
+    spent = {"s": 0.0}
+    saved = {n: getattr(_C, n) for n in names}
+
+    def timed(f):
+        def call(p):
+            t = time.perf_counter()
+            f(p)
+            spent["s"] += time.perf_counter() - t
+        return call
+    kw = {} if args.topk is None else {"topk": args.topk}
+    cache = model.new_cache(args.batch, args.prompt_len + steps + 1)
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len))
+    tok = model(prompt, cache=cache, logits="last", **kw).argmax(-1, keepdim=True)
+    total, inside = [], []
+    try:
+        for n in names:
+            setattr(_C, n, timed(saved[n]))
+        for _ in range(steps):
+            spent["s"] = 0.0
+            t = time.perf_counter()
+            tok = model(tok, cache=cache, logits="last", **kw).argmax(-1, keepdim=True)
+            total.append(time.perf_counter() - t)
+            inside.append(spent["s"])
+    finally:
+        for n in names:
+            setattr(_C, n, saved[n])
+    step, kern = statistics.median(total), statistics.median(inside)
+    return {"step_ms": step * 1e3, "kernels_ms": kern * 1e3, "outside_kernels_ms": (step - kern) * 1e3,
+            "outside_fraction": (step - kern) / step}
+
+
 def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
     """Median us of one MoE layer's FFN (router .. combine) on `tokens` random tokens, cycling
     through the MoE layers with fresh inputs each rep (fresh routing: no cache-resident experts)."""
@@ -156,11 +197,13 @@ def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
     inputs = [(torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype),
                torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype)) for _ in range(reps + 2)]
     by = Bytes(model)
+    flush = torch.ones(CACHE_FLUSH_BYTES // 4)
     ts, floors = [], []
     for i, (u, r) in enumerate(inputs):
         l = layers[i % len(layers)]
         w = model.weights.layers[l].mlp
         lc = None if cpu is None else cpu.layers[l].moe
+        flush.sum()  # evict: in a real step the other layers' weights pass through the caches
         t = time.perf_counter()
         moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc)
         dt = time.perf_counter() - t
@@ -197,12 +240,23 @@ def torch_expert_gemm_us(model, args, tokens: int, reps: int) -> dict:
     ids = route_ref(u @ w.router.t(), k)[0]
     t = median_time(lambda: expert_ffn_ref(u, ids, w.experts_gate_up, w.experts_down), reps)
     fl = 2 * tokens * k * 3 * c.hidden_size * c.moe_intermediate_size
+    # The best case for torch: the same FLOPs as two dense GEMMs over all T*k slot rows at once
+    # (one expert's weights standing in for all: no grouping, no per-expert calls).
+    xs = u.repeat_interleave(k, 0)
+    gu0, dn0 = w.experts_gate_up[0], w.experts_down[0]
+    F = c.moe_intermediate_size
+
+    def dense():
+        h = xs @ gu0.t()
+        return (torch.nn.functional.silu(h[:, :F]) * h[:, F:]) @ dn0.t()
+    t_dense = median_time(dense, reps)
     # The ours-side twin: the routed experts alone through the dispatcher on this backend.
     from moe_engine.ops.expert_ffn import expert_ffn
     packed = model._cpu_weights().layers[l].moe.experts if model.backend == "cpu" else None
     t_ours = median_time(lambda: expert_ffn(u, ids, w.experts_gate_up, w.experts_down,
                                             backend=model.backend, packed=packed), reps)
     return {"tokens": tokens, "torch_gemm_us": t * 1e6, "torch_gemm_gflop_s": fl / t / 1e9,
+            "torch_dense_gemm_us": t_dense * 1e6, "torch_dense_gemm_gflop_s": fl / t_dense / 1e9,
             "ours_us": t_ours * 1e6, "ours_gflop_s": fl / t_ours / 1e9}
 
 
@@ -225,6 +279,9 @@ def main(argv=None):
                     help="comma list of token counts for the per-MoE-layer table (default: the batch "
                          "size and the prefill size)")
     ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table")
+    ap.add_argument("--profile-overhead", action="store_true",
+                    help="cpu backend: split a decode step into time inside the C++ kernels and "
+                         "outside them, with the fused MoE-layer call and with the op-by-op path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
@@ -244,7 +301,7 @@ def main(argv=None):
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9}
 
     if not args.no_generate:
-        quiet = args.json or not sys.stderr.isatty()
+        quiet = not show_progress(args)
         warm = argparse.Namespace(**{**vars(args), "prompt_len": min(args.prompt_len, 16), "gen_len": 4})
         run_generation(model, warm, 1)
         with tqdm(total=args.reps * (args.gen_len - 1), desc="decode steps", disable=quiet, file=sys.stderr) as bar:
@@ -276,6 +333,20 @@ def main(argv=None):
             f"({n_distinct:.1f} distinct experts per MoE layer) / {bw / 1e9:.1f} GB/s"
             f"  -> {floor / step:.0%} of the floor reached")
 
+    if args.profile_overhead and model.backend == "cpu" and not args.no_generate:
+        import moe_engine.model as mm
+        from moe_engine.moe import moe_layer
+        o = decode_overhead(model, args)
+        mm.moe_layer = lambda *a, **k: moe_layer(*a, fused=False, **k)  # the op-by-op path
+        try:
+            u = decode_overhead(model, args)
+        finally:
+            mm.moe_layer = moe_layer
+        result["decode_overhead"] = {"fused_layer": o, "op_by_op_layer": u}
+        for name, r in (("one C++ call per MoE layer", o), ("op-by-op MoE layer", u)):
+            say(f"decode step, {name}: {r['step_ms']:.2f} ms = {r['kernels_ms']:.2f} ms in C++ kernels + "
+                f"{r['outside_kernels_ms']:.2f} ms outside ({r['outside_fraction']:.0%})")
+
     tokens = ([int(x) for x in args.moe_tokens.split(",")] if args.moe_tokens
               else sorted({args.batch, args.batch * args.prompt_len}))
     say(f"\nper MoE layer (router .. combine), median over cycled layers and fresh inputs:")
@@ -297,6 +368,9 @@ def main(argv=None):
         say(f"\nrouted experts at {big} tokens: ours {g['ours_us']:.0f} us ({g['ours_gflop_s']:.1f} GFLOP/s) vs "
             f"PyTorch {args.dtype} GEMMs per expert segment {g['torch_gemm_us']:.0f} us "
             f"({g['torch_gemm_gflop_s']:.1f} GFLOP/s): {g['torch_gemm_us'] / g['ours_us']:.2f}x")
+        say(f"  torch's best case, the same FLOPs as one dense GEMM pair over all {big * result['topk']} "
+            f"slot rows: {g['torch_dense_gemm_us']:.0f} us ({g['torch_dense_gemm_gflop_s']:.1f} GFLOP/s): "
+            f"ours at {g['torch_dense_gemm_us'] / g['ours_us']:.2f}x of it")
     if args.json:
         print(json.dumps(result))
     return result

@@ -96,8 +96,8 @@ def test_route_nonfinite_ties_strides_usage():
 
 # ---- align -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", TS)
-@pytest.mark.parametrize("k", (1, 2, 6, 8))
-@pytest.mark.parametrize("block_m", (1, 16, 64))
+@pytest.mark.parametrize("k", (1, 6, 8))
+@pytest.mark.parametrize("block_m", (1, 16))
 def test_align_bitwise(T, k, block_m):
     for skew in (None, 3):
         ids = random_ids(T, k, E, skew=skew)
@@ -108,8 +108,8 @@ def test_align_bitwise(T, k, block_m):
 
 
 # ---- combine -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("T", TS)
-@pytest.mark.parametrize("k", (1, 2, 6, 8))
+@pytest.mark.parametrize("T", (1, 7, 17, 257))
+@pytest.mark.parametrize("k", (1, 6, 8))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_combine_matches_ref(T, k, dtype):
     D = 136
@@ -139,7 +139,7 @@ def ffn_case(T, k, E, D, F, dtype, skew=None):
 
 
 @pytest.mark.parametrize("T", TS)
-@pytest.mark.parametrize("k", (0, 1, 2, 6, 8))
+@pytest.mark.parametrize("k", (0, 1, 6, 8))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_expert_ffn_matches_ref(T, k, dtype):
     x, ids, gu, dn = ffn_case(T, k, 16, 96, 40, dtype)

@@ -21,6 +21,8 @@ inline float ld(const X* p, int64_t i) {
   else return cpu::bf16_to_f32(p[i]);
 }
 
+constexpr int kLanes = 16;
+
 template <typename X>
 void attn_impl(const AttnDecodeParams& p) {
   const int64_t B = p.B, H = p.H, hd = p.hd, S = p.S, group = p.H / p.Hkv;
@@ -45,8 +47,15 @@ void attn_impl(const AttnDecodeParams& p) {
         continue;
       }
       const X* kr = kb + s * hd;
+      // kLanes independent partial sums in a fixed order: the compiler vectorises this (a
+      // single running sum is a serial FMA chain it may not reorder)
+      float part[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= hd; d += kLanes)
+        for (int l = 0; l < kLanes; ++l) part[l] += qf[d + l] * ld(kr, d + l);
+      for (; d < hd; ++d) part[d % kLanes] += qf[d] * ld(kr, d);
       float acc = 0.f;
-      for (int64_t d = 0; d < hd; ++d) acc += qf[d] * ld(kr, d);
+      for (int l = 0; l < kLanes; ++l) acc += part[l];
       sc[s] = acc;
       m = std::max(m, acc);
     }
