@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .interventions import Interventions, for_call
-from .model import Model
+from .model import Model, left_pad
 from .taps import Capture
 
 
@@ -111,11 +111,7 @@ def iter_generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence
 
     Bsz, P = len(encoded), longest
     dev = model.device
-    ids = torch.zeros((Bsz, P), dtype=torch.long, device=dev)
-    mask = torch.zeros((Bsz, P), dtype=torch.bool, device=dev)
-    for i, e in enumerate(encoded):
-        ids[i, P - len(e):] = torch.tensor(e, device=dev)
-        mask[i, P - len(e):] = True
+    ids, mask = left_pad(encoded, dev)
     cache = model.new_cache(Bsz, P + max_new_tokens)
     gen = None
     if sampling.seed is not None:

@@ -50,6 +50,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def left_pad(seqs, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists of different lengths -> (input_ids [B, T], attention_mask [B, T]), padded
+    on the left as forward() expects (every sequence ends in the last column)."""
+    T = max(map(len, seqs))
+    ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+
 @dataclass
 class KVCache:
     """Preallocated keys/values: k, v [L, B, Hkv, S, hd]; `valid` [B, S] marks real (non-pad)

@@ -17,6 +17,7 @@ from _lens_helpers import BACKENDS, TOL, dtype_of, load
 from tolerances import TOL as PROJECT_TOL
 
 from moe_engine import Capture, Interventions, Patch, TapRequest, intervene
+from moe_engine.model import left_pad
 
 ROUTE_TAPS = [*(f"blocks.*.moe.hook_{t}" for t in ("router_logits", "topk_ids", "topk_weights",
                                                    "expert_out", "routed_out", "shared_out")),
@@ -34,13 +35,7 @@ def model_for(path, backend, dtype=None):
 
 def batch(model):
     enc = [model.tokenizer.encode(p) for p in PROMPTS]
-    T = max(map(len, enc))
-    ids = torch.zeros((len(enc), T), dtype=torch.long)
-    mask = torch.zeros((len(enc), T), dtype=torch.bool)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):] = torch.tensor(e)
-        mask[i, T - len(e):] = True
-    return ids.to(model.device), mask.to(model.device)
+    return left_pad(enc, model.device)
 
 
 def run(model, backend, **kw):

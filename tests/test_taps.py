@@ -12,6 +12,7 @@ import torch
 from _lens_helpers import BACKEND_DTYPES, BACKENDS, TOL, dtype_of, load
 
 from moe_engine import Capture, TapRequest, lens
+from moe_engine.model import left_pad
 
 PROMPTS = ("The quick brown fox", "1 + 2 = 3, and then some more words follow")
 
@@ -29,13 +30,8 @@ def model_for(path, backend, dtype=None):
 def batch(model, prompts=PROMPTS):
     """Left-padded prompts of different lengths: [B, T] ids and mask."""
     enc = [model.tokenizer.encode(p) for p in prompts]
-    T = max(map(len, enc))
-    ids = torch.zeros((len(enc), T), dtype=torch.long)
-    mask = torch.zeros((len(enc), T), dtype=torch.bool)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):] = torch.tensor(e)
-        mask[i, T - len(e):] = True
-    return ids.to(model.device), mask.to(model.device), enc
+    ids, mask = left_pad(enc, model.device)
+    return ids, mask, enc
 
 
 # 14 tokens (<= 16) take the kernels' small-batch decode path, ~25 the grouped-GEMM path.

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..model import left_pad
+
 MAX_LEN = 2048                # tokens per sample, as in the paper's evaluation
 READ_BLOCK = 1 << 20          # characters read at a time from a large plain-text file
 SPLITS = ("file", "line", "paragraph")
@@ -276,10 +278,5 @@ def iter_batches(samples: Iterable[list[int]], batch_tokens: int, device) -> Ite
 
 
 def _pad(group: list[list[int]], device) -> Batch:
-    T = max(map(len, group))
-    ids = torch.zeros((len(group), T), dtype=torch.long)
-    mask = torch.zeros((len(group), T), dtype=torch.bool)
-    for i, s in enumerate(group):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = True
-    return Batch(ids.to(device), mask.to(device), [len(s) for s in group])
+    ids, mask = left_pad(group, device)
+    return Batch(ids, mask, [len(s) for s in group])
