@@ -1,6 +1,11 @@
-"""The whole model on backend="cpu" (packed mat-vecs, fused MoE layer call) against the torch
-reference backend, plus the fused layer call against the op-by-op cpu path (same bits), and
-1 vs 2 threads. Tolerances: tests/tolerances.py ("model_logits_vs_backend")."""
+"""The whole model on every compiled backend against the torch reference backend: cpu (packed
+mat-vecs, fused MoE layer call; fp32 and bf16) and emu (the CUDA kernels run on the CPU through
+csrc/emu; bf16, the kernels' only dtype), through prefill and KV-cache decode with
+interventions. Plus, for cpu, the fused layer call against the op-by-op path (same bits) and 1 vs
+2 threads. Tolerances: tests/tolerances.py ("model_logits_vs_backend").
+
+On emu this proves the kernels compute the model; it cannot show GPU timing or the tensor
+cores' own accumulation order (the emulator sums mma products exactly, then rounds once)."""
 import pytest
 import torch
 
@@ -8,17 +13,29 @@ import moe_engine
 from moe_engine import Capture, TapRequest
 from moe_engine.interventions import Interventions
 from moe_engine.moe import moe_layer
+from moe_engine.ops import available_backends
 
 from tolerances import assert_close
 
 IDS = [[1, 5, 9, 200, 3, 77, 301, 42, 8], [7, 7, 7, 100, 250, 499, 2, 3, 4]]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+CASES = [c for c in [("cpu", "float32"), ("cpu", "bfloat16"), ("emu", "bfloat16")]
+         if c[0] in available_backends()]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
 def pair(request, tiny_dir):
-    dt = request.param
+    be, dt = request.param
     return (moe_engine.load(tiny_dir, dtype=dt, backend="torch", progress=False),
-            moe_engine.load(tiny_dir, dtype=dt, backend="cpu", progress=False), getattr(torch, dt))
+            moe_engine.load(tiny_dir, dtype=dt, backend=be, progress=False), getattr(torch, dt))
+
+
+@pytest.fixture
+def cpu_pair(pair):
+    if pair[1].backend != "cpu":
+        pytest.skip("cpu backend only")
+    return pair
 
 
 def routed(model, ids, cache=None, **kw):
@@ -52,7 +69,7 @@ def compare(mt, mc, ids, dt, case, ct=None, cc=None, **kw):
 @pytest.mark.parametrize("kw", [{}, {"topk": 1}, {"topk": 0}, {"topk": 8},
                                 {"expert_mask": {1: [0, 3]}, "mask_mode": "zero", "renormalize": True},
                                 {"expert_mask": {2: [1]}, "force_experts": {1: 5}}])
-def test_cpu_model_matches_torch(pair, kw):
+def test_model_matches_torch(pair, kw):
     mt, mc, dt = pair
     ids = torch.tensor(IDS)
     # prefill into a cache, then decode: a step at a time through the KV cache (the packed mat-vec path, N <= SMALL_N)
@@ -78,8 +95,8 @@ def compare_step(mt, mc, tok, dt, gone, case, ct, cc, **kw):
     return lt, flip
 
 
-def test_fused_layer_is_bit_identical_to_op_by_op(pair):
-    _, mc, dt = pair
+def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
+    _, mc, dt = cpu_pair
     c = mc.config
     l = c.moe_layers[0]
     packed = mc._cpu_weights().layers[l].moe
@@ -94,16 +111,16 @@ def test_fused_layer_is_bit_identical_to_op_by_op(pair):
         assert torch.equal(usage[0], usage[1]), f"usage counters N={N} {kw}"
 
 
-def test_taps_do_not_change_cpu_outputs(pair):
+def test_taps_do_not_change_outputs(pair):
     _, mc, _ = pair
     ids = torch.tensor(IDS)
     plain = mc(ids)
     cap = Capture(TapRequest(["blocks.*.moe.hook_expert_out", "blocks.*.moe.hook_topk_ids"]))
-    assert torch.equal(mc(ids, capture=cap), plain), "capturing taps changed the cpu logits"
+    assert torch.equal(mc(ids, capture=cap), plain), f"capturing taps changed the {mc.backend} logits"
 
 
-def test_cpu_model_threads_1_and_2_identical(pair):
-    _, mc, _ = pair
+def test_cpu_model_threads_1_and_2_identical(cpu_pair):
+    _, mc, _ = cpu_pair
     ids = torch.tensor(IDS)
     old = torch.get_num_threads()
     try:
