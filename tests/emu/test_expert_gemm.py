@@ -21,7 +21,7 @@ import hashlib
 
 import pytest
 
-from emu_harness import CPP, ORDERS, REPO, run_program
+from emu_harness import CPP, ORDERS, REPO, run_program, sanitize_mode
 
 
 def _util_tag():
@@ -79,6 +79,8 @@ def _id(c):
 
 @pytest.mark.parametrize("case", GEMM_CASES, ids=_id)
 def test_expert_gemm(gemm_prog, case):
+    if case[3] >= 1024 and sanitize_mode() != "none":
+        pytest.skip("the 16B shape takes over 5 min under sanitizers; the same paths run at small sizes")
     _run(gemm_prog, *case, 1)
 
 

@@ -16,7 +16,7 @@ import hashlib
 
 import pytest
 
-from emu_harness import CPP, ORDERS, run_program
+from emu_harness import CPP, ORDERS, run_program, sanitize_mode
 
 
 def _util_tag():
@@ -57,6 +57,8 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-k{}-E{}-D{}-F{}-{}".format(*c))
 def test_moe_decode(decode_prog, case):
+    if case[3] >= 1024 and sanitize_mode() != "none":
+        pytest.skip("the 16B shape takes over 5 min under sanitizers; the same paths run at small sizes")
     _run(decode_prog, *case, 1)
 
 
