@@ -32,7 +32,8 @@ def _util_tag():
 
 def _run(exe, *args, order="forward", seed=None):
     """One case; the program prints one line per checked tensor and exits 0 when all pass."""
-    r = run_program(exe, *map(str, args), order=order, seed=seed)
+    timeout = 300 if sanitize_mode() == "none" else 1500  # ASan runs are ~20x slower
+    r = run_program(exe, *map(str, args), order=order, seed=seed, timeout=timeout)
     assert r.returncode == 0, (f"{exe.name} {' '.join(map(str, args))} (order {order}): rc={r.returncode}\n"
                                f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     assert "moe_emu: warning" not in r.stderr, r.stderr[-4000:]
