@@ -16,7 +16,7 @@ import hashlib
 
 import pytest
 
-from emu_harness import CPP, ORDERS, run_program
+from emu_harness import CPP, ORDERS, run_program, sanitize_mode
 
 
 def _util_tag():
@@ -27,7 +27,8 @@ def _util_tag():
 
 def _run(exe, *args, order="forward", seed=None):
     """One case; the program prints one line per checked tensor and exits 0 when all pass."""
-    r = run_program(exe, *map(str, args), order=order, seed=seed)
+    timeout = 300 if sanitize_mode() == "none" else 1500  # ASan runs are ~20x slower
+    r = run_program(exe, *map(str, args), order=order, seed=seed, timeout=timeout)
     assert r.returncode == 0, (f"{exe.name} {' '.join(map(str, args))} (order {order}): rc={r.returncode}\n"
                                f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     assert "moe_emu: warning" not in r.stderr, r.stderr[-4000:]
@@ -57,6 +58,8 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-k{}-E{}-D{}-F{}-{}".format(*c))
 def test_moe_decode(decode_prog, case):
+    if case[3] >= 1024 and sanitize_mode() != "none":
+        pytest.skip("the 16B shape takes over 5 min under sanitizers; the same paths run at small sizes")
     _run(decode_prog, *case, 1)
 
 
