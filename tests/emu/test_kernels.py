@@ -1,7 +1,7 @@
 """The CUDA kernels of csrc/cuda (route, align, combine) run on the emulator against the C++
 references in tests/emu/cpp/*_test.cu, in every thread order.
 
-What this cannot show: the kernels' speed, occupancy or register pressure (tools/check_ptxas.sh
+What this cannot show: the kernels' speed, occupancy or register pressure (tools/check_ptxas.py
 covers spills); weak-memory effects (route and combine have no inter-thread communication
 through memory; align's only shared-memory hand-offs are behind __syncthreads, which the order
 sweep exercises); the GPU's own expf / division rounding (route weights are compared with rtol
