@@ -119,3 +119,20 @@ def run_program(exe: Path, *args: str, order: str = "forward", backend: str | No
     if env_extra:
         env.update(env_extra)
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def util_tag() -> str:
+    """The binary cache hashes csrc/ and the listed sources but not headers beside them; name
+    the kernel test binaries after moe_test_util.h's content so an edit there rebuilds them."""
+    return hashlib.sha256((CPP / "moe_test_util.h").read_bytes()).hexdigest()[:8]
+
+
+def check_program(exe: Path, *args, order: str = "forward", seed=None) -> str:
+    """Run one case of a kernel test program, which prints one line per checked tensor and
+    exits 0 when all pass; assert it passed without emulator warnings."""
+    timeout = 300 if sanitize_mode() == "none" else 1500  # ASan runs are ~20x slower
+    r = run_program(exe, *map(str, args), order=order, seed=seed, timeout=timeout)
+    assert r.returncode == 0, (f"{exe.name} {' '.join(map(str, args))} (order {order}): rc={r.returncode}\n"
+                               f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    assert "moe_emu: warning" not in r.stderr, r.stderr[-4000:]
+    return r.stdout

@@ -17,27 +17,9 @@ cp.async ring and the __syncthreads that guards it (the emulator defers each cp.
 wait_group, so a missing wait reads poison, but a real GPU's reordering is not modelled), and the
 exact tensor-core accumulation order (the emulator sums each mma in double).
 """
-import hashlib
-
 import pytest
 
-from emu_harness import CPP, ORDERS, REPO, run_program, sanitize_mode
-
-
-def _util_tag():
-    """conftest's binary cache hashes csrc/ and the listed sources but not headers beside them;
-    name the binaries after moe_test_util.h's content so an edit there rebuilds them."""
-    return hashlib.sha256((CPP / "moe_test_util.h").read_bytes()).hexdigest()[:8]
-
-
-def _run(exe, *args, order="forward", seed=None):
-    """One case; the program prints one line per checked tensor and exits 0 when all pass."""
-    timeout = 300 if sanitize_mode() == "none" else 1500  # ASan runs are ~20x slower
-    r = run_program(exe, *map(str, args), order=order, seed=seed, timeout=timeout)
-    assert r.returncode == 0, (f"{exe.name} {' '.join(map(str, args))} (order {order}): rc={r.returncode}\n"
-                               f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    assert "moe_emu: warning" not in r.stderr, r.stderr[-4000:]
-    return r.stdout
+from emu_harness import CPP, ORDERS, REPO, check_program as _run, run_program, sanitize_mode, util_tag as _util_tag
 
 
 @pytest.fixture(scope="session")
