@@ -1,10 +1,13 @@
-// The only pybind11 file: exposes the Params structs of ops.h and the launchers. No logic.
+// The only pybind11 file: exposes the Params structs of ops.h and the launchers. No logic
+// (decode_step's two entries only turn a list of DecodeLayer into the struct's pointer).
 // Built twice: as moe_engine._C (CPU kernels, + CUDA kernels when MOE_WITH_CUDA) and as
 // moe_engine._C_emu (the CUDA kernels compiled through csrc/emu; MOE_EMU).
 // Pointer fields are set from Python ints (tensor.data_ptr()).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "ops.h"
 
@@ -142,6 +145,30 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(rms, RMSNormParams, eps); MOE_VAL(rms, RMSNormParams, dtype); MOE_VAL(rms, RMSNormParams, T);
   MOE_VAL(rms, RMSNormParams, D);
 
+  py::class_<DecodeLayer> dl(m, "DecodeLayer", py::module_local());
+  dl.def(py::init<>());
+  MOE_PTR(dl, DecodeLayer, input_norm); MOE_PTR(dl, DecodeLayer, post_norm); MOE_PTR(dl, DecodeLayer, qkv);
+  MOE_PTR(dl, DecodeLayer, o); MOE_PTR(dl, DecodeLayer, router); MOE_PTR(dl, DecodeLayer, w13);
+  MOE_PTR(dl, DecodeLayer, w2); MOE_PTR(dl, DecodeLayer, shared_w13); MOE_PTR(dl, DecodeLayer, shared_w2);
+  MOE_VAL(dl, DecodeLayer, F); MOE_VAL(dl, DecodeLayer, S);
+
+  // `layers` is not a field: the launchers take the Python list of DecodeLayer (copied per call).
+  py::class_<DecodeStepParams> ds(m, "DecodeStepParams", py::module_local());
+  ds.def(py::init<>());
+  MOE_PTR(ds, DecodeStepParams, x); MOE_PTR(ds, DecodeStepParams, cos); MOE_PTR(ds, DecodeStepParams, sin);
+  MOE_PTR(ds, DecodeStepParams, k_cache); MOE_PTR(ds, DecodeStepParams, v_cache);
+  MOE_PTR(ds, DecodeStepParams, valid); MOE_PTR(ds, DecodeStepParams, k);
+  MOE_PTR(ds, DecodeStepParams, force_expert); MOE_PTR(ds, DecodeStepParams, expert_mask);
+  MOE_VAL(ds, DecodeStepParams, mask_mode); MOE_VAL(ds, DecodeStepParams, renormalize);
+  MOE_PTR(ds, DecodeStepParams, usage_counts); MOE_PTR(ds, DecodeStepParams, final_norm);
+  MOE_PTR(ds, DecodeStepParams, lm_head); MOE_PTR(ds, DecodeStepParams, logits);
+  MOE_PTR(ds, DecodeStepParams, workspace); MOE_VAL(ds, DecodeStepParams, eps);
+  MOE_VAL(ds, DecodeStepParams, scale); MOE_VAL(ds, DecodeStepParams, dtype);
+  MOE_VAL(ds, DecodeStepParams, B); MOE_VAL(ds, DecodeStepParams, D); MOE_VAL(ds, DecodeStepParams, H);
+  MOE_VAL(ds, DecodeStepParams, Hkv); MOE_VAL(ds, DecodeStepParams, hd); MOE_VAL(ds, DecodeStepParams, E);
+  MOE_VAL(ds, DecodeStepParams, k_max); MOE_VAL(ds, DecodeStepParams, V); MOE_VAL(ds, DecodeStepParams, pos);
+  MOE_VAL(ds, DecodeStepParams, S_cap); MOE_VAL(ds, DecodeStepParams, valid_stride);
+
 #if defined(MOE_WITH_CUDA)
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
   m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
@@ -162,6 +189,14 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("attention_decode_cpu", &attention_decode_cpu);
   m.def("attention_block_decode_cpu", &attention_block_decode_cpu);
   m.def("rms_norm_cpu", &rms_norm_cpu);
+  m.def("decode_step_cpu", [](DecodeStepParams p, const std::vector<DecodeLayer>& layers) {
+    p.layers = layers.data(), p.L = int32_t(layers.size());
+    decode_step_cpu(p);
+  });
+  m.def("decode_step_workspace_bytes", [](DecodeStepParams p, const std::vector<DecodeLayer>& layers) {
+    p.layers = layers.data(), p.L = int32_t(layers.size());
+    return decode_step_workspace_bytes(p);
+  });
   m.def("pack_size_bytes", &pack_size_bytes);
   m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
 #endif

@@ -271,4 +271,51 @@ struct RMSNormParams {
 };
 void rms_norm_cpu(const RMSNormParams& p);
 
+// decode_step: a whole decode step of the model on the cpu backend -- one new token per
+// sequence, no taps -- in one call, so the Python work per step is one call, not ~4 per layer
+// (bench/throughput.py --profile-overhead). It sequences the kernels above on a workspace, in
+// the order and with the roundings of Model.forward's cpu path, so its logits are bit-identical
+// to that path (tests/test_model_backends.py):
+//   for each layer l: h = rms_norm(x, input_norm);  x = x + attention_block_decode(h)
+//                     h = rms_norm(x, post_norm);   x = moe_layer(h, residual x)   (MoE layer)
+//                                                   x = x + expert_ffn(h, the MLP as one expert)
+//   logits = fp32(linear(rms_norm(x, final_norm), lm_head))
+struct DecodeLayer {
+  const void* input_norm;   // [D] dtype
+  const void* post_norm;    // [D] dtype
+  const void* qkv;          // packed [(H + 2 Hkv) hd, D]
+  const void* o;            // packed [D, H hd]
+  const void* router;       // packed [E, D]: an MoE layer; nullptr: a dense layer
+  const void* w13;          // packed gate|up: the routed experts (MoE) or the MLP as one expert
+  const void* w2;           // packed down, likewise
+  const void* shared_w13;   // packed shared gate|up (E = 1); nullable
+  const void* shared_w2;    // packed shared down; nullable
+  int32_t F;                // expert width (MoE) or intermediate_size (dense)
+  int32_t S;                // shared width; 0 = no shared experts
+};
+struct DecodeStepParams {
+  const DecodeLayer* layers;   // [L]
+  void* x;                     // [B, D] dtype: the token embeddings in, the last hidden state out
+  const void* cos;             // [B, hd] dtype, this step's rope
+  const void* sin;             // [B, hd] dtype
+  void* k_cache;               // [L, B, Hkv, S_cap, hd] dtype; column pos is written
+  void* v_cache;
+  const uint8_t* valid;        // [B, valid_stride]
+  const int32_t* k;            // [L] top-k per layer
+  const int32_t* force_expert; // [L], -1 = none
+  const uint8_t* expert_mask;  // [L, E] nonzero = masked; nullable
+  MaskMode mask_mode;
+  bool renormalize;
+  int32_t* usage_counts;       // [L, E]; nullable
+  const void* final_norm;      // [D] dtype
+  const void* lm_head;         // packed [V, D]
+  float* logits;               // [B, V]
+  void* workspace;             // decode_step_workspace_bytes(p) bytes, 64-byte aligned
+  float eps, scale;
+  DType dtype;
+  int32_t L, B, D, H, Hkv, hd, E, k_max, V, pos, S_cap, valid_stride;
+};
+int64_t decode_step_workspace_bytes(const DecodeStepParams& p);  // reads sizes and layers[].F/S
+void decode_step_cpu(const DecodeStepParams& p);
+
 }  // namespace moe

@@ -105,10 +105,66 @@ class CpuLayerWeights:
 class CpuModelWeights:
     layers: tuple[CpuLayerWeights, ...]
     lm_head: PackedWeight            # [V, D]
+    final_norm: torch.Tensor         # [D] (the model's tensor)
+    decode_layers: tuple             # one _C.DecodeLayer per layer: what decode_step reads
+    # decode_step's workspace per (B, k_max, S_cap): reused across steps (one forward at a time).
+    _workspaces: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
-        return CpuModelWeights(tuple(CpuLayerWeights.pack(lw) for lw in w.layers), pack_weight(w.lm_head))
+        layers = tuple(CpuLayerWeights.pack(lw) for lw in w.layers)
+        return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm,
+                               tuple(_decode_layer(lw, pl) for lw, pl in zip(w.layers, layers)))
+
+    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, valid: torch.Tensor, pos: int, routing, usage: torch.Tensor | None,
+                    *, H: int, Hkv: int, eps: float, scale: float) -> torch.Tensor:
+        """A whole decode step in one C++ call (csrc/cpu/decode_step.cpp; ops.h has the sequence):
+        x [B, D] the new tokens' embeddings (overwritten); cos, sin [B, hd]; k_cache, v_cache
+        [L, B, Hkv, S_cap, hd] (column pos written); valid [B, S_cap]; usage [L, E] or None.
+        Returns fp32 logits [B, V], the same bits as the layer-by-layer cpu path. The caller
+        (Model.forward) has checked the shapes and resolved the routing controls."""
+        mod = B.native_module("cpu")
+        Bsz, D = x.shape
+        S_cap, hd = k_cache.shape[3], k_cache.shape[4]
+        moe = next((lc.moe for lc in self.layers if lc.moe is not None), None)
+        p = mod.DecodeStepParams()
+        p.dtype, p.eps, p.scale = B.native_dtype(mod, x.dtype), float(eps), float(scale)
+        p.B, p.D, p.H, p.Hkv, p.hd = Bsz, D, H, Hkv, hd
+        p.E, p.k_max = (moe.experts.shape[0], routing.k_max) if moe is not None else (0, 0)
+        p.V, p.pos, p.S_cap, p.valid_stride = self.lm_head.N, pos, S_cap, valid.stride(0)
+        key = (Bsz, routing.k_max, S_cap)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            self._workspaces.clear()  # one shape at a time: a new cache or batch replaces it
+            ws = self._workspaces[key] = torch.empty(
+                mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
+        logits = torch.empty((Bsz, self.lm_head.N), dtype=torch.float32)
+        p.x, p.cos, p.sin = x.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        p.k_cache, p.v_cache, p.valid = k_cache.data_ptr(), v_cache.data_ptr(), valid.data_ptr()
+        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
+        p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
+        p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), bool(routing.renormalize)
+        p.usage_counts = 0 if usage is None else usage.data_ptr()
+        p.final_norm, p.lm_head, p.logits = self.final_norm.data_ptr(), self.lm_head.data.data_ptr(), logits.data_ptr()
+        p.workspace = (ws.data_ptr() + 63) // 64 * 64
+        mod.decode_step_cpu(p, self.decode_layers)
+        return logits
+
+
+def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
+    """The _C.DecodeLayer of one layer: pointers into `lw` and `pl` (both live as long as the model)."""
+    d = B.native_module("cpu").DecodeLayer()
+    d.input_norm, d.post_norm = lw.input_norm.data_ptr(), lw.post_attn_norm.data_ptr()
+    d.qkv, d.o = pl.qkv.data.data_ptr(), pl.o.data.data_ptr()
+    experts = pl.dense if pl.moe is None else pl.moe.experts
+    if pl.moe is not None:
+        d.router = pl.moe.router.data.data_ptr()
+        if pl.moe.shared is not None:
+            d.shared_w13, d.shared_w2 = pl.moe.shared.w13.data.data_ptr(), pl.moe.shared.w2.data.data_ptr()
+            d.S = pl.moe.shared.shape[2]
+    d.w13, d.w2, d.F = experts.w13.data.data_ptr(), experts.w2.data.data_ptr(), experts.shape[2]
+    return d
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:

@@ -6,11 +6,14 @@ interventions. Plus, for cpu, the fused layer call against the op-by-op path (sa
 
 On emu this proves the kernels compute the model; it cannot show GPU timing or the tensor
 cores' own accumulation order (the emulator sums mma products exactly, then rounds once)."""
+import copy
+
 import pytest
 import torch
 
 import moe_engine
 from moe_engine import Capture, TapRequest
+from moe_engine.cpu_weights import CpuModelWeights
 from moe_engine.interventions import Interventions
 from moe_engine.moe import moe_layer
 from moe_engine.ops import available_backends
@@ -109,6 +112,38 @@ def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
                       fused=False)
         assert torch.equal(a, b), f"fused vs op-by-op N={N} {kw}"
         assert torch.equal(usage[0], usage[1]), f"usage counters N={N} {kw}"
+
+
+@pytest.mark.parametrize("kw", [{}, {"topk": [None, 1, 0]}, {"topk": 3, "force_experts": {2: 5}},
+                                {"expert_mask": {1: [0, 2]}, "mask_mode": "zero", "renormalize": True},
+                                {"expert_mask": {2: [1, 3, 4]}}],
+                         ids=["default", "per-layer-topk", "force", "mask-zero", "mask-reroute"])
+def test_decode_step_is_bit_identical_to_the_layer_loop(cpu_pair, monkeypatch, kw):
+    """The cpu backend's one-call decode step (csrc/cpu/decode_step.cpp) against Model.forward's
+    layer loop (what it runs when the step cannot be fused): logits, usage counters and the KV
+    cache, over a left-padded batch, several steps, with interventions."""
+    import moe_engine.model as model_mod
+    _, mc, _ = cpu_pair
+    ids, mask = model_mod.left_pad([[5, 9, 11, 300, 2], [17, 4]])
+    prefilled, usage0 = mc.new_cache(2, 9), mc.new_usage_counters()
+    first = mc(ids, attention_mask=mask, cache=prefilled, usage=usage0, logits="last", **kw).argmax(-1, keepdim=True)
+    calls = []
+    real = CpuModelWeights.decode_step
+    monkeypatch.setattr(CpuModelWeights, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for fused in (True, False):
+        # SMALL_N = 0 in model.py only turns the one-call step off (the prefill above ran before)
+        monkeypatch.setattr(model_mod, "SMALL_N", model_mod.SMALL_N if fused else 0)
+        cache, usage, tok = copy.deepcopy(prefilled), usage0.clone(), first
+        steps = []
+        for i in range(4):
+            lg = mc(tok, cache=cache, usage=usage, **(dict(logits="last") if i % 2 else {}), **kw)
+            steps.append(lg.reshape(2, -1))
+            tok = lg.reshape(2, -1).argmax(-1, keepdim=True)
+        runs.append((torch.stack(steps), usage, cache.k[:, :, :, :cache.used], cache.v[:, :, :, :cache.used]))
+    assert len(calls) == 4, "the fused run must take the one-call step at every step, the other never"
+    for name, a, b in zip(("logits", "usage", "k cache", "v cache"), *runs):
+        assert torch.equal(a, b), f"decode step vs layer loop: {name} differ ({kw})"
 
 
 def test_taps_do_not_change_outputs(pair):

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "simd.h"
 
 namespace moe {
 namespace {
@@ -74,6 +75,87 @@ void attn_impl(const AttnDecodeParams& p) {
   }
 }
 
+#if MOE_AVX512
+// The same three passes with zmm registers, for hd = 16 * NC: a key's dot product is NC FMAs
+// into one accumulator (lane l sums d = l mod 16, as the portable loop) and one reduction;
+// exp 16 scores at a time; the value pass keeps the NC output vectors in registers.
+template <typename X, int NC>
+void attn_avx512(const AttnDecodeParams& p) {
+  constexpr int64_t hd = 16 * NC;
+  const int64_t B = p.B, H = p.H, S = p.S, group = p.H / p.Hkv;
+  const X* q = static_cast<const X*>(p.q);
+  const X* kc = static_cast<const X*>(p.k_cache);
+  const X* vc = static_cast<const X*>(p.v_cache);
+#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H, g = h / group;
+    const X* kb = kc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    const X* vb = vc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    const uint8_t* valid = p.valid + b * int64_t(p.valid_stride);
+    float* sc = p.workspace + bh * S;
+    __m512 qv[NC];
+    for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(cpu::load16(q + bh * hd + 16 * c), _mm512_set1_ps(p.scale));
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!valid[s] && s != S - 1) {
+        sc[s] = -INFINITY;
+        continue;
+      }
+      const X* kr = kb + s * hd;
+      __m512 acc = _mm512_mul_ps(qv[0], cpu::load16(kr));
+      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qv[c], cpu::load16(kr + 16 * c), acc);
+      const float v = _mm512_reduce_add_ps(acc);
+      sc[s] = v;
+      m = std::max(m, v);
+    }
+    // masked scores are -inf: exp gives 0 (exp512 clamps, so zero them by mask)
+    __m512 vsum = _mm512_setzero_ps();
+    const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) {
+      const __m512 x = _mm512_loadu_ps(sc + s);
+      const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, cpu::exp512(_mm512_sub_ps(x, vm)));
+      _mm512_storeu_ps(sc + s, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    if (s < S) {
+      const __mmask16 tail = __mmask16((1u << (S - s)) - 1);
+      const __m512 x = _mm512_mask_loadu_ps(ninf, tail, sc + s);
+      const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, cpu::exp512(_mm512_sub_ps(x, vm)));
+      _mm512_mask_storeu_ps(sc + s, tail, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(vsum);
+    __m512 acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < S; ++t) {
+      if (sc[t] == 0.f) continue;
+      const __m512 w = _mm512_set1_ps(sc[t]);
+      const X* vr = vb + t * hd;
+      for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(w, cpu::load16(vr + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < NC; ++c) {
+      const __m512 o = _mm512_mul_ps(acc[c], _mm512_set1_ps(inv));
+      if constexpr (sizeof(X) == 4) _mm512_storeu_ps(static_cast<float*>(p.out) + bh * hd + 16 * c, o);
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p.out) + bh * hd + 16 * c),
+                               (__m256i)_mm512_cvtneps_pbh(o));
+    }
+  }
+}
+
+template <typename X>
+bool attn_vector(const AttnDecodeParams& p) {
+  switch (p.hd) {
+    case 64: attn_avx512<X, 4>(p); return true;
+    case 128: attn_avx512<X, 8>(p); return true;
+    case 256: attn_avx512<X, 16>(p); return true;
+    default: return false;  // other head dims: the portable loops
+  }
+}
+#endif
+
 }  // namespace
 
 void attention_decode_cpu(const AttnDecodeParams& p) {
@@ -82,6 +164,9 @@ void attention_decode_cpu(const AttnDecodeParams& p) {
     cpu::fail("attention_decode_cpu", "bad sizes B=" + std::to_string(p.B) + " H=" + std::to_string(p.H) +
                                           " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) +
                                           " S=" + std::to_string(p.S) + " S_cap=" + std::to_string(p.S_cap));
+#if MOE_AVX512
+  if (p.dtype == DType::f32 ? attn_vector<float>(p) : attn_vector<uint16_t>(p)) return;
+#endif
   if (p.dtype == DType::f32) attn_impl<float>(p);
   else attn_impl<uint16_t>(p);
 }

@@ -30,6 +30,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "simd.h"
 
 namespace moe {
 namespace {
@@ -40,8 +41,8 @@ constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
 // a decode step (every unit 1 token) evenly and a prefill by compute.
 constexpr int64_t kPanelCost = 4;
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define MOE_AVX512 1
+#if MOE_AVX512
+using cpu::exp512;
 constexpr int kMaxM = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast <= 32 zmm
 #else
 constexpr int kMaxM = 4;
@@ -100,23 +101,6 @@ inline void tile_f32(const float* const* a, int64_t K, const float* b, __m512 (&
       acc[m][1] = _mm512_fmadd_ps(av, b1, acc[m][1]);
     }
   }
-}
-
-// exp(x), Cephes polynomial on the reduced argument, 2^n by scalef; ~1 ulp over the clamp range.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
 }
 
 inline __m512 silu_mul(__m512 g, __m512 u) {

@@ -1,0 +1,150 @@
+// decode_step (CPU): a whole decode step -- every layer, the final norm and the lm_head -- in
+// one call (ops.h has the sequence). It only sequences the kernels of attention_decode.cpp,
+// moe_layer.cpp, expert_ffn.cpp on one workspace, with the residual adds rounded as the
+// model's torch code rounds them, so its logits are bit-identical to Model.forward's cpu path
+// op by op (tests/test_model_backends.py pins that).
+// Why: a decode step of bench-small is ~3 ms of kernels; the per-layer Python calls around
+// them cost ~1 ms more (bench/throughput.py --profile-overhead).
+// Traffic: the weights of the step once (attention, chosen experts, shared, dense, lm_head) +
+// the KV cache columns <= pos; the workspace is a few hundred KB and stays in cache.
+#include <algorithm>
+
+#include "common.h"
+
+namespace moe {
+namespace {
+
+constexpr int64_t kAlign = 64;
+inline int64_t round_up(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+inline int64_t esize(DType dt) { return dt == DType::f32 ? 4 : 2; }
+
+// Byte offsets of the step's buffers in the workspace (one place for the sizes and the carve).
+struct Layout {
+  int64_t h, a, m, qkv, attn, scores, router_logits, topk_ids, topk_weights, expert_out,
+      shared_out, shared_ids, head, ffn, total;
+};
+
+Layout layout(const DecodeStepParams& p) {
+  const int64_t B = p.B, D = p.D, el = esize(p.dtype);
+  const int64_t nq = int64_t(p.H) * p.hd, nqkv = nq + 2 * int64_t(p.Hkv) * p.hd;
+  int64_t ffn = 0;
+  for (int32_t l = 0; l < p.L; ++l) {
+    const DecodeLayer& ly = p.layers[l];
+    if (ly.router)
+      ffn = std::max(ffn, expert_ffn_workspace_bytes(p.dtype, B, p.k_max, p.E, ly.F));
+    else
+      ffn = std::max(ffn, expert_ffn_workspace_bytes(p.dtype, B, 1, 1, ly.F));
+    if (ly.shared_w13) ffn = std::max(ffn, expert_ffn_workspace_bytes(p.dtype, B, 1, 1, ly.S));
+  }
+  Layout o{};
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) { const int64_t here = at; at += round_up(std::max<int64_t>(bytes, 1)); return here; };
+  o.h = take(B * D * el);
+  o.a = take(B * D * el);
+  o.m = take(B * D * el);
+  o.qkv = take(B * nqkv * el);
+  o.attn = take(B * nq * el);
+  o.scores = take(B * int64_t(p.H) * p.S_cap * 4);
+  o.router_logits = take(B * int64_t(p.E) * el);
+  o.topk_ids = take(B * int64_t(p.k_max) * 4);
+  o.topk_weights = take(B * int64_t(p.k_max) * 4);
+  o.expert_out = take(B * int64_t(p.k_max) * D * el);
+  o.shared_out = take(B * D * el);
+  o.shared_ids = take(B * 4);
+  o.head = take(B * int64_t(p.V) * el);
+  o.ffn = take(ffn);
+  o.total = at;
+  return o;
+}
+
+// x = round_dt(x + y), elementwise (torch's bf16 add: fp32 sum, one rounding).
+void add_inplace(void* x, const void* y, DType dt, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) cpu::store(x, dt, i, cpu::load(x, dt, i) + cpu::load(y, dt, i));
+}
+
+void check(const DecodeStepParams& p) {
+  auto bad = [](const std::string& what) { cpu::fail("decode_step_cpu", what); };
+  if (!p.layers || p.L <= 0) bad("needs at least one layer, got L=" + std::to_string(p.L));
+  if (p.B <= 0 || p.D <= 0 || p.H <= 0 || p.Hkv <= 0 || p.H % p.Hkv || p.hd <= 0 || p.V <= 0)
+    bad("bad sizes B=" + std::to_string(p.B) + " D=" + std::to_string(p.D) + " H=" + std::to_string(p.H) +
+        " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) + " V=" + std::to_string(p.V));
+  if (p.pos < 0 || p.pos >= p.S_cap || p.valid_stride <= p.pos)
+    bad("cache column pos=" + std::to_string(p.pos) + " is outside S_cap=" + std::to_string(p.S_cap) +
+        " / valid_stride=" + std::to_string(p.valid_stride));
+  for (int32_t l = 0; l < p.L; ++l) {
+    const DecodeLayer& ly = p.layers[l];
+    if (!ly.input_norm || !ly.post_norm || !ly.qkv || !ly.o || !ly.w13 || !ly.w2 || ly.F <= 0)
+      bad("layer " + std::to_string(l) + " is missing a weight (or F=" + std::to_string(ly.F) + ")");
+    if (ly.router && (p.E <= 0 || p.k_max <= 0))
+      bad("layer " + std::to_string(l) + " is an MoE layer but E=" + std::to_string(p.E) +
+          " k_max=" + std::to_string(p.k_max));
+    if (bool(ly.shared_w13) != (ly.S > 0) || bool(ly.shared_w13) != bool(ly.shared_w2))
+      bad("layer " + std::to_string(l) + ": shared weights and S=" + std::to_string(ly.S) + " disagree");
+  }
+}
+
+}  // namespace
+
+int64_t decode_step_workspace_bytes(const DecodeStepParams& p) {
+  check(p);
+  return layout(p).total;
+}
+
+void decode_step_cpu(const DecodeStepParams& p) {
+  check(p);
+  const Layout lo = layout(p);
+  char* ws = static_cast<char*>(p.workspace);
+  const DType dt = p.dtype;
+  const int64_t B = p.B, D = p.D, el = esize(dt);
+  const int64_t cache_layer = B * p.Hkv * int64_t(p.S_cap) * p.hd * el;  // bytes per layer
+  void* h = ws + lo.h;
+  void* a = ws + lo.a;
+  void* m = ws + lo.m;
+  int32_t* shared_ids = reinterpret_cast<int32_t*>(ws + lo.shared_ids);
+  std::fill(shared_ids, shared_ids + B, 0);  // every token -> expert 0 of a one-expert FFN
+
+  for (int32_t l = 0; l < p.L; ++l) {
+    const DecodeLayer& ly = p.layers[l];
+    rms_norm_cpu(RMSNormParams{p.x, ly.input_norm, h, p.eps, dt, p.B, p.D});
+    AttnBlockParams ab{};
+    ab.x = h, ab.qkv = ly.qkv, ab.o = ly.o, ab.cos = p.cos, ab.sin = p.sin;
+    ab.k_cache = static_cast<char*>(p.k_cache) + l * cache_layer;
+    ab.v_cache = static_cast<char*>(p.v_cache) + l * cache_layer;
+    ab.valid = p.valid, ab.qkv_buf = ws + lo.qkv, ab.attn_buf = ws + lo.attn;
+    ab.scores = reinterpret_cast<float*>(ws + lo.scores), ab.out = a;
+    ab.scale = p.scale, ab.dtype = dt;
+    ab.B = p.B, ab.D = p.D, ab.H = p.H, ab.Hkv = p.Hkv, ab.hd = p.hd;
+    ab.pos = p.pos, ab.S_cap = p.S_cap, ab.valid_stride = p.valid_stride;
+    attention_block_decode_cpu(ab);
+    add_inplace(p.x, a, dt, B * D);
+    rms_norm_cpu(RMSNormParams{p.x, ly.post_norm, h, p.eps, dt, p.B, p.D});
+    if (ly.router) {
+      MoELayerParams mp{};
+      mp.x = h, mp.residual = p.x, mp.out = p.x;  // residual may alias out
+      mp.router = ly.router, mp.w13 = ly.w13, mp.w2 = ly.w2;
+      mp.shared_w13 = ly.shared_w13, mp.shared_w2 = ly.shared_w2;
+      mp.k = p.k + l, mp.force_expert = p.force_expert + l;
+      mp.expert_mask = p.expert_mask ? p.expert_mask + int64_t(l) * p.E : nullptr;
+      mp.mask_mode = p.mask_mode, mp.renormalize = p.renormalize;
+      mp.router_logits = ws + lo.router_logits;
+      mp.topk_ids = reinterpret_cast<int32_t*>(ws + lo.topk_ids);
+      mp.topk_weights = reinterpret_cast<float*>(ws + lo.topk_weights);
+      mp.router_probs = nullptr;
+      mp.usage_counts = p.usage_counts ? p.usage_counts + int64_t(l) * p.E : nullptr;
+      mp.expert_out = ws + lo.expert_out, mp.shared_out = ws + lo.shared_out;
+      mp.shared_ids = shared_ids, mp.routed_out = nullptr, mp.workspace = ws + lo.ffn;
+      mp.dtype = dt;
+      mp.T = p.B, mp.D = p.D, mp.E = p.E, mp.F = ly.F, mp.S = ly.S, mp.k_max = p.k_max;
+      moe_layer_cpu(mp);
+    } else {
+      expert_ffn_cpu(ExpertFFNParams{h, ly.w13, ly.w2, shared_ids, m, ws + lo.ffn, dt, p.B, 1, p.D, ly.F, 1});
+      add_inplace(p.x, m, dt, B * D);
+    }
+  }
+  rms_norm_cpu(RMSNormParams{p.x, p.final_norm, h, p.eps, dt, p.B, p.D});
+  void* head = ws + lo.head;
+  linear_cpu(LinearParams{h, p.lm_head, head, dt, p.B, p.V, p.D});
+  for (int64_t i = 0; i < B * p.V; ++i) p.logits[i] = cpu::load(head, dt, i);
+}
+
+}  // namespace moe
