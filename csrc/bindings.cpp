@@ -155,7 +155,9 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   // `layers` is not a field: the launchers take the Python list of DecodeLayer (copied per call).
   py::class_<DecodeStepParams> ds(m, "DecodeStepParams", py::module_local());
   ds.def(py::init<>());
-  MOE_PTR(ds, DecodeStepParams, x); MOE_PTR(ds, DecodeStepParams, cos); MOE_PTR(ds, DecodeStepParams, sin);
+  MOE_PTR(ds, DecodeStepParams, ids); MOE_PTR(ds, DecodeStepParams, embed);
+  MOE_PTR(ds, DecodeStepParams, rope_cos); MOE_PTR(ds, DecodeStepParams, rope_sin);
+  MOE_PTR(ds, DecodeStepParams, next_pos);
   MOE_PTR(ds, DecodeStepParams, k_cache); MOE_PTR(ds, DecodeStepParams, v_cache);
   MOE_PTR(ds, DecodeStepParams, valid); MOE_PTR(ds, DecodeStepParams, k);
   MOE_PTR(ds, DecodeStepParams, force_expert); MOE_PTR(ds, DecodeStepParams, expert_mask);
@@ -167,6 +169,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(ds, DecodeStepParams, B); MOE_VAL(ds, DecodeStepParams, D); MOE_VAL(ds, DecodeStepParams, H);
   MOE_VAL(ds, DecodeStepParams, Hkv); MOE_VAL(ds, DecodeStepParams, hd); MOE_VAL(ds, DecodeStepParams, E);
   MOE_VAL(ds, DecodeStepParams, k_max); MOE_VAL(ds, DecodeStepParams, V); MOE_VAL(ds, DecodeStepParams, pos);
+  MOE_VAL(ds, DecodeStepParams, rope_len);
   MOE_VAL(ds, DecodeStepParams, S_cap); MOE_VAL(ds, DecodeStepParams, valid_stride);
 
 #if defined(MOE_WITH_CUDA)

@@ -273,13 +273,16 @@ void rms_norm_cpu(const RMSNormParams& p);
 
 // decode_step: a whole decode step of the model on the cpu backend -- one new token per
 // sequence, no taps -- in one call, so the Python work per step is one call, not ~4 per layer
-// (bench/throughput.py --profile-overhead). It sequences the kernels above on a workspace, in
-// the order and with the roundings of Model.forward's cpu path, so its logits are bit-identical
-// to that path (tests/test_model_backends.py):
+// plus ~30 small torch ops (bench/throughput.py --profile-overhead). It sequences the kernels
+// above on a workspace, in the order and with the roundings of Model.forward's cpu path, so its
+// logits are bit-identical to that path (tests/test_model_backends.py):
+//   x = embed[ids]; cos, sin = rope table rows next_pos
 //   for each layer l: h = rms_norm(x, input_norm);  x = x + attention_block_decode(h)
 //                     h = rms_norm(x, post_norm);   x = moe_layer(h, residual x)   (MoE layer)
 //                                                   x = x + expert_ffn(h, the MLP as one expert)
 //   logits = fp32(linear(rms_norm(x, final_norm), lm_head))
+// and the cache bookkeeping: valid[b, pos] = 1, next_pos[b] += 1. Every id and position is
+// checked before anything is written.
 struct DecodeLayer {
   const void* input_norm;   // [D] dtype
   const void* post_norm;    // [D] dtype
@@ -295,12 +298,14 @@ struct DecodeLayer {
 };
 struct DecodeStepParams {
   const DecodeLayer* layers;   // [L]
-  void* x;                     // [B, D] dtype: the token embeddings in, the last hidden state out
-  const void* cos;             // [B, hd] dtype, this step's rope
-  const void* sin;             // [B, hd] dtype
+  const int64_t* ids;          // [B] this step's token per sequence, checked against [0, V)
+  const void* embed;           // [V, D] dtype
+  const void* rope_cos;        // [rope_len, hd] dtype: row p is position p
+  const void* rope_sin;        // [rope_len, hd] dtype
+  int64_t* next_pos;           // [B] the token's position (< rope_len); incremented
   void* k_cache;               // [L, B, Hkv, S_cap, hd] dtype; column pos is written
   void* v_cache;
-  const uint8_t* valid;        // [B, valid_stride]
+  uint8_t* valid;              // [B, valid_stride]; column pos is set
   const int32_t* k;            // [L] top-k per layer
   const int32_t* force_expert; // [L], -1 = none
   const uint8_t* expert_mask;  // [L, E] nonzero = masked; nullable
@@ -313,7 +318,7 @@ struct DecodeStepParams {
   void* workspace;             // decode_step_workspace_bytes(p) bytes, 64-byte aligned
   float eps, scale;
   DType dtype;
-  int32_t L, B, D, H, Hkv, hd, E, k_max, V, pos, S_cap, valid_stride;
+  int32_t L, B, D, H, Hkv, hd, E, k_max, V, pos, S_cap, valid_stride, rope_len;
 };
 int64_t decode_step_workspace_bytes(const DecodeStepParams& p);  // reads sizes and layers[].F/S
 void decode_step_cpu(const DecodeStepParams& p);

@@ -116,23 +116,25 @@ class CpuModelWeights:
         return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm,
                                tuple(_decode_layer(lw, pl) for lw, pl in zip(w.layers, layers)))
 
-    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, valid: torch.Tensor, pos: int, routing, usage: torch.Tensor | None,
-                    *, H: int, Hkv: int, eps: float, scale: float) -> torch.Tensor:
+    def decode_step(self, ids: torch.Tensor, embed: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                    cache, routing, usage: torch.Tensor | None, *, H: int, eps: float, scale: float) -> torch.Tensor:
         """A whole decode step in one C++ call (csrc/cpu/decode_step.cpp; ops.h has the sequence):
-        x [B, D] the new tokens' embeddings (overwritten); cos, sin [B, hd]; k_cache, v_cache
-        [L, B, Hkv, S_cap, hd] (column pos written); valid [B, S_cap]; usage [L, E] or None.
-        Returns fp32 logits [B, V], the same bits as the layer-by-layer cpu path. The caller
-        (Model.forward) has checked the shapes and resolved the routing controls."""
+        ids [B] int64 (checked against the vocabulary there); embed [V, D]; rope_cos, rope_sin
+        [n, hd] (row = position, n > every cache.next_pos); cache: a model.KVCache with a free
+        column, whose column `cache.used`, `valid` and `next_pos` the call fills (the caller
+        advances `used`); usage [L, E] or None. Returns fp32 logits [B, V], the same bits as
+        the layer-by-layer cpu path. The caller (Model.forward) has checked shapes and resolved
+        the routing controls."""
         mod = B.native_module("cpu")
-        Bsz, D = x.shape
-        S_cap, hd = k_cache.shape[3], k_cache.shape[4]
+        Bsz = ids.shape[0]
+        _, _, Hkv, S_cap, hd = cache.k.shape
         moe = next((lc.moe for lc in self.layers if lc.moe is not None), None)
         p = mod.DecodeStepParams()
-        p.dtype, p.eps, p.scale = B.native_dtype(mod, x.dtype), float(eps), float(scale)
-        p.B, p.D, p.H, p.Hkv, p.hd = Bsz, D, H, Hkv, hd
+        p.dtype, p.eps, p.scale = B.native_dtype(mod, embed.dtype), float(eps), float(scale)
+        p.B, p.D, p.H, p.Hkv, p.hd = Bsz, embed.shape[1], H, Hkv, hd
         p.E, p.k_max = (moe.experts.shape[0], routing.k_max) if moe is not None else (0, 0)
-        p.V, p.pos, p.S_cap, p.valid_stride = self.lm_head.N, pos, S_cap, valid.stride(0)
+        p.V, p.pos, p.S_cap, p.valid_stride = self.lm_head.N, cache.used, S_cap, cache.valid.stride(0)
+        p.rope_len = rope_cos.shape[0]
         key = (Bsz, routing.k_max, S_cap)
         ws = self._workspaces.get(key)
         if ws is None:
@@ -140,8 +142,9 @@ class CpuModelWeights:
             ws = self._workspaces[key] = torch.empty(
                 mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
         logits = torch.empty((Bsz, self.lm_head.N), dtype=torch.float32)
-        p.x, p.cos, p.sin = x.data_ptr(), cos.data_ptr(), sin.data_ptr()
-        p.k_cache, p.v_cache, p.valid = k_cache.data_ptr(), v_cache.data_ptr(), valid.data_ptr()
+        p.ids, p.embed, p.rope_cos, p.rope_sin = ids.data_ptr(), embed.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr()
+        p.next_pos, p.valid = cache.next_pos.data_ptr(), cache.valid.data_ptr()
+        p.k_cache, p.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
         p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
         p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), bool(routing.renormalize)

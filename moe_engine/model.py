@@ -95,6 +95,8 @@ class Model:
         self._cpu: CpuModelWeights | None = None  # packed copy for backend="cpu" (cpu_weights.py)
         if self.backend == "cpu":
             self._cpu_weights()
+        self._rope_rows = None   # (cos, sin) table, Model._rope_table
+        self._routings: dict = {}  # Model._routing
         self._inv_freq = 1.0 / (config.rope_theta ** (
             torch.arange(0, hd, 2, dtype=torch.int64, device=self.device).float() / hd))
 
@@ -152,6 +154,13 @@ class Model:
         capture: a taps.Capture that records (and patches) taps. usage: counters from
         new_usage_counters(). step: the generation step recorded with captured rows."""
         c = self.config
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
+        be = self.backend if backend is None else B.resolve(backend, self.device)
+        if be == "cpu" and attention_mask is None and capture is None and cache is not None:
+            out = self._decode_step_cpu(input_ids, cache, interventions, intervention_kwargs, usage)
+            if out is not None:
+                return out if logits == "last" else out.unsqueeze(1)
         ids = self._check_ids(input_ids)
         Bsz, T = ids.shape
         if attention_mask is None:
@@ -171,12 +180,8 @@ class Model:
             raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {Bsz}")
         if cache.used + T > cache.capacity:
             raise ValueError(f"{cache.used} cached + {T} new tokens exceed the cache length {cache.capacity}")
-        interventions = for_call(interventions, intervention_kwargs)
-        routing = interventions.resolve(c, self.device)
-        if usage is not None:
-            B.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),
-                    device=self.device)
-        be = self.backend if backend is None else B.resolve(backend, self.device)
+        routing = self._routing(for_call(interventions, intervention_kwargs))
+        self._check_usage(usage)
 
         # Positions continue each sequence; pads take position 0 and are never attended to.
         pos = cache.next_pos.unsqueeze(1) + torch.cumsum(attention_mask.long(), 1) - 1
@@ -185,21 +190,11 @@ class Model:
         if max_pos > c.max_position_embeddings and c.rope_scaling is None:
             raise ValueError(f"position {max_pos - 1} is beyond the model's context "
                              f"(max_position_embeddings = {c.max_position_embeddings})")
-        if logits not in ("all", "last"):
-            raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
         start = cache.used
         cache.valid[:, start:start + T] = attention_mask
         cos, sin = self._rope(pos, max_pos)
         w = self.weights
         cpu = self._cpu_weights() if be == "cpu" else None
-        if cpu is not None and T == 1 and Bsz <= SMALL_N and capture is None:
-            # a decode step with no taps: every layer in one C++ call, the same bits as the loop below
-            out = cpu.decode_step(w.embed[ids[:, 0]], cos[:, 0], sin[:, 0], cache.k, cache.v, cache.valid,
-                                  start, routing, usage, H=c.num_attention_heads, Hkv=c.num_key_value_heads,
-                                  eps=c.rms_norm_eps, scale=1.0 / math.sqrt(c.head_dim))
-            cache.used = start + 1
-            cache.next_pos = cache.next_pos + 1
-            return out if logits == "last" else out.unsqueeze(1)
         attn_mask = self._attn_mask(cache, start, T)
 
         flat_mask = attention_mask.reshape(-1)
@@ -252,7 +247,7 @@ class Model:
                 x = x + m
             x = tap(f"blocks.{l}.hook_resid_post", x)
         cache.used = start + T
-        cache.next_pos = cache.next_pos + attention_mask.long().sum(1)
+        cache.next_pos += attention_mask.long().sum(1)
 
         if logits == "last":
             x = x[:, -1:]
@@ -286,6 +281,55 @@ class Model:
             self._cpu = CpuModelWeights.pack(self.weights)
         return self._cpu
 
+    def _decode_step_cpu(self, input_ids, cache: KVCache, interventions, intervention_kwargs, usage):
+        """The cpu backend's one-call decode step (CpuModelWeights.decode_step) when this call is
+        one -- one new token for each of <= SMALL_N sequences, a cache with a free column, the
+        rope table covering the position -- else None, and forward's general path runs (and
+        raises whatever is wrong). Same bits as the general path; tests/test_model_backends.py."""
+        c = self.config
+        ids = input_ids
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.device != self.device:
+            return None
+        if ids.dim() == 2 and ids.shape[1] == 1:
+            ids = ids[:, 0]
+        elif not (ids.dim() == 1 and ids.shape[0] == 1):
+            return None
+        Bsz = ids.shape[0]
+        if not 0 < Bsz <= SMALL_N or cache.k.shape[1] != Bsz or cache.used + 1 > cache.capacity:
+            return None
+        rs = c.rope_scaling
+        if cache.used + 1 > c.max_position_embeddings and (rs is None or rs.type == "dynamic"):
+            return None  # beyond the context (an error) or dynamic scaling: per call, in _rope
+        routing = self._routing(for_call(interventions, intervention_kwargs))
+        self._check_usage(usage)
+        cos, sin = self._rope_table(cache.used + 1)
+        out = self._cpu_weights().decode_step(
+            ids.long().contiguous(), self.weights.embed, cos, sin, cache, routing, usage,
+            H=c.num_attention_heads, eps=c.rms_norm_eps, scale=1.0 / math.sqrt(c.head_dim))
+        cache.used += 1
+        return out
+
+    def _routing(self, interventions: Interventions) -> Routing:
+        """interventions.resolve, remembered for the plain cases (no mask; int or default topk
+        and force), so a decode loop does not rebuild the same control tensors every step."""
+        iv = interventions
+        plain = iv.expert_mask is None and all(v is None or (type(v) is int) for v in (iv.topk, iv.force_experts))
+        key = (iv.topk, iv.force_experts, iv.mask_mode, iv.renormalize) if plain else None
+        routing = self._routings.get(key) if plain else None
+        if routing is None:
+            routing = iv.resolve(self.config, self.device)
+            if plain:
+                if len(self._routings) >= 64:
+                    self._routings.clear()
+                self._routings[key] = routing
+        return routing
+
+    def _check_usage(self, usage: torch.Tensor | None) -> None:
+        if usage is not None:
+            c = self.config
+            B.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),
+                    device=self.device)
+
     def _check_ids(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, device=self.device)
         if ids.dtype not in (torch.int32, torch.int64):
@@ -301,22 +345,33 @@ class Model:
         return ids.long()
 
     def _rope(self, pos: torch.Tensor, seq_len: int):
-        """cos, sin [B, T, hd] in the model dtype (rotate-half layout over all head dims)."""
+        """cos, sin [B, T, hd] in the model dtype (rotate-half layout over all head dims): rows
+        of _rope_table, except dynamic scaling beyond the context, whose base depends on seq_len."""
         c = self.config
-        inv_freq = self._inv_freq
-        p = pos.float()
         rs = c.rope_scaling
-        if rs is not None:
-            kind, factor = rs.type, float(rs.factor)
-            if kind == "linear":
-                p = p / factor
-            elif kind == "dynamic" and seq_len > c.max_position_embeddings:
-                hd = c.head_dim
-                base = c.rope_theta * ((factor * seq_len / c.max_position_embeddings) - (factor - 1)) ** (hd / (hd - 2))
-                inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, device=self.device).float() / hd))
-        freqs = p.unsqueeze(-1) * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        if rs is not None and rs.type == "dynamic" and seq_len > c.max_position_embeddings:
+            hd, factor = c.head_dim, float(rs.factor)
+            base = c.rope_theta * ((factor * seq_len / c.max_position_embeddings) - (factor - 1)) ** (hd / (hd - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, device=self.device).float() / hd))
+            freqs = pos.float().unsqueeze(-1) * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        cos, sin = self._rope_table(seq_len)
+        return cos[pos], sin[pos]
+
+    def _rope_table(self, n: int):
+        """cos, sin [>= n, hd] in the model dtype, row p = position p (linear scaling applied);
+        made once for the context (grown if a scaled model goes beyond it)."""
+        if self._rope_rows is None or self._rope_rows[0].shape[0] < n:
+            c = self.config
+            p = torch.arange(max(n, c.max_position_embeddings), device=self.device).float()
+            rs = c.rope_scaling
+            if rs is not None and rs.type == "linear":
+                p = p / float(rs.factor)
+            freqs = p.unsqueeze(-1) * self._inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_rows = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        return self._rope_rows
 
     def _attn_mask(self, cache: KVCache, start: int, T: int) -> torch.Tensor:
         """[B, 1, T, start+T] bool: causal over cache columns, real keys only; each query may

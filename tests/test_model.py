@@ -162,3 +162,31 @@ def test_two_calls_with_different_settings_do_not_interfere(tiny_fp32):
     plain = tiny_fp32.forward(IDS7)
     assert torch.equal(a1, a2)
     assert not torch.equal(a1, plain) and not torch.equal(b, plain)
+
+
+@pytest.mark.parametrize("rope", [None, {"type": "linear", "factor": 4.0}, {"type": "dynamic", "factor": 2.0}])
+def test_rope_matches_the_published_formulas(tiny_dir, rope):
+    """cos/sin for positions inside and beyond the context, against the formulas of the
+    remote code (LlamaLinearScaling / LlamaDynamicNTKScaling rotary embeddings)."""
+    m = moe_engine.load(tiny_dir, dtype="float32", backend="torch", progress=False)
+    c = m.config
+    if rope is not None:
+        from moe_engine.config import ModelConfig
+        c = ModelConfig.from_dict({**c.to_dict(), "rope_scaling": rope})
+        m = moe_engine.Model(c, m.weights, backend="torch")
+    hd, base, ctx = c.head_dim, c.rope_theta, c.max_position_embeddings
+    for seq_len in (7, ctx, ctx + 37):
+        if rope is None and seq_len > ctx:
+            continue
+        pos = torch.tensor([[0, 1, seq_len - 2, seq_len - 1]])
+        b, t = base, pos.double()
+        if rope is not None and rope["type"] == "linear":
+            t = t / rope["factor"]
+        if rope is not None and rope["type"] == "dynamic" and seq_len > ctx:
+            f = rope["factor"]
+            b = base * ((f * seq_len / ctx) - (f - 1)) ** (hd / (hd - 2))
+        inv = 1.0 / (b ** (torch.arange(0, hd, 2).double() / hd))
+        emb = torch.cat([t.unsqueeze(-1) * inv] * 2, -1)
+        cos, sin = m._rope(pos, seq_len)
+        torch.testing.assert_close(cos.double(), emb.cos(), atol=2e-5, rtol=0, msg=f"cos {rope} {seq_len}")
+        torch.testing.assert_close(sin.double(), emb.sin(), atol=2e-5, rtol=0, msg=f"sin {rope} {seq_len}")

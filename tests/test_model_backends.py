@@ -146,6 +146,45 @@ def test_decode_step_is_bit_identical_to_the_layer_loop(cpu_pair, monkeypatch, k
         assert torch.equal(a, b), f"decode step vs layer loop: {name} differ ({kw})"
 
 
+def test_decode_step_rejects_a_bad_token_before_writing(cpu_pair):
+    _, mc, _ = cpu_pair
+    V = mc.config.vocab_size
+    cache = mc.new_cache(2, 6)
+    mc(torch.tensor([[3, 4], [5, 6]]), cache=cache)
+    before = copy.deepcopy(cache)
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            mc(torch.tensor([[7], [bad]]), cache=cache)
+    assert cache.used == before.used and torch.equal(cache.next_pos, before.next_pos)
+    assert torch.equal(cache.valid, before.valid)
+
+
+@pytest.mark.parametrize("rope", [{"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}])
+def test_decode_step_with_rope_scaling_matches_the_layer_loop(tmp_path, monkeypatch, rope):
+    """Scaled rope through the one-call step (rows of the rope table) and the general path;
+    dynamic scaling beyond the context (max_position_embeddings = 8 here) leaves the step to
+    the general path, whose per-call base it needs."""
+    import moe_engine.model as model_mod
+    from moe_engine.synthetic import make_checkpoint
+    if "cpu" not in available_backends():
+        pytest.skip("cpu backend not built")
+    ckpt = make_checkpoint(tmp_path, "tiny", dtype="float32",
+                           overrides={"rope_scaling": rope, "max_position_embeddings": 8})
+    m = moe_engine.load(ckpt, dtype="float32", backend="cpu", progress=False)
+    ids = torch.tensor([[5, 9, 11, 300, 2]])
+    prefilled = m.new_cache(1, 12)
+    first = m(ids, cache=prefilled, logits="last").argmax(-1, keepdim=True)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(model_mod, "SMALL_N", model_mod.SMALL_N if fused else 0)
+        cache, tok, steps = copy.deepcopy(prefilled), first, []
+        for _ in range(6):  # positions 5..10: crosses the context
+            steps.append(m(tok, cache=cache, logits="last"))
+            tok = steps[-1].argmax(-1, keepdim=True)
+        runs.append(torch.stack(steps))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_taps_do_not_change_outputs(pair):
     _, mc, _ = pair
     ids = torch.tensor(IDS)

@@ -20,7 +20,7 @@ inline int64_t esize(DType dt) { return dt == DType::f32 ? 4 : 2; }
 
 // Byte offsets of the step's buffers in the workspace (one place for the sizes and the carve).
 struct Layout {
-  int64_t h, a, m, qkv, attn, scores, router_logits, topk_ids, topk_weights, expert_out,
+  int64_t x, cos, sin, h, a, m, qkv, attn, scores, router_logits, topk_ids, topk_weights, expert_out,
       shared_out, shared_ids, head, ffn, total;
 };
 
@@ -39,6 +39,9 @@ Layout layout(const DecodeStepParams& p) {
   Layout o{};
   int64_t at = 0;
   auto take = [&](int64_t bytes) { const int64_t here = at; at += round_up(std::max<int64_t>(bytes, 1)); return here; };
+  o.x = take(B * D * el);
+  o.cos = take(B * int64_t(p.hd) * el);
+  o.sin = take(B * int64_t(p.hd) * el);
   o.h = take(B * D * el);
   o.a = take(B * D * el);
   o.m = take(B * D * el);
@@ -68,6 +71,8 @@ void check(const DecodeStepParams& p) {
   if (p.B <= 0 || p.D <= 0 || p.H <= 0 || p.Hkv <= 0 || p.H % p.Hkv || p.hd <= 0 || p.V <= 0)
     bad("bad sizes B=" + std::to_string(p.B) + " D=" + std::to_string(p.D) + " H=" + std::to_string(p.H) +
         " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) + " V=" + std::to_string(p.V));
+  if (p.hd % 2 || int64_t(p.H) * p.hd <= 0 || p.rope_len <= 0)
+    bad("hd=" + std::to_string(p.hd) + " must be even, rope_len=" + std::to_string(p.rope_len) + " positive");
   if (p.pos < 0 || p.pos >= p.S_cap || p.valid_stride <= p.pos)
     bad("cache column pos=" + std::to_string(p.pos) + " is outside S_cap=" + std::to_string(p.S_cap) +
         " / valid_stride=" + std::to_string(p.valid_stride));
@@ -92,10 +97,28 @@ int64_t decode_step_workspace_bytes(const DecodeStepParams& p) {
 
 void decode_step_cpu(const DecodeStepParams& p) {
   check(p);
+  for (int32_t b = 0; b < p.B; ++b) {  // nothing is written before every id and position passed
+    if (p.ids[b] < 0 || p.ids[b] >= p.V)
+      throw std::invalid_argument("token id " + std::to_string(p.ids[b]) + " is outside the vocabulary [0, " +
+                                  std::to_string(p.V) + ")");
+    if (p.next_pos[b] < 0 || p.next_pos[b] >= p.rope_len)
+      cpu::fail("decode_step_cpu", "position " + std::to_string(p.next_pos[b]) + " of sequence " +
+                                       std::to_string(b) + " is outside the rope table [0, " +
+                                       std::to_string(p.rope_len) + ")");
+  }
   const Layout lo = layout(p);
   char* ws = static_cast<char*>(p.workspace);
   const DType dt = p.dtype;
-  const int64_t B = p.B, D = p.D, el = esize(dt);
+  const int64_t B = p.B, D = p.D, el = esize(dt), hd = p.hd;
+  void* x = ws + lo.x;
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(static_cast<char*>(x) + b * D * el, static_cast<const char*>(p.embed) + p.ids[b] * D * el, D * el);
+    const int64_t row = p.next_pos[b] * hd * el;
+    std::memcpy(ws + lo.cos + b * hd * el, static_cast<const char*>(p.rope_cos) + row, hd * el);
+    std::memcpy(ws + lo.sin + b * hd * el, static_cast<const char*>(p.rope_sin) + row, hd * el);
+    p.valid[b * int64_t(p.valid_stride) + p.pos] = 1;
+    p.next_pos[b] += 1;
+  }
   const int64_t cache_layer = B * p.Hkv * int64_t(p.S_cap) * p.hd * el;  // bytes per layer
   void* h = ws + lo.h;
   void* a = ws + lo.a;
@@ -105,9 +128,9 @@ void decode_step_cpu(const DecodeStepParams& p) {
 
   for (int32_t l = 0; l < p.L; ++l) {
     const DecodeLayer& ly = p.layers[l];
-    rms_norm_cpu(RMSNormParams{p.x, ly.input_norm, h, p.eps, dt, p.B, p.D});
+    rms_norm_cpu(RMSNormParams{x, ly.input_norm, h, p.eps, dt, p.B, p.D});
     AttnBlockParams ab{};
-    ab.x = h, ab.qkv = ly.qkv, ab.o = ly.o, ab.cos = p.cos, ab.sin = p.sin;
+    ab.x = h, ab.qkv = ly.qkv, ab.o = ly.o, ab.cos = ws + lo.cos, ab.sin = ws + lo.sin;
     ab.k_cache = static_cast<char*>(p.k_cache) + l * cache_layer;
     ab.v_cache = static_cast<char*>(p.v_cache) + l * cache_layer;
     ab.valid = p.valid, ab.qkv_buf = ws + lo.qkv, ab.attn_buf = ws + lo.attn;
@@ -116,11 +139,11 @@ void decode_step_cpu(const DecodeStepParams& p) {
     ab.B = p.B, ab.D = p.D, ab.H = p.H, ab.Hkv = p.Hkv, ab.hd = p.hd;
     ab.pos = p.pos, ab.S_cap = p.S_cap, ab.valid_stride = p.valid_stride;
     attention_block_decode_cpu(ab);
-    add_inplace(p.x, a, dt, B * D);
-    rms_norm_cpu(RMSNormParams{p.x, ly.post_norm, h, p.eps, dt, p.B, p.D});
+    add_inplace(x, a, dt, B * D);
+    rms_norm_cpu(RMSNormParams{x, ly.post_norm, h, p.eps, dt, p.B, p.D});
     if (ly.router) {
       MoELayerParams mp{};
-      mp.x = h, mp.residual = p.x, mp.out = p.x;  // residual may alias out
+      mp.x = h, mp.residual = x, mp.out = x;  // residual may alias out
       mp.router = ly.router, mp.w13 = ly.w13, mp.w2 = ly.w2;
       mp.shared_w13 = ly.shared_w13, mp.shared_w2 = ly.shared_w2;
       mp.k = p.k + l, mp.force_expert = p.force_expert + l;
@@ -138,10 +161,10 @@ void decode_step_cpu(const DecodeStepParams& p) {
       moe_layer_cpu(mp);
     } else {
       expert_ffn_cpu(ExpertFFNParams{h, ly.w13, ly.w2, shared_ids, m, ws + lo.ffn, dt, p.B, 1, p.D, ly.F, 1});
-      add_inplace(p.x, m, dt, B * D);
+      add_inplace(x, m, dt, B * D);
     }
   }
-  rms_norm_cpu(RMSNormParams{p.x, p.final_norm, h, p.eps, dt, p.B, p.D});
+  rms_norm_cpu(RMSNormParams{x, p.final_norm, h, p.eps, dt, p.B, p.D});
   void* head = ws + lo.head;
   linear_cpu(LinearParams{h, p.lm_head, head, dt, p.B, p.V, p.D});
   for (int64_t i = 0; i < B * p.V; ++i) p.logits[i] = cpu::load(head, dt, i);
