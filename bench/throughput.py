@@ -10,7 +10,9 @@ Method: warm-up, then --reps repetitions of (prefill --prompt-len tokens x --bat
 then --gen-len greedy decode steps); medians over repetitions (prefill) and steps (decode).
 The floor: bytes of weights a decode step touches (every dense weight, the router, shared
 experts and the distinct routed experts the step actually chose, the lm_head), divided by the
-read bandwidth measured in this process (a sum over a buffer far larger than the caches).
+read bandwidth measured in this process (a sum over a buffer far larger than the caches, best
+of 7, at the start and again at the end of the run; the faster of the two is used, because the
+bandwidth of a shared machine drifts and a slow measurement would flatter the fractions).
 fraction = floor time / measured step time (1.0 = bandwidth-bound with zero overhead).
 The last line of output with --json is one JSON object.
 """
@@ -30,7 +32,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # 32x this machine's L3; any cache is negligible next to it
-CACHE_FLUSH_BYTES = 96 << 20      # read between timed MoE-layer calls: 3x the L3
+PROBE_BYTES = 256 << 20           # read right before every timed decode step / MoE-layer call:
+                                  # 8x the L3, so it also flushes the caches as a real step would
 
 
 def median_time(fn, reps: int, warmup: int = 2) -> float:
@@ -44,12 +47,34 @@ def median_time(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
+class BandwidthProbe:
+    """Reads PROBE_BYTES and returns the bytes/s of that read: called right before each timed
+    call, so each timing is paired with the bandwidth the machine had at that moment (on a
+    shared host it drifts by 2x within a run). It also leaves the caches holding only the probe."""
+
+    def __init__(self):
+        self.buf = torch.ones(PROBE_BYTES // 4, dtype=torch.float32)
+        self.buf.sum()
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        self.buf.sum()
+        return PROBE_BYTES / (time.perf_counter() - t)
+
+
 def read_bandwidth(reps: int = 7) -> float:
-    """Bytes/s of a streaming read: an fp32 sum over a buffer far larger than the caches."""
+    """Bytes/s of a streaming read: an fp32 sum over a buffer far larger than the caches; the
+    best of `reps` (the machine's memory is shared with other tenants and its bandwidth drifts,
+    so the floor uses the fastest read seen: fractions err low, never high)."""
     buf = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, dtype=torch.float32)
-    t = median_time(lambda: buf.sum(), reps)
+    buf.sum()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        ts.append(time.perf_counter() - t)
     del buf
-    return BANDWIDTH_BUFFER_BYTES / t
+    return BANDWIDTH_BUFFER_BYTES / min(ts)
 
 
 def parse_preset(spec: str) -> tuple[str, dict]:
@@ -119,12 +144,13 @@ def flops_per_token(model, topk: int | None) -> float:
     return 2.0 * f
 
 
-def run_generation(model, args, reps: int, bar=None):
-    """Returns (prefill seconds per rep, decode step seconds, distinct experts per step and layer)."""
+def run_generation(model, args, reps: int, bar=None, probe=None):
+    """Returns (prefill seconds per rep, decode step seconds, distinct experts per step and layer,
+    read bandwidth right before each step (empty without a probe))."""
     c = model.config
     kw = {} if args.topk is None else {"topk": args.topk}
     g = torch.Generator().manual_seed(args.seed)
-    prefill_s, step_s, distinct = [], [], []
+    prefill_s, step_s, distinct, step_bw = [], [], [], []
     moe = c.moe_layers
     for _ in range(reps):
         prompt = torch.randint(0, c.vocab_size, (args.batch, args.prompt_len), generator=g)
@@ -136,6 +162,8 @@ def run_generation(model, args, reps: int, bar=None):
         tok = logits.argmax(-1, keepdim=True)
         for _ in range(args.gen_len - 1):
             before = usage.clone()
+            if probe is not None:
+                step_bw.append(probe())
             t = time.perf_counter()
             logits = model(tok, cache=cache, logits="last", usage=usage, **kw)
             step_s.append(time.perf_counter() - t)
@@ -144,7 +172,7 @@ def run_generation(model, args, reps: int, bar=None):
             distinct.append(chosen.sum(1).float().mean().item() if moe else 0.0)
             if bar is not None:
                 bar.update(1)
-    return prefill_s, step_s, distinct
+    return prefill_s, step_s, distinct, step_bw
 
 
 def decode_overhead(model, args, steps: int = 40) -> dict:
@@ -156,9 +184,9 @@ def decode_overhead(model, args, steps: int = 40) -> dict:
     saved = {n: getattr(_C, n) for n in names}
 
     def timed(f):
-        def call(p):
+        def call(*a):
             t = time.perf_counter()
-            f(p)
+            f(*a)
             spent["s"] += time.perf_counter() - t
         return call
     kw = {} if args.topk is None else {"topk": args.topk}
@@ -183,7 +211,7 @@ def decode_overhead(model, args, steps: int = 40) -> dict:
             "outside_fraction": (step - kern) / step}
 
 
-def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
+def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
     """Median us of one MoE layer's FFN (router .. combine) on `tokens` random tokens, cycling
     through the MoE layers with fresh inputs each rep (fresh routing: no cache-resident experts)."""
     from moe_engine.interventions import Interventions
@@ -197,13 +225,13 @@ def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
     inputs = [(torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype),
                torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype)) for _ in range(reps + 2)]
     by = Bytes(model)
-    flush = torch.ones(CACHE_FLUSH_BYTES // 4)
+    probe = BandwidthProbe()
     ts, floors = [], []
     for i, (u, r) in enumerate(inputs):
         l = layers[i % len(layers)]
         w = model.weights.layers[l].mlp
         lc = None if cpu is None else cpu.layers[l].moe
-        flush.sum()  # evict: in a real step the other layers' weights pass through the caches
+        bw = probe()  # also evicts: in a real step the other layers' weights pass through the caches
         t = time.perf_counter()
         moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc)
         dt = time.perf_counter() - t
@@ -220,9 +248,8 @@ def moe_layer_times(model, args, tokens: int, reps: int, bw: float) -> dict:
     k = routing.k[layers[0]]
     fl = 2 * tokens * (c.n_routed_experts * c.hidden_size + 3 * c.hidden_size *
                        (k * c.moe_intermediate_size + c.shared_width))
-    return {"tokens": tokens, "moe_layer_us": t_med * 1e6,
-            "floor_us": statistics.median(floors) * 1e6,
-            "bandwidth_floor_fraction": statistics.median(floors) / t_med,
+    return {"tokens": tokens, "moe_layer_us": t_med * 1e6, "floor_us": statistics.median(floors) * 1e6,
+            "bandwidth_floor_fraction": statistics.median(f / t for f, t in zip(floors, ts)),
             "gflop_s": fl / t_med / 1e9}
 
 
@@ -289,7 +316,8 @@ def main(argv=None):
     say = (lambda *a: None) if args.json else print
 
     bw = read_bandwidth()
-    say(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads, {BANDWIDTH_BUFFER_BYTES >> 20} MiB fp32 sum)")
+    say(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads, best of 7 sums over {BANDWIDTH_BUFFER_BYTES >> 20} "
+        f"MiB fp32; each timed step below is paired with its own {PROBE_BYTES >> 20} MiB read)")
     t = time.perf_counter()
     model = load_model(args)
     c = model.config
@@ -300,18 +328,45 @@ def main(argv=None):
               "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9}
 
+    # -- timings (fractions of the floor come after the second bandwidth measurement) --
     if not args.no_generate:
         quiet = not show_progress(args)
         warm = argparse.Namespace(**{**vars(args), "prompt_len": min(args.prompt_len, 16), "gen_len": 4})
         run_generation(model, warm, 1)
         with tqdm(total=args.reps * (args.gen_len - 1), desc="decode steps", disable=quiet, file=sys.stderr) as bar:
-            prefill_s, step_s, distinct = run_generation(model, args, args.reps, bar)
+            prefill_s, step_s, distinct, step_bw = run_generation(model, args, args.reps, bar, BandwidthProbe())
+
+    if args.profile_overhead and model.backend == "cpu" and not args.no_generate:
+        import moe_engine.model as mm
+        from moe_engine.moe import moe_layer
+        o = decode_overhead(model, args)
+        small_n = mm.SMALL_N
+        mm.SMALL_N = 0  # no one-call decode step: forward's layer loop, one C++ call per MoE layer
+        try:
+            u = decode_overhead(model, args)
+            mm.moe_layer = lambda *a, **k: moe_layer(*a, fused=False, **k)  # and the op-by-op MoE layer
+            v = decode_overhead(model, args)
+        finally:
+            mm.moe_layer, mm.SMALL_N = moe_layer, small_n
+        result["decode_overhead"] = {"one_call_step": o, "fused_layer": u, "op_by_op_layer": v}
+
+    tokens = ([int(x) for x in args.moe_tokens.split(",")] if args.moe_tokens
+              else sorted({args.batch, args.batch * args.prompt_len}))
+    rows = [moe_layer_times(model, args, n, max(5, min(40, 2000 // max(n, 1)))) for n in tokens]
+    big = max(tokens)
+    g = torch_expert_gemm_us(model, args, big, 5) if big >= 64 else None
+
+    if not args.no_generate:
         pre = statistics.median(prefill_s)
         step = statistics.median(step_s)
         n_distinct = statistics.median(distinct) if distinct else 0.0
         by = Bytes(model)
         step_bytes = by.step(round(n_distinct * len(c.moe_layers)))
-        floor = step_bytes / bw
+        # each step against the bandwidth read right before it; the median of those fractions
+        fractions = [by.step(round(d * len(c.moe_layers))) / b / s for d, b, s in zip(distinct, step_bw, step_s)]
+        fraction = statistics.median(fractions)
+        bw_decode = statistics.median(step_bw)
+        floor = step_bytes / bw_decode
         fpt = flops_per_token(model, args.topk)
         result.update({
             "prefill_tok_s": args.batch * args.prompt_len / pre,
@@ -323,47 +378,37 @@ def main(argv=None):
                                        statistics.quantiles(step_s, n=10)[-1] * 1e3] if len(step_s) > 1 else None,
             "distinct_experts_per_moe_layer": n_distinct,
             "decode_bytes_per_step": step_bytes,
+            "decode_read_bandwidth_gb_s": bw_decode / 1e9,
+            "decode_read_bandwidth_p10_p90_gb_s": [statistics.quantiles(step_bw, n=10)[0] / 1e9,
+                                                   statistics.quantiles(step_bw, n=10)[-1] / 1e9],
             "bandwidth_floor_ms": floor * 1e3,
-            "bandwidth_floor_fraction": floor / step})
+            "bandwidth_floor_fraction": fraction})
         say(f"prefill  {result['prefill_tok_s']:10.1f} tok/s   ({args.batch}x{args.prompt_len} tokens in "
             f"{pre * 1e3:.1f} ms, {result['prefill_gflop_s']:.1f} GFLOP/s in the weight GEMMs)")
         say(f"decode   {result['decode_tok_s']:10.1f} tok/s   (step {step * 1e3:.2f} ms median, p10-p90 "
             f"{result['decode_step_p10_p90_ms'][0]:.2f}-{result['decode_step_p10_p90_ms'][1]:.2f} ms)")
+        q = result["decode_read_bandwidth_p10_p90_gb_s"]
         say(f"floor    {floor * 1e3:.2f} ms/step = {step_bytes / 1e6:.1f} MB of weights "
-            f"({n_distinct:.1f} distinct experts per MoE layer) / {bw / 1e9:.1f} GB/s"
-            f"  -> {floor / step:.0%} of the floor reached")
-
-    if args.profile_overhead and model.backend == "cpu" and not args.no_generate:
-        import moe_engine.model as mm
-        from moe_engine.moe import moe_layer
-        o = decode_overhead(model, args)
-        mm.moe_layer = lambda *a, **k: moe_layer(*a, fused=False, **k)  # the op-by-op path
-        try:
-            u = decode_overhead(model, args)
-        finally:
-            mm.moe_layer = moe_layer
-        result["decode_overhead"] = {"fused_layer": o, "op_by_op_layer": u}
-        for name, r in (("one C++ call per MoE layer", o), ("op-by-op MoE layer", u)):
+            f"({n_distinct:.1f} distinct experts per MoE layer) / {bw_decode / 1e9:.1f} GB/s (median of the "
+            f"reads paired with the steps, p10-p90 {q[0]:.1f}-{q[1]:.1f})  -> {fraction:.0%} of the floor "
+            f"reached (median over steps of floor / step)")
+    if "decode_overhead" in result:
+        for name, key in (("one C++ call per step", "one_call_step"), ("one C++ call per MoE layer", "fused_layer"),
+                          ("op-by-op MoE layer", "op_by_op_layer")):
+            r = result["decode_overhead"][key]
             say(f"decode step, {name}: {r['step_ms']:.2f} ms = {r['kernels_ms']:.2f} ms in C++ kernels + "
                 f"{r['outside_kernels_ms']:.2f} ms outside ({r['outside_fraction']:.0%})")
 
-    tokens = ([int(x) for x in args.moe_tokens.split(",")] if args.moe_tokens
-              else sorted({args.batch, args.batch * args.prompt_len}))
     say(f"\nper MoE layer (router .. combine), median over cycled layers and fresh inputs:")
     say(f"{'tokens':>7} {'us':>10} {'floor us':>10} {'fraction':>9} {'GFLOP/s':>9}")
-    rows = []
-    for n in tokens:
-        reps = max(5, min(40, 2000 // max(n, 1)))
-        r = moe_layer_times(model, args, n, reps, bw)
-        rows.append(r)
-        say(f"{n:7d} {r['moe_layer_us']:10.1f} {r['floor_us']:10.1f} {r['bandwidth_floor_fraction']:9.0%} {r['gflop_s']:9.1f}")
+    for r in rows:
+        say(f"{r['tokens']:7d} {r['moe_layer_us']:10.1f} {r['floor_us']:10.1f} {r['bandwidth_floor_fraction']:9.0%} "
+            f"{r['gflop_s']:9.1f}")
     result["moe_layers"] = rows
     result["moe_layer_us"] = rows[0]["moe_layer_us"]
     if result.get("bandwidth_floor_fraction") is None:
         result["bandwidth_floor_fraction"] = rows[0]["bandwidth_floor_fraction"]
-    big = max(tokens)
-    if big >= 64:
-        g = torch_expert_gemm_us(model, args, big, 5)
+    if g is not None:
         result["routed_experts_vs_torch_gemm"] = g
         say(f"\nrouted experts at {big} tokens: ours {g['ours_us']:.0f} us ({g['ours_gflop_s']:.1f} GFLOP/s) vs "
             f"PyTorch {args.dtype} GEMMs per expert segment {g['torch_gemm_us']:.0f} us "
