@@ -24,6 +24,18 @@ inline float ld(const X* p, int64_t i) {
 
 constexpr int kLanes = 16;
 
+// sc[s] = dot(s) for the keys the query may see (real, or its own column S-1), -inf for the
+// rest; returns the max score.
+template <class Dot>
+inline float score_keys(const uint8_t* valid, int64_t S, float* sc, Dot dot) {
+  float m = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    sc[s] = valid[s] || s == S - 1 ? dot(s) : -INFINITY;
+    m = std::max(m, sc[s]);
+  }
+  return m;
+}
+
 template <typename X>
 void attn_impl(const AttnDecodeParams& p) {
   const int64_t B = p.B, H = p.H, hd = p.hd, S = p.S, group = p.H / p.Hkv;
@@ -41,12 +53,7 @@ void attn_impl(const AttnDecodeParams& p) {
     float* sc = p.workspace + bh * S;
     float qf[1024];
     for (int64_t d = 0; d < hd; ++d) qf[d] = ld(qr, d) * p.scale;
-    float m = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) {
-      if (!valid[s] && s != S - 1) {
-        sc[s] = -INFINITY;
-        continue;
-      }
+    const float m = score_keys(valid, S, sc, [&](int64_t s) {
       const X* kr = kb + s * hd;
       // kLanes independent partial sums in a fixed order: the compiler vectorises this (a
       // single running sum is a serial FMA chain it may not reorder)
@@ -57,9 +64,8 @@ void attn_impl(const AttnDecodeParams& p) {
       for (; d < hd; ++d) part[d % kLanes] += qf[d] * ld(kr, d);
       float acc = 0.f;
       for (int l = 0; l < kLanes; ++l) acc += part[l];
-      sc[s] = acc;
-      m = std::max(m, acc);
-    }
+      return acc;
+    });
     float sum = 0.f;
     for (int64_t s = 0; s < S; ++s) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : std::exp(sc[s] - m));
     float acc[1024];
@@ -95,19 +101,12 @@ void attn_avx512(const AttnDecodeParams& p) {
     float* sc = p.workspace + bh * S;
     __m512 qv[NC];
     for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(cpu::load16(q + bh * hd + 16 * c), _mm512_set1_ps(p.scale));
-    float m = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) {
-      if (!valid[s] && s != S - 1) {
-        sc[s] = -INFINITY;
-        continue;
-      }
+    const float m = score_keys(valid, S, sc, [&](int64_t s) {
       const X* kr = kb + s * hd;
       __m512 acc = _mm512_mul_ps(qv[0], cpu::load16(kr));
       for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qv[c], cpu::load16(kr + 16 * c), acc);
-      const float v = _mm512_reduce_add_ps(acc);
-      sc[s] = v;
-      m = std::max(m, v);
-    }
+      return _mm512_reduce_add_ps(acc);
+    });
     // masked scores are -inf: exp gives 0 (exp512 clamps, so zero them by mask)
     __m512 vsum = _mm512_setzero_ps();
     const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
