@@ -149,8 +149,11 @@ def test_expert_ffn_matches_ref(T, k, dtype):
     assert_close(out[ids >= 0], ref[ids >= 0], "expert_ffn", dtype, f"T={T} k={k}")
 
 
+# (40, 2, 4, 2048, 64) and (33, 2, 3, 64, 2048): token / intermediate rows of 4 KiB (bf16) or 8 KiB
+# (fp32), which the kernel tiles shorter (kAliasM in csrc/cpu/expert_ffn.cpp)
 @pytest.mark.parametrize("shape", [(1, 6, 64, 512, 256), (7, 3, 5, 33, 17), (129, 2, 4, 130, 24),
-                                   (257, 6, 64, 64, 32), (17, 4, 4, 512, 1408)])
+                                   (257, 6, 64, 64, 32), (17, 4, 4, 512, 1408), (40, 2, 4, 2048, 64),
+                                   (33, 2, 3, 64, 2048)])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_expert_ffn_shapes_and_skew(shape, dtype):
     T, k, E_, D, F = shape
@@ -163,11 +166,23 @@ def test_expert_ffn_shapes_and_skew(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("T,N,K", [(1, 64, 512), (13, 1000, 333), (3, 16384, 64)])
+@pytest.mark.parametrize("T,N,K", [(1, 64, 512), (13, 1000, 333), (3, 16384, 64), (13, 100, 2048), (9, 70, 1024)])
 def test_linear_cpu(dtype, T, N, K):
     x, w = torch.randn(T, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
     ref = (x.float() @ w.float().t()).to(dtype)
     assert_close(linear_cpu(x, pack_weight(w)), ref, "expert_ffn", dtype, f"linear T={T} N={N} K={K}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("K", (512, 2048))  # 2048: rows of 4/8 KiB, tiled shorter
+def test_a_row_does_not_depend_on_its_tile(dtype, K):
+    """Each token row keeps its own accumulators over the same k order, whatever tile it lands
+    in: the whole batch and each row alone give the same bits (so batch size, tile height and
+    routing never change a token's result)."""
+    x, w = torch.randn(29, K).to(dtype), (torch.randn(40, K) / K ** 0.5).to(dtype)
+    pw = pack_weight(w)
+    whole = linear_cpu(x, pw)
+    assert all(torch.equal(whole[i:i + 1], linear_cpu(x[i:i + 1].contiguous(), pw)) for i in range(29))
 
 
 # ---- thread counts -----------------------------------------------------------------------------

@@ -16,9 +16,10 @@
 //   Each output element has one fixed summation order, so thread count never changes results.
 // Traffic (decode, bf16): sum over distinct chosen experts of 3*D*F*2 B, read once per call;
 //   + T*k_max*(D + 2F)*2 B of activations. Prefill: the same weight bytes (all experts once)
-//   and 2*T*k_max*3*D*F FLOP; the microkernel alone (linear_cpu, 480 rows) runs at ~150
-//   GFLOP/s per core here, level with oneDNN, but ~48 rows per expert (512 tokens, top-6 of 64)
-//   reach about half that (bench/throughput.py "routed experts").
+//   and 2*T*k_max*3*D*F FLOP. On this 2-core box the microkernel runs level with oneDNN's bf16
+//   GEMM (linear_cpu 480x512x512: ~400 GFLOP/s for both); the routed experts of a 512-token
+//   prefill at the 16B shape run at ~375 GFLOP/s, 1.1x torch's single dense GEMM pair of the
+//   same FLOPs (bench/throughput.py "routed experts").
 // ISA: AVX-512 (bf16 via avx512_bf16, fp32 FMA) when compiled with them; otherwise portable
 //   loops that GCC vectorises for AVX2 (-mavx2 -mfma), bf16 widened to fp32.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
@@ -47,6 +48,13 @@ constexpr int kMaxM = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast <=
 #else
 constexpr int kMaxM = 4;
 #endif
+
+// Token rows whose stride is a multiple of 4 KiB (D = 2048 bf16: the 16B model's hidden size)
+// share their L1 set at every k; a tile of more rows than the L1's 8 ways then evicts its own
+// rows between broadcasts (linear_cpu T=48 N=2816 K=2048 ran at 232 GFLOP/s vs 390 at K=1408).
+// Such strides get tiles of at most kAliasM rows. A row's result does not depend on its tile.
+constexpr int kAliasM = kMaxM < 6 ? kMaxM : 6;
+inline int tile_rows(int64_t row_bytes) { return row_bytes % 4096 == 0 ? kAliasM : kMaxM; }
 
 inline int64_t k_step(DType dt) { return dt == DType::bf16 ? 2 : 1; }
 inline int64_t panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
@@ -338,10 +346,11 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
     const void* a[kMaxM];
     void* o[kMaxM];
     // 2. gate|up -> h
+    const int mg = tile_rows(D * bytes), md = tile_rows(hs * bytes);
     for_my_units(tid, n, p.E, ws.counts, np13, [&](int32_t e, int64_t q) {
       const char* panel = w13 + ((e * np13 + q) * pe13) * bytes;
-      for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += kMaxM) {
-        const int M = std::min<int>(kMaxM, ws.offsets[e + 1] - i);
+      for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += mg) {
+        const int M = std::min<int>(mg, ws.offsets[e + 1] - i);
         for (int m = 0; m < M; ++m) {
           a[m] = x + (ws.order[i + m] / p.k_max) * D * bytes;
           o[m] = ws.h + (i + m) * hs * bytes;
@@ -354,8 +363,8 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
     // 3. down -> expert_out
     for_my_units(tid, n, p.E, ws.counts, np2, [&](int32_t e, int64_t q) {
       const char* panel = w2 + ((e * np2 + q) * pe2) * bytes;
-      for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += kMaxM) {
-        const int M = std::min<int>(kMaxM, ws.offsets[e + 1] - i);
+      for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += md) {
+        const int M = std::min<int>(md, ws.offsets[e + 1] - i);
         for (int m = 0; m < M; ++m) {
           a[m] = ws.h + (i + m) * hs * bytes;
           o[m] = out + int64_t(ws.order[i + m]) * D * bytes;
@@ -374,7 +383,7 @@ void linear_cpu(const LinearParams& p) {
                                 " K=" + std::to_string(p.K));
   const DType dt = p.dtype;
   const int64_t bytes = esize(dt), np = panels(p.N), pe = panel_elems(dt, p.K);
-  const int64_t mt = (p.T + kMaxM - 1) / kMaxM;
+  const int64_t mr = tile_rows(p.K * bytes), mt = (p.T + mr - 1) / mr;
   const char* x = static_cast<const char*>(p.x);
   char* y = static_cast<char*>(p.y);
   // Panel-major units so each thread streams a contiguous range of the weight; token tiles
@@ -385,10 +394,10 @@ void linear_cpu(const LinearParams& p) {
     const void* a[kMaxM];
     void* o[kMaxM];
     for (int64_t i = 0; i < mt; ++i) {
-      const int M = int(std::min<int64_t>(kMaxM, p.T - i * kMaxM));
+      const int M = int(std::min<int64_t>(mr, p.T - i * mr));
       for (int m = 0; m < M; ++m) {
-        a[m] = x + (i * kMaxM + m) * p.K * bytes;
-        o[m] = y + (i * kMaxM + m) * p.N * bytes;
+        a[m] = x + (i * mr + m) * p.K * bytes;
+        o[m] = y + (i * mr + m) * p.N * bytes;
       }
       tile_dispatch(M, dt, a, p.K, static_cast<const char*>(p.w) + q * pe * bytes, acc);
       epi_store(dt, acc, M, o, q * kPanel, p.N);
