@@ -1,10 +1,10 @@
 // The only pybind11 file: exposes the Params structs of ops.h and the launchers. No logic
-// (decode_step's two entries only turn a list of DecodeLayer into the struct's pointer).
+// (decode_step's two entries only point the struct at a DecodeLayers vector).
 // Built twice: as moe_engine._C (CPU kernels, + CUDA kernels when MOE_WITH_CUDA) and as
 // moe_engine._C_emu (the CUDA kernels compiled through csrc/emu; MOE_EMU).
 // Pointer fields are set from Python ints (tensor.data_ptr()).
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include <pybind11/stl_bind.h>
 
 #include <cstdint>
 #include <vector>
@@ -14,6 +14,10 @@
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
 #include <cuda_runtime_api.h>
 #endif
+
+// DecodeLayers: a C++ vector built once per model, passed to decode_step by reference (no
+// per-step list conversion).
+PYBIND11_MAKE_OPAQUE(std::vector<moe::DecodeLayer>)
 
 namespace py = pybind11;
 using namespace moe;
@@ -151,8 +155,9 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(dl, DecodeLayer, o); MOE_PTR(dl, DecodeLayer, router); MOE_PTR(dl, DecodeLayer, w13);
   MOE_PTR(dl, DecodeLayer, w2); MOE_PTR(dl, DecodeLayer, shared_w13); MOE_PTR(dl, DecodeLayer, shared_w2);
   MOE_VAL(dl, DecodeLayer, F); MOE_VAL(dl, DecodeLayer, S);
+  py::bind_vector<std::vector<DecodeLayer>>(m, "DecodeLayers", py::module_local());
 
-  // `layers` is not a field: the launchers take the Python list of DecodeLayer (copied per call).
+  // `layers` is not a field: the launchers take a DecodeLayers and point the struct at it.
   py::class_<DecodeStepParams> ds(m, "DecodeStepParams", py::module_local());
   ds.def(py::init<>());
   MOE_PTR(ds, DecodeStepParams, ids); MOE_PTR(ds, DecodeStepParams, embed);

@@ -106,53 +106,64 @@ class CpuModelWeights:
     layers: tuple[CpuLayerWeights, ...]
     lm_head: PackedWeight            # [V, D]
     final_norm: torch.Tensor         # [D] (the model's tensor)
-    decode_layers: tuple             # one _C.DecodeLayer per layer: what decode_step reads
-    # decode_step's workspace per (B, k_max, S_cap): reused across steps (one forward at a time).
+    decode_layers: object            # _C.DecodeLayers, one per layer: what decode_step reads
+    # decode_step's (workspace, params) per (B, k_max, S_cap): reused across steps (one forward
+    # at a time).
     _workspaces: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
         layers = tuple(CpuLayerWeights.pack(lw) for lw in w.layers)
-        return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm,
-                               tuple(_decode_layer(lw, pl) for lw, pl in zip(w.layers, layers)))
+        decode_layers = B.native_module("cpu").DecodeLayers()
+        for lw, pl in zip(w.layers, layers):
+            decode_layers.append(_decode_layer(lw, pl))
+        return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm, decode_layers)
 
     def decode_step(self, ids: torch.Tensor, embed: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                     cache, routing, usage: torch.Tensor | None, *, H: int, eps: float, scale: float) -> torch.Tensor:
         """A whole decode step in one C++ call (csrc/cpu/decode_step.cpp; ops.h has the sequence):
-        ids [B] int64 (checked against the vocabulary there); embed [V, D]; rope_cos, rope_sin
-        [n, hd] (row = position, n > every cache.next_pos); cache: a model.KVCache with a free
-        column, whose column `cache.used`, `valid` and `next_pos` the call fills (the caller
-        advances `used`); usage [L, E] or None. Returns fp32 logits [B, V], the same bits as
-        the layer-by-layer cpu path. The caller (Model.forward) has checked shapes and resolved
-        the routing controls."""
+        ids: B contiguous int64 token ids, one per sequence (checked against the vocabulary
+        there); embed [V, D]; rope_cos, rope_sin [n, hd] (row = position, n > every
+        cache.next_pos); cache: a model.KVCache with a free column, whose column `cache.used`,
+        `valid` and `next_pos` the call fills (the caller advances `used`); usage [L, E] or None.
+        Returns fp32 logits [B, V], the same bits as the layer-by-layer cpu path. The caller
+        (Model.forward) has checked shapes and resolved the routing controls.
+        Kept lean on purpose: a step's weight stream evicts the caches, so each Python or torch
+        call here runs cold (~20-40 us each; bench/README.md)."""
         mod = B.native_module("cpu")
-        Bsz = ids.shape[0]
+        Bsz = ids.numel()
+        S_cap = cache.k.shape[3]
+        key = (Bsz, routing.k_max, S_cap)
+        st = self._workspaces.get(key)
+        if st is None:
+            self._workspaces.clear()  # one shape at a time: a new cache or batch replaces it
+            st = self._workspaces[key] = self._new_step(mod, Bsz, routing.k_max, cache, embed, H, eps, scale)
+        ws, p = st
+        logits = torch.empty((Bsz, self.lm_head.N), dtype=torch.float32)
+        p.ids, p.logits, p.pos = ids.data_ptr(), logits.data_ptr(), cache.used
+        p.rope_cos, p.rope_sin, p.rope_len = rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0]
+        p.next_pos, p.valid = cache.next_pos.data_ptr(), cache.valid.data_ptr()
+        p.k_cache, p.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
+        p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
+        p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), routing.renormalize
+        p.usage_counts = 0 if usage is None else usage.data_ptr()
+        mod.decode_step_cpu(p, self.decode_layers)
+        return logits
+
+    def _new_step(self, mod, Bsz: int, k_max: int, cache, embed: torch.Tensor, H: int, eps: float, scale: float):
+        """(workspace, DecodeStepParams with the fields that hold for every step of this shape)."""
         _, _, Hkv, S_cap, hd = cache.k.shape
         moe = next((lc.moe for lc in self.layers if lc.moe is not None), None)
         p = mod.DecodeStepParams()
         p.dtype, p.eps, p.scale = B.native_dtype(mod, embed.dtype), float(eps), float(scale)
         p.B, p.D, p.H, p.Hkv, p.hd = Bsz, embed.shape[1], H, Hkv, hd
-        p.E, p.k_max = (moe.experts.shape[0], routing.k_max) if moe is not None else (0, 0)
-        p.V, p.pos, p.S_cap, p.valid_stride = self.lm_head.N, cache.used, S_cap, cache.valid.stride(0)
-        p.rope_len = rope_cos.shape[0]
-        key = (Bsz, routing.k_max, S_cap)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            self._workspaces.clear()  # one shape at a time: a new cache or batch replaces it
-            ws = self._workspaces[key] = torch.empty(
-                mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
-        logits = torch.empty((Bsz, self.lm_head.N), dtype=torch.float32)
-        p.ids, p.embed, p.rope_cos, p.rope_sin = ids.data_ptr(), embed.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr()
-        p.next_pos, p.valid = cache.next_pos.data_ptr(), cache.valid.data_ptr()
-        p.k_cache, p.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
-        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
-        p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
-        p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), bool(routing.renormalize)
-        p.usage_counts = 0 if usage is None else usage.data_ptr()
-        p.final_norm, p.lm_head, p.logits = self.final_norm.data_ptr(), self.lm_head.data.data_ptr(), logits.data_ptr()
+        p.E, p.k_max = (moe.experts.shape[0], k_max) if moe is not None else (0, 0)
+        p.V, p.S_cap, p.valid_stride, p.rope_len = self.lm_head.N, S_cap, cache.valid.stride(0), 1
+        p.embed, p.final_norm, p.lm_head = embed.data_ptr(), self.final_norm.data_ptr(), self.lm_head.data.data_ptr()
+        ws = torch.empty(mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
         p.workspace = (ws.data_ptr() + 63) // 64 * 64
-        mod.decode_step_cpu(p, self.decode_layers)
-        return logits
+        return ws, p
 
 
 def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):

@@ -113,7 +113,12 @@ def for_call(interventions: Interventions | None, kwargs: Mapping) -> Interventi
             raise ValueError("pass interventions either as `interventions=` or as keywords, not both")
         return interventions
     current = _CURRENT.get()
-    return current if current is not None and not kwargs else _merged(current, kwargs)
+    if not kwargs:
+        return _NONE if current is None else current
+    return _merged(current, kwargs)
+
+
+_NONE = Interventions()  # what a call with no interventions runs with (frozen: safe to share)
 
 
 def _per_layer(value, L: int, default: int, name: str) -> list[int]:

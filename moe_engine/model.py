@@ -138,7 +138,6 @@ class Model:
                            dtype=torch.int32, device=self.device)
 
     # -- forward --------------------------------------------------------------------------------
-    @torch.no_grad()
     def forward(self, input_ids, *, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, interventions: Interventions | None = None,
                 capture: Capture | None = None, usage: torch.Tensor | None = None,
@@ -153,14 +152,23 @@ class Model:
         override an enclosing `interventions.intervene(...)` block field by field.
         capture: a taps.Capture that records (and patches) taps. usage: counters from
         new_usage_counters(). step: the generation step recorded with captured rows."""
-        c = self.config
         if logits not in ("all", "last"):
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
         be = self.backend if backend is None else B.resolve(backend, self.device)
         if be == "cpu" and attention_mask is None and capture is None and cache is not None:
+            # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
+            # and entering the mode costs ~40 us on the caches a step leaves cold
             out = self._decode_step_cpu(input_ids, cache, interventions, intervention_kwargs, usage)
             if out is not None:
                 return out if logits == "last" else out.unsqueeze(1)
+        with torch.no_grad():
+            return self._forward(input_ids, attention_mask, cache, interventions, capture, usage, logits, be,
+                                 step, intervention_kwargs)
+
+    def _forward(self, input_ids, attention_mask, cache, interventions, capture, usage, logits, be, step,
+                 intervention_kwargs):
+        """forward's general path: any batch and length, taps, every backend."""
+        c = self.config
         ids = self._check_ids(input_ids)
         Bsz, T = ids.shape
         if attention_mask is None:
@@ -290,11 +298,10 @@ class Model:
         ids = input_ids
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.device != self.device:
             return None
-        if ids.dim() == 2 and ids.shape[1] == 1:
-            ids = ids[:, 0]
-        elif not (ids.dim() == 1 and ids.shape[0] == 1):
+        shape = ids.shape
+        if not ((len(shape) == 2 and shape[1] == 1) or (len(shape) == 1 and shape[0] == 1)):
             return None
-        Bsz = ids.shape[0]
+        Bsz = shape[0]
         if not 0 < Bsz <= SMALL_N or cache.k.shape[1] != Bsz or cache.used + 1 > cache.capacity:
             return None
         rs = c.rope_scaling
@@ -303,8 +310,10 @@ class Model:
         routing = self._routing(for_call(interventions, intervention_kwargs))
         self._check_usage(usage)
         cos, sin = self._rope_table(cache.used + 1)
+        if ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.reshape(-1).long().contiguous()
         out = self._cpu_weights().decode_step(
-            ids.long().contiguous(), self.weights.embed, cos, sin, cache, routing, usage,
+            ids, self.weights.embed, cos, sin, cache, routing, usage,
             H=c.num_attention_heads, eps=c.rms_norm_eps, scale=1.0 / math.sqrt(c.head_dim))
         cache.used += 1
         return out

@@ -157,6 +157,17 @@ def test_decode_step_rejects_a_bad_token_before_writing(cpu_pair):
             mc(torch.tensor([[7], [bad]]), cache=cache)
     assert cache.used == before.used and torch.equal(cache.next_pos, before.next_pos)
     assert torch.equal(cache.valid, before.valid)
+    # int32, [B] (B = 1) and non-contiguous ids are the same tokens
+    outs = []
+    for ids in (torch.tensor([[7], [9]]), torch.tensor([[7], [9]], dtype=torch.int32),
+                torch.tensor([[7, 0], [9, 0]])[:, :1]):
+        c2 = copy.deepcopy(before)
+        outs.append(mc(ids, cache=c2, logits="last"))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    one = copy.deepcopy(mc.new_cache(1, 4))
+    mc(torch.tensor([[3, 4]]), cache=one)
+    c3 = copy.deepcopy(one)
+    assert torch.equal(mc(torch.tensor([7]), cache=one), mc(torch.tensor([[7]]), cache=c3))
 
 
 @pytest.mark.parametrize("rope", [{"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}])
