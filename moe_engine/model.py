@@ -370,10 +370,11 @@ class Model:
 
     def _rope_table(self, n: int):
         """cos, sin [>= n, hd] in the model dtype, row p = position p (linear scaling applied);
-        made once for the context (grown if a scaled model goes beyond it)."""
-        if self._rope_rows is None or self._rope_rows[0].shape[0] < n:
+        made once for the context; a scaled model going beyond it doubles it (not a rebuild a step)."""
+        have = 0 if self._rope_rows is None else self._rope_rows[0].shape[0]
+        if have < n:
             c = self.config
-            p = torch.arange(max(n, c.max_position_embeddings), device=self.device).float()
+            p = torch.arange(max(n, 2 * have, c.max_position_embeddings), device=self.device).float()
             rs = c.rope_scaling
             if rs is not None and rs.type == "linear":
                 p = p / float(rs.factor)
