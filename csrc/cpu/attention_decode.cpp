@@ -110,20 +110,12 @@ void attn_avx512(const AttnDecodeParams& p) {
     // masked scores are -inf: exp gives 0 (exp512 clamps, so zero them by mask)
     __m512 vsum = _mm512_setzero_ps();
     const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
-    int64_t s = 0;
-    for (; s + 16 <= S; s += 16) {
-      const __m512 x = _mm512_loadu_ps(sc + s);
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 lanes = S - s >= 16 ? __mmask16(0xffff) : __mmask16((1u << (S - s)) - 1);
+      const __m512 x = _mm512_mask_loadu_ps(ninf, lanes, sc + s);
       const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
       const __m512 e = _mm512_maskz_mov_ps(live, cpu::exp512(_mm512_sub_ps(x, vm)));
-      _mm512_storeu_ps(sc + s, e);
-      vsum = _mm512_add_ps(vsum, e);
-    }
-    if (s < S) {
-      const __mmask16 tail = __mmask16((1u << (S - s)) - 1);
-      const __m512 x = _mm512_mask_loadu_ps(ninf, tail, sc + s);
-      const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-      const __m512 e = _mm512_maskz_mov_ps(live, cpu::exp512(_mm512_sub_ps(x, vm)));
-      _mm512_mask_storeu_ps(sc + s, tail, e);
+      _mm512_mask_storeu_ps(sc + s, lanes, e);
       vsum = _mm512_add_ps(vsum, e);
     }
     const float inv = 1.f / _mm512_reduce_add_ps(vsum);
@@ -211,9 +203,8 @@ void attention_block_decode_cpu(const AttnBlockParams& p) {
   }
   // attention over the cache: q rows are strided by nqkv, so gather them into attn_buf first
   for (int64_t b = 0; b < B; ++b)
-    std::memcpy(static_cast<char*>(p.attn_buf) + b * nq * (dt == DType::f32 ? 4 : 2),
-                static_cast<const char*>(p.qkv_buf) + b * nqkv * (dt == DType::f32 ? 4 : 2),
-                nq * (dt == DType::f32 ? 4 : 2));
+    std::memcpy(static_cast<char*>(p.attn_buf) + b * nq * cpu::esize(dt),
+                static_cast<const char*>(p.qkv_buf) + b * nqkv * cpu::esize(dt), nq * cpu::esize(dt));
   AttnDecodeParams a{p.attn_buf, p.k_cache, p.v_cache, p.valid, p.qkv_buf, p.scores, p.scale, dt,
                      p.B, p.H, p.Hkv, p.hd, p.pos + 1, p.S_cap, p.valid_stride};
   attention_decode_cpu(a);  // writes into qkv_buf (free again): [B, H hd]

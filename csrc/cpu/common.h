@@ -25,6 +25,9 @@ inline uint16_t f32_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
+inline int64_t esize(DType dt) { return dt == DType::f32 ? 4 : 2; }  // bytes per element
+inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }       // workspace carving
+
 inline float load(const void* base, DType dt, int64_t i) {
   return dt == DType::f32 ? static_cast<const float*>(base)[i]
                           : bf16_to_f32(static_cast<const uint16_t*>(base)[i]);

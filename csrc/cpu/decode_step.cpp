@@ -15,9 +15,8 @@
 namespace moe {
 namespace {
 
-constexpr int64_t kAlign = 64;
-inline int64_t round_up(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-inline int64_t esize(DType dt) { return dt == DType::f32 ? 4 : 2; }
+using cpu::align64;
+using cpu::esize;
 
 // Byte offsets of the step's buffers in the workspace (one place for the sizes and the carve).
 struct Layout {
@@ -39,7 +38,7 @@ Layout layout(const DecodeStepParams& p) {
   }
   Layout o{};
   int64_t at = 0;
-  auto take = [&](int64_t bytes) { const int64_t here = at; at += round_up(std::max<int64_t>(bytes, 1)); return here; };
+  auto take = [&](int64_t bytes) { const int64_t here = at; at += align64(std::max<int64_t>(bytes, 1)); return here; };
   o.x = take(B * D * el);
   o.cos = take(B * int64_t(p.hd) * el);
   o.sin = take(B * int64_t(p.hd) * el);
@@ -72,7 +71,7 @@ void check(const DecodeStepParams& p) {
   if (p.B <= 0 || p.D <= 0 || p.H <= 0 || p.Hkv <= 0 || p.H % p.Hkv || p.hd <= 0 || p.V <= 0)
     bad("bad sizes B=" + std::to_string(p.B) + " D=" + std::to_string(p.D) + " H=" + std::to_string(p.H) +
         " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) + " V=" + std::to_string(p.V));
-  if (p.hd % 2 || int64_t(p.H) * p.hd <= 0 || p.rope_len <= 0)
+  if (p.hd % 2 || p.rope_len <= 0)
     bad("hd=" + std::to_string(p.hd) + " must be even, rope_len=" + std::to_string(p.rope_len) + " positive");
   if (p.pos < 0 || p.pos >= p.S_cap || p.valid_stride <= p.pos)
     bad("cache column pos=" + std::to_string(p.pos) + " is outside S_cap=" + std::to_string(p.S_cap) +

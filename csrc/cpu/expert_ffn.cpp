@@ -36,6 +36,9 @@
 namespace moe {
 namespace {
 
+using cpu::align64;
+using cpu::esize;
+
 constexpr int kPanel = 32;  // output rows per panel
 constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
 // Per-unit streaming cost, in "token-rows": a unit of c tokens costs c + kPanelCost. Balances
@@ -62,7 +65,6 @@ inline int64_t panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
 inline int64_t panel_elems(DType dt, int64_t K) {
   return dt == DType::bf16 ? (K + 1) / 2 * kPanel * 2 : K * kPanel;
 }
-inline int64_t esize(DType dt) { return dt == DType::bf16 ? 2 : 4; }
 // Row stride of the SiLU*up intermediate h: F rounded up to whole half-panels, so the down
 // kernel may read k pairs up to round_up(F, 2) and every padded column is an exact 0.
 inline int64_t h_stride(int64_t F) { return (F + kHalf - 1) / kHalf * kHalf; }
@@ -230,7 +232,6 @@ struct Workspace {
   int32_t* order;    // [R] slot indices grouped by expert
   char* h;           // [R, h_stride(F)] dtype
 };
-inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 Workspace carve(void* ws, DType dt, int64_t R, int64_t E, int64_t F) {
   char* p = static_cast<char*>(ws);
   Workspace w;

@@ -28,7 +28,7 @@ void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
   float prob[kMaxExperts];
   bool taken[kMaxExperts];
   const char* row = static_cast<const char*>(p.router_logits) +
-                    t * p.logits_stride * (p.logits_dtype == DType::f32 ? 4 : 2);
+                    t * p.logits_stride * cpu::esize(p.logits_dtype);
   float m = -INFINITY;
   for (int32_t e = 0; e < E; ++e) {
     float v = cpu::load(row, p.logits_dtype, e);
