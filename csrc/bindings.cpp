@@ -10,6 +10,9 @@
 #include <vector>
 
 #include "ops.h"
+#if !defined(MOE_EMU)
+#include "cpu/simd.h"
+#endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
 #include <cuda_runtime_api.h>
@@ -207,6 +210,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   });
   m.def("pack_size_bytes", &pack_size_bytes);
   m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
+  m.attr("cpu_isa") = MOE_CPU_ISA;  // which of csrc/cpu/simd.h's three builds this is
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)

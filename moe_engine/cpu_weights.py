@@ -7,7 +7,8 @@ Why: at decode sizes a step is a string of mat-vecs whose cost is reading the we
 torch's bf16 GEMM reaches a fraction of the memory bandwidth at N = 1 (bench/kernels.py shows
 both). The panel kernels stream every weight once at full bandwidth, so for N <= SMALL_N the
 cpu backend runs the model's GEMMs on packed copies; larger N (prefill) stays on torch/oneDNN
-GEMMs, except the routed experts, which always run in the fused expert kernel.
+GEMMs where torch has a fast one (see use_packed), except the routed experts, the router and
+the shared experts, which always run on the packed kernels.
 Made once, when a Model is created with (or first run on) backend="cpu".
 """
 from __future__ import annotations
@@ -22,8 +23,16 @@ from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
 
 # Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
-# by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins.
+# by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins, except in bf16 on
+# CPUs without AVX-512 BF16: there torch has no fast bf16 GEMM (its AVX2 fallback ran at
+# 15 GFLOP/s, the panel kernel at 85-105, T = 512 x N = 512..8064 x K = 512..1408 on Zen 3),
+# so the packed kernels take every size (use_packed).
 SMALL_N = 16
+
+
+def use_packed(n: int, dtype: torch.dtype) -> bool:
+    """Whether an n-token product on the cpu backend runs on the packed kernels (else torch)."""
+    return n <= SMALL_N or (dtype == torch.bfloat16 and B.native_module("cpu").cpu_isa != "avx512")
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,7 @@ def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
 def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
     """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise."""
     n = x.numel() // x.shape[-1]
-    if packed is None or n > SMALL_N:
+    if packed is None or not use_packed(n, x.dtype):
         return x @ w.t()
     return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
 
@@ -192,7 +201,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> tor
 def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, packed: CpuExperts | None) -> torch.Tensor:
     """A dense SwiGLU MLP: the fused expert kernel (as one expert) for few tokens, else torch."""
     n = x.numel() // x.shape[-1]
-    if packed is None or n > SMALL_N:
+    if packed is None or not use_packed(n, x.dtype):
         return swiglu(x, gate_up, down)
     x2 = x.reshape(n, x.shape[-1]).contiguous()
     every_token = torch.zeros((n, 1), dtype=torch.int32)

@@ -24,7 +24,7 @@ import torch.nn.functional as Fn
 from .config import ModelConfig
 from .interventions import Interventions, Routing, for_call
 from .loader import ModelWeights, MoEWeights, load_checkpoint
-from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear
+from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear, use_packed
 from .cpu_weights import rms_norm as cpu_rms_norm
 from .moe import moe_layer
 from .ops import backend as B
@@ -402,7 +402,7 @@ class Model:
             return attention_block_decode_cpu(
                 h.view(Bsz, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
                 start, H, Hkv, 1.0 / math.sqrt(hd)).view(Bsz, T, -1)
-        if lc is not None and Bsz * T <= SMALL_N:  # cpu backend, few tokens: one packed q|k|v mat-vec
+        if lc is not None and use_packed(Bsz * T, h.dtype):  # cpu backend: one packed q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
             q, k, v = h @ lw.q.t(), h @ lw.k.t(), h @ lw.v.t()

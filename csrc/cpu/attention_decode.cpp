@@ -145,6 +145,78 @@ bool attn_vector(const AttnDecodeParams& p) {
     default: return false;  // other head dims: the portable loops
   }
 }
+#elif MOE_AVX2
+// The same three passes with ymm registers, for hd a multiple of 8: a key's dot product runs
+// two accumulator chains (even and odd 8-lane chunks) and one reduction; exp 8 scores at a
+// time; the value pass keeps up to NV = 8 output vectors (64 dims) in registers and walks the
+// keys once per 64-dim chunk (each chunk is a different part of every value row, so the cache
+// is still read once).
+template <int NV, typename X>
+inline void value_chunk(const float* sc, int64_t S, const X* vb, int64_t hd, int64_t d0, float inv, X* out) {
+  __m256 acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < S; ++t) {
+    if (sc[t] == 0.f) continue;
+    const __m256 w = _mm256_set1_ps(sc[t]);
+    const X* vr = vb + t * hd + d0;
+    for (int c = 0; c < NV; ++c) acc[c] = _mm256_fmadd_ps(w, cpu::load8(vr + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < NV; ++c) cpu::store8(out + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+
+template <int NV = 8, typename X>
+inline void value_chunk_n(int nv, const float* sc, int64_t S, const X* vb, int64_t hd, int64_t d0, float inv, X* out) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) return value_chunk<NV>(sc, S, vb, hd, d0, inv, out);
+    return value_chunk_n<NV - 1>(nv, sc, S, vb, hd, d0, inv, out);
+  }
+}
+
+template <typename X>
+void attn_avx2(const AttnDecodeParams& p) {
+  const int64_t B = p.B, H = p.H, S = p.S, hd = p.hd, group = p.H / p.Hkv;
+  const X* q = static_cast<const X*>(p.q);
+  const X* kc = static_cast<const X*>(p.k_cache);
+  const X* vc = static_cast<const X*>(p.v_cache);
+  X* out = static_cast<X*>(p.out);
+#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H, g = h / group;
+    const X* kb = kc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    const X* vb = vc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    const uint8_t* valid = p.valid + b * int64_t(p.valid_stride);
+    float* sc = p.workspace + bh * S;
+    alignas(32) float qf[1024];
+    for (int64_t d = 0; d < hd; d += 8)
+      _mm256_store_ps(qf + d, _mm256_mul_ps(cpu::load8(q + bh * hd + d), _mm256_set1_ps(p.scale)));
+    const float m = score_keys(valid, S, sc, [&](int64_t s) {
+      const X* kr = kb + s * hd;
+      __m256 a0 = _mm256_mul_ps(_mm256_load_ps(qf), cpu::load8(kr)), a1 = _mm256_setzero_ps();
+      int64_t d = 8;
+      for (; d + 16 <= hd; d += 16) {
+        a1 = _mm256_fmadd_ps(_mm256_load_ps(qf + d), cpu::load8(kr + d), a1);
+        a0 = _mm256_fmadd_ps(_mm256_load_ps(qf + d + 8), cpu::load8(kr + d + 8), a0);
+      }
+      if (d < hd) a1 = _mm256_fmadd_ps(_mm256_load_ps(qf + d), cpu::load8(kr + d), a1);
+      return cpu::hsum8(_mm256_add_ps(a0, a1));
+    });
+    // masked scores are -inf: exp gives 0 (exp256 clamps, so zero them by mask)
+    __m256 vsum = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(m), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+      const __m256 x = _mm256_loadu_ps(sc + s);
+      const __m256 e = _mm256_and_ps(_mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ), cpu::exp256(_mm256_sub_ps(x, vm)));
+      _mm256_storeu_ps(sc + s, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = cpu::hsum8(vsum);
+    for (; s < S; ++s) sum += (sc[s] = sc[s] == -INFINITY ? 0.f : std::exp(sc[s] - m));
+    const float inv = 1.f / sum;
+    for (int64_t d0 = 0; d0 < hd; d0 += 64)
+      value_chunk_n(int(std::min<int64_t>(8, (hd - d0) / 8)), sc, S, vb, hd, d0, inv, out + bh * hd);
+  }
+}
 #endif
 
 }  // namespace
@@ -157,6 +229,8 @@ void attention_decode_cpu(const AttnDecodeParams& p) {
                                           " S=" + std::to_string(p.S) + " S_cap=" + std::to_string(p.S_cap));
 #if MOE_AVX512
   if (p.dtype == DType::f32 ? attn_vector<float>(p) : attn_vector<uint16_t>(p)) return;
+#elif MOE_AVX2
+  if (p.hd % 8 == 0) return p.dtype == DType::f32 ? attn_avx2<float>(p) : attn_avx2<uint16_t>(p);
 #endif
   if (p.dtype == DType::f32) attn_impl<float>(p);
   else attn_impl<uint16_t>(p);

@@ -48,8 +48,12 @@ constexpr int64_t kPanelCost = 4;
 #if MOE_AVX512
 using cpu::exp512;
 constexpr int kMaxM = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast <= 32 zmm
+#elif MOE_AVX2
+constexpr int kMaxM = 4;  // per half-panel pass: 8 accumulators + 4 weight vectors + 1 broadcast
+using AccT = float[kMaxM][kPanel];
 #else
 constexpr int kMaxM = 4;
+using AccT = float[kMaxM][kPanel];
 #endif
 
 // Token rows whose stride is a multiple of 4 KiB (D = 2048 bf16: the 16B model's hidden size)
@@ -151,9 +155,119 @@ inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, i
   }
 }
 
-#else  // portable: plain loops over 32 lanes; GCC vectorises them for AVX2/FMA
+#elif MOE_AVX2
+// A tile is computed in passes over 8*G-lane slices of the panel (G = 4: the whole panel, for
+// M = 1; G = 2: half of it, so M = 4 rows keep 8 accumulators + 4 weight vectors + 1
+// broadcast in the 16 ymm registers). Each pass's sums are added into acc in memory.
+// bf16 weights: a k-pair of 8 lanes is one 32-byte load; the even k is the low half of each
+// 32-bit lane (<< 16 makes it fp32), the odd k the high half (& 0xffff0000). bf16 token rows
+// are widened once per tile into a stack buffer, kChunk k at a time, so the inner loop's
+// broadcasts are plain vbroadcastss loads.
+constexpr int kChunk = 1024;  // k per widened chunk (even)
 
-using AccT = float[kMaxM][kPanel];
+template <int M, int G>
+inline void pass_bf16(const float* const* a, int64_t kc, const uint16_t* b, int lane0, AccT& acc) {
+  __m256 r[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) r[m][g] = _mm256_setzero_ps();
+  const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
+  for (int64_t k = 0; k < kc; k += 2) {
+    const uint16_t* bp = b + k * kPanel + lane0 * 2;
+    __m256 we[G], wo[G];
+    for (int g = 0; g < G; ++g) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
+      we[g] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      wo[g] = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+    }
+    // one broadcast live at a time: accumulators + weights + 1 fit the 16 registers
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const __m256 x0 = _mm256_broadcast_ss(a[m] + k);
+      for (int g = 0; g < G; ++g) r[m][g] = _mm256_fmadd_ps(x0, we[g], r[m][g]);
+      const __m256 x1 = _mm256_broadcast_ss(a[m] + k + 1);
+      for (int g = 0; g < G; ++g) r[m][g] = _mm256_fmadd_ps(x1, wo[g], r[m][g]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) {
+      float* dst = acc[m] + lane0 + 8 * g;
+      _mm256_store_ps(dst, _mm256_add_ps(_mm256_load_ps(dst), r[m][g]));
+    }
+}
+
+template <int M, int G>
+inline void pass_f32(const float* const* a, int64_t K, const float* b, int lane0, AccT& acc) {
+  __m256 r[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) r[m][g] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 w[G];
+    for (int g = 0; g < G; ++g) w[g] = _mm256_loadu_ps(b + k * kPanel + lane0 + 8 * g);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const __m256 av = _mm256_broadcast_ss(a[m] + k);
+      for (int g = 0; g < G; ++g) r[m][g] = _mm256_fmadd_ps(av, w[g], r[m][g]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) _mm256_store_ps(acc[m] + lane0 + 8 * g, r[m][g]);
+}
+
+template <int M>
+inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
+  constexpr int G = M == 1 ? 4 : 2;
+  if (dt == DType::f32) {
+    for (int lane0 = 0; lane0 < kPanel; lane0 += 8 * G)
+      pass_f32<M, G>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), lane0, acc);
+    return;
+  }
+  for (int m = 0; m < M; ++m)
+    for (int l = 0; l < kPanel; ++l) acc[m][l] = 0.f;
+  alignas(32) float buf[M][kChunk];
+  const float* rows[M];
+  for (int m = 0; m < M; ++m) rows[m] = buf[m];
+  const uint16_t* const* ab = reinterpret_cast<const uint16_t* const*>(a);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t kc = std::min<int64_t>(kChunk, K - k0), kc2 = (kc + 1) & ~int64_t(1);
+    for (int m = 0; m < M; ++m) {
+      const uint16_t* src = ab[m] + k0;
+      int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) cpu::store8(buf[m] + k, cpu::load8(src + k));
+      for (; k < kc; ++k) buf[m][k] = cpu::bf16_to_f32(src[k]);
+      if (kc2 > kc) buf[m][kc] = 0.f;  // odd K: the panel's padding partner
+    }
+    const uint16_t* bk = static_cast<const uint16_t*>(b) + k0 * kPanel;
+    for (int lane0 = 0; lane0 < kPanel; lane0 += 8 * G) pass_bf16<M, G>(rows, kc2, bk, lane0, acc);
+  }
+}
+
+template <typename X>
+inline void store_row8(void* row, int64_t col, __m256 v) {
+  cpu::store8(static_cast<X*>(row) + col, v);
+}
+inline void epi_silu(DType dt, const AccT& acc, int M, void* const* h_rows, int64_t col) {
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < kHalf; j += 8) {
+      const __m256 g = _mm256_load_ps(acc[m] + j), u = _mm256_load_ps(acc[m] + kHalf + j);
+      const __m256 e = cpu::exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      const __m256 h = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
+      if (dt == DType::f32) store_row8<float>(h_rows[m], col + j, h);
+      else store_row8<uint16_t>(h_rows[m], col + j, h);
+    }
+}
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
+  const int64_t n = std::min<int64_t>(kPanel, N - col), n8 = n / 8 * 8;
+  for (int m = 0; m < M; ++m) {
+    for (int64_t l = 0; l < n8; l += 8) {
+      const __m256 v = _mm256_load_ps(acc[m] + l);
+      if (dt == DType::f32) store_row8<float>(out_rows[m], col + l, v);
+      else store_row8<uint16_t>(out_rows[m], col + l, v);
+    }
+    for (int64_t l = n8; l < n; ++l) cpu::store(out_rows[m], dt, col + l, acc[m][l]);
+  }
+}
+
+#else  // portable: plain loops over 32 lanes
 template <int M>
 inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
   for (int m = 0; m < M; ++m)
