@@ -3,7 +3,8 @@
 // Formula: out[b,h] = sum_s p_s v[b,g,s],  p = softmax_s(scale * q[b,h].k[b,g,s]) over the keys
 //   s < S that are real (valid[b,s]) or the query's own column S-1; g = h / (H/Hkv). fp32 math.
 // Algorithm: one (b, h) per iteration across threads; pass 1 scores (a dot per key), pass 2
-//   exp and sum, pass 3 the weighted sum of values; the inner loops over hd vectorise.
+//   exp and sum, pass 3 the weighted sum of values. Built three ways (simd.h): AVX-512 for
+//   hd 64/128/256, AVX2 for hd % 8 == 0, portable loops for the rest.
 // Traffic: 2*B*Hkv*S*hd*bytes (the cache, once per query head group) -- the floor for decode
 //   attention; PyTorch's CPU SDPA spends ~10x that at decode sizes.
 // Reference: torch SDPA in moe_engine/model.py (Model._attention); test: tests/test_cpu_ops.py.

@@ -20,8 +20,10 @@
 //   GEMM (linear_cpu 480x512x512: ~400 GFLOP/s for both); the routed experts of a 512-token
 //   prefill at the 16B shape run at ~375 GFLOP/s, 1.1x torch's single dense GEMM pair of the
 //   same FLOPs (bench/throughput.py "routed experts").
-// ISA: AVX-512 (bf16 via avx512_bf16, fp32 FMA) when compiled with them; otherwise portable
-//   loops that GCC vectorises for AVX2 (-mavx2 -mfma), bf16 widened to fp32.
+// ISA (simd.h): AVX-512 (bf16 via avx512_bf16, fp32 FMA; tiles of up to 12 rows); AVX2+FMA
+//   (ymm, tiles of up to 4 rows in half-panel passes, bf16 widened to fp32 by shift/and; on a
+//   2-core Zen 3 ~85-105 GFLOP/s for linear_cpu T=512 bf16, where torch's bf16 GEMM has no
+//   fast path and runs at ~15); else portable loops.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
 //   moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
 #include <immintrin.h>
@@ -213,6 +215,37 @@ inline void pass_f32(const float* const* a, int64_t K, const float* b, int lane0
     for (int g = 0; g < G; ++g) _mm256_store_ps(acc[m] + lane0 + 8 * g, r[m][g]);
 }
 
+// One token row (decode), the whole panel: the row is read as bf16 pairs in place (a 32-bit
+// broadcast, << 16 and & 0xffff0000 give its two k) instead of widened into a buffer first;
+// each accumulator sees the same FMAs in the same order as in pass_bf16, so the bits agree.
+inline void pass_bf16_row(const uint16_t* a, int64_t kc, const uint16_t* b, AccT& acc) {
+  constexpr int G = 4;
+  __m256 r[G];
+  for (int g = 0; g < G; ++g) r[g] = _mm256_setzero_ps();
+  const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
+  auto step = [&](int64_t k, __m256 x0, __m256 x1) {
+    const uint16_t* bp = b + k * kPanel;
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
+      r[g] = _mm256_fmadd_ps(x0, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), r[g]);
+      r[g] = _mm256_fmadd_ps(x1, _mm256_castsi256_ps(_mm256_and_si256(w, odd)), r[g]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 2 <= kc; k += 2) {
+    int32_t pair;
+    std::memcpy(&pair, a + k, 4);
+    const __m256i pv = _mm256_set1_epi32(pair);
+    step(k, _mm256_castsi256_ps(_mm256_slli_epi32(pv, 16)), _mm256_castsi256_ps(_mm256_and_si256(pv, odd)));
+  }
+  if (k < kc) step(k, _mm256_set1_ps(cpu::bf16_to_f32(a[k])), _mm256_setzero_ps());  // odd K
+  for (int g = 0; g < G; ++g) {
+    float* dst = acc[0] + 8 * g;
+    _mm256_store_ps(dst, _mm256_add_ps(_mm256_load_ps(dst), r[g]));
+  }
+}
+
 template <int M>
 inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
   constexpr int G = M == 1 ? 4 : 2;
@@ -223,6 +256,12 @@ inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT&
   }
   for (int m = 0; m < M; ++m)
     for (int l = 0; l < kPanel; ++l) acc[m][l] = 0.f;
+  if constexpr (M == 1) {
+    const uint16_t* row = static_cast<const uint16_t*>(a[0]);
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk)  // the same chunks as below: the same sums
+      pass_bf16_row(row + k0, std::min<int64_t>(kChunk, K - k0), static_cast<const uint16_t*>(b) + k0 * kPanel, acc);
+    return;
+  }
   alignas(32) float buf[M][kChunk];
   const float* rows[M];
   for (int m = 0; m < M; ++m) rows[m] = buf[m];
@@ -502,8 +541,11 @@ void linear_cpu(const LinearParams& p) {
   const char* x = static_cast<const char*>(p.x);
   char* y = static_cast<char*>(p.y);
   // Panel-major units so each thread streams a contiguous range of the weight; token tiles
-  // inner, so a panel is reused from L1/L2 across tiles.
-#pragma omp parallel for schedule(static) if (np * p.T * p.K >= cpu::kParallelMinWork)
+  // inner, so a panel is reused from L1/L2 across tiles. Parallel from 64K multiply-adds (a
+  // 128 KB bf16 mat-vec): one thread streams a weight at well under the machine's bandwidth,
+  // so a decode step's o projection (512 x 512) is faster split than serial (the router,
+  // 64 x 512, is not).
+#pragma omp parallel for schedule(static) if (np * kPanel * p.K * p.T >= 4 * cpu::kParallelMinWork)
   for (int64_t q = 0; q < np; ++q) {
     alignas(64) AccT acc;
     const void* a[kMaxM];
