@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from moe_engine.ops import align, align_ref, available_backends, combine, combine_ref, expert_ffn, expert_ffn_ref
+from moe_engine.ops import backend as native
 from moe_engine.ops import route, route_ref
 from moe_engine.ops.expert_ffn import CpuExperts
 from moe_engine.ops.packed import linear_cpu, pack_weight
@@ -171,11 +172,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bw = read_bandwidth()
+    isa = native.native_module("cpu").cpu_isa if "cpu" in available_backends() else None
     if not args.json:
-        print(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads); shape {args.shape}, {args.dtype}")
+        print(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads); shape {args.shape}, {args.dtype}; "
+              f"cpu kernels: {isa}")
     rows = bench(args)
     if args.json:
-        print(json.dumps({"read_bandwidth_gb_s": bw / 1e9, "threads": args.threads, "shape": args.shape,
+        print(json.dumps({"read_bandwidth_gb_s": bw / 1e9, "threads": args.threads, "shape": args.shape, "cpu_isa": isa,
                           "dtype": args.dtype, "rows": rows}))
 
 

@@ -77,6 +77,18 @@ def read_bandwidth(reps: int = 7) -> float:
     return BANDWIDTH_BUFFER_BYTES / min(ts)
 
 
+def cpu_isa() -> str | None:
+    """Which build of the CPU kernels _C holds (csrc/cpu/simd.h): avx512, avx2 or portable."""
+    from moe_engine.ops import available_backends
+    from moe_engine.ops import backend as B
+    return B.native_module("cpu").cpu_isa if "cpu" in available_backends() else None
+
+
+def cpu_isa_note() -> str:
+    isa = cpu_isa()
+    return "" if isa is None else f" (cpu kernels: {isa})"
+
+
 def parse_preset(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     opts = {}
@@ -323,8 +335,8 @@ def main(argv=None):
     c = model.config
     say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
         f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
-        f"{args.dtype}, backend {model.backend}, loaded in {time.perf_counter() - t:.1f}s")
-    result = {"model": args.model or args.preset, "backend": model.backend, "dtype": args.dtype,
+        f"{args.dtype}, backend {model.backend}{cpu_isa_note()}, loaded in {time.perf_counter() - t:.1f}s")
+    result = {"model": args.model or args.preset, "backend": model.backend, "cpu_isa": cpu_isa(), "dtype": args.dtype,
               "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9}
 

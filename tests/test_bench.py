@@ -32,6 +32,7 @@ def test_throughput_json(backend):
                 "decode_read_bandwidth_gb_s", "decode_bytes_per_step"):
         assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     assert r["topk"] == 1 and r["distinct_experts_per_moe_layer"] == 1.0
+    assert r["cpu_isa"] in (("avx512", "avx2", "portable") if "cpu" in available_backends() else (None,))
     assert [row["tokens"] for row in r["moe_layers"]] == [1, 64]
     assert all(row["floor_us"] > 0 and row["bandwidth_floor_fraction"] > 0 for row in r["moe_layers"])
 
@@ -61,4 +62,5 @@ def test_kernels_json():
     ops = {row["op"] for row in r["rows"]}
     assert {"route", "align", "combine"} <= ops, ops
     assert {row["backend"] for row in r["rows"]} == set(backends)
+    assert r["cpu_isa"] in (("avx512", "avx2", "portable") if "cpu" in backends else (None,))
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in r["rows"])
