@@ -1,7 +1,8 @@
 """Shared fixtures: small random checkpoints built once per test session (moe_engine.synthetic).
 
 Set MOE_ENGINE_REQUIRE_BACKENDS=cpu,emu (CI does) to fail instead of skipping when a compiled
-backend is missing, so a broken build can never pass as "skipped".
+backend is missing, so a broken build can never pass as "skipped". MOE_ENGINE_CPU_MODULE=<_C .so>
+(tools/test_cpu_isas.sh) swaps in another build of moe_engine._C; that check and every test see it.
 """
 import os
 import shutil

@@ -6,11 +6,13 @@ align is data movement: compared bit for bit. Tolerances: tests/tolerances.py. E
 gives the same bits with 1 and 2 threads (the cpu kernels fix each element's summation order).
 """
 import contextlib
+import os
 
 import pytest
 import torch
 
 from moe_engine.ops import align, align_ref, combine, combine_ref, expert_ffn, expert_ffn_ref, route, route_ref
+from moe_engine.ops.backend import native_module
 from moe_engine.ops.expert_ffn import CpuExperts
 from moe_engine.ops.packed import linear_cpu, pack_weight
 from tolerances import TOL, assert_close
@@ -32,6 +34,18 @@ def threads(n):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def test_loaded_build_is_the_expected_isa():
+    """tools/test_cpu_isas.sh runs this file once per ISA build of _C (MOE_ENGINE_CPU_MODULE=<.so>,
+    MOE_ENGINE_EXPECT_CPU_ISA=<its simd.h build>): a run must test the build it names."""
+    want = os.environ.get("MOE_ENGINE_EXPECT_CPU_ISA")
+    if not want:
+        pytest.skip("MOE_ENGINE_EXPECT_CPU_ISA is not set (tools/test_cpu_isas.sh sets it)")
+    mod = native_module("cpu")
+    assert mod.cpu_isa == want, f"{mod.__file__} is the {mod.cpu_isa!r} build, expected {want!r}"
+    if path := os.environ.get("MOE_ENGINE_CPU_MODULE"):
+        assert os.path.samefile(mod.__file__, path), f"loaded {mod.__file__}, not {path}"
 
 
 def random_ids(T, k, E, *, skew=None):

@@ -1,5 +1,5 @@
 // SIMD helpers shared by the CPU kernels. Three builds, chosen by the compiler's target flags
-// (-march=native by default, CMakeLists.txt MOE_ENGINE_NATIVE):
+// (-march=native by default; CMakeLists.txt MOE_ENGINE_ARCH, tools/test_cpu_isas.sh tests each):
 //   MOE_AVX512  AVX-512F + AVX512_BF16 (Zen 4, Sapphire Rapids): zmm kernels, vdpbf16ps;
 //   MOE_AVX2    AVX2 + FMA without those (Zen 2/3, Haswell..Ice Lake client): ymm kernels, bf16
 //               widened to fp32 by shifts;

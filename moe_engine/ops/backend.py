@@ -13,6 +13,9 @@ An unsupported case raises; nothing falls back silently to another backend.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from functools import cache
 
 import torch
@@ -30,8 +33,9 @@ def native_module(backend: str):
     if backend not in ("cpu", "cuda", "emu"):
         raise ValueError(f"backend {backend!r} has no compiled module; expected cpu, cuda or emu")
     name = "moe_engine._C_emu" if backend == "emu" else "moe_engine._C"
+    override = os.environ.get("MOE_ENGINE_CPU_MODULE") if name == "moe_engine._C" else None
     try:
-        mod = importlib.import_module(name)
+        mod = _load_from_file(name, override) if override else importlib.import_module(name)
     except ImportError as e:
         raise BackendUnavailable(
             f"backend {backend!r} needs the compiled module {name}, which failed to import ({e}); "
@@ -45,6 +49,27 @@ def native_module(backend: str):
             )
         if mod.cuda_device_count() == 0 or not torch.cuda.is_available():
             raise BackendUnavailable("backend 'cuda': no GPU is present on this machine")
+    return mod
+
+
+def _load_from_file(name: str, path: str):
+    """Test hook for the CPU ISA variants (tools/test_cpu_isas.sh): MOE_ENGINE_CPU_MODULE=<path of a
+    built _C .so> makes the process use that file as moe_engine._C (cpu and cuda backends alike)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MOE_ENGINE_CPU_MODULE={path}: no such file (expected a built _C module)")
+    if name in sys.modules:  # one _C per process: two would register the same pybind11 types
+        if not os.path.samefile(sys.modules[name].__file__, path):
+            raise ImportError(f"MOE_ENGINE_CPU_MODULE={path}, but {name} is already imported from "
+                              f"{sys.modules[name].__file__}")
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return mod
 
 

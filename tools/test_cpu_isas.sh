@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The cpu tests against each of csrc/cpu/simd.h's three builds that this machine can run, not only
+# the -march=native one: _C alone (no CUDA, no _C_emu) is built per -march into its own directory
+# and loaded in place of moe_engine._C through MOE_ENGINE_CPU_MODULE (moe_engine/ops/backend.py).
+#   x86-64          portable loops
+#   x86-64-v3       AVX2 + FMA
+#   sapphirerapids  AVX-512F + AVX512_BF16 (only where /proc/cpuinfo lists avx512f and avx512_bf16)
+# Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa) and the cpu cases of
+# tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
+# Builds go under $MOE_ISA_BUILD_ROOT (default build/isa), so a rerun only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p "${MOE_ISA_BUILD_ROOT:-build/isa}"
+broot=$(cd "${MOE_ISA_BUILD_ROOT:-build/isa}" && pwd)
+PYTEST=${PYTEST:-python -m pytest}
+pybind11_dir=$(python -m pybind11 --cmakedir) || {
+  echo "test_cpu_isas: pybind11 is not installed (pip install pybind11 cmake ninja)" >&2; exit 2; }
+if [ "$(uname -m)" != x86_64 ]; then
+  echo "== cpu isas: not an x86-64 machine, nothing to test"; exit 0
+fi
+t0=$SECONDS
+
+# -march, the cpu_isa that build reports, the /proc/cpuinfo flags it needs.
+variants=(
+  "x86-64 portable"
+  "x86-64-v3 avx2 avx avx2 bmi1 bmi2 f16c fma abm movbe"
+  "sapphirerapids avx512 avx512f avx512_bf16"
+)
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+ran=() skipped=() failed=()
+for v in "${variants[@]}"; do
+  read -r arch isa needs <<<"$v"
+  missing=()
+  for f in $needs; do [[ $cpu_flags == *" $f "* ]] || missing+=("$f"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== cpu isa $isa (-march=$arch): skipped, this CPU lacks ${missing[*]}"
+    skipped+=("$isa")
+    continue
+  fi
+  t1=$SECONDS
+  echo "== cpu isa $isa (-march=$arch): build"
+  build=$broot/$arch
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -Dpybind11_DIR="$pybind11_dir" \
+    -DMOE_ENGINE_CUDA=OFF -DMOE_ENGINE_EMU=OFF -DMOE_ENGINE_ARCH="$arch" -DMOE_OUTPUT_DIR="$build/out" \
+    >/dev/null
+  cmake --build "$build" -j"$(nproc)" --target _C
+  so=$(echo "$build"/out/_C.*.so)
+  [ -f "$so" ] || { echo "test_cpu_isas: expected one _C module in $build/out, found: $so" >&2; exit 1; }
+  echo "== cpu isa $isa (-march=$arch): tests"
+  run=(env MOE_ENGINE_CPU_MODULE="$so" MOE_ENGINE_EXPECT_CPU_ISA="$isa" MOE_ENGINE_REQUIRE_BACKENDS=cpu
+       $PYTEST -q)
+  # "not emu": the cpu cases, including the cpu-only rope-scaling tests whose ids do not say cpu.
+  if "${run[@]}" tests/test_cpu_ops.py && "${run[@]}" -k "not emu" tests/test_model_backends.py; then
+    echo "== cpu isa $isa (-march=$arch): passed in $((SECONDS - t1)) s"
+    ran+=("$isa")
+  else
+    echo "== cpu isa $isa (-march=$arch): FAILED after $((SECONDS - t1)) s"
+    failed+=("$isa")
+  fi
+done
+echo "== cpu isas: passed ${ran[*]:-none}; failed ${failed[*]:-none};" \
+  "skipped (this CPU cannot run them) ${skipped[*]:-none}; $((SECONDS - t0)) s"
+[ ${#failed[@]} -eq 0 ]
