@@ -158,9 +158,9 @@ inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, i
 }
 
 #elif MOE_AVX2
-// A tile is computed in passes over 8*G-lane slices of the panel (G = 4: the whole panel, for
-// M = 1; G = 2: half of it, so M = 4 rows keep 8 accumulators + 4 weight vectors + 1
-// broadcast in the 16 ymm registers). Each pass's sums are added into acc in memory.
+// A tile is computed in passes over 8*G-lane slices of the panel (G = 4: the whole panel in one
+// pass, for M <= 2, so a few-token call streams each weight line once; G = 2: half of it, so
+// M = 4 rows keep 8 accumulators + 4 weight vectors + 1 broadcast in the 16 ymm registers). Each pass's sums are added into acc in memory.
 // bf16 weights: a k-pair of 8 lanes is one 32-byte load; the even k is the low half of each
 // 32-bit lane (<< 16 makes it fp32), the odd k the high half (& 0xffff0000). bf16 token rows
 // are widened once per tile into a stack buffer, kChunk k at a time, so the inner loop's
@@ -175,6 +175,24 @@ inline void pass_bf16(const float* const* a, int64_t kc, const uint16_t* b, int 
   const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
   for (int64_t k = 0; k < kc; k += 2) {
     const uint16_t* bp = b + k * kPanel + lane0 * 2;
+    if constexpr (G == 4) {  // M <= 2, whole panel: 2M broadcasts live, one weight vector at a time
+      __m256 x0[M], x1[M];
+      for (int m = 0; m < M; ++m) {
+        x0[m] = _mm256_broadcast_ss(a[m] + k);
+        x1[m] = _mm256_broadcast_ss(a[m] + k + 1);
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+        for (int m = 0; m < M; ++m) {
+          r[m][g] = _mm256_fmadd_ps(x0[m], we, r[m][g]);
+          r[m][g] = _mm256_fmadd_ps(x1[m], wo, r[m][g]);
+        }
+      }
+      continue;
+    }
     __m256 we[G], wo[G];
     for (int g = 0; g < G; ++g) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
@@ -248,7 +266,7 @@ inline void pass_bf16_row(const uint16_t* a, int64_t kc, const uint16_t* b, AccT
 
 template <int M>
 inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
-  constexpr int G = M == 1 ? 4 : 2;
+  constexpr int G = M <= 2 ? 4 : 2;
   if (dt == DType::f32) {
     for (int lane0 = 0; lane0 < kPanel; lane0 += 8 * G)
       pass_f32<M, G>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), lane0, acc);
