@@ -188,7 +188,9 @@ def test_linear_cpu(dtype, T, N, K):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("K", (512, 2048))  # 2048: rows of 4/8 KiB, tiled shorter
+# 2048: rows of 4/8 KiB, tiled shorter; 33 and 1101: odd K (a last k without a partner), and
+# 1101 > the AVX2 kernel's 1024-k chunks
+@pytest.mark.parametrize("K", (512, 2048, 33, 1101))
 def test_a_row_does_not_depend_on_its_tile(dtype, K):
     """Each token row keeps its own accumulators over the same k order, whatever tile it lands
     in: the whole batch and each row alone give the same bits (so batch size, tile height and

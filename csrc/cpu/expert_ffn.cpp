@@ -21,7 +21,7 @@
 //   prefill at the 16B shape run at ~375 GFLOP/s, 1.1x torch's single dense GEMM pair of the
 //   same FLOPs (bench/throughput.py "routed experts").
 // ISA (simd.h): AVX-512 (bf16 via avx512_bf16, fp32 FMA; tiles of up to 12 rows); AVX2+FMA
-//   (ymm, tiles of up to 4 rows in half-panel passes, bf16 widened to fp32 by shift/and; on a
+//   (ymm, tiles of up to 2 rows, bf16 widened to fp32 by shift/and; on a
 //   2-core Zen 3 ~85-105 GFLOP/s for linear_cpu T=512 bf16, where torch's bf16 GEMM has no
 //   fast path and runs at ~15); else portable loops.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
@@ -51,7 +51,7 @@ constexpr int64_t kPanelCost = 4;
 using cpu::exp512;
 constexpr int kMaxM = 12;  // 24 accumulators + 2 panel vectors + 1 broadcast <= 32 zmm
 #elif MOE_AVX2
-constexpr int kMaxM = 4;  // per half-panel pass: 8 accumulators + 4 weight vectors + 1 broadcast
+constexpr int kMaxM = 2;  // 8 accumulators + 4 broadcasts + 1 weight vector (see tile below)
 using AccT = float[kMaxM][kPanel];
 #else
 constexpr int kMaxM = 4;
@@ -158,143 +158,104 @@ inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, i
 }
 
 #elif MOE_AVX2
-// A tile is computed in passes over 8*G-lane slices of the panel (G = 4: the whole panel in one
-// pass, for M <= 2, so a few-token call streams each weight line once; G = 2: half of it, so
-// M = 4 rows keep 8 accumulators + 4 weight vectors + 1 broadcast in the 16 ymm registers). Each pass's sums are added into acc in memory.
+// A tile of M <= 2 token rows runs the whole 32-lane panel in one pass: 4M accumulators, the
+// rows' 2M broadcasts of a k pair, one weight vector at a time (<= 13 of the 16 ymm), so each
+// weight line is streamed once. (Tiles of 4 rows in two half-panel passes, which fit 16 ymm
+// the other way round, ran the 16B experts at 64 tokens 1.35x and at 512 tokens 1.2x slower:
+// the half passes read alternate 64-byte lines.) Sums per pass are added into acc in memory.
 // bf16 weights: a k-pair of 8 lanes is one 32-byte load; the even k is the low half of each
-// 32-bit lane (<< 16 makes it fp32), the odd k the high half (& 0xffff0000). bf16 token rows
-// are widened once per tile into a stack buffer, kChunk k at a time, so the inner loop's
-// broadcasts are plain vbroadcastss loads.
+// 32-bit lane (<< 16 makes it fp32), the odd k the high half (& 0xffff0000). A one-row tile
+// broadcasts its token's k pair the same way, in place; two-row tiles widen their rows once
+// per tile into a stack buffer, kChunk k at a time. Each accumulator sees the same FMAs in
+// the same order in every variant, so a row's bits never depend on its tile.
 constexpr int kChunk = 1024;  // k per widened chunk (even)
+constexpr int kG = 4;         // 8-lane vectors per panel
 
-template <int M, int G>
-inline void pass_bf16(const float* const* a, int64_t kc, const uint16_t* b, int lane0, AccT& acc) {
-  __m256 r[M][G];
+// acc[m] += the panel's k in [0, kc) against x0/x1 = the broadcasts of k pair kp for row m.
+template <int M, class Bcast>
+inline void pass_bf16(int64_t kc, const uint16_t* b, AccT& acc, Bcast bcast) {
+  __m256 r[M][kG];
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) r[m][g] = _mm256_setzero_ps();
+    for (int g = 0; g < kG; ++g) r[m][g] = _mm256_setzero_ps();
   const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
   for (int64_t k = 0; k < kc; k += 2) {
-    const uint16_t* bp = b + k * kPanel + lane0 * 2;
-    if constexpr (G == 4) {  // M <= 2, whole panel: 2M broadcasts live, one weight vector at a time
-      __m256 x0[M], x1[M];
-      for (int m = 0; m < M; ++m) {
-        x0[m] = _mm256_broadcast_ss(a[m] + k);
-        x1[m] = _mm256_broadcast_ss(a[m] + k + 1);
-      }
+    const uint16_t* bp = b + k * kPanel;
+    __m256 x0[M], x1[M];
+    for (int m = 0; m < M; ++m) bcast(m, k, x0[m], x1[m]);
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
-        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
-        for (int m = 0; m < M; ++m) {
-          r[m][g] = _mm256_fmadd_ps(x0[m], we, r[m][g]);
-          r[m][g] = _mm256_fmadd_ps(x1[m], wo, r[m][g]);
-        }
-      }
-      continue;
-    }
-    __m256 we[G], wo[G];
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < kG; ++g) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
-      we[g] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-      wo[g] = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
-    }
-    // one broadcast live at a time: accumulators + weights + 1 fit the 16 registers
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) {
-      const __m256 x0 = _mm256_broadcast_ss(a[m] + k);
-      for (int g = 0; g < G; ++g) r[m][g] = _mm256_fmadd_ps(x0, we[g], r[m][g]);
-      const __m256 x1 = _mm256_broadcast_ss(a[m] + k + 1);
-      for (int g = 0; g < G; ++g) r[m][g] = _mm256_fmadd_ps(x1, wo[g], r[m][g]);
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+      for (int m = 0; m < M; ++m) {
+        r[m][g] = _mm256_fmadd_ps(x0[m], we, r[m][g]);
+        r[m][g] = _mm256_fmadd_ps(x1[m], wo, r[m][g]);
+      }
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) {
-      float* dst = acc[m] + lane0 + 8 * g;
+    for (int g = 0; g < kG; ++g) {
+      float* dst = acc[m] + 8 * g;
       _mm256_store_ps(dst, _mm256_add_ps(_mm256_load_ps(dst), r[m][g]));
     }
 }
 
-template <int M, int G>
-inline void pass_f32(const float* const* a, int64_t K, const float* b, int lane0, AccT& acc) {
-  __m256 r[M][G];
+template <int M>
+inline void tile_f32(const float* const* a, int64_t K, const float* b, AccT& acc) {
+  __m256 r[M][kG];
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) r[m][g] = _mm256_setzero_ps();
+    for (int g = 0; g < kG; ++g) r[m][g] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m256 w[G];
-    for (int g = 0; g < G; ++g) w[g] = _mm256_loadu_ps(b + k * kPanel + lane0 + 8 * g);
-#pragma GCC unroll 4
+    __m256 w[kG];
+    for (int g = 0; g < kG; ++g) w[g] = _mm256_loadu_ps(b + k * kPanel + 8 * g);
     for (int m = 0; m < M; ++m) {
       const __m256 av = _mm256_broadcast_ss(a[m] + k);
-      for (int g = 0; g < G; ++g) r[m][g] = _mm256_fmadd_ps(av, w[g], r[m][g]);
+      for (int g = 0; g < kG; ++g) r[m][g] = _mm256_fmadd_ps(av, w[g], r[m][g]);
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int g = 0; g < G; ++g) _mm256_store_ps(acc[m] + lane0 + 8 * g, r[m][g]);
-}
-
-// One token row (decode), the whole panel: the row is read as bf16 pairs in place (a 32-bit
-// broadcast, << 16 and & 0xffff0000 give its two k) instead of widened into a buffer first;
-// each accumulator sees the same FMAs in the same order as in pass_bf16, so the bits agree.
-inline void pass_bf16_row(const uint16_t* a, int64_t kc, const uint16_t* b, AccT& acc) {
-  constexpr int G = 4;
-  __m256 r[G];
-  for (int g = 0; g < G; ++g) r[g] = _mm256_setzero_ps();
-  const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
-  auto step = [&](int64_t k, __m256 x0, __m256 x1) {
-    const uint16_t* bp = b + k * kPanel;
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16 * g));
-      r[g] = _mm256_fmadd_ps(x0, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), r[g]);
-      r[g] = _mm256_fmadd_ps(x1, _mm256_castsi256_ps(_mm256_and_si256(w, odd)), r[g]);
-    }
-  };
-  int64_t k = 0;
-  for (; k + 2 <= kc; k += 2) {
-    int32_t pair;
-    std::memcpy(&pair, a + k, 4);
-    const __m256i pv = _mm256_set1_epi32(pair);
-    step(k, _mm256_castsi256_ps(_mm256_slli_epi32(pv, 16)), _mm256_castsi256_ps(_mm256_and_si256(pv, odd)));
-  }
-  if (k < kc) step(k, _mm256_set1_ps(cpu::bf16_to_f32(a[k])), _mm256_setzero_ps());  // odd K
-  for (int g = 0; g < G; ++g) {
-    float* dst = acc[0] + 8 * g;
-    _mm256_store_ps(dst, _mm256_add_ps(_mm256_load_ps(dst), r[g]));
-  }
+    for (int g = 0; g < kG; ++g) _mm256_store_ps(acc[m] + 8 * g, r[m][g]);
 }
 
 template <int M>
 inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
-  constexpr int G = M <= 2 ? 4 : 2;
-  if (dt == DType::f32) {
-    for (int lane0 = 0; lane0 < kPanel; lane0 += 8 * G)
-      pass_f32<M, G>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), lane0, acc);
-    return;
-  }
+  if (dt == DType::f32)
+    return tile_f32<M>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), acc);
   for (int m = 0; m < M; ++m)
     for (int l = 0; l < kPanel; ++l) acc[m][l] = 0.f;
-  if constexpr (M == 1) {
-    const uint16_t* row = static_cast<const uint16_t*>(a[0]);
-    for (int64_t k0 = 0; k0 < K; k0 += kChunk)  // the same chunks as below: the same sums
-      pass_bf16_row(row + k0, std::min<int64_t>(kChunk, K - k0), static_cast<const uint16_t*>(b) + k0 * kPanel, acc);
-    return;
-  }
-  alignas(32) float buf[M][kChunk];
-  const float* rows[M];
-  for (int m = 0; m < M; ++m) rows[m] = buf[m];
   const uint16_t* const* ab = reinterpret_cast<const uint16_t* const*>(a);
+  const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
+  alignas(32) float buf[M][kChunk];
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t kc = std::min<int64_t>(kChunk, K - k0), kc2 = (kc + 1) & ~int64_t(1);
-    for (int m = 0; m < M; ++m) {
-      const uint16_t* src = ab[m] + k0;
-      int64_t k = 0;
-      for (; k + 8 <= kc; k += 8) cpu::store8(buf[m] + k, cpu::load8(src + k));
-      for (; k < kc; ++k) buf[m][k] = cpu::bf16_to_f32(src[k]);
-      if (kc2 > kc) buf[m][kc] = 0.f;  // odd K: the panel's padding partner
-    }
     const uint16_t* bk = static_cast<const uint16_t*>(b) + k0 * kPanel;
-    for (int lane0 = 0; lane0 < kPanel; lane0 += 8 * G) pass_bf16<M, G>(rows, kc2, bk, lane0, acc);
+    if constexpr (M == 1) {  // the token's (k, k+1) as one 32-bit broadcast, split like a weight pair
+      const uint16_t* row = ab[0] + k0;
+      pass_bf16<1>(kc2, bk, acc, [&](int, int64_t k, __m256& x0, __m256& x1) {
+        if (k + 2 <= kc) {
+          int32_t pair;
+          std::memcpy(&pair, row + k, 4);
+          const __m256i pv = _mm256_set1_epi32(pair);
+          x0 = _mm256_castsi256_ps(_mm256_slli_epi32(pv, 16));
+          x1 = _mm256_castsi256_ps(_mm256_and_si256(pv, odd));
+        } else {  // odd K: the last k alone, its partner the panel's zero padding
+          x0 = _mm256_set1_ps(cpu::bf16_to_f32(row[k]));
+          x1 = _mm256_setzero_ps();
+        }
+      });
+    } else {
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* src = ab[m] + k0;
+        int64_t k = 0;
+        for (; k + 8 <= kc; k += 8) cpu::store8(buf[m] + k, cpu::load8(src + k));
+        for (; k < kc; ++k) buf[m][k] = cpu::bf16_to_f32(src[k]);
+        if (kc2 > kc) buf[m][kc] = 0.f;  // odd K: the panel's padding partner
+      }
+      pass_bf16<M>(kc2, bk, acc, [&](int m, int64_t k, __m256& x0, __m256& x1) {
+        x0 = _mm256_broadcast_ss(buf[m] + k);
+        x1 = _mm256_broadcast_ss(buf[m] + k + 1);
+      });
+    }
   }
 }
 
