@@ -37,21 +37,26 @@ inline float score_keys(const uint8_t* valid, int64_t S, float* sc, Dot dot) {
   return m;
 }
 
-template <typename X>
-void attn_impl(const AttnDecodeParams& p) {
-  const int64_t B = p.B, H = p.H, hd = p.hd, S = p.S, group = p.H / p.Hkv;
+// One query head per iteration, across threads: fn(bh, its query row, the key and value cache
+// rows [S_cap, hd] of its group g = h / (H/Hkv), its sequence's valid row, its score row).
+template <typename X, class Fn>
+void for_each_head(const AttnDecodeParams& p, Fn fn) {
+  const int64_t B = p.B, H = p.H, S = p.S, hd = p.hd, group = p.H / p.Hkv;
   const X* q = static_cast<const X*>(p.q);
   const X* kc = static_cast<const X*>(p.k_cache);
   const X* vc = static_cast<const X*>(p.v_cache);
-  X* out = static_cast<X*>(p.out);
 #pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
   for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H, g = h / group;
-    const X* qr = q + bh * hd;
-    const X* kb = kc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
-    const X* vb = vc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
-    const uint8_t* valid = p.valid + b * int64_t(p.valid_stride);
-    float* sc = p.workspace + bh * S;
+    const int64_t b = bh / H, g = bh % H / group, cache = (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
+    fn(bh, q + bh * hd, kc + cache, vc + cache, p.valid + b * int64_t(p.valid_stride), p.workspace + bh * S);
+  }
+}
+
+template <typename X>
+void attn_impl(const AttnDecodeParams& p) {
+  const int64_t hd = p.hd, S = p.S;
+  X* out = static_cast<X*>(p.out);
+  for_each_head<X>(p, [&](int64_t bh, const X* qr, const X* kb, const X* vb, const uint8_t* valid, float* sc) {
     float qf[1024];
     for (int64_t d = 0; d < hd; ++d) qf[d] = ld(qr, d) * p.scale;
     const float m = score_keys(valid, S, sc, [&](int64_t s) {
@@ -79,7 +84,7 @@ void attn_impl(const AttnDecodeParams& p) {
     }
     const float inv = 1.f / sum;
     for (int64_t d = 0; d < hd; ++d) cpu::store(out, p.dtype, bh * hd + d, acc[d] * inv);
-  }
+  });
 }
 
 #if MOE_AVX512
@@ -88,20 +93,11 @@ void attn_impl(const AttnDecodeParams& p) {
 // exp 16 scores at a time; the value pass keeps the NC output vectors in registers.
 template <typename X, int NC>
 void attn_avx512(const AttnDecodeParams& p) {
-  constexpr int64_t hd = 16 * NC;
-  const int64_t B = p.B, H = p.H, S = p.S, group = p.H / p.Hkv;
-  const X* q = static_cast<const X*>(p.q);
-  const X* kc = static_cast<const X*>(p.k_cache);
-  const X* vc = static_cast<const X*>(p.v_cache);
-#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H, g = h / group;
-    const X* kb = kc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
-    const X* vb = vc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
-    const uint8_t* valid = p.valid + b * int64_t(p.valid_stride);
-    float* sc = p.workspace + bh * S;
+  constexpr int64_t hd = 16 * NC;  // == p.hd (attn_vector dispatches on it)
+  const int64_t S = p.S;
+  for_each_head<X>(p, [&](int64_t bh, const X* qr, const X* kb, const X* vb, const uint8_t* valid, float* sc) {
     __m512 qv[NC];
-    for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(cpu::load16(q + bh * hd + 16 * c), _mm512_set1_ps(p.scale));
+    for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(cpu::load16(qr + 16 * c), _mm512_set1_ps(p.scale));
     const float m = score_keys(valid, S, sc, [&](int64_t s) {
       const X* kr = kb + s * hd;
       __m512 acc = _mm512_mul_ps(qv[0], cpu::load16(kr));
@@ -134,7 +130,7 @@ void attn_avx512(const AttnDecodeParams& p) {
       else _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p.out) + bh * hd + 16 * c),
                                (__m256i)_mm512_cvtneps_pbh(o));
     }
-  }
+  });
 }
 
 template <typename X>
@@ -175,21 +171,12 @@ inline void value_chunk_n(int nv, const float* sc, int64_t S, const X* vb, int64
 
 template <typename X>
 void attn_avx2(const AttnDecodeParams& p) {
-  const int64_t B = p.B, H = p.H, S = p.S, hd = p.hd, group = p.H / p.Hkv;
-  const X* q = static_cast<const X*>(p.q);
-  const X* kc = static_cast<const X*>(p.k_cache);
-  const X* vc = static_cast<const X*>(p.v_cache);
+  const int64_t S = p.S, hd = p.hd;
   X* out = static_cast<X*>(p.out);
-#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H, g = h / group;
-    const X* kb = kc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
-    const X* vb = vc + (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
-    const uint8_t* valid = p.valid + b * int64_t(p.valid_stride);
-    float* sc = p.workspace + bh * S;
+  for_each_head<X>(p, [&](int64_t bh, const X* qr, const X* kb, const X* vb, const uint8_t* valid, float* sc) {
     alignas(32) float qf[1024];
     for (int64_t d = 0; d < hd; d += 8)
-      _mm256_store_ps(qf + d, _mm256_mul_ps(cpu::load8(q + bh * hd + d), _mm256_set1_ps(p.scale)));
+      _mm256_store_ps(qf + d, _mm256_mul_ps(cpu::load8(qr + d), _mm256_set1_ps(p.scale)));
     const float m = score_keys(valid, S, sc, [&](int64_t s) {
       const X* kr = kb + s * hd;
       __m256 a0 = _mm256_mul_ps(_mm256_load_ps(qf), cpu::load8(kr)), a1 = _mm256_setzero_ps();
@@ -216,7 +203,7 @@ void attn_avx2(const AttnDecodeParams& p) {
     const float inv = 1.f / sum;
     for (int64_t d0 = 0; d0 < hd; d0 += 64)
       value_chunk_n(int(std::min<int64_t>(8, (hd - d0) / 8)), sc, S, vb, hd, d0, inv, out + bh * hd);
-  }
+  });
 }
 #endif
 
