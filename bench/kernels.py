@@ -19,7 +19,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from moe_engine.ops import align, align_ref, available_backends, combine, combine_ref, expert_ffn, expert_ffn_ref

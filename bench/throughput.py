@@ -29,7 +29,6 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # 32x this machine's L3; any cache is negligible next to it
 PROBE_BYTES = 256 << 20           # read right before every timed decode step / MoE-layer call:

@@ -51,7 +51,7 @@ struct AlignParams {
   int32_t* workspace;        // multi-block path scratch; see align_workspace_size(); nullable
 };
 // int32 elements of workspace the multi-block CUDA path may use (csrc/cuda/align.cu uses
-// ceil(T*k_max/1024) * E of them; this bound matches moe_engine/ops/align.py).
+// ceil(T*k_max/1024) * E of them; this bound matches src/moe_engine/ops/align.py).
 inline int64_t align_workspace_size(int64_t T, int64_t k_max, int64_t E) {
   const int64_t chunks = (T * k_max + 1023) / 1024 + 1;
   return (chunks > 1 ? chunks : 1) * (E + 1);

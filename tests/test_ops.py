@@ -25,7 +25,7 @@ DEV = "cpu"
 # ---- route ---------------------------------------------------------------------------------
 
 def brute_route(logits, k, mask=None, mode="reroute", force=-1, renorm=False):
-    """Row by row, straight from the docstring of moe_engine/ops/route.py."""
+    """Row by row, straight from the docstring of src/moe_engine/ops/route.py."""
     ids, wts = [], []
     for row in logits.float().tolist():
         x = [(-math.inf if math.isnan(v) else v) for v in row]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the extension modules next to the Python sources, for work in a checkout with
-# PYTHONPATH=<checkout> (no pip install). Extra arguments go to cmake's configure step,
+# PYTHONPATH=<checkout>/src (no pip install). Extra arguments go to cmake's configure step,
 # e.g. -DMOE_ENGINE_CUDA=OFF for a fast CPU-only build.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

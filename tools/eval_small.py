@@ -17,7 +17,7 @@ fp32:
 
 Results go to eval.json, routing.png and MODEL_CARD.md in the model directory.
 
-    python tools/eval_small.py --model moe_engine/assets/small --corpus out/corpus
+    python tools/eval_small.py --model src/moe_engine/assets/small --corpus out/corpus
 """
 from __future__ import annotations
 
@@ -297,15 +297,15 @@ def write_card(model_dir: Path, res: dict, cmdline: str) -> None:
         w(_fence(s["prompt"] + "⟨" + s["greedy"] + "⟩") + "\n")
     w("(The continuation is between ⟨ ⟩.)\n")
     w("## Reproduce\n")
-    train_cmd = ("python tools/train_small.py --corpus out/corpus --out moe_engine/assets/small "
+    train_cmd = ("python tools/train_small.py --corpus out/corpus --out src/moe_engine/assets/small "
                  f"--seed {a['seed']} --threads {a['threads']} --steps {a['steps']}"
                  + (f" --minutes {a['minutes']:g}" if a.get("minutes") else "") + f" --lr {a['lr']} --warmup {a['warmup']}")
     w("```\npython tools/build_corpus.py --out out/corpus --seed 0 --sources-json tools/corpus_sources.json\n"
       f"{train_cmd}\n{cmdline}\n```\n")
     w("To reproduce these weights bit for bit rather than within noise (same torch build and thread count), "
       "replay the logged learning rates instead of the wall-time budget:\n")
-    w("```\n" + train_cmd.split(" --minutes")[0].replace(" --out moe_engine/assets/small", " --out out/replay")
-      + " --replay-lr moe_engine/assets/small/train_log.json\n```\n")
+    w("```\n" + train_cmd.split(" --minutes")[0].replace(" --out src/moe_engine/assets/small", " --out out/replay")
+      + " --replay-lr src/moe_engine/assets/small/train_log.json\n```\n")
     w("The corpus is byte-identical given the seed and the Python version (the code domain reads the running "
       "interpreter's standard library; this one was built with Python "
       f"{json.loads(src_path.read_text())['python'] if src_path.exists() else '?'}). Training is bit-identical "
@@ -337,7 +337,7 @@ def _activated(c: dict) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=Path("moe_engine/assets/small"))
+    ap.add_argument("--model", type=Path, default=Path("src/moe_engine/assets/small"))
     ap.add_argument("--corpus", type=Path, default=Path("out/corpus"))
     ap.add_argument("--topk", default="0,1,2,4,6", help="comma-separated k values to score")
     ap.add_argument("--chunk", type=int, default=256)

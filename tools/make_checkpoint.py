@@ -1,5 +1,5 @@
 """Write a random-weight DeepSeekMoE checkpoint (HF layout) of a preset shape; see
-moe_engine/synthetic.py for the layout, init scales and tokenizer.
+src/moe_engine/synthetic.py for the layout, init scales and tokenizer.
 
   python tools/make_checkpoint.py OUT_DIR --preset tiny|bench-small|16b-layer [--layers N]
       [--shards N] [--seed S] [--dtype bfloat16|float32] [--set key=value ...]
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a source checkout
 
 from moe_engine.synthetic import PRESETS, make_checkpoint  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The cpu tests against each of csrc/cpu/simd.h's three builds that this machine can run, not only
 # the -march=native one: _C alone (no CUDA, no _C_emu) is built per -march into its own directory
-# and loaded in place of moe_engine._C through MOE_ENGINE_CPU_MODULE (moe_engine/ops/backend.py).
+# and loaded in place of moe_engine._C through MOE_ENGINE_CPU_MODULE (src/moe_engine/ops/backend.py).
 #   x86-64          portable loops
 #   x86-64-v3       AVX2 + FMA
 #   sapphirerapids  AVX-512F + AVX512_BF16 (only where /proc/cpuinfo lists avx512f and avx512_bf16)

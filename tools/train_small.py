@@ -1,4 +1,4 @@
-"""Train the small DeepSeekMoE-architecture model that ships in moe_engine/assets/small/.
+"""Train the small DeepSeekMoE-architecture model that ships in src/moe_engine/assets/small/.
 
 Shape legend: B batch, S sequence, T = B·S tokens, D hidden, H heads, E routed experts, K top-k,
 F expert width, V vocab, L layers, R = T·K slots.
@@ -19,7 +19,7 @@ F expert width, V vocab, L layers, R = T·K slots.
    the per-step log (train_log.json) and the loss curve (loss.png).
 
     python tools/build_corpus.py --out out/corpus --seed 0
-    python tools/train_small.py --corpus out/corpus --out moe_engine/assets/small --minutes 45
+    python tools/train_small.py --corpus out/corpus --out src/moe_engine/assets/small --minutes 45
 """
 from __future__ import annotations
 
@@ -416,7 +416,7 @@ def plot_loss(log: dict, path: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path("out/corpus"))
-    ap.add_argument("--out", type=Path, default=Path("moe_engine/assets/small"))
+    ap.add_argument("--out", type=Path, default=Path("src/moe_engine/assets/small"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--minutes", type=float, default=None,

@@ -25,7 +25,7 @@
 //   2-core Zen 3 ~85-105 GFLOP/s for linear_cpu T=512 bf16, where torch's bf16 GEMM has no
 //   fast path and runs at ~15); else portable loops.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
-//   moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
+//   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
 #include <immintrin.h>
 #include <omp.h>
 

@@ -10,7 +10,7 @@
 //   an ascending scan (k*E compares; E=64, k=6: 384), which gives the tie rule for free and never
 //   repeats an id. Rows are independent, so any thread count gives the same bits.
 // Traffic: T*E*(logit bytes [+ 4 probs tap]) + T*k_max*8; compute-trivial.
-// Limits: E <= kMaxExperts (stack row buffer). Reference: moe_engine/ops/route.py (route_ref);
+// Limits: E <= kMaxExperts (stack row buffer). Reference: src/moe_engine/ops/route.py (route_ref);
 //   test: tests/test_cpu_ops.py; tolerances: tests/tolerances.py.
 #include <algorithm>
 #include <cfloat>

@@ -22,7 +22,7 @@
 // Limits: 1 <= E <= 256, block_m >= 1, capacity < 2^31. Workspace (R > 1024 only):
 //   ceil(R/1024)*E int32, within align_workspace_size() of csrc/ops.h.
 // Tie rule: within an expert, ascending slot index t*k_max + j.
-// Reference: moe_engine/ops/align.py (align_ref); CPU twin: csrc/cpu/align.cpp; tests:
+// Reference: src/moe_engine/ops/align.py (align_ref); CPU twin: csrc/cpu/align.cpp; tests:
 //   tests/emu/cpp/align_test.cu (bitwise vs a C++ counting sort, via tests/emu/test_kernels.py)
 //   and tests/test_ops.py.
 #include "common.cuh"

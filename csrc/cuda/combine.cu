@@ -14,7 +14,7 @@
 // Launch: grid T, block clamp(round_up(ceil(D/VEC), 32), 32, 256), no shared memory.
 // Limits: T >= 0, k_max >= 0, D >= 1; VEC > 1 only when D % VEC == 0 and every pointer is
 //   16-byte aligned (otherwise one element per thread).
-// Reference: moe_engine/ops/combine.py (combine_ref); CPU twin: csrc/cpu/combine.cpp; tests:
+// Reference: src/moe_engine/ops/combine.py (combine_ref); CPU twin: csrc/cpu/combine.cpp; tests:
 //   tests/emu/cpp/combine_test.cu (C++ double reference, via tests/emu/test_kernels.py) and
 //   tests/test_ops.py; tolerances: tests/tolerances.py.
 #include "common.cuh"

@@ -55,7 +55,7 @@
 // Launch: grid (ceil(capacity / BM), ceil(N / BN)), block 128, dynamic smem 72 KB (attribute set).
 // Limits: D, F multiples of 8 (16-byte cp.async); a, w 16-byte aligned; a_stride multiple of 8;
 //   block_m in {16, 64}; R and capacity < 2^31; N tiles < 65536.
-// Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref (align + up + down together);
+// Reference: src/moe_engine/ops/expert_ffn.py expert_ffn_ref (align + up + down together);
 //   CPU twin: csrc/cpu/expert_ffn.cpp; test: tests/emu/cpp/expert_gemm_test.cu driven by
 //   tests/emu/test_expert_gemm.py (double-precision reference; tolerances in
 //   tests/emu/cpp/moe_test_util.h);

@@ -33,7 +33,7 @@
 // Launch: up grid (R, ceil(F / 16)), down grid (R, ceil(D / 32)), block 256, static smem < 64 B.
 // Limits: 1 <= T <= 16 (larger batches: align + expert_gemm), D and F multiples of 8, all
 //   pointers 16-byte aligned, x / act / expert_out contiguous.
-// Reference: moe_engine/ops/expert_ffn.py expert_ffn_ref; CPU twin: csrc/cpu/expert_ffn.cpp;
+// Reference: src/moe_engine/ops/expert_ffn.py expert_ffn_ref; CPU twin: csrc/cpu/expert_ffn.cpp;
 //   test: tests/emu/cpp/moe_decode_test.cu via tests/emu/test_moe_decode.py (double-precision
 //   reference; tolerances in tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.

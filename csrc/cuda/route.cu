@@ -24,7 +24,7 @@
 // Limits: 1 <= E <= 256, 0 <= k_max <= E, logits_stride >= E. Device-side values are clamped:
 //   k to [0, k_max], force_expert outside [0, E) means none.
 // Tie rule: equal fp32 probabilities -> lower expert id (equal logits give equal probabilities).
-// Reference: moe_engine/ops/route.py (route_ref); CPU twin: csrc/cpu/route.cpp; tests:
+// Reference: src/moe_engine/ops/route.py (route_ref); CPU twin: csrc/cpu/route.cpp; tests:
 //   tests/emu/cpp/route_test.cu (C++ double reference, via tests/emu/test_kernels.py) and
 //   tests/test_ops.py; tolerances: tests/tolerances.py.
 #include "common.cuh"
