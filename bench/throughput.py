@@ -79,8 +79,8 @@ def read_bandwidth(reps: int = 7) -> float:
 def cpu_isa() -> str | None:
     """Which build of the CPU kernels _C holds (csrc/cpu/simd.h): avx512, avx2 or portable."""
     from moe_engine.ops import available_backends
-    from moe_engine.ops import backend as B
-    return B.native_module("cpu").cpu_isa if "cpu" in available_backends() else None
+    from moe_engine.ops import backend as backends
+    return backends.native_module("cpu").cpu_isa if "cpu" in available_backends() else None
 
 
 def cpu_isa_note() -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
-from .ops import backend as B
+from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
 
@@ -32,7 +32,7 @@ SMALL_N = 16
 
 def use_packed(n: int, dtype: torch.dtype) -> bool:
     """Whether an n-token product on the cpu backend runs on the packed kernels (else torch)."""
-    return n <= SMALL_N or (dtype == torch.bfloat16 and B.native_module("cpu").cpu_isa != "avx512")
+    return n <= SMALL_N or (dtype == torch.bfloat16 and backends.native_module("cpu").cpu_isa != "avx512")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class CpuMoEWeights:
         """The whole MoE FFN of the layer in one C++ call (csrc/cpu/moe_layer.cpp); same kernels
         and order as the op-by-op path, so the same bits. u, resid_mid [N, D]; returns resid_post.
         The caller has validated the routing controls (Interventions.resolve)."""
-        mod = B.native_module("cpu")
+        mod = backends.native_module("cpu")
         N, D = u.shape
         key = (N, k_max)
         if key not in self._buffers:
@@ -90,7 +90,7 @@ class CpuMoEWeights:
         p.router, p.w13, p.w2 = self.router.data.data_ptr(), self.experts.w13.data.data_ptr(), self.experts.w2.data.data_ptr()
         if self.shared is not None:
             p.shared_w13, p.shared_w2 = self.shared.w13.data.data_ptr(), self.shared.w2.data.data_ptr()
-        p.dtype = B.native_dtype(mod, dt)
+        p.dtype = backends.native_dtype(mod, dt)
         p.T, p.D, p.E, p.F, p.S, p.k_max = N, D, E, F, S, k_max
         return p, bufs  # the buffers live as long as the params that point at them
 
@@ -123,7 +123,7 @@ class CpuModelWeights:
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
         layers = tuple(CpuLayerWeights.pack(lw) for lw in w.layers)
-        decode_layers = B.native_module("cpu").DecodeLayers()
+        decode_layers = backends.native_module("cpu").DecodeLayers()
         for lw, pl in zip(w.layers, layers):
             decode_layers.append(_decode_layer(lw, pl))
         return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm, decode_layers)
@@ -139,16 +139,16 @@ class CpuModelWeights:
         (Model.forward) has checked shapes and resolved the routing controls.
         Kept lean on purpose: a step's weight stream evicts the caches, so each Python or torch
         call here runs cold (~20-40 us each; bench/README.md)."""
-        mod = B.native_module("cpu")
-        Bsz = ids.numel()
+        mod = backends.native_module("cpu")
+        B = ids.numel()
         S_cap = cache.k.shape[3]
-        key = (Bsz, routing.k_max, S_cap)
+        key = (B, routing.k_max, S_cap)
         st = self._workspaces.get(key)
         if st is None:
             self._workspaces.clear()  # one shape at a time: a new cache or batch replaces it
-            st = self._workspaces[key] = self._new_step(mod, Bsz, routing.k_max, cache, embed, H, eps, scale)
+            st = self._workspaces[key] = self._new_step(mod, B, routing.k_max, cache, embed, H, eps, scale)
         ws, p = st
-        logits = torch.empty((Bsz, self.lm_head.N), dtype=torch.float32)
+        logits = torch.empty((B, self.lm_head.N), dtype=torch.float32)
         p.ids, p.logits, p.pos = ids.data_ptr(), logits.data_ptr(), cache.used
         p.rope_cos, p.rope_sin, p.rope_len = rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0]
         p.next_pos, p.valid = cache.next_pos.data_ptr(), cache.valid.data_ptr()
@@ -160,13 +160,13 @@ class CpuModelWeights:
         mod.decode_step_cpu(p, self.decode_layers)
         return logits
 
-    def _new_step(self, mod, Bsz: int, k_max: int, cache, embed: torch.Tensor, H: int, eps: float, scale: float):
+    def _new_step(self, mod, B: int, k_max: int, cache, embed: torch.Tensor, H: int, eps: float, scale: float):
         """(workspace, DecodeStepParams with the fields that hold for every step of this shape)."""
         _, _, Hkv, S_cap, hd = cache.k.shape
         moe = next((lc.moe for lc in self.layers if lc.moe is not None), None)
         p = mod.DecodeStepParams()
-        p.dtype, p.eps, p.scale = B.native_dtype(mod, embed.dtype), float(eps), float(scale)
-        p.B, p.D, p.H, p.Hkv, p.hd = Bsz, embed.shape[1], H, Hkv, hd
+        p.dtype, p.eps, p.scale = backends.native_dtype(mod, embed.dtype), float(eps), float(scale)
+        p.B, p.D, p.H, p.Hkv, p.hd = B, embed.shape[1], H, Hkv, hd
         p.E, p.k_max = (moe.experts.shape[0], k_max) if moe is not None else (0, 0)
         p.V, p.S_cap, p.valid_stride, p.rope_len = self.lm_head.N, S_cap, cache.valid.stride(0), 1
         p.embed, p.final_norm, p.lm_head = embed.data_ptr(), self.final_norm.data_ptr(), self.lm_head.data.data_ptr()
@@ -177,7 +177,7 @@ class CpuModelWeights:
 
 def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
     """The _C.DecodeLayer of one layer: pointers into `lw` and `pl` (both live as long as the model)."""
-    d = B.native_module("cpu").DecodeLayer()
+    d = backends.native_module("cpu").DecodeLayer()
     d.input_norm, d.post_norm = lw.input_norm.data_ptr(), lw.post_attn_norm.data_ptr()
     d.qkv, d.o = pl.qkv.data.data_ptr(), pl.o.data.data_ptr()
     experts = pl.dense if pl.moe is None else pl.moe.experts
@@ -215,10 +215,10 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if n > SMALL_N or not x.is_contiguous():
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    mod = B.native_module("cpu")
+    mod = backends.native_module("cpu")
     out = torch.empty_like(x)
     p = mod.RMSNormParams()
     p.x, p.w, p.out, p.eps = x.data_ptr(), w.data_ptr(), out.data_ptr(), float(eps)
-    p.dtype, p.T, p.D = B.native_dtype(mod, x.dtype), n, x.shape[-1]
+    p.dtype, p.T, p.D = backends.native_dtype(mod, x.dtype), n, x.shape[-1]
     mod.rms_norm_cpu(p)
     return out

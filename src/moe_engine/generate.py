@@ -109,18 +109,18 @@ def iter_generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's context of {ctx} tokens")
 
-    Bsz, P = len(encoded), longest
+    B, P = len(encoded), longest
     dev = model.device
     ids, mask = left_pad(encoded, dev)
-    cache = model.new_cache(Bsz, P + max_new_tokens)
+    cache = model.new_cache(B, P + max_new_tokens)
     gen = None
     if sampling.seed is not None:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(sampling.seed)
     vocab = tok.vocab_size
-    streams = [tok.stream_decoder() for _ in range(Bsz)]
-    pending = [""] * Bsz           # text held back because it may start a stop string
-    finished = [False] * Bsz
+    streams = [tok.stream_decoder() for _ in range(B)]
+    pending = [""] * B           # text held back because it may start a stop string
+    finished = [False] * B
     eos = tok.eos_id
     kw = dict(interventions=interventions, capture=capture, usage=usage, backend=backend, logits="last")
 
@@ -129,7 +129,7 @@ def iter_generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence
         if logits.shape[-1] > vocab:  # rows past the tokenizer belong to no token
             logits = logits.masked_fill(torch.arange(logits.shape[-1], device=dev) >= vocab, -torch.inf)
         nxt = sample(logits, sampling, gen)
-        for i in range(Bsz):
+        for i in range(B):
             if finished[i]:
                 continue
             t = int(nxt[i])

@@ -27,7 +27,7 @@ from .loader import ModelWeights, MoEWeights, load_checkpoint
 from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear, use_packed
 from .cpu_weights import rms_norm as cpu_rms_norm
 from .moe import moe_layer
-from .ops import backend as B
+from .ops import backend as backends
 from .ops.attention import attention_block_decode_cpu
 from .taps import Capture, TokenIndex, all_tap_names
 
@@ -89,7 +89,7 @@ class Model:
         self.path = path
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
-        self.backend = B.resolve(backend, self.device)
+        self.backend = backends.resolve(backend, self.device)
         self._tap_names = all_tap_names(config.num_hidden_layers, config.moe_layers)
         hd = config.head_dim
         self._cpu: CpuModelWeights | None = None  # packed copy for backend="cpu" (cpu_weights.py)
@@ -115,7 +115,7 @@ class Model:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
-        B.resolve(backend, torch.device(device))
+        backends.resolve(backend, torch.device(device))
         config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return cls(config, weights, backend=backend, tokenizer=tok, path=path)
@@ -154,7 +154,7 @@ class Model:
         new_usage_counters(). step: the generation step recorded with captured rows."""
         if logits not in ("all", "last"):
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
-        be = self.backend if backend is None else B.resolve(backend, self.device)
+        be = self.backend if backend is None else backends.resolve(backend, self.device)
         if be == "cpu" and attention_mask is None and capture is None and cache is not None:
             # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
             # and entering the mode costs ~40 us on the caches a step leaves cold
@@ -170,7 +170,7 @@ class Model:
         """forward's general path: any batch and length, taps, every backend."""
         c = self.config
         ids = self._check_ids(input_ids)
-        Bsz, T = ids.shape
+        B, T = ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(ids, dtype=torch.bool)
         else:
@@ -183,9 +183,9 @@ class Model:
             if not bool(attention_mask[:, -1].all()):
                 raise ValueError("attention_mask: every sequence needs at least its last column real")
         if cache is None:
-            cache = self.new_cache(Bsz, T)
-        if cache.k.shape[1] != Bsz:
-            raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {Bsz}")
+            cache = self.new_cache(B, T)
+        if cache.k.shape[1] != B:
+            raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {B}")
         if cache.used + T > cache.capacity:
             raise ValueError(f"{cache.used} cached + {T} new tokens exceed the cache length {cache.capacity}")
         routing = self._routing(for_call(interventions, intervention_kwargs))
@@ -216,7 +216,7 @@ class Model:
         def tap(name, x_bt):  # x_bt [B, T, ...] -> record/patch the valid rows
             if capture is None or not capture.wants(name):
                 return x_bt
-            flat = x_bt.reshape(Bsz * T, *x_bt.shape[2:])
+            flat = x_bt.reshape(B * T, *x_bt.shape[2:])
             rows = capture(name, flat.index_select(0, valid_index))
             out = flat.clone()
             out[valid_index] = rows
@@ -233,9 +233,9 @@ class Model:
             x = tap(f"blocks.{l}.hook_resid_mid", x + a)
             h = norm(x, lw.post_attn_norm, c.rms_norm_eps)
             if isinstance(lw.mlp, MoEWeights):
-                all_valid = valid_index.numel() == Bsz * T
-                hv = h.reshape(Bsz * T, -1)
-                xv = x.reshape(Bsz * T, -1)
+                all_valid = valid_index.numel() == B * T
+                hv = h.reshape(B * T, -1)
+                xv = x.reshape(B * T, -1)
                 if not all_valid:
                     hv, xv = hv.index_select(0, valid_index), xv.index_select(0, valid_index)
                 out_v = moe_layer(hv, xv, lw.mlp, routing, l, backend=be,
@@ -246,7 +246,7 @@ class Model:
                 if all_valid:  # out_v is a fresh tensor: no copy needed
                     x = out_v.view_as(x)
                 else:
-                    y = x.reshape(Bsz * T, -1).clone()
+                    y = x.reshape(B * T, -1).clone()
                     y[valid_index] = out_v
                     x = y.view_as(x)
             else:
@@ -301,8 +301,8 @@ class Model:
         shape = ids.shape
         if not ((len(shape) == 2 and shape[1] == 1) or (len(shape) == 1 and shape[0] == 1)):
             return None
-        Bsz = shape[0]
-        if not 0 < Bsz <= SMALL_N or cache.k.shape[1] != Bsz or cache.used + 1 > cache.capacity:
+        B = shape[0]
+        if not 0 < B <= SMALL_N or cache.k.shape[1] != B or cache.used + 1 > cache.capacity:
             return None
         rs = c.rope_scaling
         if cache.used + 1 > c.max_position_embeddings and (rs is None or rs.type == "dynamic"):
@@ -336,7 +336,7 @@ class Model:
     def _check_usage(self, usage: torch.Tensor | None) -> None:
         if usage is not None:
             c = self.config
-            B.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),
+            backends.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),
                     device=self.device)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
@@ -396,19 +396,19 @@ class Model:
 
     def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask, lc=None):
         c = self.config
-        Bsz, T, _ = h.shape
+        B, T, _ = h.shape
         H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         if lc is not None and T == 1:  # cpu backend, decode: the whole block in one C++ call
             return attention_block_decode_cpu(
-                h.view(Bsz, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
-                start, H, Hkv, 1.0 / math.sqrt(hd)).view(Bsz, T, -1)
-        if lc is not None and use_packed(Bsz * T, h.dtype):  # cpu backend: one packed q|k|v product
+                h.view(B, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
+                start, H, Hkv, 1.0 / math.sqrt(hd)).view(B, T, -1)
+        if lc is not None and use_packed(B * T, h.dtype):  # cpu backend: one packed q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
             q, k, v = h @ lw.q.t(), h @ lw.k.t(), h @ lw.v.t()
-        q = q.reshape(Bsz, T, H, hd).transpose(1, 2)
-        k = k.reshape(Bsz, T, Hkv, hd).transpose(1, 2)
-        v = v.reshape(Bsz, T, Hkv, hd).transpose(1, 2)
+        q = q.reshape(B, T, H, hd).transpose(1, 2)
+        k = k.reshape(B, T, Hkv, hd).transpose(1, 2)
+        v = v.reshape(B, T, Hkv, hd).transpose(1, 2)
         cs, sn = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cs + rotate_half(q) * sn
         k = k * cs + rotate_half(k) * sn
@@ -420,4 +420,4 @@ class Model:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)
         o = Fn.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0 / math.sqrt(hd))
-        return linear(o.transpose(1, 2).reshape(Bsz, T, H * hd), lw.o, None if lc is None else lc.o)
+        return linear(o.transpose(1, 2).reshape(B, T, H * hd), lw.o, None if lc is None else lc.o)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backend as B
+from . import backend as backends
 
 
 @dataclass
@@ -68,17 +68,17 @@ def align_ref(topk_ids: torch.Tensor, E: int, block_m: int) -> Aligned:
 
 def align(topk_ids: torch.Tensor, E: int, block_m: int, *, backend: str = "auto") -> Aligned:
     """Checked dispatcher."""
-    B.check(topk_ids, "topk_ids", dtype=torch.int32)
+    backends.check(topk_ids, "topk_ids", dtype=torch.int32)
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [T, k_max], got shape {list(topk_ids.shape)}")
     if E <= 0:
         raise ValueError(f"E = {E}; expected at least one expert")
     if block_m <= 0:
         raise ValueError(f"block_m = {block_m}; expected a positive tile height")
-    be = B.resolve(backend, topk_ids.device)
+    be = backends.resolve(backend, topk_ids.device)
     if be == "torch":
         return align_ref(topk_ids, E, block_m)
-    mod = B.native_module(be)
+    mod = backends.native_module(be)
     T, k_max = topk_ids.shape
     dev = topk_ids.device
     cap = capacity(T, k_max, E, block_m)
@@ -87,13 +87,13 @@ def align(topk_ids: torch.Tensor, E: int, block_m: int, *, backend: str = "auto"
                   torch.empty(cap // block_m, **i32), torch.empty(1, **i32), block_m)
     workspace = torch.empty(mod.align_workspace_size(T, k_max, E), **i32)
     p = mod.AlignParams()
-    p.topk_ids = B.ptr(topk_ids)
+    p.topk_ids = backends.ptr(topk_ids)
     p.T, p.k_max, p.E, p.block_m = T, k_max, E, block_m
-    p.expert_counts, p.expert_offsets = B.ptr(out.expert_counts), B.ptr(out.expert_offsets)
-    p.sorted_slots, p.tile_experts = B.ptr(out.sorted_slots), B.ptr(out.tile_experts)
-    p.num_padded, p.workspace = B.ptr(out.num_padded), B.ptr(workspace)
+    p.expert_counts, p.expert_offsets = backends.ptr(out.expert_counts), backends.ptr(out.expert_offsets)
+    p.sorted_slots, p.tile_experts = backends.ptr(out.sorted_slots), backends.ptr(out.tile_experts)
+    p.num_padded, p.workspace = backends.ptr(out.num_padded), backends.ptr(workspace)
     if be == "cpu":
         mod.align_cpu(p)
     else:
-        mod.align_cuda(p, B.stream_of(be, dev))
+        mod.align_cuda(p, backends.stream_of(be, dev))
     return out

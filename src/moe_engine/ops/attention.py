@@ -13,31 +13,31 @@ from __future__ import annotations
 
 import torch
 
-from . import backend as B
+from . import backend as backends
 
 
 def attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          valid: torch.Tensor, S: int, scale: float) -> torch.Tensor:
     """q [B, H, hd]; k_cache, v_cache [B, Hkv, S_cap, hd] (one layer); valid [B, >= S] bool."""
-    mod = B.native_module("cpu")
-    Bsz, H, hd = q.shape
-    B.check(q, "q", dtype=(torch.float32, torch.bfloat16), device="cpu")
-    B.check(k_cache, "k_cache", dtype=q.dtype, shape=(Bsz, None, None, hd), device="cpu")
+    mod = backends.native_module("cpu")
+    B, H, hd = q.shape
+    backends.check(q, "q", dtype=(torch.float32, torch.bfloat16), device="cpu")
+    backends.check(k_cache, "k_cache", dtype=q.dtype, shape=(B, None, None, hd), device="cpu")
     _, Hkv, S_cap, _ = k_cache.shape
-    B.check(v_cache, "v_cache", dtype=q.dtype, shape=(Bsz, Hkv, S_cap, hd), device="cpu")
-    B.check(valid, "valid", dtype=torch.bool, device="cpu", contiguous=False)
-    if valid.dim() != 2 or valid.shape[0] != Bsz or valid.shape[1] < S or valid.stride(1) != 1:
-        raise ValueError(f"valid must be [B={Bsz}, >= S={S}] with unit column stride, got "
+    backends.check(v_cache, "v_cache", dtype=q.dtype, shape=(B, Hkv, S_cap, hd), device="cpu")
+    backends.check(valid, "valid", dtype=torch.bool, device="cpu", contiguous=False)
+    if valid.dim() != 2 or valid.shape[0] != B or valid.shape[1] < S or valid.stride(1) != 1:
+        raise ValueError(f"valid must be [B={B}, >= S={S}] with unit column stride, got "
                          f"{list(valid.shape)} strides {valid.stride()}")
     if not (0 < S <= S_cap) or H % Hkv:
         raise ValueError(f"attention_decode: S={S} S_cap={S_cap} H={H} Hkv={Hkv}")
     out = torch.empty_like(q)
-    ws = torch.empty(Bsz * H * S, dtype=torch.float32)
+    ws = torch.empty(B * H * S, dtype=torch.float32)
     p = mod.AttnDecodeParams()
     p.q, p.k_cache, p.v_cache, p.valid = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), valid.data_ptr()
     p.out, p.workspace, p.scale = out.data_ptr(), ws.data_ptr(), float(scale)
-    p.dtype = B.native_dtype(mod, q.dtype)
-    p.B, p.H, p.Hkv, p.hd, p.S, p.S_cap, p.valid_stride = Bsz, H, Hkv, hd, S, S_cap, valid.stride(0)
+    p.dtype = backends.native_dtype(mod, q.dtype)
+    p.B, p.H, p.Hkv, p.hd, p.S, p.S_cap, p.valid_stride = B, H, Hkv, hd, S, S_cap, valid.stride(0)
     mod.attention_decode_cpu(p)
     return out
 
@@ -48,29 +48,29 @@ def attention_block_decode_cpu(x: torch.Tensor, qkv, o, cos: torch.Tensor, sin: 
     """A layer's attention for one new token per sequence, in one call: x [B, D] (normed) ->
     packed q|k|v mat-vec -> rope (cos, sin [B, hd]) -> k, v into cache column `pos` -> attention
     over columns <= pos -> packed o mat-vec -> [B, D]. qkv, o: ops.packed.PackedWeight."""
-    mod = B.native_module("cpu")
-    Bsz, D = x.shape
+    mod = backends.native_module("cpu")
+    B, D = x.shape
     hd = cos.shape[-1]
-    B.check(x, "x", dtype=qkv.dtype, device="cpu")
-    B.check(cos, "cos", dtype=x.dtype, shape=(Bsz, hd))
-    B.check(sin, "sin", dtype=x.dtype, shape=(Bsz, hd))
-    B.check(k_cache, "k_cache", dtype=x.dtype, shape=(Bsz, Hkv, None, hd))
-    B.check(v_cache, "v_cache", dtype=x.dtype, shape=tuple(k_cache.shape))
+    backends.check(x, "x", dtype=qkv.dtype, device="cpu")
+    backends.check(cos, "cos", dtype=x.dtype, shape=(B, hd))
+    backends.check(sin, "sin", dtype=x.dtype, shape=(B, hd))
+    backends.check(k_cache, "k_cache", dtype=x.dtype, shape=(B, Hkv, None, hd))
+    backends.check(v_cache, "v_cache", dtype=x.dtype, shape=tuple(k_cache.shape))
     if qkv.N != (H + 2 * Hkv) * hd or qkv.K != D or o.N != D or o.K != H * hd:
         raise ValueError(f"attention_block_decode: packed qkv [{qkv.N}, {qkv.K}] / o [{o.N}, {o.K}] do "
                          f"not fit D={D} H={H} Hkv={Hkv} hd={hd}")
     if valid.dtype != torch.bool or valid.dim() != 2 or valid.stride(1) != 1 or valid.shape[1] <= pos:
         raise ValueError(f"valid must be bool [B, > pos={pos}] with unit column stride")
     out = torch.empty_like(x)
-    qkv_buf = torch.empty(Bsz, qkv.N, dtype=x.dtype)
-    attn_buf = torch.empty(Bsz, H * hd, dtype=x.dtype)
-    scores = torch.empty(Bsz * H * (pos + 1), dtype=torch.float32)
+    qkv_buf = torch.empty(B, qkv.N, dtype=x.dtype)
+    attn_buf = torch.empty(B, H * hd, dtype=x.dtype)
+    scores = torch.empty(B * H * (pos + 1), dtype=torch.float32)
     p = mod.AttnBlockParams()
     p.x, p.qkv, p.o, p.cos, p.sin = x.data_ptr(), qkv.data.data_ptr(), o.data.data_ptr(), cos.data_ptr(), sin.data_ptr()
     p.k_cache, p.v_cache, p.valid = k_cache.data_ptr(), v_cache.data_ptr(), valid.data_ptr()
     p.qkv_buf, p.attn_buf, p.scores, p.out = qkv_buf.data_ptr(), attn_buf.data_ptr(), scores.data_ptr(), out.data_ptr()
-    p.scale, p.dtype = float(scale), B.native_dtype(mod, x.dtype)
-    p.B, p.D, p.H, p.Hkv, p.hd = Bsz, D, H, Hkv, hd
+    p.scale, p.dtype = float(scale), backends.native_dtype(mod, x.dtype)
+    p.B, p.D, p.H, p.Hkv, p.hd = B, D, H, Hkv, hd
     p.pos, p.S_cap, p.valid_stride = pos, k_cache.shape[2], valid.stride(0)
     mod.attention_block_decode_cpu(p)
     return out

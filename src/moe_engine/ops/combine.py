@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend as B
+from . import backend as backends
 
 
 def combine_ref(expert_out, topk_weights, topk_ids, shared_out=None, residual=None):
@@ -36,34 +36,34 @@ def combine_ref(expert_out, topk_weights, topk_ids, shared_out=None, residual=No
 def combine(expert_out, topk_weights, topk_ids, shared_out=None, residual=None, *,
             backend: str = "auto", want_routed: bool = False, out: torch.Tensor | None = None):
     """Checked dispatcher. Returns (out, routed_out or None)."""
-    B.check(expert_out, "expert_out", dtype=(torch.float32, torch.bfloat16))
+    backends.check(expert_out, "expert_out", dtype=(torch.float32, torch.bfloat16))
     if expert_out.dim() != 3:
         raise ValueError(f"expert_out must be [T, k_max, D], got shape {list(expert_out.shape)}")
     T, k_max, D = expert_out.shape
     dev, dt = expert_out.device, expert_out.dtype
-    B.check(topk_weights, "topk_weights", dtype=torch.float32, shape=(T, k_max), device=dev)
-    B.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, k_max), device=dev)
-    B.check(shared_out, "shared_out", dtype=dt, shape=(T, D), device=dev, optional=True)
-    B.check(residual, "residual", dtype=dt, shape=(T, D), device=dev, optional=True)
-    B.check(out, "out", dtype=dt, shape=(T, D), device=dev, optional=True)
-    be = B.resolve(backend, dev)
+    backends.check(topk_weights, "topk_weights", dtype=torch.float32, shape=(T, k_max), device=dev)
+    backends.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, k_max), device=dev)
+    backends.check(shared_out, "shared_out", dtype=dt, shape=(T, D), device=dev, optional=True)
+    backends.check(residual, "residual", dtype=dt, shape=(T, D), device=dev, optional=True)
+    backends.check(out, "out", dtype=dt, shape=(T, D), device=dev, optional=True)
+    be = backends.resolve(backend, dev)
     if be == "torch":
         o, r = combine_ref(expert_out, topk_weights, topk_ids, shared_out, residual)
         if out is not None:
             out.copy_(o)
             o = out
         return o, (r if want_routed else None)
-    mod = B.native_module(be)
+    mod = backends.native_module(be)
     o = torch.empty((T, D), dtype=dt, device=dev) if out is None else out
     routed = torch.empty((T, D), dtype=dt, device=dev) if want_routed else None
     p = mod.CombineParams()
-    p.expert_out, p.topk_weights, p.topk_ids = B.ptr(expert_out), B.ptr(topk_weights), B.ptr(topk_ids)
-    p.shared_out, p.residual, p.out, p.routed_out = B.ptr(shared_out), B.ptr(residual), B.ptr(o), B.ptr(routed)
-    p.dtype = B.native_dtype(mod, dt)
+    p.expert_out, p.topk_weights, p.topk_ids = backends.ptr(expert_out), backends.ptr(topk_weights), backends.ptr(topk_ids)
+    p.shared_out, p.residual, p.out, p.routed_out = backends.ptr(shared_out), backends.ptr(residual), backends.ptr(o), backends.ptr(routed)
+    p.dtype = backends.native_dtype(mod, dt)
     p.T, p.k_max, p.D = T, k_max, D
     if T > 0:
         if be == "cpu":
             mod.combine_cpu(p)
         else:
-            mod.combine_cuda(p, B.stream_of(be, dev))
+            mod.combine_cuda(p, backends.stream_of(be, dev))
     return o, routed

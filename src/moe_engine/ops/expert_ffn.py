@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as Fn
 
-from . import backend as B
+from . import backend as backends
 from .packed import PackedWeight, pack_weight
 
 
@@ -50,18 +50,18 @@ def expert_ffn(x, topk_ids, experts_gate_up, experts_down, *, backend: str = "au
 
     packed: the cpu backend's packed copy of these experts (CpuExperts.pack); out: a
     preallocated expert_out (cpu backend)."""
-    B.check(x, "x", dtype=(torch.float32, torch.bfloat16))
+    backends.check(x, "x", dtype=(torch.float32, torch.bfloat16))
     if x.dim() != 2:
         raise ValueError(f"x must be [T, D], got shape {list(x.shape)}")
     T, D = x.shape
     dev, dt = x.device, x.dtype
-    B.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, None), device=dev)
-    B.check(experts_gate_up, "experts_gate_up", dtype=dt, shape=(None, None, D), device=dev)
+    backends.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, None), device=dev)
+    backends.check(experts_gate_up, "experts_gate_up", dtype=dt, shape=(None, None, D), device=dev)
     E, F2, _ = experts_gate_up.shape
     if F2 % 2:
         raise ValueError(f"experts_gate_up has {F2} rows per expert; expected an even 2F")
-    B.check(experts_down, "experts_down", dtype=dt, shape=(E, D, F2 // 2), device=dev)
-    be = B.resolve(backend, dev)
+    backends.check(experts_down, "experts_down", dtype=dt, shape=(E, D, F2 // 2), device=dev)
+    be = backends.resolve(backend, dev)
     if (packed is not None or out is not None) and be != "cpu":
         raise ValueError(f"packed= and out= belong to the cpu backend, not {be!r}")
     if be == "torch":
@@ -109,30 +109,30 @@ class CpuExperts:
 
 
 def workspace_bytes(dtype: torch.dtype, T: int, k_max: int, E: int, F: int) -> int:
-    mod = B.native_module("cpu")
-    return mod.expert_ffn_workspace_bytes(B.native_dtype(mod, dtype), T, k_max, E, F)
+    mod = backends.native_module("cpu")
+    return mod.expert_ffn_workspace_bytes(backends.native_dtype(mod, dtype), T, k_max, E, F)
 
 
 def expert_ffn_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed: CpuExperts, *,
                    out: torch.Tensor | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """The cpu kernel on already-validated x [T, D] and topk_ids [T, k_max]; sentinel slots
     come back as zero rows."""
-    mod = B.native_module("cpu")
+    mod = backends.native_module("cpu")
     E, D, F = packed.shape
     T, k_max = topk_ids.shape
-    B.check(x, "x", dtype=packed.dtype, shape=(T, D), device="cpu")
+    backends.check(x, "x", dtype=packed.dtype, shape=(T, D), device="cpu")
     out = torch.empty((T, k_max, D), dtype=x.dtype) if out is None else out
-    B.check(out, "out", dtype=x.dtype, shape=(T, k_max, D), device="cpu")
+    backends.check(out, "out", dtype=x.dtype, shape=(T, k_max, D), device="cpu")
     need = workspace_bytes(x.dtype, T, k_max, E, F)
     if workspace is None:
         workspace = torch.empty(need, dtype=torch.uint8)
-    B.check(workspace, "workspace", dtype=torch.uint8, device="cpu")
+    backends.check(workspace, "workspace", dtype=torch.uint8, device="cpu")
     if workspace.numel() < need:
         raise ValueError(f"workspace has {workspace.numel()} bytes; expert_ffn needs {need}")
     p = mod.ExpertFFNParams()
     p.x, p.w13, p.w2 = x.data_ptr(), packed.w13.data.data_ptr(), packed.w2.data.data_ptr()
     p.topk_ids, p.expert_out, p.workspace = topk_ids.data_ptr(), out.data_ptr(), workspace.data_ptr()
-    p.dtype, p.T, p.k_max, p.D, p.F, p.E = B.native_dtype(mod, x.dtype), T, k_max, D, F, E
+    p.dtype, p.T, p.k_max, p.D, p.F, p.E = backends.native_dtype(mod, x.dtype), T, k_max, D, F, E
     if T > 0 and k_max > 0:
         mod.expert_ffn_cpu(p)
     return out
@@ -147,7 +147,7 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
     T <= DECODE_MAX_T the no-sort decode path, else align + grouped GEMM up (SiLU*up fused) +
     grouped GEMM down writing expert_out in token order. bf16 only."""
     from .align import align
-    mod = B.native_module(backend)
+    mod = backends.native_module(backend)
     if x.dtype != torch.bfloat16:
         raise ValueError(f"the {backend} expert kernels take bfloat16, got {x.dtype}")
     T, D = x.shape
@@ -155,16 +155,16 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
     F = F2 // 2
     k_max = topk_ids.shape[1]
     dev = x.device
-    stream = B.stream_of(backend, dev)
+    stream = backends.stream_of(backend, dev)
     expert_out = torch.empty((T, k_max, D), dtype=x.dtype, device=dev)
     if T == 0:
         return expert_out
     if T <= DECODE_MAX_T:
         p = mod.MoeDecodeParams()
         act = torch.empty((T * k_max, F), dtype=x.dtype, device=dev)
-        p.x, p.topk_ids = B.ptr(x), B.ptr(topk_ids)
-        p.experts_gate_up, p.experts_down = B.ptr(experts_gate_up), B.ptr(experts_down)
-        p.act, p.expert_out = B.ptr(act), B.ptr(expert_out)
+        p.x, p.topk_ids = backends.ptr(x), backends.ptr(topk_ids)
+        p.experts_gate_up, p.experts_down = backends.ptr(experts_gate_up), backends.ptr(experts_down)
+        p.act, p.expert_out = backends.ptr(act), backends.ptr(expert_out)
         p.T, p.k_max, p.E, p.D, p.F = T, k_max, E, D, F
         mod.moe_decode_cuda(p, stream)
         return expert_out
@@ -174,10 +174,10 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
     act = torch.empty((cap, F), dtype=x.dtype, device=dev)
     for up in (True, False):
         p = mod.ExpertGemmParams()
-        p.a, p.a_stride = (B.ptr(x), D) if up else (B.ptr(act), F)
-        p.w = B.ptr(experts_gate_up if up else experts_down)
-        p.c = B.ptr(act if up else expert_out)
-        p.sorted_slots, p.tile_experts, p.num_padded = B.ptr(a.sorted_slots), B.ptr(a.tile_experts), B.ptr(a.num_padded)
+        p.a, p.a_stride = (backends.ptr(x), D) if up else (backends.ptr(act), F)
+        p.w = backends.ptr(experts_gate_up if up else experts_down)
+        p.c = backends.ptr(act if up else expert_out)
+        p.sorted_slots, p.tile_experts, p.num_padded = backends.ptr(a.sorted_slots), backends.ptr(a.tile_experts), backends.ptr(a.num_padded)
         p.T, p.k_max, p.E, p.D, p.F, p.capacity, p.block_m, p.up = T, k_max, E, D, F, cap, block_m, up
         mod.expert_gemm_cuda(p, stream)
     return expert_out
@@ -185,18 +185,18 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
 
 def shared_expert_cuda(x, gate_up, down, *, backend: str):
     """The shared experts as one dense SwiGLU on the CUDA kernels (csrc/cuda/shared_expert.cu)."""
-    mod = B.native_module(backend)
+    mod = backends.native_module(backend)
     T, D = x.shape
     S = down.shape[1]
-    B.check(x, "x", dtype=torch.bfloat16)
-    B.check(gate_up, "shared gate_up", dtype=torch.bfloat16, shape=(2 * S, D))
-    B.check(down, "shared down", dtype=torch.bfloat16, shape=(D, S))
+    backends.check(x, "x", dtype=torch.bfloat16)
+    backends.check(gate_up, "shared gate_up", dtype=torch.bfloat16, shape=(2 * S, D))
+    backends.check(down, "shared down", dtype=torch.bfloat16, shape=(D, S))
     out = torch.empty((T, D), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
     act = torch.empty((T, S), dtype=x.dtype, device=x.device)
     p = mod.SharedExpertParams()
-    p.x, p.x_stride, p.gate_up, p.down = B.ptr(x), D, B.ptr(gate_up), B.ptr(down)
-    p.act, p.shared_out, p.T, p.D, p.S = B.ptr(act), B.ptr(out), T, D, S
-    mod.shared_expert_cuda(p, B.stream_of(backend, x.device))
+    p.x, p.x_stride, p.gate_up, p.down = backends.ptr(x), D, backends.ptr(gate_up), backends.ptr(down)
+    p.act, p.shared_out, p.T, p.D, p.S = backends.ptr(act), backends.ptr(out), T, D, S
+    mod.shared_expert_cuda(p, backends.stream_of(backend, x.device))
     return out

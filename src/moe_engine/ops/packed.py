@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backend as B
+from . import backend as backends
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,15 @@ class PackedWeight:
 
 def pack_weight(w: torch.Tensor, gate_up: bool = False) -> PackedWeight:
     """Pack [E, N, K] (or [N, K] as E = 1) into panels; gate_up: rows are [gate F | up F]."""
-    mod = B.native_module("cpu")
-    B.check(w, "w", dtype=(torch.float32, torch.bfloat16), device="cpu", contiguous=False)
+    mod = backends.native_module("cpu")
+    backends.check(w, "w", dtype=(torch.float32, torch.bfloat16), device="cpu", contiguous=False)
     w3 = (w.unsqueeze(0) if w.dim() == 2 else w).contiguous()
     if w3.dim() != 3:
         raise ValueError(f"w must be [N, K] or [E, N, K], got shape {list(w.shape)}")
     E, N, K = w3.shape
     if gate_up and N % 2:
         raise ValueError(f"gate_up weight has {N} rows; expected an even 2F")
-    dt = B.native_dtype(mod, w3.dtype)
+    dt = backends.native_dtype(mod, w3.dtype)
     data = torch.empty(mod.pack_size_bytes(dt, E, N, K, gate_up), dtype=torch.uint8)
     p = mod.PackParams()
     p.src, p.dst, p.dtype, p.E, p.N, p.K, p.gate_up = w3.data_ptr(), data.data_ptr(), dt, E, N, K, gate_up
@@ -56,16 +56,16 @@ def pack_weight(w: torch.Tensor, gate_up: bool = False) -> PackedWeight:
 
 def linear_cpu(x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T with a packed [N, K] weight."""
-    mod = B.native_module("cpu")
+    mod = backends.native_module("cpu")
     if w.E != 1 or w.gate_up:
         raise ValueError(f"linear_cpu needs a plain packed [N, K] weight, got E={w.E} gate_up={w.gate_up}")
-    B.check(x, "x", dtype=w.dtype, shape=(None, w.K), device="cpu")
+    backends.check(x, "x", dtype=w.dtype, shape=(None, w.K), device="cpu")
     T = x.shape[0]
     y = torch.empty((T, w.N), dtype=x.dtype) if out is None else out
-    B.check(y, "out", dtype=x.dtype, shape=(T, w.N), device="cpu")
+    backends.check(y, "out", dtype=x.dtype, shape=(T, w.N), device="cpu")
     p = mod.LinearParams()
     p.x, p.w, p.y = x.data_ptr(), w.data.data_ptr(), y.data_ptr()
-    p.dtype, p.T, p.N, p.K = B.native_dtype(mod, x.dtype), T, w.N, w.K
+    p.dtype, p.T, p.N, p.K = backends.native_dtype(mod, x.dtype), T, w.N, w.K
     if T > 0:
         mod.linear_cpu(p)
     return y

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend as B
+from . import backend as backends
 
 MASK_MODES = ("reroute", "zero")
 
@@ -100,7 +100,7 @@ def route(router_logits: torch.Tensor, k: int, *, k_max: int | None = None,
     the model passes them so no per-call host-to-device copy is needed. `usage_counts` [E]
     int32 is incremented by the chosen slots when given.
     """
-    B.check(router_logits, "router_logits", dtype=(torch.float32, torch.bfloat16), contiguous=False)
+    backends.check(router_logits, "router_logits", dtype=(torch.float32, torch.bfloat16), contiguous=False)
     if router_logits.dim() != 2 or router_logits.stride(1) != 1:
         raise ValueError(f"router_logits must be [T, E] with unit stride along E, got shape "
                          f"{list(router_logits.shape)} strides {router_logits.stride()}")
@@ -112,9 +112,9 @@ def route(router_logits: torch.Tensor, k: int, *, k_max: int | None = None,
     elif not 0 <= k <= min(E, k_max):
         raise ValueError(f"topk = {k} is out of range; expected 0 <= topk <= {min(E, k_max)}")
     if expert_mask is not None:
-        B.check(expert_mask, "expert_mask", shape=(E,), device=dev)
-    B.check(usage_counts, "usage_counts", dtype=torch.int32, shape=(E,), device=dev, optional=True)
-    be = B.resolve(backend, dev)
+        backends.check(expert_mask, "expert_mask", shape=(E,), device=dev)
+    backends.check(usage_counts, "usage_counts", dtype=torch.int32, shape=(E,), device=dev, optional=True)
+    be = backends.resolve(backend, dev)
     if be == "torch":
         ids, w, probs = route_ref(router_logits, k, k_max=k_max, expert_mask=expert_mask,
                                   mask_mode=mask_mode, force_expert=force_expert,
@@ -124,7 +124,7 @@ def route(router_logits: torch.Tensor, k: int, *, k_max: int | None = None,
             usage_counts += torch.bincount(valid, minlength=E).to(torch.int32)
         return ids, w, (probs if want_probs else None)
 
-    mod = B.native_module(be)
+    mod = backends.native_module(be)
     if controls is None:
         k_t = torch.tensor([k], dtype=torch.int32, device=dev)
         mask_t = None if expert_mask is None else expert_mask.to(torch.uint8).contiguous()
@@ -135,21 +135,21 @@ def route(router_logits: torch.Tensor, k: int, *, k_max: int | None = None,
     w = torch.empty((T, k_max), dtype=torch.float32, device=dev)
     probs = torch.empty((T, E), dtype=torch.float32, device=dev) if want_probs else None
     p = mod.RouteParams()
-    p.router_logits = B.ptr(router_logits)
-    p.logits_dtype = B.native_dtype(mod, router_logits.dtype)
+    p.router_logits = backends.ptr(router_logits)
+    p.logits_dtype = backends.native_dtype(mod, router_logits.dtype)
     p.logits_stride = router_logits.stride(0)
     p.T, p.E, p.k_max = T, E, k_max
-    p.k = B.ptr(k_t)
-    p.expert_mask = B.ptr(mask_t)
+    p.k = backends.ptr(k_t)
+    p.expert_mask = backends.ptr(mask_t)
     p.mask_mode = getattr(mod.MaskMode, mask_mode)
-    p.force_expert = B.ptr(force_t)
+    p.force_expert = backends.ptr(force_t)
     p.renormalize = bool(renormalize)
-    p.topk_ids, p.topk_weights = B.ptr(ids), B.ptr(w)
-    p.router_probs = B.ptr(probs)
-    p.usage_counts = B.ptr(usage_counts)
+    p.topk_ids, p.topk_weights = backends.ptr(ids), backends.ptr(w)
+    p.router_probs = backends.ptr(probs)
+    p.usage_counts = backends.ptr(usage_counts)
     if T > 0:
         if be == "cpu":
             mod.route_cpu(p)
         else:
-            mod.route_cuda(p, B.stream_of(be, dev))
+            mod.route_cuda(p, backends.stream_of(be, dev))
     return ids, w, probs
