@@ -36,7 +36,7 @@ from moe_engine.synthetic import make_checkpoint
 torch.set_num_threads(1)
 
 # emu runs the CUDA kernels on the CPU (keep its shapes tiny); cuda needs the model on the GPU;
-# the CUDA kernels (so emu too) take bf16 only (DESIGN.md decision 4).
+# the CUDA kernels (so emu too) take bf16 only (docs/design.md §4).
 DEVICE = {"torch": "cpu", "cpu": "cpu", "emu": "cpu", "cuda": "cuda"}
 DTYPES = {"torch": ("float32", "bfloat16"), "cpu": ("float32", "bfloat16"),
           "emu": ("bfloat16",), "cuda": ("bfloat16",)}
