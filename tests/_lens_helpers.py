@@ -31,7 +31,7 @@ from moe_engine.model import Model
 from moe_engine.ops import available_backends
 from moe_engine.synthetic import make_checkpoint
 
-# Tiny shapes: one thread is ~10x faster than two on the shared, oversubscribed CI/dev cores
+# Tiny shapes: one thread is much faster than two on shared, oversubscribed cores
 # (idle threads spin-wait), and the results do not depend on it.
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
-"""Every repository path that the docs, comments and docstrings name exists, and nothing cites
-design notes that live outside the repository (docs/design.md §14: the repository is
-self-contained).
+"""Every repository path that the docs, comments and docstrings name exists, nothing cites
+design notes that live outside the repository, and no source file carries a machine's
+throughput figures, which belong in bench/README.md (docs/design.md §14).
 
 Scanned: README.md, docs/*.md, bench/README.md, CMakeLists.txt, pyproject.toml, .ci/run, and
 every source file under src/, csrc/, tests/, tools/, bench/ (whole text: a path in a code line
@@ -125,6 +125,18 @@ def scan(files, root: Path = ROOT):
     return n, problems
 
 
+# A throughput figure (digits then a rate unit) or "this box": measurements of one machine.
+MACHINE_NUMBERS = re.compile(r"\d+(?:\.\d+)? ?(?:GB/s|TB/s|GFLOP/s|TFLOP/s|tok/s|tokens/s)\b"
+                             r"|\bthis (?:2-core )?box\b")
+
+
+def machine_numbers(files, root: Path = ROOT) -> list[str]:
+    return [f"{f.relative_to(root)}:{i}: {m.group(0)!r}"
+            for f in files if f.suffix != ".md"
+            for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+            for m in MACHINE_NUMBERS.finditer(line)]
+
+
 def test_every_named_path_exists():
     files = scanned_files()
     # Guard against a scan that silently reads nothing.
@@ -132,6 +144,19 @@ def test_every_named_path_exists():
     n, problems = scan(files)
     assert n > 150, f"only {n} path references found: the scanner is broken"
     assert not problems, "\n".join(["references to files that are not in the repository:"] + problems)
+
+
+def test_no_machine_numbers_in_sources():
+    found = machine_numbers(scanned_files())
+    assert not found, "\n".join(["move these measurements to bench/README.md (keep the reason):"] + found)
+
+
+def test_machine_numbers_are_flagged(tmp_path):
+    src = tmp_path / "k.cpp"
+    src.write_text("// On this 2-core box it runs at 85-105 GFLOP/s, 3.35 TB/s.\n"
+                   "// prints {rate:.1f} tok/s; GB/s of the bytes moved\n")
+    assert machine_numbers([src], tmp_path) == [
+        "k.cpp:1: 'this 2-core box'", "k.cpp:1: '105 GFLOP/s'", "k.cpp:1: '3.35 TB/s'"]
 
 
 def test_scanner_flags_a_made_up_path(tmp_path):
