@@ -8,7 +8,9 @@ must exist just as one in a comment). A reference is a word starting with a top-
 (`src/`, `csrc/`, `tests/`, `tools/`, `docs/`, `bench/`, `.ci/`), or `moe_engine/...` (read as
 src/moe_engine/...), or a file under one of the package's or csrc's sub-folders (`cpu/x.cpp`,
 `ops/route.py`, read relative to csrc/, src/moe_engine/ or the citing file's folder). Brace
-forms `a/{b,c}.cu` expand; `*` and `{name}` placeholders must match at least one file.
+forms `a/{b,c}.cu` expand; `*` and `{name}` placeholders must match at least one file. A bare
+file name (`oracle.py`) must be the name of some file in the repository. This file is not
+scanned: its examples are made up on purpose.
 """
 import glob
 import os
@@ -34,7 +36,7 @@ FILE_EXT = re.compile(r"\.(py|cpp|h|cu|cuh|sh|md|txt|json|toml|safetensors|png)$
 _BARE = re.compile(r"(?<![\w./<>{}-])([A-Za-z][\w-]*\.(?:py|cpp|cu|cuh|md|sh))\b")
 EXTERNAL_NAMES = {"llama.cpp", "modeling_deepseek.py"}  # files of other projects
 _PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w.{},*/-]*)" % "|".join(re.escape(p) for p in TOP + SUB))
-# Written so that this file does not match itself: each is the forbidden text, split.
+# Citations of notes kept outside the repository.
 FORBIDDEN = [re.compile(r"(?<![\w.-])" + "notes" + r"[/]"),
              re.compile(r"(?<![\w.-])" + "shared" + r"[/]"),
              re.compile("DESIGN" + r"[.]md")]
