@@ -25,6 +25,7 @@ TOP_DOCS = ["README.md", "CMakeLists.txt", "pyproject.toml", ".ci/run", "bench/R
 SOURCE_DIRS = ["src", "csrc", "tests", "tools", "bench", "docs"]
 SOURCE_SUFFIXES = {".py", ".h", ".cpp", ".cu", ".cuh", ".sh", ".md", ".txt", ".toml"}
 SKIP_PARTS = {"__pycache__", "build", ".pytest_cache"}
+SELF = Path(__file__).resolve().relative_to(ROOT)  # not scanned: its examples are made up
 
 # Folders at the repository root, and the sub-folders a reference may start with.
 TOP = ("src", "csrc", "tests", "tools", "docs", "bench", ".ci")
@@ -48,7 +49,7 @@ def scanned_files(root: Path = ROOT) -> list[Path]:
         for p in sorted((root / d).rglob("*")):
             rel = p.relative_to(root)
             if (p.is_file() and p.suffix in SOURCE_SUFFIXES and not SKIP_PARTS & set(rel.parts)
-                    and p not in files and p != Path(__file__).resolve()):  # its examples are made up
+                    and p not in files and rel != SELF):
                 files.append(p)
     return files
 
