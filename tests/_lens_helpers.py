@@ -31,12 +31,12 @@ from moe_engine.model import Model
 from moe_engine.ops import available_backends
 from moe_engine.synthetic import make_checkpoint
 
-# Tiny shapes: one thread is ~10x faster than two on the shared, oversubscribed CI/dev cores
+# Tiny shapes: one thread is much faster than two on shared, oversubscribed cores
 # (idle threads spin-wait), and the results do not depend on it.
 torch.set_num_threads(1)
 
 # emu runs the CUDA kernels on the CPU (keep its shapes tiny); cuda needs the model on the GPU;
-# the CUDA kernels (so emu too) take bf16 only (DESIGN.md decision 4).
+# the CUDA kernels (so emu too) take bf16 only (docs/design.md §4).
 DEVICE = {"torch": "cpu", "cpu": "cpu", "emu": "cpu", "cuda": "cuda"}
 DTYPES = {"torch": ("float32", "bfloat16"), "cpu": ("float32", "bfloat16"),
           "emu": ("bfloat16",), "cuda": ("bfloat16",)}

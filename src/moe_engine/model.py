@@ -1,6 +1,6 @@
 """The DeepSeekMoE runtime: embedding -> decoder layers (attention + dense or MoE FFN) -> final
 norm -> lm_head, with a preallocated KV cache and batched prefill / decode of prompts of
-different lengths. Semantics: ../shared/notes/deepseekmoe.md (Hugging Face remote code).
+different lengths. Semantics: docs/model.md (Hugging Face remote code).
 
 Shape legend: B sequences, T new tokens per sequence in this call, N valid (non-pad) tokens of
 the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E routed experts,
@@ -157,7 +157,7 @@ class Model:
         be = self.backend if backend is None else backends.resolve(backend, self.device)
         if be == "cpu" and attention_mask is None and capture is None and cache is not None:
             # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
-            # and entering the mode costs ~40 us on the caches a step leaves cold
+            # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
             out = self._decode_step_cpu(input_ids, cache, interventions, intervention_kwargs, usage)
             if out is not None:
                 return out if logits == "last" else out.unsqueeze(1)

@@ -1,4 +1,4 @@
-"""Lens taps (DESIGN.md decision 6): named points of the forward pass whose values a call can
+"""Lens taps (docs/design.md §6): named points of the forward pass whose values a call can
 capture (or patch) without touching model code.
 
 Names follow TransformerLens:

@@ -1,13 +1,13 @@
 """python -m moe_engine.lens SUB [--model DIR] --out DIR [options] PATH...
 
-Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
+Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
     routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
     early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
     topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
     similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
 
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
-code's choices (minus its misalignment); the default follows the notes.
+code's choices (minus its misalignment); the default follows docs/lens.md "Definitions".
 """
 from __future__ import annotations
 

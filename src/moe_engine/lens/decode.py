@@ -1,4 +1,4 @@
-"""The logit lens and the MoE-specific residuals it decodes (notes/lens.md, analysis 2).
+"""The logit lens and the MoE-specific residuals it decodes (docs/lens.md, Definitions 2).
 
 Shape legend: N captured tokens, K top-k of the layer, D hidden, V vocab, n top tokens.
 
@@ -8,7 +8,7 @@ Per MoE layer l and token t, with a = hook_resid_mid, u = moe.hook_in, w_j = hoo
     cumulative(k)  H^{l_k} = base + sum_{j<=k} c_j w_j E_j      k = 1..K      [N, K, D]
     single(j)               base + E_j                                         [N, K, D]
 
-base = a ("resid_mid", the notes' default) or u ("moe_in", the paper code's choice); c_j = 1, or
+base = a ("resid_mid", the default preset) or u ("moe_in", the paper code's choice); c_j = 1, or
 1 / sum_{i<=k} w_i when renormalised (the paper code). Shared experts are excluded by
 definition; for k = K, base = a and no renormalisation, H^{l_K} + shared_out = hook_resid_post.
 
