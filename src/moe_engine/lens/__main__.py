@@ -1,13 +1,14 @@
 """python -m moe_engine.lens SUB [--model DIR] --out DIR [options] PATH...
 
-Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
+Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
     routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
     early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
     topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
     similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
 
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
-code's choices (minus its misalignment); the default follows the notes.
+code's definitions, --preset paper-as-run also its two defects (so its figures reproduce); the
+default, notes, is ours. docs/lens.md has the formulas of each.
 """
 from __future__ import annotations
 
@@ -51,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", default="auto",
                         choices=["auto", "torch", "cpu", "cuda", "emu"])
     common.add_argument("--max-len", type=int, default=None,
-                        help="tokens per sample (default 2048, capped by the model's context)")
+                        help="tokens per sample (default 2048, routing under the paper presets"
+                             " 4096; capped by the model's context)")
     common.add_argument("--batch-tokens", type=int, default=A.BATCH_TOKENS,
                         help="padded tokens per forward call")
-    common.add_argument("--split", default="file", choices=SPLITS,
-                        help="documents of a plain-text file")
+    common.add_argument("--split", default=None, choices=SPLITS,
+                        help="documents of a plain-text file (default: the preset's: notes "
+                             "file, paper line)")
+    common.add_argument("--renormalize", default="model", choices=["model", "on", "off"],
+                        help="divide the top-k weights by their sum (default: the model's own)")
     common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
@@ -98,9 +103,11 @@ def run(args) -> list[Path]:
     progress = not args.no_progress
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
+    renorm = {"model": None, "on": True, "off": False}[args.renormalize]
     files: list[Path] = []
     if args.command == "routing":
-        res = A.route_corpus(model, domains, topk=args.topk, **corpus_kw).to_json()
+        res = A.route_corpus(model, domains, preset=args.preset, topk=args.topk,
+                             renormalize=renorm, **corpus_kw).to_json()
         files.append(_write_json(out / "routing.json", res))
         files += P.plot_routing(res, out, layers=args.plot_layers)
     elif args.command == "early-decode":
@@ -111,18 +118,19 @@ def run(args) -> list[Path]:
         results = []
         for name, prompt in prompts:
             r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
-                               label=name, topk=args.topk).to_json()
+                               label=name, topk=args.topk, renormalize=renorm).to_json()
             results.append(r)
             files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
         summary = {"analysis": "early-decode", "results": results}
         files.insert(0, _write_json(out / "early_decode.json", summary))
     elif args.command == "topk-sweep":
-        res = A.topk_sweep(model, domains, ks=args.ks, **corpus_kw).to_json()
+        res = A.topk_sweep(model, domains, ks=args.ks, preset=args.preset, renormalize=renorm,
+                           **corpus_kw).to_json()
         files.append(_write_json(out / "topk_sweep.json", res))
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
         res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
-                           **corpus_kw).to_json()
+                           renormalize=renorm, **corpus_kw).to_json()
         files.append(_write_json(out / "similarity.json", res))
         files.append(P.plot_similarity(res, out / "similarity.png"))
     return files
@@ -130,7 +138,8 @@ def run(args) -> list[Path]:
 
 def _first_prompt(model: Model, d: Domain, args) -> list[int]:
     from .corpus import iter_samples
-    for s in iter_samples(d, model.tokenizer, args.prompt_tokens, split=args.split):
+    split = A.get_preset(args.preset).split if args.split is None else args.split
+    for s in iter_samples(d, model.tokenizer, args.prompt_tokens, split=split):
         return s
     raise ValueError(f"domain {d.name!r} has no text to decode")
 

@@ -120,10 +120,9 @@ def plot_topk_sweep(res: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ks = res["ks"]
     for name, d in res["domains"].items():
-        ax.plot(ks, [d["normalised_log_perplexity"][str(k)] for k in ks], marker="o", label=name)
-    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        ax.plot(ks, [d["perplexity"][str(k)] for k in ks], marker="o", label=name)
     ax.set_xlabel("top-k experts per token")
-    ax.set_ylabel(f"normalised log perplexity (÷ k={res['reference_k']})")
+    ax.set_ylabel("perplexity")
     ax.set_xticks(ks)
     ax.set_title("Perplexity vs top-k", fontsize=11)
     ax.grid(alpha=0.3)
