@@ -7,6 +7,7 @@ cpu) and bf16 on emu/cuda; closed forms are float64; tolerances.py ("lens_known_
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -390,6 +391,28 @@ def test_cli_end_to_end(sub, routing_dir, two_domains, tmp_path, capsys):
     data = json.loads(js[0].read_text())
     for p in pngs:
         _png_ok(p)
+    # every JSON also as long-format CSV, one value per row
+    expected = {"routing": ["routing.csv"], "early-decode": ["early_decode.csv"],
+                "topk-sweep": ["topk_sweep.csv", "topk_sweep_samples.csv"],
+                "similarity": ["similarity.csv"]}[sub]
+    assert sorted(p.name for p in out.glob("*.csv")) == expected
+    with open(out / expected[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    if sub == "routing":
+        assert len(rows) == 2 * 2 * 12                      # domain x layer x expert
+        r = [r for r in rows if (r["domain"], r["layer"], r["expert"]) == ("digits", "1", "0")]
+        assert float(r[0]["percent"]) == 100.0
+    elif sub == "early-decode":
+        cols = {r["column"] for r in rows if r["layer"] == "1"}
+        assert cols == {"layer_out", *(f"k={k}" for k in range(1, 7)),
+                        *(f"single{j}" for j in range(1, 7))}
+    elif sub == "topk-sweep":
+        assert [(r["domain"], r["k"]) for r in rows] == [(d, k) for d in ("digits", "plain")
+                                                         for k in ("1", "3", "6")]
+        assert float(rows[0]["perplexity"]) == pytest.approx(data["domains"]["digits"]["perplexity"]["1"])
+    else:
+        assert len(rows) == 2 * 2 * 3                       # domain x layer x metric
+        assert float(rows[0]["mean"]) == pytest.approx(data["domains"]["digits"]["1"]["mean"])
     if sub == "routing":
         assert data["domains"]["digits"]["layers"]["1"]["percent"] == [100.0] * 6 + [0.0] * 6
         assert data["domains"]["plain"]["layers"]["2"]["percent"] == [0.0] * 6 + [100.0] * 6

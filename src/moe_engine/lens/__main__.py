@@ -5,6 +5,10 @@ Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PA
     early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
     topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
     similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
+    router-stats  router entropy, mean router probability      router_stats.json, .png
+    coactivation  which experts fire together (pair lift)       coactivation.json, _layerNN.png
+    vocab         tokens most routed to each expert             vocab.json, vocab_layerNN.png
+Every JSON is also written as long-format CSV beside it.
 
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
 code's definitions, --preset paper-as-run also its two defects (so its figures reproduce); the
@@ -24,8 +28,10 @@ from ..model import Model
 from . import analyses as A
 from . import plots as P
 from .corpus import SPLITS, Domain, domain_from_path
+from .export import write_csv
 
-SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity")
+SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity", "router-stats",
+               "coactivation", "vocab")
 
 
 def _int_list(s: str) -> list[int]:
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_int_list, help="values of k (default 1..K)")
     p = sub.add_parser("similarity", parents=[common], help="single vs ensemble cosine similarity")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    _add_stats_parsers(sub, common)
     return ap
 
 
@@ -109,6 +116,7 @@ def run(args) -> list[Path]:
         res = A.route_corpus(model, domains, preset=args.preset, topk=args.topk,
                              renormalize=renorm, **corpus_kw).to_json()
         files.append(_write_json(out / "routing.json", res))
+        files += write_csv(out / "routing", res)
         files += P.plot_routing(res, out, layers=args.plot_layers)
     elif args.command == "early-decode":
         prompts: list[tuple[str, str | list[int]]] = [(f"prompt{i}", t)
@@ -122,17 +130,22 @@ def run(args) -> list[Path]:
             results.append(r)
             files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
         summary = {"analysis": "early-decode", "results": results}
-        files.insert(0, _write_json(out / "early_decode.json", summary))
+        files[:0] = [_write_json(out / "early_decode.json", summary),
+                     *write_csv(out / "early_decode", summary)]
     elif args.command == "topk-sweep":
         res = A.topk_sweep(model, domains, ks=args.ks, preset=args.preset, renormalize=renorm,
                            **corpus_kw).to_json()
         files.append(_write_json(out / "topk_sweep.json", res))
+        files += write_csv(out / "topk_sweep", res)
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
         res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
                            renormalize=renorm, **corpus_kw).to_json()
         files.append(_write_json(out / "similarity.json", res))
+        files += write_csv(out / "similarity", res)
         files.append(P.plot_similarity(res, out / "similarity.png"))
+    elif args.command in STATS_COMMANDS:
+        files += _run_stats(args, model, domains, out, corpus_kw, renorm)
     return files
 
 
@@ -146,6 +159,40 @@ def _first_prompt(model: Model, d: Domain, args) -> list[int]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---- routing statistics (lens/stats.py): router-stats, coactivation, vocab -----------------------
+
+STATS_COMMANDS = ("router-stats", "coactivation", "vocab")
+
+
+def _add_stats_parsers(sub, common) -> None:
+    p = sub.add_parser("router-stats", parents=[common],
+                       help="router entropy and mean router probability per layer")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p = sub.add_parser("coactivation", parents=[common], help="which experts fire together")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p.add_argument("--plot-layers", type=_int_list,
+                   help="layers to draw (default: all MoE layers)")
+    p = sub.add_parser("vocab", parents=[common], help="tokens most routed to each expert")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p.add_argument("--top", type=int, default=10, help="tokens per expert")
+    p.add_argument("--layers", type=_int_list, help="MoE layers to count (default: all)")
+
+
+def _run_stats(args, model, domains, out: Path, corpus_kw: dict, renorm) -> list[Path]:
+    from . import stats as S
+    kw = dict(preset=args.preset, topk=args.topk, renormalize=renorm, **corpus_kw)
+    if args.command == "router-stats":
+        res = S.router_stats(model, domains, **kw).to_json()
+        stem, plots = "router_stats", lambda r: [P.plot_router_stats(r, out / "router_stats.png")]
+    elif args.command == "coactivation":
+        res = S.coactivation(model, domains, **kw).to_json()
+        stem, plots = "coactivation", lambda r: P.plot_coactivation(r, out, args.plot_layers)
+    else:
+        res = S.vocab(model, domains, top=args.top, layers=args.layers, **kw).to_json()
+        stem, plots = "vocab", lambda r: P.plot_vocab(r, out)
+    return [_write_json(out / f"{stem}.json", res), *write_csv(out / stem, res), *plots(res)]
 
 
 def main(argv=None) -> int:
@@ -165,3 +212,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
