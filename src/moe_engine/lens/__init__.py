@@ -20,6 +20,7 @@ The command line runs the same analyses and writes JSON + PNG: python -m moe_eng
 from .analyses import (PRESETS, EarlyDecodeResult, LayerStream, Preset, RoutingResult,
                        SimilarityResult, TopkSweepResult, document_samples, early_decode,
                        get_preset, route_corpus, similarity, topk_sweep)
+from .attribution import ExpertAttribution, attribute_experts
 from .corpus import Domain, as_domains, domain_from_path, iter_batches, iter_samples
 from .decode import (ExpertView, LensOutput, cumulative, expert_view, lens_tap_names, logit_lens,
                      single, token_text)
@@ -38,4 +39,5 @@ __all__ = ["PRESETS", "Domain", "EarlyDecodeResult", "ExpertView", "LayerStream"
            "read_taps", "route_corpus", "similarity", "single", "token_text", "topk_sweep",
            "csv_tables", "write_csv", "document_samples", "CoactivationResult",
            "RouterStatsResult", "VocabResult", "coactivation", "router_stats", "vocab",
-           "plot_router_stats", "plot_coactivation", "plot_vocab"]
+           "plot_router_stats", "plot_coactivation", "plot_vocab", "ExpertAttribution",
+           "attribute_experts"]
