@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "file, paper line)")
     common.add_argument("--renormalize", default="model", choices=["model", "on", "off"],
                         help="divide the top-k weights by their sum (default: the model's own)")
+    common.add_argument("--expert-mask-file", type=Path,
+                        help="experts to remove, a mask file of python -m moe_engine.prune")
+    common.add_argument("--mask-mode", default="reroute", choices=["reroute", "zero"],
+                        help="how --expert-mask-file removes experts (default reroute)")
     common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
@@ -111,10 +115,18 @@ def run(args) -> list[Path]:
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
     renorm = {"model": None, "on": True, "off": False}[args.renormalize]
+    mask_kw = {}
+    if args.expert_mask_file is not None:
+        if args.command == "topk-sweep":
+            raise ValueError("topk-sweep takes no expert mask (it overrides k only)")
+        from ..prune import load_mask
+        c = model.config
+        mask_kw = dict(expert_mask=load_mask(args.expert_mask_file, c.num_hidden_layers,
+                                             c.n_routed_experts), mask_mode=args.mask_mode)
     files: list[Path] = []
     if args.command == "routing":
         res = A.route_corpus(model, domains, preset=args.preset, topk=args.topk,
-                             renormalize=renorm, **corpus_kw).to_json()
+                             renormalize=renorm, **mask_kw, **corpus_kw).to_json()
         files.append(_write_json(out / "routing.json", res))
         files += write_csv(out / "routing", res)
         files += P.plot_routing(res, out, layers=args.plot_layers)
@@ -126,7 +138,8 @@ def run(args) -> list[Path]:
         results = []
         for name, prompt in prompts:
             r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
-                               label=name, topk=args.topk, renormalize=renorm).to_json()
+                               label=name, topk=args.topk, renormalize=renorm,
+                               **mask_kw).to_json()
             results.append(r)
             files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
         summary = {"analysis": "early-decode", "results": results}
@@ -140,12 +153,12 @@ def run(args) -> list[Path]:
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
         res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
-                           renormalize=renorm, **corpus_kw).to_json()
+                           renormalize=renorm, **mask_kw, **corpus_kw).to_json()
         files.append(_write_json(out / "similarity.json", res))
         files += write_csv(out / "similarity", res)
         files.append(P.plot_similarity(res, out / "similarity.png"))
     elif args.command in STATS_COMMANDS:
-        files += _run_stats(args, model, domains, out, corpus_kw, renorm)
+        files += _run_stats(args, model, domains, out, corpus_kw, renorm, mask_kw)
     return files
 
 
@@ -180,9 +193,10 @@ def _add_stats_parsers(sub, common) -> None:
     p.add_argument("--layers", type=_int_list, help="MoE layers to count (default: all)")
 
 
-def _run_stats(args, model, domains, out: Path, corpus_kw: dict, renorm) -> list[Path]:
+def _run_stats(args, model, domains, out: Path, corpus_kw: dict, renorm,
+               mask_kw: dict) -> list[Path]:
     from . import stats as S
-    kw = dict(preset=args.preset, topk=args.topk, renormalize=renorm, **corpus_kw)
+    kw = dict(preset=args.preset, topk=args.topk, renormalize=renorm, **mask_kw, **corpus_kw)
     if args.command == "router-stats":
         res = S.router_stats(model, domains, **kw).to_json()
         stem, plots = "router_stats", lambda r: [P.plot_router_stats(r, out / "router_stats.png")]
