@@ -21,6 +21,7 @@ from .analyses import (PRESETS, EarlyDecodeResult, LayerStream, Preset, RoutingR
                        SimilarityResult, TopkSweepResult, document_samples, early_decode,
                        get_preset, route_corpus, similarity, topk_sweep)
 from .attribution import ExpertAttribution, attribute_experts
+from .capture import capture_corpus
 from .corpus import Domain, as_domains, domain_from_path, iter_batches, iter_samples
 from .decode import (ExpertView, LensOutput, cumulative, expert_view, lens_tap_names, logit_lens,
                      single, token_text)
@@ -40,4 +41,4 @@ __all__ = ["PRESETS", "Domain", "EarlyDecodeResult", "ExpertView", "LayerStream"
            "csv_tables", "write_csv", "document_samples", "CoactivationResult",
            "RouterStatsResult", "VocabResult", "coactivation", "router_stats", "vocab",
            "plot_router_stats", "plot_coactivation", "plot_vocab", "ExpertAttribution",
-           "attribute_experts"]
+           "attribute_experts", "capture_corpus"]

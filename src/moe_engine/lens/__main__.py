@@ -8,6 +8,7 @@ Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PA
     router-stats  router entropy, mean router probability      router_stats.json, .png
     coactivation  which experts fire together (pair lift)       coactivation.json, _layerNN.png
     vocab         tokens most routed to each expert             vocab.json, vocab_layerNN.png
+    capture       taps of a whole corpus to safetensors shards  shard-NNNNN.safetensors, index.json
 Every JSON is also written as long-format CSV beside it.
 
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
@@ -31,7 +32,7 @@ from .corpus import SPLITS, Domain, domain_from_path
 from .export import write_csv
 
 SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity", "router-stats",
-               "coactivation", "vocab")
+               "coactivation", "vocab", "capture")
 
 
 def _int_list(s: str) -> list[int]:
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("similarity", parents=[common], help="single vs ensemble cosine similarity")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
     _add_stats_parsers(sub, common)
+    p = sub.add_parser("capture", parents=[common],
+                       help="stream a corpus's taps to safetensors shards (resumable)")
+    p.add_argument("--taps", action="append", required=True, metavar="PATTERN",
+                   help="tap names or fnmatch patterns (repeatable)")
+    p.add_argument("--positions", default="all", choices=["all", "last"])
+    p.add_argument("--shard-mb", type=int, default=256, help="MB of taps per shard")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
     return ap
 
 
@@ -157,6 +165,14 @@ def run(args) -> list[Path]:
         files.append(_write_json(out / "similarity.json", res))
         files += write_csv(out / "similarity", res)
         files.append(P.plot_similarity(res, out / "similarity.png"))
+    elif args.command == "capture":
+        from .capture import capture_corpus
+        kw = {k: v for k, v in corpus_kw.items() if k != "progress"}
+        idx = capture_corpus(model, domains, args.taps, out, positions=args.positions,
+                             shard_bytes=args.shard_mb << 20, preset=args.preset,
+                             progress=progress, topk=args.topk, renormalize=renorm,
+                             **mask_kw, **kw)
+        files += [idx, *sorted(out.glob("shard-*.safetensors"))]
     elif args.command in STATS_COMMANDS:
         files += _run_stats(args, model, domains, out, corpus_kw, renorm, mask_kw)
     return files
