@@ -70,7 +70,8 @@ def test_prune_cli_end_to_end(routing_dir, tmp_path, capsys):
     argv = ["--model", str(routing_dir), "--corpus", str(tmp_path / "cal.txt"),
             "--heldout", f"digits={tmp_path / 'held.txt'}", "--out", str(out),
             "--backend", "torch", "--dtype", "float32", "--no-progress"]
-    assert prune.main(argv + ["--keep", "6"]) == 0
+    assert prune.main(argv + ["--keep", "6", "--checkpoint"]) == 0
+    assert json.loads((out / "model" / "config.json").read_text())["n_routed_experts"] == 6
     mask = prune.load_mask(out / "mask.json")
     assert mask[1].tolist() == [False] * 6 + [True] * 6 and not mask[0].any()
     res = json.loads((out / "prune.json").read_text())
@@ -100,3 +101,24 @@ def test_prune_cli_end_to_end(routing_dir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: keep = 99")
     assert prune.main(argv + ["--keep", "4"]) == 2                      # fewer than k = 6
     assert "routed to 6 experts" in capsys.readouterr().err
+
+
+def test_pruned_checkpoint_equals_masked_model(tiny_fp32_dir, tmp_path):
+    """Dropping experts and their router rows gives the masked model (mode reroute) exactly
+    when the top-k weights are renormalised (the smaller softmax then cancels)."""
+    model = load(tiny_fp32_dir)
+    L, E = model.config.num_hidden_layers, model.config.n_routed_experts
+    m = torch.zeros(L, E, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for l in model.config.moe_layers:
+        m[l, torch.randperm(E, generator=g)[:E // 2]] = True
+    small = load(prune.write_pruned_checkpoint(tiny_fp32_dir, tmp_path / "small", m))
+    assert small.config.n_routed_experts == E - E // 2
+    ids = torch.tensor(model.tokenizer.encode("prune the experts and compare the logits"))
+    want = model.forward(ids, expert_mask=m, mask_mode="reroute", renormalize=True)
+    got = small.forward(ids, renormalize=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bad = m.clone()
+    bad[1, ~m[1]] = True
+    with pytest.raises(ValueError, match="same number"):
+        prune.write_pruned_checkpoint(tiny_fp32_dir, tmp_path / "bad", bad)

@@ -8,10 +8,13 @@ routes to most, remove the rest, and measure what that costs on held-out text.
 Calibration counts (token, slot) hits per expert over every --corpus domain together (the
 device usage counters of lens.route_corpus). --keep N keeps the N most-hit experts of each
 layer (ties: lower id); --keep-mass F keeps, per layer, the fewest experts whose hits cover at
-least F of the layer's hits; either way at least k (the model's top-k) stay. The removed experts become an expert mask with mask_mode
-"reroute": a removed expert can never be chosen, the router's next choice takes its slot -- the
-model behaves as if the experts and their router rows were gone (the weights stay on disk; no
-smaller checkpoint is written yet).
+least F of the layer's hits; either way at least k (the model's top-k) stay. The removed
+experts become an expert mask with mask_mode "reroute": a removed expert can never be chosen,
+the router's next choice takes its slot -- the model behaves as if the experts were gone, except that the router's softmax still spans
+all E experts (so unrenormalised weights stay those of the full model). --checkpoint (with
+--keep) also writes a smaller checkpoint, OUT/model: the removed experts and their router rows
+dropped, the kept ones renumbered in id order; its softmax spans the kept experts only, so it
+equals the masked model exactly when the top-k weights are renormalised.
 
 Writes to --out: mask.json (the calibrated mask: `load_mask(path)` gives the bool [L, E] tensor
 every interventions call accepts as expert_mask=, and `python -m moe_engine.lens ...
@@ -25,10 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
+import shutil
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .lens import corpus as C
 from .lens.analyses import _batches, _sample_nll, route_corpus
@@ -108,6 +116,64 @@ def load_mask(path: str | Path, num_layers: int | None = None,
     return mask
 
 
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")
+_GATE_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def write_pruned_checkpoint(src: str | Path, dst: str | Path, mask: torch.Tensor) -> Path:
+    """A copy of the Hugging Face checkpoint `src` without the experts `mask` removes ([L, E]
+    bool, the same count in every MoE layer: the config has one n_routed_experts): their
+    weights and router rows are dropped and the kept experts renumbered in id order. Reads
+    and writes one safetensors file at a time; every other file is copied."""
+    src, dst = Path(src), Path(dst)
+    cfg = json.loads((src / "config.json").read_text())
+    L, E = mask.shape
+    if (cfg["num_hidden_layers"], cfg["n_routed_experts"]) != (L, E):
+        raise ValueError(f"mask is {L} x {E}; the checkpoint has {cfg['num_hidden_layers']} "
+                         f"layers x {cfg['n_routed_experts']} experts")
+    counts = {int(mask[l].sum()) for l in range(L) if mask[l].any()}
+    if len(counts) > 1:
+        raise ValueError(f"a smaller checkpoint needs the same number of experts removed in "
+                         f"every MoE layer; the mask removes {sorted(counts)}")
+    kept = {l: (~mask[l]).nonzero().flatten().tolist() for l in range(L)}
+    n = E - (counts.pop() if counts else 0)
+    if n < cfg["num_experts_per_tok"]:
+        raise ValueError(f"{n} experts left per layer, fewer than top-k = "
+                         f"{cfg['num_experts_per_tok']}")
+    new_id = {l: {e: i for i, e in enumerate(ids)} for l, ids in kept.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(src.glob("*.safetensors"))
+    weight_map = {}
+    for f in files:
+        out = {}
+        with safe_open(str(f), framework="pt") as r:
+            for name in r.keys():
+                m = _EXPERT_RE.match(name)
+                g = _GATE_RE.match(name)
+                if m:
+                    l, e = int(m.group(1)), int(m.group(2))
+                    if e in new_id[l]:
+                        out[f"model.layers.{l}.mlp.experts.{new_id[l][e]}.{m.group(3)}"] = \
+                            r.get_tensor(name)
+                elif g:
+                    out[name] = r.get_tensor(name)[kept[int(g.group(1))]].contiguous()
+                else:
+                    out[name] = r.get_tensor(name)
+        save_file(out, str(dst / f.name), metadata={"format": "pt"})
+        weight_map.update({k: f.name for k in out})
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_FILE):
+            shutil.copy2(f, dst / f.name)
+    if (src / INDEX_FILE).exists():
+        idx = json.loads((src / INDEX_FILE).read_text())
+        idx["weight_map"] = weight_map
+        (dst / INDEX_FILE).write_text(json.dumps(idx, indent=1))
+    cfg["n_routed_experts"] = n
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
 @torch.no_grad()
 def perplexity(model: Model, domains, *, expert_mask=None, max_len: int | None = None,
                max_samples: int | None = None, max_tokens: int | None = None,
@@ -176,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-mass", type=float, help="fraction of routing hits the kept cover")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="also write the smaller checkpoint to OUT/model (needs --keep)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "emu"])
@@ -188,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.checkpoint and args.keep is None:
+        print("error: --checkpoint needs --keep (one expert count for every layer)",
+              file=sys.stderr)
+        return 2
     try:
         model = Model.load(args.model, dtype=args.dtype, device=args.device,
                            backend=args.backend, progress=not args.no_progress)
@@ -202,7 +274,14 @@ def main(argv=None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     meta = {"keep": args.keep, "keep_mass": args.keep_mass, "model": str(model.path)}
-    save_mask(out / "mask.json", res.pop("mask"), **meta)
+    mask = res.pop("mask")
+    save_mask(out / "mask.json", mask, **meta)
+    if args.checkpoint:
+        try:
+            write_pruned_checkpoint(model.path, out / "model", mask)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     save_mask(out / "mask_random.json", res.pop("random_mask"), seed=args.seed, **meta)
     (out / "prune.json").write_text(json.dumps(res, indent=1) + "\n")
     from .lens.export import write_csv
