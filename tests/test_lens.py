@@ -463,3 +463,27 @@ def test_cli_presets_set_the_split(routing_dir, tmp_path):
 def test_cli_errors(tmp_path, capsys):
     assert lens_main(["routing", "--out", str(tmp_path), str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_document_samples_paper_chunking(tiny_fp32_dir, tmp_path):
+    """The paper presets' samples: stripped non-empty lines, cut into chunks of max_len tokens;
+    BOS on every chunk (routing, similarity) or on the first only (perplexity)."""
+    tok = load(tiny_fp32_dir).tokenizer
+    assert tok.add_bos_token and tok.bos_id is not None
+    lines = ["  the first line has quite a few words in it, more than eight tokens  ", "",
+             "second line, also long enough to need a few chunks of eight"]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    dom = lens.domain_from_path(tmp_path / "c.txt")
+    bodies = [tok.encode(lines[0].strip(), add_bos=False), tok.encode(lines[2], add_bos=False)]
+    first = list(lens.document_samples(dom, tok, 8, bos="first"))
+    for d in (0, 1):
+        chunks = [c for doc, c in first if doc == d]
+        assert [i for c in chunks for i in c] == [tok.bos_id] + bodies[d]
+        assert all(len(c) <= 8 for c in chunks) and all(c[0] != tok.bos_id for c in chunks[1:])
+    every = list(lens.document_samples(dom, tok, 8, bos="every"))
+    for d in (0, 1):
+        chunks = [c for doc, c in every if doc == d]
+        assert all(c[0] == tok.bos_id and len(c) <= 8 for c in chunks)
+        assert [i for c in chunks for i in c[1:]] == bodies[d]
+    assert {d for d, _ in lens.document_samples(dom, tok, 8, max_samples=1)} == {0}
+    assert sum(len(c) for _, c in lens.document_samples(dom, tok, 8, max_tokens=11)) == 11
