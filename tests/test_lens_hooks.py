@@ -75,6 +75,8 @@ def test_function_hook_errors(tiny_fp32_dir):
     bad = Capture(patches=[Patch("blocks.1.hook_resid_mid", lambda x, ctx: x[:1, :2])])
     with pytest.raises(ValueError, match="returned shape"):
         model.forward(ids, capture=bad)
+    with pytest.raises(ValueError, match="exact tap name"):
+        Capture(patches=[Patch("blocks.*.hook_resid_mid", torch.zeros(1))])
     with pytest.raises(TypeError, match="returned int"):
         model.forward(ids, capture=Capture(patches=[Patch("blocks.1.hook_resid_mid",
                                                           lambda x, ctx: 0)]))

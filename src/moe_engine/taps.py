@@ -148,6 +148,10 @@ class Capture:
     def __init__(self, *requests: TapRequest, patches: Sequence[Patch] = ()):
         self.requests = requests
         self.patches = tuple(patches)
+        for p in self.patches:
+            if not callable(p.value) and any(ch in p.name for ch in "*?["):
+                raise ValueError(f"Patch {p.name!r}: a fixed value needs one exact tap name; "
+                                 f"give a function hook fn(x, ctx) to patch a pattern")
         self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._rows: dict[str, list[torch.Tensor]] = defaultdict(list)   # this call's row indices
         self._meta: dict[str, list[torch.Tensor]] = defaultdict(list)   # (seq, pos, step) per row
