@@ -276,7 +276,8 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
     return weight_map, to_load
 
 
-def _quant_spec(config: ModelConfig) -> QuantSpec | None:
+def checkpoint_quant_spec(config: ModelConfig) -> QuantSpec | None:
+    """The checkpoint's quantization (None: unquantized); a bad quantization_config is a CheckpointError."""
     try:
         return quant_spec_of(config)
     except QuantError as e:
@@ -288,7 +289,7 @@ def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]
     GPTQ tensors (a linear a GPTQ tool left unquantized keeps its `.weight`); and the dtypes each
     GPTQ tensor may have (name -> allowed safetensors dtypes; the rest: LOADABLE_DTYPES)."""
     layout = checkpoint_layout(config)
-    spec = _quant_spec(config)
+    spec = checkpoint_quant_spec(config)
     if spec is None:
         return layout, {}
     out, dtypes = {}, {}
@@ -359,7 +360,7 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
     dtype, device = _as_load_dtype(dtype), torch.device(device)
     if quant is not None and not isinstance(quant, QuantSpec):
         raise TypeError(f"quant must be a quant.QuantSpec or None, got {type(quant).__name__}")
-    on_disk = _quant_spec(config)
+    on_disk = checkpoint_quant_spec(config)
     if quant is not None and on_disk is not None:
         raise CheckpointError(f"{ckpt}: already quantized ({on_disk.bits}-bit GPTQ); load it "
                               "without quant=, or quantize the unquantized checkpoint")

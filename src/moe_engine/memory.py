@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .loader import CONFIG_FILE, checkpoint_layout
-from .quant import QUANTIZABLE, QuantSpec, layout_nbytes, quant_spec_of
+from .loader import CONFIG_FILE, checkpoint_layout, checkpoint_quant_spec
+from .quant import QUANTIZABLE, QuantSpec, layout_nbytes
 
 RUNTIME_BYTES = 300 * 2 ** 20  # torch, the extension, per-call buffers: measured order, not exact
 _ITEMSIZE = {torch.bfloat16: 2, torch.float32: 4}
@@ -36,7 +36,7 @@ def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
     if dtype not in _ITEMSIZE:
         raise ValueError(f"dtype {dtype} not supported; expected torch.bfloat16 or torch.float32")
     el = _ITEMSIZE[dtype]
-    spec = quant if quant is not None else quant_spec_of(config)
+    spec = quant if quant is not None else checkpoint_quant_spec(config)
     layout = checkpoint_layout(config)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     weights = layout_nbytes(layout, el, spec, skip=tied)
@@ -95,7 +95,7 @@ def preflight(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, backend:
            + f" + {gb(est['kv_cache'])} KV cache for {ctx} tokens + {gb(est['runtime'])} runtime), "
            f"{gb(avail)} available")
     ways = []
-    if quant_spec_of(config) is None:
+    if checkpoint_quant_spec(config) is None:
         for name, bits in (("int8", 8), ("int4", 4)):
             if quant is None or quant.bits > bits:
                 q = estimate_bytes(config, dtype=dtype, backend=backend, context=context,

@@ -380,6 +380,22 @@ def layout_nbytes(layout: dict[str, tuple[int, ...]], itemsize: int, spec: Quant
     return total
 
 
-__all__ = ["BITS", "GROUP_SIZES", "QUANTIZABLE", "QuantError", "QuantSpec", "QuantizedWeight",
+# ---- the CLIs' flags (one definition for generate, lens, ...) -------------------------------------
+
+def add_quant_arguments(ap) -> None:
+    """--quant int8|int4, --group-size, --sym on an argparse parser."""
+    ap.add_argument("--quant", choices=list(QUANT_NAMES),
+                    help="quantize the linears on load (a GPTQ checkpoint needs no flag)")
+    ap.add_argument("--group-size", type=int, default=128, choices=list(GROUP_SIZES),
+                    help="with --quant: input channels per scale (default 128)")
+    ap.add_argument("--sym", action="store_true", help="with --quant: symmetric (default asymmetric)")
+
+
+def quant_kwargs(args) -> dict:
+    """Model.load keyword arguments from add_quant_arguments' flags."""
+    return {"quant": args.quant, "group_size": args.group_size, "sym": args.sym}
+
+
+__all__ = ["add_quant_arguments", "quant_kwargs", "BITS", "GROUP_SIZES", "QUANTIZABLE", "QuantError", "QuantSpec", "QuantizedWeight",
            "group_index", "is_quantized", "layout_nbytes", "pack_cols", "pack_rows", "quant_spec_of",
            "quantize", "quantized_nbytes", "unpack_cols", "unpack_rows"]
