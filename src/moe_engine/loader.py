@@ -419,8 +419,10 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
                     qw = quantize(read(name), quant)
                 except QuantError as e:
                     raise CheckpointError(f"{weight_map[name]}: tensor {name}: {e}") from None
-                return QuantizedWeight(own(qw.qweight), own(qw.scales), own(qw.qzeros), qw.bits,
-                                       qw.group_size, qw.sym, qw.zero_offset)
+                if device.type == "cpu":  # fresh tensors, not views of the mapped file
+                    return qw
+                return QuantizedWeight(qw.qweight.to(device), qw.scales.to(device), qw.qzeros.to(device),
+                                       qw.bits, qw.group_size, qw.sym, qw.zero_offset)
             return whole(name)
 
         def quantized(ws: list, what: str) -> bool:
