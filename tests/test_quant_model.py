@@ -198,3 +198,30 @@ def test_16b_preset(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) == 7
     assert moe_engine.load(out, backend="torch", progress=False, quant="int8").config.num_hidden_layers == 3
+
+
+def test_eval_quant_scores_padded_batches_like_single_chunks(tiny_ckpt):
+    """tools/eval_quant.py batches chunks of different lengths with left padding: the per-chunk
+    NLL and argmax must be those of each chunk run alone; and its card section renders."""
+    import sys
+    from pathlib import Path
+    import torch.nn.functional as Fn
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import eval_quant
+    import eval_small
+    m = moe_engine.load(tiny_ckpt, backend="torch", progress=False, dtype="float32")
+    chunks = [list(range(5, 25)), list(range(30, 37)), list(range(40, 52))]
+    nll, top1 = eval_quant.score(m, chunks, batch=3)
+    want_top1 = []
+    for c, got in zip(chunks, nll):
+        logits = m.forward(torch.tensor(c[:-1]))[0]
+        want = float(Fn.cross_entropy(logits, torch.tensor(c[1:])))
+        assert abs(got - want) < 1e-4
+        want_top1.append(logits.argmax(-1))
+    assert torch.equal(top1, torch.cat(want_top1))
+    lines = []
+    q = {"chunk_tokens": 8, "compute": "fp32", "command": "x",
+         "ppl": {"bf16": {d: 10.0 for d in eval_small.DOMAINS}, "int4": {d: 10.5 for d in eval_small.DOMAINS}},
+         "top1_agreement": {"bf16": {d: 1.0 for d in eval_small.DOMAINS}, "int4": {d: 0.9 for d in eval_small.DOMAINS}}}
+    eval_small._quant_section(lines.append, q)
+    assert "| int4 | 10.50 | 10.50 | 10.50 | 10.50 | +5.00% | 90.00% |" in lines

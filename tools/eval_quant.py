@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     eos = tok.token_to_id(EOS)
     chunks = {d: heldout_chunks(encode_domain(tok, args.corpus, d, "heldout", eos), args.chunk) for d in DOMAINS}
-    res = {"chunk_tokens": args.chunk, "compute": "fp32, torch backend (moe_engine.Model)",
+    res = {"chunk_tokens": args.chunk, "compute": "fp32 on the torch backend",
            "ppl": {}, "top1_agreement": {}, "weight_bytes": {}}
     ref_top1 = {}
     for label, quant, g, sym in VARIANTS:
