@@ -80,7 +80,9 @@ def preflight(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, backend:
               quant: QuantSpec | None = None, context: int | None = None,
               available: int | None = None) -> dict[str, int]:
     """Raise MemoryPreflightError when the load of checkpoint `path` would not fit; else return
-    the estimate. Only host memory is checked (a cuda load's weights go to the GPU)."""
+    the estimate ({} when `path` has no config.json). Only host memory is checked (a cuda load's weights go to the GPU)."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        return {}  # not a checkpoint: the loader says so, naming what is missing
     config = ModelConfig.from_json(Path(path) / CONFIG_FILE)
     est = estimate_bytes(config, dtype=dtype, backend=backend, quant=quant, context=context)
     if backend == "cuda":
