@@ -159,6 +159,26 @@ def evaluate(model_dir: Path, corpus: Path, ks: list[int], chunk: int, gen_token
     return res
 
 
+def _quant_section(w, q: dict) -> None:
+    """The quantized-weights quality table (tools/eval_quant.py writes q into eval.json)."""
+    w("### Quantized weights\n")
+    w(f"Held-out perplexity per domain (chunks of <= {q['chunk_tokens']} tokens, as above) with the weights "
+      "quantized on load by round to nearest in the GPTQ layout (docs/quantization.md; asymmetric unless "
+      "marked sym, scales per group of g input channels), and top-1 agreement: the share of held-out positions "
+      "whose most likely next token is the same as with the bf16 weights. Computed by the engine ("
+      f"{q['compute']}), so the rows differ only in the weights. `{q['command']}`\n")
+    labels = list(q["ppl"])
+    w("| weights | " + " | ".join(f"{d} ppl" for d in DOMAINS) + " | ppl vs bf16 (mean) | top-1 agreement (mean) |")
+    w("|---|" + "---|" * (len(DOMAINS) + 2))
+    base = q["ppl"][labels[0]]
+    for lab in labels:
+        ppl, agr = q["ppl"][lab], q["top1_agreement"][lab]
+        rel = float(np.mean([ppl[d] / base[d] - 1 for d in DOMAINS]))
+        w(f"| {lab} | " + " | ".join(f"{ppl[d]:.2f}" for d in DOMAINS)
+          + f" | {100 * rel:+.2f}% | {100 * float(np.mean([agr[d] for d in DOMAINS])):.2f}% |")
+    w("")
+
+
 def _fence(s: str) -> str:
     return "```\n" + s.replace("```", "ʼʼʼ") + "\n```"
 
@@ -265,6 +285,8 @@ def write_card(model_dir: Path, res: dict, cmdline: str) -> None:
               f"{d} {res['perplexity_bf16'][d][K]:.2f}" for d in DOMAINS) + ".")
     w("\nToken-weighted perplexity at k=" + str(K) + ": " +
       ", ".join(f"{d} {res['perplexity_token_weighted'][d][K]:.2f}" for d in DOMAINS) + ".\n")
+    if "quantization" in res:
+        _quant_section(w, res["quantization"])
     w("### Routing differs by domain\n")
     w(f"Percent of held-out tokens routed to each expert, per layer and domain, at k={K} (each row sums to "
       f"{K}00%; uniform is {res['uniform_percent']}% per expert):\n")

@@ -1,7 +1,7 @@
 """Write a random-weight DeepSeekMoE checkpoint (HF layout) of a preset shape; see
 src/moe_engine/synthetic.py for the layout, init scales and tokenizer.
 
-  python tools/make_checkpoint.py OUT_DIR --preset tiny|bench-small|16b-layer [--layers N]
+  python tools/make_checkpoint.py OUT_DIR --preset tiny|bench-small|16b-layer|16b [--layers N]
       [--shards N] [--seed S] [--dtype bfloat16|float32] [--set key=value ...]
 
 `--set` overrides config.json fields; values are parsed as JSON when they parse
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--preset", choices=list(PRESETS), required=True)
     ap.add_argument("--layers", type=int, help="num_hidden_layers (default: the preset's)")
-    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--shards", type=int, help="default 1 (16b: 7, as published)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",

@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 def load(path=None, **kwargs) -> Model:
     """Load a Hugging Face DeepSeekMoE checkpoint directory (default: the bundled small model).
-    Keyword arguments: dtype ("bfloat16" | "float32"), device, backend, progress."""
+    Keyword arguments: dtype ("bfloat16" | "float32"), device, backend, progress, quant ("int8" |
+    "int4": quantize on load), group_size, sym, context, check_memory (see Model.load)."""
     return Model.load(path, **kwargs)
 
 

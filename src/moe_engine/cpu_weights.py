@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
+from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights, dequantized_layer
 from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
@@ -122,7 +122,9 @@ class CpuModelWeights:
 
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
-        layers = tuple(CpuLayerWeights.pack(lw) for lw in w.layers)
+        # Quantized layers are packed from their dequantized view, one layer at a time: the
+        # place where the quantized cpu kernels (ops.quant.pack_quantized) plug in.
+        layers = tuple(CpuLayerWeights.pack(dequantized_layer(lw, w.embed.dtype)) for lw in w.layers)
         decode_layers = backends.native_module("cpu").DecodeLayers()
         for lw, pl in zip(w.layers, layers):
             decode_layers.append(_decode_layer(lw, pl))

@@ -19,6 +19,7 @@ import torch
 
 from .interventions import Interventions, for_call
 from .model import Model, left_pad
+from .quant import add_quant_arguments, quant_kwargs
 from .taps import Capture
 
 
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch and the kernels")
+    add_quant_arguments(ap)
     return ap
 
 
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), **quant_kwargs(args))
         mask = parse_expert_mask(args.expert_mask, model.config.num_hidden_layers) if args.expert_mask else None
         prompts = args.prompt or ["The"]
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)

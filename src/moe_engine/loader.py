@@ -13,6 +13,14 @@ requested dtype and copied into preallocated destinations: each expert's gate/up
 slice of the packed [E, 2F, D] / [E, D, F] tensors, so peak memory is the model plus one tensor.
 The result owns its memory (nothing aliases the mapped files).
 
+Quantized weights (docs/quantization.md): a GPTQ checkpoint (quantization_config in config.json)
+stores each quantized linear as `.qweight/.qzeros/.scales/.g_idx`; those are read as they are into
+`quant.QuantizedWeight`s (never a bf16 copy), every tensor's shape and dtype checked against the
+config first. `load_weights(..., quant=QuantSpec)` quantizes an unquantized checkpoint's linears
+as they are read, with the same function `python -m moe_engine.quantize` uses, so both give the
+same bits. Fields that may hold a QuantizedWeight instead of a Tensor: q, k, v, o, a dense MLP's
+or the shared experts' gate_up / down, experts_gate_up / experts_down.
+
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
 (intermediate_size; a dense layer's DenseMLPWeights uses F = I).
@@ -32,6 +40,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig
+from .quant import (GPTQ_SUFFIXES, QUANTIZABLE, QuantError, QuantizedWeight, QuantSpec, group_index,
+                    quant_spec_of, quantize)
 
 Tensor = torch.Tensor
 
@@ -237,7 +247,7 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
                 f"{listing}: names shard {shard.name} for tensor {absent[0]}, but {shard} does "
                 f"not hold it ({len(absent)} tensor(s) affected)")
 
-    layout = checkpoint_layout(config)
+    layout, dtypes = _expected_layout(config, weight_map)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [n for n in layout if n not in weight_map and n not in optional]
     if missing:
@@ -258,11 +268,71 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
         if info.shape != shape:
             raise CheckpointError(f"{shard}: tensor {name} has shape {list(info.shape)}, expected "
                                   f"{list(shape)} from {config.source}")
-        if info.dtype not in LOADABLE_DTYPES:
+        allowed = dtypes.get(name, LOADABLE_DTYPES)
+        if info.dtype not in allowed:
             raise CheckpointError(f"{shard}: tensor {name} has unsupported dtype {info.dtype}; "
-                                  f"supported: {', '.join(LOADABLE_DTYPES)}")
+                                  f"supported: {', '.join(allowed)}")
     to_load = [n for n in layout if n in weight_map and n not in optional]
     return weight_map, to_load
+
+
+def checkpoint_quant_spec(config: ModelConfig) -> QuantSpec | None:
+    """The checkpoint's quantization (None: unquantized); a bad quantization_config is a CheckpointError."""
+    try:
+        return quant_spec_of(config)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]:
+    """checkpoint_layout, with every quantizable linear of a GPTQ checkpoint replaced by its four
+    GPTQ tensors (a linear a GPTQ tool left unquantized keeps its `.weight`); and the dtypes each
+    GPTQ tensor may have (name -> allowed safetensors dtypes; the rest: LOADABLE_DTYPES)."""
+    layout = checkpoint_layout(config)
+    spec = checkpoint_quant_spec(config)
+    if spec is None:
+        return layout, {}
+    out, dtypes = {}, {}
+    for name, shape in layout.items():
+        base = name[: -len(".weight")]
+        if not QUANTIZABLE.fullmatch(name) or (name in weight_map and base + ".qweight" not in weight_map):
+            out[name] = shape
+            continue
+        N, K = shape
+        p, G = spec.pack, -(-K // spec.group_size)
+        if K % p or N % p:
+            raise CheckpointError(f"{config.source}: {name} [N, K] = {[N, K]} cannot be stored in "
+                                  f"{spec.bits}-bit GPTQ (both must be multiples of {p})")
+        for suffix, shp, dt in (("qweight", (K // p, N), ("I32",)), ("qzeros", (G, N // p), ("I32",)),
+                                ("scales", (G, N), ("F16", "BF16")), ("g_idx", (K,), ("I32",))):
+            out[f"{base}.{suffix}"] = shp
+            dtypes[f"{base}.{suffix}"] = dt
+    return out, dtypes
+
+
+def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
+    """The layer with every QuantizedWeight replaced by its dequantized tensor in `dtype` (the
+    PyTorch reference's view of a quantized model, made when asked and not kept); `lw` itself
+    when nothing in it is quantized."""
+    def dq(w):
+        return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
+
+    def mlp(m):
+        return None if m is None else DenseMLPWeights(dq(m.gate_up), dq(m.down))
+
+    parts = [lw.q, lw.k, lw.v, lw.o]
+    if isinstance(lw.mlp, MoEWeights):
+        parts += [lw.mlp.experts_gate_up, lw.mlp.experts_down]
+        if lw.mlp.shared is not None:
+            parts += [lw.mlp.shared.gate_up, lw.mlp.shared.down]
+    else:
+        parts += [lw.mlp.gate_up, lw.mlp.down]
+    if not any(isinstance(w, QuantizedWeight) for w in parts):
+        return lw
+    m = lw.mlp
+    new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared))
+               if isinstance(m, MoEWeights) else mlp(m))
+    return LayerWeights(lw.input_norm, lw.post_attn_norm, dq(lw.q), dq(lw.k), dq(lw.v), dq(lw.o), new_mlp)
 
 
 def _as_load_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -278,13 +348,22 @@ def _as_load_dtype(dtype: torch.dtype | str) -> torch.dtype:
 # ---- loading ----------------------------------------------------------------------------------
 
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
-                 device: str | torch.device = "cpu", progress: bool = True) -> ModelWeights:
+                 device: str | torch.device = "cpu", progress: bool = True,
+                 quant: QuantSpec | None = None) -> ModelWeights:
     """Read the checkpoint directory `path` for `config`, cast to `dtype` (bf16 or fp32) on
-    `device`, experts packed. Every problem raises CheckpointError naming the file and tensor."""
+    `device`, experts packed. Every problem raises CheckpointError naming the file and tensor.
+    A GPTQ checkpoint's quantized linears come back as QuantizedWeights; `quant` quantizes an
+    unquantized checkpoint's linears (quant.QUANTIZABLE) as they are read."""
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found")
     dtype, device = _as_load_dtype(dtype), torch.device(device)
+    if quant is not None and not isinstance(quant, QuantSpec):
+        raise TypeError(f"quant must be a quant.QuantSpec or None, got {type(quant).__name__}")
+    on_disk = checkpoint_quant_spec(config)
+    if quant is not None and on_disk is not None:
+        raise CheckpointError(f"{ckpt}: already quantized ({on_disk.bits}-bit GPTQ); load it "
+                              "without quant=, or quantize the unquantized checkpoint")
     weight_map, to_load = _check_checkpoint(ckpt, config)
 
     with contextlib.ExitStack() as stack:
@@ -317,7 +396,48 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
         def empty(*shape: int) -> Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
+        def own(t: Tensor) -> Tensor:
+            out = t.to(device)
+            return out.clone() if out is t else out
+
+        def lin(name: str):
+            """One linear: a Tensor, or a QuantizedWeight (read from GPTQ tensors or made here)."""
+            base = name[: -len(".weight")]
+            if base + ".qweight" in weight_map:
+                qw = {s: read(f"{base}.{s}") for s in GPTQ_SUFFIXES}
+                K = qw["qweight"].shape[0] * on_disk.pack
+                if not torch.equal(qw["g_idx"], group_index(K, on_disk.group_size)):
+                    raise CheckpointError(
+                        f"{weight_map[base + '.g_idx']}: tensor {base}.g_idx is not k // "
+                        f"{on_disk.group_size} (an act-order / desc_act checkpoint?); only "
+                        "desc_act false is supported")
+                return QuantizedWeight(own(qw["qweight"]), own(qw["scales"]), own(qw["qzeros"]),
+                                       on_disk.bits, on_disk.group_size, on_disk.sym,
+                                       on_disk.zero_offset)
+            if quant is not None and QUANTIZABLE.fullmatch(name):
+                try:
+                    qw = quantize(read(name), quant)
+                except QuantError as e:
+                    raise CheckpointError(f"{weight_map[name]}: tensor {name}: {e}") from None
+                if device.type == "cpu":  # fresh tensors, not views of the mapped file
+                    return qw
+                return QuantizedWeight(qw.qweight.to(device), qw.scales.to(device), qw.qzeros.to(device),
+                                       qw.bits, qw.group_size, qw.sym, qw.zero_offset)
+            return whole(name)
+
+        def quantized(ws: list, what: str) -> bool:
+            kinds = {isinstance(w, QuantizedWeight) for w in ws}
+            if len(kinds) > 1:
+                raise CheckpointError(f"{ckpt}: {what} mixes quantized and unquantized linears; "
+                                      "they are stored together, so all or none must be quantized")
+            return kinds == {True}
+
         def dense_mlp(prefix: str, F: int) -> DenseMLPWeights:
+            if quant is not None or on_disk is not None:
+                g, u, d = (lin(f"{prefix}{x}_proj.weight") for x in ("gate", "up", "down"))
+                if quantized([g, u, d], prefix + "*_proj"):
+                    return DenseMLPWeights(QuantizedWeight.cat_rows([g, u]), d)
+                return DenseMLPWeights(torch.cat([g, u]), d)
             gate_up = empty(2 * F, config.hidden_size)
             into(gate_up[:F], prefix + "gate_proj.weight")
             into(gate_up[F:], prefix + "up_proj.weight")
@@ -331,12 +451,15 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             if config.is_moe_layer(l):
                 E, F, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
                 router = whole(p + "mlp.gate.weight")
-                gate_up, down = empty(E, 2 * F, D), empty(E, D, F)
-                for e in range(E):
-                    q = f"{p}mlp.experts.{e}."
-                    into(gate_up[e, :F], q + "gate_proj.weight")
-                    into(gate_up[e, F:], q + "up_proj.weight")
-                    into(down[e], q + "down_proj.weight")
+                if quant is not None or on_disk is not None:
+                    gate_up, down = _experts(lin, p, E, quantized)
+                else:
+                    gate_up, down = empty(E, 2 * F, D), empty(E, D, F)
+                    for e in range(E):
+                        q = f"{p}mlp.experts.{e}."
+                        into(gate_up[e, :F], q + "gate_proj.weight")
+                        into(gate_up[e, F:], q + "up_proj.weight")
+                        into(down[e], q + "down_proj.weight")
                 shared = (dense_mlp(p + "mlp.shared_experts.", config.shared_width)
                           if config.shared_width else None)
                 mlp: DenseMLPWeights | MoEWeights = MoEWeights(router, gate_up, down, shared)
@@ -345,17 +468,34 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             layers.append(LayerWeights(
                 input_norm=whole(p + "input_layernorm.weight"),
                 post_attn_norm=whole(p + "post_attention_layernorm.weight"),
-                q=whole(p + "self_attn.q_proj.weight"), k=whole(p + "self_attn.k_proj.weight"),
-                v=whole(p + "self_attn.v_proj.weight"), o=whole(p + "self_attn.o_proj.weight"),
+                q=lin(p + "self_attn.q_proj.weight"), k=lin(p + "self_attn.k_proj.weight"),
+                v=lin(p + "self_attn.v_proj.weight"), o=lin(p + "self_attn.o_proj.weight"),
                 mlp=mlp))
         final_norm = whole("model.norm.weight")
         lm_head = embed if config.tie_word_embeddings else whole("lm_head.weight")
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
+def _experts(lin, p: str, E: int, quantized) -> tuple:
+    """A layer's routed experts as [E, 2F, D] / [E, D, F]: stacked QuantizedWeights, or tensors
+    (a GPTQ checkpoint whose tool left the experts unquantized)."""
+    gu, dn = [], []
+    for e in range(E):
+        q = f"{p}mlp.experts.{e}."
+        g, u, d = (lin(f"{q}{x}_proj.weight") for x in ("gate", "up", "down"))
+        if quantized([g, u, d], f"{p}mlp.experts"):
+            gu.append(QuantizedWeight.cat_rows([g, u]))
+        else:
+            gu.append(torch.cat([g, u]))
+        dn.append(d)
+    if quantized([gu[0], *gu, *dn], f"{p}mlp.experts"):
+        return QuantizedWeight.stack(gu), QuantizedWeight.stack(dn)
+    return torch.stack(gu), torch.stack(dn)
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
-                    device: str | torch.device = "cpu",
-                    progress: bool = True) -> tuple[ModelConfig, ModelWeights]:
+                    device: str | torch.device = "cpu", progress: bool = True,
+                    quant: QuantSpec | None = None) -> tuple[ModelConfig, ModelWeights]:
     """`config.json` + weights of the HF checkpoint directory `path`."""
     ckpt = Path(path)
     if not ckpt.is_dir():
@@ -364,9 +504,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: missing; a checkpoint directory needs "
                               "its config.json")
     config = ModelConfig.from_json(ckpt / CONFIG_FILE)
-    return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress)
+    return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress, quant=quant)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DenseMLPWeights", "MoEWeights", "LayerWeights",
-           "ModelWeights", "TensorInfo", "checkpoint_layout", "read_safetensors_header",
+           "ModelWeights", "TensorInfo", "checkpoint_layout", "dequantized_layer", "read_safetensors_header",
            "load_weights", "load_checkpoint"]

@@ -23,7 +23,7 @@ import torch.nn.functional as Fn
 
 from .config import ModelConfig
 from .interventions import Interventions, Routing, for_call
-from .loader import ModelWeights, MoEWeights, load_checkpoint
+from .loader import ModelWeights, MoEWeights, dequantized_layer, load_checkpoint
 from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear, use_packed
 from .cpu_weights import rms_norm as cpu_rms_norm
 from .moe import moe_layer
@@ -103,7 +103,15 @@ class Model:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
-             device: str | torch.device = "cpu", backend: str = "auto", progress: bool = True) -> "Model":
+             device: str | torch.device = "cpu", backend: str = "auto", progress: bool = True,
+             quant: str | None = None, group_size: int = 128, sym: bool = False,
+             context: int | None = None, check_memory: bool = True) -> "Model":
+        """quant: "int8" | "int4" quantizes the linears on load (the same bits as
+        `python -m moe_engine.quantize` with --group-size/--sym); a GPTQ checkpoint loads
+        quantized by itself. context: the KV-cache length the memory preflight budgets for
+        (default: the model's context); check_memory=False skips the preflight."""
+        from .memory import preflight
+        from .quant import QuantSpec
         from .tokenizer import Tokenizer
 
         path = default_model_dir() if path is None else Path(path)
@@ -115,8 +123,11 @@ class Model:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
-        backends.resolve(backend, torch.device(device))
-        config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress)
+        be = backends.resolve(backend, torch.device(device))
+        spec = None if quant is None else QuantSpec.from_name(quant, group_size, sym)
+        if check_memory:
+            preflight(path, dtype=dtype, backend=be, quant=spec, context=context)
+        config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quant=spec)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return cls(config, weights, backend=backend, tokenizer=tok, path=path)
 
@@ -232,6 +243,7 @@ class Model:
         norm = rms_norm if cpu is None else cpu_rms_norm
         x = w.embed[ids]                                          # [B, T, D]
         for l, lw in enumerate(w.layers):
+            lw = dequantized_layer(lw, self.dtype)  # quantized weights: the reference's view, this call only
             lc = None if cpu is None else cpu.layers[l]
             x = tap(f"blocks.{l}.hook_resid_pre", x)
             h = norm(x, lw.input_norm, c.rms_norm_eps)

@@ -105,7 +105,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                         vocab_size=16384),
     # exact DeepSeekMoE-16B shapes with few layers (layer 0 dense, the rest MoE)
     "16b-layer": dict(num_hidden_layers=2),
+    # the published DeepSeekMoE-16B at full depth (28 layers, 32.75 GB in bf16), 7 shards like the
+    # published checkpoint (PRESET_SHARDS); written one tensor at a time, so memory stays ~1 GB
+    "16b": dict(),
 }
+# shard count a preset is written with when make_checkpoint is not told one
+PRESET_SHARDS: dict[str, int] = {"16b": 7}
 
 _SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float32": "F32"}
 _ITEMSIZE = {"bfloat16": 2, "float32": 4}
@@ -116,13 +121,14 @@ _WRITE_CHUNK = 1 << 22  # elements converted and written at a time
 
 
 def make_checkpoint(out_dir: str | Path, preset_or_config_dict: str | dict[str, Any], *,
-                    layers: int | None = None, seed: int = 0, shards: int = 1,
+                    layers: int | None = None, seed: int = 0, shards: int | None = None,
                     dtype: str = "bfloat16", overrides: dict[str, Any] | None = None) -> Path:
     """Write a random checkpoint to `out_dir` (created if needed) and return its path.
 
     `preset_or_config_dict`: a PRESETS name, or HF config fields (missing ones are taken from the
     published 16B config). `layers` sets num_hidden_layers; `overrides` is applied last.
-    The bos/eos/pad ids always come from the generated tokenizer."""
+    The bos/eos/pad ids always come from the generated tokenizer. shards: default 1, or the
+    preset's PRESET_SHARDS entry."""
     if dtype not in _SAFETENSORS_DTYPE:
         raise ValueError(f"dtype {dtype!r} not supported; "
                          f"use one of {', '.join(_SAFETENSORS_DTYPE)}")
@@ -133,8 +139,11 @@ def make_checkpoint(out_dir: str | Path, preset_or_config_dict: str | dict[str, 
             raise ValueError(f"unknown preset {preset_or_config_dict!r}; "
                              f"choose one of {', '.join(PRESETS)}")
         fields = PRESETS[preset_or_config_dict]
+        if shards is None:
+            shards = PRESET_SHARDS.get(preset_or_config_dict, 1)
     else:
         fields = preset_or_config_dict
+    shards = 1 if shards is None else shards
     d = {**PUBLISHED_CONFIG, **fields, **(overrides or {}), "torch_dtype": dtype}
     if layers is not None:
         d["num_hidden_layers"] = layers

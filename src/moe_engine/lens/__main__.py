@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..model import Model
+from ..quant import add_quant_arguments, quant_kwargs
 from . import analyses as A
 from . import plots as P
 from .corpus import SPLITS, Domain, domain_from_path
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
     common.add_argument("--no-progress", action="store_true")
+    add_quant_arguments(common)
     p = sub.add_parser("routing", parents=[common], help="routing distribution per domain")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
     p.add_argument("--plot-layers", type=_int_list,
@@ -116,7 +118,7 @@ def run(args) -> list[Path]:
         raise ValueError(f"{args.command}: give at least one corpus PATH")
     domains = [domain_from_path(p) for p in args.paths]
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, **quant_kwargs(args))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress

@@ -1,0 +1,113 @@
+"""Memory preflight: estimate what a load will hold resident before allocating any of it, and
+refuse with the numbers and the way out when it will not fit, instead of the kernel's OOM killer
+ending the process half way through a 30 GB read.
+
+Estimate = the weights in the format they will be held in (quantized linears as their GPTQ
+tensors, the rest in the load dtype) + the cpu backend's packed copy (today the panels are in the
+load dtype, also for a quantized model: cpu_weights.py packs the dequantized view) + the KV cache
+for `context` tokens of one sequence + a fixed allowance for the runtime (torch, buffers).
+Available = MemAvailable of /proc/meminfo, lowered to the cgroup's limit minus its usage when
+the process runs in a memory-limited cgroup (containers).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .loader import CONFIG_FILE, checkpoint_layout, checkpoint_quant_spec
+from .quant import QUANTIZABLE, QuantSpec, layout_nbytes
+
+RUNTIME_BYTES = 300 * 2 ** 20  # torch, the extension, per-call buffers: measured order, not exact
+_ITEMSIZE = {torch.bfloat16: 2, torch.float32: 4}
+
+
+class MemoryPreflightError(RuntimeError):
+    """The load would not fit in the memory available."""
+
+
+def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, backend: str = "cpu",
+                   quant: QuantSpec | None = None, context: int | None = None) -> dict[str, int]:
+    """{"weights", "packed", "kv_cache", "runtime", "total"} in bytes for a load of `config`
+    (quantized as `quant`, or as its own quantization_config says)."""
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"dtype {dtype} not supported; expected torch.bfloat16 or torch.float32")
+    el = _ITEMSIZE[dtype]
+    spec = quant if quant is not None else checkpoint_quant_spec(config)
+    layout = checkpoint_layout(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    weights = layout_nbytes(layout, el, spec, skip=tied)
+    packed = 0
+    if backend == "cpu":  # panels of every linear, router and lm_head, in the load dtype
+        packed = sum(math.prod(shape) * el for name, shape in layout.items()
+                     if QUANTIZABLE.fullmatch(name) or name.endswith("mlp.gate.weight")
+                     or name == "lm_head.weight")
+    ctx = config.max_position_embeddings if context is None else context
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        raise ValueError(f"context = {context!r}; expected a positive number of tokens")
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * ctx * el
+    total = weights + packed + kv + RUNTIME_BYTES
+    return {"weights": weights, "packed": packed, "kv_cache": kv, "runtime": RUNTIME_BYTES, "total": total}
+
+
+def available_bytes() -> int:
+    """Memory this process can still take: MemAvailable, capped by a cgroup v2/v1 limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_f).read_text().strip()
+            usage = int(Path(usage_f).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2 ** 60:
+            room = int(limit) - usage
+            avail = room if avail is None else min(avail, room)
+    return avail if avail is not None else 2 ** 62  # unknown platform: do not refuse
+
+
+def preflight(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, backend: str = "cpu",
+              quant: QuantSpec | None = None, context: int | None = None,
+              available: int | None = None) -> dict[str, int]:
+    """Raise MemoryPreflightError when the load of checkpoint `path` would not fit; else return
+    the estimate ({} when `path` has no config.json). Only host memory is checked (a cuda load's weights go to the GPU)."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        return {}  # not a checkpoint: the loader says so, naming what is missing
+    config = ModelConfig.from_json(Path(path) / CONFIG_FILE)
+    est = estimate_bytes(config, dtype=dtype, backend=backend, quant=quant, context=context)
+    if backend == "cuda":
+        return est
+    avail = available_bytes() if available is None else available
+    if est["total"] <= avail:
+        return est
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    ctx = config.max_position_embeddings if context is None else context
+    msg = (f"{path}: loading needs {gb(est['total'])} ({gb(est['weights'])} weights"
+           + (f" + {gb(est['packed'])} packed cpu copy" if est["packed"] else "")
+           + f" + {gb(est['kv_cache'])} KV cache for {ctx} tokens + {gb(est['runtime'])} runtime), "
+           f"{gb(avail)} available")
+    ways = []
+    if checkpoint_quant_spec(config) is None:
+        for name, bits in (("int8", 8), ("int4", 4)):
+            if quant is None or quant.bits > bits:
+                q = estimate_bytes(config, dtype=dtype, backend=backend, context=context,
+                                   quant=QuantSpec(bits, 128 if quant is None else quant.group_size))
+                ways.append(f"--quant {name} needs {gb(q['total'])}")
+    if context is None or context > 512:
+        short = estimate_bytes(config, dtype=dtype, backend=backend, quant=quant, context=512)
+        ways.append(f"a 512-token context needs {gb(short['total'])}")
+    raise MemoryPreflightError(msg + ("; " + ", ".join(ways) if ways else "")
+                               + " (check_memory=False skips this check)")
+
+
+__all__ = ["MemoryPreflightError", "available_bytes", "estimate_bytes", "preflight"]

@@ -1,0 +1,401 @@
+"""Weight-only quantization in the GPTQ checkpoint layout (docs/quantization.md).
+
+Shape legend (this module): a quantized linear weight has the logical shape [N out, K in]
+(y = x W^T), optionally with leading dims (experts: [E, N, K]); p = 32 / bits values per int32,
+g the group size along K, G = ceil(K / g) groups.
+
+    qweight int32 [..., K / p, N]   packed along K: value j of a word holds row k = p*i + j in
+                                    bits [bits*j, bits*j + bits) (low bits first)
+    qzeros  int32 [..., G, N / p]   packed along N, same bit order
+    scales  fp16  [..., G, N]
+    g_idx   int32 [K]               k // g (desc_act false: the only order we read or write)
+    W[n, k] = scales[k // g, n] * (q[k, n] - z[k // g, n])
+
+z is the true zero point. The original GPTQ format ("gptq", v1) stores z - 1 in qzeros and its
+readers add 1 back; "gptq_v2" stores z. `QuantizedWeight.zero_offset` is what a reader adds to the
+stored value (1 for v1, 0 for v2), so both read exactly. We write v1, the format every GPTQ
+reader understands; our round-to-nearest quantizer keeps z >= 1 so v1 stores it without the
+wrap-around the format has at z = 0.
+
+Quantization (round to nearest, per group of g input channels, per output row):
+    sym:  s = 2 max|w| / (2^b - 1), z = 2^(b-1)
+    asym: lo = min(min w, 0), hi = max(max w, 0), s = (hi - lo) / (2^b - 1), z = round(-lo / s)
+          (z clamped to 1 .. 2^b - 1; a group with z = 0 takes s = hi / (2^b - 2), z = 1)
+    q = clamp(round(w / s) + z, 0, 2^b - 1), s rounded to fp16 first (what is stored is what
+    the weights are computed from).
+
+The cpu kernels take the same tensors (`QuantizedWeight` is what the model path holds); until
+they exist the model runs on `QuantizedWeight.dequantize()` (see Model and cpu_weights).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+QUANT_NAMES = {"int8": 8, "int4": 4}  # load(quant=...) / --quant
+# quantization_config.checkpoint_format -> what a reader adds to the stored zero
+FORMATS = {"gptq": 1, "gptq_v2": 0}
+WRITE_FORMAT = "gptq"
+_MIN_SCALE = 2.0 ** -14  # smallest normal fp16: a group of (near-)zeros still gets a finite 1/s
+
+# The DeepSeekMoE linears we quantize: attention projections, the dense MLP, routed and shared
+# experts. The router (mlp.gate.weight), norms, embedding and lm_head stay in the model dtype.
+QUANTIZABLE = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_experts\.)?"
+    r"(gate|up|down)_proj)\.weight")
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class QuantError(ValueError):
+    """A quantization setting or quantized tensor is invalid."""
+
+
+# ---- settings ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bits (4 or 8), group size g along K (32, 64 or 128), symmetric or not; zero_offset: what
+    a reader adds to the stored zero (1: checkpoint_format "gptq", 0: "gptq_v2")."""
+
+    bits: int
+    group_size: int = 128
+    sym: bool = True
+    zero_offset: int = FORMATS[WRITE_FORMAT]
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise QuantError(f"bits = {self.bits!r}; supported: {', '.join(map(str, BITS))}")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantError(f"group_size = {self.group_size!r}; supported: "
+                             f"{', '.join(map(str, GROUP_SIZES))}")
+        if not isinstance(self.sym, bool):
+            raise QuantError(f"sym = {self.sym!r}; expected true or false")
+        if self.zero_offset not in (0, 1):
+            raise QuantError(f"zero_offset = {self.zero_offset!r}; expected 0 (v2) or 1 (v1)")
+
+    @property
+    def pack(self) -> int:
+        return 32 // self.bits
+
+    @classmethod
+    def from_name(cls, quant: str, group_size: int = 128, sym: bool = False) -> "QuantSpec":
+        """`load(quant="int8"|"int4")`."""
+        if quant not in QUANT_NAMES:
+            raise QuantError(f"quant = {quant!r}; supported: {', '.join(QUANT_NAMES)} (or None)")
+        return cls(QUANT_NAMES[quant], group_size, sym)
+
+    def to_config(self) -> dict:
+        """`quantization_config` of config.json (the keys GPTQ readers look at)."""
+        fmt = next(k for k, v in FORMATS.items() if v == self.zero_offset)
+        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym, "desc_act": False, "checkpoint_format": fmt,
+                "lm_head": False, "static_groups": False, "true_sequential": True,
+                "meta": {"quantizer": "moe_engine round-to-nearest"}}
+
+    @classmethod
+    def from_config(cls, qc, source: str = "config.json") -> "QuantSpec":
+        """Parse `quantization_config`; every unsupported value raises QuantError naming it."""
+        if not isinstance(qc, dict):
+            raise QuantError(f"{source}: quantization_config = {qc!r} must be a JSON object")
+
+        def bad(key, expected):
+            raise QuantError(f"{source}: quantization_config.{key} = {qc.get(key)!r}; "
+                             f"supported: {expected}")
+
+        if qc.get("quant_method") != "gptq":
+            bad("quant_method", '"gptq"')
+        if qc.get("desc_act", False) not in (False, None):
+            bad("desc_act", "false (act-order checkpoints are not supported)")
+        if qc.get("lm_head", False) not in (False, None):
+            bad("lm_head", "false (a quantized lm_head is not supported yet)")
+        if qc.get("dynamic"):
+            bad("dynamic", "absent (per-module settings are not supported)")
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in FORMATS:
+            bad("checkpoint_format", " or ".join(f'"{f}"' for f in FORMATS))
+        for key, ok in (("bits", BITS), ("group_size", GROUP_SIZES)):
+            v = qc.get(key)
+            if isinstance(v, bool) or v not in ok:
+                bad(key, ", ".join(map(str, ok)))
+        sym = qc.get("sym", True)
+        if not isinstance(sym, bool):
+            bad("sym", "true or false")
+        return cls(qc["bits"], qc["group_size"], sym, FORMATS[fmt])
+
+
+def quant_spec_of(config) -> QuantSpec | None:
+    """The QuantSpec of a ModelConfig read from a GPTQ checkpoint, None for an unquantized one."""
+    qc = config.extra.get("quantization_config")
+    return None if qc is None else QuantSpec.from_config(qc, config.source)
+
+
+# ---- packing ------------------------------------------------------------------------------------
+
+def _to_int32(v: Tensor) -> Tensor:
+    """Non-negative int64 words < 2^32 -> the int32 with the same bits."""
+    return torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32)
+
+
+def pack_rows(q: Tensor, bits: int) -> Tensor:
+    """[..., R, C] integers in [0, 2^bits) -> int32 [..., R / p, C]: p consecutive rows per word,
+    row p*i + j in bits [bits*j, bits*j + bits) of word i."""
+    p = 32 // bits
+    *lead, R, C = q.shape
+    if R % p:
+        raise QuantError(f"cannot pack {R} rows {p} to a word ({bits}-bit): {R} % {p} != 0")
+    q = q.to(torch.int64).reshape(*lead, R // p, p, C)
+    shifts = (torch.arange(p, dtype=torch.int64) * bits).view(p, 1)
+    return _to_int32((q << shifts).sum(-2))
+
+
+def unpack_rows(words: Tensor, bits: int) -> Tensor:
+    """Inverse of pack_rows: int32 [..., R / p, C] -> int32 [..., R, C] in [0, 2^bits)."""
+    p = 32 // bits
+    *lead, Rp, C = words.shape
+    shifts = (torch.arange(p, dtype=torch.int32) * bits).view(p, 1)
+    vals = (words.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # arithmetic shift, then mask
+    return vals.reshape(*lead, Rp * p, C)
+
+
+def pack_cols(z: Tensor, bits: int) -> Tensor:
+    """[..., R, C] -> int32 [..., R, C / p], packed along the last dim (qzeros)."""
+    return pack_rows(z.transpose(-1, -2), bits).transpose(-1, -2).contiguous()
+
+
+def unpack_cols(words: Tensor, bits: int) -> Tensor:
+    return unpack_rows(words.transpose(-1, -2), bits).transpose(-1, -2).contiguous()
+
+
+# ---- the quantized weight -----------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A quantized linear weight of logical shape [..., N, K] as the GPTQ tensors (module doc).
+    g_idx is not stored: with desc_act false it is k // group_size (the loader checks it)."""
+
+    qweight: Tensor  # int32 [..., K / p, N]
+    scales: Tensor   # fp16 [..., G, N]
+    qzeros: Tensor   # int32 [..., G, N / p]
+    bits: int
+    group_size: int
+    sym: bool
+    zero_offset: int = 1
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.bits, self.group_size, self.sym, self.zero_offset)  # validates
+        p = 32 // self.bits
+        for name, t, dt in (("qweight", self.qweight, torch.int32), ("qzeros", self.qzeros, torch.int32),
+                            ("scales", self.scales, (torch.float16, torch.bfloat16))):
+            if not isinstance(t, Tensor) or t.dim() < 2 or t.dtype not in (dt if isinstance(dt, tuple) else (dt,)):
+                raise QuantError(f"{name} must be a >= 2-d {dt} tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        lead, N, K = self.qweight.shape[:-2], self.qweight.shape[-1], self.qweight.shape[-2] * p
+        G = -(-K // self.group_size)
+        want = {"scales": (*lead, G, N), "qzeros": (*lead, G, N // p)}
+        for name, shape in want.items():
+            if tuple(getattr(self, name).shape) != shape or N % p:
+                raise QuantError(f"{name} has shape {list(getattr(self, name).shape)}; expected "
+                                 f"{list(shape)} for qweight {list(self.qweight.shape)} ({self.bits}-bit, "
+                                 f"group size {self.group_size}; N = {N} must be a multiple of {p})")
+
+    # -- shape ----------------------------------------------------------------------------------
+    @property
+    def N(self) -> int:
+        return self.qweight.shape[-1]
+
+    @property
+    def K(self) -> int:
+        return self.qweight.shape[-2] * (32 // self.bits)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical weight shape [..., N, K]."""
+        return (*self.qweight.shape[:-2], self.N, self.K)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros))
+
+    @property
+    def g_idx(self) -> Tensor:
+        return group_index(self.K, self.group_size)
+
+    def _like(self, **tensors) -> "QuantizedWeight":
+        return QuantizedWeight(tensors["qweight"], tensors["scales"], tensors["qzeros"],
+                               self.bits, self.group_size, self.sym, self.zero_offset)
+
+    def __getitem__(self, i) -> "QuantizedWeight":
+        """Index the leading dims (expert e of an [E, N, K] weight)."""
+        if self.qweight.dim() == 2:
+            raise QuantError("a single [N, K] quantized weight has no leading dim to index")
+        return self._like(qweight=self.qweight[i], scales=self.scales[i], qzeros=self.qzeros[i])
+
+    # -- values ---------------------------------------------------------------------------------
+    def codes(self) -> tuple[Tensor, Tensor]:
+        """(q int32 [..., K, N], z int32 [..., G, N]): the integer weights and true zero points."""
+        return unpack_rows(self.qweight, self.bits), unpack_cols(self.qzeros, self.bits) + self.zero_offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight [..., N, K]: scales * (q - z), computed in fp32 (exact: |q - z| <= 2^b and an
+        fp16 scale fit a float's mantissa), then cast to `dtype`."""
+        q, z = self.codes()
+        gi = self.g_idx.to(q.device)
+        w = self.scales.float().index_select(-2, gi) * (q - z.index_select(-2, gi)).float()
+        return w.transpose(-1, -2).to(dtype).contiguous()
+
+    def linear(self, x: Tensor) -> Tensor:
+        """The PyTorch reference product x [..., K] @ W^T -> [..., N] in x's dtype (fp32 math)."""
+        if self.qweight.dim() != 2:
+            raise QuantError(f"linear needs an [N, K] weight, got {list(self.shape)}")
+        if x.shape[-1] != self.K:
+            raise QuantError(f"x has {x.shape[-1]} input features; the weight has K = {self.K}")
+        return (x.float() @ self.dequantize().t()).to(x.dtype)
+
+    # -- assembling the model's stacked weights -------------------------------------------------
+    @staticmethod
+    def _same(ws: list["QuantizedWeight"]) -> None:
+        keys = {(w.bits, w.group_size, w.sym, w.zero_offset) for w in ws}
+        if len(keys) != 1:
+            raise QuantError(f"cannot combine quantized weights with different settings {sorted(keys)}")
+
+    @staticmethod
+    def cat_rows(ws: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Stack along N (gate|up, q|k|v): the GPTQ tensors concatenate along their N axis."""
+        QuantizedWeight._same(ws)
+        return ws[0]._like(qweight=torch.cat([w.qweight for w in ws], -1),
+                           scales=torch.cat([w.scales for w in ws], -1),
+                           qzeros=torch.cat([w.qzeros for w in ws], -1))
+
+    @staticmethod
+    def stack(ws: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """A new leading dim (the experts of a layer)."""
+        QuantizedWeight._same(ws)
+        return ws[0]._like(qweight=torch.stack([w.qweight for w in ws]),
+                           scales=torch.stack([w.scales for w in ws]),
+                           qzeros=torch.stack([w.qzeros for w in ws]))
+
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """Inverse of cat_rows."""
+        p = 32 // self.bits
+        if sum(sizes) != self.N or any(s % p for s in sizes):
+            raise QuantError(f"cannot split N = {self.N} into {sizes} (each a multiple of {p})")
+        parts = zip(self.qweight.split(sizes, -1), self.scales.split(sizes, -1),
+                    self.qzeros.split([s // p for s in sizes], -1))
+        return [self._like(qweight=a.contiguous(), scales=b.contiguous(), qzeros=c.contiguous())
+                for a, b, c in parts]
+
+
+def group_index(K: int, group_size: int) -> Tensor:
+    """g_idx int32 [K] = k // g (desc_act false)."""
+    return torch.arange(K, dtype=torch.int32) // group_size
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, QuantizedWeight)
+
+
+# ---- round-to-nearest quantization --------------------------------------------------------------
+
+def quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of w [..., N, K] (any float dtype; computed in
+    fp32). K and N must be multiples of 32 / bits (the GPTQ packing); the last group may be
+    partial (K % g != 0)."""
+    if not isinstance(w, Tensor) or not w.is_floating_point() or w.dim() < 2:
+        raise QuantError(f"quantize needs a >= 2-d float tensor [..., N, K], got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {list(getattr(w, 'shape', []))}")
+    *lead, N, K = w.shape
+    p, g, b = spec.pack, spec.group_size, spec.bits
+    if K % p or N % p:
+        raise QuantError(f"weight [N, K] = {[N, K]}: both must be multiples of {p} for {b}-bit GPTQ packing")
+    x = w.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise QuantError("weight has non-finite values; cannot quantize")
+    G = -(-K // g)
+    # zero padding changes neither max|w| nor min(w, 0) / max(w, 0): every statistic below
+    # includes 0 by construction
+    xg = torch.nn.functional.pad(x, (0, G * g - K)).reshape(*lead, N, G, g)
+    maxq = (1 << b) - 1
+    if spec.sym:
+        s = (2 * xg.abs().amax(-1) / maxq).clamp_min(_MIN_SCALE)
+        s16 = _fp16(s)
+        z = torch.full_like(s16, 1 << (b - 1), dtype=torch.int32)
+    else:
+        lo, hi = xg.amin(-1).clamp_max(0), xg.amax(-1).clamp_min(0)
+        s16 = _fp16(((hi - lo) / maxq).clamp_min(_MIN_SCALE))
+        zf = torch.round(-lo / s16.float())
+        low = zf < 1  # z = 0 does not survive the v1 format: put the zero at 1 and widen s
+        if bool(low.any()):
+            s16 = torch.where(low, _fp16((hi / (maxq - 1)).clamp_min(_MIN_SCALE)), s16)
+            zf = torch.where(low, torch.ones_like(zf), zf)
+        z = zf.clamp(1, maxq).to(torch.int32)
+    q = (torch.round(xg / s16.float().unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
+    q = q.reshape(*lead, N, G * g)[..., :K].to(torch.int32)                # [..., N, K]
+    return QuantizedWeight(pack_rows(q.transpose(-1, -2), b), s16.transpose(-1, -2).contiguous(),
+                           pack_cols((z - spec.zero_offset).transpose(-1, -2) & maxq, b),
+                           b, g, spec.sym, spec.zero_offset)
+
+
+def _fp16(s: Tensor) -> Tensor:
+    """s rounded UP to fp16, so the group's extreme value stays inside the grid (the clamp
+    at q = 0 / 2^b - 1 never adds error beyond half a step)."""
+    s16 = s.to(torch.float16)
+    s16 = torch.where(s16.float() < s, torch.nextafter(s16, torch.full_like(s16, math.inf)), s16)
+    if not bool(torch.isfinite(s16).all()):
+        raise QuantError(f"a group scale ({float(s.max()):.3g}) overflows fp16; weights this large "
+                         "cannot be stored in the GPTQ format")
+    return s16
+
+
+# ---- sizes (memory preflight) -------------------------------------------------------------------
+
+def quantized_nbytes(N: int, K: int, bits: int, group_size: int) -> int:
+    """Bytes of qweight + scales + qzeros + g_idx for one [N, K] linear."""
+    G = -(-K // group_size)
+    return K * N * bits // 8 + G * N * 2 + G * N * bits // 8 + K * 4
+
+
+def layout_nbytes(layout: dict[str, tuple[int, ...]], itemsize: int, spec: QuantSpec | None,
+                  skip: set[str] = frozenset()) -> int:
+    """Bytes of a checkpoint layout (loader.checkpoint_layout) with the quantizable linears in
+    `spec`'s format (None: all in `itemsize` bytes per element)."""
+    total = 0
+    for name, shape in layout.items():
+        if name in skip:
+            continue
+        if spec is not None and QUANTIZABLE.fullmatch(name):
+            total += quantized_nbytes(shape[0], shape[1], spec.bits, spec.group_size)
+        else:
+            total += math.prod(shape) * itemsize
+    return total
+
+
+# ---- the CLIs' flags (one definition for generate, lens, ...) -------------------------------------
+
+def add_quant_arguments(ap) -> None:
+    """--quant int8|int4, --group-size, --sym on an argparse parser."""
+    ap.add_argument("--quant", choices=list(QUANT_NAMES),
+                    help="quantize the linears on load (a GPTQ checkpoint needs no flag)")
+    ap.add_argument("--group-size", type=int, default=128, choices=list(GROUP_SIZES),
+                    help="with --quant: input channels per scale (default 128)")
+    ap.add_argument("--sym", action="store_true", help="with --quant: symmetric (default asymmetric)")
+
+
+def quant_kwargs(args) -> dict:
+    """Model.load keyword arguments from add_quant_arguments' flags."""
+    return {"quant": args.quant, "group_size": args.group_size, "sym": args.sym}
+
+
+__all__ = ["add_quant_arguments", "quant_kwargs", "BITS", "GROUP_SIZES", "QUANTIZABLE", "QuantError", "QuantSpec", "QuantizedWeight",
+           "group_index", "is_quantized", "layout_nbytes", "pack_cols", "pack_rows", "quant_spec_of",
+           "quantize", "quantized_nbytes", "unpack_cols", "unpack_rows"]

@@ -1,0 +1,227 @@
+"""Quantized checkpoints end to end: `python -m moe_engine.quantize` writes a GPTQ checkpoint that
+loads into exactly what quantize-on-load holds (same bits); a quantized model's logits are those
+of the same model with the dequantized weights as plain tensors; the cpu backend agrees with the
+torch reference on it (generation, taps); broken GPTQ checkpoints fail with CheckpointErrors that
+name the file and tensor; the memory preflight refuses with the numbers."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import moe_engine
+from moe_engine import Capture, TapRequest
+from moe_engine.loader import CheckpointError, LayerWeights, ModelWeights, dequantized_layer
+from moe_engine.memory import MemoryPreflightError, estimate_bytes, preflight
+from moe_engine.model import Model
+from moe_engine.ops import available_backends
+from moe_engine.quant import QuantizedWeight, QuantSpec
+from moe_engine.quantize import main as quantize_main
+from tolerances import assert_close
+
+IDS = torch.arange(1, 30)
+
+
+@pytest.fixture(scope="module")
+def q4_dir(tiny_ckpt_sharded, tmp_path_factory):
+    """tiny (sharded source) -> 4-bit asym g32 GPTQ, written in 3+ shards."""
+    out = tmp_path_factory.mktemp("q") / "tiny-int4"
+    assert quantize_main([str(tiny_ckpt_sharded), str(out), "--bits", "4", "--group-size", "32",
+                          "--max-shard-size", "0.0001"]) == 0
+    return out
+
+
+def _quantized_tensors(w: ModelWeights):
+    for l, lw in enumerate(w.layers):
+        m = lw.mlp
+        named = {"q": lw.q, "k": lw.k, "v": lw.v, "o": lw.o}
+        named.update({f"mlp.{k}": v for k, v in vars(m).items() if k != "shared"})
+        if getattr(m, "shared", None) is not None:
+            named.update({"shared.gate_up": m.shared.gate_up, "shared.down": m.shared.down})
+        for k, v in named.items():
+            yield f"{l}.{k}", v
+
+
+def test_cli_output_is_a_gptq_checkpoint(q4_dir, tiny_ckpt):
+    cfg = json.loads((q4_dir / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"],
+            qc["checkpoint_format"]) == ("gptq", 4, 32, False, False, "gptq")
+    assert (q4_dir / "tokenizer.json").read_bytes() == (tiny_ckpt / "tokenizer.json").read_bytes()
+    index = json.loads((q4_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) >= 3
+    p = "model.layers.1.mlp.experts.3.down_proj"
+    with safe_open(str(q4_dir / index[p + ".qweight"]), framework="pt") as f:
+        qweight = f.get_tensor(p + ".qweight")
+    with safe_open(str(q4_dir / index[p + ".g_idx"]), framework="pt") as f:
+        g_idx = f.get_tensor(p + ".g_idx")
+    assert qweight.dtype == torch.int32 and list(qweight.shape) == [32 // 8, 64]  # [K/p, N]: K=F=32, N=D=64
+    assert g_idx.tolist() == [k // 32 for k in range(32)]
+    assert "model.layers.1.mlp.gate.weight" in index and "model.layers.1.mlp.gate.qweight" not in index
+    assert "lm_head.weight" in index and "model.embed_tokens.weight" in index
+
+
+def test_quantize_on_load_gives_the_same_bits(q4_dir, tiny_ckpt):
+    a = moe_engine.load(q4_dir, backend="torch", progress=False)
+    b = moe_engine.load(tiny_ckpt, backend="torch", progress=False, quant="int4", group_size=32)
+    n = 0
+    for (name, x), (_, y) in zip(_quantized_tensors(a.weights), _quantized_tensors(b.weights)):
+        if isinstance(x, QuantizedWeight):
+            n += 1
+            assert isinstance(y, QuantizedWeight), name
+            for t in ("qweight", "qzeros", "scales"):
+                assert torch.equal(getattr(x, t), getattr(y, t)), (name, t)
+        else:
+            assert torch.equal(x, y), name
+    assert n >= 4 * 3 + 2 * 2 + 2  # attention x3 layers, experts + shared x2, dense MLP
+    assert torch.equal(a.forward(IDS), b.forward(IDS))
+
+
+def test_quantized_model_is_its_dequantized_model(q4_dir):
+    """The reference: the same Model over plain tensors holding the dequantized weights."""
+    m = moe_engine.load(q4_dir, backend="torch", progress=False)
+    plain = ModelWeights(m.weights.embed, [dequantized_layer(lw, m.dtype) for lw in m.weights.layers],
+                         m.weights.final_norm, m.weights.lm_head)
+    assert not any(isinstance(v, QuantizedWeight) for _, v in _quantized_tensors(plain))
+    ref = Model(m.config, plain, backend="torch")
+    assert torch.equal(m.forward(IDS), ref.forward(IDS))
+    lw = m.weights.layers[1]
+    assert isinstance(lw.mlp.experts_gate_up, QuantizedWeight) and lw.mlp.experts_gate_up.shape == (8, 64, 64)
+    assert m.weights.layers[1].mlp.router.dtype == torch.bfloat16  # the router stays unquantized
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+def test_cpu_backend_runs_a_quantized_model(q4_dir):
+    """fp32, so bf16 near-ties in the router cannot pick different experts on the two backends."""
+    t = moe_engine.load(q4_dir, backend="torch", progress=False, dtype="float32")
+    c = moe_engine.load(q4_dir, backend="cpu", progress=False, dtype="float32")
+    assert_close(c.forward(IDS), t.forward(IDS), "model_logits_vs_backend", torch.float32)
+    assert c.generate("The", max_new_tokens=6, topk=1)[0].text == t.generate("The", max_new_tokens=6, topk=1)[0].text
+    cap = Capture(TapRequest(["blocks.*.moe.hook_topk_ids"]))
+    c.forward(IDS, capture=cap, topk=1)
+    assert cap["blocks.2.moe.hook_topk_ids"].shape == (IDS.numel(), 1)
+
+
+def test_v2_zero_convention_reads_the_same(q4_dir, tmp_path):
+    """Rewrite the checkpoint in gptq_v2 (true zeros stored): same weights."""
+    v2 = shutil.copytree(q4_dir, tmp_path / "v2")
+    for f in v2.glob("*.safetensors"):
+        t = load_file(f)
+        for k in [k for k in t if k.endswith(".qzeros")]:
+            z = t[k]
+            w = torch.zeros_like(z)
+            for j in range(8):  # +1 per 4-bit field (stored z - 1 <= 14, so no carry)
+                w |= (((z >> (4 * j)) & 0xF) + 1) << (4 * j)
+            t[k] = w
+        save_file(t, f, metadata={"format": "pt"})
+    cfg = json.loads((v2 / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "gptq_v2"
+    (v2 / "config.json").write_text(json.dumps(cfg))
+    a = moe_engine.load(q4_dir, backend="torch", progress=False)
+    b = moe_engine.load(v2, backend="torch", progress=False)
+    assert not torch.equal(a.weights.layers[0].q.qzeros, b.weights.layers[0].q.qzeros)
+    assert torch.equal(a.forward(IDS), b.forward(IDS))
+
+
+def _edit(ckpt, name, fn):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    f = ckpt / index[name]
+    t = load_file(f)
+    t[name] = fn(t[name])
+    save_file(t, f, metadata={"format": "pt"})
+    return f
+
+
+@pytest.mark.parametrize("name,fn,match", [
+    ("model.layers.1.self_attn.o_proj.qweight", lambda t: t[:-1].contiguous(),
+     r"o_proj.qweight has shape \[7, 64\], expected \[8, 64\]"),
+    ("model.layers.2.mlp.experts.0.up_proj.scales", lambda t: t.float(),
+     r"up_proj.scales has unsupported dtype F32; supported: F16, BF16"),
+    ("model.layers.0.mlp.down_proj.g_idx", lambda t: t.flip(0).contiguous(), r"down_proj.g_idx is not k // 32"),
+])
+def test_broken_gptq_checkpoints_are_named(q4_dir, copy_ckpt, name, fn, match):
+    ckpt = copy_ckpt(q4_dir)
+    _edit(ckpt, name, fn)
+    with pytest.raises(CheckpointError, match=match):
+        moe_engine.load(ckpt, backend="torch", progress=False)
+
+
+def test_bad_quantization_config_and_requests(q4_dir, copy_ckpt, tiny_ckpt):
+    ckpt = copy_ckpt(q4_dir)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"quantization_config.bits = 3; supported: 4, 8"):
+        moe_engine.load(ckpt, backend="torch", progress=False)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        moe_engine.load(q4_dir, backend="torch", progress=False, quant="int8")
+    with pytest.raises(ValueError, match="quant = 'int3'"):
+        moe_engine.load(tiny_ckpt, backend="torch", progress=False, quant="int3")
+
+
+def test_cli_errors(tmp_path, tiny_ckpt, q4_dir, capsys):
+    assert quantize_main([str(tmp_path / "nope"), str(tmp_path / "o"), "--bits", "8"]) == 1
+    assert capsys.readouterr().err.startswith("error: ") 
+    assert quantize_main([str(q4_dir), str(tmp_path / "o2"), "--bits", "8"]) == 1
+    assert "already quantized" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert quantize_main([str(tiny_ckpt), str(tmp_path / "full"), "--bits", "8"]) == 1
+    assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_memory_preflight(tiny_ckpt):
+    cfg = moe_engine.ModelConfig.from_json(tiny_ckpt / "config.json")
+    bf16 = estimate_bytes(cfg, backend="torch", context=512)
+    q4 = estimate_bytes(cfg, backend="torch", context=512, quant=QuantSpec(4, 32))
+    assert q4["weights"] < 0.5 * bf16["weights"] and q4["kv_cache"] == bf16["kv_cache"]
+    assert bf16["kv_cache"] == 2 * 3 * 4 * 16 * 512 * 2  # 2 (k, v) x L x Hkv x hd x tokens x bf16
+    with pytest.raises(MemoryPreflightError, match=r"needs .* GB .* available; --quant int8 needs .* "
+                                                   r"--quant int4 needs"):
+        preflight(tiny_ckpt, backend="cpu", available=10 ** 6)
+    assert preflight(tiny_ckpt, backend="cpu", available=10 ** 12)["total"] > bf16["total"]
+
+
+def test_16b_preset(tmp_path):
+    """The full-size preset is the published config at 28 layers, written in 7 shards; checked
+    here without writing 33 GB: its config, its size estimate, and its sharding on tiny shapes."""
+    from moe_engine.synthetic import PRESETS, PUBLISHED_CONFIG, make_checkpoint
+    cfg = moe_engine.ModelConfig.from_dict({**PUBLISHED_CONFIG, **PRESETS["16b"]})
+    assert cfg.num_hidden_layers == 28 and cfg.n_routed_experts == 64 and cfg.hidden_size == 2048
+    est = estimate_bytes(cfg, backend="torch", context=4096)
+    assert abs(est["weights"] - 16_375_728_128 * 2) < 1e6  # the published parameter count, bf16
+    q4 = estimate_bytes(cfg, backend="torch", context=4096, quant=QuantSpec(4, 64))
+    assert 8e9 < q4["weights"] < 10e9
+    out = make_checkpoint(tmp_path / "small16b", "16b", overrides=PRESETS["tiny"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 7
+    assert moe_engine.load(out, backend="torch", progress=False, quant="int8").config.num_hidden_layers == 3
+
+
+def test_eval_quant_scores_padded_batches_like_single_chunks(tiny_ckpt):
+    """tools/eval_quant.py batches chunks of different lengths with left padding: the per-chunk
+    NLL and argmax must be those of each chunk run alone; and its card section renders."""
+    import sys
+    from pathlib import Path
+    import torch.nn.functional as Fn
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import eval_quant
+    import eval_small
+    m = moe_engine.load(tiny_ckpt, backend="torch", progress=False, dtype="float32")
+    chunks = [list(range(5, 25)), list(range(30, 37)), list(range(40, 52))]
+    nll, top1 = eval_quant.score(m, chunks, batch=3)
+    want_top1 = []
+    for c, got in zip(chunks, nll):
+        logits = m.forward(torch.tensor(c[:-1]))[0]
+        want = float(Fn.cross_entropy(logits, torch.tensor(c[1:])))
+        assert abs(got - want) < 1e-4
+        want_top1.append(logits.argmax(-1))
+    assert torch.equal(top1, torch.cat(want_top1))
+    lines = []
+    q = {"chunk_tokens": 8, "compute": "fp32", "command": "x",
+         "ppl": {"bf16": {d: 10.0 for d in eval_small.DOMAINS}, "int4": {d: 10.5 for d in eval_small.DOMAINS}},
+         "top1_agreement": {"bf16": {d: 1.0 for d in eval_small.DOMAINS}, "int4": {d: 0.9 for d in eval_small.DOMAINS}}}
+    eval_small._quant_section(lines.append, q)
+    assert "| int4 | 10.50 | 10.50 | 10.50 | 10.50 | +5.00% | 90.00% |" in lines
