@@ -3,7 +3,8 @@ and the CUDA kernels emulated on the CPU), with interpretability controls built 
 
     import moe_engine
     model = moe_engine.load()                       # the bundled small model, or load(DIR)
-    out = model.generate("The", max_new_tokens=16, topk=1)
+    out = model.generate("The", max_new_tokens=16, temperature=0.8, seed=0, topk=1)
+    out = model.generate(["a", "b"], SamplingParams(temperature=0.8, seed=0))   # as in vLLM
     logits = model.forward(ids, topk=2, expert_mask={1: [0, 3]}, capture=cap)
 """
 from .config import ConfigError, ModelConfig
@@ -14,12 +15,25 @@ from .taps import Capture, Patch, TapRequest
 
 __version__ = "0.1.0"
 
+# From moe_engine.generate, imported on first use: importing it here would make
+# `python -m moe_engine.generate` find its own module already loaded (runpy warns about that).
+_FROM_GENERATE = ("Completion", "NonFiniteLogitsError", "SamplingParams", "TokenEvent")
+
+
+def __getattr__(name):
+    if name in _FROM_GENERATE:
+        from . import generate
+        return getattr(generate, name)
+    raise AttributeError(f"module 'moe_engine' has no attribute {name!r}")
+
 
 def load(path=None, **kwargs) -> Model:
     """Load a Hugging Face DeepSeekMoE checkpoint directory (default: the bundled small model).
-    Keyword arguments: dtype ("bfloat16" | "float32"), device, backend, progress."""
+    Keyword arguments: dtype ("bfloat16" | "float32"), device, backend, progress (default False:
+    quiet in library use; the CLIs show a bar when stderr is a terminal)."""
     return Model.load(path, **kwargs)
 
 
-__all__ = ["Capture", "CheckpointError", "ConfigError", "Interventions", "KVCache", "Model",
-           "ModelConfig", "Patch", "TapRequest", "default_model_dir", "intervene", "load"]
+__all__ = ["Capture", "CheckpointError", "Completion", "ConfigError", "Interventions", "KVCache", "Model",
+           "ModelConfig", "NonFiniteLogitsError", "Patch", "SamplingParams", "TapRequest", "TokenEvent",
+           "default_model_dir", "intervene", "load"]
