@@ -332,6 +332,12 @@ def main(argv=None):
     t = time.perf_counter()
     model = load_model(args)
     c = model.config
+    if not args.no_generate and args.prompt_len + args.gen_len > c.max_position_embeddings:
+        print(f"error: --prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
+              f"{args.prompt_len + args.gen_len} tokens exceed the model's context of "
+              f"{c.max_position_embeddings} (max_position_embeddings); expected --prompt-len <= "
+              f"{c.max_position_embeddings - args.gen_len}", file=sys.stderr)
+        raise SystemExit(2)
     say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
         f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
         f"{args.dtype}, backend {model.backend}{cpu_isa_note()}, loaded in {time.perf_counter() - t:.1f}s")

@@ -7,7 +7,21 @@ and the CUDA kernels emulated on the CPU), with interpretability controls built 
     out = model.generate(["a", "b"], SamplingParams(temperature=0.8, seed=0))   # as in vLLM
     logits = model.forward(ids, topk=2, expert_mask={1: [0, 3]}, capture=cap)
 """
-from .config import ConfigError, ModelConfig
+import os as _os
+
+# Busy machines: OpenMP worker threads (torch's and our kernels', one libgomp) that wait for the
+# next parallel region spin first. libgomp's default spin is long (300,000 rounds), so beside
+# other CPU-bound processes the spinners take the cores the working threads need and a decode
+# step stalls. A short spin keeps the back-to-back regions of one step fast and sleeps soon after.
+# libgomp reads this once, when it is loaded (with torch), so it must be set before torch is
+# imported; the user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT win, and MOE_ENGINE_SPIN=default
+# keeps libgomp's default. Measurements: bench/contention.py, numbers in bench/README.md.
+SPIN_COUNT = "10000"
+if _os.environ.get("MOE_ENGINE_SPIN", "") != "default" and not (
+        {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ)):
+    _os.environ["GOMP_SPINCOUNT"] = _os.environ.get("MOE_ENGINE_SPIN") or SPIN_COUNT
+
+from .config import ConfigError, ModelConfig  # noqa: E402 (after the OpenMP setting)
 from .interventions import Interventions, intervene
 from .loader import CheckpointError
 from .model import KVCache, Model, default_model_dir
