@@ -161,13 +161,15 @@ def bench(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="bench-small", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--tokens", default="1,8,64,512")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--shape", default="bench-small", choices=sorted(SHAPES),
+                    help="layer shapes to time (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="weight and activation dtype (default: %(default)s)")
+    ap.add_argument("--tokens", default="1,8,64,512", help="comma list of token counts T (default: %(default)s)")
     ap.add_argument("--backends", default="", help="comma list (default: every backend present but cuda)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bw = read_bandwidth()
