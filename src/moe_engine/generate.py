@@ -455,13 +455,9 @@ def max_threads() -> int:
         return os.cpu_count() or 1
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m moe_engine.generate", formatter_class=_Formatter,
+        prog="python -m moe_engine.generate", 
         description="Generate text from a DeepSeekMoE checkpoint (default: the bundled small model).",
         epilog="One prompt streams its text as it comes; several print each text when it is complete "
                "('[i] text', in order), or, with --stream, each piece as it comes ('[i] piece' lines). "

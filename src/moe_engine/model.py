@@ -1,6 +1,6 @@
 """The DeepSeekMoE runtime: embedding -> decoder layers (attention + dense or MoE FFN) -> final
 norm -> lm_head, with a preallocated KV cache and batched prefill / decode of prompts of
-different lengths. Semantics: ../shared/notes/deepseekmoe.md (Hugging Face remote code).
+different lengths. Semantics: those of the Hugging Face DeepSeekMoE remote code.
 
 Shape legend: B sequences, T new tokens per sequence in this call, N valid (non-pad) tokens of
 the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E routed experts,

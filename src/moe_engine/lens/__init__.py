@@ -1,5 +1,5 @@
 """MoE Lens: the analyses of "MoE Lens -- An Expert Is All You Need" on any DeepSeekMoE
-checkpoint, built on the engine's taps (notes/lens.md; user guide: docs/lens.md).
+checkpoint, built on the engine's taps (docs/lens.md).
 
     import moe_engine
     from moe_engine import lens

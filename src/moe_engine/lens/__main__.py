@@ -1,6 +1,6 @@
 """python -m moe_engine.lens SUB [--model DIR] --out DIR [options] PATH...
 
-Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
+Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
     routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
     early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
     topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png

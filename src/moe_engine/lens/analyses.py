@@ -1,4 +1,4 @@
-"""The four MoE Lens analyses (notes/lens.md), each a function returning a result whose
+"""The four MoE Lens analyses (docs/lens.md), each a function returning a result whose
 `to_json()` is what the CLI writes and what the plots read.
 
     route_corpus   hits per expert per layer per domain, from the device usage counters
@@ -9,7 +9,7 @@
 Shape legend: B samples per batch, T batch length, N valid tokens, L layers, E routed experts,
 K top-k, D hidden, V vocab.
 
-Presets: "notes" (the default, notes/lens.md) and "paper" (the public MoE Lens code's choices:
+Presets: "notes" (the default, docs/lens.md) and "paper" (the public MoE Lens code's choices:
 base u instead of a, weights renormalised by their running sum, last token only, no final norm
 in the lens) minus its expert-output misalignment, which no option reproduces.
 """
@@ -204,7 +204,7 @@ def early_decode(model: Model, prompt: str | Sequence[int], *, position: int = -
                  **intervention_kwargs) -> EarlyDecodeResult:
     """Logit lens at one position of one prompt, for every layer: the layer output
     (hook_resid_post), and on MoE layers H^{l_k} for k = 1..K and base + E_j for each chosen
-    expert j, with the chosen experts' ids and weights (notes/lens.md analysis 2)."""
+    expert j, with the chosen experts' ids and weights (docs/lens.md analysis 2)."""
     p = get_preset(preset)
     norm = p.norm if norm is None else norm
     tok = model.tokenizer

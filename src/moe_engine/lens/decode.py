@@ -1,4 +1,4 @@
-"""The logit lens and the MoE-specific residuals it decodes (notes/lens.md, analysis 2).
+"""The logit lens and the MoE-specific residuals it decodes (docs/lens.md, analysis 2).
 
 Shape legend: N captured tokens, K top-k of the layer, D hidden, V vocab, n top tokens.
 
