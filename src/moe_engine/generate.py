@@ -234,7 +234,8 @@ def _plan(model: Model, prompts, sampling, chat: bool, interventions, kwargs: di
         raise TypeError(f"chat = {chat!r}; expected True or False")
     tok = model.tokenizer
     if tok is None:
-        raise ValueError(f"the model at {model.path} has no tokenizer.json; pass token ids instead")
+        raise ValueError(f"the model at {model.path} has no tokenizer.json; generation needs one to "
+                         "turn tokens into text (model.forward takes token ids without it)")
     plist = _as_prompt_list(prompts)
     if len(plist) == 0:
         raise ValueError("no prompts given; expected at least one prompt")
