@@ -180,3 +180,18 @@ def test_load_refuses_a_missing_gpu():
             moe_engine.load(device=dev)
     with pytest.raises(ValueError, match="device 'tpu'"):
         moe_engine.load(device="tpu")
+
+
+@pytest.mark.parametrize("env,expected", [({}, "10000"), ({"OMP_WAIT_POLICY": "passive"}, "None"),
+                                          ({"MOE_ENGINE_SPIN": "default"}, "None")])
+def test_import_sets_a_short_openmp_spin_unless_the_user_chose(env, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MOE_ENGINE_SPIN")}
+    pkg_parent = str(Path(moe_engine.__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", "import os, moe_engine; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                       env={**base, **env, "PYTHONPATH": pkg_parent}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected
