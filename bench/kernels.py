@@ -78,7 +78,10 @@ def bench(args):
     D, E, K, F, dense = SHAPES[args.shape]
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     el = torch.empty(0, dtype=dt).element_size()
-    backends = [b for b in available_backends() if b != "cuda"] if not args.backends else args.backends.split(",")
+    if args.backends:
+        backends = args.backends.split(",")
+    else:  # the emu (like the cuda) expert kernels take bf16 only
+        backends = [b for b in available_backends() if b != "cuda" and (b != "emu" or args.dtype == "bfloat16")]
     tokens = [int(t) for t in args.tokens.split(",")]
     g = torch.Generator().manual_seed(0)
     tab = Table(args.json)
@@ -161,13 +164,15 @@ def bench(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="bench-small", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--tokens", default="1,8,64,512")
-    ap.add_argument("--backends", default="", help="comma list (default: every backend present but cuda)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--shape", default="bench-small", choices=sorted(SHAPES),
+                    help="layer shapes to time (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="weight and activation dtype (default: %(default)s)")
+    ap.add_argument("--tokens", default="1,8,64,512", help="comma list of token counts T (default: %(default)s)")
+    ap.add_argument("--backends", default="", help="comma list (default: every backend present but cuda; emu only in bfloat16)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bw = read_bandwidth()

@@ -299,29 +299,32 @@ def torch_expert_gemm_us(model, args, tokens: int, reps: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a Hugging Face DeepSeekMoE checkpoint directory")
+    src.add_argument("--model", help="a Hugging Face DeepSeekMoE checkpoint directory (default: none, --preset)")
     src.add_argument("--preset", default="bench-small",
                      help="random weights of a preset shape: bench-small | 16b-layer | tiny, "
                           "optionally :layers=N (default bench-small)")
-    ap.add_argument("--backend", default="cpu", choices=("torch", "cpu", "cuda", "emu", "auto"))
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--backend", default="cpu", choices=("torch", "cpu", "cuda", "emu", "auto"),
+                    help="kernels of the MoE layer (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="weight and activation dtype (default: %(default)s)")
     ap.add_argument("--topk", type=int, default=None, help="routed experts per token (default: the model's)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3, help="generation repetitions after the warm-up")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step (default: %(default)s)")
+    ap.add_argument("--prompt-len", type=int, default=512,
+                    help="prompt tokens per sequence; with --gen-len within the model's context (default: %(default)s)")
+    ap.add_argument("--gen-len", type=int, default=64, help="decode steps per repetition (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+    ap.add_argument("--reps", type=int, default=3, help="generation repetitions after the warm-up (default: %(default)s)")
     ap.add_argument("--moe-tokens", default="",
                     help="comma list of token counts for the per-MoE-layer table (default: the batch "
                          "size and the prefill size)")
-    ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table")
+    ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table (default: off)")
     ap.add_argument("--profile-overhead", action="store_true",
                     help="cpu backend: split a decode step into time inside the C++ kernels and "
-                         "outside them, with the fused MoE-layer call and with the op-by-op path")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+                         "outside them, with the fused MoE-layer call and with the op-by-op path (default: off)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     say = (lambda *a: None) if args.json else print
@@ -332,6 +335,12 @@ def main(argv=None):
     t = time.perf_counter()
     model = load_model(args)
     c = model.config
+    if not args.no_generate and args.prompt_len + args.gen_len > c.max_position_embeddings:
+        print(f"error: --prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
+              f"{args.prompt_len + args.gen_len} tokens exceed the model's context of "
+              f"{c.max_position_embeddings} (max_position_embeddings); expected --prompt-len <= "
+              f"{c.max_position_embeddings - args.gen_len}", file=sys.stderr)
+        raise SystemExit(2)
     say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
         f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
         f"{args.dtype}, backend {model.backend}{cpu_isa_note()}, loaded in {time.perf_counter() - t:.1f}s")

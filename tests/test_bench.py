@@ -64,3 +64,13 @@ def test_kernels_json():
     assert {row["backend"] for row in r["rows"]} == set(backends)
     assert r["cpu_isa"] in (("avx512", "avx2", "portable") if "cpu" in backends else (None,))
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in r["rows"])
+
+
+def test_throughput_refuses_a_run_beyond_the_context():
+    """The bundled model's context is 512: the default 512-token prompt + 64 steps cannot fit."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--model",
+                          str(ROOT / "src" / "moe_engine" / "assets" / "small"), "--batch", "4", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "--prompt-len 512 + --gen-len 64 = 576 tokens exceed the model's context of 512" in out.stderr
+    assert "expected --prompt-len <= 448" in out.stderr

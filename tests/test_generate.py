@@ -108,3 +108,120 @@ def test_cli_errors_name_the_problem(tiny_dir, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = _cli("--model", str(tiny_dir), "--prompt", "hi", "--topk", "99", "--backend", "torch")
     assert r.returncode == 2 and "topk" in r.stderr and "99" in r.stderr
+
+
+# -- the CLI in this process: error table, help, output format -----------------------------------
+
+def _main(argv, capsys):
+    from moe_engine.generate import main
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _cli_bad_inputs(tiny_dir, tmp_path):
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"x")
+    m = ["--model", str(tiny_dir), "--backend", "torch", "--max-new-tokens", "2"]
+    rows = [  # (argv, exit code, words the error must contain)
+        (m + ["--threads", "-1"], 2, ["--threads", "-1", "out of range", "CPU threads (1.."]),
+        (m + ["--threads", "100000"], 2, ["100000", "out of range", "(1.."]),
+        (m + ["--threads", "two"], 2, ["'two' is not an integer"]),
+        (m + ["--prompt", "bad \udcff here"], 2, ["prompt 0", "lone surrogate", "UTF-8"]),
+        (m + ["--temperature", "inf"], 2, ["--temperature", "'inf' is not finite", ">= 0"]),
+        (m + ["--temperature", "-1"], 2, ["temperature = -1.0", ">= 0"]),
+        (m + ["--top-p", "0"], 2, ["top_p = 0.0", "0 < top_p <= 1"]),
+        (m + ["--seed", "1e23"], 2, ["--seed", "'1e23' is not an integer", "0..18446744073709551615"]),
+        (m + ["--seed", "-3"], 2, ["-3 is out of range"]),
+        (m + ["--max-new-tokens", "2.5"], 2, ["'2.5' is not an integer", ">= 1"]),
+        (m + ["--max-new-tokens", "100000"], 2, ["100000", "context"]),
+        (m + ["--topk", "99"], 2, ["topk", "99"]),
+        (m + ["--moe-topk", "x"], 2, ["'x' is not an integer", "experts per token"]),
+        (m + ["--expert-mask", "1-3"], 2, ["--expert-mask", "'1-3'", "LAYER:ID"]),
+        (["--model", str(a_file)], 2, [str(a_file), "is a file", "expected a checkpoint directory"]),
+        (["--model", str(tmp_path / "nope")], 2, ["nope", "does not exist"]),
+        (m + ["--device", "tpu"], 2, ["device 'tpu'", "expected 'cpu', 'cuda'"]),
+    ]
+    if not torch.cuda.is_available():
+        rows += [(m + ["--device", "cuda"], 2, ["device 'cuda'", "no usable GPU", "expected 'cpu'"]),
+                 (m + ["--device", "cuda:7"], 2, ["device 'cuda:7'", "no usable GPU"])]
+    return rows
+
+
+@pytest.mark.parametrize("row", range(19))
+def test_cli_bad_input_is_one_error_line(row, tiny_dir, tmp_path, capsys):
+    rows = _cli_bad_inputs(tiny_dir, tmp_path)
+    if row >= len(rows):
+        pytest.skip("a GPU is present: the no-GPU rows do not apply")
+    argv, code, words = rows[row]
+    got, out, err = _main(argv, capsys)
+    assert got == code, (argv, err)
+    assert "Traceback" not in err and out == ""
+    errors = [l for l in err.splitlines() if "error:" in l]
+    assert len(errors) == 1, err
+    for w in words:
+        assert w in errors[0], f"{w!r} not in {errors[0]!r}"
+
+
+def test_cli_every_flag_has_help_with_its_default():
+    from moe_engine.generate import build_parser
+    for a in build_parser()._actions:
+        if a.dest == "help":
+            continue
+        assert a.help and "default" in a.help, f"{a.option_strings} has no help or no default in it"
+
+
+def test_cli_several_prompts_print_whole_texts(tiny_dir, capsys):
+    m = ["--model", str(tiny_dir), "--backend", "torch", "--max-new-tokens", "5"]
+    _, alone, _ = _main(m + ["--prompt", "hello"], capsys)
+    code, out, err = _main(m + ["--prompt", "hello", "--prompt", "def f"], capsys)
+    assert code == 0 and "10 tokens" in err
+    assert out.startswith("[0] " + alone.rstrip("\n") + "\n") and "\n[1] " in out
+    code, echoed, _ = _main(m + ["--prompt", "hello", "--prompt", "def f", "--echo"], capsys)
+    assert echoed.startswith("[0] hello" + alone.rstrip("\n"))
+    _, one_echo, _ = _main(m + ["--prompt", "hello", "--echo"], capsys)
+    assert one_echo == "hello" + alone
+    code, streamed, _ = _main(m + ["--prompt", "hello", "--prompt", "def f", "--stream"], capsys)
+    pieces = "".join(l[4:] for l in streamed.splitlines(keepends=True) if l.startswith("[0] "))
+    assert code == 0 and pieces.replace("\n", "") == alone.replace("\n", "")
+
+
+# -- signals and pipes: real processes -----------------------------------------------------------
+
+def _popen(tiny_dir, *args, **kw):
+    pkg_parent = str(Path(moe_engine.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "moe_engine.generate", "--model", str(tiny_dir),
+                             "--backend", "torch", *args], cwd="/", env=env, stderr=subprocess.PIPE, **kw)
+
+
+def test_cli_ctrl_c_keeps_the_text_prints_the_summary_and_exits_130(tiny_dir):
+    import signal
+    p = _popen(tiny_dir, "--prompt", "hello", "--max-new-tokens", "400", stdout=subprocess.PIPE)
+    first = p.stdout.read(1)               # generation has started
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=120)
+    err = err.decode()
+    assert p.returncode == 130, err
+    assert first and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "interrupted]" in err and " tokens in " in err
+
+
+def test_cli_closed_stdout_exits_quietly(tiny_dir):
+    p = _popen(tiny_dir, "--prompt", "hello", "--max-new-tokens", "200", stdout=subprocess.PIPE)
+    assert p.stdout.read(1)
+    p.stdout.close()                       # what `| head -c 1` does
+    err = p.communicate(timeout=120)[1].decode()
+    assert p.returncode == 141 and err == "", err
+
+
+def test_cli_full_disk_is_one_error_line(tiny_dir):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        p = _popen(tiny_dir, "--prompt", "hello", "--max-new-tokens", "4", stdout=full)
+        err = p.communicate(timeout=120)[1].decode()
+    assert p.returncode == 1 and err.strip() == "error: cannot write to stdout: No space left on device", err

@@ -124,8 +124,8 @@ _NONE = Interventions()  # what a call with no interventions runs with (frozen: 
 def _per_layer(value, L: int, default: int, name: str) -> list[int]:
     if value is None:
         return [default] * L
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, a sequence of {L} ints or a {{layer: int}} dict, got bool")
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} = {value!r}; expected an int, a sequence of {L} ints or a {{layer: int}} dict")
     if isinstance(value, int):
         return [value] * L
     if isinstance(value, Mapping):

@@ -39,6 +39,25 @@ def default_model_dir() -> Path:
     return Path(__file__).parent / "assets" / "small"
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device this machine can use, else a ValueError naming it (before any
+    weight is read: torch's own error for a missing GPU comes only at the first copy)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device ({e}); expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r}: no usable GPU ({why}); expected 'cpu' here")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {str(device)!r}: this machine has {n} CUDA device(s); expected cuda:0..cuda:{n - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """w * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(dt): cast back BEFORE the multiply."""
     xf = x.float()
@@ -60,6 +79,13 @@ def left_pad(seqs, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
         mask[i, T - len(s):] = True
     return ids.to(device), mask.to(device)
+
+
+def _is_ragged(input_ids) -> bool:
+    """A list/tuple of token-id lists whose lengths differ (what left_pad takes)."""
+    return (isinstance(input_ids, (list, tuple)) and len(input_ids) > 1
+            and all(isinstance(s, (list, tuple)) for s in input_ids)
+            and len({len(s) for s in input_ids}) > 1)
 
 
 @dataclass
@@ -103,16 +129,19 @@ class Model:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
-             device: str | torch.device = "cpu", backend: str = "auto", progress: bool = True,
+             device: str | torch.device = "cpu", backend: str = "auto", progress: bool = False,
              quant: str | None = None, group_size: int = 128, sym: bool = False,
              context: int | None = None, check_memory: bool = True) -> "Model":
-        """quant: "int8" | "int4" quantizes the linears on load (the same bits as
+        """progress: a loading bar on stderr (the CLIs turn it on when stderr is a terminal).
+        quant: "int8" | "int4" quantizes the linears on load (the same bits as
         `python -m moe_engine.quantize` with --group-size/--sym); a GPTQ checkpoint loads
         quantized by itself. context: the KV-cache length the memory preflight budgets for
         (default: the model's context); check_memory=False skips the preflight."""
         from .memory import preflight
         from .quant import QuantSpec
         from .tokenizer import Tokenizer
+
+        device = check_device(device)
 
         path = default_model_dir() if path is None else Path(path)
         if not path.is_dir():
@@ -157,7 +186,8 @@ class Model:
         """Run the model on `input_ids` [B, T] (or [T]); returns float32 logits [B, T, V]
         (`logits="all"`) or [B, V] for each sequence's last valid token (`logits="last"`).
 
-        attention_mask [B, T]: 1 for real tokens, 0 for left padding. cache: continue from a
+        attention_mask [B, T]: 1 for real tokens, 0 for left padding; a list of token-id lists of
+        different lengths is left-padded here (the logits come back padded the same way). cache: continue from a
         KVCache (new tokens are appended). Interventions come as `interventions=` or as keyword
         arguments (topk=, expert_mask=, mask_mode=, force_experts=, renormalize=), which
         override an enclosing `interventions.intervene(...)` block field by field.
@@ -168,6 +198,13 @@ class Model:
         (taps.Patch) to get gradients with respect to it (lens.attribute_experts does)."""
         if logits not in ("all", "last"):
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
+        if attention_mask is None and _is_ragged(input_ids):
+            # token-id lists of different lengths: left-padded here (the logits come back padded
+            # the same way: sequence i's tokens are its last len(i) columns)
+            for i, s in enumerate(input_ids):
+                if len(s) == 0:
+                    raise ValueError(f"input_ids[{i}] is empty; expected at least one token per sequence")
+            input_ids, attention_mask = left_pad(input_ids, self.device)
         be = self.backend if backend is None else backends.resolve(backend, self.device)
         if grad and be != "torch":
             raise ValueError(f"grad=True needs the torch backend; the {be} kernels have no "
@@ -290,15 +327,15 @@ class Model:
 
     __call__ = forward
 
-    def generate(self, prompts, **kwargs):
+    def generate(self, prompts, sampling=None, **kwargs):
         """Generate completions (see moe_engine.generate.generate for the arguments)."""
         from .generate import generate
-        return generate(self, prompts, **kwargs)
+        return generate(self, prompts, sampling, **kwargs)
 
-    def iter_generate(self, prompts, **kwargs):
+    def iter_generate(self, prompts, sampling=None, **kwargs):
         """Stream TokenEvents (see moe_engine.generate.iter_generate)."""
         from .generate import iter_generate
-        return iter_generate(self, prompts, **kwargs)
+        return iter_generate(self, prompts, sampling, **kwargs)
 
     # -- pieces ------------------------------------------------------------------------------------
     def _cpu_weights(self) -> CpuModelWeights:

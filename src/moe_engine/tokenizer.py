@@ -17,7 +17,7 @@ completed characters.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,13 @@ class Tokenizer:
         if self.bos_id is None or self.eos_id is None:
             raise ValueError(f"{self.source}: the chat format needs BOS and EOS tokens")
         bos, eos = self._tok.id_to_token(self.bos_id), self._tok.id_to_token(self.eos_id)
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TypeError(f"messages is {type(messages).__name__}; expected a list of "
+                            "{'role': ..., 'content': ...} dicts")
         parts = [bos]
         for n, m in enumerate(messages):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"message {n} is {type(m).__name__}; expected a dict with 'role' and 'content'")
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES or not isinstance(content, str):
                 raise ValueError(f"message {n}: need role in {CHAT_ROLES} and a string content, "
@@ -141,6 +146,14 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append("Assistant:")
         return "".join(parts)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> list[int] | str:
+        """transformers' `tokenizer.apply_chat_template(messages)`, same defaults: the token ids of
+        the conversation in the chat format (`tokenize=False`: the text, see `chat_prompt`); pass
+        `add_generation_prompt=True` to end with the assistant's turn for generation."""
+        text = self.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text) if tokenize else text
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)

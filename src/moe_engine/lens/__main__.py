@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
-    common.add_argument("--no-progress", action="store_true")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: bars when stderr is a terminal)")
     add_quant_arguments(common)
     p = sub.add_parser("routing", parents=[common], help="routing distribution per domain")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
@@ -117,11 +118,11 @@ def run(args) -> list[Path]:
     if not args.paths and not (args.command == "early-decode" and args.prompt):
         raise ValueError(f"{args.command}: give at least one corpus PATH")
     domains = [domain_from_path(p) for p in args.paths]
+    progress = not args.no_progress and sys.stderr.isatty()  # bars only for a person watching
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                       progress=not args.no_progress, **quant_kwargs(args))
+                       progress=progress, **quant_kwargs(args))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
     renorm = {"model": None, "on": True, "off": False}[args.renormalize]
