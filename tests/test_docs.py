@@ -104,19 +104,6 @@ def test_every_block_says_its_language():
                 f"{p.relative_to(ROOT)}:{line}: fenced block without a known language ({lang!r})"
 
 
-def test_docs_cite_only_files_that_exist():
-    """Backticked repository paths (`src/...`, `tests/...`, `csrc/cuda/{a,b}.cu`) must exist."""
-    pat = re.compile(r"`((?:src|tests|tools|bench|docs|csrc|\.ci)/[\w./{},-]+)`")
-    for p in DOCS:
-        for m in pat.finditer(p.read_text(encoding="utf-8")):
-            path = m.group(1)
-            brace = re.search(r"\{([^}]*)\}", path)
-            names = [path[:brace.start()] + x + path[brace.end():] for x in brace.group(1).split(",")] \
-                if brace else [path]
-            for name in names:
-                assert (ROOT / name.rstrip("/")).exists(), f"{p.relative_to(ROOT)} cites {name}, which is not here"
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A directory with the corpora the docs name, and bench/ and tools/ of this checkout."""

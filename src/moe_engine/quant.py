@@ -385,10 +385,11 @@ def layout_nbytes(layout: dict[str, tuple[int, ...]], itemsize: int, spec: Quant
 def add_quant_arguments(ap) -> None:
     """--quant int8|int4, --group-size, --sym on an argparse parser."""
     ap.add_argument("--quant", choices=list(QUANT_NAMES),
-                    help="quantize the linears on load (a GPTQ checkpoint needs no flag)")
+                    help="quantize the linears on load; a GPTQ checkpoint needs no flag (default: the "
+                         "checkpoint's own weights)")
     ap.add_argument("--group-size", type=int, default=128, choices=list(GROUP_SIZES),
-                    help="with --quant: input channels per scale (default 128)")
-    ap.add_argument("--sym", action="store_true", help="with --quant: symmetric (default asymmetric)")
+                    help="with --quant: input channels per scale (default: %(default)s)")
+    ap.add_argument("--sym", action="store_true", help="with --quant: symmetric (default: asymmetric)")
 
 
 def quant_kwargs(args) -> dict:
