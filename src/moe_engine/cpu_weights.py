@@ -28,6 +28,9 @@ from .ops.packed import PackedWeight, linear_cpu, pack_weight
 # 15 GFLOP/s, the panel kernel at 85-105, T = 512 x N = 512..8064 x K = 512..1408 on Zen 3),
 # so the packed kernels take every size (use_packed).
 SMALL_N = 16
+# Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
+# uses one or two; a lens run over varied sample lengths would otherwise hold one set per length.
+MAX_SHAPES = 8
 
 
 def use_packed(n: int, dtype: torch.dtype) -> bool:
@@ -58,6 +61,8 @@ class CpuMoEWeights:
         N, D = u.shape
         key = (N, k_max)
         if key not in self._buffers:
+            if len(self._buffers) >= MAX_SHAPES:  # bounded: a run of varied prefill sizes must
+                del self._buffers[next(iter(self._buffers))]  # not keep every shape's buffers
             self._buffers[key] = self._build(mod, N, k_max)
         p, _ = self._buffers[key]
         k_t, mask_t, force_t = controls

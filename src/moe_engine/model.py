@@ -148,7 +148,19 @@ class Model:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
-        backends.resolve(backend, torch.device(device))
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a device name like 'cpu' or 'cuda:0' ({e})") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                raise backends.BackendUnavailable(f"device {device!r}: CUDA is not available on this machine")
+            if dev.index is not None and dev.index >= n:
+                raise backends.BackendUnavailable(f"device {device!r}: this machine has {n} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda[:N]'")
+        backends.resolve(backend, dev)
         config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress,
                                           allow_nonfinite=allow_nonfinite)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
