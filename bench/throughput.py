@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 
-BANDWIDTH_BUFFER_BYTES = 1 << 30  # 32x this machine's L3; any cache is negligible next to it
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # far larger than a CPU's L3: any cache is negligible next to it
 PROBE_BYTES = 256 << 20           # read right before every timed decode step / MoE-layer call:
                                   # 8x the L3, so it also flushes the caches as a real step would
 

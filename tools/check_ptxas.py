@@ -4,7 +4,7 @@
 Usage: tools/check_ptxas.py [-j JOBS] [files...]      (default: every csrc/cuda/*.cu)
 
 Prints one row per kernel and architecture: registers, stack frame, spill stores / loads, static
-shared memory. Exit status 1 when any kernel spills (the bar in DESIGN.md, decision 8) or when a
+shared memory. Exit status 1 when any kernel spills (the bar in docs/design.md §8) or when a
 file does not compile. Needs nvcc only (no GPU). Flags match the _C build: -std=c++20 -O3.
 """
 from __future__ import annotations
