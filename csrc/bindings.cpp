@@ -167,6 +167,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(ds, DecodeStepParams, rope_cos); MOE_PTR(ds, DecodeStepParams, rope_sin);
   MOE_PTR(ds, DecodeStepParams, next_pos);
   MOE_PTR(ds, DecodeStepParams, k_cache); MOE_PTR(ds, DecodeStepParams, v_cache);
+  MOE_VAL(ds, DecodeStepParams, cache_bytes);
   MOE_PTR(ds, DecodeStepParams, valid); MOE_PTR(ds, DecodeStepParams, k);
   MOE_PTR(ds, DecodeStepParams, force_expert); MOE_PTR(ds, DecodeStepParams, expert_mask);
   MOE_VAL(ds, DecodeStepParams, mask_mode); MOE_VAL(ds, DecodeStepParams, renormalize);

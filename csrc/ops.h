@@ -305,6 +305,8 @@ struct DecodeStepParams {
   int64_t* next_pos;           // [B] the token's position (< rope_len); incremented
   void* k_cache;               // [L, B, Hkv, S_cap, hd] dtype; column pos is written
   void* v_cache;
+  int64_t cache_bytes;         // bytes the caller's k_cache (and v_cache) each hold: must be
+                               // exactly L*B*Hkv*S_cap*hd*sizeof(dtype), else the call refuses
   uint8_t* valid;              // [B, valid_stride]; column pos is set
   const int32_t* k;            // [L] top-k per layer
   const int32_t* force_expert; // [L], -1 = none

@@ -19,6 +19,14 @@ void align_cpu(const AlignParams& p) {
   if (p.T < 0 || p.k_max < 0 || p.E <= 0 || p.block_m <= 0)
     cpu::fail("align_cpu", "bad sizes T=" + std::to_string(p.T) + " k_max=" + std::to_string(p.k_max) +
                                " E=" + std::to_string(p.E) + " block_m=" + std::to_string(p.block_m));
+  constexpr int32_t kStackE = 4096;  // the scatter's cursors live on the stack
+  if (p.E > kStackE) cpu::fail("align_cpu", "E=" + std::to_string(p.E) + " > " + std::to_string(kStackE));
+  if (int64_t(p.T) * p.k_max > 0) cpu::need("align_cpu", p.topk_ids, "topk_ids");
+  cpu::need("align_cpu", p.expert_counts, "expert_counts");
+  cpu::need("align_cpu", p.expert_offsets, "expert_offsets");
+  cpu::need("align_cpu", p.sorted_slots, "sorted_slots");
+  cpu::need("align_cpu", p.tile_experts, "tile_experts");
+  cpu::need("align_cpu", p.num_padded, "num_padded");
   const int64_t R = int64_t(p.T) * p.k_max;
   const int64_t capacity = align_capacity(p.T, p.k_max, p.E, p.block_m);
   std::fill(p.expert_counts, p.expert_counts + p.E, 0);
@@ -34,8 +42,6 @@ void align_cpu(const AlignParams& p) {
   const int32_t used = p.expert_offsets[p.E];
   std::fill(p.sorted_slots, p.sorted_slots + capacity, -1);
   // Stable scatter: each expert's write cursor starts at its segment offset.
-  constexpr int32_t kStackE = 4096;
-  if (p.E > kStackE) cpu::fail("align_cpu", "E=" + std::to_string(p.E) + " > " + std::to_string(kStackE));
   int32_t cursor[kStackE];
   std::copy(p.expert_offsets, p.expert_offsets + p.E, cursor);
   for (int64_t s = 0; s < R; ++s) {

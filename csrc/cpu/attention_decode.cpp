@@ -45,7 +45,7 @@ void for_each_head(const AttnDecodeParams& p, Fn fn) {
   const X* q = static_cast<const X*>(p.q);
   const X* kc = static_cast<const X*>(p.k_cache);
   const X* vc = static_cast<const X*>(p.v_cache);
-#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork)
+#pragma omp parallel for schedule(static) if (B * H * S * hd >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, g = bh % H / group, cache = (b * p.Hkv + g) * int64_t(p.S_cap) * hd;
     fn(bh, q + bh * hd, kc + cache, vc + cache, p.valid + b * int64_t(p.valid_stride), p.workspace + bh * S);
@@ -215,6 +215,15 @@ void attention_decode_cpu(const AttnDecodeParams& p) {
     cpu::fail("attention_decode_cpu", "bad sizes B=" + std::to_string(p.B) + " H=" + std::to_string(p.H) +
                                           " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) +
                                           " S=" + std::to_string(p.S) + " S_cap=" + std::to_string(p.S_cap));
+  cpu::need_dtype("attention_decode_cpu", p.dtype);
+  if (p.B > 0) {
+    cpu::need("attention_decode_cpu", p.q, "q");
+    cpu::need("attention_decode_cpu", p.k_cache, "k_cache");
+    cpu::need("attention_decode_cpu", p.v_cache, "v_cache");
+    cpu::need("attention_decode_cpu", p.valid, "valid");
+    cpu::need("attention_decode_cpu", p.out, "out");
+    cpu::need("attention_decode_cpu", p.workspace, "workspace");
+  }
 #if MOE_AVX512
   if (p.dtype == DType::f32 ? attn_vector<float>(p) : attn_vector<uint16_t>(p)) return;
 #elif MOE_AVX2
@@ -236,9 +245,22 @@ void attention_block_decode_cpu(const AttnBlockParams& p) {
   const int64_t B = p.B, H = p.H, Hkv = p.Hkv, hd = p.hd, half = p.hd / 2;
   const int64_t nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv;
   const DType dt = p.dtype;
+  const char* op = "attention_block_decode_cpu";
   if (p.pos < 0 || p.pos >= p.S_cap || hd % 2)
-    cpu::fail("attention_block_decode_cpu", "pos=" + std::to_string(p.pos) + " S_cap=" +
-                                                std::to_string(p.S_cap) + " hd=" + std::to_string(hd));
+    cpu::fail(op, "pos=" + std::to_string(p.pos) + " S_cap=" + std::to_string(p.S_cap) + " hd=" + std::to_string(hd));
+  cpu::need_dtype(op, dt);
+  // hd <= 1024: the rope below rotates a head in a stack buffer of 1024 floats
+  cpu::need_sizes(op, {{"B", p.B, 0}, {"D", p.D, 1}, {"H", p.H, 1}, {"Hkv", p.Hkv, 1}, {"hd", p.hd, 2}});
+  if (p.H % p.Hkv || p.hd > 1024 || p.valid_stride <= p.pos)
+    cpu::fail(op, "H=" + std::to_string(p.H) + " must be a multiple of Hkv=" + std::to_string(p.Hkv) +
+                      ", hd=" + std::to_string(p.hd) + " <= 1024, valid_stride=" + std::to_string(p.valid_stride) +
+                      " > pos=" + std::to_string(p.pos));
+  if (B == 0) return;
+  cpu::need(op, p.x, "x"), cpu::need(op, p.qkv, "qkv"), cpu::need(op, p.o, "o");
+  cpu::need(op, p.cos, "cos"), cpu::need(op, p.sin, "sin");
+  cpu::need(op, p.k_cache, "k_cache"), cpu::need(op, p.v_cache, "v_cache"), cpu::need(op, p.valid, "valid");
+  cpu::need(op, p.qkv_buf, "qkv_buf"), cpu::need(op, p.attn_buf, "attn_buf");
+  cpu::need(op, p.scores, "scores"), cpu::need(op, p.out, "out");
   linear_cpu(LinearParams{p.x, p.qkv, p.qkv_buf, dt, p.B, int32_t(nqkv), p.D});
   // rope (rotate-half) on q and k heads in place; v copied; k and v written to the cache column
   for (int64_t b = 0; b < B; ++b) {
@@ -274,8 +296,15 @@ void attention_block_decode_cpu(const AttnBlockParams& p) {
 }
 
 void rms_norm_cpu(const RMSNormParams& p) {
+  cpu::need_dtype("rms_norm_cpu", p.dtype);
+  cpu::need_sizes("rms_norm_cpu", {{"T", p.T, 0}, {"D", p.D, 1}});
+  if (p.T > 0) {
+    cpu::need("rms_norm_cpu", p.x, "x");
+    cpu::need("rms_norm_cpu", p.w, "w");
+    cpu::need("rms_norm_cpu", p.out, "out");
+  }
   const int64_t T = p.T, D = p.D;
-#pragma omp parallel for schedule(static) if (T * D >= cpu::kParallelMinWork)
+#pragma omp parallel for schedule(static) if (T * D >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
   for (int64_t t = 0; t < T; ++t) {
     float ss = 0.f;
     for (int64_t d = 0; d < D; ++d) {

@@ -35,7 +35,7 @@ void combine_impl(const CombineParams& p) {
   X* routed = static_cast<X*>(p.routed_out);
   constexpr int64_t kChunk = 256;  // fp32 accumulator strip that stays in registers / L1
   const int64_t chunks = (D + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (T * D * (K + 2) >= cpu::kParallelMinWork)
+#pragma omp parallel for schedule(static) if (T * D * (K + 2) >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
   for (int64_t item = 0; item < T * chunks; ++item) {
     const int64_t t = item / chunks, d0 = item % chunks * kChunk, n = std::min(kChunk, D - d0);
     float acc[kChunk];
@@ -63,6 +63,15 @@ void combine_cpu(const CombineParams& p) {
   if (p.T < 0 || p.k_max < 0 || p.D <= 0)
     cpu::fail("combine_cpu", "bad sizes T=" + std::to_string(p.T) + " k_max=" + std::to_string(p.k_max) +
                                  " D=" + std::to_string(p.D));
+  cpu::need_dtype("combine_cpu", p.dtype);
+  if (p.T > 0) {
+    cpu::need("combine_cpu", p.out, "out");
+    if (p.k_max > 0) {
+      cpu::need("combine_cpu", p.expert_out, "expert_out");
+      cpu::need("combine_cpu", p.topk_weights, "topk_weights");
+      cpu::need("combine_cpu", p.topk_ids, "topk_ids");
+    }
+  }
   if (p.dtype == DType::f32) combine_impl<float>(p);
   else combine_impl<uint16_t>(p);
 }

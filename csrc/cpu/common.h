@@ -2,8 +2,12 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "../ops.h"
 
@@ -43,6 +47,39 @@ constexpr int64_t kParallelMinWork = 1 << 14;
 
 [[noreturn]] inline void fail(const std::string& op, const std::string& what) {
   throw std::invalid_argument(op + ": " + what);
+}
+
+// Argument checks every launcher runs before touching memory: the pointers it dereferences
+// (a raw address from Python may be 0), the dtype enum (any int converts to it through the
+// bindings), and sizes. Buffer lengths cannot be seen behind a raw pointer: the Python
+// dispatchers check the tensors (ops/*.py, backend.check) and pass the sizes checked here.
+inline void need(const char* op, const void* ptr, const char* name) {
+  if (!ptr) fail(op, std::string(name) + " is a null pointer");
+}
+inline void need_dtype(const char* op, DType dt) {
+  if (dt != DType::f32 && dt != DType::bf16)
+    fail(op, "dtype " + std::to_string(int(dt)) + " is not f32 or bf16");
+}
+// Sizes named in one message: need_sizes(op, {{"T", T, 0}, {"D", D, 1}}) checks each >= its minimum.
+struct SizeArg { const char* name; int64_t value; int64_t min; };
+inline void need_sizes(const char* op, std::initializer_list<SizeArg> sizes) {
+  for (const SizeArg& s : sizes)
+    if (s.value < s.min)
+      fail(op, std::string(s.name) + "=" + std::to_string(s.value) + " must be >= " + std::to_string(s.min));
+}
+
+// Threads of a parallel region: torch.set_num_threads(n) sets OpenMP's default for every
+// region, and asking libgomp for far more threads than it can create crashes it (100000 did in
+// pack_weights_cpu). More threads than 4x the processors only adds fork/join cost, so every
+// parallel region of csrc/cpu takes num_threads(cpu::max_threads()).
+inline int max_threads() {
+#if defined(_OPENMP)
+  const int cap = 4 * omp_get_num_procs();
+  const int want = omp_get_max_threads();
+  return want < 1 ? 1 : (want > cap ? cap : want);
+#else
+  return 1;
+#endif
 }
 
 }  // namespace moe::cpu

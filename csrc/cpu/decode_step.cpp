@@ -76,6 +76,18 @@ void check(const DecodeStepParams& p) {
   if (p.pos < 0 || p.pos >= p.S_cap || p.valid_stride <= p.pos)
     bad("cache column pos=" + std::to_string(p.pos) + " is outside S_cap=" + std::to_string(p.S_cap) +
         " / valid_stride=" + std::to_string(p.valid_stride));
+  cpu::need_dtype("decode_step_cpu", p.dtype);
+  if (p.hd > 1024) bad("hd=" + std::to_string(p.hd) + " > 1024 (the attention's stack buffers)");
+  if (p.E < 0 || p.k_max < 0 || p.k_max > p.E || p.S_cap <= 0)
+    bad("E=" + std::to_string(p.E) + " k_max=" + std::to_string(p.k_max) + " S_cap=" + std::to_string(p.S_cap) +
+        " (need 0 <= k_max <= E, S_cap > 0)");
+  // The KV cache is the caller's tensor: a cache made for another model (fewer layers, other
+  // dtype, head_dim or kv heads) must not be indexed with this model's sizes.
+  const int64_t want = int64_t(p.L) * p.B * p.Hkv * int64_t(p.S_cap) * p.hd * cpu::esize(p.dtype);
+  if (p.cache_bytes != want)
+    bad("k_cache/v_cache hold " + std::to_string(p.cache_bytes) + " bytes each, but L=" + std::to_string(p.L) +
+        " B=" + std::to_string(p.B) + " Hkv=" + std::to_string(p.Hkv) + " S_cap=" + std::to_string(p.S_cap) +
+        " hd=" + std::to_string(p.hd) + " need " + std::to_string(want));
   for (int32_t l = 0; l < p.L; ++l) {
     const DecodeLayer& ly = p.layers[l];
     if (!ly.input_norm || !ly.post_norm || !ly.qkv || !ly.o || !ly.w13 || !ly.w2 || ly.F <= 0)
@@ -97,6 +109,16 @@ int64_t decode_step_workspace_bytes(const DecodeStepParams& p) {
 
 void decode_step_cpu(const DecodeStepParams& p) {
   check(p);
+  auto need = [](const void* ptr, const char* name) { cpu::need("decode_step_cpu", ptr, name); };
+  need(p.ids, "ids"), need(p.embed, "embed"), need(p.rope_cos, "rope_cos"), need(p.rope_sin, "rope_sin");
+  need(p.next_pos, "next_pos"), need(p.k_cache, "k_cache"), need(p.v_cache, "v_cache"), need(p.valid, "valid");
+  need(p.final_norm, "final_norm"), need(p.lm_head, "lm_head"), need(p.logits, "logits");
+  need(p.workspace, "workspace");
+  for (int32_t l = 0; l < p.L; ++l)
+    if (p.layers[l].router) {  // k and force_expert are read for MoE layers only
+      need(p.k, "k"), need(p.force_expert, "force_expert");
+      break;
+    }
   for (int32_t b = 0; b < p.B; ++b) {  // nothing is written before every id and position passed
     if (p.ids[b] < 0 || p.ids[b] >= p.V)
       throw std::invalid_argument("token id " + std::to_string(p.ids[b]) + " is outside the vocabulary [0, " +

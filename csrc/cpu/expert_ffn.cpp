@@ -406,10 +406,12 @@ void pack_weights_cpu(const PackParams& p) {
   if (p.E <= 0 || p.N <= 0 || p.K <= 0 || (p.gate_up && p.N % 2))
     cpu::fail("pack_weights_cpu", "bad sizes E=" + std::to_string(p.E) + " N=" + std::to_string(p.N) +
                                       " K=" + std::to_string(p.K) + (p.gate_up ? " (gate_up: N even)" : ""));
+  cpu::need("pack_weights_cpu", p.src, "src");
+  cpu::need("pack_weights_cpu", p.dst, "dst");
   const int64_t F = p.N / 2, K = p.K, ks = k_step(p.dtype), pe = panel_elems(p.dtype, K);
   const int64_t np = p.gate_up ? (F + kHalf - 1) / kHalf : panels(p.N);
   const int64_t bytes = esize(p.dtype);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(cpu::max_threads())
   for (int64_t e = 0; e < p.E; ++e)
     for (int64_t q = 0; q < np; ++q) {
       int64_t rows[kPanel];  // source row of each lane, -1 = zero padding
@@ -441,6 +443,14 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
     cpu::fail("expert_ffn_cpu", "bad sizes T=" + std::to_string(p.T) + " k_max=" + std::to_string(p.k_max) +
                                     " D=" + std::to_string(p.D) + " F=" + std::to_string(p.F) +
                                     " E=" + std::to_string(p.E));
+  if (int64_t(p.T) * p.k_max > 0) {
+    cpu::need("expert_ffn_cpu", p.x, "x");
+    cpu::need("expert_ffn_cpu", p.w13, "w13");
+    cpu::need("expert_ffn_cpu", p.w2, "w2");
+    cpu::need("expert_ffn_cpu", p.topk_ids, "topk_ids");
+    cpu::need("expert_ffn_cpu", p.expert_out, "expert_out");
+    cpu::need("expert_ffn_cpu", p.workspace, "workspace");
+  }
   const DType dt = p.dtype;
   const int64_t R = int64_t(p.T) * p.k_max, D = p.D, F = p.F, E = p.E, bytes = esize(dt);
   const int64_t hs = h_stride(F);
@@ -469,7 +479,7 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
   const char* x = static_cast<const char*>(p.x);
   const char* w13 = static_cast<const char*>(p.w13);
   const char* w2 = static_cast<const char*>(p.w2);
-  const int nth = std::max(1, std::min(omp_get_max_threads(), int(ws.offsets[E] * (np13 + np2) / 2)));
+  const int nth = std::max(1, std::min(cpu::max_threads(), int(ws.offsets[E] * (np13 + np2) / 2)));
 #pragma omp parallel num_threads(nth)
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
@@ -512,6 +522,11 @@ void linear_cpu(const LinearParams& p) {
   if (p.T < 0 || p.N <= 0 || p.K <= 0)
     cpu::fail("linear_cpu", "bad sizes T=" + std::to_string(p.T) + " N=" + std::to_string(p.N) +
                                 " K=" + std::to_string(p.K));
+  if (p.T > 0) {
+    cpu::need("linear_cpu", p.x, "x");
+    cpu::need("linear_cpu", p.w, "w");
+    cpu::need("linear_cpu", p.y, "y");
+  }
   const DType dt = p.dtype;
   const int64_t bytes = esize(dt), np = panels(p.N), pe = panel_elems(dt, p.K);
   const int64_t mr = tile_rows(p.K * bytes), mt = (p.T + mr - 1) / mr;
@@ -522,7 +537,7 @@ void linear_cpu(const LinearParams& p) {
   // 128 KB bf16 mat-vec): one thread streams a weight at well under the machine's bandwidth,
   // so a decode step's o projection (512 x 512) is faster split than serial (the router,
   // 64 x 512, is not).
-#pragma omp parallel for schedule(static) if (np * kPanel * p.K * p.T >= 4 * cpu::kParallelMinWork)
+#pragma omp parallel for schedule(static) if (np * kPanel * p.K * p.T >= 4 * cpu::kParallelMinWork) num_threads(cpu::max_threads())
   for (int64_t q = 0; q < np; ++q) {
     alignas(64) AccT acc;
     const void* a[kMaxM];

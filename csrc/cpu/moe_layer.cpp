@@ -9,7 +9,19 @@
 namespace moe {
 
 void moe_layer_cpu(const MoELayerParams& p) {
-  if (p.T <= 0) return;
+  const char* op = "moe_layer_cpu";
+  cpu::need_dtype(op, p.dtype);
+  cpu::need_sizes(op, {{"T", p.T, 0}, {"D", p.D, 1}, {"E", p.E, 1}, {"F", p.F, 1}, {"S", p.S, 0}, {"k_max", p.k_max, 0}});
+  if (p.T == 0) return;
+  // the sub-launchers check their own sizes; these pointers are the ones only this call reads
+  cpu::need(op, p.x, "x"), cpu::need(op, p.residual, "residual"), cpu::need(op, p.out, "out");
+  cpu::need(op, p.router, "router"), cpu::need(op, p.router_logits, "router_logits");
+  cpu::need(op, p.k, "k"), cpu::need(op, p.workspace, "workspace");
+  if (p.shared_w13 || p.shared_w2) {
+    cpu::need(op, p.shared_w13, "shared_w13"), cpu::need(op, p.shared_w2, "shared_w2");
+    cpu::need(op, p.shared_out, "shared_out"), cpu::need(op, p.shared_ids, "shared_ids");
+    if (p.S <= 0) cpu::fail(op, "shared weights given with S=" + std::to_string(p.S));
+  }
   LinearParams lin{p.x, p.router, p.router_logits, p.dtype, p.T, p.E, p.D};
   linear_cpu(lin);
 

@@ -95,6 +95,14 @@ void route_cpu(const RouteParams& p) {
     cpu::fail("route_cpu", "bad sizes T=" + std::to_string(p.T) + " E=" + std::to_string(p.E) +
                                " k_max=" + std::to_string(p.k_max));
   if (p.logits_stride < p.E) cpu::fail("route_cpu", "logits_stride " + std::to_string(p.logits_stride) + " < E");
+  cpu::need_dtype("route_cpu", p.logits_dtype);
+  if (p.mask_mode != MaskMode::reroute && p.mask_mode != MaskMode::zero)
+    cpu::fail("route_cpu", "mask_mode " + std::to_string(int(p.mask_mode)) + " is not reroute or zero");
+  cpu::need("route_cpu", p.k, "k");
+  if (p.T > 0) {
+    cpu::need("route_cpu", p.router_logits, "router_logits");
+    if (p.k_max > 0) cpu::need("route_cpu", p.topk_ids, "topk_ids"), cpu::need("route_cpu", p.topk_weights, "topk_weights");
+  }
   const int32_t k = *p.k;
   if (k < 0 || k > p.k_max)
     cpu::fail("route_cpu", "k=" + std::to_string(k) + " outside [0, k_max=" + std::to_string(p.k_max) + "]");
@@ -102,7 +110,7 @@ void route_cpu(const RouteParams& p) {
   if (forced < -1 || forced >= p.E)
     cpu::fail("route_cpu", "force_expert=" + std::to_string(forced) + " outside [-1, E)");
   const int64_t T = p.T;
-#pragma omp parallel for schedule(static) if (T * p.E >= cpu::kParallelMinWork)
+#pragma omp parallel for schedule(static) if (T * p.E >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
   for (int64_t t = 0; t < T; ++t) route_row(p, k, forced, t);
 }
 

@@ -27,6 +27,8 @@ ARCHITECTURE = "DeepseekForCausalLM"
 MODEL_TYPE = "deepseek"
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 TORCH_DTYPES = ("bfloat16", "float16", "float32")
+MAX_HEAD_DIM = 1024        # the cpu attention kernels hold one head in a stack buffer
+MAX_BYTES = 1 << 40        # 1 TiB: a weight set or RoPE table beyond it is a wrong config
 
 
 class ConfigError(ValueError):
@@ -188,6 +190,22 @@ class ModelConfig:
             bad("pretraining_tp", self.pretraining_tp, "1")
         if self.torch_dtype is not None and self.torch_dtype not in TORCH_DTYPES:
             bad("torch_dtype", self.torch_dtype, f"one of {', '.join(TORCH_DTYPES)} or null")
+        if self.head_dim % 2:
+            # rotate-half RoPE pairs dimension i with i + hd/2: an odd head_dim has no layout
+            bad("num_attention_heads", self.num_attention_heads,
+                f"a divisor of hidden_size = {self.hidden_size} that leaves an even head_dim "
+                f"(got head_dim = {self.head_dim})")
+        if self.head_dim > MAX_HEAD_DIM:
+            bad("num_attention_heads", self.num_attention_heads,
+                f"a head_dim <= {MAX_HEAD_DIM} (got {self.head_dim}; the cpu attention kernels keep a head on the stack)")
+        # Sizes that cannot fit anywhere: refused here with the estimate, not as a MemoryError
+        # minutes into a load or at the first forward (the RoPE table has one row per position).
+        for what, name, nbytes in (("the weights in bfloat16", "hidden_size / vocab_size / expert sizes",
+                                    self.weight_bytes),
+                                   ("the RoPE table", "max_position_embeddings", self.rope_table_bytes)):
+            if nbytes > MAX_BYTES:
+                raise ConfigError(f"{self.source}: {what} would take ~{nbytes / 2**30:,.0f} GiB "
+                                  f"(from {name}), more than the {MAX_BYTES / 2**30:,.0f} GiB this engine accepts")
 
     def _refuse(self, name: str, value: Any, supported: str) -> None:
         raise ConfigError(f"{self.source}: unsupported {name} = {value!r}; supported: {supported}")
@@ -198,6 +216,23 @@ class ModelConfig:
             self._refuse(name, v, f"an integer >= {minimum}")
 
     # ---- derived ------------------------------------------------------------------------------
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in bfloat16 (embedding, lm_head, attention, MLPs; norms ignored)."""
+        D, hd, L = self.hidden_size, self.hidden_size // self.num_attention_heads, self.num_hidden_layers
+        attn = D * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        f = self.moe_layer_freq  # MoE layers: multiples of f in [first_k_dense_replace, L)
+        n_moe = (L + f - 1) // f - (min(self.first_k_dense_replace, L) + f - 1) // f
+        moe = (self.n_routed_experts * (3 * D * self.moe_intermediate_size + D)
+               + 3 * D * self.moe_intermediate_size * self.n_shared_experts)
+        dense = 3 * D * self.intermediate_size
+        return 2 * (2 * self.vocab_size * D + L * attn + n_moe * moe + (L - n_moe) * dense)
+
+    @property
+    def rope_table_bytes(self) -> int:
+        """Bytes the model's RoPE table takes while built: fp32 angles, cos and sin per position."""
+        return self.max_position_embeddings * (self.hidden_size // self.num_attention_heads) * 4 * 3
 
     @property
     def head_dim(self) -> int:

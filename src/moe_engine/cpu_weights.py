@@ -28,6 +28,9 @@ from .ops.packed import PackedWeight, linear_cpu, pack_weight
 # times slower than the panel kernel; bench/README.md), so the packed kernels take every size
 # (use_packed).
 SMALL_N = 16
+# Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
+# uses one or two; a lens run over varied sample lengths would otherwise hold one set per length.
+MAX_SHAPES = 8
 
 
 def use_packed(n: int, dtype: torch.dtype) -> bool:
@@ -58,6 +61,8 @@ class CpuMoEWeights:
         N, D = u.shape
         key = (N, k_max)
         if key not in self._buffers:
+            if len(self._buffers) >= MAX_SHAPES:  # bounded: a run of varied prefill sizes must
+                del self._buffers[next(iter(self._buffers))]  # not keep every shape's buffers
             self._buffers[key] = self._build(mod, N, k_max)
         p, _ = self._buffers[key]
         k_t, mask_t, force_t = controls
@@ -155,6 +160,11 @@ class CpuModelWeights:
         p.rope_cos, p.rope_sin, p.rope_len = rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0]
         p.next_pos, p.valid = cache.next_pos.data_ptr(), cache.valid.data_ptr()
         p.k_cache, p.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        # the C++ side refuses a cache whose size is not the model's (Model._check_cache has
+        # already named the mismatch; this is the last line, e.g. for a KVCache edited in place)
+        nbytes = cache.k.numel() * cache.k.element_size()
+        same = cache.v.shape == cache.k.shape and cache.v.dtype == cache.k.dtype == embed.dtype
+        p.cache_bytes = nbytes if same else -1
         p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
         p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
         p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), routing.renormalize
@@ -172,6 +182,7 @@ class CpuModelWeights:
         p.E, p.k_max = (moe.experts.shape[0], k_max) if moe is not None else (0, 0)
         p.V, p.S_cap, p.valid_stride, p.rope_len = self.lm_head.N, S_cap, cache.valid.stride(0), 1
         p.embed, p.final_norm, p.lm_head = embed.data_ptr(), self.final_norm.data_ptr(), self.lm_head.data.data_ptr()
+        p.cache_bytes = cache.k.numel() * cache.k.element_size()
         ws = torch.empty(mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
         p.workspace = (ws.data_ptr() + 63) // 64 * 64
         return ws, p

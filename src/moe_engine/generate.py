@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels of the MoE layer; auto = cuda on a GPU, else cpu (default: %(default)s)")
     g.add_argument("--threads", type=_int_in(1, max_threads(), "CPU threads"), metavar="N",
                    help=f"CPU threads for torch and the kernels, 1..{max_threads()} (default: torch's choice)")
+    g.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN/Inf (default: refused, naming the tensor)")
     add_quant_arguments(ap.add_argument_group("quantization"))
     return ap
 
@@ -558,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed,
                                   max_new_tokens=args.max_new_tokens, stop=args.stop)
         model = Model.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
-                           progress=sys.stderr.isatty(), **quant_kwargs(args))
+                           progress=sys.stderr.isatty(), allow_nonfinite=args.allow_nonfinite,
+                           **quant_kwargs(args))
         mask = parse_expert_mask(args.expert_mask, model.config.num_hidden_layers) if args.expert_mask else None
         prompts = args.prompt or ["The"]
         many = len(prompts) > 1

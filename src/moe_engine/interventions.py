@@ -17,7 +17,7 @@ override the block field by field; an explicit `interventions=` object replaces 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
@@ -40,11 +40,29 @@ class Interventions:
         L, E = config.num_hidden_layers, config.n_routed_experts
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode = {self.mask_mode!r}; expected one of {MASK_MODES}")
+        if not isinstance(self.mask_mode, str):
+            raise TypeError(f"mask_mode must be a str, got {type(self.mask_mode).__name__}")
+        if self.renormalize is not None and not isinstance(self.renormalize, bool):
+            raise TypeError(f"renormalize must be True, False or None, got {self.renormalize!r}")
         k = _per_layer(self.topk, L, config.num_experts_per_tok, "topk")
         force = _per_layer(self.force_experts, L, -1, "force_experts")
         mask = _mask(self.expert_mask, L, E)
         renorm = config.norm_topk_prob if self.renormalize is None else bool(self.renormalize)
         layers = config.moe_layers
+        # A dense layer has no router: an intervention that names one would silently do nothing.
+        dense = [l for l in range(L) if l not in set(layers)]
+        if mask is not None and isinstance(self.expert_mask, torch.Tensor) and self.expert_mask.shape == (E,):
+            mask[dense] = False  # a [E] mask means "every MoE layer"
+        for name, value in (("topk", self.topk), ("force_experts", self.force_experts),
+                            ("expert_mask", self.expert_mask if isinstance(self.expert_mask, Mapping) else None)):
+            if isinstance(value, Mapping):
+                named = [l for l in value if l in dense]
+                if named:
+                    raise ValueError(f"{name}: layer {named[0]} is a dense layer (no router; MoE layers are "
+                                     f"{list(layers)})")
+        if mask is not None and dense and bool(mask[dense].any()):
+            raise ValueError(f"expert_mask: layer {next(l for l in dense if bool(mask[l].any()))} is a dense "
+                             f"layer (no router; MoE layers are {list(layers)}): its row must be all False")
         for l in layers:
             validate(k[l], E, E, None if mask is None else mask[l], self.mask_mode, force[l], where=l)
         k_max = max([k[l] for l in layers] + [1])
@@ -128,17 +146,21 @@ def _per_layer(value, L: int, default: int, name: str) -> list[int]:
         raise TypeError(f"{name} = {value!r}; expected an int, a sequence of {L} ints or a {{layer: int}} dict")
     if isinstance(value, int):
         return [value] * L
+    def one(v, where):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}{where} = {v!r} must be an int, got {type(v).__name__}")
+        return v
     if isinstance(value, Mapping):
         out = [default] * L
         for l, v in value.items():
-            if not isinstance(l, int) or not 0 <= l < L:
+            if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < L:
                 raise ValueError(f"{name}: layer {l!r} is out of range; expected 0..{L - 1}")
-            out[l] = v
+            out[l] = one(v, f"[{l}]")
         return out
-    if isinstance(value, Sequence):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != L:
             raise ValueError(f"{name} has {len(value)} entries; expected one per layer ({L})")
-        return [default if v is None else v for v in value]
+        return [default if v is None else one(v, f"[{i}]") for i, v in enumerate(value)]
     raise TypeError(f"{name} must be an int, a sequence or a dict, got {type(value).__name__}")
 
 
@@ -148,10 +170,12 @@ def _mask(value, L: int, E: int) -> torch.Tensor | None:
     if isinstance(value, Mapping):
         m = torch.zeros(L, E, dtype=torch.bool)
         for l, ids in value.items():
-            if not isinstance(l, int) or not 0 <= l < L:
+            if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < L:
                 raise ValueError(f"expert_mask: layer {l!r} is out of range; expected 0..{L - 1}")
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+                raise TypeError(f"expert_mask[{l}] must be a list of expert ids, got {type(ids).__name__}")
             for e in ids:
-                if not isinstance(e, int) or not 0 <= e < E:
+                if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < E:
                     raise ValueError(f"expert_mask: expert id {e!r} in layer {l} is out of range; expected 0..{E - 1}")
                 m[l, e] = True
         return m

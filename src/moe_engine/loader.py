@@ -8,10 +8,15 @@ the set of tensor names and shapes against `checkpoint_layout(config)`, so a tru
 a checkpoint of another shape fails at once with a `CheckpointError` naming the file and tensor,
 not half way through a 32 GB load or inside safetensors.
 
-Then tensors are read one at a time through `safetensors.safe_open` (memory mapped), cast to the
-requested dtype and copied into preallocated destinations: each expert's gate/up/down lands in its
-slice of the packed [E, 2F, D] / [E, D, F] tensors, so peak memory is the model plus one tensor.
-The result owns its memory (nothing aliases the mapped files).
+Then tensors are read one at a time with plain file reads at the offsets the checked header gives
+(no memory map: a file truncated while it is being read gives a short read, a CheckpointError,
+where a mapped read would die of SIGBUS), cast to the requested dtype and copied into
+preallocated destinations: each expert's gate/up/down lands in its slice of the packed
+[E, 2F, D] / [E, D, F] tensors, so peak memory is the model plus one tensor. Every weight is
+checked for NaN/Inf as it lands (one vectorised pass; `allow_nonfinite=True` skips it), so a
+damaged weight is refused by name instead of turning every logit into NaN.
+Files must be regular files inside the checkpoint directory (a FIFO would block the loader; an
+index naming `../x` or an absolute path would load weights from elsewhere).
 
 Quantized weights (docs/quantization.md): a GPTQ checkpoint (quantization_config in config.json)
 stores each quantized linear as `.qweight/.qzeros/.scales/.g_idx`; those are read as they are into
@@ -31,12 +36,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig
@@ -153,6 +159,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     """Parse and check a .safetensors header: its length against the file size, its JSON, and
     every tensor's shape, dtype and data offsets against the file size. Raises CheckpointError."""
     path = Path(path)
+    _regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -201,6 +208,27 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse what is not a regular file (a FIFO blocks open(), a device reads forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a regular safetensors file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: not readable (permission denied)")
+
+
+def _data_start(path: Path) -> int:
+    """Byte offset of a .safetensors file's data section (8 + header length)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
 # ---- locating and validating the tensors ------------------------------------------------------
 
 def _weight_map(ckpt: Path) -> tuple[Path, dict[str, Path]]:
@@ -215,9 +243,19 @@ def _weight_map(ckpt: Path) -> tuple[Path, dict[str, Path]]:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         if not ok:
             raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
-        return index, {name: ckpt / shard for name, shard in weight_map.items()}
+        root = ckpt.resolve()
+        shards = {}
+        for shard in set(weight_map.values()):
+            # a shard is a file of this directory: an absolute path or ../ would read weights
+            # from elsewhere (a symlinked checkpoint directory is fine: resolve both sides)
+            where = (ckpt / shard).resolve()
+            if Path(shard).is_absolute() or root not in where.parents:
+                raise CheckpointError(f"{index}: shard path {shard!r} points outside the checkpoint "
+                                      f"directory {ckpt}; shards must be files inside it")
+            shards[shard] = ckpt / shard
+        return index, {name: shards[shard] for name, shard in weight_map.items()}
     single = ckpt / SINGLE_FILE
-    if single.is_file():
+    if single.exists() or single.is_symlink():
         return single, {name: single for name in read_safetensors_header(single)}
     found = sorted(p.name for p in ckpt.glob("*.safetensors"))
     raise CheckpointError(f"{ckpt}: no {SINGLE_FILE} and no {INDEX_FILE}"
@@ -229,15 +267,16 @@ def _few(names: list[str], k: int = 4) -> str:
     return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
-def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path], list[str]]:
-    """Validate names, shards, shapes and dtypes; returns (name -> shard, names to load)."""
+def _check_checkpoint(ckpt: Path, config: ModelConfig):
+    """Validate names, shards, shapes and dtypes; returns (name -> shard, names to load,
+    shard -> its checked header)."""
     listing, weight_map = _weight_map(ckpt)
     by_shard: dict[Path, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
     headers: dict[Path, dict[str, TensorInfo]] = {}
     for shard, names in by_shard.items():
-        if not shard.is_file():
+        if not shard.exists():
             raise CheckpointError(f"{listing}: shard {shard.name} is missing from {ckpt} "
                                   f"(it should hold tensor {names[0]} and {len(names) - 1} more)")
         headers[shard] = read_safetensors_header(shard)
@@ -273,7 +312,7 @@ def _check_checkpoint(ckpt: Path, config: ModelConfig) -> tuple[dict[str, Path],
             raise CheckpointError(f"{shard}: tensor {name} has unsupported dtype {info.dtype}; "
                                   f"supported: {', '.join(allowed)}")
     to_load = [n for n in layout if n in weight_map and n not in optional]
-    return weight_map, to_load
+    return weight_map, to_load, headers
 
 
 def checkpoint_quant_spec(config: ModelConfig) -> QuantSpec | None:
@@ -347,16 +386,28 @@ def _as_load_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 # ---- loading ----------------------------------------------------------------------------------
 
+def _check_dir(ckpt: Path) -> None:
+    """A checkpoint directory that exists, is a directory, and can be listed and read."""
+    if not ckpt.exists():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: is a file, not a checkpoint directory (pass the directory "
+                              "holding config.json)")
+    if not os.access(ckpt, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{ckpt}: checkpoint directory is not readable (permission denied)")
+
+
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
                  device: str | torch.device = "cpu", progress: bool = True,
-                 quant: QuantSpec | None = None) -> ModelWeights:
+                 quant: QuantSpec | None = None, allow_nonfinite: bool = False) -> ModelWeights:
     """Read the checkpoint directory `path` for `config`, cast to `dtype` (bf16 or fp32) on
     `device`, experts packed. Every problem raises CheckpointError naming the file and tensor.
     A GPTQ checkpoint's quantized linears come back as QuantizedWeights; `quant` quantizes an
     unquantized checkpoint's linears (quant.QUANTIZABLE) as they are read."""
     ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    _check_dir(ckpt)
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
     dtype, device = _as_load_dtype(dtype), torch.device(device)
     if quant is not None and not isinstance(quant, QuantSpec):
         raise TypeError(f"quant must be a quant.QuantSpec or None, got {type(quant).__name__}")
@@ -364,34 +415,49 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
     if quant is not None and on_disk is not None:
         raise CheckpointError(f"{ckpt}: already quantized ({on_disk.bits}-bit GPTQ); load it "
                               "without quant=, or quantize the unquantized checkpoint")
-    weight_map, to_load = _check_checkpoint(ckpt, config)
+    weight_map, to_load, headers = _check_checkpoint(ckpt, config)
 
     with contextlib.ExitStack() as stack:
-        handles: dict[Path, object] = {}
+        handles: dict[Path, tuple[object, int]] = {}
         bar = stack.enter_context(tqdm(total=len(to_load), desc=f"loading {ckpt.name}",
                                        unit="tensor", disable=not progress))
 
         def read(name: str) -> Tensor:
             shard = weight_map[name]
+            info = headers[shard][name]
             try:
                 if shard not in handles:
-                    handles[shard] = stack.enter_context(
-                        safe_open(str(shard), framework="pt", device="cpu"))
-                t = handles[shard].get_tensor(name)
-            except Exception as e:  # safetensors raises its own error types
+                    handles[shard] = (stack.enter_context(open(shard, "rb")), _data_start(shard))
+                f, start = handles[shard]
+                begin, end = info.data_offsets
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start + begin)
+                view, got = memoryview(raw.numpy()), 0
+                while got < len(view):  # one read() returns at most ~2 GiB
+                    n = f.readinto(view[got:got + (1 << 28)])
+                    if not n:
+                        raise CheckpointError(
+                            f"{shard}: tensor {name}: the file ended after {start + begin + got} bytes, "
+                            f"{end - begin - got} bytes short (truncated while loading?)")
+                    got += n
+            except OSError as e:
                 raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from None
             bar.update(1)
+            return raw.view(LOADABLE_DTYPES[info.dtype]).view(info.shape)
+
+        def finite(t: Tensor, name: str) -> Tensor:
+            if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise CheckpointError(
+                    f"{weight_map[name]}: tensor {name} holds {nan} NaN and {inf} Inf value(s) "
+                    f"(as {dtype}); refusing to load (allow_nonfinite=True, or --allow-nonfinite, skips this check)")
             return t
 
         def whole(name: str) -> Tensor:
-            t = read(name)
-            out = t.to(device=device, dtype=dtype).contiguous()
-            # get_tensor maps the file: own the memory, so rewriting the checkpoint later cannot
-            # change (or, if truncated, SIGBUS) a loaded model.
-            return out.clone() if out is t else out
+            return finite(read(name).to(device=device, dtype=dtype).contiguous(), name)
 
         def into(dst: Tensor, name: str) -> None:
-            dst.copy_(read(name))
+            finite(dst.copy_(read(name)), name)
 
         def empty(*shape: int) -> Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
@@ -495,16 +561,20 @@ def _experts(lin, p: str, E: int, quantized) -> tuple:
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    quant: QuantSpec | None = None) -> tuple[ModelConfig, ModelWeights]:
+                    quant: QuantSpec | None = None, allow_nonfinite: bool = False) -> tuple[ModelConfig, ModelWeights]:
     """`config.json` + weights of the HF checkpoint directory `path`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    _check_dir(ckpt)
+    if (ckpt / CONFIG_FILE).exists() and not (ckpt / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: not a regular file")
     if not (ckpt / CONFIG_FILE).is_file():
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: missing; a checkpoint directory needs "
                               "its config.json")
     config = ModelConfig.from_json(ckpt / CONFIG_FILE)
-    return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress, quant=quant)
+    return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress, quant=quant,
+                                allow_nonfinite=allow_nonfinite)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DenseMLPWeights", "MoEWeights", "LayerWeights",

@@ -15,6 +15,8 @@ appear in taps.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,23 @@ from .ops.attention import attention_block_decode_cpu
 from .taps import Capture, TokenIndex, all_tap_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+# More threads than this many per processor only add fork/join cost; torch's own OpenMP
+# regions crash when asked for far more than can be created (torch.set_num_threads(100000)
+# segfaulted in the first parallel op).
+THREADS_PER_CPU = 4
+
+
+def set_threads(n) -> int:
+    """torch.set_num_threads(n) after checking n: an int in 1 ..= THREADS_PER_CPU x the CPUs
+    (the CLIs' --threads). Returns n. The C++ kernels also cap their parallel regions there."""
+    limit = THREADS_PER_CPU * (os.cpu_count() or 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise ValueError(f"threads = {n!r}; expected an integer in 1..{limit} "
+                         f"({THREADS_PER_CPU} x the {os.cpu_count()} CPUs of this machine)")
+    torch.set_num_threads(n)
+    return n
 
 
 def default_model_dir() -> Path:
@@ -125,14 +144,20 @@ class Model:
         self._routings: dict = {}  # Model._routing
         self._inv_freq = 1.0 / (config.rope_theta ** (
             torch.arange(0, hd, 2, dtype=torch.int64, device=self.device).float() / hd))
+        # One forward at a time per Model: the cpu backend's packed-weight buffers, the decode
+        # step's workspace and the rope/routing memos are per model (README, "Known limits").
+        self._lock = threading.RLock()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, *, dtype: str | torch.dtype = "bfloat16",
              device: str | torch.device = "cpu", backend: str = "auto", progress: bool = False,
              quant: str | None = None, group_size: int = 128, sym: bool = False,
-             context: int | None = None, check_memory: bool = True) -> "Model":
-        """progress: a loading bar on stderr (the CLIs turn it on when stderr is a terminal).
+             context: int | None = None, check_memory: bool = True,
+             allow_nonfinite: bool = False) -> "Model":
+        """Load a checkpoint directory (None: the bundled small model). Weights holding NaN or
+        Inf are refused (CheckpointError naming the tensor) unless allow_nonfinite=True.
+        progress: a loading bar on stderr (the CLIs turn it on when stderr is a terminal).
         quant: "int8" | "int4" quantizes the linears on load (the same bits as
         `python -m moe_engine.quantize` with --group-size/--sym); a GPTQ checkpoint loads
         quantized by itself. context: the KV-cache length the memory preflight budgets for
@@ -141,10 +166,18 @@ class Model:
         from .quant import QuantSpec
         from .tokenizer import Tokenizer
 
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike naming a checkpoint directory, "
+                            f"got {type(path).__name__} {path!r}")
+        if not isinstance(allow_nonfinite, bool):
+            raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
         device = check_device(device)
 
         path = default_model_dir() if path is None else Path(path)
         if not path.is_dir():
+            if path.exists():
+                raise NotADirectoryError(f"model path {path} is a file, not a checkpoint directory "
+                                         "(pass the directory holding config.json)")
             hint = (" (the bundled small model is missing from this install)"
                     if path == default_model_dir() else "")
             raise FileNotFoundError(f"model directory {path} does not exist{hint}")
@@ -156,12 +189,18 @@ class Model:
         spec = None if quant is None else QuantSpec.from_name(quant, group_size, sym)
         if check_memory:
             preflight(path, dtype=dtype, backend=be, quant=spec, context=context)
-        config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quant=spec)
+        config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quant=spec,
+                                          allow_nonfinite=allow_nonfinite)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return cls(config, weights, backend=backend, tokenizer=tok, path=path)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
+        for name, v in (("batch", batch), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"new_cache: {name} must be an int, got {type(v).__name__} {v!r}")
+            if v < 1:
+                raise ValueError(f"new_cache: {name} = {v}; expected >= 1")
         if max_len > c.max_position_embeddings and c.rope_scaling is None:
             raise ValueError(f"max_len {max_len} exceeds the model's context "
                              f"(max_position_embeddings = {c.max_position_embeddings})")
@@ -196,8 +235,16 @@ class Model:
         grad: keep the autograd graph (torch backend only: the kernels have no backward); the
         weights do not require grad, so make a tap's value a leaf with a function hook
         (taps.Patch) to get gradients with respect to it (lens.attribute_experts does)."""
-        if logits not in ("all", "last"):
+        if not isinstance(logits, str) or logits not in ("all", "last"):
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from Model.new_cache, got {type(cache).__name__}")
+        if capture is not None and not isinstance(capture, Capture):
+            raise TypeError(f"capture must be a taps.Capture, got {type(capture).__name__}")
+        if interventions is not None and not isinstance(interventions, Interventions):
+            raise TypeError(f"interventions must be an Interventions, got {type(interventions).__name__}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step = {step!r}; expected an int >= 0")
         if attention_mask is None and _is_ragged(input_ids):
             # token-id lists of different lengths: left-padded here (the logits come back padded
             # the same way: sequence i's tokens are its last len(i) columns)
@@ -210,6 +257,14 @@ class Model:
             raise ValueError(f"grad=True needs the torch backend; the {be} kernels have no "
                              f"backward. Pass backend='torch' to this call (same weights, the "
                              f"PyTorch reference ops) or load the model with backend='torch'")
+        with self._lock:
+            return self._forward_locked(input_ids, attention_mask, cache, interventions, capture, usage,
+                                        logits, be, step, grad, intervention_kwargs)
+
+    def _forward_locked(self, input_ids, attention_mask, cache, interventions, capture, usage, logits, be,
+                        step, grad, intervention_kwargs):
+        if cache is not None:
+            self._check_cache(cache)
         if be == "cpu" and attention_mask is None and capture is None and cache is not None:
             # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
             # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
@@ -395,8 +450,43 @@ class Model:
             backends.check(usage, "usage", dtype=torch.int32, shape=(c.num_hidden_layers, c.n_routed_experts),
                     device=self.device)
 
+    def _check_cache(self, cache: KVCache) -> None:
+        """A KVCache must be one this model's new_cache could have made: the kernels index it
+        with the model's sizes (a 2-layer cache on a 3-layer model was written out of bounds)."""
+        c = self.config
+        for name, t in (("cache.k", cache.k), ("cache.v", cache.v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 5:
+                raise TypeError(f"{name} must be a 5-d torch.Tensor [L, B, Hkv, S, hd], got {type(t).__name__}"
+                                + (f" of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else ""))
+        if not isinstance(cache.used, int) or isinstance(cache.used, bool) or not 0 <= cache.used <= cache.capacity:
+            raise ValueError(f"cache.used = {cache.used!r}; expected an int in 0..{cache.capacity}")
+        # A decode loop passes the same cache every step: its tensors are checked once (their
+        # identities remembered); replacing one re-checks, and the C++ decode step still
+        # compares the cache's byte size with the model's in case a tensor was resized in place.
+        key = (id(self), id(cache.k), id(cache.v), id(cache.valid), id(cache.next_pos))
+        if getattr(cache, "_checked", None) == key:
+            return
+        B, S = cache.k.shape[1], cache.k.shape[3]
+        want = (c.num_hidden_layers, B, c.num_key_value_heads, S, c.head_dim)
+        for name, t in (("cache.k", cache.k), ("cache.v", cache.v)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} has shape {list(t.shape)}; this model needs [L={c.num_hidden_layers}, B, "
+                                 f"Hkv={c.num_key_value_heads}, S, hd={c.head_dim}] (make it with Model.new_cache)")
+            if t.dtype != self.dtype or t.device != self.device or not t.is_contiguous():
+                raise ValueError(f"{name} is {t.dtype} on {t.device} (contiguous: {t.is_contiguous()}); "
+                                 f"this model needs a contiguous {self.dtype} cache on {self.device}")
+        backends.check(cache.valid, "cache.valid", dtype=torch.bool, shape=(B, S), device=self.device)
+        backends.check(cache.next_pos, "cache.next_pos", dtype=torch.long, shape=(B,), device=self.device)
+        cache._checked = key
+
     def _check_ids(self, input_ids) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids is None or isinstance(input_ids, (str, bytes, bytearray, float, bool)):
+            raise TypeError(f"input_ids must be token ids (a tensor or a list of ints), got "
+                            f"{type(input_ids).__name__} {input_ids!r:.60}; encode text with model.tokenizer.encode")
+        try:
+            ids = torch.as_tensor(input_ids, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"input_ids must be token ids (a tensor or a list of ints): {e}") from None
         if ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
         if ids.dim() == 1:

@@ -60,6 +60,36 @@ class TapRequest:
     layers: str | Sequence[int] | slice = "all"
     positions: Positions = "all"
 
+    def __post_init__(self):
+        names = (self.names,) if isinstance(self.names, str) else self.names  # one pattern, not its letters
+        if not isinstance(names, Iterable) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"TapRequest names must be tap names or patterns (str), got {self.names!r}")
+        object.__setattr__(self, "names", tuple(names))
+        _check_selector("layers", self.layers, ("all",))
+        _check_selector("positions", self.positions, ("all", "last"))
+
+
+def _check_selector(what: str, v, words: tuple[str, ...]) -> None:
+    """layers / positions: one of `words`, a slice, a list of non-negative ints (or, for
+    positions, a bool [B, T] mask)."""
+    if isinstance(v, str):
+        if v not in words:
+            raise ValueError(f"TapRequest {what} = {v!r}; expected {' or '.join(map(repr, words))}, a slice or a list")
+    elif isinstance(v, torch.Tensor):
+        if what != "positions" or v.dtype != torch.bool:
+            raise TypeError(f"TapRequest {what}: a tensor must be a bool [B, T] mask of positions, got {v.dtype}")
+    elif isinstance(v, slice):
+        for part in (v.start, v.stop, v.step):
+            if part is not None and (isinstance(part, bool) or not isinstance(part, int)):
+                raise TypeError(f"TapRequest {what} slice {v} must have int bounds")
+    elif isinstance(v, Iterable) and not isinstance(v, (bytes, bytearray)):
+        v = list(v)
+        bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+        if bad:
+            raise ValueError(f"TapRequest {what}: {bad[0]!r} is not a non-negative int")
+    else:
+        raise TypeError(f"TapRequest {what} = {v!r}; expected {' or '.join(map(repr, words))}, a slice or a list of ints")
+
 
 @dataclass(frozen=True)
 class HookContext:
@@ -159,10 +189,13 @@ class Capture:
         self._sel_cache: dict[int, torch.Tensor] = {}
         self._num_layers = 0
         self._known: set[str] = set()
+        self._pos_max: list[torch.Tensor] = []  # each call's largest position (for messages)
 
     # -- used by the model ---------------------------------------------------------------
     def begin(self, index: TokenIndex, num_layers: int, known_names: Iterable[str]) -> None:
         self._index = index
+        if index.pos.numel():
+            self._pos_max.append(index.pos.max())  # stays on the device: no sync per call
         self._sel_cache = {}
         self._num_layers = num_layers
         if not self._known:
@@ -196,7 +229,16 @@ class Capture:
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._values:
             raise KeyError(f"tap {name!r} was not captured; captured: {sorted(self._values)[:8]}...")
-        return torch.cat(self._values[name], 0)
+        out = torch.cat(self._values[name], 0)
+        if out.shape[0] == 0:
+            # a request whose positions matched no token of any call: an error, not an empty
+            # tensor that reads as "no activations" (e.g. positions=[99] on a 2-token prompt)
+            req = next((r for r in self.requests if self._matches(r, name)), None)
+            seen = int(torch.stack(self._pos_max).max()) if self._pos_max else None
+            raise LookupError(f"tap {name!r}: positions {getattr(req, 'positions', '?')!r} selected no token "
+                              f"in {len(self._values[name])} call(s)" +
+                              (f" (positions seen: 0..{seen})" if seen is not None else ""))
+        return out
 
     def keys(self):
         return self._values.keys()

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..model import Model
+from ..model import Model, set_threads
 from ..quant import add_quant_arguments, quant_kwargs
 from . import analyses as A
 from . import plots as P
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
+    common.add_argument("--allow-nonfinite", action="store_true",
+                        help="load weights holding NaN/Inf (refused by default)")
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: bars when stderr is a terminal)")
     add_quant_arguments(common)
@@ -107,22 +112,87 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _finite(obj):
+    """NaN/Inf (e.g. a perplexity over no tokens) become null: bare NaN is not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Written whole or not at all: a temp file in the same directory, then renamed over."""
+    text = json.dumps(_finite(obj), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
+def _check_out(out: Path) -> None:
+    """--out must be a writable directory (made if missing), checked before any analysis runs:
+    an analysis of an hour must not end in 'cannot write'."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"--out {out} is not a writable directory ({e.strerror or e})") from None
+
+
+def _check_args(args) -> None:
+    """Flag values argparse's types cannot check, each refused before anything loads."""
+    for flag, v, lo in (("--max-samples", args.max_samples, 1), ("--max-tokens", args.max_tokens, 2),
+                        ("--max-len", args.max_len, 2), ("--batch-tokens", args.batch_tokens, 1),
+                        ("--top", getattr(args, "top", None), 1),
+                        ("--prompt-tokens", getattr(args, "prompt_tokens", None), 2),
+                        ("--topk", getattr(args, "topk", None), 0)):
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} {v}: expected an integer >= {lo}")
+    for flag, vs in (("--ks", getattr(args, "ks", None)), ("--plot-layers", getattr(args, "plot_layers", None))):
+        if vs is not None and (not vs or min(vs) < 0):
+            raise ValueError(f"{flag} {','.join(map(str, vs))}: expected non-negative integers")
+
+
+def _check_model_args(args, model: Model) -> None:
+    """Flags that depend on the model, checked after loading and before the analysis."""
+    c = model.config
+    layers = getattr(args, "plot_layers", None)
+    if layers:
+        bad = [l for l in layers if l not in c.moe_layers]
+        if bad:
+            raise ValueError(f"--plot-layers {bad[0]}: not an MoE layer of this model; expected some of "
+                             f"{list(c.moe_layers)}")
+    for flag, vs in (("--topk", [getattr(args, "topk", None)]), ("--ks", getattr(args, "ks", None) or [])):
+        bad = [k for k in vs if k is not None and k > c.n_routed_experts]
+        if bad:
+            raise ValueError(f"{flag} {bad[0]}: expected 0..{c.n_routed_experts} (the model's routed experts)")
+
+
 def run(args) -> list[Path]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_args(args)
+    if args.threads is not None:
+        set_threads(args.threads)
     if not args.paths and not (args.command == "early-decode" and args.prompt):
         raise ValueError(f"{args.command}: give at least one corpus PATH")
     domains = [domain_from_path(p) for p in args.paths]
+    out: Path = args.out
+    _check_out(out)
     progress = not args.no_progress and sys.stderr.isatty()  # bars only for a person watching
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                       progress=progress, **quant_kwargs(args))
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+                       progress=progress, allow_nonfinite=args.allow_nonfinite, **quant_kwargs(args))
+    _check_model_args(args, model)
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
     renorm = {"model": None, "on": True, "off": False}[args.renormalize]
@@ -233,9 +303,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         files = run(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, LookupError, OSError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     for f in files:
         print(f)
     dt = time.perf_counter() - t0

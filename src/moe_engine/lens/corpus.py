@@ -20,6 +20,7 @@ Shape legend: B samples in a batch, T the batch's longest sample.
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from ..model import left_pad
 
 MAX_LEN = 2048                # tokens per sample, as in the paper's evaluation
 READ_BLOCK = 1 << 20          # characters read at a time from a large plain-text file
+MAX_JSON_BYTES = 256 << 20    # a .json corpus is parsed whole; larger ones must be .jsonl
+MAX_RECORD_CHARS = 64 << 20   # one .jsonl record is parsed whole too
 SPLITS = ("file", "line", "paragraph")
 _SKIP_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".pdf", ".gz", ".zip", ".bin", ".pt",
                   ".safetensors", ".npy", ".parquet", ".arrow"}
@@ -62,6 +65,8 @@ def domain_from_path(arg: str | Path) -> Domain:
     p = Path(s)
     if not p.exists():
         raise FileNotFoundError(f"corpus path {p} does not exist")
+    if not p.is_dir():
+        _regular(p)
     if p.is_dir():
         files = tuple(f for f in sorted(p.rglob("*")) if f.is_file()
                       and not any(part.startswith(".") for part in f.relative_to(p).parts)
@@ -70,6 +75,15 @@ def domain_from_path(arg: str | Path) -> Domain:
             raise ValueError(f"corpus directory {p} holds no text files")
         return Domain(name or p.name, files)
     return Domain(name or p.stem, (p,))
+
+
+def _regular(p: Path) -> None:
+    """A corpus file must be a regular file: /dev/zero or a FIFO would be read forever."""
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ValueError(f"corpus path {p} is {kind}; expected a regular file or a directory")
 
 
 def as_domains(domains) -> list[Domain]:
@@ -128,33 +142,73 @@ def record_text(rec) -> str | None:
     return None
 
 
-def _squad_documents(obj) -> Iterator[str]:
+def _squad_documents(obj, path: Path) -> Iterator[str]:
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: not a SQuAD-format file ({what}); expected "
+                          '{"data": [{"paragraphs": [{"context": str, "qas": [{"question": str}]}]}]}')
+    if not isinstance(obj["data"], list):
+        raise bad("'data' is not a list")
     for article in obj["data"]:
+        if not isinstance(article, Mapping) or not isinstance(article.get("paragraphs", []), list):
+            raise bad("an article is not an object with a 'paragraphs' list")
         for para in article.get("paragraphs", []):
+            if not isinstance(para, Mapping) or not isinstance(para.get("context"), str) \
+                    or not isinstance(para.get("qas", []), list):
+                raise bad("a paragraph has no 'context' string or 'qas' list")
             for qa in para.get("qas", []):
+                if not isinstance(qa, Mapping) or not isinstance(qa.get("question"), str):
+                    raise bad("a qas entry has no 'question' string")
                 yield record_text({"context": para["context"], "question": qa["question"],
                                    "answers": qa.get("answers", [])})
+
+
+def _bounded_lines(f) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_line) with pieces of at most READ_BLOCK characters: a file that is one
+    64 MB line streams in blocks instead of becoming one string (and one token list)."""
+    piece = f.readline(READ_BLOCK)
+    while piece:
+        after = f.readline(READ_BLOCK)  # one ahead: the file's last line ends without a newline
+        nl = piece.endswith("\n")
+        yield (piece[:-1] if nl else piece), nl or not after
+        piece = after
+
+
+def _cut(text: str) -> int:
+    """Where to cut a long run without newlines: after its last whitespace (a word stays
+    whole for the tokenizer), else at READ_BLOCK."""
+    at = max(text.rfind(" ", 0, READ_BLOCK), text.rfind("\t", 0, READ_BLOCK)) + 1
+    return at if at > 0 else READ_BLOCK
 
 
 def iter_file_blocks(path: Path, split: str) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pieces of a plain-text file; a "file" document arrives in blocks
     cut after a newline so memory stays bounded."""
+    _regular(path)
     with open(path, encoding="utf-8", errors="replace") as f:
         if split == "line":
-            for line in f:
-                if line.strip():
-                    yield line.rstrip("\n"), True
+            started = False  # a line longer than READ_BLOCK arrives in pieces, one document
+            for piece, ends in _bounded_lines(f):
+                if piece.strip() or (started and (piece or ends)):
+                    started = not ends
+                    yield piece, ends
             return
         if split == "paragraph":
             buf: list[str] = []
-            for line in f:
-                if line.strip():
-                    buf.append(line)
-                elif buf:
-                    yield "".join(buf).rstrip("\n"), True
-                    buf = []
-            if buf:
-                yield "".join(buf).rstrip("\n"), True
+            size, partial = 0, False  # partial: pieces of this paragraph already went out
+            sep = ""                  # the newline between two lines of a paragraph
+            for piece, ends in _bounded_lines(f):
+                if piece.strip() or not ends:
+                    buf.append(sep + piece)
+                    sep = "\n" if ends else ""
+                    size += len(piece)
+                    if size >= READ_BLOCK:  # a huge paragraph streams in pieces
+                        yield "".join(buf), False
+                        buf, size, partial = [], 0, True
+                elif buf or partial:
+                    yield "".join(buf), True
+                    buf, size, partial, sep = [], 0, False, ""
+            if buf or partial:
+                yield "".join(buf), True
             return
         carry = ""
         while True:
@@ -165,8 +219,10 @@ def iter_file_blocks(path: Path, split: str) -> Iterator[tuple[str, bool]]:
             text = carry + block
             cut = text.rfind("\n") + 1
             if cut == 0:
-                carry = text
-                continue
+                if len(text) < READ_BLOCK:
+                    carry = text
+                    continue
+                cut = _cut(text)  # no newline for a whole block: cut anyway (bounded memory)
             yield text[:cut], False
             carry = text[cut:]
 
@@ -182,23 +238,52 @@ def iter_text_pieces(domain: Domain, split: str = "file") -> Iterator[tuple[str,
     for path in domain.files:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f):
+            _regular(path)
+            found = False
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for i, line in enumerate(iter(lambda: f.readline(MAX_RECORD_CHARS + 1), "")):
+                    if len(line) > MAX_RECORD_CHARS:
+                        raise ValueError(f"{path}:{i + 1}: a record longer than {MAX_RECORD_CHARS} characters")
                     if not line.strip():
                         continue
                     try:
                         text = record_text(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
+                    if text is None:
+                        raise ValueError(f"{path}:{i + 1}: a record without text; expected a string or an object "
+                                         "with 'text', 'content', question + answer or context + question")
+                    found = True
                     if text:
                         yield text, True
+            if not found:
+                raise ValueError(f"{path}: holds no JSON records")
         elif suffix == ".json":
-            obj = json.loads(path.read_text(encoding="utf-8"))
-            docs = (_squad_documents(obj) if isinstance(obj, Mapping) and "data" in obj
-                    else (record_text(r) for r in (obj if isinstance(obj, list) else [obj])))
+            _regular(path)
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes is too large to parse as one JSON "
+                                 f"document (limit {MAX_JSON_BYTES}); write it as .jsonl, one record per line")
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            if isinstance(obj, Mapping) and "data" in obj:
+                docs = _squad_documents(obj, path)
+            elif isinstance(obj, list):
+                docs = (record_text(r) for r in obj)
+            else:
+                docs = iter([record_text(obj)])
+            found = False
             for text in docs:
+                if text is None:
+                    raise ValueError(f"{path}: a record without text; expected a SQuAD file, or a list of "
+                                     "strings or objects with 'text', 'content', question + answer or "
+                                     "context + question")
+                found = True
                 if text:
                     yield text, True
+            if not found:
+                raise ValueError(f"{path}: holds no records")
         else:
             yield from iter_file_blocks(path, split)
 
@@ -212,6 +297,9 @@ def iter_samples(domain: Domain, tokenizer, max_len: int = MAX_LEN, *, split: st
     tokenizer adds one; a document longer than a sample continues in the next one; a trailing
     piece shorter than 2 tokens (nothing to predict) is dropped. `progress` (a tqdm bar) is
     advanced by the UTF-8 bytes consumed."""
+    for name, v, lo in (("max_len", max_len, 1), ("max_samples", max_samples, 1), ("max_tokens", max_tokens, 2)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise ValueError(f"{name} = {v!r}; expected an integer >= {lo}" + ("" if name == "max_len" else " or None"))
     if domain.token_ids is not None:
         n = 0
         for ids in domain.token_ids:

@@ -17,6 +17,7 @@ for offline capture, not for the decode loop.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,11 @@ class TapWriter(Capture):
     def __init__(self, out_dir: str | Path, *requests: TapRequest, shard_bytes: int = SHARD_BYTES,
                  patches: tuple[Patch, ...] = ()):
         super().__init__(*requests, patches=patches)
+        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
+            raise ValueError(f"shard_bytes = {shard_bytes!r}; expected a positive int")
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"TapWriter: {self.out_dir} is a file; expected a directory")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for old in self.out_dir.glob("taps-*.safetensors"):
             old.unlink()  # a stale shard would be read as part of this run
@@ -70,7 +75,9 @@ class TapWriter(Capture):
                                                   "dtype": str(v.dtype).replace("torch.", "")})
             m["rows"] += v.shape[0]
         fname = f"taps-{len(self._shards):05d}.safetensors"
-        save_file(tensors, str(self.out_dir / fname))
+        tmp = self.out_dir / f".{fname}.tmp"
+        save_file(tensors, str(tmp))  # whole or not at all: a crash never leaves half a shard
+        os.replace(tmp, self.out_dir / fname)
         self._shards.append(fname)
         self._pending.clear()
         self._pending_rows.clear()
@@ -79,7 +86,9 @@ class TapWriter(Capture):
 
     def _write_index(self) -> None:
         index = {"shards": self._shards, "taps": self._meta_out}
-        (self.out_dir / INDEX).write_text(json.dumps(index, indent=1))
+        tmp = self.out_dir / f".{INDEX}.tmp"
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, self.out_dir / INDEX)  # readers see the old index or the new, never half
 
     def close(self) -> None:
         if not self._closed:
