@@ -1082,6 +1082,13 @@ inline std::vector<std::pair<std::string, int>> take_launch_log() {
   std::lock_guard<std::mutex> g(rt().launch_mutex);
   return std::exchange(rt().launch_log, {});
 }
+// Test hook: cudaFuncSetAttribute calls made so far, all kernels together.
+inline int func_attribute_calls_total() {
+  std::lock_guard<std::mutex> g(rt().attr_mutex);
+  int n = 0;
+  for (const auto& [k, c] : rt().attr_calls) n += c;
+  return n;
+}
 // Test hook: cudaFuncSetAttribute calls made so far for `f`.
 template <class F>
 inline int func_attribute_calls(F* f) {
