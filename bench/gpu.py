@@ -1,9 +1,9 @@
 """What the benches need to time the cuda backend: the GPU's HBM bandwidth for the floor column
 and a timer that waits for the device.
 
-HBM_BYTES_S: peak HBM bandwidth by product name (the figure the vendor sheets give: H100 SXM
-3.35 TB/s, H200 4.8 TB/s). The floor of a shape is bytes / that bandwidth; a GPU not in the table
-prints no floor rather than a guessed one.
+HBM_BYTES_S: peak HBM bandwidth by product name, the vendor sheets' figure (bench/README.md,
+"On a GPU"). The floor of a shape is bytes / that bandwidth; a GPU not in the table prints no
+floor rather than a guessed one.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ checked against the PyTorch reference (tests/tolerances.py) before it is timed.
     python bench/kernels.py --shape 16b --tokens 1,8,64,512 --json
     python bench/kernels.py --device cuda --backends cuda,torch --shape 16b    # on a GPU
 
-On cuda every figure is printed beside the HBM floor of its bytes (bench/gpu.py: H100 3.35 TB/s,
-H200 4.8 TB/s) and the fraction of it reached; timings wait for the device.
+On cuda every figure is printed beside the HBM floor of its bytes (bench/gpu.py HBM_BYTES_S) and
+the fraction of it reached; timings wait for the device.
 
 Shapes: T tokens, D hidden, E experts, K top-k, F expert width. GB/s counts the bytes an op
 must move at least once (weights of the experts it touches, activations in and out), so it can

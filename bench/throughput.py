@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu import hbm_bandwidth, sync_for  # noqa: E402  (bench/gpu.py)
 
 
-BANDWIDTH_BUFFER_BYTES = 1 << 30  # 32x this machine's L3; any cache is negligible next to it
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # far larger than a CPU's L3: any cache is negligible next to it
 PROBE_BYTES = 256 << 20           # read right before every timed decode step / MoE-layer call:
                                   # 8x the L3, so it also flushes the caches as a real step would
 

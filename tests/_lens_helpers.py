@@ -31,12 +31,12 @@ from moe_engine.model import Model
 from moe_engine.ops import available_backends
 from moe_engine.synthetic import make_checkpoint
 
-# Tiny shapes: one thread is ~10x faster than two on the shared, oversubscribed CI/dev cores
+# Tiny shapes: one thread is much faster than two on shared, oversubscribed cores
 # (idle threads spin-wait), and the results do not depend on it.
 torch.set_num_threads(1)
 
 # emu runs the CUDA kernels on the CPU (keep its shapes tiny); cuda needs the model on the GPU;
-# the CUDA kernels (so emu too) take bf16 only (DESIGN.md decision 4).
+# the CUDA kernels (so emu too) take bf16 only (docs/design.md §4).
 DEVICE = {"torch": "cpu", "cpu": "cpu", "emu": "cpu", "cuda": "cuda"}
 DTYPES = {"torch": ("float32", "bfloat16"), "cpu": ("float32", "bfloat16"),
           "emu": ("bfloat16",), "cuda": ("bfloat16",)}
@@ -133,25 +133,40 @@ class Analytic:
         return torch.softmax(torch.tensor(cls.G, dtype=torch.float64) * cls.r(), 0)
 
     @classmethod
-    def hidden(cls, k: int, *, base="resid_mid", renormalize=False) -> torch.Tensor:
-        """H^{l_k} (float64 [D]); experts 0..K-1 are chosen in that order."""
+    def hidden(cls, k: int, *, base="resid_mid", renormalize=False,
+               weighted=False) -> torch.Tensor:
+        """H^{l_k} (float64 [D]); experts 0..K-1 are chosen in that order. weighted: the expert
+        outputs are taken as w_j E_j (the MoE Lens code as run)."""
         p = cls.probs()
         h = torch.zeros(cls.D, dtype=torch.float64)
         h[0] = 1.0 if base == "resid_mid" else cls.r()
         c = p[:k].sum() if renormalize and k else 1.0
         for j in range(k):
-            h[1 + j] += p[j] * cls.M / c
+            h[1 + j] += p[j] * (p[j] if weighted else 1.0) * cls.M / c
         return h
 
     @classmethod
-    def logprobs(cls, h: torch.Tensor, vocab: int, norm="final") -> torch.Tensor:
-        """log-softmax over `vocab` rows of lm_head(RMSNorm(h)) for the analytic lm_head."""
+    def single(cls, j: int, *, base="resid_mid", weighted=False) -> torch.Tensor:
+        """base + E_j (weighted: base + w_j E_j), float64 [D]."""
+        h = torch.zeros(cls.D, dtype=torch.float64)
+        h[0] = 1.0 if base == "resid_mid" else cls.r()
+        h[1 + j] = cls.M * (float(cls.probs()[j]) if weighted else 1.0)
+        return h
+
+    @classmethod
+    def logits(cls, h: torch.Tensor, vocab: int, norm="final") -> torch.Tensor:
+        """lm_head(RMSNorm(h)) (norm="none": lm_head(h)) over `vocab` rows, analytic lm_head."""
         x = h / torch.sqrt((h * h).mean() + cls.EPS) if norm == "final" else h
         z = torch.zeros(vocab, dtype=torch.float64)
         z[cls.T_BASE] = x[0]
         for e in range(cls.E):
             z[cls.T_EXPERT + e] = x[1 + e]
-        return torch.log_softmax(z, 0)
+        return z
+
+    @classmethod
+    def logprobs(cls, h: torch.Tensor, vocab: int, norm="final") -> torch.Tensor:
+        """log-softmax over `vocab` rows of lm_head(RMSNorm(h)) for the analytic lm_head."""
+        return torch.log_softmax(cls.logits(h, vocab, norm), 0)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
-"""An independent DeepSeekMoE forward written straight from ../shared/notes/deepseekmoe.md
+"""An independent DeepSeekMoE forward written straight from docs/model.md
 (the Hugging Face remote code's semantics), to check the engine against. Deliberately naive:
 no KV cache, no batching, explicit attention softmax, a loop over experts in ascending id order
 with bf16(p_e * y_e) accumulated in the model dtype, router softmax in the model dtype.
 
 It reads the raw Hugging Face tensors (not the engine's packed weights), so a packing bug in the
-loader shows up as a mismatch too. Interventions follow DESIGN.md decision 5 literally.
+loader shows up as a mismatch too. Interventions follow docs/design.md §5 literally.
 """
 import math
 

@@ -1,4 +1,4 @@
-"""Interventions (DESIGN.md decision 5) on every available backend, each checked against an
+"""Interventions (docs/design.md §5) on every available backend, each checked against an
 expectation computed by hand here from the captured router logits (a per-row Python sort by
 (-probability, expert id), independent of ops.route_ref), plus activation patching, the
 intervene() context, and isolation between calls.

@@ -7,6 +7,7 @@ cpu) and bf16 on emu/cuda; closed forms are float64; tolerances.py ("lens_known_
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -66,6 +67,27 @@ def test_routing_known_answer(routing_dir, two_domains, backend):
     assert j2["domains"]["w"]["layers"]["2"]["percent"] == [0.0] * 6 + [100.0, 100.0] + [0.0] * 4
 
 
+@pytest.mark.parametrize("preset", ["paper", "paper-as-run"])
+def test_routing_paper_presets_known_answer(routing_dir, tmp_path, preset):
+    """The paper presets take one document per non-empty stripped line; paper-as-run divides
+    the hits by the whole file's token count, as the MoE Lens routing code did."""
+    model = load(routing_dir)
+    tok = model.tokenizer
+    text = "0123 4567 ab\n\n   89 x01  \n"
+    (tmp_path / "d.txt").write_text(text)
+    res = lens.route_corpus(model, [tmp_path / "d.txt"], preset=preset, progress=False).to_json()
+    d = res["domains"]["d"]
+    ids = tok.encode("0123 4567 ab", add_bos=False) + tok.encode("89 x01", add_bos=False)
+    digit = [any(ch.isdigit() for ch in tok.decode([i], skip_special=False)) for i in ids]
+    hits = [sum(digit)] * 6 + [len(ids) - sum(digit)] * 6
+    den = len(tok.encode(text, add_bos=False)) if preset == "paper-as-run" else len(ids)
+    assert (d["tokens"], d["samples"], d["denominator"]) == (len(ids), 2, den)
+    assert res["preset"] == preset
+    for l in ("1", "2"):
+        assert d["layers"][l]["hits"] == hits
+        assert d["layers"][l]["percent"] == pytest.approx([100.0 * h / den for h in hits])
+
+
 # ---- 2. early decoding and the logit lens ----------------------------------------------------
 
 def _expect_top(h, vocab, n, norm="final"):
@@ -96,12 +118,39 @@ def test_early_decode_known_answer(analytic_dir, backend):
         assert l1["single"][j][0][2] == A.T_EXPERT + j
     # the layer output of the last layer is H^{l_K} (shared experts write nothing here)
     assert l1["layer_out"] == l1["cumulative"][-1]
-    # norm="none" and the paper preset (base u, renormalised weights)
-    paper = lens.early_decode(model, [1, 2, 3], top=2, preset="paper").to_json()   # norm="none"
-    assert paper["norm"] == "none"
-    _, probs = _expect_top(A.hidden(2, base="moe_in", renormalize=True), V, 2, norm="none")
-    got = [c[1] for c in paper["layers"][1]["cumulative"][1]]
-    assert got == approx(probs.tolist(), backend)
+    # every cell carries the raw logit of its token: norm="final" -> lm_head(RMSNorm(h))
+    z = A.logits(A.hidden(2), V)
+    assert [c[3] for c in l1["cumulative"][1][:2]] == approx(z[[c[2] for c in l1["cumulative"][1][:2]]].tolist(), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("preset", ["paper", "paper-as-run"])
+def test_early_decode_paper_presets_known_answer(analytic_dir, backend, preset):
+    """The MoE Lens code's early decoding: base a (the residual before post_attention_layernorm),
+    raw weights, lm_head without the final norm, raw logits as the score. As run, its stored
+    expert outputs were w_j E_j: columns a + w_j E_j and a + sum_{j<=k} w_j^2 E_j."""
+    model = load(analytic_dir, backend)
+    V = model.tokenizer.vocab_size
+    weighted = preset == "paper-as-run"
+    res = lens.early_decode(model, [1, 2, 3], top=2, preset=preset).to_json()
+    assert (res["norm"], res["base"], res["score"], res["weighted_expert_out"]) == \
+        ("none", "resid_mid", "logit", weighted)
+    l1 = res["layers"][1]
+    for k in range(1, 4):
+        h = A.hidden(k, weighted=weighted)
+        ids, probs = _expect_top(h, V, 2, norm="none")
+        got = l1["cumulative"][k - 1]
+        assert [c[2] for c in got] == ids
+        assert [c[1] for c in got] == approx(probs.tolist(), backend)
+        assert [c[3] for c in got] == approx(A.logits(h, V, "none")[ids].tolist(), backend)
+    for j in range(3):
+        h = A.single(j, weighted=weighted)
+        ids, probs = _expect_top(h, V, 1, norm="none")
+        assert l1["single"][j][0][2] == ids[0]
+        assert l1["single"][j][0][1] == approx(probs[0].item(), backend)
+    # as run, w_1 |E_1| > |a| but w_2 |E_2| < |a|: the second single column decodes a's token
+    if weighted:
+        assert [l1["single"][j][0][2] for j in range(2)] == [A.T_EXPERT, A.T_BASE]
 
 
 def test_logit_lens_reproduces_model_and_targets(tiny_fp32_dir):
@@ -167,8 +216,39 @@ def test_topk_sweep_known_answer(analytic_dir, backend):
         geo = math.exp(sum(a) / 2)
         assert j["domains"]["a"]["perplexity"][str(k)] == approx(geo, backend)
         assert j["domains"]["b"]["perplexity"][str(k)] == approx(math.exp(b), backend)
-    assert j["domains"]["a"]["normalised_log_perplexity"]["3"] == 1.0
-    assert j["domains"]["a"]["samples"] == 2 and j["domains"]["a"]["tokens"] == 10
+    da = j["domains"]["a"]
+    assert da["log_perplexity_ratio"]["3"] == 1.0
+    assert da["samples"] == 2 and da["tokens"] == 10
+    # the paper's two normalisations, per domain over k: min-max of log(geometric mean) and of
+    # the arithmetic mean of per-sample perplexities
+    logs = [math.log(da["perplexity"][str(k)]) for k in (1, 2, 3)]
+    lo, hi = min(logs), max(logs)
+    assert [da["minmax_log_perplexity"][str(k)] for k in (1, 2, 3)] == \
+        pytest.approx([(x - lo) / (hi - lo) for x in logs])
+    mean = [sum(da["per_sample_perplexity"][str(k)]) / 2 for k in (1, 2, 3)]
+    assert [da["mean_perplexity"][str(k)] for k in (1, 2, 3)] == pytest.approx(mean)
+    assert sorted(da["minmax_mean_perplexity"].values())[::2] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-as-run"])
+def test_topk_sweep_paper_pools_chunks_per_document(analytic_dir, preset):
+    """The paper presets score a document, not a chunk: a document longer than max_len is cut
+    into chunks (BOS only on the first; each chunk's first token predicts nothing), and its
+    perplexity is exp of the mean NLL over all its chunks' predictions."""
+    model = load(analytic_dir)
+    V = model.config.vocab_size
+    t0, tb = A.T_EXPERT, A.T_BASE
+    doc = [t0, tb, tb, t0, tb, t0, t0]                 # chunks [t0 tb tb t0] [tb t0 t0] at 4
+    res = lens.topk_sweep(model, {"d": [doc, [tb, t0]]}, ks=[1, 3], preset=preset, max_len=4,
+                          progress=False)
+    for k in (1, 3):
+        lp = A.logprobs(A.hidden(k), V)
+        nll = {t: -lp[t].item() for t in (t0, tb)}
+        pooled = (nll[tb] + nll[tb] + nll[t0] + nll[t0] + nll[t0]) / 5   # 3 + 2 predictions
+        assert res.domains["d"]["log_ppl"][k] == pytest.approx([pooled, nll[t0]], rel=1e-5)
+    assert res.domains["d"]["samples"] == 2 and res.domains["d"]["tokens"] == 9
+    notes = lens.topk_sweep(model, {"d": [doc]}, ks=[3], max_len=4, progress=False)
+    assert len(notes.domains["d"]["log_ppl"][3]) == 2                    # a chunk per sample
 
 
 # ---- 4. single-vs-ensemble similarity ------------------------------------------------------
@@ -185,17 +265,24 @@ def test_similarity_known_answer(analytic_dir, backend):
     want = _cos(A.hidden(1), A.hidden(3))
     got = notes["domains"]["d"]["1"]
     assert got["count"] == 7 and got["mean"] == approx(want, backend) and got["std"] < 1e-3
-    paper = lens.similarity(model, samples, preset="paper", progress=False).to_json()
-    want_p = _cos(A.hidden(1, base="moe_in", renormalize=True),
-                  A.hidden(3, base="moe_in", renormalize=True))
-    got = paper["domains"]["d"]["1"]
-    assert got["count"] == 2 and got["mean"] == approx(want_p, backend)
-    assert paper["base"] == "moe_in" and paper["renormalize"] and paper["positions"] == "last"
+    # the layer output is H^{l_K} here (shared experts write nothing)
+    assert got["final_vs_topk"]["mean"] == approx(1.0, backend)
+    assert got["final_vs_top1"]["mean"] == approx(want, backend)
+    for preset in ("paper", "paper-as-run"):
+        wt = preset == "paper-as-run"
+        paper = lens.similarity(model, samples, preset=preset, progress=False).to_json()
+        h1 = A.hidden(1, base="moe_in", renormalize=True, weighted=wt)
+        hK = A.hidden(3, base="moe_in", renormalize=True, weighted=wt)
+        got = paper["domains"]["d"]["1"]
+        assert got["count"] == 2 and got["mean"] == approx(_cos(h1, hK), backend)
+        assert got["final_vs_top1"]["mean"] == approx(_cos(A.hidden(3), h1), backend)
+        assert paper["base"] == "moe_in" and paper["renormalize"] and paper["positions"] == "last"
+        assert paper["weighted_expert_out"] == wt
     k2 = lens.similarity(model, samples, topk=2, progress=False).to_json()  # K = the call's k
     assert k2["domains"]["d"]["1"]["mean"] == approx(_cos(A.hidden(1), A.hidden(2)), backend)
 
 
-@pytest.mark.parametrize("preset", ["notes", "paper"])
+@pytest.mark.parametrize("preset", ["notes", "paper", "paper-as-run"])
 def test_similarity_matches_cumulative_on_a_random_model(tiny_fp32_dir, preset):
     """The streaming per-layer path equals cos of lens.cumulative's first and last column."""
     model = load(tiny_fp32_dir)
@@ -205,9 +292,11 @@ def test_similarity_matches_cumulative_on_a_random_model(tiny_fp32_dir, preset):
     for l in model.config.moe_layers:
         cos = []
         for ids in samples:
-            cap = Capture(TapRequest(lens.lens_tap_names("*", pr.base), positions=pr.positions))
+            cap = Capture(TapRequest(lens.lens_tap_names("*", pr.sim_base),
+                                     positions=pr.positions))
             model.forward(torch.tensor(ids), capture=cap)
-            H = lens.cumulative(cap, l, base=pr.base, renormalize=pr.renormalize)
+            H = lens.cumulative(cap, l, base=pr.sim_base, renormalize=pr.renormalize,
+                                weighted=pr.weighted, renorm_skip=pr.renorm_skip)
             cos.append(torch.nn.functional.cosine_similarity(H[:, 0], H[:, -1], dim=-1))
         cos = torch.cat(cos).double()
         got = res["domains"]["d"][str(l)]
@@ -302,6 +391,28 @@ def test_cli_end_to_end(sub, routing_dir, two_domains, tmp_path, capsys):
     data = json.loads(js[0].read_text())
     for p in pngs:
         _png_ok(p)
+    # every JSON also as long-format CSV, one value per row
+    expected = {"routing": ["routing.csv"], "early-decode": ["early_decode.csv"],
+                "topk-sweep": ["topk_sweep.csv", "topk_sweep_samples.csv"],
+                "similarity": ["similarity.csv"]}[sub]
+    assert sorted(p.name for p in out.glob("*.csv")) == expected
+    with open(out / expected[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    if sub == "routing":
+        assert len(rows) == 2 * 2 * 12                      # domain x layer x expert
+        r = [r for r in rows if (r["domain"], r["layer"], r["expert"]) == ("digits", "1", "0")]
+        assert float(r[0]["percent"]) == 100.0
+    elif sub == "early-decode":
+        cols = {r["column"] for r in rows if r["layer"] == "1"}
+        assert cols == {"layer_out", *(f"k={k}" for k in range(1, 7)),
+                        *(f"single{j}" for j in range(1, 7))}
+    elif sub == "topk-sweep":
+        assert [(r["domain"], r["k"]) for r in rows] == [(d, k) for d in ("digits", "plain")
+                                                         for k in ("1", "3", "6")]
+        assert float(rows[0]["perplexity"]) == pytest.approx(data["domains"]["digits"]["perplexity"]["1"])
+    else:
+        assert len(rows) == 2 * 2 * 3                       # domain x layer x metric
+        assert float(rows[0]["mean"]) == pytest.approx(data["domains"]["digits"]["1"]["mean"])
     if sub == "routing":
         assert data["domains"]["digits"]["layers"]["1"]["percent"] == [100.0] * 6 + [0.0] * 6
         assert data["domains"]["plain"]["layers"]["2"]["percent"] == [0.0] * 6 + [100.0] * 6
@@ -337,6 +448,42 @@ def test_cli_default_model_is_the_bundled_one(routing_dir, two_domains, tmp_path
     assert json.loads((out / "routing.json").read_text())["model"]["path"] == str(routing_dir)
 
 
+def test_cli_presets_set_the_split(routing_dir, tmp_path):
+    """--preset paper reads a plain-text file one line per document (the paper code's split);
+    an explicit --split still wins."""
+    (tmp_path / "c.txt").write_text("12 34\nab cd\n\n5 6\n")
+    for preset, split, n in (("paper", None, 3), ("notes", None, 1), ("paper", "file", 1)):
+        out = tmp_path / f"{preset}-{split}"
+        argv = ["routing", "--model", str(routing_dir), "--out", str(out), "--backend", "torch",
+                "--dtype", "float32", "--no-progress", "--preset", preset, str(tmp_path / "c.txt")]
+        assert lens_main(argv + (["--split", split] if split else [])) == 0
+        assert json.loads((out / "routing.json").read_text())["domains"]["c"]["samples"] == n
+
+
 def test_cli_errors(tmp_path, capsys):
     assert lens_main(["routing", "--out", str(tmp_path), str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_document_samples_paper_chunking(tiny_fp32_dir, tmp_path):
+    """The paper presets' samples: stripped non-empty lines, cut into chunks of max_len tokens;
+    BOS on every chunk (routing, similarity) or on the first only (perplexity)."""
+    tok = load(tiny_fp32_dir).tokenizer
+    assert tok.add_bos_token and tok.bos_id is not None
+    lines = ["  the first line has quite a few words in it, more than eight tokens  ", "",
+             "second line, also long enough to need a few chunks of eight"]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    dom = lens.domain_from_path(tmp_path / "c.txt")
+    bodies = [tok.encode(lines[0].strip(), add_bos=False), tok.encode(lines[2], add_bos=False)]
+    first = list(lens.document_samples(dom, tok, 8, bos="first"))
+    for d in (0, 1):
+        chunks = [c for doc, c in first if doc == d]
+        assert [i for c in chunks for i in c] == [tok.bos_id] + bodies[d]
+        assert all(len(c) <= 8 for c in chunks) and all(c[0] != tok.bos_id for c in chunks[1:])
+    every = list(lens.document_samples(dom, tok, 8, bos="every"))
+    for d in (0, 1):
+        chunks = [c for doc, c in every if doc == d]
+        assert all(c[0] == tok.bos_id and len(c) <= 8 for c in chunks)
+        assert [i for c in chunks for i in c[1:]] == bodies[d]
+    assert {d for d, _ in lens.document_samples(dom, tok, 8, max_samples=1)} == {0}
+    assert sum(len(c) for _, c in lens.document_samples(dom, tok, 8, max_tokens=11)) == 11

@@ -1,4 +1,4 @@
-"""Lens taps on every available backend (DESIGN.md decision 6, notes/lens.md): the residual and
+"""Lens taps on every available backend (docs/design.md §6, docs/lens.md): the residual and
 MoE invariants, capture changes nothing bit for bit, position selection, rows traceable to
 (sequence, position, step) during generate, usage counters, and empty expert views.
 

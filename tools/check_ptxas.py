@@ -7,7 +7,7 @@ Prints one row per kernel and architecture: registers, stack frame, spill stores
 shared memory, the kernel's __launch_bounds__ (from the PTX .maxntid / .minnctapersm), the CTAs
 per SM its registers and threads allow, and its PTX instruction count (static, whole kernel; a
 proxy for issue pressure: this toolkit has no SASS disassembler). Exit status 1 when any kernel
-spills (the bar in DESIGN.md, decision 8), declares no __launch_bounds__, uses more registers than
+spills (the bar in docs/design.md §8), declares no __launch_bounds__, uses more registers than
 its launch bounds allow (a launch of that many threads would fail with "too many resources
 requested"), or when a file does not compile. Needs nvcc only (no GPU). Flags match the _C build:
 -std=c++20 -O3. Dynamic shared memory is not in ptxas's report: the kernels' headers give it.

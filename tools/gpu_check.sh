@@ -12,7 +12,7 @@
 #                (tests/emu/test_nvcc_build.py::test_kernel_tests_build_for_the_gpu)
 #   5. kernels   bench/kernels.py on cuda: route / align / expert_ffn / combine at T = 1, 8, 64,
 #                512, 4096, bench-small and 16b shapes, each result checked against PyTorch
-#                first, with the HBM floor (3.35 TB/s H100, 4.8 TB/s H200) beside each figure
+#                first, with the HBM floor (bench/gpu.py, bench/README.md) beside each figure
 #   6. layer     bench/throughput.py --backend cuda --no-generate: the MoE layer in us at the same
 #                T for bench-small and 16b-layer, with floor fractions
 # CUDA graphs: the decode step is not captured yet (issue 15 item 2), so there is no graph

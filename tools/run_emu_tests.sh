@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The emulator steps of CI (notes/cuda-emulation.md, "CI steps that together catch most kernel bugs"):
+# The emulator steps of CI (docs/emulator.md, "The CI steps"):
 #   1. tests/emu with fibers in forward, reverse and random thread order (-O2);
 #   2. the same tests built with -fsanitize=address,undefined (fibers on glibc ucontext with
 #      ASan's fiber annotations), forward and random order;

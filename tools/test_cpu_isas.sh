@@ -8,6 +8,8 @@
 # Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa) and the cpu cases of
 # tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
 # Builds go under $MOE_ISA_BUILD_ROOT (default build/isa), so a rerun only rebuilds what changed.
+# MOE_ISA_SKIP="avx512 ..." skips builds whose isa is already tested elsewhere (CI: the -march=native
+# build that the README test command ran the whole suite against).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p "${MOE_ISA_BUILD_ROOT:-build/isa}"
@@ -30,6 +32,11 @@ cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
 ran=() skipped=() failed=()
 for v in "${variants[@]}"; do
   read -r arch isa needs <<<"$v"
+  if [[ " ${MOE_ISA_SKIP:-} " == *" $isa "* ]]; then
+    echo "== cpu isa $isa (-march=$arch): skipped, MOE_ISA_SKIP (tested by the native build)"
+    skipped+=("$isa")
+    continue
+  fi
   missing=()
   for f in $needs; do [[ $cpu_flags == *" $f "* ]] || missing+=("$f"); done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -7,7 +7,7 @@ F expert width, V vocab, L layers, R = T·K slots.
    with the DeepSeek conventions: digits split one per token, BOS `<｜begin▁of▁sentence｜>` and EOS
    `<｜end▁of▁sentence｜>` appended after the BPE ids, BOS prepended on encode.
 2. Trains a compact PyTorch model whose forward is exactly the inference semantics of
-   shared/notes/deepseekmoe.md: RMSNorm casting back to the model dtype before the weight,
+   docs/model.md: RMSNorm casting back to the model dtype before the weight,
    rotate-half RoPE over the whole head, causal MHA, layer 0 dense, softmax router without
    renormalisation (top-k weights are raw probabilities), shared experts (one SwiGLU MLP of width
    n_shared·F) added to the routed sum. Loss = next-token cross-entropy + the DeepSeekMoE

@@ -37,8 +37,8 @@ inline void store(void* base, DType dt, int64_t i, float v) {
   else static_cast<uint16_t*>(base)[i] = f32_to_bf16(v);
 }
 
-// Below this many elements of work an OpenMP region costs more than it saves (fork/join is
-// ~1-3 us on this class of machine; a decode step's route or combine is < 1 us of work).
+// Below this many elements of work an OpenMP region costs more than it saves (a fork/join
+// costs more than a decode step's route or combine; bench/README.md has the measurement).
 constexpr int64_t kParallelMinWork = 1 << 14;
 
 [[noreturn]] inline void fail(const std::string& op, const std::string& what) {

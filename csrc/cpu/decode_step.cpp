@@ -3,9 +3,9 @@
 // moe_layer.cpp, expert_ffn.cpp on one workspace, with the residual adds rounded as the
 // model's torch code rounds them, so its logits are bit-identical to Model.forward's cpu path
 // op by op (tests/test_model_backends.py pins that).
-// Why: a decode step of bench-small is ~3 ms of kernels; with a C++ call per layer the Python
-// around them cost ~1.3 ms more, with this one call ~0.13 ms (bench/throughput.py
-// --profile-overhead).
+// Why: with a C++ call per layer the Python around a small model's decode-step kernels costs
+// a large fraction of the kernels' own time; with this one call a tenth of that
+// (bench/throughput.py --profile-overhead; figures in bench/README.md).
 // Traffic: the weights of the step once (attention, chosen experts, shared, dense, lm_head) +
 // the KV cache columns <= pos; the workspace is a few hundred KB and stays in cache.
 #include <algorithm>

@@ -16,14 +16,12 @@
 //   Each output element has one fixed summation order, so thread count never changes results.
 // Traffic (decode, bf16): sum over distinct chosen experts of 3*D*F*2 B, read once per call;
 //   + T*k_max*(D + 2F)*2 B of activations. Prefill: the same weight bytes (all experts once)
-//   and 2*T*k_max*3*D*F FLOP. On this 2-core box the microkernel runs level with oneDNN's bf16
-//   GEMM (linear_cpu 480x512x512: ~400 GFLOP/s for both); the routed experts of a 512-token
-//   prefill at the 16B shape run at ~375 GFLOP/s, 1.1x torch's single dense GEMM pair of the
-//   same FLOPs (bench/throughput.py "routed experts").
+//   and 2*T*k_max*3*D*F FLOP. The AVX-512 microkernel runs level with oneDNN's bf16 GEMM, and
+//   the routed experts of a prefill slightly beat torch's single dense GEMM pair of the same
+//   FLOPs (bench/throughput.py "routed experts"; figures in bench/README.md).
 // ISA (simd.h): AVX-512 (bf16 via avx512_bf16, fp32 FMA; tiles of up to 12 rows); AVX2+FMA
-//   (ymm, tiles of up to 2 rows, bf16 widened to fp32 by shift/and; on a
-//   2-core Zen 3 ~85-105 GFLOP/s for linear_cpu T=512 bf16, where torch's bf16 GEMM has no
-//   fast path and runs at ~15); else portable loops.
+//   (ymm, tiles of up to 2 rows, bf16 widened to fp32 by shift/and; several times torch's bf16
+//   GEMM, which has no fast path there: bench/README.md); else portable loops.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
 //   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
 #include <immintrin.h>
@@ -60,7 +58,7 @@ using AccT = float[kMaxM][kPanel];
 
 // Token rows whose stride is a multiple of 4 KiB (D = 2048 bf16: the 16B model's hidden size)
 // share their L1 set at every k; a tile of more rows than the L1's 8 ways then evicts its own
-// rows between broadcasts (linear_cpu T=48 N=2816 K=2048 ran at 232 GFLOP/s vs 390 at K=1408).
+// rows between broadcasts (measured: bench/README.md, kAliasM).
 // Such strides get tiles of at most kAliasM rows. A row's result does not depend on its tile.
 constexpr int kAliasM = kMaxM < 6 ? kMaxM : 6;
 inline int tile_rows(int64_t row_bytes) { return row_bytes % 4096 == 0 ? kAliasM : kMaxM; }
@@ -161,8 +159,8 @@ inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, i
 // A tile of M <= 2 token rows runs the whole 32-lane panel in one pass: 4M accumulators, the
 // rows' 2M broadcasts of a k pair, one weight vector at a time (<= 13 of the 16 ymm), so each
 // weight line is streamed once. (Tiles of 4 rows in two half-panel passes, which fit 16 ymm
-// the other way round, ran the 16B experts at 64 tokens 1.35x and at 512 tokens 1.2x slower:
-// the half passes read alternate 64-byte lines.) Sums per pass are added into acc in memory.
+// the other way round, ran the 16B experts slower (bench/README.md): the half passes read
+// alternate 64-byte lines.) Sums per pass are added into acc in memory.
 // bf16 weights: a k-pair of 8 lanes is one 32-byte load; the even k is the low half of each
 // 32-bit lane (<< 16 makes it fp32), the odd k the high half (& 0xffff0000). A one-row tile
 // broadcasts its token's k pair the same way, in place; two-row tiles widen their rows once

@@ -2,7 +2,7 @@
 // layer is one call instead of five checked dispatches (bench/throughput.py --profile-overhead
 // measures the difference). It only sequences the kernels of route.cpp, expert_ffn.cpp and
 // combine.cpp on caller buffers, so its output is bit-identical to the unfused cpu path
-// (tests/test_cpu_model.py pins that) and every tap buffer is filled as there.
+// (tests/test_model_backends.py pins that) and every tap buffer is filled as there.
 // Traffic: router E*D + the chosen experts' 3*D*F each + the shared 3*D*S, once per call.
 #include "common.h"
 

@@ -35,8 +35,8 @@
 //   other sizes are handled by zero-fill and masked stores (D, F multiples of 8).
 //   Grid: x = capacity / BM row tiles (fastest, so the CTAs of one expert and N tile run side by
 //   side and share its weights in L2), y = N tiles. 72 KB lets 3 CTAs share an H100 SM
-//   (2 on A100); (STAGES - 1) x 18-24 KB = ~50 KB in flight per CTA is far above the ~25-40 KB
-//   per SM that 3.35 TB/s x ~1 us latency / 132 SMs needs.
+//   (2 on A100); the (STAGES - 1) stages in flight per CTA are more than an SM needs to hide
+//   memory latency at full bandwidth (worked out in bench/README.md).
 //   expert_gemm_block_m(T, k_max, E) = 64 when R >= 32 E (>= 32 rows per expert on average),
 //   else 16; align pads to it (vLLM's H100 tables switch near the same point).
 //
@@ -44,16 +44,15 @@
 //   (re-reads of one expert's weights by its further row tiles come from L2), x rows
 //   2 D x R (L2 hits after the first), act written 2 F x R and read back once, expert_out 2 D x R.
 //   DeepSeekMoE-16B layer (D 2048, F 1408, E 64, k 6), one expert = 17.3 MB; experts touched
-//   64 (1 - (58/64)^T); H100 floor at 3.35 TB/s (expected fractions are projections: no GPU
-//   has run this code yet):
+//   64 (1 - (58/64)^T):
 //     T = 1, 8   -> moe_decode.cu (no sort, no padding waste).
-//     T = 64     BM 16: 63.9 experts, ~6 rows each, 1.106 GB + ~3 MB x/act/out -> floor 331 us.
+//     T = 64     BM 16: 63.9 experts, ~6 rows each, 1.106 GB + ~3 MB x/act/out.
 //                ~64 row tiles x (22 up + 16 down) N tiles = ~2,400 working CTAs (another ~20
-//                row tiles past num_padded exit at once); 3 CTAs per SM = 396 slots, ~3.6 and
-//                ~2.6 waves: expect 70-80 % (wave tails, launch gaps).
+//                row tiles past num_padded exit at once).
 //     T = 512    BM 64: 64 experts, ~48 rows each (~1 % need a second tile), 1.107 GB +
-//                ~25 MB act/x/out -> floor 338 us; 53 GFLOP is ~90 us of mma.sync at ~600
-//                TFLOP/s, so still bandwidth bound; ~65 x 22 + 65 x 16 CTAs: expect 70-80 %.
+//                ~25 MB act/x/out; its 53 GFLOP take mma.sync far less time than the weight
+//                stream, so still bandwidth bound; ~65 x 22 + 65 x 16 CTAs.
+//   H100 floors and expected fractions (projections, no GPU has run this yet): bench/README.md.
 // Address generation (issue-bound before): each thread's cp.async sources are fixed per CTA (its
 //   chunk column of rows r0 + 16 i), kept as int32 offsets and advanced by k0 per stage: no
 //   div/mod, no per-chunk branch, no 64-bit multiply in the K loop (9 / 12 cp.async per thread and

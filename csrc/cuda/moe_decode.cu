@@ -26,15 +26,15 @@
 // Memory traffic (bf16): per touched expert 2 (2F D + D F) bytes of weights, read once
 //   (more than 8 tokens on one expert: once per pass of 8); plus 2 D x T (x), 2 F x R (act,
 //   written then read), 2 D x R (expert_out). DeepSeekMoE-16B (D 2048, F 1408, E 64, k 6):
-//     T = 1: 6 experts = 103.8 MB -> H100 floor 31 us; grid 6 x 88 (up) + 6 x 64 (down) CTAs.
-//     T = 8: ~34.9 experts = 604 MB -> floor 180 us; grid 48 x 88 + 48 x 64 CTAs, of which the
-//            ~35 columns with an expert work and the rest exit after the ranking scan.
+//     T = 1: 6 experts = 103.8 MB; grid 6 x 88 (up) + 6 x 64 (down) CTAs.
+//     T = 8: ~34.9 experts = 604 MB; grid 48 x 88 + 48 x 64 CTAs, of which the ~35 columns
+//            with an expert work and the rest exit after the ranking scan.
 //     T = 16: ~49.6 experts; grid 64 (= E) columns instead of 96 (= R).
-//   Expected (a projection, no GPU has run this): 60-75 % of the floor at T = 1 (two launches
-//   of a few us each against 31 us of streaming), 75-85 % at T = 8. Bytes in flight: each lane
-//   issues the weight loads of two warp steps before any math (2 x 4 x 16 B); __launch_bounds__
-//   (256, 2) caps registers at 128 so 2 CTAs share an SM: 16 warps x 4 KB = 64 KB per SM, above
-//   the ~25-40 KB that 3.35 TB/s x ~1 us latency / 132 SMs needs.
+//   H100 floors and expected fractions (projections, no GPU has run this): bench/README.md.
+//   Bytes in flight: each lane issues the weight loads of two warp steps before any math
+//   (2 x 4 x 16 B); __launch_bounds__ (256, 2) caps registers at 128 so 2 CTAs share an SM:
+//   16 warps x 4 KB = 64 KB per SM, more than an SM needs to hide memory latency at full
+//   bandwidth (bench/README.md).
 // Batch invariance: bitwise. A slot's sums run over K in the same lane order and are reduced by
 //   the same shuffle tree whatever other tokens share the call or its pass, so a token's rows do
 //   not depend on the batch for T <= 16. Across the switch to align + expert_gemm at T = 17 the

@@ -6,7 +6,7 @@
 // Never `#else` (the host pass would take the emulator) and never `#if __CUDA_ARCH__ >= 800`
 // around an algorithm (emulation would silently take the other path).
 //
-// Fragment layouts (g = lane >> 2, t = lane & 3; low 16 bits = lower index), notes/cuda-emulation.md:
+// Fragment layouts (PTX ISA; g = lane >> 2, t = lane & 3; low 16 bits = lower index):
 //   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]
 //   b[0] = B[2t..2t+1][g]   b[1] = B[2t+8..2t+9][g]
 //   c/d  = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}

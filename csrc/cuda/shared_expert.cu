@@ -20,7 +20,7 @@
 //   So it reuses the same kernels with no new device code: T <= 16 (and x contiguous) runs
 //   moe_decode in dense mode (topk_ids null: one expert, k_max 1); larger T runs expert_gemm in
 //   dense mode (no slot list: row i = token i, expert 0, capacity T).
-// Memory traffic: 2 x 3 S D bytes of weights (34.6 MB in 16B -> 10.3 us at 3.35 TB/s) plus
+// Memory traffic: 2 x 3 S D bytes of weights (34.6 MB in 16B; H100 floor: bench/README.md) plus
 //   2 T (2 D + 2 S) bytes of activations.
 // Launch / limits: those of moe_decode.cu (T <= 16) and expert_gemm.cu (T > 16);
 //   D and S multiples of 8, pointers 16-byte aligned.

@@ -1,5 +1,5 @@
 // moe_emu: run the project's CUDA kernels on the CPU, for correctness tests on machines with no GPU.
-// Design and measured costs: notes/cuda-emulation.md. Compile kernel sources as C++:
+// Design, what it proves and cannot, CI steps: docs/emulator.md. Compile kernel sources as C++:
 //   g++ -std=c++20 -O2 -DMOE_EMU -I<cuda>/include   (never include this header under nvcc)
 //
 // Model
@@ -599,7 +599,7 @@ struct MmaIn {
 };
 
 // Rebuilds A (16x16), B (16x8), C (16x8) from the 32 lanes' fragments (layouts in
-// notes/cuda-emulation.md), computes D exactly in double and rounds once.
+// csrc/cuda/ptx.cuh), computes D exactly in double and rounds once.
 inline void exec_mma(Warp& w, uint32_t, int) {
   double A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < 32; ++lane) {

@@ -10,7 +10,7 @@ from .config import ConfigError, ModelConfig
 from .interventions import Interventions, intervene
 from .loader import CheckpointError
 from .model import KVCache, Model, default_model_dir
-from .taps import Capture, Patch, TapRequest
+from .taps import Capture, HookContext, Patch, TapRequest
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,5 @@ def load(path=None, **kwargs) -> Model:
 
 
 __all__ = ["Capture", "CheckpointError", "ConfigError", "Interventions", "KVCache", "Model",
-           "ModelConfig", "Patch", "TapRequest", "default_model_dir", "intervene", "load"]
+           "ModelConfig", "Patch", "HookContext", "TapRequest", "default_model_dir", "intervene",
+           "load"]

@@ -24,9 +24,9 @@ from .ops.packed import PackedWeight, linear_cpu, pack_weight
 
 # Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
 # by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins, except in bf16 on
-# CPUs without AVX-512 BF16: there torch has no fast bf16 GEMM (its AVX2 fallback ran at
-# 15 GFLOP/s, the panel kernel at 85-105, T = 512 x N = 512..8064 x K = 512..1408 on Zen 3),
-# so the packed kernels take every size (use_packed).
+# CPUs without AVX-512 BF16: there torch has no fast bf16 GEMM (its AVX2 fallback runs several
+# times slower than the panel kernel; bench/README.md), so the packed kernels take every size
+# (use_packed).
 SMALL_N = 16
 
 
@@ -138,7 +138,7 @@ class CpuModelWeights:
         Returns fp32 logits [B, V], the same bits as the layer-by-layer cpu path. The caller
         (Model.forward) has checked shapes and resolved the routing controls.
         Kept lean on purpose: a step's weight stream evicts the caches, so each Python or torch
-        call here runs cold (~20-40 us each; bench/README.md)."""
+        call here runs cold (bench/README.md)."""
         mod = backends.native_module("cpu")
         B = ids.numel()
         S_cap = cache.k.shape[3]

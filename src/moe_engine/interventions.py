@@ -1,4 +1,4 @@
-"""Interventions are data, not code (DESIGN.md decision 5).
+"""Interventions are data, not code (docs/design.md §5).
 
 Per call: `topk` (int, or one per layer; 0 <= k <= E; 0 = shared experts only), `expert_mask`
 (bool [L, E], bool [E] for every MoE layer, or {layer: [expert ids]}) with `mask_mode`

@@ -1,6 +1,6 @@
 """The DeepSeekMoE runtime: embedding -> decoder layers (attention + dense or MoE FFN) -> final
 norm -> lm_head, with a preallocated KV cache and batched prefill / decode of prompts of
-different lengths. Semantics: ../shared/notes/deepseekmoe.md (Hugging Face remote code).
+different lengths. Semantics: docs/model.md (Hugging Face remote code).
 
 Shape legend: B sequences, T new tokens per sequence in this call, N valid (non-pad) tokens of
 the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E routed experts,
@@ -142,7 +142,7 @@ class Model:
                 cache: KVCache | None = None, interventions: Interventions | None = None,
                 capture: Capture | None = None, usage: torch.Tensor | None = None,
                 logits: str = "all", backend: str | None = None, step: int = 0,
-                **intervention_kwargs) -> torch.Tensor:
+                grad: bool = False, **intervention_kwargs) -> torch.Tensor:
         """Run the model on `input_ids` [B, T] (or [T]); returns float32 logits [B, T, V]
         (`logits="all"`) or [B, V] for each sequence's last valid token (`logits="last"`).
 
@@ -151,17 +151,24 @@ class Model:
         arguments (topk=, expert_mask=, mask_mode=, force_experts=, renormalize=), which
         override an enclosing `interventions.intervene(...)` block field by field.
         capture: a taps.Capture that records (and patches) taps. usage: counters from
-        new_usage_counters(). step: the generation step recorded with captured rows."""
+        new_usage_counters(). step: the generation step recorded with captured rows.
+        grad: keep the autograd graph (torch backend only: the kernels have no backward); the
+        weights do not require grad, so make a tap's value a leaf with a function hook
+        (taps.Patch) to get gradients with respect to it (lens.attribute_experts does)."""
         if logits not in ("all", "last"):
             raise ValueError(f"logits = {logits!r}; expected 'all' or 'last'")
         be = self.backend if backend is None else backends.resolve(backend, self.device)
+        if grad and be != "torch":
+            raise ValueError(f"grad=True needs the torch backend; the {be} kernels have no "
+                             f"backward. Pass backend='torch' to this call (same weights, the "
+                             f"PyTorch reference ops) or load the model with backend='torch'")
         if be == "cpu" and attention_mask is None and capture is None and cache is not None:
             # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
-            # and entering the mode costs ~40 us on the caches a step leaves cold
+            # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
             out = self._decode_step_cpu(input_ids, cache, interventions, intervention_kwargs, usage)
             if out is not None:
                 return out if logits == "last" else out.unsqueeze(1)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return self._forward(input_ids, attention_mask, cache, interventions, capture, usage, logits, be,
                                  step, intervention_kwargs)
 
@@ -416,6 +423,10 @@ class Model:
         cache.v[l, :, :, start:start + T] = v
         keys = cache.k[l, :, :, :start + T]
         vals = cache.v[l, :, :, :start + T]
+        if torch.is_grad_enabled():  # forward(grad=True): the same values, but autograd cannot
+            # follow reads of a cache that the next layer's write changes in place
+            keys = torch.cat([keys[:, :, :start], k], 2) if start else k
+            vals = torch.cat([vals[:, :, :start], v], 2) if start else v
         if Hkv != H:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)

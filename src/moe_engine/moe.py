@@ -1,4 +1,4 @@
-"""The MoE layer (DESIGN.md decision 3), the same sequence of ops on every backend:
+"""The MoE layer (docs/design.md §3), the same sequence of ops on every backend:
 
     router GEMM -> route -> expert_ffn -> shared experts -> combine (+ residual)
 

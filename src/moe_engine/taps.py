@@ -1,4 +1,4 @@
-"""Lens taps (DESIGN.md decision 6): named points of the forward pass whose values a call can
+"""Lens taps (docs/design.md §6): named points of the forward pass whose values a call can
 capture (or patch) without touching model code.
 
 Names follow TransformerLens:
@@ -16,16 +16,21 @@ positions ("all", "last", a slice or a list of positions, or a bool [B, T] mask)
 rows is a device-side index_select: no host synchronisation. Capturing never changes the
 outputs (the values are copied, never written back), so logits are bit-identical.
 
-Patches: `Patch(name, positions, value)` replaces a tap's value at the selected tokens before
+Patches: `Patch(name, value, positions)` replaces a tap's value at the selected tokens before
 the forward pass goes on (activation patching); `value` is [n, ...] for the n selected tokens,
-or broadcastable to one row.
+or broadcastable to one row. `value` may also be a function hook `fn(x, ctx) -> tensor`: it gets
+the selected rows x [n, ...] and a HookContext (tap name, layer, sequence / position of each
+row, generation step) and returns their replacement, which covers zero, mean and resample
+ablation and steering (`x + alpha * v`). The name of a function hook may be an fnmatch pattern
+("blocks.*.hook_resid_post"). Patches run on every backend: a tap that is patched makes the
+model take its op-by-op path, whose tensors the kernels then read.
 """
 from __future__ import annotations
 
 import fnmatch
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +62,25 @@ class TapRequest:
 
 
 @dataclass(frozen=True)
+class HookContext:
+    """What a function hook knows about the rows it is given (all [n] tensors on the device)."""
+    name: str
+    layer: int | None          # None for model-level taps (hook_final_norm, logits)
+    seq: torch.Tensor          # sequence index of each row in this call's batch
+    positions: torch.Tensor    # position of each row in its sequence
+    step: int                  # generation step (0 = the prompt)
+    rows: torch.Tensor         # index of each row among the call's N valid tokens
+
+
+@dataclass(frozen=True)
 class Patch:
     name: str
-    value: torch.Tensor
+    value: torch.Tensor | Callable[[torch.Tensor, HookContext], torch.Tensor]
     positions: Positions = "all"
+
+    def matches(self, name: str) -> bool:
+        # an exact name, or (function hooks) an fnmatch pattern
+        return self.name == name or (callable(self.value) and fnmatch.fnmatchcase(name, self.name))
 
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -128,6 +148,10 @@ class Capture:
     def __init__(self, *requests: TapRequest, patches: Sequence[Patch] = ()):
         self.requests = requests
         self.patches = tuple(patches)
+        for p in self.patches:
+            if not callable(p.value) and any(ch in p.name for ch in "*?["):
+                raise ValueError(f"Patch {p.name!r}: a fixed value needs one exact tap name; "
+                                 f"give a function hook fn(x, ctx) to patch a pattern")
         self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._rows: dict[str, list[torch.Tensor]] = defaultdict(list)   # this call's row indices
         self._meta: dict[str, list[torch.Tensor]] = defaultdict(list)   # (seq, pos, step) per row
@@ -149,16 +173,17 @@ class Capture:
                                      f"tap names look like 'blocks.1.moe.hook_topk_ids' or 'logits'")
 
     def wants(self, name: str) -> bool:
-        return any(self._matches(r, name) for r in self.requests) or any(p.name == name for p in self.patches)
+        return any(self._matches(r, name) for r in self.requests) or any(p.matches(name) for p in self.patches)
 
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Record `value` ([N, ...], one row per valid token) and apply patches; returns the
         tensor the forward pass continues with."""
         for p in self.patches:
-            if p.name == name:
+            if p.matches(name):
                 rows = self._select(p.positions, id(p))
+                new = self._hook(p, name, value, rows) if callable(p.value) else p.value
                 value = value.clone()
-                value[rows] = p.value.to(device=value.device, dtype=value.dtype)
+                value[rows] = new.to(device=value.device, dtype=value.dtype)
         for i, r in enumerate(self.requests):
             if self._matches(r, name):
                 rows = self._select(r.positions, i)
@@ -199,6 +224,23 @@ class Capture:
             ix = self._index
             self._sel_cache[key] = select_rows(positions, ix.seq, ix.pos, ix.last, ix.valid_index)
         return self._sel_cache[key]
+
+    def _hook(self, p: Patch, name: str, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ix = self._index
+        ctx = HookContext(name, _layer_of(name), ix.seq[rows], ix.pos[rows], ix.step, rows)
+        x = value.index_select(0, rows)
+        new = p.value(x, ctx)
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(f"hook on {name!r} returned {type(new).__name__}; expected a tensor "
+                            f"of shape {list(x.shape)}")
+        try:
+            fits = torch.broadcast_shapes(new.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"hook on {name!r} returned shape {list(new.shape)}; expected "
+                             f"{list(x.shape)} (or broadcastable to it)")
+        return new
 
     def end(self) -> None:
         """Turn this call's row indices into (sequence, position, step) triples."""

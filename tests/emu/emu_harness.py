@@ -88,7 +88,7 @@ class Builder:
         exe = self.out_dir / f"{name}-{sanitize_mode()}-{h.hexdigest()[:16]}"
         if not exe.exists():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = exe.with_suffix(".tmp")
+            tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")  # pytest-xdist workers build side by side
             cmd = [self.cxx, *self.flags, "-x", "c++", *map(str, sources), "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:

@@ -1,4 +1,4 @@
-"""Every CUDA kernel file compiles for sm_80 and sm_90a with zero register spills (DESIGN.md 8).
+"""Every CUDA kernel compiles for sm_80 and sm_90a with zero register spills (docs/design.md §8).
 
 Runs `nvcc -c -Xptxas -v` per file and architecture and parses ptxas's report: every kernel entry
 must show "0 bytes spill stores, 0 bytes spill loads" (and no stack frame from spilling). The

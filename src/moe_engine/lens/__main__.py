@@ -1,13 +1,19 @@
 """python -m moe_engine.lens SUB [--model DIR] --out DIR [options] PATH...
 
-Sub-commands (notes/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
+Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PATH):
     routing       % of tokens per expert per layer per domain   routing.json, routing_layerNN.png
     early-decode  logit lens per layer, a prompt per domain     early_decode.json, a PNG per prompt
     topk-sweep    per-sample perplexity (geometric mean) vs k   topk_sweep.json, topk_sweep.png
     similarity    cos(H^{l_1}, H^{l_K}) per layer per domain    similarity.json, similarity.png
+    router-stats  router entropy, mean router probability      router_stats.json, .png
+    coactivation  which experts fire together (pair lift)       coactivation.json, _layerNN.png
+    vocab         tokens most routed to each expert             vocab.json, vocab_layerNN.png
+    capture       taps of a whole corpus to safetensors shards  shard-NNNNN.safetensors, index.json
+Every JSON is also written as long-format CSV beside it.
 
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
-code's choices (minus its misalignment); the default follows the notes.
+code's definitions, --preset paper-as-run also its two defects (so its figures reproduce); the
+default, notes, is ours. docs/lens.md has the formulas of each.
 """
 from __future__ import annotations
 
@@ -23,8 +29,10 @@ from ..model import Model
 from . import analyses as A
 from . import plots as P
 from .corpus import SPLITS, Domain, domain_from_path
+from .export import write_csv
 
-SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity")
+SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity", "router-stats",
+               "coactivation", "vocab", "capture")
 
 
 def _int_list(s: str) -> list[int]:
@@ -51,11 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", default="auto",
                         choices=["auto", "torch", "cpu", "cuda", "emu"])
     common.add_argument("--max-len", type=int, default=None,
-                        help="tokens per sample (default 2048, capped by the model's context)")
+                        help="tokens per sample (default 2048, routing under the paper presets"
+                             " 4096; capped by the model's context)")
     common.add_argument("--batch-tokens", type=int, default=A.BATCH_TOKENS,
                         help="padded tokens per forward call")
-    common.add_argument("--split", default="file", choices=SPLITS,
-                        help="documents of a plain-text file")
+    common.add_argument("--split", default=None, choices=SPLITS,
+                        help="documents of a plain-text file (default: the preset's: notes "
+                             "file, paper line)")
+    common.add_argument("--renormalize", default="model", choices=["model", "on", "off"],
+                        help="divide the top-k weights by their sum (default: the model's own)")
+    common.add_argument("--expert-mask-file", type=Path,
+                        help="experts to remove, a mask file of python -m moe_engine.prune")
+    common.add_argument("--mask-mode", default="reroute", choices=["reroute", "zero"],
+                        help="how --expert-mask-file removes experts (default reroute)")
     common.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
     common.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
     common.add_argument("--threads", type=int, help="CPU threads")
@@ -76,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topk-sweep", parents=[common], help="perplexity vs top-k")
     p.add_argument("--ks", type=_int_list, help="values of k (default 1..K)")
     p = sub.add_parser("similarity", parents=[common], help="single vs ensemble cosine similarity")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    _add_stats_parsers(sub, common)
+    p = sub.add_parser("capture", parents=[common],
+                       help="stream a corpus's taps to safetensors shards (resumable)")
+    p.add_argument("--taps", action="append", required=True, metavar="PATTERN",
+                   help="tap names or fnmatch patterns (repeatable)")
+    p.add_argument("--positions", default="all", choices=["all", "last"])
+    p.add_argument("--shard-mb", type=int, default=256, help="MB of taps per shard")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
     return ap
 
@@ -98,10 +122,21 @@ def run(args) -> list[Path]:
     progress = not args.no_progress
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
+    renorm = {"model": None, "on": True, "off": False}[args.renormalize]
+    mask_kw = {}
+    if args.expert_mask_file is not None:
+        if args.command == "topk-sweep":
+            raise ValueError("topk-sweep takes no expert mask (it overrides k only)")
+        from ..prune import load_mask
+        c = model.config
+        mask_kw = dict(expert_mask=load_mask(args.expert_mask_file, c.num_hidden_layers,
+                                             c.n_routed_experts), mask_mode=args.mask_mode)
     files: list[Path] = []
     if args.command == "routing":
-        res = A.route_corpus(model, domains, topk=args.topk, **corpus_kw).to_json()
+        res = A.route_corpus(model, domains, preset=args.preset, topk=args.topk,
+                             renormalize=renorm, **mask_kw, **corpus_kw).to_json()
         files.append(_write_json(out / "routing.json", res))
+        files += write_csv(out / "routing", res)
         files += P.plot_routing(res, out, layers=args.plot_layers)
     elif args.command == "early-decode":
         prompts: list[tuple[str, str | list[int]]] = [(f"prompt{i}", t)
@@ -111,32 +146,83 @@ def run(args) -> list[Path]:
         results = []
         for name, prompt in prompts:
             r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
-                               label=name, topk=args.topk).to_json()
+                               label=name, topk=args.topk, renormalize=renorm,
+                               **mask_kw).to_json()
             results.append(r)
             files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
         summary = {"analysis": "early-decode", "results": results}
-        files.insert(0, _write_json(out / "early_decode.json", summary))
+        files[:0] = [_write_json(out / "early_decode.json", summary),
+                     *write_csv(out / "early_decode", summary)]
     elif args.command == "topk-sweep":
-        res = A.topk_sweep(model, domains, ks=args.ks, **corpus_kw).to_json()
+        res = A.topk_sweep(model, domains, ks=args.ks, preset=args.preset, renormalize=renorm,
+                           **corpus_kw).to_json()
         files.append(_write_json(out / "topk_sweep.json", res))
+        files += write_csv(out / "topk_sweep", res)
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
         res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
-                           **corpus_kw).to_json()
+                           renormalize=renorm, **mask_kw, **corpus_kw).to_json()
         files.append(_write_json(out / "similarity.json", res))
+        files += write_csv(out / "similarity", res)
         files.append(P.plot_similarity(res, out / "similarity.png"))
+    elif args.command == "capture":
+        from .capture import capture_corpus
+        kw = {k: v for k, v in corpus_kw.items() if k != "progress"}
+        idx = capture_corpus(model, domains, args.taps, out, positions=args.positions,
+                             shard_bytes=args.shard_mb << 20, preset=args.preset,
+                             progress=progress, topk=args.topk, renormalize=renorm,
+                             **mask_kw, **kw)
+        files += [idx, *sorted(out.glob("shard-*.safetensors"))]
+    elif args.command in STATS_COMMANDS:
+        files += _run_stats(args, model, domains, out, corpus_kw, renorm, mask_kw)
     return files
 
 
 def _first_prompt(model: Model, d: Domain, args) -> list[int]:
     from .corpus import iter_samples
-    for s in iter_samples(d, model.tokenizer, args.prompt_tokens, split=args.split):
+    split = A.get_preset(args.preset).split if args.split is None else args.split
+    for s in iter_samples(d, model.tokenizer, args.prompt_tokens, split=split):
         return s
     raise ValueError(f"domain {d.name!r} has no text to decode")
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---- routing statistics (lens/stats.py): router-stats, coactivation, vocab -----------------------
+
+STATS_COMMANDS = ("router-stats", "coactivation", "vocab")
+
+
+def _add_stats_parsers(sub, common) -> None:
+    p = sub.add_parser("router-stats", parents=[common],
+                       help="router entropy and mean router probability per layer")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p = sub.add_parser("coactivation", parents=[common], help="which experts fire together")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p.add_argument("--plot-layers", type=_int_list,
+                   help="layers to draw (default: all MoE layers)")
+    p = sub.add_parser("vocab", parents=[common], help="tokens most routed to each expert")
+    p.add_argument("--topk", type=int, help="override k on every MoE layer")
+    p.add_argument("--top", type=int, default=10, help="tokens per expert")
+    p.add_argument("--layers", type=_int_list, help="MoE layers to count (default: all)")
+
+
+def _run_stats(args, model, domains, out: Path, corpus_kw: dict, renorm,
+               mask_kw: dict) -> list[Path]:
+    from . import stats as S
+    kw = dict(preset=args.preset, topk=args.topk, renormalize=renorm, **mask_kw, **corpus_kw)
+    if args.command == "router-stats":
+        res = S.router_stats(model, domains, **kw).to_json()
+        stem, plots = "router_stats", lambda r: [P.plot_router_stats(r, out / "router_stats.png")]
+    elif args.command == "coactivation":
+        res = S.coactivation(model, domains, **kw).to_json()
+        stem, plots = "coactivation", lambda r: P.plot_coactivation(r, out, args.plot_layers)
+    else:
+        res = S.vocab(model, domains, top=args.top, layers=args.layers, **kw).to_json()
+        stem, plots = "vocab", lambda r: P.plot_vocab(r, out)
+    return [_write_json(out / f"{stem}.json", res), *write_csv(out / stem, res), *plots(res)]
 
 
 def main(argv=None) -> int:
@@ -156,3 +242,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -10,7 +10,7 @@ A *domain* is one PATH of the command line (a file or a directory, labelled by i
     anything else   split="file": the whole file (read in blocks, so a multi-GB book streams with
                     bounded memory); "line": every non-empty line; "paragraph": blank-line blocks
 
-A *sample* is a chunk of a document's tokens, at most `max_len` tokens (notes: 2048, or the
+A *sample* is a chunk of a document's tokens, at most `max_len` tokens (default 2048, or the
 model's context if shorter) including the BOS that starts every chunk when the tokenizer adds BOS.
 Per-sample perplexity and the geometric mean over samples are computed on these.
 

@@ -1,4 +1,4 @@
-"""The logit lens and the MoE-specific residuals it decodes (notes/lens.md, analysis 2).
+"""The logit lens and the MoE-specific residuals it decodes (docs/lens.md, early decoding).
 
 Shape legend: N captured tokens, K top-k of the layer, D hidden, V vocab, n top tokens.
 
@@ -8,9 +8,13 @@ Per MoE layer l and token t, with a = hook_resid_mid, u = moe.hook_in, w_j = hoo
     cumulative(k)  H^{l_k} = base + sum_{j<=k} c_j w_j E_j      k = 1..K      [N, K, D]
     single(j)               base + E_j                                         [N, K, D]
 
-base = a ("resid_mid", the notes' default) or u ("moe_in", the paper code's choice); c_j = 1, or
-1 / sum_{i<=k} w_i when renormalised (the paper code). Shared experts are excluded by
-definition; for k = K, base = a and no renormalisation, H^{l_K} + shared_out = hook_resid_post.
+base = a ("resid_mid", the residual before post_attention_layernorm) or u ("moe_in", the
+normed MoE input); c_j = 1, or 1 / sum_{i<=k} w_i when renormalised. Shared experts are excluded
+by definition; for k = K, base = a and no renormalisation, H^{l_K} + shared_out =
+hook_resid_post. `weighted=True` replaces E_j by w_j E_j: what the MoE Lens code actually stored
+(DeepSeek's remote code scales each expert's output in place after the forward hook has kept a
+reference to it), so its H^{l_k} was base + sum c_j w_j^2 E_j and its single column base + w_j E_j
+(docs/lens.md, "paper-as-run").
 
 `logit_lens` decodes any [..., D] tensor through lm_head(RMSNorm_final(.)) (norm="final", the
 canonical lens) or lm_head(.) (norm="none", the paper's final figures), in row chunks so that
@@ -37,26 +41,35 @@ def lens_tap_names(layer: int | str = "*", base: str = "resid_mid") -> list[str]
     return [b, f"blocks.{layer}.moe.hook_topk_weights", f"blocks.{layer}.moe.hook_expert_out"]
 
 
-def _parts(taps, layer: int, base: str):
+def _parts(taps, layer: int, base: str, weighted: bool = False):
     b, w, e = (taps[n] for n in lens_tap_names(layer, base))
-    return b.float(), w.float(), e.float()
+    b, w, e = b.float(), w.float(), e.float()
+    return b, w, (w.unsqueeze(-1) * e if weighted else e)
 
 
-def cumulative(taps, layer: int, *, base: str = "resid_mid",
-               renormalize: bool = False) -> torch.Tensor:
+def renormalised(acc: torch.Tensor, s: torch.Tensor, skip: float = 0.0) -> torch.Tensor:
+    """acc / s where s > 0 and |s - 1| > skip, else acc unchanged (s broadcasts against acc).
+    skip = 1e-5 is the MoE Lens code's rule (it divides only when the weights do not already
+    sum to 1 within 1e-5); 0 always divides."""
+    do = (s > 0) & ((s - 1.0).abs() > skip)
+    return torch.where(do, acc / torch.where(do, s, torch.ones_like(s)), acc)
+
+
+def cumulative(taps, layer: int, *, base: str = "resid_mid", renormalize: bool = False,
+               weighted: bool = False, renorm_skip: float = 0.0) -> torch.Tensor:
     """H^{l_k} for k = 1..K as [N, K, D] float32, from a Capture (or any name -> tensor
-    mapping) holding `lens_tap_names(layer, base)`."""
-    b, w, e = _parts(taps, layer, base)
+    mapping) holding `lens_tap_names(layer, base)`. weighted / renorm_skip: see the module
+    docstring and `renormalised`."""
+    b, w, e = _parts(taps, layer, base, weighted)
     acc = torch.cumsum(w.unsqueeze(-1) * e, dim=1)                       # [N, K, D]
     if renormalize:
-        s = torch.cumsum(w, dim=1).unsqueeze(-1)
-        acc = torch.where(s > 0, acc / torch.where(s > 0, s, torch.ones_like(s)), acc)
+        acc = renormalised(acc, torch.cumsum(w, dim=1).unsqueeze(-1), renorm_skip)
     return b.unsqueeze(1) + acc
 
 
-def single(taps, layer: int, *, base: str = "resid_mid") -> torch.Tensor:
-    """base + E_j for each chosen expert j = 1..K, as [N, K, D] float32."""
-    b, _, e = _parts(taps, layer, base)
+def single(taps, layer: int, *, base: str = "resid_mid", weighted: bool = False) -> torch.Tensor:
+    """base + E_j (weighted: base + w_j E_j) for each chosen expert j = 1..K, [N, K, D] float32."""
+    b, _, e = _parts(taps, layer, base, weighted)
     return b.unsqueeze(1) + e
 
 
@@ -84,6 +97,7 @@ class LensOutput:
     """Result of `logit_lens`; leading dims are those of the decoded tensor."""
     top_ids: torch.Tensor | None = None          # [..., n] int64
     top_probs: torch.Tensor | None = None        # [..., n] float32
+    top_logits: torch.Tensor | None = None       # [..., n] float32: the raw lm_head scores
     target_logprobs: torch.Tensor | None = None  # [..., m] float32
     logprobs: torch.Tensor | None = None         # [..., V] float32, only with full=True
 
@@ -165,6 +179,7 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
     n = min(top, vocab)
     ids_out = torch.empty((N, n), dtype=torch.long, device=model.device)
     probs_out = torch.empty((N, n), dtype=torch.float32, device=model.device)
+    logit_out = torch.empty((N, n), dtype=torch.float32, device=model.device)
     tgt_out = (None if targets is None
                else torch.empty(targets.shape, dtype=torch.float32, device=model.device))
     full_out = torch.empty((N, vocab), dtype=torch.float32, device=model.device) if full else None
@@ -173,10 +188,12 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
         h = x[lo:lo + step].to(model.dtype)
         if norm == "final":
             h = rms_norm(h, w.final_norm, model.config.rms_norm_eps)
-        logp = torch.log_softmax((h @ w.lm_head.t()).float()[:, :vocab], dim=-1)   # [n_rows, V]
+        z = (h @ w.lm_head.t()).float()[:, :vocab]
+        logp = torch.log_softmax(z, dim=-1)                                  # [n_rows, V]
         if n:
             lp, ix = torch.topk(logp, n, dim=-1)    # ties: torch.topk order (lower id first on CPU)
             ids_out[lo:lo + step], probs_out[lo:lo + step] = ix, lp.exp()
+            logit_out[lo:lo + step] = z.gather(1, ix)
         if targets is not None:
             tgt_out[lo:lo + step] = logp.gather(1, targets[lo:lo + step])
         if full:
@@ -184,6 +201,7 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
     out = LensOutput()
     if n:
         out.top_ids, out.top_probs = ids_out.view(*lead, n), probs_out.view(*lead, n)
+        out.top_logits = logit_out.view(*lead, n)
     if targets is not None:
         out.target_logprobs = tgt_out.view(*lead) if squeeze else tgt_out.view(*lead, -1)
     if full:

@@ -11,7 +11,8 @@ allocated once and a decode step captured in a CUDA graph).
     num_padded        = expert_offsets[E]
 
 Data movement only: every backend must agree bit for bit.
-Kernels: csrc/cuda/align.cu (cuda, emu), csrc/cpu/align.cpp (cpu). Test: tests/test_ops_align.py.
+Kernels: csrc/cuda/align.cu (cuda, emu), csrc/cpu/align.cpp (cpu).
+Tests: tests/test_ops.py, tests/test_cpu_ops.py.
 """
 from __future__ import annotations
 

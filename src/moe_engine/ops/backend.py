@@ -1,6 +1,6 @@
 """Backend selection and the tensor checks every dispatcher runs before calling a kernel.
 
-Backends (DESIGN.md decision 2):
+Backends (docs/design.md §2):
   torch  the PyTorch reference; every other backend is checked against it
   cpu    C++ kernels in csrc/cpu (module moe_engine._C)
   cuda   the CUDA kernels in csrc/cuda (module moe_engine._C, built when nvcc was found)

@@ -13,7 +13,8 @@ Weights are raw softmax probabilities (the model's `norm_topk_prob = false`) unl
 renormalised. Non-finite logits: NaN counts as -inf; +inf experts share the mass equally; a row
 with no finite mass gets all-zero probabilities and the lowest ids (never a duplicate id).
 
-Kernels: csrc/cuda/route.cu (cuda, emu), csrc/cpu/route.cpp (cpu). Test: tests/test_ops_route.py.
+Kernels: csrc/cuda/route.cu (cuda, emu), csrc/cpu/route.cpp (cpu).
+Tests: tests/test_ops.py, tests/test_cpu_ops.py.
 """
 from __future__ import annotations
 
