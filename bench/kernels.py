@@ -3,6 +3,10 @@ checked against the PyTorch reference (tests/tolerances.py) before it is timed.
 
     python bench/kernels.py                          # bench-small shapes, 2 threads
     python bench/kernels.py --shape 16b --tokens 1,8,64,512 --json
+    python bench/kernels.py --device cuda --backends cuda,torch --shape 16b    # on a GPU
+
+On cuda every figure is printed beside the HBM floor of its bytes (bench/gpu.py HBM_BYTES_S) and
+the fraction of it reached; timings wait for the device.
 
 Shapes: T tokens, D hidden, E experts, K top-k, F expert width. GB/s counts the bytes an op
 must move at least once (weights of the experts it touches, activations in and out), so it can
@@ -28,6 +32,8 @@ from moe_engine.ops.expert_ffn import CpuExperts
 from moe_engine.ops.packed import linear_cpu, pack_weight
 from tolerances import TOL, assert_close  # noqa: E402  (the one tolerance table)
 
+from gpu import hbm_bandwidth, sync_for  # noqa: E402  (bench/gpu.py, beside this file)
+
 SHAPES = {  # name: (D, E, K, F, extra dense mat-vec shapes [N x K] to time)
     "bench-small": (512, 64, 6, 256, [(1536, 512), (512, 512), (16384, 512)]),
     "16b": (2048, 64, 6, 1408, [(6144, 2048), (2048, 2048), (102400, 2048)]),
@@ -35,11 +41,17 @@ SHAPES = {  # name: (D, E, K, F, extra dense mat-vec shapes [N x K] to time)
 BLOCK_M = 16
 
 
+SYNC = sync_for("cpu")  # main() sets the device's
+
+
 def timeit(fn, min_time: float = 0.2, reps: int = 5) -> float:
-    """Median seconds per call: `reps` batches, each long enough to be measured."""
+    """Median seconds per call: `reps` batches, each long enough to be measured (waiting for the
+    device after each batch)."""
     fn()
+    SYNC()
     t = time.perf_counter()
     fn()
+    SYNC()
     one = max(time.perf_counter() - t, 1e-7)
     n = max(1, int(min_time / reps / one))
     out = []
@@ -47,6 +59,7 @@ def timeit(fn, min_time: float = 0.2, reps: int = 5) -> float:
         t = time.perf_counter()
         for _ in range(n):
             fn()
+        SYNC()
         out.append((time.perf_counter() - t) / n)
     return statistics.median(out)
 
@@ -58,20 +71,25 @@ def read_bandwidth() -> float:
 
 
 class Table:
-    def __init__(self, as_json: bool):
-        self.rows, self.as_json = [], as_json
+    def __init__(self, as_json: bool, hbm: float | None = None):
+        self.rows, self.as_json, self.hbm = [], as_json, hbm
         if not as_json:
-            print(f"{'op':<11} {'shape':<28} {'backend':<7} {'us':>10} {'GB/s':>8} {'GFLOP/s':>8} {'vs torch':>9}")
+            floor = f" {'HBM floor us':>12} {'of floor':>8}" if hbm else ""
+            print(f"{'op':<11} {'shape':<28} {'backend':<7} {'us':>10} {'GB/s':>8} {'GFLOP/s':>8} {'vs torch':>9}{floor}")
 
     def add(self, op, shape, backend, sec, nbytes, flops=0.0, torch_sec=None):
         row = dict(op=op, shape=shape, backend=backend, us=sec * 1e6, gb_s=nbytes / sec / 1e9,
                    gflop_s=flops / sec / 1e9 if flops else None,
                    speedup_vs_torch=None if torch_sec is None else torch_sec / sec)
+        if self.hbm:
+            row["hbm_floor_us"] = nbytes / self.hbm * 1e6
+            row["hbm_floor_fraction"] = row["hbm_floor_us"] / row["us"]
         self.rows.append(row)
         if not self.as_json:
             gf = f"{row['gflop_s']:8.1f}" if flops else f"{'':>8}"
             sp = f"{row['speedup_vs_torch']:8.2f}x" if torch_sec is not None else f"{'':>9}"
-            print(f"{op:<11} {shape:<28} {backend:<7} {row['us']:10.1f} {row['gb_s']:8.2f} {gf} {sp}")
+            fl = f" {row['hbm_floor_us']:12.1f} {row['hbm_floor_fraction']:8.0%}" if self.hbm else ""
+            print(f"{op:<11} {shape:<28} {backend:<7} {row['us']:10.1f} {row['gb_s']:8.2f} {gf} {sp}{fl}")
 
 
 def bench(args):
@@ -83,15 +101,19 @@ def bench(args):
     else:  # the emu (like the cuda) expert kernels take bf16 only
         backends = [b for b in available_backends() if b != "cuda" and (b != "emu" or args.dtype == "bfloat16")]
     tokens = [int(t) for t in args.tokens.split(",")]
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and any(b in ("cpu", "emu") for b in backends):
+        raise SystemExit(f"error: --device cuda times the cuda and torch backends; got --backends {args.backends}")
     g = torch.Generator().manual_seed(0)
-    tab = Table(args.json)
-    gu = (torch.randn(E, 2 * F, D, generator=g) * 0.05).to(dt)
-    dn = (torch.randn(E, D, F, generator=g) * 0.05).to(dt)
+    hbm = hbm_bandwidth(dev)
+    tab = Table(args.json, hbm[1] if hbm else None)
+    gu = (torch.randn(E, 2 * F, D, generator=g) * 0.05).to(dt).to(dev)  # made on the CPU: one seed, any device
+    dn = (torch.randn(E, D, F, generator=g) * 0.05).to(dt).to(dev)
     packed = CpuExperts.pack(gu, dn) if "cpu" in backends else None
-    router = (torch.randn(E, D, generator=g) * 2 / D ** 0.5).to(dt)
+    router = (torch.randn(E, D, generator=g) * 2 / D ** 0.5).to(dt).to(dev)
 
     for T in tokens:
-        x = (torch.randn(T, D, generator=g) * 0.1).to(dt)
+        x = (torch.randn(T, D, generator=g) * 0.1).to(dt).to(dev)
         logits = x @ router.t()
         ids, w, _ = route_ref(logits, K)
         n_exp = int(torch.unique(ids).numel())
@@ -124,7 +146,7 @@ def bench(args):
         flops = 2 * T * K * 3 * D * F
         # timed over rotating routings (same expert count), so few-token calls do not find
         # their experts in the L3 from the previous call
-        variants = [torch.argsort(torch.rand(E, generator=g))[ids.long()].int() for _ in range(16)]
+        variants = [torch.argsort(torch.rand(E, generator=g)).to(dev)[ids.long()].int() for _ in range(16)]
         ts = {}
         for be in backends:
             kw = {"packed": packed} if be == "cpu" else {}
@@ -137,7 +159,7 @@ def bench(args):
 
         # combine
         eo = ref_e
-        res = (torch.randn(T, D, generator=g) * 0.1).to(dt)
+        res = (torch.randn(T, D, generator=g) * 0.1).to(dt).to(dev)
         ref_c = combine_ref(eo, w, ids, res, res)[0]
         ts = {}
         for be in backends:
@@ -148,7 +170,7 @@ def bench(args):
                     None if be == "torch" else ts.get("torch"))
 
     # dense mat-vec / small GEMM: the packed kernel vs torch's GEMM (sets cpu_weights.SMALL_N)
-    if "cpu" in backends:
+    if "cpu" in backends and dev.type == "cpu":
         for N, Kd in dense:
             wd = (torch.randn(N, Kd, generator=g) / Kd ** 0.5).to(dt)
             pw = pack_weight(wd)
@@ -172,9 +194,16 @@ def main(argv=None):
     ap.add_argument("--tokens", default="1,8,64,512", help="comma list of token counts T (default: %(default)s)")
     ap.add_argument("--backends", default="", help="comma list (default: every backend present but cuda; emu only in bfloat16)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda[:i] to time the cuda backend on a GPU (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global SYNC
+    SYNC = sync_for(args.device)
+    hbm = hbm_bandwidth(args.device)
+    if hbm and not args.json:
+        print(f"{hbm[0]}: HBM floor at {hbm[1] / 1e12:.2f} TB/s")
     bw = read_bandwidth()
     isa = native.native_module("cpu").cpu_isa if "cpu" in available_backends() else None
     if not args.json:

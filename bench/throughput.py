@@ -29,6 +29,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import hbm_bandwidth, sync_for  # noqa: E402  (bench/gpu.py)
+
 
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # far larger than a CPU's L3: any cache is negligible next to it
 PROBE_BYTES = 256 << 20           # read right before every timed decode step / MoE-layer call:
@@ -106,12 +109,15 @@ def show_progress(args) -> bool:
 def load_model(args):
     import moe_engine
     from moe_engine.synthetic import make_checkpoint
+    device = "cuda" if args.backend == "cuda" else "cpu"
     if args.model:
-        return moe_engine.load(args.model, dtype=args.dtype, backend=args.backend, progress=show_progress(args))
+        return moe_engine.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
+                               progress=show_progress(args))
     name, opts = parse_preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as d:
         path = make_checkpoint(d, name, seed=args.seed, dtype=args.dtype, **opts)
-        return moe_engine.load(path, dtype=args.dtype, backend=args.backend, progress=show_progress(args))
+        return moe_engine.load(path, dtype=args.dtype, device=device, backend=args.backend,
+                               progress=show_progress(args))
 
 
 class Bytes:
@@ -233,18 +239,27 @@ def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
     routing = Interventions(topk=args.topk).resolve(c, model.device)
     cpu = model._cpu_weights() if model.backend == "cpu" else None
     g = torch.Generator().manual_seed(args.seed + tokens)
-    inputs = [(torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype),
-               torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype)) for _ in range(reps + 2)]
+    dev = model.device
+    inputs = [(torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype).to(dev),
+               torch.randn(tokens, c.hidden_size, generator=g).to(model.dtype).to(dev)) for _ in range(reps + 2)]
     by = Bytes(model)
-    probe = BandwidthProbe()
+    # on a GPU the floor is the HBM's (bench/gpu.py); on the CPU the read bandwidth of the moment
+    hbm = hbm_bandwidth(dev)
+    probe = (lambda: hbm[1]) if hbm else BandwidthProbe() if dev.type == "cpu" else None
+    if probe is None:
+        raise SystemExit(f"error: no HBM bandwidth known for {torch.cuda.get_device_name(dev)} "
+                         f"(bench/gpu.py HBM_BYTES_S), so no floor can be given")
+    sync = sync_for(dev)
     ts, floors = [], []
     for i, (u, r) in enumerate(inputs):
         l = layers[i % len(layers)]
         w = model.weights.layers[l].mlp
         lc = None if cpu is None else cpu.layers[l].moe
         bw = probe()  # also evicts: in a real step the other layers' weights pass through the caches
+        sync()
         t = time.perf_counter()
         moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc)
+        sync()
         dt = time.perf_counter() - t
         if i < 2:
             continue  # warm-up
@@ -374,7 +389,7 @@ def main(argv=None):
               else sorted({args.batch, args.batch * args.prompt_len}))
     rows = [moe_layer_times(model, args, n, max(5, min(40, 2000 // max(n, 1)))) for n in tokens]
     big = max(tokens)
-    g = torch_expert_gemm_us(model, args, big, 5) if big >= 64 else None
+    g = torch_expert_gemm_us(model, args, big, 5) if big >= 64 and model.device.type == "cpu" else None
 
     if not args.no_generate:
         pre = statistics.median(prefill_s)
@@ -419,7 +434,9 @@ def main(argv=None):
             say(f"decode step, {name}: {r['step_ms']:.2f} ms = {r['kernels_ms']:.2f} ms in C++ kernels + "
                 f"{r['outside_kernels_ms']:.2f} ms outside ({r['outside_fraction']:.0%})")
 
-    say(f"\nper MoE layer (router .. combine), median over cycled layers and fresh inputs:")
+    hbm = hbm_bandwidth(model.device)
+    floor_of = f"the HBM of {hbm[0]} at {hbm[1] / 1e12:.2f} TB/s" if hbm else "the read bandwidth paired with each call"
+    say(f"\nper MoE layer (router .. combine), median over cycled layers and fresh inputs; floor: {floor_of}:")
     say(f"{'tokens':>7} {'us':>10} {'floor us':>10} {'fraction':>9} {'GFLOP/s':>9}")
     for r in rows:
         say(f"{r['tokens']:7d} {r['moe_layer_us']:10.1f} {r['floor_us']:10.1f} {r['bandwidth_floor_fraction']:9.0%} "

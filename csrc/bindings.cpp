@@ -30,7 +30,8 @@ using namespace moe;
       #f, [](const S& s) { return reinterpret_cast<std::uintptr_t>(s.f); },    \
       [](S& s, std::uintptr_t v) { s.f = reinterpret_cast<decltype(S::f)>(v); })
 #define MOE_VAL(cls, S, f) cls.def_readwrite(#f, &S::f)
-#define MOE_STREAM(fn, P) [](const P& p, std::uintptr_t stream) { fn(p, reinterpret_cast<void*>(stream)); }
+#define MOE_STREAM(fn, P) \
+  [](const P& p, std::uintptr_t stream, int device) { fn(p, reinterpret_cast<void*>(stream), device); }
 
 PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   // module_local: _C and _C_emu register the same C++ types in one process.
@@ -96,6 +97,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(gemm, ExpertGemmParams, k_max); MOE_VAL(gemm, ExpertGemmParams, E); MOE_VAL(gemm, ExpertGemmParams, D);
   MOE_VAL(gemm, ExpertGemmParams, F); MOE_VAL(gemm, ExpertGemmParams, capacity);
   MOE_VAL(gemm, ExpertGemmParams, block_m); MOE_VAL(gemm, ExpertGemmParams, up);
+  MOE_PTR(gemm, ExpertGemmParams, topk_ids);
 
   py::class_<MoeDecodeParams> dec(m, "MoeDecodeParams", py::module_local());
   dec.def(py::init<>());
@@ -182,12 +184,18 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(ds, DecodeStepParams, S_cap); MOE_VAL(ds, DecodeStepParams, valid_stride);
 
 #if defined(MOE_WITH_CUDA)
-  m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0);
-  m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0);
-  m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0);
-  m.def("expert_gemm_cuda", MOE_STREAM(expert_gemm_cuda, ExpertGemmParams), py::arg("p"), py::arg("stream") = 0);
-  m.def("moe_decode_cuda", MOE_STREAM(moe_decode_cuda, MoeDecodeParams), py::arg("p"), py::arg("stream") = 0);
-  m.def("shared_expert_cuda", MOE_STREAM(shared_expert_cuda, SharedExpertParams), py::arg("p"), py::arg("stream") = 0);
+  m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("align_cuda", MOE_STREAM(align_cuda, AlignParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("combine_cuda", MOE_STREAM(combine_cuda, CombineParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("expert_gemm_cuda", MOE_STREAM(expert_gemm_cuda, ExpertGemmParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("moe_decode_cuda", MOE_STREAM(moe_decode_cuda, MoeDecodeParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("shared_expert_cuda", MOE_STREAM(shared_expert_cuda, SharedExpertParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
   m.def("expert_gemm_block_m", &expert_gemm_block_m);
 #endif
 #if !defined(MOE_EMU)

@@ -77,10 +77,12 @@ struct CombineParams {
 
 // ---- launchers -------------------------------------------------------------------------
 // CUDA (csrc/cuda/*.cu): compiled into _C by nvcc and into _C_emu through csrc/emu.
-// `stream` is a cudaStream_t (ignored by the emulator).
-void route_cuda(const RouteParams& p, void* stream);
-void align_cuda(const AlignParams& p, void* stream);
-void combine_cuda(const CombineParams& p, void* stream);
+// `stream` is a cudaStream_t (ignored by the emulator). `device`: the CUDA device of the
+// tensors; each launcher makes it current for its launches and restores the caller's device
+// (csrc/cuda/common.cuh DeviceGuard). -1 = whatever device is current (kernel self-tests).
+void route_cuda(const RouteParams& p, void* stream, int device = -1);
+void align_cuda(const AlignParams& p, void* stream, int device = -1);
+void combine_cuda(const CombineParams& p, void* stream, int device = -1);
 
 // CPU twins (csrc/cpu/*.cpp), same contracts.
 void route_cpu(const RouteParams& p);
@@ -149,6 +151,8 @@ struct ExpertGemmParams {
   const int32_t* num_padded;        // [1] used length of sorted_slots (device value)
   int32_t T, k_max, E, D, F, capacity, block_m;
   bool up;
+  const int32_t* topk_ids;          // [T, k_max]; down only, nullable: the rows of c of sentinel
+                                    // slots (id < 0 or >= E) are written as zeros, as moe_decode does
 };
 
 // Small-batch path (csrc/cuda/moe_decode.cu), T <= 16: no sort, no align.
@@ -178,9 +182,9 @@ struct SharedExpertParams {
 };
 
 // launchers (csrc/cuda/expert_gemm.cu, moe_decode.cu, shared_expert.cu):
-void expert_gemm_cuda(const ExpertGemmParams& p, void* stream);
-void moe_decode_cuda(const MoeDecodeParams& p, void* stream);
-void shared_expert_cuda(const SharedExpertParams& p, void* stream);
+void expert_gemm_cuda(const ExpertGemmParams& p, void* stream, int device = -1);
+void moe_decode_cuda(const MoeDecodeParams& p, void* stream, int device = -1);
+void shared_expert_cuda(const SharedExpertParams& p, void* stream, int device = -1);
 // The tile height expert_gemm uses for this batch; align must pad each expert to it.
 int expert_gemm_block_m(int T, int k_max, int E);
 // moe_layer: the whole MoE FFN of one layer for the cpu backend in one call (decode: the Python

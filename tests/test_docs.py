@@ -4,7 +4,7 @@ diagrams), so a new snippet cannot slip past this test unlabelled.
 
 What is changed before running (and nothing else):
 - model paths (`/path/to/deepseek-moe-16b-*`, `--model DIR`) become the bundled small model;
-- a snippet needing a GPU (`--device cuda`, `device="cuda"` outside comments) is skipped without one;
+- a snippet needing a GPU (`--device cuda`, `--backend cuda`, `tools/gpu_check.sh`, `device="cuda"` outside comments) is skipped without one;
 - speed, only where a command would take more than a few seconds: the bench scripts get small
   token counts (throughput.py: `--prompt-len 16 --gen-len 4 --reps 1`, `--moe-tokens 1,8`;
   kernels.py: `--tokens 1`; contention.py: `--seconds 1 --burners 0,1`) and the shapes that
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
 BUNDLED = str(default_model_dir())
 HAVE_GPU = torch.cuda.is_available()
+GPU_WORDS = ("--device cuda", "--backend cuda", "tools/gpu_check.sh")  # a command that needs a GPU
 SKIP_BLOCKS = {  # the start of a block's first command -> why the block is not run here
     "pip install torch==2.13.0": "the README's set-up commands are run verbatim by .ci/run",
     "pip download --no-deps --no-binary :all: -d /tmp/llp llama-cpp-python":
@@ -138,7 +139,7 @@ def test_shell_block_runs(path, block, line, workdir):
         pytest.skip(why)
     ran = 0
     for cmd in cmds:
-        if "--device cuda" in cmd and not HAVE_GPU:
+        if not HAVE_GPU and any(w in cmd for w in GPU_WORDS):
             continue  # needs a GPU
         r = subprocess.run(["bash", "-c", prepare(cmd)], cwd=workdir, env=env, capture_output=True,
                            text=True, timeout=600)

@@ -214,7 +214,8 @@ __global__ void __launch_bounds__(kAlignChunk) align_scatter_kernel(const AlignP
 
 }  // namespace
 
-void align_cuda(const AlignParams& p, void* stream) {
+void align_cuda(const AlignParams& p, void* stream, int device) {
+  const DeviceGuard device_guard(device);
   if (p.T < 0 || p.k_max < 0)
     bad("T = " + std::to_string(p.T) + ", k_max = " + std::to_string(p.k_max) + ": negative size");
   if (p.E < 1 || p.E > kAlignMaxExperts)

@@ -127,7 +127,8 @@ void launch(const CombineParams& p, cudaStream_t s) {
 
 }  // namespace
 
-void combine_cuda(const CombineParams& p, void* stream) {
+void combine_cuda(const CombineParams& p, void* stream, int device) {
+  const DeviceGuard device_guard(device);
   if (p.T < 0 || p.k_max < 0 || p.D < 1)
     bad("T = " + std::to_string(p.T) + ", k_max = " + std::to_string(p.k_max) + ", D = " + std::to_string(p.D) +
         ": need T >= 0, k_max >= 0, D >= 1");

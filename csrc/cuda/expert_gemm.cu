@@ -8,9 +8,11 @@
 //         Wg = experts_gate_up[e, 0:F), Wu = experts_gate_up[e, F:2F)      act [capacity, F]
 //   down: expert_out[s, d]  = act[i] . experts_down[e, d]                     expert_out [R, D]
 //   Unweighted and in token order: expert_out is the hook_expert_out tap; combine applies the
-//   routing weights. Padding rows are neither read (their A rows are zero-filled) nor written,
-//   and slots whose id is a sentinel never appear in sorted_slots, so their expert_out rows are
-//   left untouched: combine skips sentinel slots by id (ops.h CombineParams).
+//   routing weights. Padding rows are neither read (their A rows are zero-filled) nor written.
+//   Slots whose id is a sentinel never appear in sorted_slots; with topk_ids given, the down
+//   launch writes their expert_out rows as zeros (CTA column x zeroes slots x, x + grid.x, ...
+//   in its N tile), the same as moe_decode, so every path leaves the same bits there (combine
+//   skips sentinel slots by id either way).
 //
 // Algorithm: one CTA per (BM-row tile, N tile). A rows are gathered through sorted_slots straight
 //   from x (no activation copy). K is walked in steps of 64 (one 128-byte smem row per tile row)
@@ -51,7 +53,25 @@
 //                ~25 MB act/x/out; its 53 GFLOP take mma.sync far less time than the weight
 //                stream, so still bandwidth bound; ~65 x 22 + 65 x 16 CTAs.
 //   H100 floors and expected fractions (projections, no GPU has run this yet): bench/README.md.
-// Launch: grid (ceil(capacity / BM), ceil(N / BN)), block 128, dynamic smem 72 KB (attribute set).
+// Address generation (issue-bound before): each thread's cp.async sources are fixed per CTA (its
+//   chunk column of rows r0 + 16 i), kept as int32 offsets and advanced by k0 per stage: no
+//   div/mod, no per-chunk branch, no 64-bit multiply in the K loop (9 / 12 cp.async per thread and
+//   stage, fully unrolled). Results are bit for bit those of the former per-chunk loop (checked on
+//   the emulator, dense and gathered, BM 16 and 64, K and N tails). ptxas (CUDA 13.0, -O3),
+//   registers sm_80 / sm_90a and whole-kernel PTX instructions, before -> after:
+//     BM 16 up    50 / 48 regs, 1500 PTX  ->  55 / 56 regs, 1142 PTX
+//     BM 16 down  58 / 59 regs, 2160 PTX  ->  64 / 56 regs, 1136 PTX
+//     BM 64 up   127 / 124 regs, 2116 PTX -> 128 / 128 regs, 1974 PTX
+//     BM 64 down 130 / 123 regs, 2193 PTX -> 128 / 128 regs, 1553 PTX
+//   zero spills throughout. CTAs per SM: registers allow 8-10 (BM 16) and 3-4 (BM 64) before and
+//   after; the 72 KB of shared memory caps both at 3 on H100/H200 and 2 on A100. (No SASS
+//   disassembler in this toolkit: the SASS instruction counts wait for a GPU machine.)
+// Batch invariance: bitwise for T > 16 (at block_m 16 and 64 alike): each output row
+//   accumulates its k-steps of 64 (4 mma of k 16) in the same order in any tile, and no value
+//   mixes rows. moe_decode (T <= 16) gives other low bits, within tolerance:
+//   tests/emu/test_batch_invariance.py.
+// Launch: grid (ceil(capacity / BM), ceil(N / BN)), block 128, dynamic smem 72 KB (attribute set once
+//   per instantiation and device: DeviceOnce).
 // Limits: D, F multiples of 8 (16-byte cp.async); a, w 16-byte aligned; a_stride multiple of 8;
 //   block_m in {16, 64}; R and capacity < 2^31; N tiles < 65536.
 // Reference: src/moe_engine/ops/expert_ffn.py expert_ffn_ref (align + up + down together);
@@ -100,6 +120,17 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
 
   const int m_tile = blockIdx.x, n0 = blockIdx.y * BN;
   const int row0 = m_tile * BM;
+  if constexpr (!UP) {
+    if (p.topk_ids) {  // sentinel slots' rows of expert_out are zeros (see the header)
+      const int n1 = n0 + BN < p.D ? n0 + BN : p.D;
+      for (int jj = m_tile; jj < p.T * p.k_max; jj += gridDim.x) {
+        const int id = p.topk_ids[jj];
+        if (id >= 0 && id < p.E) continue;
+        for (int col = n0 + 8 * static_cast<int>(threadIdx.x); col < n1; col += 8 * kThreads)
+          *reinterpret_cast<uint4*>(static_cast<bf16*>(p.c) + static_cast<int64_t>(jj) * p.D + col) = uint4{0, 0, 0, 0};
+      }
+    }
+  }
   const int num_padded = p.num_padded ? *p.num_padded : p.capacity;
   if (row0 >= num_padded) return;
   const int e = p.tile_experts ? p.tile_experts[m_tile] : 0;
@@ -125,25 +156,42 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
   const bf16* A = static_cast<const bf16*>(p.a);
   const bf16* W = static_cast<const bf16*>(p.w) + static_cast<int64_t>(e) * (UP ? 2 : 1) * N * K;
 
+  // Address generation, once per CTA. With 128 threads and 8 16-byte chunks per 64-wide smem
+  // row, thread tid always copies chunk ch = tid % 8 of rows r0 + 16 i (r0 = tid / 8): the A rows
+  // i < BM / 16, then 8 weight rows. So its source pointers at k = ch * 8 and its swizzled smem
+  // slots are fixed for the whole K walk; a stage only adds k0 (no div/mod, no per-chunk branch).
+  constexpr int kARows = BM / 16, kWRowsPer = kWRows / 16;  // rows per thread and stage
+  static_assert(kThreads == 16 * kChunks, "each thread owns one chunk column of every 16th row");
+  const int ch = tid % kChunks, r0 = tid / kChunks;
+  const int dst0 = swz(r0, ch);  // (r0 + 16 i) & 7 == r0 & 7: row i's slot is dst0 + 16 i kChunks
+  // Offsets, not 64-bit pointers, keep the registers of the BM = 64 tiles within 3 CTAs per SM:
+  // int32 is enough (launcher check: a's rows x a_stride and one expert's weights < 2^31).
+  int a_off[kARows];  // A row start + ch * 8; -1 = padding row (zero-filled)
+#pragma unroll
+  for (int i = 0; i < kARows; ++i) {
+    const int row = s_src[r0 + 16 * i];
+    a_off[i] = row >= 0 ? row * static_cast<int>(p.a_stride) + ch * 8 : -1;
+  }
+  // Weight row of stage row r = r0 + 16 i: down: n0 + r; up: gate row n0 + r for r < 64 (i < 4),
+  // up row N + n0 + r - 64 after. Row i exists when 16 (i % 4) (up) / 16 i (down) < w_left.
+  const bf16* w_src = W + static_cast<int64_t>(n0 + r0) * K + ch * 8;
+  const int w_left = N - n0 - r0, up_off = (N - BN) * K;
+
   auto load_stage = [&](int stage, int kt) {
-    uint4* st = smem + stage * (kStageChunks);
+    uint4* st = smem + stage * kStageChunks + dst0;
     const int k0 = kt * kBK;
-    for (int c = tid; c < kStageChunks; c += kThreads) {
-      const bool is_a = c < kAChunks;
-      const int r = (is_a ? c : c - kAChunks) / kChunks, ch = c % kChunks, k = k0 + ch * 8;
-      const bf16* src;
-      bool ok;
-      if (is_a) {
-        const int row = s_src[r];
-        ok = row >= 0 && k < K;
-        src = A + (ok ? row * p.a_stride + k : 0);
-      } else {
-        const int n = n0 + (UP ? r % BN : r);
-        ok = n < N && k < K;
-        const int wrow = UP && r >= BN ? N + n : n;
-        src = W + (ok ? static_cast<int64_t>(wrow) * K + k : 0);
-      }
-      cp_async_16_zfill(st + (is_a ? 0 : kAChunks) + swz(r, ch), src, ok);
+    const bool k_ok = k0 + ch * 8 < K;
+#pragma unroll
+    for (int i = 0; i < kARows; ++i) {
+      const bool ok = k_ok && a_off[i] >= 0;
+      cp_async_16_zfill(st + 16 * i * kChunks, A + (ok ? a_off[i] + k0 : 0), ok);
+    }
+#pragma unroll
+    for (int i = 0; i < kWRowsPer; ++i) {
+      const bool up_row = UP && 16 * i >= BN;
+      const bool ok = k_ok && 16 * (up_row ? i - BN / 16 : i) < w_left;
+      cp_async_16_zfill(st + kAChunks + 16 * i * kChunks,
+                        ok ? w_src + (16 * i * K + (up_row ? up_off : 0) + k0) : W, ok);
     }
   };
 
@@ -221,7 +269,9 @@ void launch(const ExpertGemmParams& p, cudaStream_t stream) {
   const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
   constexpr int smem = smem_bytes<BM>();
   auto* expert_gemm = &expert_gemm_kernel<BM, UP>;  // one token for MOE_LAUNCH (and its messages)
-  MOE_CUDA_CHECK(cudaFuncSetAttribute(expert_gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  static DeviceOnce smem_attribute;  // per instantiation and device; not on every launch
+  smem_attribute.run(
+      [&] { MOE_CUDA_CHECK(cudaFuncSetAttribute(expert_gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
   MOE_LAUNCH(expert_gemm, grid, dim3(kThreads), smem, stream, p);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
@@ -232,7 +282,8 @@ int expert_gemm_block_m(int T, int k_max, int E) {
   return static_cast<int64_t>(T) * k_max >= 32LL * E ? 64 : 16;
 }
 
-void expert_gemm_cuda(const ExpertGemmParams& p, void* stream) {
+void expert_gemm_cuda(const ExpertGemmParams& p, void* stream, int device) {
+  const DeviceGuard device_guard(device);
   using namespace gemm_detail;
   auto s = [](int64_t v) { return std::to_string(v); };
   if (p.T < 0 || p.k_max < 1 || p.E < 1 || p.capacity < 0)
@@ -242,6 +293,9 @@ void expert_gemm_cuda(const ExpertGemmParams& p, void* stream) {
     bad("D and F must be positive multiples of 8 (16-byte loads); got D=" + s(p.D) + " F=" + s(p.F));
   if (p.block_m != 16 && p.block_m != 64) bad("block_m must be 16 or 64; got " + s(p.block_m));
   if (static_cast<int64_t>(p.T) * p.k_max >= (1LL << 31)) bad("T*k_max overflows int32");
+  if (2LL * p.F * p.D >= (1LL << 31)) bad("an expert's weight matrix must have < 2^31 elements (int32 offsets)");
+  const int64_t a_rows = p.up ? p.T : p.capacity;
+  if (a_rows * p.a_stride >= (1LL << 31)) bad("a must have < 2^31 elements (int32 offsets)");
   const bool dense = !p.sorted_slots && !p.tile_experts && !p.num_padded;
   if (!dense && (!p.sorted_slots || !p.tile_experts || !p.num_padded))
     bad("sorted_slots, tile_experts and num_padded must be all set or all null (dense mode)");

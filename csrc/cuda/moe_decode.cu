@@ -10,27 +10,37 @@
 //   expert_out[j] = 0 and no act row. topk_ids null = dense mode: every slot is expert 0 (the
 //   shared experts, shared_expert.cu).
 //
-// Algorithm: two launches (down needs every column of act). CTA (j, n tile) works only when j
-//   is the first slot that chose its expert e (warp 0 ballots over topk_ids[0:j), which is tiny);
-//   it then collects the slots j' >= j that chose e (ascending, up to 8 per pass; a 9th or later
-//   token of one expert starts another pass, whose weight reads hit L2) and streams its weight
-//   rows once for all of them. Each warp owns 4 weight rows (up: gate and up rows of 2 features;
-//   down: 4 output features) and walks K with 16-byte loads, 32 lanes x 8 bf16 = 256 elements a
-//   step; the input rows (x or act, a few KB) come from L1/L2 for every pass over the weights.
+// Algorithm: two launches (down needs every column of act). Grid column x serves the x-th
+//   distinct expert in slot order (warp 0 marks each slot that is its expert's first, by a scan of
+//   the slots before it, at most R = 16 k_max reads a lane, and ranks the marks with ballots);
+//   there are min(R, E) columns, so only min(R, E) - distinct ones exit at once (was R columns,
+//   ~45 % exiting at 8-16 tokens). From that first slot j the CTA collects the slots j' >= j that
+//   chose e (ascending, up to 8 per pass; a 9th or later token of one expert starts another pass,
+//   whose weight reads hit L2) and streams its weight rows once for all of them. Each warp owns 4
+//   weight rows (up: gate and up rows of 2 features; down: 4 output features) and walks K with
+//   16-byte loads, 32 lanes x 8 bf16 = 256 elements a step; the input rows (x or act, a few KB)
+//   come from L1/L2 for every pass over the weights. Sentinel slots: the down CTAs of column x
+//   zero the expert_out rows x, x + min(R, E), ... whose id is a sentinel.
 //   Lane partial sums are reduced with xor shuffles; lane 0 writes.
 //
 // Memory traffic (bf16): per touched expert 2 (2F D + D F) bytes of weights, read once
 //   (more than 8 tokens on one expert: once per pass of 8); plus 2 D x T (x), 2 F x R (act,
 //   written then read), 2 D x R (expert_out). DeepSeekMoE-16B (D 2048, F 1408, E 64, k 6):
 //     T = 1: 6 experts = 103.8 MB; grid 6 x 88 (up) + 6 x 64 (down) CTAs.
-//     T = 8: ~34.9 experts = 604 MB; grid 48 x 88 + 48 x 64 CTAs, of which the
-//            ~35 first slots of an expert work and the duplicates exit after one ballot.
+//     T = 8: ~34.9 experts = 604 MB; grid 48 x 88 + 48 x 64 CTAs, of which the ~35 columns
+//            with an expert work and the rest exit after the ranking scan.
+//     T = 16: ~49.6 experts; grid 64 (= E) columns instead of 96 (= R).
 //   H100 floors and expected fractions (projections, no GPU has run this): bench/README.md.
 //   Bytes in flight: each lane issues the weight loads of two warp steps before any math
 //   (2 x 4 x 16 B); __launch_bounds__ (256, 2) caps registers at 128 so 2 CTAs share an SM:
 //   16 warps x 4 KB = 64 KB per SM, more than an SM needs to hide memory latency at full
 //   bandwidth (bench/README.md).
-// Launch: up grid (R, ceil(F / 16)), down grid (R, ceil(D / 32)), block 256, static smem < 64 B.
+// Batch invariance: bitwise. A slot's sums run over K in the same lane order and are reduced by
+//   the same shuffle tree whatever other tokens share the call or its pass, so a token's rows do
+//   not depend on the batch for T <= 16. Across the switch to align + expert_gemm at T = 17 the
+//   bits change (mma k-order), within the expert_ffn tolerance: tests/emu/test_batch_invariance.py.
+// Launch: up grid (min(R, E), ceil(F / 16)), down grid (min(R, E), ceil(D / 32)) (dense mode: 1 column),
+//   block 256, static smem < 64 B.
 // Limits: 1 <= T <= 16 (larger batches: align + expert_gemm), D and F multiples of 8, all
 //   pointers 16-byte aligned, x / act / expert_out contiguous.
 // Reference: src/moe_engine/ops/expert_ffn.py expert_ffn_ref; CPU twin: csrc/cpu/expert_ffn.cpp;
@@ -79,25 +89,49 @@ template <bool UP>
 __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecodeParams p) {
   constexpr int kMats = UP ? 2 : 1;                  // up: gate and up rows
   constexpr int kFeatPerWarp = kRowsPerWarp / kMats;
-  const int R = p.T * p.k_max, j = blockIdx.x;
+  const int R = p.T * p.k_max;
   const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
   const int f0 = blockIdx.y * kFeatPerCta<UP>;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int* ids = p.topk_ids;
-  const int e = ids ? ids[j] : 0;
   bf16* out = static_cast<bf16*>(UP ? p.act : p.expert_out);
+  auto id_of = [&](int jj) { return ids ? ids[jj] : 0; };
+  auto valid = [&](int e) { return e >= 0 && e < p.E; };
 
-  if (e < 0 || e >= p.E) {
-    if constexpr (!UP) {
-      const int f1 = f0 + kFeatPerCta<UP> < N ? f0 + kFeatPerCta<UP> : N;
-      for (int d = f0 + tid; d < f1; d += kThreads) out[static_cast<int64_t>(j) * N + d] = __float2bfloat16(0.0f);
-    }
-    return;
+  if constexpr (!UP) {  // sentinel slots' expert_out rows are zeros; CTA x takes slots x, x + grid.x, ...
+    const int f1 = f0 + kFeatPerCta<UP> < N ? f0 + kFeatPerCta<UP> : N;
+    for (int jj = blockIdx.x; jj < R; jj += gridDim.x)
+      if (!valid(id_of(jj)))
+        for (int d = f0 + tid; d < f1; d += kThreads) out[static_cast<int64_t>(jj) * N + d] = __float2bfloat16(0.0f);
   }
 
   MOE_SHARED_ARRAY(int, s_list, kPass);  // slots served in this pass
   MOE_SHARED_ARRAY(int, s_pass, 2);      // [0] their count, [1] where the next pass resumes
-  auto chose_e = [&](int jj) { return jj < R && (ids ? ids[jj] == e : true); };
+  // CTA x serves the x-th distinct expert in slot order, from its first slot j: warp 0 marks each
+  // slot that is the first of its expert (a scan of the slots before it) and ranks the marks
+  // with ballots. The grid has min(R, E) columns, so at most min(R, E) - distinct CTAs exit here.
+  if (warp == 0) {
+    int found = -1;
+    for (int base = 0, seen = 0; base < R && found < 0; base += 32) {
+      const int jj = base + lane;
+      bool first = jj < R && valid(id_of(jj));
+      for (int i = 0; i < jj && first; ++i) first = id_of(i) != id_of(jj);
+      const unsigned m = __ballot_sync(~0u, first);
+      const int want = static_cast<int>(blockIdx.x) - seen;
+      if (want < __popc(m)) {
+        const unsigned hit = __ballot_sync(~0u, first && __popc(m & ((1u << lane) - 1u)) == want);
+        found = base + __ffs(hit) - 1;
+      }
+      seen += __popc(m);
+    }
+    if (lane == 0) s_pass[0] = found;
+  }
+  __syncthreads();
+  const int j = s_pass[0];
+  if (j < 0) return;
+  const int e = id_of(j);
+  __syncthreads();  // everyone has read s_pass before warp 0 reuses it
+  auto chose_e = [&](int jj) { return jj < R && id_of(jj) == e; };
 
   const bf16* W = static_cast<const bf16*>(UP ? p.experts_gate_up : p.experts_down) +
                   static_cast<int64_t>(e) * kMats * N * K;
@@ -113,10 +147,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
 
   for (int cursor = j;;) {
     if (warp == 0) {
-      bool dup = false;
-      if (cursor == j)
-        for (int base = 0; base < j; base += 32) dup |= __ballot_sync(~0u, base + lane < j && chose_e(base + lane)) != 0;
-      int n = 0, pos = dup ? R : cursor;
+      int n = 0, pos = cursor;
       while (pos < R && n < kPass) {
         const bool match = chose_e(pos + lane);
         const unsigned m = __ballot_sync(~0u, match);
@@ -190,7 +221,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
 template <bool UP>
 void launch(const MoeDecodeParams& p, cudaStream_t stream) {
   const int N = UP ? p.F : p.D;
-  const dim3 grid(p.T * p.k_max, (N + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>);
+  const int R = p.T * p.k_max;
+  const int experts = p.topk_ids ? (R < p.E ? R : p.E) : 1;  // distinct experts at most (dense: one)
+  const dim3 grid(experts, (N + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>);
   auto* moe_decode = &moe_decode_kernel<UP>;  // one token for MOE_LAUNCH (and its messages)
   MOE_LAUNCH(moe_decode, grid, dim3(kThreads), 0, stream, p);
   MOE_CUDA_CHECK(cudaGetLastError());
@@ -198,7 +231,8 @@ void launch(const MoeDecodeParams& p, cudaStream_t stream) {
 
 }  // namespace decode_detail
 
-void moe_decode_cuda(const MoeDecodeParams& p, void* stream) {
+void moe_decode_cuda(const MoeDecodeParams& p, void* stream, int device) {
+  const DeviceGuard device_guard(device);
   using namespace decode_detail;
   auto s = [](int64_t v) { return std::to_string(v); };
   if (p.T < 0 || p.T > kMaxT)

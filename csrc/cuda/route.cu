@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kRouteRowsPerBlock * 32) route_kernel(const Ro
 
 }  // namespace
 
-void route_cuda(const RouteParams& p, void* stream) {
+void route_cuda(const RouteParams& p, void* stream, int device) {
+  const DeviceGuard device_guard(device);
   if (p.T < 0) bad("T = " + std::to_string(p.T) + " is negative");
   if (p.E < 1 || p.E > kRouteMaxExperts)
     bad("E = " + std::to_string(p.E) + " is outside 1.." + std::to_string(kRouteMaxExperts));

@@ -16,6 +16,7 @@
 //   - Traffic is the same either way: the shared weights are read once per layer (34.6 MB in
 //     16B), and a dense launch can run on a second stream beside the routed path, which is where
 //     the peers' 15-34 % came from. What the fused variant would save is two launches.
+//     (Not done here yet: the layer runs it on the caller's stream after the routed experts.)
 //   So it reuses the same kernels with no new device code: T <= 16 (and x contiguous) runs
 //   moe_decode in dense mode (topk_ids null: one expert, k_max 1); larger T runs expert_gemm in
 //   dense mode (no slot list: row i = token i, expert 0, capacity T).
@@ -32,7 +33,8 @@
 
 namespace moe {
 
-void shared_expert_cuda(const SharedExpertParams& p, void* stream) {
+void shared_expert_cuda(const SharedExpertParams& p, void* stream, int device) {
+  const DeviceGuard device_guard(device);
   if (p.T < 0) throw std::invalid_argument("shared_expert: T must be >= 0; got " + std::to_string(p.T));
   if (p.T <= 16 && p.x_stride == p.D) {
     MoeDecodeParams d{};

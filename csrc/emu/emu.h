@@ -21,8 +21,16 @@
 //   MOE_EMU_BACKEND   fibers | threads             (threads is forced under -fsanitize=thread)
 //   MOE_EMU_WATCHDOG_S  abort when no thread makes progress this long (default 60): a spin-wait
 //                     on memory never ends on fibers and may not on threads
+//   MOE_EMU_ARCH      sm_80 (default) | sm_90: whose shared-memory limits launches are checked against
 //
-// What it cannot show: timing, occupancy, registers, shared-memory capacity and bank conflicts;
+// Hardware limits it enforces (abort with the numbers): threads per block and block / grid
+// dimensions; dynamic shared memory above 48 KB without cudaFuncSetAttribute(kernel,
+// cudaFuncAttributeMaxDynamicSharedMemorySize, >= bytes); static shared memory (MOE_SHARED_ARRAY)
+// above 48 KB; static + dynamic above the per-block maximum of MOE_EMU_ARCH. Registers per thread
+// against __launch_bounds__ are checked by tools/check_ptxas.py, not here.
+//
+// What it cannot show: timing, occupancy, registers, bank conflicts, plain `__shared__` arrays'
+// size (only MOE_SHARED_ARRAYs are counted);
 // weak-memory effects (every access is sequentially consistent here); real divergence
 // (__activemask() returns the live lanes); preemption (a spin-wait on a plain load hangs);
 // inter-block waiting (blocks never run concurrently); exact device numerics (__expf, FMA
@@ -183,7 +191,16 @@ struct Runtime {
   // emulated device allocations (pointer -> bytes)
   std::mutex alloc_mutex;
   std::map<const void*, size_t> allocs;
+
+  // per-kernel attributes and the shared memory the hardware limits are checked against
+  const void* kernel = nullptr;              // the kernel being launched
+  size_t static_smem = 0;                    // MOE_SHARED_ARRAY bytes met in the current block
+  std::mutex attr_mutex;
+  std::map<const void*, int> max_dyn_smem;   // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+  std::map<const void*, int> attr_calls;     // cudaFuncSetAttribute calls per kernel (any attribute)
+  std::vector<std::pair<std::string, int>> launch_log;  // (kernel, device) of every launch, for tests
 };
+inline thread_local int t_device = 0;  // the host thread's current fake device (api::cudaSetDevice)
 
 inline Runtime& rt() {
   static Runtime* r = new Runtime;  // never destroyed: the fiber watchdog thread may outlive main
@@ -481,6 +498,50 @@ inline uint32_t activemask(const Loc& loc) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Hardware limits (compute capability 8.0 and 9.0; CUDA C++ Programming Guide, "Technical
+// Specifications per Compute Capability"). MOE_EMU_ARCH=sm_80 (default: the smaller shared memory,
+// so a kernel that passes here fits both builds) or sm_90. A launch or a shared-memory use past a
+// limit is a bug in our host or kernel code, so it aborts with the numbers instead of returning an
+// error code a caller might not check (a GPU returns cudaErrorInvalidConfiguration /
+// cudaErrorInvalidValue or "too many resources requested for launch").
+// ------------------------------------------------------------------------------------------------
+
+inline constexpr unsigned kMaxThreadsPerBlock = 1024;
+inline constexpr unsigned kMaxBlockXY = 1024, kMaxBlockZ = 64;
+inline constexpr unsigned kMaxGridX = 0x7FFFFFFFu, kMaxGridYZ = 65535;
+inline constexpr size_t kDefaultSmem = 48 * 1024;  // static + dynamic without the opt-in attribute
+// Opt-in maximum per block (static + dynamic): 163 KB on sm_80, 227 KB on sm_90.
+inline int emu_arch() {  // read at every use, like the other MOE_EMU_* settings
+  const char* a = std::getenv("MOE_EMU_ARCH");
+  if (!a || !std::strcmp(a, "sm_80")) return 80;
+  if (!std::strcmp(a, "sm_90") || !std::strcmp(a, "sm_90a")) return 90;
+  std::fprintf(stderr, "moe_emu: error: MOE_EMU_ARCH=%s (expected sm_80 or sm_90)\n", a);
+  std::abort();
+}
+inline size_t max_smem_optin() { return emu_arch() >= 90 ? 227 * 1024 : 163 * 1024; }
+inline const char* arch_name() { return emu_arch() >= 90 ? "sm_90" : "sm_80"; }
+
+inline int dyn_smem_attribute(const void* kernel) {
+  std::lock_guard<std::mutex> g(rt().attr_mutex);
+  auto it = rt().max_dyn_smem.find(kernel);
+  return it == rt().max_dyn_smem.end() ? 0 : it->second;
+}
+
+// Static shared memory of a block (MOE_SHARED_ARRAYs met so far) against the 48 KB static limit
+// and, with the launch's dynamic bytes, against the per-block maximum.
+inline void check_static_smem(const Loc& loc) {
+  Runtime& R = rt();
+  if (R.static_smem > kDefaultSmem)
+    fail(loc, "static shared memory of this block reached %zu bytes, above the %zu-byte limit of static "
+         "__shared__ arrays (larger tiles must use dynamic shared memory and the opt-in attribute)",
+         R.static_smem, kDefaultSmem);
+  if (R.static_smem + R.dyn_bytes > max_smem_optin())
+    fail(loc, "shared memory of this block is %zu static + %zu dynamic = %zu bytes, above the %zu bytes "
+         "one block may use on %s (MOE_EMU_ARCH)", R.static_smem, R.dyn_bytes, R.static_smem + R.dyn_bytes,
+         max_smem_optin(), arch_name());
+}
+
+// ------------------------------------------------------------------------------------------------
 // Shared memory
 // ------------------------------------------------------------------------------------------------
 
@@ -494,6 +555,8 @@ inline void shared_static(void* p, size_t n) {
     if (r.p == p) return;
   poison(p, n);
   R.statics.push_back({(const unsigned char*)p, n});
+  R.static_smem += n;
+  check_static_smem(Loc::current());
 }
 
 inline void* dynamic_smem() { return rt().dyn; }
@@ -797,34 +860,46 @@ inline void configure_from_env() {
   R.watchdog_s = wd ? std::atof(wd) : 60.0;
 }
 
-// Hardware limits a launch must respect (compute capability 8.0 / 9.0).
-inline constexpr unsigned kMaxThreadsPerBlock = 1024;
-inline constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90 opt-in maximum per block
-
-inline bool launch_config_ok(dim3 g, dim3 b, size_t smem) {
-  auto reject = [&](const char* why) {
-    std::fprintf(stderr,
-                 "moe_emu: launch of %s rejected (cudaErrorInvalidConfiguration): %s; grid (%u,%u,%u) block "
-                 "(%u,%u,%u) dynamic smem %zu\n",
-                 rt().kernel_name, why, g.x, g.y, g.z, b.x, b.y, b.z, smem);
-    rt().last_error = cudaErrorInvalidConfiguration;
-    return false;
+// Aborts when a launch breaks a hardware limit (see "Hardware limits" above).
+inline void check_launch_config(dim3 g, dim3 b, size_t smem) {
+  Runtime& R = rt();
+  auto reject = [&](const char* fmt, auto... a) {
+    std::fprintf(stderr, "moe_emu: error: launch of kernel %s (grid (%u,%u,%u), block (%u,%u,%u), dynamic shared "
+                 "memory %zu bytes, %s) is invalid on a GPU: ", R.kernel_name, g.x, g.y, g.z, b.x, b.y, b.z, smem,
+                 arch_name());
+    std::fprintf(stderr, fmt, a...);
+    std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+    std::abort();
   };
-  if (!g.x || !g.y || !g.z || !b.x || !b.y || !b.z) return reject("a zero dimension");
-  if ((uint64_t)b.x * b.y * b.z > kMaxThreadsPerBlock) return reject("more than 1024 threads per block");
-  if (b.z > 64) return reject("block.z > 64");
-  if (g.y > 65535 || g.z > 65535 || g.x > 0x7FFFFFFFu) return reject("grid dimension too large");
-  if (smem > kMaxDynamicSmem) return reject("dynamic shared memory above 227 KiB");
-  return true;
+  if (!g.x || !g.y || !g.z || !b.x || !b.y || !b.z) reject("a zero grid or block dimension");
+  if ((uint64_t)b.x * b.y * b.z > kMaxThreadsPerBlock)
+    reject("%llu threads per block, more than %u", (unsigned long long)b.x * b.y * b.z, kMaxThreadsPerBlock);
+  if (b.x > kMaxBlockXY || b.y > kMaxBlockXY || b.z > kMaxBlockZ)
+    reject("block dimensions above (%u, %u, %u)", kMaxBlockXY, kMaxBlockXY, kMaxBlockZ);
+  if (g.x > kMaxGridX || g.y > kMaxGridYZ || g.z > kMaxGridYZ)
+    reject("grid dimensions above (%u, %u, %u)", kMaxGridX, kMaxGridYZ, kMaxGridYZ);
+  if (smem > max_smem_optin())
+    reject("dynamic shared memory above the %zu bytes one block may use", max_smem_optin());
+  if (smem > kDefaultSmem) {
+    const int attr = dyn_smem_attribute(R.kernel);
+    if ((size_t)attr < smem)
+      reject("more than %zu bytes of dynamic shared memory need cudaFuncSetAttribute(kernel, "
+             "cudaFuncAttributeMaxDynamicSharedMemorySize, >= %zu) before the launch; this kernel's attribute is %d",
+             kDefaultSmem, smem, attr);
+  }
 }
 
-inline void run_grid(const char* name, dim3 g, dim3 b, size_t smem, void (*body)(void*), void* ctx) {
+inline void run_grid(const char* name, const void* kernel, dim3 g, dim3 b, size_t smem, void (*body)(void*),
+                     void* ctx) {
   Runtime& R = rt();
   std::lock_guard<std::mutex> guard(R.launch_mutex);
   R.kernel_name = name;
+  R.kernel = kernel;
   if (t_cur) fail(Loc::current(), "kernel launch from inside a kernel (dynamic parallelism) is not emulated");
-  if (!launch_config_ok(g, b, smem)) return;
   configure_from_env();
+  check_launch_config(g, b, smem);
+  if (R.launch_log.size() < (1u << 16)) R.launch_log.emplace_back(name, t_device);  // bounded: tests read it
   ++R.launches;
   R.grid = g;
   R.block = b;
@@ -858,6 +933,7 @@ inline void run_grid(const char* name, dim3 g, dim3 b, size_t smem, void (*body)
     R.bar_arrived = R.bar_sum = 0;
     R.bar_first = -1;
     R.statics.clear();
+    R.static_smem = 0;
     if (R.dyn) poison(R.dyn, R.dyn_bytes);
     if (R.backend == Backend::fibers) {
       R.fibers_running = true;
@@ -887,7 +963,7 @@ inline void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
   std::tuple<std::decay_t<P>...> params(static_cast<std::decay_t<P>>(std::forward<A>(args))...);
   LaunchCtx<decltype(params), void (*)(P...)> ctx{kernel, &params};
-  run_grid(name, grid, block, smem, &decltype(ctx)::call, &ctx);
+  run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, smem, &decltype(ctx)::call, &ctx);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -945,6 +1021,31 @@ inline cudaError_t cudaStreamCreate(cudaStream_t* s) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+
+// Fake devices: MOE_EMU_DEVICES (default 1) ids, one current device per host thread, so host code
+// that picks the device (ops.h launchers' DeviceGuard) can be tested; every launch records the
+// device it ran on (launch_log). Memory is shared by all of them: a pointer of another device is
+// not caught here.
+inline int device_count() {  // (t_device is declared beside Runtime)
+  const char* d = std::getenv("MOE_EMU_DEVICES");
+  const int n = d ? std::atoi(d) : 1;
+  return n > 0 ? n : 1;
+}
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  if (!n) return set_error(cudaErrorInvalidValue);
+  *n = device_count();
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  if (!d) return set_error(cudaErrorInvalidValue);
+  *d = t_device;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= device_count()) return set_error(cudaErrorInvalidDevice);
+  t_device = d;
+  return cudaSuccess;
+}
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() {
@@ -959,12 +1060,41 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
     default: return "emulated CUDA error";
   }
 }
+// Records the opt-in dynamic shared memory a launch is checked against, and counts calls per
+// kernel (host code should set an attribute once per function, not before every launch).
 template <class F>
-inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
+inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
+  const void* k = reinterpret_cast<const void*>(f);
+  std::lock_guard<std::mutex> g(rt().attr_mutex);
+  ++rt().attr_calls[k];
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || (size_t)value > max_smem_optin()) return set_error(cudaErrorInvalidValue);
+    rt().max_dyn_smem[k] = value;
+  }
   return cudaSuccess;
+}
+// Test hook: (kernel name, device) of every launch since the last call, which clears the log.
+inline std::vector<std::pair<std::string, int>> take_launch_log() {
+  std::lock_guard<std::mutex> g(rt().launch_mutex);
+  return std::exchange(rt().launch_log, {});
+}
+// Test hook: cudaFuncSetAttribute calls made so far, all kernels together.
+inline int func_attribute_calls_total() {
+  std::lock_guard<std::mutex> g(rt().attr_mutex);
+  int n = 0;
+  for (const auto& [k, c] : rt().attr_calls) n += c;
+  return n;
+}
+// Test hook: cudaFuncSetAttribute calls made so far for `f`.
+template <class F>
+inline int func_attribute_calls(F* f) {
+  std::lock_guard<std::mutex> g(rt().attr_mutex);
+  auto it = rt().attr_calls.find(reinterpret_cast<const void*>(f));
+  return it == rt().attr_calls.end() ? 0 : it->second;
 }
 
 }  // namespace api
@@ -975,6 +1105,8 @@ inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
 #define cudaDeviceSynchronize ::moe_emu::api::cudaDeviceSynchronize
 #define cudaFree ::moe_emu::api::cudaFree
 #define cudaFuncSetAttribute ::moe_emu::api::cudaFuncSetAttribute
+#define cudaGetDevice ::moe_emu::api::cudaGetDevice
+#define cudaGetDeviceCount ::moe_emu::api::cudaGetDeviceCount
 #define cudaGetErrorString ::moe_emu::api::cudaGetErrorString
 #define cudaGetLastError ::moe_emu::api::cudaGetLastError
 #define cudaMalloc ::moe_emu::api::cudaMalloc
@@ -983,6 +1115,7 @@ inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
 #define cudaMemset ::moe_emu::api::cudaMemset
 #define cudaMemsetAsync ::moe_emu::api::cudaMemsetAsync
 #define cudaPeekAtLastError ::moe_emu::api::cudaPeekAtLastError
+#define cudaSetDevice ::moe_emu::api::cudaSetDevice
 #define cudaStreamCreate ::moe_emu::api::cudaStreamCreate
 #define cudaStreamDestroy ::moe_emu::api::cudaStreamDestroy
 #define cudaStreamSynchronize ::moe_emu::api::cudaStreamSynchronize

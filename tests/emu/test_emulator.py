@@ -156,3 +156,47 @@ def test_tsan_reports_missing_barrier(selftest):
     reported data race. Cannot show: races between blocks (blocks never overlap)."""
     r = run_program(selftest, "order_racy", env_extra={"TSAN_OPTIONS": "halt_on_error=1"})
     assert r.returncode != 0 and "data race" in r.stderr, r.stderr[-3000:]
+
+
+LIMITS_OK = {  # case -> MOE_EMU_ARCH
+    "dyn_smem_48k_no_attribute": "sm_80",
+    "dyn_smem_with_attribute": "sm_80",
+    "dyn_smem_200k_sm90": "sm_90",
+    "attribute_too_large": "sm_90",
+}
+
+
+@pytest.mark.parametrize("case", list(LIMITS_OK))
+def test_shared_memory_within_limits_runs(selftest, case):
+    """Dynamic shared memory up to 48 KB needs no attribute; above it, the opt-in attribute lets a
+    launch use up to its value (up to 227 KB on sm_90); an attribute above the maximum is refused
+    with cudaErrorInvalidValue, as on a GPU. Cannot show: the real capacity left by the driver's
+    reservation per block, or occupancy."""
+    _ok(run_program(selftest, case, env_extra={"MOE_EMU_ARCH": LIMITS_OK[case]}), case)
+
+
+LIMITS_NEG = {  # case -> (MOE_EMU_ARCH, text the abort message must contain)
+    "neg_dyn_smem_no_attribute": ("sm_90", "need cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize"),
+    "neg_dyn_smem_attribute_too_small": ("sm_90", "this kernel's attribute is 65536"),
+    "neg_dyn_smem_capacity_sm80": ("sm_80", "above the 166912 bytes one block may use"),
+    "neg_static_smem": ("sm_90", "limit of static __shared__ arrays"),
+    "neg_static_plus_dyn": ("sm_80", "above the 166912 bytes one block may use on sm_80"),
+    "neg_threads_per_block": ("sm_80", "1025 threads per block, more than 1024"),
+    "neg_block_z": ("sm_80", "block dimensions above"),
+    "neg_grid_y": ("sm_80", "grid dimensions above"),
+}
+
+
+@pytest.mark.parametrize("case", list(LIMITS_NEG))
+def test_hardware_limits_abort(selftest, case):
+    """A launch a GPU would refuse (dynamic shared memory above 48 KB without
+    cudaFuncSetAttribute(..., cudaFuncAttributeMaxDynamicSharedMemorySize, ...), shared memory above
+    the architecture's per-block maximum, static shared arrays above 48 KB, more than 1024 threads,
+    grid or block dimensions too large) aborts with a message naming the limit and the kernel.
+    Cannot show: registers per thread (tools/check_ptxas.py checks them against
+    __launch_bounds__) or shared memory of plain __shared__ arrays (only MOE_SHARED_ARRAY counts)."""
+    arch, text = LIMITS_NEG[case]
+    r = run_program(selftest, case, timeout=60, env_extra={"MOE_EMU_ARCH": arch})
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, f"{case} was not stopped:\n{out}"
+    assert "moe_emu: error" in out and text in out, out

@@ -27,15 +27,58 @@ ARCHS = list(check_ptxas.ARCHS)
 @pytest.mark.parametrize("src", CUDA_FILES, ids=lambda p: p.name)
 def test_compiles_without_spills(src, arch, tmp_path):
     report, cmd, rc = check_ptxas.compile_one(src, arch, tmp_path)
-    assert rc == 0, f"{cmd}\n{report[-6000:]}"
+    assert rc == 0, f"{cmd}\n{report.partition(check_ptxas.PTX_MARK)[0][-6000:]}"
     rows = check_ptxas.parse(report)
     for r in rows:
         print(f"{src.name:22s} {arch:7s} regs {r.get('regs', 0):3d} stack {r.get('frame', 0):3d} "
-              f"spill st/ld {r.get('spill_st', 0)}/{r.get('spill_ld', 0)}  {r['name']}")
+              f"spill st/ld {r.get('spill_st', 0)}/{r.get('spill_ld', 0)} bounds {r.get('maxntid', '-')}"
+              f"x{r.get('minctas', 1)} CTA/SM {r.get('ctas_per_sm', '-')}  {r['name']}")
     if "__global__" in src.read_text():
         assert any(r["entry"] for r in rows), f"{src.name}: no kernel report for {arch}"
     spilled = [r for r in rows if r.get("spill_st", 0) or r.get("spill_ld", 0)]
     assert not spilled, f"{src.name} ({arch}): register spills in {spilled}"
+    over = {r["name"]: check_ptxas.bounds_problems(r) for r in rows if check_ptxas.bounds_problems(r)}
+    assert not over, f"{src.name} ({arch}): registers against __launch_bounds__: {over}"
+
+
+PTX_SAMPLE = """
+.visible .entry bounded(
+\t.param .u64 p
+)
+.maxntid 256, 1, 1
+.minnctapersm 2
+{
+\t.reg .b32 \t%r<4>;
+\tmov.u32 \t%r1, 0;
+\tcp.async.cg.shared.global [%r1], [%r2], 16, %r3;
+\tret;
+}
+.visible .entry unbounded(
+\t.param .u64 p
+)
+{
+\tret;
+}
+"""
+
+
+@pytest.mark.parametrize("regs, ok", [(128, True), (129, False), (255, False)])
+def test_register_check_against_launch_bounds(regs, ok):
+    """The ptxas/PTX parser ties registers to __launch_bounds__: 256 threads x 2 CTAs per SM fit
+    65536 registers at <= 128 per thread (allocation unit 8); more would make such a launch fail
+    on a GPU. A kernel with no launch bounds is flagged. Runs without nvcc (a fixed PTX text)."""
+    report = (f"ptxas info    : Compiling entry function 'bounded' for 'sm_80'\n"
+              f"ptxas info    : Function properties for bounded\n"
+              f"    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+              f"ptxas info    : Used {regs} registers, used 1 barriers, 52 bytes smem, 424 bytes cmem[0]\n"
+              f"ptxas info    : Compiling entry function 'unbounded' for 'sm_80'\n"
+              f"ptxas info    : Used 8 registers, 360 bytes cmem[0]\n"
+              f"{check_ptxas.PTX_MARK}\n{PTX_SAMPLE}")
+    rows = {r["name"]: r for r in check_ptxas.parse(report)}
+    assert rows["bounded"]["maxntid"] == 256 and rows["bounded"]["minctas"] == 2
+    assert rows["bounded"]["ptx_instr"] == 3 and rows["bounded"]["ptx_cp_async"] == 1
+    assert (check_ptxas.bounds_problems(rows["bounded"]) == []) == ok
+    assert "no __launch_bounds__" in check_ptxas.bounds_problems(rows["unbounded"])[0]
 
 
 def _gpu_present():

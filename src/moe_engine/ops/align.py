@@ -96,5 +96,5 @@ def align(topk_ids: torch.Tensor, E: int, block_m: int, *, backend: str = "auto"
     if be == "cpu":
         mod.align_cpu(p)
     else:
-        mod.align_cuda(p, backends.stream_of(be, dev))
+        mod.align_cuda(p, backends.stream_of(be, dev), backends.device_of(be, dev))
     return out

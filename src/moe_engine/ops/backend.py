@@ -132,6 +132,24 @@ def stream_of(backend: str, device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if backend == "cuda" else 0
 
 
+def device_of(backend: str, device: torch.device) -> int:
+    """The device index a CUDA launcher makes current for its launches (ops.h; -1 = keep the
+    current one, for the emulator). _C links the CUDA runtime statically, so torch's current
+    device is not the kernels': without this, tensors on cuda:1 would launch on device 0."""
+    if backend != "cuda":
+        return -1
+    return torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+
+
+def check_same_device(device: torch.device, **tensors) -> None:
+    """Refuse tensors on another device than `device` (None entries are skipped): a kernel
+    launched on one device cannot read another's memory."""
+    for name, t in tensors.items():
+        if t is not None and t.device != torch.device(device):
+            raise ValueError(f"{name} is on {t.device}, expected {device} like the other inputs "
+                             "(mixed devices are not supported)")
+
+
 def native_dtype(mod, dtype: torch.dtype):
     if dtype == torch.float32:
         return mod.DType.f32

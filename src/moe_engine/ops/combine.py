@@ -65,5 +65,5 @@ def combine(expert_out, topk_weights, topk_ids, shared_out=None, residual=None, 
         if be == "cpu":
             mod.combine_cpu(p)
         else:
-            mod.combine_cuda(p, backends.stream_of(be, dev))
+            mod.combine_cuda(p, backends.stream_of(be, dev), backends.device_of(be, dev))
     return o, routed

@@ -5,7 +5,8 @@ Shapes: T tokens, D hidden, E experts, F expert width, k_max slots.
     expert_out[t, j] = W_down[e] (silu(W_gate[e] x[t]) * (W_up[e] x[t])),  e = topk_ids[t, j]
 
 experts_gate_up is [E, 2F, D] (gate rows [0, F), up rows [F, 2F)), experts_down is [E, D, F].
-Rows of slots with a sentinel id (< 0 or >= E) are left unspecified; combine skips them.
+Rows of slots with a sentinel id (< 0 or >= E) are zeros on every backend (combine skips them
+anyway).
 expert_out IS the `hook_expert_out` lens tap: slot order = rank order of route.
 
 Backends: torch (this reference, a loop over the experts present), cpu (csrc/cpu/expert_ffn.cpp,
@@ -155,7 +156,7 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
     F = F2 // 2
     k_max = topk_ids.shape[1]
     dev = x.device
-    stream = backends.stream_of(backend, dev)
+    stream, device = backends.stream_of(backend, dev), backends.device_of(backend, dev)
     expert_out = torch.empty((T, k_max, D), dtype=x.dtype, device=dev)
     if T == 0:
         return expert_out
@@ -166,7 +167,7 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
         p.experts_gate_up, p.experts_down = backends.ptr(experts_gate_up), backends.ptr(experts_down)
         p.act, p.expert_out = backends.ptr(act), backends.ptr(expert_out)
         p.T, p.k_max, p.E, p.D, p.F = T, k_max, E, D, F
-        mod.moe_decode_cuda(p, stream)
+        mod.moe_decode_cuda(p, stream, device)
         return expert_out
     block_m = mod.expert_gemm_block_m(T, k_max, E)
     a = align(topk_ids, E, block_m, backend=backend)
@@ -179,7 +180,8 @@ def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str)
         p.c = backends.ptr(act if up else expert_out)
         p.sorted_slots, p.tile_experts, p.num_padded = backends.ptr(a.sorted_slots), backends.ptr(a.tile_experts), backends.ptr(a.num_padded)
         p.T, p.k_max, p.E, p.D, p.F, p.capacity, p.block_m, p.up = T, k_max, E, D, F, cap, block_m, up
-        mod.expert_gemm_cuda(p, stream)
+        p.topk_ids = backends.ptr(topk_ids)  # the down launch zeroes the sentinel slots' rows
+        mod.expert_gemm_cuda(p, stream, device)
     return expert_out
 
 
@@ -189,8 +191,8 @@ def shared_expert_cuda(x, gate_up, down, *, backend: str):
     T, D = x.shape
     S = down.shape[1]
     backends.check(x, "x", dtype=torch.bfloat16)
-    backends.check(gate_up, "shared gate_up", dtype=torch.bfloat16, shape=(2 * S, D))
-    backends.check(down, "shared down", dtype=torch.bfloat16, shape=(D, S))
+    backends.check(gate_up, "shared gate_up", dtype=torch.bfloat16, shape=(2 * S, D), device=x.device)
+    backends.check(down, "shared down", dtype=torch.bfloat16, shape=(D, S), device=x.device)
     out = torch.empty((T, D), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
@@ -198,5 +200,5 @@ def shared_expert_cuda(x, gate_up, down, *, backend: str):
     p = mod.SharedExpertParams()
     p.x, p.x_stride, p.gate_up, p.down = backends.ptr(x), D, backends.ptr(gate_up), backends.ptr(down)
     p.act, p.shared_out, p.T, p.D, p.S = backends.ptr(act), backends.ptr(out), T, D, S
-    mod.shared_expert_cuda(p, backends.stream_of(backend, x.device))
+    mod.shared_expert_cuda(p, backends.stream_of(backend, x.device), backends.device_of(backend, x.device))
     return out

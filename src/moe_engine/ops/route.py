@@ -132,6 +132,7 @@ def route(router_logits: torch.Tensor, k: int, *, k_max: int | None = None,
         force_t = torch.tensor([force_expert], dtype=torch.int32, device=dev)
     else:
         k_t, mask_t, force_t = controls
+        backends.check_same_device(dev, k=k_t, expert_mask=mask_t, force_expert=force_t)
     ids = torch.empty((T, k_max), dtype=torch.int32, device=dev)
     w = torch.empty((T, k_max), dtype=torch.float32, device=dev)
     probs = torch.empty((T, E), dtype=torch.float32, device=dev) if want_probs else None
@@ -152,5 +153,5 @@ def route(router_logits: torch.Tensor, k: int, *, k_max: int | None = None,
         if be == "cpu":
             mod.route_cpu(p)
         else:
-            mod.route_cuda(p, backends.stream_of(be, dev))
+            mod.route_cuda(p, backends.stream_of(be, dev), backends.device_of(be, dev))
     return ids, w, probs

@@ -387,6 +387,52 @@ __global__ void ldmatrix_global_kernel(const uint16_t* g, uint32_t* out) {
   out[threadIdx.x] = r[0];
 }
 
+// ---------------------------------------------------------------- hardware limits
+__global__ void dyn_smem_kernel(int* out, int n) {  // fills n ints of dynamic smem, reads them back
+  MOE_DYNAMIC_SHARED(int, s);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = 3 * i + 1;
+  __syncthreads();
+  const int i = (int)(threadIdx.x * 7919u % (unsigned)n);
+  out[threadIdx.x] = s[i] == 3 * i + 1;
+}
+__global__ void big_static_smem_kernel(int* out) {  // 49 KB of static shared memory
+  MOE_SHARED_ARRAY(int, s, 49 * 256);
+  s[threadIdx.x] = 1;
+  out[threadIdx.x] = s[threadIdx.x];
+}
+__global__ void static_plus_dyn_kernel(int* out) {  // 40 KB static beside the launch's dynamic bytes
+  MOE_SHARED_ARRAY(int, s, 40 * 256);
+  MOE_DYNAMIC_SHARED(int, d);
+  s[threadIdx.x] = 1;
+  d[threadIdx.x] = 2;
+  out[threadIdx.x] = s[threadIdx.x] + d[threadIdx.x];
+}
+__global__ void plain_kernel(int* out) { out[threadIdx.x % 256] = 1; }
+
+// Dynamic shared memory of `bytes` after setting the attribute to `attr` (< 0: not set).
+static void run_dyn_smem(int attr, size_t bytes, bool expect_abort) {
+  Buf<int> out(128, 0);
+  if (attr >= 0) {
+    const cudaError_t e = cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attr);
+    EXPECT(e == cudaSuccess, "cudaFuncSetAttribute(%d) failed: %s", attr, cudaGetErrorString(e));
+  }
+  MOE_LAUNCH(dyn_smem_kernel, dim3(2), dim3(128), bytes, nullptr, out.d, (int)(bytes / sizeof(int)));
+  if (expect_abort) {
+    std::printf("FAIL dyn_smem: the emulator did not stop a launch with %zu bytes (attribute %d)\n", bytes, attr);
+    std::exit(1);
+  }
+  out.down();
+  for (int t = 0; t < 128; ++t) EXPECT(out.h[t] == 1, "thread %d read wrong dynamic shared memory", t);
+  EXPECT(::moe_emu::api::func_attribute_calls(dyn_smem_kernel) == (attr >= 0 ? 1 : 0), "attribute call count");
+}
+
+static void case_attribute_too_large() {  // a GPU refuses an attribute above the per-block maximum
+  const cudaError_t e =
+      cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 228 * 1024);
+  EXPECT(e == cudaErrorInvalidValue, "attribute of 228 KB accepted: %s", cudaGetErrorString(e));
+  EXPECT(cudaGetLastError() == cudaErrorInvalidValue, "the error is not sticky until read");
+}
+
 template <class... A>
 static void launch_negative(void (*k)(A...), const char* name, int threads, A... a) {
   ::moe_emu::launch(name, k, dim3(1), dim3(threads), 0, nullptr, a...);
@@ -421,6 +467,33 @@ int main(int argc, char** argv) {
       {"neg_deadlock", [&] { launch_negative(deadlock_kernel, "deadlock", 64, scratch.d); }},
       {"neg_exited_lane", [&] { launch_negative(exited_lane_kernel, "exited", 32, scratch.d); }},
       {"neg_spin_wait", [&] { launch_negative(spin_wait_kernel, "spin_wait", 32, scratch.d); }},
+      {"dyn_smem_48k_no_attribute", [] { run_dyn_smem(-1, 48 * 1024, false); }},
+      {"dyn_smem_with_attribute", [] { run_dyn_smem(100 * 1024, 100 * 1024, false); }},
+      {"dyn_smem_200k_sm90", [] { run_dyn_smem(200 * 1024, 200 * 1024, false); }},  // MOE_EMU_ARCH=sm_90
+      {"attribute_too_large", case_attribute_too_large},
+      {"neg_dyn_smem_no_attribute", [] { run_dyn_smem(-1, 48 * 1024 + 16, true); }},
+      {"neg_dyn_smem_attribute_too_small", [] { run_dyn_smem(64 * 1024, 64 * 1024 + 16, true); }},
+      {"neg_dyn_smem_capacity_sm80", [] { run_dyn_smem(-1, 164 * 1024, true); }},
+      {"neg_static_smem", [&] { launch_negative(big_static_smem_kernel, "big_static_smem", 32, scratch.d); }},
+      {"neg_static_plus_dyn", [&] {
+         MOE_CUDA_CHECK(cudaFuncSetAttribute(static_plus_dyn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             140 * 1024));
+         ::moe_emu::launch("static_plus_dyn", static_plus_dyn_kernel, dim3(1), dim3(32), 140 * 1024, nullptr,
+                           scratch.d);
+         std::printf("FAIL static_plus_dyn: the emulator did not stop it\n");
+         std::exit(1);
+       }},
+      {"neg_threads_per_block", [&] { launch_negative(plain_kernel, "plain", 1025, scratch.d); }},
+      {"neg_block_z", [&] {
+         ::moe_emu::launch("plain", plain_kernel, dim3(1), dim3(1, 1, 65), 0, nullptr, scratch.d);
+         std::printf("FAIL block_z: the emulator did not stop it\n");
+         std::exit(1);
+       }},
+      {"neg_grid_y", [&] {
+         ::moe_emu::launch("plain", plain_kernel, dim3(1, 65536), dim3(32), 0, nullptr, scratch.d);
+         std::printf("FAIL grid_y: the emulator did not stop it\n");
+         std::exit(1);
+       }},
       {"neg_ldmatrix_global", [&] {
          launch_negative(ldmatrix_global_kernel, "ldmatrix_global", 32, (const uint16_t*)g16.d, g32.d);
        }},
