@@ -487,3 +487,33 @@ def test_document_samples_paper_chunking(tiny_fp32_dir, tmp_path):
         assert [i for c in chunks for i in c[1:]] == bodies[d]
     assert {d for d, _ in lens.document_samples(dom, tok, 8, max_samples=1)} == {0}
     assert sum(len(c) for _, c in lens.document_samples(dom, tok, 8, max_tokens=11)) == 11
+
+
+def test_progress_bar_counts_tokens_as_batches_run(routing_dir, two_domains, monkeypatch):
+    """The bar advances after each batch has run through the model, by its real tokens: a whole
+    file is read before its first forward, so counting bytes read left the bar at 100% (or gone)
+    for the whole run."""
+    from moe_engine.lens import analyses
+
+    updates = []
+
+    class Bar:
+        def __init__(self, *a, disable=False, **kw):
+            self.disable = disable
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            updates.append(n)
+
+    monkeypatch.setattr(analyses, "tqdm", Bar)
+    model = load(routing_dir, "torch")
+    res = lens.route_corpus(model, [two_domains / "digits.txt"], max_len=64, batch_tokens=128,
+                            progress=True)
+    tokens = res.to_json()["domains"]["digits"]["tokens"]
+    assert len(updates) >= 2, updates  # one update per batch, not one per file read
+    assert sum(updates) == tokens

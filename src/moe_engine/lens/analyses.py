@@ -89,9 +89,11 @@ def _max_len(model: Model, max_len: int | None) -> int:
 
 
 def _bar(domain: C.Domain, what: str, progress: bool):
-    total = domain.total_bytes or None
-    return tqdm(total=total, unit="B", unit_scale=True, desc=f"{what} {domain.name}",
-                disable=not progress, leave=False)
+    """A bar of the tokens run through the model (advanced by _batches after each batch is
+    processed). Counting the bytes read moved it only while a file was read, which for a whole
+    file happens before the first forward: it sat at 100% for the whole run, or vanished."""
+    return tqdm(unit="tok", unit_scale=True, desc=f"{what} {domain.name}", disable=not progress,
+                leave=True)
 
 
 def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, split, max_samples,
@@ -102,12 +104,11 @@ def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, spli
     split = p.split if split is None else split
     if p.documents:
         pairs = document_samples(domain, model.tokenizer, _max_len(model, max_len), split=split,
-                                 bos=bos, max_samples=max_samples, max_tokens=max_tokens,
-                                 progress=bar)
+                                 bos=bos, max_samples=max_samples, max_tokens=max_tokens)
     else:
         pairs = enumerate(C.iter_samples(domain, model.tokenizer, _max_len(model, max_len),
                                          split=split, max_samples=max_samples,
-                                         max_tokens=max_tokens, progress=bar))
+                                         max_tokens=max_tokens))
     docs: list[int] = []
 
     def samples():
@@ -120,6 +121,8 @@ def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, spli
         b.doc = torch.tensor(docs[:n], dtype=torch.int64)
         del docs[:n]
         yield b
+        if bar is not None:  # the caller has run the batch through the model
+            bar.update(sum(b.lengths))
 
 
 def document_samples(domain: C.Domain, tokenizer, max_len: int, *, split: str = "line",
