@@ -5,8 +5,8 @@
 #   x86-64          portable loops
 #   x86-64-v3       AVX2 + FMA
 #   sapphirerapids  AVX-512F + AVX512_BF16 (only where /proc/cpuinfo lists avx512f and avx512_bf16)
-# Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa) and the cpu cases of
-# tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
+# Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa), tests/test_quant_kernels.py
+# and the cpu cases of tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
 # Builds go under $MOE_ISA_BUILD_ROOT (default build/isa), so a rerun only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +50,8 @@ for v in "${variants[@]}"; do
   run=(env MOE_ENGINE_CPU_MODULE="$so" MOE_ENGINE_EXPECT_CPU_ISA="$isa" MOE_ENGINE_REQUIRE_BACKENDS=cpu
        $PYTEST -q)
   # "not emu": the cpu cases, including the cpu-only rope-scaling tests whose ids do not say cpu.
-  if "${run[@]}" tests/test_cpu_ops.py && "${run[@]}" -k "not emu" tests/test_model_backends.py; then
+  if "${run[@]}" tests/test_cpu_ops.py tests/test_quant_kernels.py &&
+     "${run[@]}" -k "not emu" tests/test_model_backends.py; then
     echo "== cpu isa $isa (-march=$arch): passed in $((SECONDS - t1)) s"
     ran+=("$isa")
   else
