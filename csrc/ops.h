@@ -175,7 +175,7 @@ struct QLinearParams {
   const void* x;     // [T, K] dtype, contiguous
   const void* w;     // packed [N, K]
   void* y;           // [T, N] dtype
-  void* workspace;   // linear_q_workspace_bytes(...), 64-byte aligned
+  void* workspace;   // linear_q_workspace_bytes(...)
   QFormat fmt;
   DType dtype;
   int32_t T, N, K;
@@ -188,7 +188,7 @@ struct QExpertFFNParams {
   const void* w2;           // packed down:    E x qpack(D, F), format fmt2
   const int32_t* topk_ids;  // [T, k_max]
   void* expert_out;         // [T, k_max, D] dtype
-  void* workspace;          // expert_ffn_q_workspace_bytes(...), 64-byte aligned
+  void* workspace;          // expert_ffn_q_workspace_bytes(...)
   QFormat fmt13, fmt2;
   DType dtype;
   int32_t T, k_max, D, F, E;

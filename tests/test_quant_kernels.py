@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from moe_engine.ops.quant import dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
+from moe_engine.ops.quant import (dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes, linear_q_cpu,
+                                  linear_q_workspace_bytes, pack_quantized)
 from tolerances import assert_close
 
 TS = (1, 2, 7, 16, 17, 129)
@@ -117,6 +118,8 @@ def test_linear_q_row_bits_do_not_depend_on_the_call(bits, dt):
     for i in range(29):
         assert torch.equal(whole[i:i + 1], linear_q_cpu(x[i:i + 1].contiguous(), pw)), f"row {i}"
     assert torch.equal(whole[3:20], linear_q_cpu(x[3:20].contiguous(), pw))
+    ws = torch.empty(linear_q_workspace_bytes(29, pw), dtype=torch.uint8)
+    assert torch.equal(whole, linear_q_cpu(x, pw, torch.empty_like(whole), workspace=ws))
     with threads(1):
         one = linear_q_cpu(x, pw)
     with threads(2):
@@ -191,6 +194,9 @@ def test_expert_ffn_q_threads_and_rows(dt):
     with threads(2):
         two = expert_ffn_q_cpu(x, ids, w13, w2)
     assert torch.equal(one, two), "1 vs 2 threads differ"
+    ws = torch.empty(expert_ffn_q_workspace_bytes(T, k + 1, w13, w2), dtype=torch.uint8)  # k_max larger: fits
+    out = torch.empty(T, k, D, dtype=dt)
+    assert torch.equal(one, expert_ffn_q_cpu(x, ids, w13, w2, out=out, workspace=ws))
     for t in (0, 5, 32):
         assert torch.equal(one[t:t + 1], expert_ffn_q_cpu(x[t:t + 1].contiguous(), ids[t:t + 1].contiguous(), w13, w2))
 
@@ -228,5 +234,7 @@ def test_bad_inputs_raise_with_the_value():
         linear_q_cpu(torch.randn(2, 63), pw)
     with pytest.raises(ValueError, match="x has dtype torch.float16"):
         linear_q_cpu(torch.randn(2, 64).half(), pw)
+    with pytest.raises(ValueError, match="workspace has 10 bytes"):
+        linear_q_cpu(torch.randn(2, 64), pw, workspace=torch.empty(10, dtype=torch.uint8))
     with pytest.raises(ValueError, match="packed_w13 must be packed with gate_up=True"):
         expert_ffn_q_cpu(torch.randn(2, 64), torch.zeros(2, 1, dtype=torch.int32), pw, pw)

@@ -149,8 +149,34 @@ def dequantize_packed(packed: PackedQWeight, dtype: torch.dtype = torch.float32)
     return out if packed.stacked else out[0]
 
 
-def linear_q_cpu(x: torch.Tensor, packed: PackedQWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T, x [T, K] bf16 or fp32, W a quantized packed [N, K] weight; y [T, N] in x's dtype."""
+def linear_q_workspace_bytes(T: int, packed: PackedQWeight) -> int:
+    """Bytes of the `workspace=` linear_q_cpu needs for T tokens (fp32 activations + group sums)."""
+    mod = backends.native_module("cpu")
+    return mod.linear_q_workspace_bytes(T, packed.K, packed.native_format(mod)) + 64
+
+
+def expert_ffn_q_workspace_bytes(T: int, k_max: int, packed_w13: PackedQWeight, packed_w2: PackedQWeight) -> int:
+    """Bytes of the `workspace=` expert_ffn_q_cpu needs for T tokens and k_max slots."""
+    mod = backends.native_module("cpu")
+    return mod.expert_ffn_q_workspace_bytes(T, k_max, packed_w13.E, packed_w13.K, packed_w13.N // 2,
+                                            packed_w13.native_format(mod), packed_w2.native_format(mod)) + 64
+
+
+def _workspace(ws: torch.Tensor | None, need: int) -> torch.Tensor:
+    if ws is None:
+        return torch.empty(need, dtype=torch.uint8)
+    backends.check(ws, "workspace", dtype=torch.uint8, device="cpu")
+    if ws.numel() < need:
+        raise ValueError(f"workspace has {ws.numel()} bytes; this call needs {need}")
+    return ws
+
+
+def linear_q_cpu(x: torch.Tensor, packed: PackedQWeight, out: torch.Tensor | None = None, *,
+                 workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T, x [T, K] bf16 or fp32, W a quantized packed [N, K] weight; y [T, N] in x's dtype.
+
+    out: a preallocated y; workspace: uint8, >= linear_q_workspace_bytes(T, packed) (else
+    allocated per call)."""
     if not isinstance(packed, PackedQWeight):
         raise TypeError(f"packed must be a PackedQWeight, got {type(packed).__name__}")
     if packed.E != 1 or packed.stacked or packed.gate_up:
@@ -164,7 +190,7 @@ def linear_q_cpu(x: torch.Tensor, packed: PackedQWeight, out: torch.Tensor | Non
     if T == 0:
         return y
     fmt = packed.native_format(mod)
-    ws = torch.empty(mod.linear_q_workspace_bytes(T, packed.K, fmt) + 64, dtype=torch.uint8)
+    ws = _workspace(workspace, linear_q_workspace_bytes(T, packed))
     p = mod.QLinearParams()
     p.x, p.w, p.y, p.workspace = x.data_ptr(), packed.data.data_ptr(), y.data_ptr(), _aligned64(ws)
     p.fmt, p.dtype, p.T, p.N, p.K = fmt, backends.native_dtype(mod, x.dtype), T, packed.N, packed.K
@@ -173,16 +199,19 @@ def linear_q_cpu(x: torch.Tensor, packed: PackedQWeight, out: torch.Tensor | Non
 
 
 def _aligned64(buf: torch.Tensor) -> int:
+    """The first 64-byte boundary in buf (the workspace sizes include the 64 bytes this may skip)."""
     ptr = buf.data_ptr()
     return (ptr + 63) // 64 * 64
 
 
 def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: PackedQWeight,
-                     packed_w2: PackedQWeight, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                     packed_w2: PackedQWeight, *, out: torch.Tensor | None = None,
+                     workspace: torch.Tensor | None = None) -> torch.Tensor:
     """expert_ffn on quantized experts: x [T, D], topk_ids int32 [T, k_max], packed_w13 the
     gate|up weights (pack_quantized(..., gate_up=True), [E, 2F, D]), packed_w2 the down weights
     ([E, D, F]). Returns expert_out [T, k_max, D] in x's dtype, unweighted, slot order as
-    topk_ids; sentinel slots (id < 0 or >= E) are zero rows."""
+    topk_ids; sentinel slots (id < 0 or >= E) are zero rows. out: a preallocated expert_out;
+    workspace: uint8, >= expert_ffn_q_workspace_bytes(T, k_max, packed_w13, packed_w2)."""
     for name, w in (("packed_w13", packed_w13), ("packed_w2", packed_w2)):
         if not isinstance(w, PackedQWeight):
             raise TypeError(f"{name} must be a PackedQWeight, got {type(w).__name__}")
@@ -203,7 +232,7 @@ def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: Packed
     if T == 0 or k_max == 0:
         return out
     f13, f2 = packed_w13.native_format(mod), packed_w2.native_format(mod)
-    ws = torch.empty(mod.expert_ffn_q_workspace_bytes(T, k_max, E, D, F, f13, f2) + 64, dtype=torch.uint8)
+    ws = _workspace(workspace, expert_ffn_q_workspace_bytes(T, k_max, packed_w13, packed_w2))
     p = mod.QExpertFFNParams()
     p.x, p.w13, p.w2 = x.data_ptr(), packed_w13.data.data_ptr(), packed_w2.data.data_ptr()
     p.topk_ids, p.expert_out, p.workspace = topk_ids.data_ptr(), out.data_ptr(), _aligned64(ws)
