@@ -50,6 +50,8 @@ FAST = [  # (applies to commands matching, pattern, replacement); see the module
     ("bench/kernels.py", re.compile(r"--shape 16b\b"), "--shape bench-small"),
     ("bench/kernels.py", re.compile(r"$"), " --tokens 1"),
     ("bench/contention.py", re.compile(r"$"), " --seconds 1 --burners 0,1"),
+    ("bench/soak.py", re.compile(r" --max-seconds \S+"), ""),
+    ("bench/soak.py", re.compile(r"$"), " --tokens 100 --chunk 25 --calls 40 --windows 4 --max-seconds 20"),
 ]
 
 

@@ -58,6 +58,8 @@ CONFIG_FILE = "config.json"
 # dtypes a checkpoint may store (cast at load time) and byte sizes of every safetensors dtype,
 # needed to check data offsets even for tensors we would refuse.
 LOADABLE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# what read() can return: the float weights above and the int32 GPTQ tensors (qweight, qzeros, g_idx)
+READ_DTYPES = {**LOADABLE_DTYPES, "I32": torch.int32}
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
              "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
@@ -443,7 +445,7 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             except OSError as e:
                 raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from None
             bar.update(1)
-            return raw.view(LOADABLE_DTYPES[info.dtype]).view(info.shape)
+            return raw.view(READ_DTYPES[info.dtype]).view(info.shape)
 
         def finite(t: Tensor, name: str) -> Tensor:
             if not allow_nonfinite and not bool(torch.isfinite(t).all()):

@@ -27,8 +27,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig
-from .loader import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, _check_checkpoint,
-                     read_safetensors_header)
+from .loader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, _check_checkpoint
 from .quant import QUANTIZABLE, QuantError, QuantSpec, group_index, quantize
 
 _ST_DTYPE = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -37,13 +36,10 @@ _ST_ITEMSIZE = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}
 
 def _plan(ckpt: Path, config: ModelConfig, spec: QuantSpec):
     """[(out name, safetensors dtype, shape, source name)] in the source's layout order."""
-    weight_map, to_load = _check_checkpoint(ckpt, config)
-    headers: dict[Path, dict] = {}
+    weight_map, to_load, headers = _check_checkpoint(ckpt, config)
     plan = []
     for name in to_load:
         shard = weight_map[name]
-        if shard not in headers:
-            headers[shard] = read_safetensors_header(shard)
         info = headers[shard][name]
         if QUANTIZABLE.fullmatch(name):
             N, K = info.shape
