@@ -4,13 +4,16 @@ checked against the PyTorch reference (tests/tolerances.py) before it is timed.
     python bench/kernels.py                          # bench-small shapes, 2 threads
     python bench/kernels.py --shape 16b --tokens 1,8,64,512 --json
     python bench/kernels.py --device cuda --backends cuda,torch --shape 16b    # on a GPU
+    python bench/kernels.py --quant 8,4 --group-size 128      # + the quantized ops (default 8,4)
 
 On cuda every figure is printed beside the HBM floor of its bytes (bench/gpu.py HBM_BYTES_S) and
 the fraction of it reached; timings wait for the device.
 
 Shapes: T tokens, D hidden, E experts, K top-k, F expert width. GB/s counts the bytes an op
 must move at least once (weights of the experts it touches, activations in and out), so it can
-be read against the machine's read bandwidth printed on the first line.
+be read against the machine's read bandwidth printed on the first line. The quantized ops
+(cpu backend, csrc/cpu/quant_gemm.cpp) also print "floor": (bytes / read bandwidth) / time, the
+fraction of the read-bandwidth floor reached, with bytes = the quantized panels they stream.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from moe_engine.ops import backend as native
 from moe_engine.ops import route, route_ref
 from moe_engine.ops.expert_ffn import CpuExperts
 from moe_engine.ops.packed import linear_cpu, pack_weight
+from moe_engine.ops.quant import dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
 from tolerances import TOL, assert_close  # noqa: E402  (the one tolerance table)
 
 from gpu import hbm_bandwidth, sync_for  # noqa: E402  (bench/gpu.py, beside this file)
@@ -75,12 +79,15 @@ class Table:
         self.rows, self.as_json, self.hbm = [], as_json, hbm
         if not as_json:
             floor = f" {'HBM floor us':>12} {'of floor':>8}" if hbm else ""
-            print(f"{'op':<11} {'shape':<28} {'backend':<7} {'us':>10} {'GB/s':>8} {'GFLOP/s':>8} {'vs torch':>9}{floor}")
+            print(f"{'op':<11} {'shape':<28} {'backend':<7} {'us':>10} {'GB/s':>8} {'GFLOP/s':>8} {'vs torch':>9}{floor}"
+                  f" {'floor':>6}")
 
-    def add(self, op, shape, backend, sec, nbytes, flops=0.0, torch_sec=None):
+    def add(self, op, shape, backend, sec, nbytes, flops=0.0, torch_sec=None, bandwidth=None):
+        """bandwidth (bytes/s): also report the fraction of the read-bandwidth floor nbytes / bandwidth."""
         row = dict(op=op, shape=shape, backend=backend, us=sec * 1e6, gb_s=nbytes / sec / 1e9,
                    gflop_s=flops / sec / 1e9 if flops else None,
-                   speedup_vs_torch=None if torch_sec is None else torch_sec / sec)
+                   speedup_vs_torch=None if torch_sec is None else torch_sec / sec, bytes=nbytes,
+                   floor_fraction=None if bandwidth is None else nbytes / bandwidth / sec)
         if self.hbm:
             row["hbm_floor_us"] = nbytes / self.hbm * 1e6
             row["hbm_floor_fraction"] = row["hbm_floor_us"] / row["us"]
@@ -89,7 +96,51 @@ class Table:
             gf = f"{row['gflop_s']:8.1f}" if flops else f"{'':>8}"
             sp = f"{row['speedup_vs_torch']:8.2f}x" if torch_sec is not None else f"{'':>9}"
             fl = f" {row['hbm_floor_us']:12.1f} {row['hbm_floor_fraction']:8.0%}" if self.hbm else ""
-            print(f"{op:<11} {shape:<28} {backend:<7} {row['us']:10.1f} {row['gb_s']:8.2f} {gf} {sp}{fl}")
+            bf = f"{row['floor_fraction']:6.0%}" if bandwidth is not None else ""
+            print(f"{op:<11} {shape:<28} {backend:<7} {row['us']:10.1f} {row['gb_s']:8.2f} {gf} {sp}{fl} {bf}")
+
+
+def random_gptq(E, N, K, bits, group_size, g):
+    """Random GPTQ tensors of E weights [N, K] (every int32 word is a valid set of codes), scales
+    sized so the weights are ~0.05 like the bf16 ones above."""
+    G = -(-K // group_size)
+    qweight = torch.randint(-(1 << 31), 1 << 31, (E, K * bits // 32, N), generator=g, dtype=torch.int64).int()
+    qzeros = torch.randint(-(1 << 31), 1 << 31, (E, G, -(-N * bits // 32)), generator=g, dtype=torch.int64).int()
+    scales = (torch.rand(E, G, N, generator=g) * 0.1 / (1 << (bits - 1))).half()
+    return qweight, scales, qzeros
+
+
+def bench_quant(args, tab, bw, g):
+    """The quantized cpu ops: each checked against dequantize-then-matmul, then timed; bytes =
+    the quantized panels streamed (all of them for linear_q, the chosen experts' for expert_ffn_q)."""
+    D, E, K, F, dense = SHAPES[args.shape]
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    gs = args.group_size
+    for bits in [int(b) for b in args.quant.split(",") if b]:
+        w13 = pack_quantized(*random_gptq(E, 2 * F, D, bits, gs, g), bits, gs, False, gate_up=True)
+        w2 = pack_quantized(*random_gptq(E, D, F, bits, gs, g), bits, gs, False)
+        d13, d2 = dequantize_packed(w13), dequantize_packed(w2)
+        per_expert = (w13.nbytes + w2.nbytes) // E
+        for T in [int(t) for t in args.tokens.split(",")]:
+            x = (torch.randn(T, D, generator=g) * 0.1).to(dt)
+            ids = route_ref(x @ torch.randn(E, D, generator=g).to(dt).t(), K)[0]
+            n_exp = int(torch.unique(ids).numel())
+            got = expert_ffn_q_cpu(x, ids, w13, w2)
+            assert_close(got, expert_ffn_ref(x.float(), ids, d13, d2).to(dt), "expert_ffn", dt, f"q{bits} T={T}")
+            variants = [torch.argsort(torch.rand(E, generator=g))[ids.long()].int() for _ in range(16)]
+            it = iter(range(1 << 62))
+            t = timeit(lambda: expert_ffn_q_cpu(x, variants[next(it) % 16], w13, w2))
+            tab.add(f"ffn_q{bits}", f"T={T} D={D} F={F} ({n_exp} exp) g{gs}", "cpu", t, n_exp * per_expert,
+                    2 * T * K * 3 * D * F, bandwidth=bw)
+        for N, Kd in dense:
+            pw = pack_quantized(*[a[0] for a in random_gptq(1, N, Kd, bits, gs, g)], bits, gs, False)
+            wd = dequantize_packed(pw)
+            for T in (1, 16, 64):
+                x = (torch.randn(T, Kd, generator=g) * 0.1).to(dt)
+                assert_close(linear_q_cpu(x, pw), (x.float() @ wd.t()).to(dt), "expert_ffn", dt, f"linear_q{bits}")
+                t = timeit(lambda: linear_q_cpu(x, pw))
+                tab.add(f"linear_q{bits}", f"T={T} N={N} K={Kd} g{gs}", "cpu", t, pw.nbytes, 2 * T * N * Kd,
+                        bandwidth=bw)
 
 
 def bench(args):
@@ -182,6 +233,8 @@ def bench(args):
                 t_cpu = timeit(lambda: linear_cpu(x, pw))
                 tab.add("linear", f"T={T} N={N} K={Kd}", "torch", t_torch, N * Kd * el, 2 * T * N * Kd)
                 tab.add("linear", f"T={T} N={N} K={Kd}", "cpu", t_cpu, N * Kd * el, 2 * T * N * Kd, t_torch)
+    if "cpu" in backends and args.quant:
+        bench_quant(args, tab, args.bandwidth, g)
     return tab.rows
 
 
@@ -196,6 +249,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
     ap.add_argument("--device", default="cpu",
                     help="cpu, or cuda[:i] to time the cuda backend on a GPU (default: %(default)s)")
+    ap.add_argument("--quant", default="8,4",
+                    help="bits of the quantized ops to time, comma list ('' = none) (default: %(default)s)")
+    ap.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
+                    help="group size of the quantized ops (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -204,7 +261,7 @@ def main(argv=None):
     hbm = hbm_bandwidth(args.device)
     if hbm and not args.json:
         print(f"{hbm[0]}: HBM floor at {hbm[1] / 1e12:.2f} TB/s")
-    bw = read_bandwidth()
+    bw = args.bandwidth = read_bandwidth()
     isa = native.native_module("cpu").cpu_isa if "cpu" in available_backends() else None
     if not args.json:
         print(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads); shape {args.shape}, {args.dtype}; "

@@ -183,6 +183,49 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(ds, DecodeStepParams, rope_len);
   MOE_VAL(ds, DecodeStepParams, S_cap); MOE_VAL(ds, DecodeStepParams, valid_stride);
 
+#if !defined(MOE_EMU)
+  // ---- quantized weights (csrc/cpu/quant_gemm.cpp) ----
+  py::class_<QFormat> qfmt(m, "QFormat", py::module_local());
+  qfmt.def(py::init<>());
+  MOE_VAL(qfmt, QFormat, bits); MOE_VAL(qfmt, QFormat, group_size); MOE_VAL(qfmt, QFormat, scales_bf16);
+
+  py::class_<QPackParams> qpack(m, "QPackParams", py::module_local());
+  qpack.def(py::init<>());
+  MOE_PTR(qpack, QPackParams, qweight); MOE_PTR(qpack, QPackParams, scales); MOE_PTR(qpack, QPackParams, qzeros);
+  MOE_PTR(qpack, QPackParams, dst); MOE_VAL(qpack, QPackParams, fmt); MOE_VAL(qpack, QPackParams, E);
+  MOE_VAL(qpack, QPackParams, N); MOE_VAL(qpack, QPackParams, K); MOE_VAL(qpack, QPackParams, sym);
+  MOE_VAL(qpack, QPackParams, gate_up);
+
+  py::class_<QDequantParams> qdeq(m, "QDequantParams", py::module_local());
+  qdeq.def(py::init<>());
+  MOE_PTR(qdeq, QDequantParams, src); MOE_PTR(qdeq, QDequantParams, dst); MOE_VAL(qdeq, QDequantParams, fmt);
+  MOE_VAL(qdeq, QDequantParams, dtype); MOE_VAL(qdeq, QDequantParams, E); MOE_VAL(qdeq, QDequantParams, N);
+  MOE_VAL(qdeq, QDequantParams, K); MOE_VAL(qdeq, QDequantParams, gate_up);
+
+  py::class_<QLinearParams> qlin(m, "QLinearParams", py::module_local());
+  qlin.def(py::init<>());
+  MOE_PTR(qlin, QLinearParams, x); MOE_PTR(qlin, QLinearParams, w); MOE_PTR(qlin, QLinearParams, y);
+  MOE_PTR(qlin, QLinearParams, workspace); MOE_VAL(qlin, QLinearParams, fmt); MOE_VAL(qlin, QLinearParams, dtype);
+  MOE_VAL(qlin, QLinearParams, T); MOE_VAL(qlin, QLinearParams, N); MOE_VAL(qlin, QLinearParams, K);
+
+  py::class_<QExpertFFNParams> qffn(m, "QExpertFFNParams", py::module_local());
+  qffn.def(py::init<>());
+  MOE_PTR(qffn, QExpertFFNParams, x); MOE_PTR(qffn, QExpertFFNParams, w13); MOE_PTR(qffn, QExpertFFNParams, w2);
+  MOE_PTR(qffn, QExpertFFNParams, topk_ids); MOE_PTR(qffn, QExpertFFNParams, expert_out);
+  MOE_PTR(qffn, QExpertFFNParams, workspace); MOE_VAL(qffn, QExpertFFNParams, fmt13);
+  MOE_VAL(qffn, QExpertFFNParams, fmt2); MOE_VAL(qffn, QExpertFFNParams, dtype);
+  MOE_VAL(qffn, QExpertFFNParams, T); MOE_VAL(qffn, QExpertFFNParams, k_max); MOE_VAL(qffn, QExpertFFNParams, D);
+  MOE_VAL(qffn, QExpertFFNParams, F); MOE_VAL(qffn, QExpertFFNParams, E);
+
+  m.def("qpack_size_bytes", &qpack_size_bytes);
+  m.def("linear_q_workspace_bytes", &linear_q_workspace_bytes);
+  m.def("expert_ffn_q_workspace_bytes", &expert_ffn_q_workspace_bytes);
+  m.def("pack_quantized_cpu", &pack_quantized_cpu);
+  m.def("dequantize_packed_cpu", &dequantize_packed_cpu);
+  m.def("linear_q_cpu", &linear_q_cpu);
+  m.def("expert_ffn_q_cpu", &expert_ffn_q_cpu);
+#endif
+
 #if defined(MOE_WITH_CUDA)
   m.def("route_cuda", MOE_STREAM(route_cuda, RouteParams), py::arg("p"), py::arg("stream") = 0,
         py::arg("device") = -1);

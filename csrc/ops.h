@@ -133,6 +133,75 @@ void pack_weights_cpu(const PackParams& p);
 void expert_ffn_cpu(const ExpertFFNParams& p);
 void linear_cpu(const LinearParams& p);
 
+// ---- CPU quantized weights (csrc/cpu/quant_gemm.cpp) ------------------------------------------
+// Weight-only 4- or 8-bit, group-wise along K: w[n,k] = s[k/g, n] * (q[k,n] - z[k/g, n]).
+// Input: the GPTQ tensors of W [N, K] per expert (packing along K / N low bits first, element i
+// of a 32-bit word at bit offset (i % (32/bits)) * bits):
+//   qweight int32 [K*bits/32, N], scales fp16|bf16 [ceil(K/g), N], qzeros int32
+//   [ceil(K/g), ceil(N*bits/32)] (the zero as the caller means it; ignored when sym: z = 2^(bits-1)).
+// Packed ("quantized panels"): like the bf16 panels above, ceil(N/32) panels of 32 output rows
+// (zero-padded; gate_up: gate rows 16p.. in lanes 0-15, up rows in lanes 16-31), each panel
+// contiguous, per group gi of len = min(g, K - gi*g) k's in ascending order:
+//   codes  len x 32*bits/8 B: per k, int8: byte l = lane l; int4: byte l = lane l (low nibble)
+//          | lane l+16 (high nibble)
+//   scales 32 x 2 B (the input's raw fp16 or bf16 bits, lane order)
+//   zeros  32 x 1 B
+// so a panel is K*4*bits + ceil(K/g)*96 bytes (int8 g128: 32.75 KiB per 1024 k; int4 g128:
+// 16.75 KiB); padding lanes have code, scale and zero 0 and yield exact zeros.
+struct QFormat {
+  int32_t bits;        // 4 or 8
+  int32_t group_size;  // 32, 64 or 128
+  bool scales_bf16;    // raw scale bits are bf16 (else fp16)
+};
+struct QPackParams {
+  const int32_t* qweight;  // [E, K*bits/32, N]
+  const uint16_t* scales;  // [E, ceil(K/g), N] fp16 or bf16 bits
+  const int32_t* qzeros;   // [E, ceil(K/g), ceil(N*bits/32)]; nullable when sym
+  void* dst;               // qpack_size_bytes(...)
+  QFormat fmt;
+  int32_t E, N, K;
+  bool sym, gate_up;
+};
+int64_t qpack_size_bytes(int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up);
+// dst[e, n, k] = s * (q - z) in dtype (fp32 is exact): the dense view for reference paths.
+struct QDequantParams {
+  const void* src;  // packed
+  void* dst;        // [E, N, K] dtype
+  QFormat fmt;
+  DType dtype;
+  int32_t E, N, K;
+  bool gate_up;
+};
+// y = x W^T with W quantized-packed (E = 1, not gate_up); fp32 accumulation.
+struct QLinearParams {
+  const void* x;     // [T, K] dtype, contiguous
+  const void* w;     // packed [N, K]
+  void* y;           // [T, N] dtype
+  void* workspace;   // linear_q_workspace_bytes(...)
+  QFormat fmt;
+  DType dtype;
+  int32_t T, N, K;
+};
+int64_t linear_q_workspace_bytes(int64_t T, int64_t K, const QFormat& f);
+// expert_ffn_cpu's contract (ExpertFFNParams) on quantized-packed weights.
+struct QExpertFFNParams {
+  const void* x;            // [T, D] dtype, contiguous
+  const void* w13;          // packed gate|up: E x qpack(2F, D, gate_up), format fmt13
+  const void* w2;           // packed down:    E x qpack(D, F), format fmt2
+  const int32_t* topk_ids;  // [T, k_max]
+  void* expert_out;         // [T, k_max, D] dtype
+  void* workspace;          // expert_ffn_q_workspace_bytes(...)
+  QFormat fmt13, fmt2;
+  DType dtype;
+  int32_t T, k_max, D, F, E;
+};
+int64_t expert_ffn_q_workspace_bytes(int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
+                                     const QFormat& f13, const QFormat& f2);
+void pack_quantized_cpu(const QPackParams& p);
+void dequantize_packed_cpu(const QDequantParams& p);
+void linear_q_cpu(const QLinearParams& p);
+void expert_ffn_q_cpu(const QExpertFFNParams& p);
+
 // ---- CUDA expert FFN -----------------------------------------------------------------------
 // The cuda / emu path of expert_ffn: align (above, block_m = expert_gemm_block_m) + expert_gemm up +
 // expert_gemm down, or moe_decode for T <= 16; plus the shared experts as one dense SwiGLU.

@@ -4,9 +4,13 @@
 # and loaded in place of moe_engine._C through MOE_ENGINE_CPU_MODULE (src/moe_engine/ops/backend.py).
 #   x86-64          portable loops
 #   x86-64-v3       AVX2 + FMA
-#   sapphirerapids  AVX-512F + AVX512_BF16 (only where /proc/cpuinfo lists avx512f and avx512_bf16)
-# Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa) and the cpu cases of
-# tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
+#   cooperlake      AVX-512F + AVX512_BF16 (only where /proc/cpuinfo lists the AVX-512 extensions it
+#                   enables). Not sapphirerapids: that also enables AVX512-FP16, which Zen 4/5 lack,
+#                   and GCC then emits FP16 instructions (vmovw for a 16-bit scalar load, as in
+#                   csrc/cpu/quant_gemm.cpp) that die with SIGILL there; cooperlake's set is a
+#                   subset of both Zen 4/5's and Sapphire Rapids'.
+# Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa), tests/test_quant_kernels.py
+# and the cpu cases of tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
 # Builds go under $MOE_ISA_BUILD_ROOT (default build/isa), so a rerun only rebuilds what changed.
 # MOE_ISA_SKIP="avx512 ..." skips builds whose isa is already tested elsewhere (CI: the -march=native
 # build that the README test command ran the whole suite against).
@@ -26,7 +30,7 @@ t0=$SECONDS
 variants=(
   "x86-64 portable"
   "x86-64-v3 avx2 avx avx2 bmi1 bmi2 f16c fma abm movbe"
-  "sapphirerapids avx512 avx512f avx512_bf16"
+  "cooperlake avx512 avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bf16"
 )
 cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
 ran=() skipped=() failed=()
@@ -57,7 +61,8 @@ for v in "${variants[@]}"; do
   run=(env MOE_ENGINE_CPU_MODULE="$so" MOE_ENGINE_EXPECT_CPU_ISA="$isa" MOE_ENGINE_REQUIRE_BACKENDS=cpu
        $PYTEST -q)
   # "not emu": the cpu cases, including the cpu-only rope-scaling tests whose ids do not say cpu.
-  if "${run[@]}" tests/test_cpu_ops.py && "${run[@]}" -k "not emu" tests/test_model_backends.py; then
+  if "${run[@]}" tests/test_cpu_ops.py tests/test_quant_kernels.py &&
+     "${run[@]}" -k "not emu" tests/test_model_backends.py; then
     echo "== cpu isa $isa (-march=$arch): passed in $((SECONDS - t1)) s"
     ran+=("$isa")
   else

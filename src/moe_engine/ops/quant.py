@@ -1,0 +1,242 @@
+"""Quantized weights on the cpu backend: repack GPTQ tensors into the kernels' panel layout, the
+quantized linear layer and the quantized fused expert FFN (csrc/cpu/quant_gemm.cpp).
+
+Shape legend: E experts, N output rows, K reduction length (input features), T tokens,
+D hidden, F expert width, k_max slots; g group size, G = ceil(K / g) groups.
+
+A weight W [N, K] (y = x W^T) quantized weight-only to `bits` in {4, 8}, group-wise along K:
+
+    w[n, k] = scales[k // g, n] * (q[k, n] - z[k // g, n])
+
+arrives as the standard GPTQ tensors (per expert; stacked experts add a leading E):
+    qweight  int32 [K * bits / 32, N]   q packed along K, low bits first: element k of a word
+                                        at bit offset (k % (32 / bits)) * bits
+    scales   fp16 or bf16 [G, N]
+    qzeros   int32 [G, ceil(N * bits / 32)]  z packed along N the same way; the zero exactly as
+                                        the formula uses it (any "+1" convention of the
+                                        checkpoint is resolved by the caller). With sym=True,
+                                        z = 2^(bits - 1) and qzeros may be None (if given it
+                                        must hold that value everywhere).
+
+`pack_quantized` repacks once, at load, into 32-row panels (layout and bytes: csrc/ops.h
+"CPU quantized weights"); the kernels stream those bytes and dequantize in registers:
+
+    linear_q_cpu(x, W)                       y = x W^T          [T, N]
+    expert_ffn_q_cpu(x, topk_ids, W13, W2)   expert_ffn_cpu's contract on quantized experts:
+        expert_out[t, j] = W2[e] (SiLU(W13_gate[e] x[t]) * W13_up[e] x[t]), e = topk_ids[t, j],
+        unweighted, [T, k_max, D]; sentinel slots (id < 0 or >= E) get zero rows
+    dequantize_packed(W)                     the dense [.., N, K] weight (fp32 exact)
+
+x is bf16 or fp32, the result has its dtype; accumulation is fp32 in a fixed order, so the bits
+do not depend on the thread count or on which other tokens share the call.
+Test: tests/test_quant_kernels.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import backend as backends
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class PackedQWeight:
+    """A quantized weight [E, N, K] in the kernels' panel layout."""
+    data: torch.Tensor          # uint8 [qpack_size_bytes]
+    E: int
+    N: int
+    K: int
+    bits: int
+    group_size: int
+    sym: bool
+    gate_up: bool               # rows are [gate F | up F], panels pair them (expert FFN w13)
+    scale_dtype: torch.dtype    # fp16 or bf16, as the checkpoint stores them
+    stacked: bool               # given as [E, ...] (else [N, K] with E = 1)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.K // self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels stream for one full read (panels, padding included)."""
+        return self.data.numel()
+
+    def native_format(self, mod):
+        f = mod.QFormat()
+        f.bits, f.group_size, f.scales_bf16 = self.bits, self.group_size, self.scale_dtype == torch.bfloat16
+        return f
+
+
+def _check_format(bits, group_size, sym):
+    if bits not in BITS:
+        raise ValueError(f"bits={bits!r}, expected one of {BITS}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r}, expected one of {GROUP_SIZES}")
+    if not isinstance(sym, bool):
+        raise TypeError(f"sym must be a bool, got {type(sym).__name__}")
+
+
+def pack_quantized(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
+                   group_size: int, sym: bool, *, gate_up: bool = False) -> PackedQWeight:
+    """Repack GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N]) into quantized panels.
+
+    gate_up: the weight is an expert FFN's w13, rows [gate F | up F] (N = 2F)."""
+    _check_format(bits, group_size, sym)
+    mod = backends.native_module("cpu")
+    backends.check(qweight, "qweight", dtype=torch.int32, device="cpu", contiguous=False)
+    if qweight.dim() not in (2, 3):
+        raise ValueError(f"qweight must be [K*bits/32, N] or [E, K*bits/32, N], got shape {list(qweight.shape)}")
+    stacked = qweight.dim() == 3
+    qw = (qweight if stacked else qweight.unsqueeze(0)).contiguous()
+    E, rows, N = qw.shape
+    K = rows * 32 // bits
+    G = -(-K // group_size)
+    if E == 0 or rows == 0 or N == 0:
+        raise ValueError(f"qweight has shape {list(qweight.shape)}; every dimension must be > 0")
+    if gate_up and N % 2:
+        raise ValueError(f"gate_up weight has N={N} rows; expected an even 2F")
+    lead = (E,) if stacked else ()
+    backends.check(scales, "scales", dtype=SCALE_DTYPES, shape=(*lead, G, N), device="cpu", contiguous=False)
+    sc = (scales if stacked else scales.unsqueeze(0)).contiguous()
+    zc = None
+    if qzeros is not None:
+        backends.check(qzeros, "qzeros", dtype=torch.int32, shape=(*lead, G, -(-N * bits // 32)), device="cpu",
+                       contiguous=False)
+        zc = (qzeros if stacked else qzeros.unsqueeze(0)).contiguous()
+        if sym:
+            z = _unpack_cols(zc, bits, N)
+            if not bool((z == 1 << (bits - 1)).all()):
+                bad = int(z[z != 1 << (bits - 1)][0])
+                raise ValueError(f"sym=True but qzeros holds {bad}; symmetric {bits}-bit zeros are "
+                                 f"{1 << (bits - 1)} (pass qzeros=None or sym=False)")
+    elif not sym:
+        raise ValueError("qzeros is required when sym=False")
+    fmt = mod.QFormat()
+    fmt.bits, fmt.group_size, fmt.scales_bf16 = bits, group_size, sc.dtype == torch.bfloat16
+    data = torch.empty(mod.qpack_size_bytes(E, N, K, fmt, gate_up), dtype=torch.uint8)
+    p = mod.QPackParams()
+    p.qweight, p.scales, p.qzeros, p.dst = qw.data_ptr(), sc.data_ptr(), backends.ptr(zc), data.data_ptr()
+    p.fmt, p.E, p.N, p.K, p.sym, p.gate_up = fmt, E, N, K, sym, gate_up
+    mod.pack_quantized_cpu(p)
+    return PackedQWeight(data, E, N, K, bits, group_size, sym, gate_up, sc.dtype, stacked)
+
+
+def _unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """[.., C] int32 words -> [.., n] codes, element i at bit offset (i % (32/bits)) * bits."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2)[..., :n]
+
+
+def dequantize_packed(packed: PackedQWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [N, K] (or [E, N, K] when stacked) in dtype (fp32: exact)."""
+    if not isinstance(packed, PackedQWeight):
+        raise TypeError(f"packed must be a PackedQWeight, got {type(packed).__name__}")
+    mod = backends.native_module("cpu")
+    out = torch.empty((packed.E, packed.N, packed.K), dtype=dtype)
+    p = mod.QDequantParams()
+    p.src, p.dst, p.fmt, p.dtype = packed.data.data_ptr(), out.data_ptr(), packed.native_format(mod), \
+        backends.native_dtype(mod, dtype)
+    p.E, p.N, p.K, p.gate_up = packed.E, packed.N, packed.K, packed.gate_up
+    mod.dequantize_packed_cpu(p)
+    return out if packed.stacked else out[0]
+
+
+def linear_q_workspace_bytes(T: int, packed: PackedQWeight) -> int:
+    """Bytes of the `workspace=` linear_q_cpu needs for T tokens (fp32 activations + group sums)."""
+    mod = backends.native_module("cpu")
+    return mod.linear_q_workspace_bytes(T, packed.K, packed.native_format(mod)) + 64
+
+
+def expert_ffn_q_workspace_bytes(T: int, k_max: int, packed_w13: PackedQWeight, packed_w2: PackedQWeight) -> int:
+    """Bytes of the `workspace=` expert_ffn_q_cpu needs for T tokens and k_max slots."""
+    mod = backends.native_module("cpu")
+    return mod.expert_ffn_q_workspace_bytes(T, k_max, packed_w13.E, packed_w13.K, packed_w13.N // 2,
+                                            packed_w13.native_format(mod), packed_w2.native_format(mod)) + 64
+
+
+def _workspace(ws: torch.Tensor | None, need: int) -> torch.Tensor:
+    if ws is None:
+        return torch.empty(need, dtype=torch.uint8)
+    backends.check(ws, "workspace", dtype=torch.uint8, device="cpu")
+    if ws.numel() < need:
+        raise ValueError(f"workspace has {ws.numel()} bytes; this call needs {need}")
+    return ws
+
+
+def linear_q_cpu(x: torch.Tensor, packed: PackedQWeight, out: torch.Tensor | None = None, *,
+                 workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T, x [T, K] bf16 or fp32, W a quantized packed [N, K] weight; y [T, N] in x's dtype.
+
+    out: a preallocated y; workspace: uint8, >= linear_q_workspace_bytes(T, packed) (else
+    allocated per call)."""
+    if not isinstance(packed, PackedQWeight):
+        raise TypeError(f"packed must be a PackedQWeight, got {type(packed).__name__}")
+    if packed.E != 1 or packed.stacked or packed.gate_up:
+        raise ValueError(f"linear_q_cpu needs a plain [N, K] weight, got E={packed.E} stacked={packed.stacked} "
+                         f"gate_up={packed.gate_up}")
+    mod = backends.native_module("cpu")
+    backends.check(x, "x", dtype=(torch.float32, torch.bfloat16), shape=(None, packed.K), device="cpu")
+    T = x.shape[0]
+    y = torch.empty((T, packed.N), dtype=x.dtype) if out is None else out
+    backends.check(y, "out", dtype=x.dtype, shape=(T, packed.N), device="cpu")
+    if T == 0:
+        return y
+    fmt = packed.native_format(mod)
+    ws = _workspace(workspace, linear_q_workspace_bytes(T, packed))
+    p = mod.QLinearParams()
+    p.x, p.w, p.y, p.workspace = x.data_ptr(), packed.data.data_ptr(), y.data_ptr(), _aligned64(ws)
+    p.fmt, p.dtype, p.T, p.N, p.K = fmt, backends.native_dtype(mod, x.dtype), T, packed.N, packed.K
+    mod.linear_q_cpu(p)
+    return y
+
+
+def _aligned64(buf: torch.Tensor) -> int:
+    """The first 64-byte boundary in buf (the workspace sizes include the 64 bytes this may skip)."""
+    ptr = buf.data_ptr()
+    return (ptr + 63) // 64 * 64
+
+
+def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: PackedQWeight,
+                     packed_w2: PackedQWeight, *, out: torch.Tensor | None = None,
+                     workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_ffn on quantized experts: x [T, D], topk_ids int32 [T, k_max], packed_w13 the
+    gate|up weights (pack_quantized(..., gate_up=True), [E, 2F, D]), packed_w2 the down weights
+    ([E, D, F]). Returns expert_out [T, k_max, D] in x's dtype, unweighted, slot order as
+    topk_ids; sentinel slots (id < 0 or >= E) are zero rows. out: a preallocated expert_out;
+    workspace: uint8, >= expert_ffn_q_workspace_bytes(T, k_max, packed_w13, packed_w2)."""
+    for name, w in (("packed_w13", packed_w13), ("packed_w2", packed_w2)):
+        if not isinstance(w, PackedQWeight):
+            raise TypeError(f"{name} must be a PackedQWeight, got {type(w).__name__}")
+    if not packed_w13.gate_up or packed_w2.gate_up:
+        raise ValueError(f"packed_w13 must be packed with gate_up=True (got {packed_w13.gate_up}) and "
+                         f"packed_w2 without (got {packed_w2.gate_up})")
+    E, D, F = packed_w13.E, packed_w13.K, packed_w13.N // 2
+    if (packed_w2.E, packed_w2.N, packed_w2.K) != (E, D, F):
+        raise ValueError(f"packed_w2 is (E, N, K) = {(packed_w2.E, packed_w2.N, packed_w2.K)}; gate|up "
+                         f"(E, 2F, D) = {(E, 2 * F, D)} needs {(E, D, F)}")
+    mod = backends.native_module("cpu")
+    backends.check(x, "x", dtype=(torch.float32, torch.bfloat16), shape=(None, D), device="cpu")
+    T = x.shape[0]
+    backends.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, None), device="cpu")
+    k_max = topk_ids.shape[1]
+    out = torch.empty((T, k_max, D), dtype=x.dtype) if out is None else out
+    backends.check(out, "out", dtype=x.dtype, shape=(T, k_max, D), device="cpu")
+    if T == 0 or k_max == 0:
+        return out
+    f13, f2 = packed_w13.native_format(mod), packed_w2.native_format(mod)
+    ws = _workspace(workspace, expert_ffn_q_workspace_bytes(T, k_max, packed_w13, packed_w2))
+    p = mod.QExpertFFNParams()
+    p.x, p.w13, p.w2 = x.data_ptr(), packed_w13.data.data_ptr(), packed_w2.data.data_ptr()
+    p.topk_ids, p.expert_out, p.workspace = topk_ids.data_ptr(), out.data_ptr(), _aligned64(ws)
+    p.fmt13, p.fmt2, p.dtype = f13, f2, backends.native_dtype(mod, x.dtype)
+    p.T, p.k_max, p.D, p.F, p.E = T, k_max, D, F, E
+    mod.expert_ffn_q_cpu(p)
+    return out
