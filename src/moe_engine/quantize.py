@@ -37,7 +37,7 @@ _ST_ITEMSIZE = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}
 
 def _plan(ckpt: Path, config: ModelConfig, spec: QuantSpec):
     """[(out name, safetensors dtype, shape, source name)] in the source's layout order."""
-    weight_map, to_load = _check_checkpoint(ckpt, config)
+    weight_map, to_load, _ = _check_checkpoint(ckpt, config)  # headers: read below, per shard
     headers: dict[Path, dict] = {}
     plan = []
     for name in to_load:
