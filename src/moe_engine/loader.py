@@ -58,6 +58,8 @@ CONFIG_FILE = "config.json"
 # dtypes a checkpoint may store (cast at load time) and byte sizes of every safetensors dtype,
 # needed to check data offsets even for tensors we would refuse.
 LOADABLE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# what `read` may meet: the weights' dtypes, and the GPTQ integer tensors (_expected_layout checks which)
+_READ_DTYPES = {**LOADABLE_DTYPES, "I32": torch.int32}
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
              "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
@@ -350,11 +352,13 @@ def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]
 
 
 def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
-    """The layer with every QuantizedWeight replaced by its dequantized tensor in `dtype` (the
-    PyTorch reference's view of a quantized model, made when asked and not kept); `lw` itself
-    when nothing in it is quantized."""
+    """The layer with every quantized linear (a QuantizedWeight, or the cpu backend's
+    cpu_weights.PackedRows view of its packed copy: anything not a Tensor, each with
+    dequantize(dtype)) replaced by its dequantized tensor in `dtype` (the PyTorch reference's
+    view of a quantized model, made when asked and not kept); `lw` itself when nothing in it
+    is quantized."""
     def dq(w):
-        return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
+        return w if isinstance(w, Tensor) else w.dequantize(dtype)
 
     def mlp(m):
         return None if m is None else DenseMLPWeights(dq(m.gate_up), dq(m.down))
@@ -366,7 +370,7 @@ def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
             parts += [lw.mlp.shared.gate_up, lw.mlp.shared.down]
     else:
         parts += [lw.mlp.gate_up, lw.mlp.down]
-    if not any(isinstance(w, QuantizedWeight) for w in parts):
+    if all(isinstance(w, Tensor) for w in parts):
         return lw
     m = lw.mlp
     new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared))
@@ -443,7 +447,7 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             except OSError as e:
                 raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from None
             bar.update(1)
-            return raw.view(LOADABLE_DTYPES[info.dtype]).view(info.shape)
+            return raw.view(_READ_DTYPES[info.dtype]).view(info.shape)
 
         def finite(t: Tensor, name: str) -> Tensor:
             if not allow_nonfinite and not bool(torch.isfinite(t).all()):
