@@ -21,6 +21,7 @@ they are. The one-call C++ paths read bf16/fp32 panels only: CpuModelWeights.one
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
@@ -260,6 +261,8 @@ class CpuModelWeights:
             decode_layers = backends.native_module("cpu").DecodeLayers()
             for lw, pl in zip(w.layers, layers):
                 decode_layers.append(_decode_layer(lw, pl))
+        else:
+            _release_freed_memory()
         return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm, decode_layers)
 
     @property
@@ -320,6 +323,16 @@ class CpuModelWeights:
         ws = torch.empty(mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
         p.workspace = (ws.data_ptr() + 63) // 64 * 64
         return ws, p
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim; elsewhere a no-op). The GPTQ
+    tensors freed by packing, and quantize-on-load's staging tensors, are mostly below malloc's
+    mmap threshold: without this they stay resident (tests/test_quant_model.py measures RSS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
