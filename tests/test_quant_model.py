@@ -338,6 +338,16 @@ def test_cpu_quantized_model_holds_each_weight_once(tiny_ckpt):
         expect -= w.lm_head.numel() * 2
     float_bytes = sum(t.numel() * t.element_size() for t in floats)
     assert float_bytes <= expect * 1.05 + 4096  # panel padding
+    # the one-call paths read bf16 panels: asked for on quantized weights they refuse, by name
+    from moe_engine.interventions import Interventions
+    from moe_engine.moe import moe_layer
+    u = torch.randn(3, m.config.hidden_size).to(m.dtype)
+    with pytest.raises(ValueError, match="quantized"):
+        moe_layer(u, u, w.layers[1].mlp, Interventions().resolve(m.config, m.device), 1, backend="cpu",
+                  cpu=cpu.layers[1].moe, fused=True)
+    with pytest.raises(ValueError, match="quantized"):
+        cpu.decode_step(torch.tensor([1]), w.embed, None, None, m.new_cache(1, 4), None, None, H=4, eps=1e-6,
+                        scale=1.0)
     # and it still serves the reference path, dequantizing per call
     assert torch.equal(m.forward(IDS, backend="torch"), ref.forward(IDS))
 

@@ -157,6 +157,9 @@ class CpuMoEWeights:
         """The whole MoE FFN of the layer in one C++ call (csrc/cpu/moe_layer.cpp); same kernels
         and order as the op-by-op path, so the same bits. u, resid_mid [N, D]; returns resid_post.
         The caller has validated the routing controls (Interventions.resolve)."""
+        if isinstance(self.experts, QuantExperts) or isinstance(self.shared, QuantExperts):
+            raise ValueError("CpuMoEWeights.fused reads bf16/fp32 panels; these experts are quantized "
+                             "(run moe_layer with fused=False: CpuModelWeights.one_call)")
         mod = backends.native_module("cpu")
         N, D = u.shape
         key = (N, k_max)
@@ -283,6 +286,9 @@ class CpuModelWeights:
         (Model.forward) has checked shapes and resolved the routing controls.
         Kept lean on purpose: a step's weight stream evicts the caches, so each Python or torch
         call here runs cold (bench/README.md)."""
+        if self.decode_layers is None:
+            raise ValueError("decode_step reads bf16/fp32 panels; this model is quantized (not one_call): "
+                             "forward's general path runs it")
         mod = backends.native_module("cpu")
         B = ids.numel()
         S_cap = cache.k.shape[3]
