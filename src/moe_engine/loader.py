@@ -24,7 +24,8 @@ stores each quantized linear as `.qweight/.qzeros/.scales/.g_idx`; those are rea
 config first. `load_weights(..., quant=QuantSpec)` quantizes an unquantized checkpoint's linears
 as they are read, with the same function `python -m moe_engine.quantize` uses, so both give the
 same bits. Fields that may hold a QuantizedWeight instead of a Tensor: q, k, v, o, a dense MLP's
-or the shared experts' gate_up / down, experts_gate_up / experts_down.
+or the shared experts' gate_up / down, experts_gate_up / experts_down (once the cpu backend has
+packed a model, these hold cpu_weights.PackedRows views of the quantized panels instead).
 
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
