@@ -4,6 +4,7 @@ checked against the PyTorch reference (tests/tolerances.py) before it is timed.
     python bench/kernels.py                          # bench-small shapes, 2 threads
     python bench/kernels.py --shape 16b --tokens 1,8,64,512 --json
     python bench/kernels.py --device cuda --backends cuda,torch --shape 16b    # on a GPU
+    python bench/kernels.py --quant 8,4 --group-size 128      # + the quantized ops (default 8,4)
 
 On cuda every figure is printed beside the HBM floor of its bytes (bench/gpu.py HBM_BYTES_S) and
 the fraction of it reached; timings wait for the device.

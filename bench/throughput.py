@@ -5,6 +5,7 @@ against the memory-bandwidth floor of this machine (see bench/README.md for how 
     python bench/throughput.py --preset bench-small --backend cpu --topk 1 --json
     python bench/throughput.py --preset 16b-layer:layers=2 --backend cpu --moe-tokens 1,8,64,512
     python bench/throughput.py --model DIR --backend torch --dtype float32
+    python bench/throughput.py --preset bench-small --quant int4 --group-size 128
 
 Method: warm-up, then --reps repetitions of (prefill --prompt-len tokens x --batch sequences,
 then --gen-len greedy decode steps); medians over repetitions (prefill) and steps (decode).
@@ -14,12 +15,15 @@ read bandwidth measured in this process (a sum over a buffer far larger than the
 of 7, at the start and again at the end of the run; the faster of the two is used, because the
 bandwidth of a shared machine drifts and a slow measurement would flatter the fractions).
 fraction = floor time / measured step time (1.0 = bandwidth-bound with zero overhead).
+With --quant int8|int4 the linears are quantized on load and the floor counts the bytes the
+kernels stream for them (the quantized panels on the cpu backend, the GPTQ tensors elsewhere).
 The last line of output with --json is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -110,14 +114,26 @@ def load_model(args):
     import moe_engine
     from moe_engine.synthetic import make_checkpoint
     device = "cuda" if args.backend == "cuda" else "cpu"
+    q = {} if args.quant is None else {"quant": args.quant, "group_size": args.group_size, "sym": args.sym}
     if args.model:
         return moe_engine.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
-                               progress=show_progress(args))
+                               progress=show_progress(args), **q)
     name, opts = parse_preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as d:
         path = make_checkpoint(d, name, seed=args.seed, dtype=args.dtype, **opts)
         return moe_engine.load(path, dtype=args.dtype, device=device, backend=args.backend,
-                               progress=show_progress(args))
+                               progress=show_progress(args), **q)
+
+
+def nbytes(w, el: int) -> int:
+    """Bytes a kernel streams for one read of a linear: a tensor's elements; a QuantizedWeight's
+    GPTQ tensors; a cpu-packed quantized linear's share of its quantized panels (q, k and v
+    share one PackedQWeight, split by rows)."""
+    if isinstance(w, torch.Tensor):
+        return w.numel() * el
+    if hasattr(w, "packed"):  # cpu_weights.PackedRows
+        return w.packed.nbytes * (w.stop - w.start) // w.packed.N
+    return w.nbytes  # quant.QuantizedWeight
 
 
 class Bytes:
@@ -127,17 +143,19 @@ class Bytes:
         c, w = model.config, model.weights
         self.el = torch.empty(0, dtype=model.dtype).element_size()
         E, D, F = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
-        self.expert = 3 * D * F * self.el
+        el = self.el
+        self.expert = 3 * D * F * el  # one routed expert (quantized: its share of the stacked weights)
         self.dense = 0   # attention of every layer, dense MLPs, routers, shared experts
         for lw in w.layers:
-            self.dense += sum(t.numel() for t in (lw.q, lw.k, lw.v, lw.o)) * self.el
+            self.dense += sum(nbytes(t, el) for t in (lw.q, lw.k, lw.v, lw.o))
             m = lw.mlp
             if hasattr(m, "router"):
-                self.dense += m.router.numel() * self.el
+                self.dense += m.router.numel() * el
+                self.expert = (nbytes(m.experts_gate_up, el) + nbytes(m.experts_down, el)) // E
                 if m.shared is not None:
-                    self.dense += (m.shared.gate_up.numel() + m.shared.down.numel()) * self.el
+                    self.dense += nbytes(m.shared.gate_up, el) + nbytes(m.shared.down, el)
             else:
-                self.dense += (m.gate_up.numel() + m.down.numel()) * self.el
+                self.dense += nbytes(m.gate_up, el) + nbytes(m.down, el)
         self.lm_head = w.lm_head.numel() * self.el
 
     def step(self, distinct_experts: int) -> int:
@@ -150,14 +168,14 @@ def flops_per_token(model, topk: int | None) -> float:
     k = c.num_experts_per_tok if topk is None else topk
     f = 0
     for lw in w.layers:
-        f += sum(t.numel() for t in (lw.q, lw.k, lw.v, lw.o))
+        f += sum(math.prod(t.shape) for t in (lw.q, lw.k, lw.v, lw.o))
         m = lw.mlp
         if hasattr(m, "router"):
             f += m.router.numel() + k * 3 * c.hidden_size * c.moe_intermediate_size
             if m.shared is not None:
-                f += m.shared.gate_up.numel() + m.shared.down.numel()
+                f += math.prod(m.shared.gate_up.shape) + math.prod(m.shared.down.shape)
         else:
-            f += m.gate_up.numel() + m.down.numel()
+            f += math.prod(m.gate_up.shape) + math.prod(m.down.shape)
     return 2.0 * f
 
 
@@ -258,7 +276,7 @@ def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
         bw = probe()  # also evicts: in a real step the other layers' weights pass through the caches
         sync()
         t = time.perf_counter()
-        moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc)
+        moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc, fused=cpu is None or cpu.one_call)
         sync()
         dt = time.perf_counter() - t
         if i < 2:
@@ -267,7 +285,7 @@ def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
         n_exp = int(torch.unique(ids[ids >= 0]).numel())
         layer_bytes = w.router.numel() * by.el + n_exp * by.expert
         if w.shared is not None:
-            layer_bytes += (w.shared.gate_up.numel() + w.shared.down.numel()) * by.el
+            layer_bytes += nbytes(w.shared.gate_up, by.el) + nbytes(w.shared.down, by.el)
         ts.append(dt)
         floors.append(layer_bytes / bw)
     t_med = statistics.median(ts)
@@ -339,6 +357,11 @@ def main(argv=None):
                     help="cpu backend: split a decode step into time inside the C++ kernels and "
                          "outside them, with the fused MoE-layer call and with the op-by-op path (default: off)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)")
+    ap.add_argument("--quant", default=None, choices=("int8", "int4"),
+                    help="quantize the linears on load (default: none, the load dtype)")
+    ap.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
+                    help="--quant group size (default: %(default)s)")
+    ap.add_argument("--sym", action="store_true", help="--quant symmetric (default: asymmetric)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -356,10 +379,13 @@ def main(argv=None):
               f"{c.max_position_embeddings} (max_position_embeddings); expected --prompt-len <= "
               f"{c.max_position_embeddings - args.gen_len}", file=sys.stderr)
         raise SystemExit(2)
+    qnote = "" if args.quant is None else f" ({args.quant} g{args.group_size} {'sym' if args.sym else 'asym'} linears)"
     say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
         f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
-        f"{args.dtype}, backend {model.backend}{cpu_isa_note()}, loaded in {time.perf_counter() - t:.1f}s")
+        f"{args.dtype}{qnote}, backend {model.backend}{cpu_isa_note()}, loaded in {time.perf_counter() - t:.1f}s")
     result = {"model": args.model or args.preset, "backend": model.backend, "cpu_isa": cpu_isa(), "dtype": args.dtype,
+              "quant": None if args.quant is None else {"bits": int(args.quant[3:]), "group_size": args.group_size,
+                                                        "sym": args.sym},
               "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9}
 
@@ -371,7 +397,8 @@ def main(argv=None):
         with tqdm(total=args.reps * (args.gen_len - 1), desc="decode steps", disable=quiet, file=sys.stderr) as bar:
             prefill_s, step_s, distinct, step_bw = run_generation(model, args, args.reps, bar, BandwidthProbe())
 
-    if args.profile_overhead and model.backend == "cpu" and not args.no_generate:
+    # (both profile the bf16 one-call paths and torch's bf16 GEMMs: not a quantized model's)
+    if args.profile_overhead and model.backend == "cpu" and not args.no_generate and args.quant is None:
         import moe_engine.model as mm
         from moe_engine.moe import moe_layer
         o = decode_overhead(model, args)
@@ -389,7 +416,8 @@ def main(argv=None):
               else sorted({args.batch, args.batch * args.prompt_len}))
     rows = [moe_layer_times(model, args, n, max(5, min(40, 2000 // max(n, 1)))) for n in tokens]
     big = max(tokens)
-    g = torch_expert_gemm_us(model, args, big, 5) if big >= 64 and model.device.type == "cpu" else None
+    g = (torch_expert_gemm_us(model, args, big, 5) if big >= 64 and model.device.type == "cpu" and args.quant is None
+         else None)
 
     if not args.no_generate:
         pre = statistics.median(prefill_s)

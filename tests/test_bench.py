@@ -55,6 +55,30 @@ def test_decode_bytes_count_every_weight_a_step_reads(tiny_dir):
     assert torch.empty(0, dtype=m.dtype).element_size() == 2
 
 
+def test_decode_bytes_of_a_quantized_model_are_its_quantized_panels(tiny_dir):
+    """throughput.py --quant: the floor counts the quantized panels the cpu kernels stream (each
+    once: q, k, v share one), the router and lm_head in bf16; not the bf16 size."""
+    import moe_engine
+    from moe_engine.ops import available_backends
+    from throughput import Bytes
+    if "cpu" not in available_backends():
+        pytest.skip("cpu backend not built")
+    m = moe_engine.load(tiny_dir, dtype="bfloat16", backend="cpu", progress=False, quant="int4", group_size=32)
+    c, cpu = m.config, m._cpu_weights()
+    want = c.vocab_size * c.hidden_size * 2
+    for lw, lc in zip(m.weights.layers, cpu.layers):
+        want += lc.qkv.nbytes + lc.o.nbytes
+        if lc.dense is not None:
+            want += lc.dense.w13.nbytes + lc.dense.w2.nbytes
+        else:
+            want += lw.mlp.router.numel() * 2 + lc.moe.shared.w13.nbytes + lc.moe.shared.w2.nbytes
+            want += 5 * (lc.moe.experts.w13.nbytes + lc.moe.experts.w2.nbytes) // c.n_routed_experts
+    assert Bytes(m).step(5 * len(c.moe_layers)) == want
+    bf16 = Bytes(moe_engine.load(tiny_dir, dtype="bfloat16", backend="torch", progress=False))
+    head = c.vocab_size * c.hidden_size * 2  # bf16 in both
+    assert want - head < 0.4 * (bf16.step(5 * len(c.moe_layers)) - head)
+
+
 def test_kernels_json():
     from moe_engine.ops import available_backends
     backends = [b for b in ("torch", "cpu") if b in available_backends()]

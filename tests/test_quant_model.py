@@ -1,10 +1,16 @@
 """Quantized checkpoints end to end: `python -m moe_engine.quantize` writes a GPTQ checkpoint that
 loads into exactly what quantize-on-load holds (same bits); a quantized model's logits are those
 of the same model with the dequantized weights as plain tensors; the cpu backend agrees with the
-torch reference on it (generation, taps); broken GPTQ checkpoints fail with CheckpointErrors that
-name the file and tensor; the memory preflight refuses with the numbers."""
+torch reference on it (generation, taps, interventions) while holding each quantized weight once
+(quantized panels only, no bf16 copy; resident memory measured on bench-small); broken GPTQ
+checkpoints fail with CheckpointErrors that name the file and tensor; the memory preflight
+refuses with the numbers."""
+import dataclasses
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +23,10 @@ from moe_engine.loader import CheckpointError, LayerWeights, ModelWeights, dequa
 from moe_engine.memory import MemoryPreflightError, estimate_bytes, preflight
 from moe_engine.model import Model
 from moe_engine.ops import available_backends
-from moe_engine.quant import QuantizedWeight, QuantSpec
+from moe_engine.quant import QUANTIZABLE, QuantizedWeight, QuantSpec, layout_nbytes
 from moe_engine.quantize import main as quantize_main
+from moe_engine.synthetic import make_checkpoint
+from test_model_backends import chose_other, routed  # one rule for "routing differs" (near-ties)
 from tolerances import assert_close
 
 IDS = torch.arange(1, 30)
@@ -182,6 +190,15 @@ def test_memory_preflight(tiny_ckpt):
                                                    r"--quant int4 needs"):
         preflight(tiny_ckpt, backend="cpu", available=10 ** 6)
     assert preflight(tiny_ckpt, backend="cpu", available=10 ** 12)["total"] > bf16["total"]
+    # the cpu backend packs the router and lm_head in the load dtype, and every linear unless it
+    # is quantized: a quantized linear's panels replace its GPTQ tensors (one copy)
+    layout = moe_engine.loader.checkpoint_layout(cfg)
+    router_head = sum(torch.Size(s).numel() * 2 for n, s in layout.items()
+                      if n.endswith("mlp.gate.weight") or n == "lm_head.weight")
+    linears = sum(torch.Size(s).numel() * 2 for n, s in layout.items() if QUANTIZABLE.fullmatch(n))
+    q4_cpu = estimate_bytes(cfg, backend="cpu", context=512, quant=QuantSpec(4, 32))
+    assert q4_cpu["packed"] == router_head and q4_cpu["weights"] == q4["weights"]
+    assert estimate_bytes(cfg, backend="cpu", context=512)["packed"] == router_head + linears
 
 
 def test_16b_preset(tmp_path):
@@ -225,3 +242,162 @@ def test_eval_quant_scores_padded_batches_like_single_chunks(tiny_ckpt):
          "top1_agreement": {"bf16": {d: 1.0 for d in eval_small.DOMAINS}, "int4": {d: 0.9 for d in eval_small.DOMAINS}}}
     eval_small._quant_section(lines.append, q)
     assert "| int4 | 10.50 | 10.50 | 10.50 | 10.50 | +5.00% | 90.00% |" in lines
+
+
+# ---- the cpu backend on quantized weights: the quantized kernels, one copy ------------------------
+
+# (bits, group size, sym): each width and symmetry, two group sizes (tiny's K is 64 or 32)
+FORMATS = [(8, 32, True), (8, 64, False), (4, 32, False), (4, 64, True)]
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from obj through dataclass fields, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name), seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, seen)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, seen)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+@pytest.mark.parametrize("bits,group_size,sym", FORMATS, ids=[f"int{b}-g{g}-{'sym' if s else 'asym'}"
+                                                              for b, g, s in FORMATS])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_quantized_kernels_match_the_dequantized_reference(tiny_ckpt, bits, group_size, sym, dtype):
+    """The cpu backend (quantized kernels) vs the torch backend on the same model (dequantize, then
+    torch matmuls): logits, greedy tokens, every routing intervention, a tap. fp32 logits are
+    compared at the fp32 bar, every routing alike. In bf16 the reference rounds every dequantized
+    weight to bf16 while the kernels dequantize in fp32 registers (the oracle-vs-engine kind of
+    difference: the bf16 "model_logits" bar), and on this random tiny model the router's near-ties
+    then flip experts within a few tokens, so bf16 is checked with the routing pinned (top-1,
+    forced expert in every MoE layer); greedy tokens on the fp32 model."""
+    c = moe_engine.load(tiny_ckpt, backend="cpu", progress=False, dtype=dtype, quant=f"int{bits}",
+                        group_size=group_size, sym=sym)
+    dt = c.dtype
+    assert not c._cpu_weights().one_call  # the op-by-op path (cpu_weights.CpuModelWeights.one_call)
+    what = "model_logits_vs_backend" if dt == torch.float32 else "model_logits"
+    ids = IDS[None]
+    pinned = {"topk": 1, "force_experts": {1: 5, 2: 3}}
+    cases = [pinned] if dt == torch.bfloat16 else [
+        {}, pinned, {"topk": 1}, {"expert_mask": {1: [0, 3]}, "mask_mode": "zero"},
+        {"expert_mask": {2: [1, 5]}}, {"force_experts": {1: 5}, "topk": 3}]
+    for kw in cases:
+        case = f"int{bits} g{group_size} sym={sym} {kw}"
+        (lt, rt), (lc, rc) = routed(c, ids, backend="torch", **kw), routed(c, ids, **kw)
+        flip = torch.zeros(ids.numel(), dtype=torch.bool)  # the flip rule of test_model_backends.compare
+        for a, b in zip(rt, rc):
+            flip |= chose_other(a, b)
+        flip = flip.view(ids.shape).cummax(1).values
+        assert not ((dt == torch.float32 or kw is pinned) and flip.any()), f"routing differs [{case}]"
+        assert flip.float().mean() <= 0.25, f"routing differs on {int(flip.sum())} of {ids.numel()} tokens [{case}]"
+        assert_close(lc[~flip], lt[~flip], what, dt, case)
+    if dt == torch.float32:  # the tap: every token routed alike (checked above)
+        name = "blocks.1.moe.hook_expert_out"
+        got, want = Capture(TapRequest([name])), Capture(TapRequest([name]))
+        c.forward(IDS, capture=got)
+        c.forward(IDS, capture=want, backend="torch")
+        assert_close(got[name], want[name], "expert_ffn", dt, "tap")
+        gen = [c.generate("The", max_new_tokens=8, temperature=0, backend=be)[0].token_ids for be in ("cpu", "torch")]
+        assert gen[0] == gen[1] and len(gen[0]) == 8
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+def test_cpu_quantized_model_holds_each_weight_once(tiny_ckpt):
+    """After load on the cpu backend the quantized linears exist only as quantized panels: no
+    QuantizedWeight (GPTQ tensors) and no float tensor of a quantized linear's size anywhere in
+    the model; float bytes are those of what stays unquantized (embedding, norms, router, lm_head
+    and the packed panels of the last two)."""
+    ref = moe_engine.load(tiny_ckpt, backend="torch", progress=False, quant="int4", group_size=32)
+    linears = {tuple(w.shape) for _, w in _quantized_tensors(ref.weights) if isinstance(w, QuantizedWeight)}
+    m = moe_engine.load(tiny_ckpt, backend="cpu", progress=False, quant="int4", group_size=32)
+    cpu = m._cpu_weights()
+    views = [w for name, w in _quantized_tensors(m.weights) if not name.endswith("router")]
+    assert views and all(type(w).__name__ == "PackedRows" for w in views)
+    for lc in cpu.layers:
+        parts = [lc.qkv, lc.o] + ([lc.dense.w13, lc.dense.w2] if lc.dense is not None else
+                                  [lc.moe.experts.w13, lc.moe.experts.w2, lc.moe.shared.w13, lc.moe.shared.w2])
+        assert all(type(p).__name__ == "PackedQWeight" and p.data.dtype == torch.uint8 for p in parts)
+    tensors = {t.data_ptr(): t for t in _tensors((m.weights, cpu))}.values()
+    floats = [t for t in tensors if t.is_floating_point()]
+    assert not any(tuple(t.shape[-2:]) in {s[-2:] for s in linears} for t in floats if t.dim() >= 2)
+    w = m.weights
+    routers = sum(lw.mlp.router.numel() for lw in w.layers if isinstance(lw.mlp, moe_engine.loader.MoEWeights))
+    norms = sum(lw.input_norm.numel() + lw.post_attn_norm.numel() for lw in w.layers) + w.final_norm.numel()
+    expect = (w.embed.numel() + norms + 2 * (routers + w.lm_head.numel())) * 2  # bf16
+    if w.lm_head.data_ptr() == w.embed.data_ptr():
+        expect -= w.lm_head.numel() * 2
+    float_bytes = sum(t.numel() * t.element_size() for t in floats)
+    assert float_bytes <= expect * 1.05 + 4096  # panel padding
+    # the one-call paths read bf16 panels: asked for on quantized weights they refuse, by name
+    from moe_engine.interventions import Interventions
+    from moe_engine.moe import moe_layer
+    u = torch.randn(3, m.config.hidden_size).to(m.dtype)
+    with pytest.raises(ValueError, match="quantized"):
+        moe_layer(u, u, w.layers[1].mlp, Interventions().resolve(m.config, m.device), 1, backend="cpu",
+                  cpu=cpu.layers[1].moe, fused=True)
+    with pytest.raises(ValueError, match="quantized"):
+        cpu.decode_step(torch.tensor([1]), w.embed, None, None, m.new_cache(1, 4), None, None, H=4, eps=1e-6,
+                        scale=1.0)
+    # and it still serves the reference path, dequantizing per call
+    assert torch.equal(m.forward(IDS, backend="torch"), ref.forward(IDS))
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+def test_cpu_gptq_checkpoint_and_quantize_on_load_agree(q4_dir, tiny_ckpt):
+    """The on-disk GPTQ checkpoint (v1 zeros, repacked with + zero_offset) and quantize-on-load
+    give the same bits on the cpu backend, prefill and decode."""
+    a = moe_engine.load(q4_dir, backend="cpu", progress=False)
+    b = moe_engine.load(tiny_ckpt, backend="cpu", progress=False, quant="int4", group_size=32)
+    assert torch.equal(a.forward(IDS), b.forward(IDS))
+    ga, gb = (m.generate("The", max_new_tokens=6, temperature=0)[0].token_ids for m in (a, b))
+    assert ga == gb
+
+
+_RSS_SCRIPT = """
+import json, sys
+import moe_engine
+m = moe_engine.load(sys.argv[1], backend="cpu", progress=False, quant="int4", group_size=128)
+out = m.generate("The", max_new_tokens=4, temperature=0)
+rss = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
+q = sum(p.nbytes for lc in m._cpu_weights().layers for p in
+        [lc.qkv, lc.o] + ([lc.dense.w13, lc.dense.w2] if lc.dense is not None else
+                          [lc.moe.experts.w13, lc.moe.experts.w2, lc.moe.shared.w13, lc.moe.shared.w2]))
+print(json.dumps({"rss": rss, "packed_q": q}))
+"""
+
+
+@pytest.fixture(scope="module")
+def bench_small_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("bench-small"), "bench-small")
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+def test_cpu_int4_resident_memory_on_bench_small(bench_small_ckpt):
+    """Resident memory after an int4 load (and a short generate) on the cpu backend <= the
+    quantized weight bytes x 1.1 + the unquantized bytes (router and lm_head twice: tensor and
+    panels) + the KV cache + 300 MB; a bf16 copy of the linears (~360 MB here) would break it."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(bench_small_ckpt)], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    cfg = moe_engine.ModelConfig.from_json(bench_small_ckpt / "config.json")
+    layout = moe_engine.loader.checkpoint_layout(cfg)
+    spec = QuantSpec(4, 128)
+    q_layout = {n: s for n, s in layout.items() if QUANTIZABLE.fullmatch(n)}
+    q_bytes = layout_nbytes(q_layout, 2, spec)
+    est = estimate_bytes(cfg, backend="cpu", quant=spec, context=64)
+    unquantized = est["weights"] - q_bytes + est["packed"]
+    assert got["packed_q"] <= q_bytes * 1.1  # the panels: GPTQ bytes plus padding
+    bound = q_bytes * 1.1 + unquantized + est["kv_cache"] + 300 * 2 ** 20
+    assert got["rss"] <= bound, f"RSS {got['rss'] / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"

@@ -10,17 +10,28 @@ cpu backend runs the model's GEMMs on packed copies; larger N (prefill) stays on
 GEMMs where torch has a fast one (see use_packed), except the routed experts, the router and
 the shared experts, which always run on the packed kernels.
 Made once, when a Model is created with (or first run on) backend="cpu".
+
+Quantized linears (quant.QuantizedWeight: attention q|k|v and o, dense MLP, routed and shared
+experts) are repacked into the quantized panel layout (ops/quant.py, PackedQWeight) and run on
+its kernels at every token count: that packed copy is the model's only copy of them. Packing
+replaces each QuantizedWeight in the ModelWeights by a PackedRows view of the packed bytes, so
+the GPTQ tensors are dropped and no bf16 copy exists; the PyTorch reference path dequantizes a
+view per call (loader.dequantized_layer). The router, norms, embedding and lm_head stay as
+they are. The one-call C++ paths read bf16/fp32 panels only: CpuModelWeights.one_call.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
 
-from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights, dequantized_layer
+from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
 from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
+from .ops.quant import PackedQWeight, dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
+from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
 
 # Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
 # by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins, except in bf16 on
@@ -38,25 +49,117 @@ def use_packed(n: int, dtype: torch.dtype) -> bool:
     return n <= SMALL_N or (dtype == torch.bfloat16 and backends.native_module("cpu").cpu_isa != "avx512")
 
 
+def runs_packed(packed, n: int, dtype: torch.dtype) -> bool:
+    """Whether an n-token product with these packed weights runs on the packed kernels: always
+    for quantized ones (there is no dense copy to hand to torch), else use_packed."""
+    return isinstance(packed, (PackedQWeight, QuantExperts)) or use_packed(n, dtype)
+
+
+@dataclass(frozen=True)
+class QuantExperts:
+    """E quantized SwiGLU experts in the quantized panel layout (CpuExperts' quantized twin)."""
+    w13: PackedQWeight   # [E, 2F, D], gate_up panels
+    w2: PackedQWeight    # [E, D, F]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, D, F), like CpuExperts.shape."""
+        return self.w13.E, self.w13.K, self.w13.N // 2
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows [start, stop) of a packed quantized weight: what ModelWeights holds for a quantized
+    linear once the cpu backend has packed it (the packed bytes are its only copy)."""
+    packed: PackedQWeight
+    start: int
+    stop: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        lead = (self.packed.E,) if self.packed.stacked else ()
+        return (*lead, self.stop - self.start, self.packed.K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight in dtype, made now and not kept (fp32 exact, then rounded once, like
+        QuantizedWeight.dequantize)."""
+        return dequantize_packed(self.packed)[..., self.start:self.stop, :].to(dtype).contiguous()
+
+
+def _repack(qw: QuantizedWeight, gate_up: bool = False) -> PackedQWeight:
+    """pack_quantized of a QuantizedWeight. The kernels take true zero points; the stored qzeros
+    need + zero_offset (quant.py), so they are rewritten when the offset is not 0."""
+    qzeros = qw.qzeros
+    if qw.zero_offset:
+        z = unpack_cols(qw.qzeros, qw.bits) + qw.zero_offset
+        if int(z.max()) >= 1 << qw.bits:
+            raise QuantError(f"a {qw.bits}-bit zero point reads {int(z.max())} (stored "
+                             f"{int(z.max()) - qw.zero_offset} + zero_offset {qw.zero_offset}); the quantized "
+                             f"kernels take zeros in [0, {(1 << qw.bits) - 1}]")
+        qzeros = pack_cols(z, qw.bits)
+    return pack_quantized(qw.qweight, qw.scales, qzeros, qw.bits, qw.group_size, qw.sym, gate_up=gate_up)
+
+
+def _pack_linears(ws: list, what: str, gate_up: bool = False):
+    """Weights stacked along N, as (packed, views): a PackedQWeight with one PackedRows per part
+    when every part is quantized, else a PackedWeight and the parts themselves."""
+    quantized = [isinstance(w, QuantizedWeight) for w in ws]
+    if not any(quantized):
+        return pack_weight(torch.cat(ws, -2) if len(ws) > 1 else ws[0]), ws
+    if not all(quantized):
+        raise QuantError(f"{what}: quantized and unquantized parts cannot be packed together")
+    packed = _repack(QuantizedWeight.cat_rows(ws) if len(ws) > 1 else ws[0], gate_up)
+    ends = torch.tensor([w.N for w in ws]).cumsum(0).tolist()
+    return packed, [PackedRows(packed, e - w.N, e) for w, e in zip(ws, ends)]
+
+
+def _pack_experts(gate_up, down, what: str):
+    """(CpuExperts or QuantExperts, gate_up view, down view) of one set of SwiGLU weights."""
+    if not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight):
+        return CpuExperts.pack(gate_up, down), gate_up, down
+    w13, (gu,) = _pack_linears([gate_up], what + " gate|up", gate_up=True)
+    w2, (dn,) = _pack_linears([down], what + " down")
+    return QuantExperts(w13, w2), gu, dn
+
+
+def expert_ffn_packed(x: torch.Tensor, topk_ids: torch.Tensor, packed) -> torch.Tensor:
+    """expert_ffn_cpu on CpuExperts or expert_ffn_q_cpu on QuantExperts (same contract)."""
+    if isinstance(packed, QuantExperts):
+        return expert_ffn_q_cpu(x, topk_ids, packed.w13, packed.w2)
+    return expert_ffn_cpu(x, topk_ids, packed)
+
+
 @dataclass(frozen=True)
 class CpuMoEWeights:
     router: PackedWeight         # [E, D]
-    experts: CpuExperts          # E routed experts
-    shared: CpuExperts | None    # the shared MLP as one expert (E = 1, F = S)
+    experts: CpuExperts | QuantExperts          # E routed experts
+    shared: CpuExperts | QuantExperts | None    # the shared MLP as one expert (E = 1, F = S)
     # Intermediate buffers of the fused layer call, per (N, k_max): reused across decode steps.
     # They make a layer non-reentrant: one forward at a time per Model.
     _buffers: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def pack(w: MoEWeights) -> "CpuMoEWeights":
-        shared = None if w.shared is None else CpuExperts.pack(w.shared.gate_up, w.shared.down)
-        return CpuMoEWeights(pack_weight(w.router), CpuExperts.pack(w.experts_gate_up, w.experts_down), shared)
+        return CpuMoEWeights.pack_views(w)[0]
+
+    @staticmethod
+    def pack_views(w: MoEWeights) -> "tuple[CpuMoEWeights, MoEWeights]":
+        """The packed layer and the MoEWeights to keep (quantized experts: PackedRows views)."""
+        shared, shared_w = None, None
+        if w.shared is not None:
+            shared, gu, dn = _pack_experts(w.shared.gate_up, w.shared.down, "shared experts")
+            shared_w = DenseMLPWeights(gu, dn)
+        experts, gu, dn = _pack_experts(w.experts_gate_up, w.experts_down, "routed experts")
+        return CpuMoEWeights(pack_weight(w.router), experts, shared), MoEWeights(w.router, gu, dn, shared_w)
 
     def fused(self, u: torch.Tensor, resid_mid: torch.Tensor, k: int, k_max: int, controls,
               mask_mode: str, renormalize: bool, usage: torch.Tensor | None) -> torch.Tensor:
         """The whole MoE FFN of the layer in one C++ call (csrc/cpu/moe_layer.cpp); same kernels
         and order as the op-by-op path, so the same bits. u, resid_mid [N, D]; returns resid_post.
         The caller has validated the routing controls (Interventions.resolve)."""
+        if isinstance(self.experts, QuantExperts) or isinstance(self.shared, QuantExperts):
+            raise ValueError("CpuMoEWeights.fused reads bf16/fp32 panels; these experts are quantized "
+                             "(run moe_layer with fused=False: CpuModelWeights.one_call)")
         mod = backends.native_module("cpu")
         N, D = u.shape
         key = (N, k_max)
@@ -102,17 +205,37 @@ class CpuMoEWeights:
 
 @dataclass(frozen=True)
 class CpuLayerWeights:
-    qkv: PackedWeight                 # [(H + 2 Hkv) hd, D]: q, k, v rows stacked
-    o: PackedWeight                   # [D, H hd]
-    dense: CpuExperts | None          # layer's dense MLP as one expert (F = I)
+    qkv: PackedWeight | PackedQWeight     # [(H + 2 Hkv) hd, D]: q, k, v rows stacked
+    o: PackedWeight | PackedQWeight       # [D, H hd]
+    dense: CpuExperts | QuantExperts | None   # layer's dense MLP as one expert (F = I)
     moe: CpuMoEWeights | None
 
     @staticmethod
     def pack(lw: LayerWeights) -> "CpuLayerWeights":
-        qkv = pack_weight(torch.cat([lw.q, lw.k, lw.v], 0))
-        dense = CpuExperts.pack(lw.mlp.gate_up, lw.mlp.down) if isinstance(lw.mlp, DenseMLPWeights) else None
-        moe = CpuMoEWeights.pack(lw.mlp) if isinstance(lw.mlp, MoEWeights) else None
-        return CpuLayerWeights(qkv, pack_weight(lw.o), dense, moe)
+        return CpuLayerWeights.pack_views(lw)[0]
+
+    @staticmethod
+    def pack_views(lw: LayerWeights) -> "tuple[CpuLayerWeights, LayerWeights]":
+        """The packed layer and the LayerWeights to keep in its place: `lw` itself when nothing
+        is quantized, else one whose quantized linears are PackedRows views of the packed bytes."""
+        qkv, (q, k, v) = _pack_linears([lw.q, lw.k, lw.v], "attention q|k|v")
+        o, (o_w,) = _pack_linears([lw.o], "attention o")
+        dense, moe, mlp = None, None, lw.mlp
+        if isinstance(lw.mlp, DenseMLPWeights):
+            dense, gu, dn = _pack_experts(lw.mlp.gate_up, lw.mlp.down, "dense MLP")
+            mlp = DenseMLPWeights(gu, dn)
+        else:
+            moe, mlp = CpuMoEWeights.pack_views(lw.mlp)
+        packed = CpuLayerWeights(qkv, o, dense, moe)
+        if not packed.quantized:
+            return packed, lw
+        return packed, LayerWeights(lw.input_norm, lw.post_attn_norm, q, k, v, o_w, mlp)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any of the layer's weights runs on the quantized kernels."""
+        parts = [self.qkv, self.o, self.dense] + ([] if self.moe is None else [self.moe.experts, self.moe.shared])
+        return any(isinstance(p, (PackedQWeight, QuantExperts)) for p in parts)
 
 
 @dataclass(frozen=True)
@@ -120,20 +243,37 @@ class CpuModelWeights:
     layers: tuple[CpuLayerWeights, ...]
     lm_head: PackedWeight            # [V, D]
     final_norm: torch.Tensor         # [D] (the model's tensor)
-    decode_layers: object            # _C.DecodeLayers, one per layer: what decode_step reads
+    decode_layers: object            # _C.DecodeLayers, one per layer: what decode_step reads (None
+                                     # when not one_call)
     # decode_step's (workspace, params) per (B, k_max, S_cap): reused across steps (one forward
     # at a time).
     _workspaces: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
-        # Quantized layers are packed from their dequantized view, one layer at a time: the
-        # place where the quantized cpu kernels (ops.quant.pack_quantized) plug in.
-        layers = tuple(CpuLayerWeights.pack(dequantized_layer(lw, w.embed.dtype)) for lw in w.layers)
-        decode_layers = backends.native_module("cpu").DecodeLayers()
-        for lw, pl in zip(w.layers, layers):
-            decode_layers.append(_decode_layer(lw, pl))
+        """Pack every layer. A layer with quantized linears is replaced IN `w` by its PackedRows
+        view as soon as it is packed, so its GPTQ tensors are freed one layer at a time (peak:
+        the model plus one layer's GPTQ tensors) and the packed bytes are the only copy."""
+        layers = []
+        for i, lw in enumerate(w.layers):
+            pl, w.layers[i] = CpuLayerWeights.pack_views(lw)
+            layers.append(pl)
+        layers = tuple(layers)
+        decode_layers = None
+        if not any(pl.quantized for pl in layers):
+            decode_layers = backends.native_module("cpu").DecodeLayers()
+            for lw, pl in zip(w.layers, layers):
+                decode_layers.append(_decode_layer(lw, pl))
+        else:
+            _release_freed_memory()
         return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm, decode_layers)
+
+    @property
+    def one_call(self) -> bool:
+        """The rule for the one-call C++ paths (decode_step_cpu, moe_layer_cpu via
+        CpuMoEWeights.fused, attention_block_decode_cpu): they read bf16/fp32 panels, so they
+        serve a model with no quantized weight; a quantized model runs forward op by op."""
+        return self.decode_layers is not None
 
     def decode_step(self, ids: torch.Tensor, embed: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                     cache, routing, usage: torch.Tensor | None, *, H: int, eps: float, scale: float) -> torch.Tensor:
@@ -146,6 +286,9 @@ class CpuModelWeights:
         (Model.forward) has checked shapes and resolved the routing controls.
         Kept lean on purpose: a step's weight stream evicts the caches, so each Python or torch
         call here runs cold (bench/README.md)."""
+        if self.decode_layers is None:
+            raise ValueError("decode_step reads bf16/fp32 panels; this model is quantized (not one_call): "
+                             "forward's general path runs it")
         mod = backends.native_module("cpu")
         B = ids.numel()
         S_cap = cache.k.shape[3]
@@ -188,6 +331,16 @@ class CpuModelWeights:
         return ws, p
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim; elsewhere a no-op). The GPTQ
+    tensors freed by packing, and quantize-on-load's staging tensors, are mostly below malloc's
+    mmap threshold: without this they stay resident (tests/test_quant_model.py measures RSS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
     """The _C.DecodeLayer of one layer: pointers into `lw` and `pl` (both live as long as the model)."""
     d = backends.native_module("cpu").DecodeLayer()
@@ -204,21 +357,25 @@ def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
-    """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise."""
+    """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise; a quantized
+    packed weight (the only copy) at every size."""
     n = x.numel() // x.shape[-1]
+    if isinstance(packed, PackedQWeight):
+        return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
     if packed is None or not use_packed(n, x.dtype):
         return x @ w.t()
     return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
 
 
 def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, packed: CpuExperts | None) -> torch.Tensor:
-    """A dense SwiGLU MLP: the fused expert kernel (as one expert) for few tokens, else torch."""
+    """A dense SwiGLU MLP: the fused expert kernel (as one expert) for few tokens, else torch;
+    quantized experts (the only copy) at every size."""
     n = x.numel() // x.shape[-1]
-    if packed is None or not use_packed(n, x.dtype):
+    if packed is None or not runs_packed(packed, n, x.dtype):
         return swiglu(x, gate_up, down)
     x2 = x.reshape(n, x.shape[-1]).contiguous()
     every_token = torch.zeros((n, 1), dtype=torch.int32)
-    return expert_ffn_cpu(x2, every_token, packed).view(x.shape)
+    return expert_ffn_packed(x2, every_token, packed).view(x.shape)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,7 +24,8 @@ stores each quantized linear as `.qweight/.qzeros/.scales/.g_idx`; those are rea
 config first. `load_weights(..., quant=QuantSpec)` quantizes an unquantized checkpoint's linears
 as they are read, with the same function `python -m moe_engine.quantize` uses, so both give the
 same bits. Fields that may hold a QuantizedWeight instead of a Tensor: q, k, v, o, a dense MLP's
-or the shared experts' gate_up / down, experts_gate_up / experts_down.
+or the shared experts' gate_up / down, experts_gate_up / experts_down (once the cpu backend has
+packed a model, these hold cpu_weights.PackedRows views of the quantized panels instead).
 
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
@@ -352,11 +353,13 @@ def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]
 
 
 def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
-    """The layer with every QuantizedWeight replaced by its dequantized tensor in `dtype` (the
-    PyTorch reference's view of a quantized model, made when asked and not kept); `lw` itself
-    when nothing in it is quantized."""
+    """The layer with every quantized linear (a QuantizedWeight, or the cpu backend's
+    cpu_weights.PackedRows view of its packed copy: anything not a Tensor, each with
+    dequantize(dtype)) replaced by its dequantized tensor in `dtype` (the PyTorch reference's
+    view of a quantized model, made when asked and not kept); `lw` itself when nothing in it
+    is quantized."""
     def dq(w):
-        return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
+        return w if isinstance(w, Tensor) else w.dequantize(dtype)
 
     def mlp(m):
         return None if m is None else DenseMLPWeights(dq(m.gate_up), dq(m.down))
@@ -368,7 +371,7 @@ def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
             parts += [lw.mlp.shared.gate_up, lw.mlp.shared.down]
     else:
         parts += [lw.mlp.gate_up, lw.mlp.down]
-    if not any(isinstance(w, QuantizedWeight) for w in parts):
+    if all(isinstance(w, Tensor) for w in parts):
         return lw
     m = lw.mlp
     new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared))

@@ -3,8 +3,9 @@ refuse with the numbers and the way out when it will not fit, instead of the ker
 ending the process half way through a 30 GB read.
 
 Estimate = the weights in the format they will be held in (quantized linears as their GPTQ
-tensors, the rest in the load dtype) + the cpu backend's packed copy (today the panels are in the
-load dtype, also for a quantized model: cpu_weights.py packs the dequantized view) + the KV cache
+tensors, the rest in the load dtype) + the cpu backend's packed copy of what stays in the load
+dtype (router, lm_head, unquantized linears; a quantized linear is repacked into quantized panels
+that replace its GPTQ tensors, cpu_weights.py, so it is counted once) + the KV cache
 for `context` tokens of one sequence + a fixed allowance for the runtime (torch, buffers).
 Available = MemAvailable of /proc/meminfo, lowered to the cgroup's limit minus its usage when
 the process runs in a memory-limited cgroup (containers).
@@ -41,9 +42,11 @@ def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     weights = layout_nbytes(layout, el, spec, skip=tied)
     packed = 0
-    if backend == "cpu":  # panels of every linear, router and lm_head, in the load dtype
+    if backend == "cpu":  # panels of the router, lm_head and every unquantized linear, in the
+        # load dtype; a quantized linear's quantized panels replace its GPTQ tensors (cpu_weights.py:
+        # one copy, about their size), so they add nothing to `weights`
         packed = sum(math.prod(shape) * el for name, shape in layout.items()
-                     if QUANTIZABLE.fullmatch(name) or name.endswith("mlp.gate.weight")
+                     if (spec is None and QUANTIZABLE.fullmatch(name)) or name.endswith("mlp.gate.weight")
                      or name == "lm_head.weight")
     ctx = config.max_position_embeddings if context is None else context
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:

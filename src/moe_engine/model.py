@@ -26,7 +26,7 @@ import torch.nn.functional as Fn
 from .config import ModelConfig
 from .interventions import Interventions, Routing, for_call
 from .loader import ModelWeights, MoEWeights, dequantized_layer, load_checkpoint
-from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear, use_packed
+from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear, runs_packed
 from .cpu_weights import rms_norm as cpu_rms_norm
 from .moe import moe_layer
 from .ops import backend as backends
@@ -265,7 +265,8 @@ class Model:
                         step, grad, intervention_kwargs):
         if cache is not None:
             self._check_cache(cache)
-        if be == "cpu" and attention_mask is None and capture is None and cache is not None:
+        if (be == "cpu" and attention_mask is None and capture is None and cache is not None
+                and self._cpu_weights().one_call):
             # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
             # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
             out = self._decode_step_cpu(input_ids, cache, interventions, intervention_kwargs, usage)
@@ -335,11 +336,12 @@ class Model:
         norm = rms_norm if cpu is None else cpu_rms_norm
         x = w.embed[ids]                                          # [B, T, D]
         for l, lw in enumerate(w.layers):
-            lw = dequantized_layer(lw, self.dtype)  # quantized weights: the reference's view, this call only
+            if cpu is None:  # quantized weights: the reference's view, this call only
+                lw = dequantized_layer(lw, self.dtype)
             lc = None if cpu is None else cpu.layers[l]
             x = tap(f"blocks.{l}.hook_resid_pre", x)
             h = norm(x, lw.input_norm, c.rms_norm_eps)
-            a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask, lc)
+            a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask, lc, cpu is not None and cpu.one_call)
             a = tap(f"blocks.{l}.hook_attn_out", a)
             x = tap(f"blocks.{l}.hook_resid_mid", x + a)
             h = norm(x, lw.post_attn_norm, c.rms_norm_eps)
@@ -353,7 +355,7 @@ class Model:
                                   tap=(lambda name, v: capture(name, v)) if capture is not None else None,
                                   wants=capture.wants if capture is not None else None,
                                   usage=None if usage is None else usage[l],
-                                  cpu=None if lc is None else lc.moe)
+                                  cpu=None if lc is None else lc.moe, fused=cpu is not None and cpu.one_call)
                 if all_valid:  # out_v is a fresh tensor: no copy needed
                     x = out_v.view_as(x)
                 else:
@@ -540,15 +542,15 @@ class Model:
         allowed = allowed | (k_col == q_col).unsqueeze(0)
         return allowed.unsqueeze(1)
 
-    def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask, lc=None):
+    def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask, lc=None, one_call=False):
         c = self.config
         B, T, _ = h.shape
         H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        if lc is not None and T == 1:  # cpu backend, decode: the whole block in one C++ call
+        if lc is not None and T == 1 and one_call:  # cpu backend, decode: the whole block in one C++ call
             return attention_block_decode_cpu(
                 h.view(B, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
                 start, H, Hkv, 1.0 / math.sqrt(hd)).view(B, T, -1)
-        if lc is not None and use_packed(B * T, h.dtype):  # cpu backend: one packed q|k|v product
+        if lc is not None and runs_packed(lc.qkv, B * T, h.dtype):  # cpu backend: one packed q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
             q, k, v = h @ lw.q.t(), h @ lw.k.t(), h @ lw.v.t()

@@ -24,9 +24,9 @@ import torch
 
 from .interventions import Routing
 from .loader import MoEWeights
-from .cpu_weights import CpuMoEWeights
+from .cpu_weights import CpuMoEWeights, QuantExperts, expert_ffn_packed
 from .ops.combine import combine
-from .ops.expert_ffn import expert_ffn, expert_ffn_cpu, shared_expert_cuda, swiglu
+from .ops.expert_ffn import expert_ffn, shared_expert_cuda, swiglu
 from .ops.packed import linear_cpu
 from .ops.route import route
 
@@ -37,7 +37,8 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
               fused: bool = True) -> torch.Tensor:
     """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D].
     cpu: the packed weights backend="cpu" streams (required for that backend). With no taps
-    requested the cpu backend runs the layer as one C++ call (`fused`; same bits as op by op)."""
+    requested the cpu backend runs the layer as one C++ call (`fused`; same bits as op by op);
+    the caller passes fused=False for a quantized model (CpuModelWeights.one_call)."""
     if (backend == "cpu") != (cpu is not None):
         raise ValueError(f"moe_layer: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
     pre = f"blocks.{l}.moe."
@@ -64,7 +65,9 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         ids = _patch_cols(t, pre + "hook_topk_ids", ids, k)
     if want(pre + "hook_topk_weights"):
         weights = _patch_cols(t, pre + "hook_topk_weights", weights, k)
-    if k > 0:
+    if k > 0 and cpu is not None and isinstance(cpu.experts, QuantExperts):
+        expert_out = expert_ffn_packed(u, ids, cpu.experts)
+    elif k > 0:
         expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend,
                                 packed=None if cpu is None else cpu.experts)
     else:  # shared experts only: nothing routed
@@ -79,7 +82,7 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
             shared = swiglu(u, w.shared.gate_up, w.shared.down)
         else:
             every_token = torch.zeros((u.shape[0], 1), dtype=torch.int32)
-            shared = expert_ffn_cpu(u, every_token, cpu.shared).view(u.shape)
+            shared = expert_ffn_packed(u, every_token, cpu.shared).view(u.shape)
         shared_out = t(pre + "hook_shared_out", shared)
     want_routed = want(pre + "hook_routed_out") or want(f"blocks.{l}.hook_mlp_out")
     out, routed = combine(expert_out, weights, ids, shared_out, resid_mid, backend=backend,
