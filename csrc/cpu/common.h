@@ -82,4 +82,32 @@ inline int max_threads() {
 #endif
 }
 
+// Per-unit streaming cost, in "token-rows": a unit (expert, panel) of c tokens costs
+// c + kPanelCost. Balances a decode step (every unit 1 token) evenly and a prefill by compute.
+constexpr int64_t kPanelCost = 4;
+
+// Calls fn(e, panel) for this thread's share of the units (e, panel), e over experts with
+// count > 0, shares cut by cost so threads get equal work and contiguous weight streams
+// (the bf16 and the quantized expert kernels schedule alike).
+template <class Fn>
+void for_my_units(int tid, int nth, int32_t E, const int32_t* counts, int64_t n_panels, Fn fn) {
+  int64_t total = 0;
+  for (int32_t e = 0; e < E; ++e)
+    if (counts[e] > 0) total += (counts[e] + kPanelCost) * n_panels;
+  const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+  int64_t c = 0;
+  for (int32_t e = 0; e < E; ++e) {
+    if (counts[e] <= 0) continue;
+    const int64_t u = counts[e] + kPanelCost;
+    if (c + u * n_panels <= lo || c >= hi) {
+      c += u * n_panels;
+      continue;
+    }
+    for (int64_t p = 0; p < n_panels; ++p, c += u) {
+      const int64_t mid = c + u / 2;  // a unit belongs to the thread owning its midpoint
+      if (mid >= lo && mid < hi) fn(e, p);
+    }
+  }
+}
+
 }  // namespace moe::cpu

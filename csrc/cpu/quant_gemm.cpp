@@ -41,10 +41,10 @@ namespace {
 
 using cpu::align64;
 using cpu::esize;
+using cpu::for_my_units;
 
 constexpr int kPanel = 32;  // output rows per panel
 constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
-constexpr int64_t kPanelCost = 4;  // per-unit streaming cost in token rows (as expert_ffn.cpp)
 constexpr int64_t kGroupMetaBytes = kPanel * 2 + kPanel;  // 32 raw 16-bit scales + 32 uint8 zeros
 
 #if MOE_AVX512
@@ -365,27 +365,6 @@ void widen_row(const void* src, DType dt, int64_t K, int64_t g, float* dst, floa
   group_sums(dst, K, g, sums);
 }
 
-// As expert_ffn.cpp: this thread's share of the units (e, panel), cut by cost.
-template <class Fn>
-void for_my_units(int tid, int nth, int32_t E, const int32_t* counts, int64_t n_panels, Fn fn) {
-  int64_t total = 0;
-  for (int32_t e = 0; e < E; ++e)
-    if (counts[e] > 0) total += (counts[e] + kPanelCost) * n_panels;
-  const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
-  int64_t c = 0;
-  for (int32_t e = 0; e < E; ++e) {
-    if (counts[e] <= 0) continue;
-    const int64_t u = counts[e] + kPanelCost;
-    if (c + u * n_panels <= lo || c >= hi) {
-      c += u * n_panels;
-      continue;
-    }
-    for (int64_t p = 0; p < n_panels; ++p, c += u) {
-      const int64_t mid = c + u / 2;
-      if (mid >= lo && mid < hi) fn(e, p);
-    }
-  }
-}
 
 void check_dt(const char* op, DType dt) {
   if (dt != DType::f32 && dt != DType::bf16) cpu::fail(op, "dtype must be f32 or bf16");
