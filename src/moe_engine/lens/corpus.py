@@ -46,14 +46,6 @@ class Domain:
     texts: tuple[str, ...] | None = None
     token_ids: tuple[tuple[int, ...], ...] | None = None
 
-    @property
-    def total_bytes(self) -> int:
-        if self.texts is not None:
-            return sum(len(t.encode("utf-8")) for t in self.texts)
-        if self.token_ids is not None:
-            return 0
-        return sum(f.stat().st_size for f in self.files)
-
 
 def domain_from_path(arg: str | Path) -> Domain:
     """`PATH` or `NAME=PATH`; a directory contributes its files (recursively, sorted, hidden
