@@ -196,6 +196,13 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(qpack, QPackParams, N); MOE_VAL(qpack, QPackParams, K); MOE_VAL(qpack, QPackParams, sym);
   MOE_VAL(qpack, QPackParams, gate_up);
 
+  py::class_<QRtnParams> qrtn(m, "QRtnParams", py::module_local());
+  qrtn.def(py::init<>());
+  MOE_PTR(qrtn, QRtnParams, w); MOE_PTR(qrtn, QRtnParams, qweight); MOE_PTR(qrtn, QRtnParams, scales);
+  MOE_PTR(qrtn, QRtnParams, qzeros); MOE_VAL(qrtn, QRtnParams, dtype); MOE_VAL(qrtn, QRtnParams, E);
+  MOE_VAL(qrtn, QRtnParams, N); MOE_VAL(qrtn, QRtnParams, K); MOE_VAL(qrtn, QRtnParams, bits);
+  MOE_VAL(qrtn, QRtnParams, group_size); MOE_VAL(qrtn, QRtnParams, zero_offset); MOE_VAL(qrtn, QRtnParams, sym);
+
   py::class_<QDequantParams> qdeq(m, "QDequantParams", py::module_local());
   qdeq.def(py::init<>());
   MOE_PTR(qdeq, QDequantParams, src); MOE_PTR(qdeq, QDequantParams, dst); MOE_VAL(qdeq, QDequantParams, fmt);
@@ -220,6 +227,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   m.def("qpack_size_bytes", &qpack_size_bytes);
   m.def("linear_q_workspace_bytes", &linear_q_workspace_bytes);
   m.def("expert_ffn_q_workspace_bytes", &expert_ffn_q_workspace_bytes);
+  m.def("quantize_rtn_cpu", &quantize_rtn_cpu);
   m.def("pack_quantized_cpu", &pack_quantized_cpu);
   m.def("dequantize_packed_cpu", &dequantize_packed_cpu);
   m.def("linear_q_cpu", &linear_q_cpu);

@@ -197,6 +197,20 @@ struct QExpertFFNParams {
 };
 int64_t expert_ffn_q_workspace_bytes(int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
                                      const QFormat& f13, const QFormat& f2);
+// Round-to-nearest GPTQ quantization of w [E, N, K] (csrc/cpu/quantize_rtn.cpp; the reference
+// is quant.quantize_reference): writes qweight int32 [E, K/p, N], scales fp16 bits [E, G, N] and
+// qzeros int32 [E, G, N/p] (p = 32/bits values per word, low bits first; stored zero = z -
+// zero_offset). N and K multiples of p; the last group may be partial.
+struct QRtnParams {
+  const void* w;       // [E, N, K] dtype, contiguous
+  int32_t* qweight;    // [E, K/p, N]
+  uint16_t* scales;    // [E, ceil(K/g), N] fp16 bits
+  int32_t* qzeros;     // [E, ceil(K/g), N/p]
+  DType dtype;
+  int32_t E, N, K, bits, group_size, zero_offset;
+  bool sym;
+};
+void quantize_rtn_cpu(const QRtnParams& p);
 void pack_quantized_cpu(const QPackParams& p);
 void dequantize_packed_cpu(const QDequantParams& p);
 void linear_q_cpu(const QLinearParams& p);

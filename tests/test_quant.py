@@ -144,3 +144,60 @@ def test_invalid_inputs_are_named():
     assert QuantSpec.from_config(spec.to_config()) == spec
     assert QuantSpec.from_config({"quant_method": "gptq", "bits": 4, "group_size": 32,
                                   "checkpoint_format": "gptq_v2"}).zero_offset == 0
+
+
+def _same_bits(a: QuantizedWeight, b: QuantizedWeight) -> None:
+    for name in ("qweight", "qzeros", "scales"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert torch.equal(x.view(torch.int16) if x.dtype == torch.float16 else x,
+                           y.view(torch.int16) if y.dtype == torch.float16 else y), name
+    assert (a.bits, a.group_size, a.sym, a.zero_offset) == (b.bits, b.group_size, b.sym, b.zero_offset)
+
+
+def _awkward_weight(shape, dtype, seed):
+    """Normal weights plus the groups the rule treats specially: all zeros, all positive (asym
+    zero would round to 0: the z = 1 branch), all negative, one huge outlier, values on exact
+    half-steps (round half to even)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.05
+    w[..., 0, :] = 0.0
+    w[..., 1, :] = w[..., 1, :].abs() + 1e-3
+    w[..., 2, :] = -w[..., 2, :].abs()
+    w[..., 3, 5] = 40.0
+    w[..., 4, :] = torch.arange(shape[-1]) * 0.5 - 3.0
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape,dtype", [((40, 200), torch.bfloat16), ((3, 24, 96), torch.float32),
+                                         ((16, 136), torch.float16)])
+def test_compiled_quantizer_equals_reference(bits, g, sym, shape, dtype):
+    """quantize (csrc/cpu/quantize_rtn.cpp) and quantize_reference (PyTorch) give the same bits:
+    qweight, qzeros and fp16 scales, at a partial last group, stacked experts and every dtype."""
+    backend = pytest.importorskip("moe_engine.ops.backend")
+    try:
+        backend.native_module("cpu")
+    except backend.BackendUnavailable:
+        pytest.skip("no compiled cpu module")
+    from moe_engine.quant import quantize_reference
+    spec = QuantSpec(bits, g, sym)
+    w = _awkward_weight(shape, dtype, seed=bits + g + sym)
+    _same_bits(quantize(w, spec), quantize_reference(w, spec))
+    v2 = QuantSpec(bits, g, sym, zero_offset=0)
+    _same_bits(quantize(w, v2), quantize_reference(w, v2))
+
+
+def test_compiled_quantizer_refuses_what_the_reference_refuses():
+    from moe_engine.quant import quantize_reference
+    w = torch.randn(8, 64)
+    w[3, 7] = float("nan")
+    for fn in (quantize, quantize_reference):
+        with pytest.raises(QuantError, match="non-finite"):
+            fn(w, QuantSpec(8, 32))
+    big = torch.full((8, 64), 1e9)
+    for fn in (quantize, quantize_reference):
+        with pytest.raises(QuantError, match="overflows fp16"):
+            fn(big, QuantSpec(8, 32))

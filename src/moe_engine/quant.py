@@ -307,17 +307,62 @@ def is_quantized(w) -> bool:
 
 # ---- round-to-nearest quantization --------------------------------------------------------------
 
-def quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest group-wise quantization of w [..., N, K] (any float dtype; computed in
-    fp32). K and N must be multiples of 32 / bits (the GPTQ packing); the last group may be
-    partial (K % g != 0)."""
+def _check_quantizable(w, spec: QuantSpec) -> None:
     if not isinstance(w, Tensor) or not w.is_floating_point() or w.dim() < 2:
         raise QuantError(f"quantize needs a >= 2-d float tensor [..., N, K], got "
                          f"{getattr(w, 'dtype', type(w).__name__)} {list(getattr(w, 'shape', []))}")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    N, K = w.shape[-2:]
+    if K % spec.pack or N % spec.pack:
+        raise QuantError(f"weight [N, K] = {[N, K]}: both must be multiples of {spec.pack} for "
+                         f"{spec.bits}-bit GPTQ packing")
+
+
+def quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of w [..., N, K] (any float dtype; computed in
+    fp32) by the rule of the module docstring. K and N must be multiples of 32 / bits (the GPTQ
+    packing); the last group may be partial (K % g != 0).
+
+    Runs csrc/cpu/quantize_rtn.cpp (one pass over the weight, every core) when the compiled
+    module is there, else `quantize_reference`; both give the same bits
+    (tests/test_quant.py compares them)."""
+    _check_quantizable(w, spec)
+    from .ops.backend import BackendUnavailable, native_module
+    try:
+        mod = native_module("cpu")
+    except BackendUnavailable:  # no compiled module: the PyTorch path
+        return quantize_reference(w, spec)
+    *lead, N, K = w.shape
+    x = w.detach().to("cpu")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.reshape(-1, N, K).contiguous()
+    E, p, G = x.shape[0], spec.pack, -(-K // spec.group_size)
+    qweight = torch.empty((E, K // p, N), dtype=torch.int32)
+    scales = torch.empty((E, G, N), dtype=torch.float16)
+    qzeros = torch.empty((E, G, N // p), dtype=torch.int32)
+    prm = mod.QRtnParams()
+    prm.w, prm.qweight, prm.scales, prm.qzeros = (x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                                  qzeros.data_ptr())
+    prm.dtype = mod.DType.f32 if x.dtype == torch.float32 else mod.DType.bf16
+    prm.E, prm.N, prm.K, prm.bits, prm.group_size = E, N, K, spec.bits, spec.group_size
+    prm.zero_offset, prm.sym = spec.zero_offset, spec.sym
+    try:
+        mod.quantize_rtn_cpu(prm)
+    except ValueError as e:
+        raise QuantError(str(e).partition(": ")[2] or str(e)) from None
+    return QuantizedWeight(qweight.reshape(*lead, K // p, N), scales.reshape(*lead, G, N),
+                           qzeros.reshape(*lead, G, N // p), spec.bits, spec.group_size, spec.sym,
+                           spec.zero_offset)
+
+
+def quantize_reference(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """`quantize` in PyTorch ops, step by step as the module docstring states the rule: the
+    reference the compiled quantizer is tested against, and the path without it."""
+    _check_quantizable(w, spec)
     *lead, N, K = w.shape
     p, g, b = spec.pack, spec.group_size, spec.bits
-    if K % p or N % p:
-        raise QuantError(f"weight [N, K] = {[N, K]}: both must be multiples of {p} for {b}-bit GPTQ packing")
     x = w.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise QuantError("weight has non-finite values; cannot quantize")
