@@ -83,6 +83,19 @@ def read_bandwidth(reps: int = 7) -> float:
     return BANDWIDTH_BUFFER_BYTES / min(ts)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB); it includes
+    the bandwidth measurement's buffer (BANDWIDTH_BUFFER_BYTES), freed before the model loads."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def rss_gib() -> float:
+    """This process's resident memory now (Linux /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
 def cpu_isa() -> str | None:
     """Which build of the CPU kernels _C holds (csrc/cpu/simd.h): avx512, avx2 or portable."""
     from moe_engine.ops import available_backends
@@ -372,6 +385,7 @@ def main(argv=None):
         f"MiB fp32; each timed step below is paired with its own {PROBE_BYTES >> 20} MiB read)")
     t = time.perf_counter()
     model = load_model(args)
+    load_s = time.perf_counter() - t
     c = model.config
     if not args.no_generate and args.prompt_len + args.gen_len > c.max_position_embeddings:
         print(f"error: --prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
@@ -382,12 +396,14 @@ def main(argv=None):
     qnote = "" if args.quant is None else f" ({args.quant} g{args.group_size} {'sym' if args.sym else 'asym'} linears)"
     say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
         f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
-        f"{args.dtype}{qnote}, backend {model.backend}{cpu_isa_note()}, loaded in {time.perf_counter() - t:.1f}s")
+        f"{args.dtype}{qnote}, backend {model.backend}{cpu_isa_note()}, loaded in {load_s:.1f}s, "
+        f"resident {rss_gib():.2f} GiB")
     result = {"model": args.model or args.preset, "backend": model.backend, "cpu_isa": cpu_isa(), "dtype": args.dtype,
               "quant": None if args.quant is None else {"bits": int(args.quant[3:]), "group_size": args.group_size,
                                                         "sym": args.sym},
               "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
-              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9}
+              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9,
+              "load_s": load_s, "rss_after_load_gib": rss_gib()}
 
     # -- timings (fractions of the floor come after the second bandwidth measurement) --
     if not args.no_generate:
@@ -481,6 +497,8 @@ def main(argv=None):
         say(f"  torch's best case, the same FLOPs as one dense GEMM pair over all {big * result['topk']} "
             f"slot rows: {g['torch_dense_gemm_us']:.0f} us ({g['torch_dense_gemm_gflop_s']:.1f} GFLOP/s): "
             f"ours at {g['torch_dense_gemm_us'] / g['ours_us']:.2f}x of it")
+    result["peak_rss_gib"] = peak_rss_gib()
+    say(f"\npeak resident memory {result['peak_rss_gib']:.2f} GiB")
     if args.json:
         print(json.dumps(result))
     return result
