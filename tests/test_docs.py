@@ -9,6 +9,8 @@ What is changed before running (and nothing else):
   token counts (throughput.py: `--prompt-len 16 --gen-len 4 --reps 1`, `--moe-tokens 1,8`;
   kernels.py: `--tokens 1`; contention.py: `--seconds 1 --burners 0,1`) and the shapes that
   need gigabytes (`16b-layer`, `--shape 16b`) become bench-small;
+- `torchrun` runs as `python -m torch.distributed.run` of this interpreter (its console script
+  may belong to another environment);
 - the README's "Set up and run" commands are skipped here: `.ci/run` runs them verbatim (the
   second one is this very test suite), and so is the llama.cpp recipe (network and a 15-minute
   build; bench/README.md says how to run it).
@@ -89,6 +91,7 @@ def prepare(cmd: str) -> str:
     for script, pat, rep in FAST:
         if script in cmd:
             cmd = pat.sub(rep, cmd, count=1)
+    cmd = re.sub(r"(^|&& |; )torchrun ", lambda m: m.group(1) + "python -m torch.distributed.run ", cmd)
     return re.sub(r"(^|&& |; )python3? ", lambda m: m.group(1) + sys.executable + " ", cmd)
 
 
