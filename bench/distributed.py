@@ -24,11 +24,12 @@ The model on paper (--paper-only prints it alone) for DeepSeekMoE-16B's MoE laye
 k = 6, bf16) for a batch of n tokens per step:
     time = messages * latency + bytes on the slowest link / link bandwidth
 with, per layer: two all-to-alls (out and back) of (W-1) messages each and one all-gather
-((W-1) messages). Assumptions (published figures, not measured here):
-  * NVLink: H100 SXM, NVLink 4, 900 GB/s bidirectional per GPU = 450 GB/s each way; all-to-all
-    at the link rate; 5 us per message (launch plus NVSwitch hop).
-  * InfiniBand: 2 nodes x 8 GPUs, one NDR 400 Gb/s NIC per GPU = 50 GB/s each way; half of a
-    rank's destinations are on the other node, so half its bytes cross IB (NVLink's share is
+((W-1) messages). Assumptions (published link rates, not measured here; the figures are LINKS
+below, and bench/README.md's table repeats them):
+  * NVLink: 8 H100 SXM GPUs, NVLink 4, half of its published bidirectional rate each way;
+    all-to-all at the link rate; 5 us per message (launch plus NVSwitch hop).
+  * InfiniBand: 2 nodes x 8 GPUs, one NDR (400 Gb per second) NIC per GPU; half of a rank's
+    destinations are on the other node, so half its bytes cross InfiniBand (the NVLink share is
     negligible beside it); 10 us per message.
   * balanced routing (each expert equally likely), no overlap of communication with compute,
     and the all-gather of expert outputs counted (a design with data-parallel attention would
