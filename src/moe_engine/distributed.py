@@ -329,14 +329,27 @@ def attach_expert_shards(model) -> None:
 
     from .loader import MoEWeights
 
-    for l, lw in enumerate(model.weights.layers):
-        if isinstance(lw.mlp, MoEWeights):
-            lw.mlp.ep = ExpertShard(l, model.config.n_routed_experts)
+    shards = {l: ExpertShard(l, model.config.n_routed_experts)
+              for l, lw in enumerate(model.weights.layers) if isinstance(lw.mlp, MoEWeights)}
+
+    def attach():
+        for l, shard in shards.items():
+            model.weights.layers[l].mlp.ep = shard
+
+    def no_one_call(cw):
+        return cw if cw.decode_layers is None else dataclasses.replace(cw, decode_layers=None)
+
+    attach()
     if model._cpu is not None:
-        model._cpu = dataclasses.replace(model._cpu, decode_layers=None)
+        model._cpu = no_one_call(model._cpu)
+    else:
+        # packed later (a call with backend="cpu" on another backend's model): packing may
+        # replace the layers' MoEWeights (quantized models), so the shards are attached again
+        pack = model._cpu_weights
 
-
-def is_expert_parallel(model) -> bool:
-    """Whether `model` was loaded with expert_parallel=True."""
-    from .loader import MoEWeights
-    return any(isinstance(lw.mlp, MoEWeights) and lw.mlp.ep is not None for lw in model.weights.layers)
+        def packed():
+            if model._cpu is None:
+                model._cpu = no_one_call(pack())
+                attach()
+            return model._cpu
+        model._cpu_weights = packed

@@ -1,7 +1,7 @@
 """One spawned process of tests/distributed/test_distributed.py: `_worker.py TASK OUT ARGS...`
 with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by the test.
 
-    ep CKPT DTYPE    expert-parallel forward cases (_cases.forward_cases); rank 0 saves them
+    ep CKPT DTYPE QUANT  expert-parallel forward cases (QUANT '' or int8) (_cases.forward_cases); rank 0 saves them
     corpus           the corpus analyses, corpus parallel (_cases.corpus_results); rank 0 saves
     die              rank 1 exits at once; the others run a collective and must fail cleanly
 """
@@ -22,8 +22,9 @@ from moe_engine import distributed as D  # noqa: E402
 def main(task: str, out: str, *args: str) -> int:
     try:
         if task == "ep":
-            ckpt, dtype = args
-            model = moe_engine.load(ckpt, dtype=dtype, expert_parallel=True, progress=False)
+            ckpt, dtype, quant = args
+            model = moe_engine.load(ckpt, dtype=dtype, expert_parallel=True, progress=False,
+                                    quant=quant or None)
             res = _cases.forward_cases(model)
         elif task == "corpus":
             D.init("cpu")

@@ -72,14 +72,18 @@ def ckpts(tmp_path_factory):
             "bfloat16": make_checkpoint(d / "bf16", "tiny", seed=3)}
 
 
-@pytest.mark.parametrize("W,dtype", [(2, "float32"), (3, "float32"), (2, "bfloat16")])
-def test_expert_parallel_equals_one_process(ckpts, tmp_path, W, dtype):
-    """8 experts over 2 ranks (4 + 4) or 3 ranks (2 + 3 + 3, uneven)."""
+@pytest.mark.parametrize("W,dtype,quant", [pytest.param(2, "float32", "", marks=pytest.mark.slow),
+                                           (3, "float32", ""), (2, "bfloat16", ""),
+                                           pytest.param(3, "bfloat16", "int8", marks=pytest.mark.slow)])
+def test_expert_parallel_equals_one_process(ckpts, tmp_path, W, dtype, quant):
+    """8 experts over 2 ranks (4 + 4) or 3 ranks (2 + 3 + 3, uneven); int8: the quantized
+    expert kernels on the received rows."""
     torch.set_num_threads(1)
     out = tmp_path / "ep.pt"
-    _ok(spawn(W, "ep", out, str(ckpts[dtype]), dtype))
+    _ok(spawn(W, "ep", out, str(ckpts[dtype]), dtype, quant))
     got = torch.load(out)
-    want = _cases.forward_cases(moe_engine.load(ckpts[dtype], dtype=dtype, progress=False))
+    want = _cases.forward_cases(moe_engine.load(ckpts[dtype], dtype=dtype, progress=False,
+                                                quant=quant or None))
     assert sorted(got) == sorted(want)
     dt = getattr(torch, dtype)
     for name in want:
@@ -113,7 +117,7 @@ def test_expert_parallel_needs_torchrun(ckpts, monkeypatch):
         moe_engine.load(ckpts["float32"], expert_parallel=True, progress=False)
 
 
-@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("W", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_corpus_parallel_equals_one_process(tmp_path, W):
     torch.set_num_threads(1)
     out = tmp_path / "corpus.pt"
