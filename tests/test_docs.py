@@ -7,8 +7,10 @@ What is changed before running (and nothing else):
 - a snippet needing a GPU (`--device cuda`, `--backend cuda`, `tools/gpu_check.sh`, `device="cuda"` outside comments) is skipped without one;
 - speed, only where a command would take more than a few seconds: the bench scripts get small
   token counts (throughput.py: `--prompt-len 16 --gen-len 4 --reps 1`, `--moe-tokens 1,8`;
-  kernels.py: `--tokens 1`; contention.py: `--seconds 1 --burners 0,1`) and the shapes that
+  kernels.py: `--tokens 1`; contention.py: `--seconds 1 --burners 0,1`; distributed.py: 1 and 2 processes, one short rep) and the shapes that
   need gigabytes (`16b-layer`, `--shape 16b`) become bench-small;
+- `torchrun` runs as `python -m torch.distributed.run` of this interpreter (its console script
+  may belong to another environment);
 - the README's "Set up and run" commands are skipped here: `.ci/run` runs them verbatim (the
   second one is this very test suite), and so is the llama.cpp recipe (network and a 15-minute
   build; bench/README.md says how to run it).
@@ -50,6 +52,7 @@ FAST = [  # (applies to commands matching, pattern, replacement); see the module
     ("bench/kernels.py", re.compile(r"--shape 16b\b"), "--shape bench-small"),
     ("bench/kernels.py", re.compile(r"$"), " --tokens 1"),
     ("bench/contention.py", re.compile(r"$"), " --seconds 1 --burners 0,1"),
+    ("bench/distributed.py", re.compile(r"$"), " --procs 1,2 --batch 1 --prompt-len 8 --gen-len 2 --reps 1"),
     ("bench/soak.py", re.compile(r" --max-seconds \S+"), ""),
     ("bench/soak.py", re.compile(r"$"), " --tokens 100 --chunk 25 --calls 40 --windows 4 --max-seconds 20"),
 ]
@@ -89,6 +92,7 @@ def prepare(cmd: str) -> str:
     for script, pat, rep in FAST:
         if script in cmd:
             cmd = pat.sub(rep, cmd, count=1)
+    cmd = re.sub(r"(^|&& |; )torchrun ", lambda m: m.group(1) + "python -m torch.distributed.run ", cmd)
     return re.sub(r"(^|&& |; )python3? ", lambda m: m.group(1) + sys.executable + " ", cmd)
 
 

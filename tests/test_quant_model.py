@@ -45,7 +45,8 @@ def _quantized_tensors(w: ModelWeights):
     for l, lw in enumerate(w.layers):
         m = lw.mlp
         named = {"q": lw.q, "k": lw.k, "v": lw.v, "o": lw.o}
-        named.update({f"mlp.{k}": v for k, v in vars(m).items() if k != "shared"})
+        # ep: the expert-parallel shard (distributed.py), None in one process
+        named.update({f"mlp.{k}": v for k, v in vars(m).items() if k not in ("shared", "ep")})
         if getattr(m, "shared", None) is not None:
             named.update({"shared.gate_up": m.shared.gate_up, "shared.down": m.shared.down})
         for k, v in named.items():

@@ -26,6 +26,10 @@ TOL = {
     ("model_logits", torch.bfloat16): (1.5e-1, 5e-2),
     ("model_logits_vs_backend", torch.float32): (1e-4, 1e-4),
     ("model_logits_vs_backend", torch.bfloat16): (1e-1, 5e-2),
+    # expert parallel vs one process (logits, taps): the same kernels on the same rows, but each
+    # expert's rows arrive in another grouping (the exchange), so a GEMM may round differently.
+    ("expert_parallel", torch.float32): (1e-5, 1e-5),
+    ("expert_parallel", torch.bfloat16): (1e-1, 5e-2),
     # lens tap invariants (resid_post = resid_mid + routed + shared, ...): each side was rounded
     # to the model dtype separately, so they agree to a few roundings of that dtype.
     ("tap_invariant", torch.float32): (1e-5, 1e-5),

@@ -45,7 +45,8 @@ def load(path=None, **kwargs) -> Model:
     """Load a Hugging Face DeepSeekMoE checkpoint directory (default: the bundled small model).
     Keyword arguments: dtype ("bfloat16" | "float32"), device, backend, progress (default False:
     quiet in library use; the CLIs show a bar when stderr is a terminal), quant ("int8" | "int4":
-    quantize on load), group_size, sym, context, check_memory (see Model.load)."""
+    quantize on load), group_size, sym, context, check_memory, expert_parallel (under torchrun:
+    this process holds 1/W of the routed experts; see Model.load)."""
     return Model.load(path, **kwargs)
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from . import distributed
 from .interventions import Interventions, for_call
 from .interventions import _FIELDS as INTERVENTION_KEYS
 from .model import Model, check_device, left_pad
@@ -507,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels of the MoE layer; auto = cuda on a GPU, else cpu (default: %(default)s)")
     g.add_argument("--threads", type=_int_in(1, max_threads(), "CPU threads"), metavar="N",
                    help=f"CPU threads for torch and the kernels, 1..{max_threads()} (default: torch's choice)")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: each process holds 1/N of every MoE layer's experts and "
+                        "they exchange tokens; rank 0 prints (default: off)")
     g.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights holding NaN/Inf (default: refused, naming the tensor)")
     add_quant_arguments(ap.add_argument_group("quantization"))
@@ -559,9 +563,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = check_device(args.device)
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed,
                                   max_new_tokens=args.max_new_tokens, stop=args.stop)
+        if args.expert_parallel:
+            distributed.init(device, expert_parallel=True)
+            if not distributed.is_main():  # every rank runs the same steps; rank 0 prints
+                out = _Output(open(os.devnull, "w"))
         model = Model.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
-                           progress=sys.stderr.isatty(), allow_nonfinite=args.allow_nonfinite,
-                           **quant_kwargs(args))
+                           progress=sys.stderr.isatty() and distributed.is_main(),
+                           allow_nonfinite=args.allow_nonfinite,
+                           expert_parallel=args.expert_parallel, **quant_kwargs(args))
         mask = parse_expert_mask(args.expert_mask, model.config.num_hidden_layers) if args.expert_mask else None
         prompts = args.prompt or ["The"]
         many = len(prompts) > 1
@@ -598,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
+    if not distributed.is_main():
+        return 130 if interrupted else 0
     if model is not None and (first is not None or interrupted):
         dt = time.perf_counter() - t0
         decode_dt = time.perf_counter() - (first or t0)

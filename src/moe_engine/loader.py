@@ -91,6 +91,8 @@ class MoEWeights:
     experts_gate_up: Tensor          # [E, 2F, D]: per expert gate rows first, then up rows
     experts_down: Tensor             # [E, D, F]
     shared: DenseMLPWeights | None   # F = S; None when n_shared_experts == 0
+    ep: object = None                # expert parallelism: this rank's distributed.ExpertShard
+                                     # (the experts above are then its [lo, hi) only)
 
 
 @dataclass
@@ -374,7 +376,7 @@ def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
     if all(isinstance(w, Tensor) for w in parts):
         return lw
     m = lw.mlp
-    new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared))
+    new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared), m.ep)
                if isinstance(m, MoEWeights) else mlp(m))
     return LayerWeights(lw.input_norm, lw.post_attn_norm, dq(lw.q), dq(lw.k), dq(lw.v), dq(lw.o), new_mlp)
 
@@ -404,11 +406,14 @@ def _check_dir(ckpt: Path) -> None:
 
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
                  device: str | torch.device = "cpu", progress: bool = True,
-                 quant: QuantSpec | None = None, allow_nonfinite: bool = False) -> ModelWeights:
+                 quant: QuantSpec | None = None, allow_nonfinite: bool = False,
+                 experts=None) -> ModelWeights:
     """Read the checkpoint directory `path` for `config`, cast to `dtype` (bf16 or fp32) on
     `device`, experts packed. Every problem raises CheckpointError naming the file and tensor.
     A GPTQ checkpoint's quantized linears come back as QuantizedWeights; `quant` quantizes an
-    unquantized checkpoint's linears (quant.QUANTIZABLE) as they are read."""
+    unquantized checkpoint's linears (quant.QUANTIZABLE) as they are read. experts: a function
+    E -> (lo, hi): only routed experts lo..hi-1 of each MoE layer are read (expert parallelism,
+    distributed.expert_range; the others are never read into memory)."""
     ckpt = Path(path)
     _check_dir(ckpt)
     if not isinstance(allow_nonfinite, bool):
@@ -421,6 +426,14 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
         raise CheckpointError(f"{ckpt}: already quantized ({on_disk.bits}-bit GPTQ); load it "
                               "without quant=, or quantize the unquantized checkpoint")
     weight_map, to_load, headers = _check_checkpoint(ckpt, config)
+    lo, hi = 0, config.n_routed_experts
+    if experts is not None:
+        lo, hi = experts(config.n_routed_experts)
+        if not 0 <= lo < hi <= config.n_routed_experts:
+            raise ValueError(f"experts {lo}..{hi - 1}: expected a non-empty range within "
+                             f"0..{config.n_routed_experts - 1}")
+        to_load = [n for n in to_load if ".mlp.experts." not in n
+                   or lo <= int(n.split(".mlp.experts.")[1].split(".")[0]) < hi]
 
     with contextlib.ExitStack() as stack:
         handles: dict[Path, tuple[object, int]] = {}
@@ -520,17 +533,17 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             bar.set_postfix_str(f"layer {l}", refresh=False)
             p = f"model.layers.{l}."
             if config.is_moe_layer(l):
-                E, F, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+                F, D = config.moe_intermediate_size, config.hidden_size
                 router = whole(p + "mlp.gate.weight")
                 if quant is not None or on_disk is not None:
-                    gate_up, down = _experts(lin, p, E, quantized)
+                    gate_up, down = _experts(lin, p, range(lo, hi), quantized)
                 else:
-                    gate_up, down = empty(E, 2 * F, D), empty(E, D, F)
-                    for e in range(E):
+                    gate_up, down = empty(hi - lo, 2 * F, D), empty(hi - lo, D, F)
+                    for i, e in enumerate(range(lo, hi)):
                         q = f"{p}mlp.experts.{e}."
-                        into(gate_up[e, :F], q + "gate_proj.weight")
-                        into(gate_up[e, F:], q + "up_proj.weight")
-                        into(down[e], q + "down_proj.weight")
+                        into(gate_up[i, :F], q + "gate_proj.weight")
+                        into(gate_up[i, F:], q + "up_proj.weight")
+                        into(down[i], q + "down_proj.weight")
                 shared = (dense_mlp(p + "mlp.shared_experts.", config.shared_width)
                           if config.shared_width else None)
                 mlp: DenseMLPWeights | MoEWeights = MoEWeights(router, gate_up, down, shared)
@@ -547,11 +560,11 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
-def _experts(lin, p: str, E: int, quantized) -> tuple:
-    """A layer's routed experts as [E, 2F, D] / [E, D, F]: stacked QuantizedWeights, or tensors
-    (a GPTQ checkpoint whose tool left the experts unquantized)."""
+def _experts(lin, p: str, experts: range, quantized) -> tuple:
+    """A layer's routed experts `experts` as [E, 2F, D] / [E, D, F]: stacked QuantizedWeights,
+    or tensors (a GPTQ checkpoint whose tool left the experts unquantized)."""
     gu, dn = [], []
-    for e in range(E):
+    for e in experts:
         q = f"{p}mlp.experts.{e}."
         g, u, d = (lin(f"{q}{x}_proj.weight") for x in ("gate", "up", "down"))
         if quantized([g, u, d], f"{p}mlp.experts"):
@@ -566,8 +579,9 @@ def _experts(lin, p: str, E: int, quantized) -> tuple:
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    quant: QuantSpec | None = None, allow_nonfinite: bool = False) -> tuple[ModelConfig, ModelWeights]:
-    """`config.json` + weights of the HF checkpoint directory `path`."""
+                    quant: QuantSpec | None = None, allow_nonfinite: bool = False,
+                    experts=None) -> tuple[ModelConfig, ModelWeights]:
+    """`config.json` + weights of the HF checkpoint directory `path` (experts: load_weights)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     ckpt = Path(path)
@@ -579,7 +593,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                               "its config.json")
     config = ModelConfig.from_json(ckpt / CONFIG_FILE)
     return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress, quant=quant,
-                                allow_nonfinite=allow_nonfinite)
+                                allow_nonfinite=allow_nonfinite, experts=experts)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DenseMLPWeights", "MoEWeights", "LayerWeights",

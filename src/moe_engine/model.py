@@ -154,14 +154,16 @@ class Model:
              device: str | torch.device = "cpu", backend: str = "auto", progress: bool = False,
              quant: str | None = None, group_size: int = 128, sym: bool = False,
              context: int | None = None, check_memory: bool = True,
-             allow_nonfinite: bool = False) -> "Model":
+             allow_nonfinite: bool = False, expert_parallel: bool = False) -> "Model":
         """Load a checkpoint directory (None: the bundled small model). Weights holding NaN or
         Inf are refused (CheckpointError naming the tensor) unless allow_nonfinite=True.
         progress: a loading bar on stderr (the CLIs turn it on when stderr is a terminal).
         quant: "int8" | "int4" quantizes the linears on load (the same bits as
         `python -m moe_engine.quantize` with --group-size/--sym); a GPTQ checkpoint loads
         quantized by itself. context: the KV-cache length the memory preflight budgets for
-        (default: the model's context); check_memory=False skips the preflight."""
+        (default: the model's context); check_memory=False skips the preflight.
+        expert_parallel: under torchrun, this rank holds only its share of each MoE layer's
+        routed experts and exchanges tokens with the others (src/moe_engine/distributed.py)."""
         from .memory import preflight
         from .quant import QuantSpec
         from .tokenizer import Tokenizer
@@ -187,12 +189,19 @@ class Model:
             dtype = DTYPES[dtype]
         be = backends.resolve(backend, torch.device(device))
         spec = None if quant is None else QuantSpec.from_name(quant, group_size, sym)
+        experts = None
+        if expert_parallel is not False:
+            from . import distributed
+            experts = distributed.start_expert_parallel(expert_parallel, device)
         if check_memory:
-            preflight(path, dtype=dtype, backend=be, quant=spec, context=context)
+            preflight(path, dtype=dtype, backend=be, quant=spec, context=context, experts=experts)
         config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quant=spec,
-                                          allow_nonfinite=allow_nonfinite)
+                                          allow_nonfinite=allow_nonfinite, experts=experts)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-        return cls(config, weights, backend=backend, tokenizer=tok, path=path)
+        model = cls(config, weights, backend=backend, tokenizer=tok, path=path)
+        if experts is not None:
+            distributed.attach_expert_shards(model)
+        return model
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config

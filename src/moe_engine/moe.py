@@ -65,7 +65,9 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         ids = _patch_cols(t, pre + "hook_topk_ids", ids, k)
     if want(pre + "hook_topk_weights"):
         weights = _patch_cols(t, pre + "hook_topk_weights", weights, k)
-    if k > 0 and cpu is not None and isinstance(cpu.experts, QuantExperts):
+    if k > 0 and w.ep is not None:  # expert parallelism: this rank's experts + the exchange
+        expert_out = w.ep.expert_ffn(u, ids, w, cpu, backend=backend)   # (distributed.py)
+    elif k > 0 and cpu is not None and isinstance(cpu.experts, QuantExperts):
         expert_out = expert_ffn_packed(u, ids, cpu.experts)
     elif k > 0:
         expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend,

@@ -11,6 +11,10 @@ Sub-commands (docs/lens.md; one domain per PATH, labelled by its name or NAME=PA
     capture       taps of a whole corpus to safetensors shards  shard-NNNNN.safetensors, index.json
 Every JSON is also written as long-format CSV beside it.
 
+Under `torchrun --nproc-per-node N` the corpus's batches are shared out to the N processes and
+rank 0 writes the same files one process would (capture runs in one process); with
+--expert-parallel the processes split the experts instead (src/moe_engine/distributed.py).
+
 With no --model the bundled small model is used. --preset paper applies the public MoE Lens
 code's definitions, --preset paper-as-run also its two defects (so its figures reproduce); the
 default, notes, is ours. docs/lens.md has the formulas of each.
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from ..model import Model, set_threads
 from ..quant import add_quant_arguments, quant_kwargs
 from . import analyses as A
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load weights holding NaN/Inf (refused by default)")
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: bars when stderr is a terminal)")
+    common.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun: each process holds 1/N of every MoE layer's experts "
+                             "(default: each holds the whole model and runs 1/N of the corpus)")
     add_quant_arguments(common)
     p = sub.add_parser("routing", parents=[common], help="routing distribution per domain")
     p.add_argument("--topk", type=int, help="override k on every MoE layer")
@@ -188,10 +196,17 @@ def run(args) -> list[Path]:
         raise ValueError(f"{args.command}: give at least one corpus PATH")
     domains = [domain_from_path(p) for p in args.paths]
     out: Path = args.out
-    _check_out(out)
-    progress = not args.no_progress and sys.stderr.isatty()  # bars only for a person watching
+    D.init(args.device, expert_parallel=args.expert_parallel)
+    if args.command == "capture" and D.world() > 1:
+        raise ValueError("capture runs in one process (its shards are written as the batches "
+                         "come); run it without torchrun")
+    if D.is_main():
+        _check_out(out)
+    # bars only for a person watching, and from one process
+    progress = not args.no_progress and sys.stderr.isatty() and D.is_main()
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                       progress=progress, allow_nonfinite=args.allow_nonfinite, **quant_kwargs(args))
+                       progress=progress, allow_nonfinite=args.allow_nonfinite,
+                       expert_parallel=args.expert_parallel, **quant_kwargs(args))
     _check_model_args(args, model)
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)
@@ -208,6 +223,8 @@ def run(args) -> list[Path]:
     if args.command == "routing":
         res = A.route_corpus(model, domains, preset=args.preset, topk=args.topk,
                              renormalize=renorm, **mask_kw, **corpus_kw).to_json()
+        if not D.is_main():   # every rank holds the result; rank 0 writes it
+            return []
         files.append(_write_json(out / "routing.json", res))
         files += write_csv(out / "routing", res)
         files += P.plot_routing(res, out, layers=args.plot_layers)
@@ -222,19 +239,26 @@ def run(args) -> list[Path]:
                                label=name, topk=args.topk, renormalize=renorm,
                                **mask_kw).to_json()
             results.append(r)
-            files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
+            if D.is_main():
+                files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
+        if not D.is_main():
+            return []
         summary = {"analysis": "early-decode", "results": results}
         files[:0] = [_write_json(out / "early_decode.json", summary),
                      *write_csv(out / "early_decode", summary)]
     elif args.command == "topk-sweep":
         res = A.topk_sweep(model, domains, ks=args.ks, preset=args.preset, renormalize=renorm,
                            **corpus_kw).to_json()
+        if not D.is_main():
+            return []
         files.append(_write_json(out / "topk_sweep.json", res))
         files += write_csv(out / "topk_sweep", res)
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
         res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
                            renormalize=renorm, **mask_kw, **corpus_kw).to_json()
+        if not D.is_main():
+            return []
         files.append(_write_json(out / "similarity.json", res))
         files += write_csv(out / "similarity", res)
         files.append(P.plot_similarity(res, out / "similarity.png"))
@@ -295,6 +319,8 @@ def _run_stats(args, model, domains, out: Path, corpus_kw: dict, renorm,
     else:
         res = S.vocab(model, domains, top=args.top, layers=args.layers, **kw).to_json()
         stem, plots = "vocab", lambda r: P.plot_vocab(r, out)
+    if not D.is_main():
+        return []
     return [_write_json(out / f"{stem}.json", res), *write_csv(out / stem, res), *plots(res)]
 
 
@@ -310,6 +336,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        D.finish()
+    if not D.is_main():
+        return 0
     for f in files:
         print(f)
     dt = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..interventions import Interventions, for_call
 from ..model import Model, rms_norm
 from ..taps import Capture, TapRequest, _layer_of
@@ -99,7 +100,9 @@ def _bar(domain: C.Domain, what: str, progress: bool):
 def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, split, max_samples,
              max_tokens, preset: Preset | None = None, bos: str = "every"):
     """Padded batches of the domain's samples, each with `doc` [B] int64: the document (the
-    sample itself unless the preset pools chunks per document) of each of its samples."""
+    sample itself unless the preset pools chunks per document) of each of its samples, and
+    `index`, the batch's number in the domain. Under torchrun (corpus parallel) this rank gets
+    only its batches (distributed.mine); the caller reduces with distributed.py."""
     p = get_preset("notes" if preset is None else preset)
     split = p.split if split is None else split
     if p.documents:
@@ -116,10 +119,13 @@ def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, spli
             docs.append(d)
             yield s
 
-    for b in C.iter_batches(samples(), batch_tokens, model.device):
+    for i, b in enumerate(C.iter_batches(samples(), batch_tokens, model.device)):
         n = len(b.lengths)
         b.doc = torch.tensor(docs[:n], dtype=torch.int64)
+        b.index = i
         del docs[:n]
+        if not D.mine(i):
+            continue
         yield b
         if bar is not None:  # the caller has run the batch through the model
             bar.update(sum(b.lengths))
@@ -302,6 +308,9 @@ def route_corpus(model: Model, domains, *, preset: str | Preset = "notes",
                 usage.zero_()
                 tokens += b.attention_mask.sum()
                 n_samples += len(b.lengths)
+        D.all_sum_(hits)
+        D.all_sum_(tokens)
+        n_samples = D.sum_int(n_samples)
         if routing is None:
             iv = interventions if interventions is not None else for_call(None, intervention_kwargs)
             routing = iv.resolve(model.config, torch.device("cpu"))
@@ -492,21 +501,23 @@ def topk_sweep(model: Model, domains, ks: Sequence[int] | None = None, *,
     corpus_kw = dict(max_len=max_len, batch_tokens=batch_tokens, split=split,
                      max_samples=max_samples, max_tokens=max_tokens, preset=p, bos="first")
     for dom in C.as_domains(domains):
-        nll = {k: [] for k in ks}
-        cnt: list[torch.Tensor] = []
-        docs: list[torch.Tensor] = []
-        lengths: list[torch.Tensor] = []
+        per_batch = []   # (batch index, ({k: nll [B]}, counts [B], doc [B], lengths [B]))
         with _bar(dom, "topk-sweep", progress) as bar:
             for b in _batches(model, dom, bar, **corpus_kw):
+                b_nll = {}
                 for k in ks:
                     cap = Capture(TapRequest([last]))
                     model.forward(b.input_ids, attention_mask=b.attention_mask, capture=cap,
                                   logits="last", topk=k, renormalize=renormalize)
                     s_nll, s_cnt = _sample_nll(model, b, cap[last])
-                    nll[k].append(s_nll.cpu())
-                cnt.append(s_cnt.cpu())
-                docs.append(b.doc)
-                lengths.append(torch.tensor(b.lengths, dtype=torch.int64))
+                    b_nll[k] = s_nll.cpu()
+                per_batch.append((b.index, (b_nll, s_cnt.cpu(), b.doc,
+                                            torch.tensor(b.lengths, dtype=torch.int64))))
+        batches = D.in_order(per_batch)   # every rank's batches, in corpus order
+        nll = {k: [x[0][k] for x in batches] for k in ks}
+        cnt = [x[1] for x in batches]
+        docs = [x[2] for x in batches]
+        lengths = [x[3] for x in batches]
         if not docs:
             res.domains[dom.name] = {"samples": 0, "tokens": 0, "log_ppl": {k: [] for k in ks}}
             continue
@@ -573,8 +584,10 @@ def similarity(model: Model, domains, *, preset: str | Preset = "notes",
     M = len(SIM_METRICS)
     for dom in C.as_domains(domains):
         # [L, metric, (sum, sum of squares, count)]
+        # (a batch's partial sums, folded into the total in batch order: distributed.OrderedSum)
         acc = torch.zeros((model.config.num_hidden_layers, M, 3), dtype=torch.float64,
                           device=model.device)
+        total = D.OrderedSum(acc)
 
         def on_layer(l, taps):
             # H^{l_1} and H^{l_K} only, slot by slot: O(N·D) fp32 besides the taps themselves,
@@ -607,9 +620,11 @@ def similarity(model: Model, domains, *, preset: str | Preset = "notes",
 
         with _bar(dom, "similarity", progress) as bar:
             for b in _batches(model, dom, bar, **corpus_kw):
+                acc.zero_()
                 model.forward(b.input_ids, attention_mask=b.attention_mask, logits="last",
                               capture=LayerStream(model, suffixes, on_layer, p.positions), **kw)
-        a = acc.cpu()
+                total.add(b.index, acc)
+        a = total.result().cpu()
         out = {}
         for l in moe:
             row = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import distributed as D
 from ..model import Model
 from ..taps import Capture, TapRequest
 from . import corpus as C
@@ -55,6 +56,8 @@ def capture_corpus(model: Model, domains, taps: Sequence[str], out_dir: str | Pa
     returns the path of index.json. See the module docstring for the layout and resuming."""
     if not taps:
         raise ValueError("give at least one tap pattern")
+    if D.world() > 1:  # it writes shards as batches come: one writer, every batch
+        raise ValueError("capture_corpus runs in one process, not under torchrun")
     if positions not in ("all", "last"):
         raise ValueError(f"positions = {positions!r}; expected 'all' or 'last'")
     if shard_bytes < 1:

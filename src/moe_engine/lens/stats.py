@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed as D
 from ..model import Model
 from . import corpus as C
 from .analyses import (BATCH_TOKENS, LayerStream, _bar, _batches, get_preset, model_info)
@@ -33,15 +34,21 @@ def _kw(interventions, intervention_kwargs):
 
 def _stream(model, domains, suffixes, on_layer_for, *, preset, corpus_kw, kw, progress, what,
             positions="all"):
-    """Run every batch of every domain with a LayerStream calling on_layer_for(domain)."""
+    """Run every batch of every domain with a LayerStream calling on_layer_for(domain); after
+    each batch fn.batch_done(batch index) when fn has it, and after the domain fn.tokens is
+    summed over the ranks (corpus parallel)."""
     p = get_preset(preset)
     for dom in C.as_domains(domains):
         fn = on_layer_for(dom.name)
+        fn.tokens = 0
         with _bar(dom, what, progress) as bar:
             for b in _batches(model, dom, bar, preset=p, **corpus_kw):
                 model.forward(b.input_ids, attention_mask=b.attention_mask, logits="last",
                               capture=LayerStream(model, suffixes, fn, positions), **kw)
-                fn.tokens = getattr(fn, "tokens", 0) + int(b.attention_mask.sum())
+                fn.tokens += int(b.attention_mask.sum())
+                if hasattr(fn, "batch_done"):
+                    fn.batch_done(b.index)
+        fn.tokens = D.sum_int(fn.tokens)
         yield dom.name, fn
 
 
@@ -79,8 +86,10 @@ def router_stats(model: Model, domains, *, preset="notes", max_len=None,
     res = RouterStatsResult(model_info(model))
 
     def for_domain(name):
+        # one batch's sums, folded into the totals in batch order (distributed.OrderedSum)
         acc = torch.zeros((L, 4), dtype=torch.float64, device=model.device)  # H, H^2, n, mass
         probs = torch.zeros((L, E), dtype=torch.float64, device=model.device)
+        totals = (D.OrderedSum(acc), D.OrderedSum(probs))
 
         def fn(l, taps):
             p = taps["moe.hook_router_probs"].double()
@@ -93,7 +102,11 @@ def router_stats(model: Model, domains, *, preset="notes", max_len=None,
             ids = taps["moe.hook_topk_ids"].long()
             acc[l, 3] += p.gather(1, ids.clamp_min(0)).sum() if ids.numel() else 0.0
             probs[l] += p.sum(0)
-        fn.acc, fn.probs = acc, probs
+        def batch_done(index):
+            for t, part in zip(totals, (acc, probs)):
+                t.add(index, part)
+                part.zero_()
+        fn.batch_done, fn.totals = batch_done, totals
         return fn
 
     for name, fn in _stream(model, domains, ["moe.hook_router_probs", "moe.hook_topk_ids"],
@@ -102,7 +115,7 @@ def router_stats(model: Model, domains, *, preset="notes", max_len=None,
                                                  max_tokens),
                             kw=_kw(interventions, intervention_kwargs), progress=progress,
                             what="router-stats"):
-        a, pr = fn.acc.cpu(), fn.probs.cpu()
+        a, pr = (t.result().cpu() for t in fn.totals)
         layers = {}
         for l in moe:
             s, sq, n, mass = a[l].tolist()
@@ -166,7 +179,7 @@ def coactivation(model: Model, domains, *, preset="notes", max_len=None,
                                                  max_tokens),
                             kw=_kw(interventions, intervention_kwargs), progress=progress,
                             what="coactivation"):
-        c = fn.counts.cpu().round().long()
+        c = D.all_sum_(fn.counts.round().long()).cpu()   # integer counts: exact in any order
         res.domains[name] = {"tokens": getattr(fn, "tokens", 0),
                              "layers": {str(l): c[l].tolist() for l in moe}}
     return res
@@ -242,6 +255,10 @@ def vocab(model: Model, domains, *, top: int = 10, layers=None, preset="notes", 
                 n_tokens += t.numel()
                 model.forward(b.input_ids, attention_mask=b.attention_mask, logits="last",
                               capture=LayerStream(model, ["moe.hook_topk_ids"], fn), **kw)
+    for c in counts.values():
+        D.all_sum_(c)
+    D.all_sum_(occ)
+    n_tokens = D.sum_int(n_tokens)
     res = VocabResult(model_info(model), top, [d.name for d in doms], n_tokens)
     o = occ.cpu()
     for l in layers:
