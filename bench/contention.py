@@ -5,9 +5,11 @@
 
 Every measurement runs in a fresh Python process (OpenMP reads its wait settings once, when torch
 loads it), times single-sequence decode steps of the cpu backend for --seconds, and reports
-tokens/s and the p50 / p90 step time. Burners are plain busy loops, started before the
-measurement and killed after it; the whole run takes about (burner counts) x (--seconds + load
-time). `--env NAME=VALUE` (repeatable) sets variables for the measured process only, e.g. to
+tokens/s, the p50 / p90 step time, how often the decode step changed its thread team
+(src/moe_engine/decode_threads.py; MOE_ENGINE_ADAPT_THREADS=0 turns that off) and the machine's
+1-minute load average before the burners start (other jobs: the measurement means little when it
+is high). Burners are plain busy loops, started before the measurement and killed after it;
+the whole run takes about (burner counts) x (--seconds + load time). `--env NAME=VALUE` (repeatable) sets variables for the measured process only, e.g. to
 compare with the OpenMP default (`OMP_WAIT_POLICY=active`, or `MOE_ENGINE_SPIN=default`, which
 leaves libgomp's own settings; see src/moe_engine/__init__.py). The last line under --json is one
 JSON object.
@@ -47,7 +49,7 @@ while time.perf_counter() < t_end:
     t = time.perf_counter()
     m.forward(tok, cache=cache, logits="last")
     steps.append(time.perf_counter() - t)
-print(json.dumps(steps))
+print(json.dumps({"steps": steps, "switches": m._cpu_weights().threads.switches}))
 """
 
 
@@ -58,6 +60,7 @@ def _burn() -> None:
 
 def measure(path: str, threads: int, seconds: float, burners: int, env: dict[str, str]) -> dict:
     procs = [mp.Process(target=_burn, daemon=True) for _ in range(burners)]
+    load = os.getloadavg()[0]  # the machine's own load, before the burners start
     try:
         for p in procs:
             p.start()
@@ -73,10 +76,12 @@ def measure(path: str, threads: int, seconds: float, burners: int, env: dict[str
                 p.join()
     if out.returncode != 0:
         raise SystemExit(f"error: the measuring process failed:\n{out.stderr[-2000:]}")
-    steps = sorted(json.loads(out.stdout.strip().splitlines()[-1]))
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    steps = sorted(child["steps"])
     q = statistics.quantiles(steps, n=10)
     return {"burners": burners, "steps": len(steps), "tok_s": len(steps) / sum(steps),
-            "p50_ms": 1e3 * statistics.median(steps), "p90_ms": 1e3 * q[8]}
+            "p50_ms": 1e3 * statistics.median(steps), "p90_ms": 1e3 * q[8],
+            "switches": child["switches"], "load": load}
 
 
 def main(argv=None) -> int:
@@ -104,11 +109,13 @@ def main(argv=None) -> int:
             from moe_engine.synthetic import make_checkpoint
             path = str(make_checkpoint(tmp, args.preset))
         rows = []
-        print(f"{'beside':>6} {'tok/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'steps':>6}   env {env or 'default'}")
+        print(f"{'beside':>6} {'tok/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'steps':>6} {'teams':>6} {'load':>5}"
+              f"   env {env or 'default'}")
         for n in counts:
             r = measure(path, args.threads, args.seconds, n, env)
             rows.append(r)
-            print(f"{n:>6} {r['tok_s']:8.1f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['steps']:6d}", flush=True)
+            print(f"{n:>6} {r['tok_s']:8.1f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['steps']:6d} "
+                  f"{r['switches']:6d} {r['load']:5.1f}", flush=True)
     idle = next((r for r in rows if r["burners"] == 0), None)
     if idle:
         for r in rows:

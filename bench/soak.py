@@ -58,15 +58,27 @@ def random_interventions(rng: random.Random, cfg) -> dict:
     return {"renormalize": rng.choice([True, False]), "topk": rng.randint(1, K)}
 
 
+def _heap_growth(before, top: int = 5) -> list[str]:
+    """The source lines whose live Python allocations grew most since `before` (tracemalloc)."""
+    import tracemalloc
+    stats = tracemalloc.take_snapshot().compare_to(before, "lineno")
+    return [f"{st.size_diff / 1024:+.0f} KB in {st.count_diff:+d} blocks at {st.traceback[0]}" for st in stats[:top]]
+
+
 class Recorder:
     """Latency and resident memory of every call; split into --windows equal windows of the
     calls that ran (so a phase cut short by --max-seconds is still judged on all of it)."""
 
-    def __init__(self, windows: int):
-        self.n, self.calls = windows, []
+    def __init__(self, windows: int, trace: bool = False, warmup: int = 0):
+        self.n, self.calls, self.trace, self.warmup = windows, [], trace, warmup
+
+    snapshot = None  # tracemalloc snapshot at the end of the warm-up (--tracemalloc)
 
     def add(self, seconds: float) -> None:
         self.calls.append((seconds, rss_mb()))
+        if self.trace and self.snapshot is None and len(self.calls) == self.warmup:
+            import tracemalloc
+            self.snapshot = tracemalloc.take_snapshot()
 
     def verdict(self, max_growth_mb: float, max_slowdown: float) -> dict:
         c, n = self.calls, self.n
@@ -78,7 +90,12 @@ class Recorder:
             w.append({"median_ms": 1e3 * statistics.median(s for s, _ in part), "rss_mb": part[-1][1]})
         growth = w[-1]["rss_mb"] - w[0]["rss_mb"]  # window 0 ends the warm-up
         slowdown = w[-1]["median_ms"] / w[1]["median_ms"]
+        # a leak grows by about the same amount every call; warm-up by steps that stop
+        after = c[len(c) // n - 1:]
+        per_call_kb = 1024 * (after[-1][1] - after[0][1]) / max(1, len(after) - 1)
+        second_half_kb = 1024 * (after[-1][1] - after[len(after) // 2][1]) / max(1, len(after) - 1 - len(after) // 2)
         return {"windows": w, "rss_growth_mb": round(growth, 1), "slowdown": round(slowdown, 2),
+                "rss_kb_per_call": round(per_call_kb, 1), "rss_kb_per_call_2nd_half": round(second_half_kb, 1),
                 "ok": growth <= max_growth_mb and slowdown <= max_slowdown}
 
 
@@ -94,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-growth-mb", type=float, default=32.0)
     ap.add_argument("--max-slowdown", type=float, default=2.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="also report the Python heap's growth after each phase's warm-up, by source line")
     args = ap.parse_args(argv)
     for flag, v in (("--tokens", args.tokens), ("--chunk", args.chunk), ("--calls", args.calls),
                     ("--max-seconds", args.max_seconds), ("--windows", args.windows)):
@@ -101,6 +120,9 @@ def main(argv=None) -> int:
             print(f"error: {flag} {v}: expected a positive number", file=sys.stderr)
             return 2
     moe_engine.model.set_threads(args.threads)
+    if args.tracemalloc:
+        import tracemalloc
+        tracemalloc.start()
     rng = random.Random(args.seed)
     model = moe_engine.load(progress=False, backend="cpu")
     cfg = model.config
@@ -108,7 +130,7 @@ def main(argv=None) -> int:
     result = {"model": str(model.path), "threads": args.threads, "seed": args.seed}
 
     # phase 1: generate
-    rec = Recorder(args.windows)
+    rec = Recorder(args.windows, args.tracemalloc, -(-args.tokens // args.chunk) // args.windows)
     done, t_end = 0, time.perf_counter() + args.max_seconds
     while done < args.tokens and time.perf_counter() < t_end:
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
@@ -119,9 +141,11 @@ def main(argv=None) -> int:
         done += max(1, len(out[0].token_ids))  # an early EOS still counts as a call's tokens
     result["generate"] = {"tokens": done, "of": args.tokens,
                           **rec.verdict(args.max_growth_mb, args.max_slowdown)}
+    if rec.snapshot is not None:
+        result["generate"]["heap_growth"] = _heap_growth(rec.snapshot)
 
     # phase 2: forward with interventions and taps
-    rec = Recorder(args.windows)
+    rec = Recorder(args.windows, args.tracemalloc, args.calls // args.windows)
     taps = ["blocks.*.moe.hook_topk_ids", "blocks.*.hook_resid_post", "logits", "blocks.1.moe.hook_expert_out"]
     usage = model.new_usage_counters()
     calls, t_end = 0, time.perf_counter() + args.max_seconds
@@ -136,6 +160,8 @@ def main(argv=None) -> int:
         rec.add(time.perf_counter() - t)
         calls += 1
     result["forward"] = {"calls": calls, "of": args.calls, **rec.verdict(args.max_growth_mb, args.max_slowdown)}
+    if rec.snapshot is not None:
+        result["forward"]["heap_growth"] = _heap_growth(rec.snapshot)
 
     ok = result["generate"]["ok"] and result["forward"]["ok"]
     for phase in ("generate", "forward"):
@@ -145,6 +171,11 @@ def main(argv=None) -> int:
               f"slowdown {r.get('slowdown', '-')}x  windows (median ms / rss MB): "
               + " ".join(f"{w['median_ms']:.0f}/{w['rss_mb']:.0f}" for w in r["windows"])
               + ("" if r["ok"] else "  TREND"))
+        if "rss_kb_per_call" in r:
+            print(f"{'':9s} after warm-up: {r['rss_kb_per_call']} KB per call "
+                  f"({r['rss_kb_per_call_2nd_half']} KB in the second half)")
+        for line in r.get("heap_growth", []):
+            print(f"{'':9s} python heap {line}")
     if args.json:
         print(json.dumps(result))
     return 0 if ok else 1

@@ -1,5 +1,8 @@
 // The only pybind11 file: exposes the Params structs of ops.h and the launchers. No logic
-// (decode_step's two entries only point the struct at a DecodeLayers vector).
+// (decode_step's two entries only point the struct at a DecodeLayers vector) beyond the argument
+// checks of the size helpers, which the kernels' own checks do not cover: they are plain
+// arithmetic, and a negative size or a zero divisor would return a negative or garbage size
+// that a caller might allocate.
 // Built twice: as moe_engine._C (CPU kernels, + CUDA kernels when MOE_WITH_CUDA) and as
 // moe_engine._C_emu (the CUDA kernels compiled through csrc/emu; MOE_EMU).
 // Pointer fields are set from Python ints (tensor.data_ptr()).
@@ -7,11 +10,17 @@
 #include <pybind11/stl_bind.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "ops.h"
 #if !defined(MOE_EMU)
 #include "cpu/simd.h"
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
 #endif
 
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
@@ -30,6 +39,18 @@ using namespace moe;
       #f, [](const S& s) { return reinterpret_cast<std::uintptr_t>(s.f); },    \
       [](S& s, std::uintptr_t v) { s.f = reinterpret_cast<decltype(S::f)>(v); })
 #define MOE_VAL(cls, S, f) cls.def_readwrite(#f, &S::f)
+// Refuse a size helper's argument below its minimum, naming it: sizes({{"T", T, 0}, ...}, "op").
+struct SizeArg { const char* name; int64_t value; int64_t min; };
+static void sizes(const char* op, std::initializer_list<SizeArg> args) {
+  for (const SizeArg& a : args)
+    if (a.value < a.min)
+      throw std::invalid_argument(std::string(op) + ": " + a.name + "=" + std::to_string(a.value) +
+                                  ", expected >= " + std::to_string(a.min));
+}
+[[maybe_unused]] static void qformat(const char* op, const QFormat& f) {
+  sizes(op, {{"fmt.bits", f.bits, 1}, {"fmt.group_size", f.group_size, 1}});
+}
+
 #define MOE_STREAM(fn, P) \
   [](const P& p, std::uintptr_t stream, int device) { fn(p, reinterpret_cast<void*>(stream), device); }
 
@@ -57,8 +78,14 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(align, AlignParams, expert_counts); MOE_PTR(align, AlignParams, expert_offsets);
   MOE_PTR(align, AlignParams, sorted_slots); MOE_PTR(align, AlignParams, tile_experts);
   MOE_PTR(align, AlignParams, num_padded); MOE_PTR(align, AlignParams, workspace);
-  m.def("align_capacity", &align_capacity);
-  m.def("align_workspace_size", &align_workspace_size);
+  m.def("align_capacity", [](int64_t T, int64_t k_max, int64_t E, int64_t block_m) {
+    sizes("align_capacity", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}, {"block_m", block_m, 1}});
+    return align_capacity(T, k_max, E, block_m);
+  });
+  m.def("align_workspace_size", [](int64_t T, int64_t k_max, int64_t E) {
+    sizes("align_workspace_size", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}});
+    return align_workspace_size(T, k_max, E);
+  });
 
   py::class_<CombineParams> combine(m, "CombineParams", py::module_local());
   combine.def(py::init<>());
@@ -224,9 +251,23 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(qffn, QExpertFFNParams, T); MOE_VAL(qffn, QExpertFFNParams, k_max); MOE_VAL(qffn, QExpertFFNParams, D);
   MOE_VAL(qffn, QExpertFFNParams, F); MOE_VAL(qffn, QExpertFFNParams, E);
 
-  m.def("qpack_size_bytes", &qpack_size_bytes);
-  m.def("linear_q_workspace_bytes", &linear_q_workspace_bytes);
-  m.def("expert_ffn_q_workspace_bytes", &expert_ffn_q_workspace_bytes);
+  m.def("qpack_size_bytes", [](int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up) {
+    sizes("qpack_size_bytes", {{"E", E, 0}, {"N", N, 0}, {"K", K, 0}});
+    qformat("qpack_size_bytes", f);
+    return qpack_size_bytes(E, N, K, f, gate_up);
+  });
+  m.def("linear_q_workspace_bytes", [](int64_t T, int64_t K, const QFormat& f) {
+    sizes("linear_q_workspace_bytes", {{"T", T, 0}, {"K", K, 0}});
+    qformat("linear_q_workspace_bytes", f);
+    return linear_q_workspace_bytes(T, K, f);
+  });
+  m.def("expert_ffn_q_workspace_bytes", [](int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
+                                           const QFormat& f13, const QFormat& f2) {
+    sizes("expert_ffn_q_workspace_bytes", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}, {"D", D, 0}, {"F", F, 0}});
+    qformat("expert_ffn_q_workspace_bytes (f13)", f13);
+    qformat("expert_ffn_q_workspace_bytes (f2)", f2);
+    return expert_ffn_q_workspace_bytes(T, k_max, E, D, F, f13, f2);
+  });
   m.def("quantize_rtn_cpu", &quantize_rtn_cpu);
   m.def("pack_quantized_cpu", &pack_quantized_cpu);
   m.def("dequantize_packed_cpu", &dequantize_packed_cpu);
@@ -247,7 +288,10 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
         py::arg("device") = -1);
   m.def("shared_expert_cuda", MOE_STREAM(shared_expert_cuda, SharedExpertParams), py::arg("p"), py::arg("stream") = 0,
         py::arg("device") = -1);
-  m.def("expert_gemm_block_m", &expert_gemm_block_m);
+  m.def("expert_gemm_block_m", [](int T, int k_max, int E) {
+    sizes("expert_gemm_block_m", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}});
+    return expert_gemm_block_m(T, k_max, E);
+  });
 #endif
 #if !defined(MOE_EMU)
   m.def("route_cpu", &route_cpu);
@@ -268,8 +312,28 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
     p.layers = layers.data(), p.L = int32_t(layers.size());
     return decode_step_workspace_bytes(p);
   });
-  m.def("pack_size_bytes", &pack_size_bytes);
-  m.def("expert_ffn_workspace_bytes", &expert_ffn_workspace_bytes);
+  m.def("pack_size_bytes", [](DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up) {
+    sizes("pack_size_bytes", {{"E", E, 0}, {"N", N, 0}, {"K", K, 0}});
+    return pack_size_bytes(dtype, E, N, K, gate_up);
+  });
+  m.def("expert_ffn_workspace_bytes", [](DType dtype, int64_t T, int64_t k_max, int64_t E, int64_t F) {
+    sizes("expert_ffn_workspace_bytes", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}, {"F", F, 0}});
+    return expert_ffn_workspace_bytes(dtype, T, k_max, E, F);
+  });
+  // The calling thread's OpenMP team size, which every csrc/cpu region takes (cpu::max_threads):
+  // n > 0 sets it for this thread only (torch.set_num_threads would change the process-wide
+  // setting); returns the value before. decode_threads.py lowers it for a decode step when the
+  // machine is busy.
+  m.def("kernel_threads", [](int n) {
+    sizes("kernel_threads", {{"n", n, 0}});
+#if defined(_OPENMP)
+    const int before = omp_get_max_threads();
+    if (n > 0) omp_set_num_threads(n);
+    return before;
+#else
+    return 1;
+#endif
+  }, py::arg("n") = 0);
   m.attr("cpu_isa") = MOE_CPU_ISA;  // which of csrc/cpu/simd.h's three builds this is
 #endif
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode_threads import DecodeThreads
 from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
 from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
@@ -248,6 +249,8 @@ class CpuModelWeights:
     # decode_step's (workspace, params) per (B, k_max, S_cap): reused across steps (one forward
     # at a time).
     _workspaces: dict = field(default_factory=dict, compare=False, repr=False)
+    # the team size of each decode step on a busy machine (decode_threads.py)
+    threads: DecodeThreads = field(default_factory=DecodeThreads, compare=False, repr=False)
 
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
@@ -312,7 +315,7 @@ class CpuModelWeights:
         p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
         p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), routing.renormalize
         p.usage_counts = 0 if usage is None else usage.data_ptr()
-        mod.decode_step_cpu(p, self.decode_layers)
+        self.threads.run(mod, B, lambda: mod.decode_step_cpu(p, self.decode_layers))
         return logits
 
     def _new_step(self, mod, B: int, k_max: int, cache, embed: torch.Tensor, H: int, eps: float, scale: float):

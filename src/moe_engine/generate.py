@@ -348,7 +348,9 @@ def _decode(model: Model, seqs: list[_Seq], kw: dict) -> Iterator[TokenEvent]:
                 yield TokenEvent(i, t, text[:len(text) - hold], False, None, ev_lp, top)
         if all(finished):
             break
-        feed = torch.tensor([eos if f else t for f, t in zip(finished, nxt)], device=dev)
+        # a finished row still takes a step (the batch moves together) and its output is
+        # dropped: any valid id serves; without an EOS in the tokenizer, its last token
+        feed = torch.tensor([eos if f and eos is not None else t for f, t in zip(finished, nxt)], device=dev)
         logits = model.forward(feed.unsqueeze(1), cache=cache, step=step, **kw)
 
 

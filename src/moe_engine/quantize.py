@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig
-from .loader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, _check_checkpoint
+from .loader import (CONFIG_FILE, INDEX_FILE, READ_DTYPES, SINGLE_FILE, CheckpointError, _check_checkpoint,
+                     _data_start, read_safetensors_header)
 from .quant import QUANTIZABLE, QuantError, QuantSpec, group_index, quantize
 
 _ST_DTYPE = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -108,27 +108,53 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec, *,
     out.mkdir(parents=True, exist_ok=True)
     files = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    handles: dict[Path, object] = {}
+    handles: dict[Path, tuple] = {}  # shard -> (open file, data start, checked header)
     last: dict = {}  # the four GPTQ tensors of the linear being written (they may span shards)
 
-    def tensor(name: str, source: str) -> torch.Tensor:
+    def read(source: str) -> torch.Tensor:
+        """One source tensor, read with plain file reads as the loader reads (no memory map: a
+        source truncated while it is read is a short read, a CheckpointError, never SIGBUS)."""
         shard = weight_map[source]
-        if shard not in handles:
-            handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+        try:
+            if shard not in handles:
+                header = read_safetensors_header(shard)
+                handles[shard] = (open(shard, "rb"), _data_start(shard), header)
+            f, start, header = handles[shard]
+            info = header[source]
+            begin, end = info.data_offsets
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            view, got = memoryview(raw.numpy()), 0
+            while got < len(view):  # one read() returns at most ~2 GiB
+                n = f.readinto(view[got:got + (1 << 28)])
+                if not n:
+                    raise CheckpointError(
+                        f"{shard}: tensor {source}: the file ended after {start + begin + got} bytes, "
+                        f"{end - begin - got} bytes short (truncated while quantizing?)")
+                got += n
+        except OSError as e:
+            raise CheckpointError(f"{shard}: cannot read tensor {source} ({e})") from None
+        return raw.view(READ_DTYPES[info.dtype]).view(info.shape)
+
+    def tensor(name: str, source: str) -> torch.Tensor:
         if name == source:
-            return handles[shard].get_tensor(source)
+            return read(source)
         if last.get("source") != source:
             last.clear()
-            qw = quantize(handles[shard].get_tensor(source), spec)
+            qw = quantize(read(source), spec)
             last.update(source=source, qweight=qw.qweight, qzeros=qw.qzeros, scales=qw.scales,
                         g_idx=group_index(qw.K, spec.group_size))
         return last[name.rsplit(".", 1)[1]]
 
-    with tqdm(total=len(plan), desc=f"quantizing to {spec.bits}-bit", unit="tensor",
-              disable=not progress) as bar:
-        for fname, entries in zip(files, shards):
-            _write_shard(out / fname, entries, tensor, bar)
-    handles.clear()
+    try:
+        with tqdm(total=len(plan), desc=f"quantizing to {spec.bits}-bit", unit="tensor",
+                  disable=not progress) as bar:
+            for fname, entries in zip(files, shards):
+                _write_shard(out / fname, entries, tensor, bar)
+    finally:
+        for f, _, _ in handles.values():
+            f.close()
+        handles.clear()
     if len(shards) > 1:
         total = sum(math.prod(e[2]) * _ST_ITEMSIZE[e[1]] for e in plan)
         index = {"metadata": {"total_size": total},

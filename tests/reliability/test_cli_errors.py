@@ -66,9 +66,10 @@ def test_lens_cli_refuses(files, capsys, argv, pattern):
 
 def test_not_writable_out_is_refused_before_the_analysis(files, capsys, monkeypatch):
     import moe_engine.lens.__main__ as cli
+    import moe_engine.lens.files as lens_files
     ran = []
     monkeypatch.setattr(cli.A, "route_corpus", lambda *a, **k: ran.append(1))
-    monkeypatch.setattr(cli.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(lens_files.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     code = main(f"routing --out {files}/o {files}/a.txt --no-progress".split())
     assert code == 2 and not ran
     assert "is not a writable directory (Permission denied)" in capsys.readouterr().err

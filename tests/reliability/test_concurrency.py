@@ -8,6 +8,7 @@ foreign token ids from the cpu backend's shared per-layer buffers.
 """
 from __future__ import annotations
 
+import inspect
 import random
 import sys
 import threading
@@ -111,3 +112,103 @@ def test_the_lock_serialises_forward(model):
         model.forward(ids, topk=99)
     assert model._lock.acquire(blocking=False)
     model._lock.release()
+
+
+# -- the lock matters: one deterministic interleaving, with and without it ---------------------------
+
+class _SpyLock:
+    """The model's lock, unchanged, that also reports a caller about to wait for it."""
+
+    def __init__(self, inner, waiting: threading.Event):
+        self.inner, self.waiting = inner, waiting
+
+    def __enter__(self):
+        if not self.inner.acquire(blocking=False):
+            self.waiting.set()
+            self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _decode_script(model, prompt, steps):
+    """Prefill then greedy one-call decode steps; (outputs, tensors the C++ step may point at)."""
+    cache = model.new_cache(1, 8)  # one S_cap for every script: the same decode-step workspace
+    outs, keep = [model.forward(torch.tensor([prompt]), cache=cache, logits="last")], [cache]
+    for _ in range(steps):
+        nxt = outs[-1].argmax(-1, keepdim=True)
+        keep.append(nxt)
+        outs.append(model.forward(nxt, cache=cache, logits="last"))
+    return outs, keep
+
+
+def _interleave(model, lock):
+    """Thread A stops inside its first decode step, after filling the shared step parameters and
+    before the C++ call; thread B then runs a prefill and a decode step; then A goes on. With the
+    real lock B waits for A instead (the spy reports that, and A goes on). Returns (A's outputs,
+    B's outputs, tensors to keep alive until the end)."""
+    from moe_engine.cpu_weights import CpuModelWeights
+    code = CpuModelWeights.decode_step.__code__
+    src, first = inspect.getsourcelines(CpuModelWeights.decode_step)
+    line = first + next(i for i, s in enumerate(src) if "mod.decode_step_cpu(p" in s)
+    paused, go_on = threading.Event(), threading.Event()
+    res: dict = {}
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not paused.is_set():
+            paused.set()
+            assert go_on.wait(60), "thread B neither finished nor waited for the lock"
+        return local
+
+    def a():
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            res["a"] = _decode_script(model, [11, 12, 13], 3)
+        finally:
+            sys.settrace(None)
+
+    def b():
+        res["b"] = _decode_script(model, [21, 22, 23], 1)
+        go_on.set()
+
+    real = model._lock
+    model._lock = _SpyLock(real, go_on) if lock else _NoLock()
+    try:
+        ta = threading.Thread(target=a)
+        ta.start()
+        assert paused.wait(60)
+        tb = threading.Thread(target=b)
+        tb.start()
+        ta.join()
+        tb.join()
+    finally:
+        model._lock = real
+    return res["a"][0], res["b"][0], (res["a"][1], res["b"][1])
+
+
+def _differs(got, want) -> bool:
+    return len(got) != len(want) or any(not torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("lock", [True, False], ids=["with-lock", "lock-removed"])
+def test_the_lock_is_what_keeps_calls_apart(model, lock):
+    """The comparison above can fail: with the lock replaced by a no-op, B's decode step
+    overwrites the step parameters A has filled (they belong to the model), so A's step runs on
+    B's cache and ids and A's logits are never written -- the replay comparison sees it. With the
+    lock, the same interleaving attempt leaves both scripts bit-identical to their replays."""
+    a, b, keep = _interleave(model, lock)
+    want_a, _ = _decode_script(model, [11, 12, 13], 3)
+    want_b, _ = _decode_script(model, [21, 22, 23], 1)
+    broken = _differs(a, want_a) or _differs(b, want_b)
+    assert broken != lock, ("calls interleaved under the lock changed the results" if lock else
+                            "without the lock the interleaving went unnoticed: the check cannot fail")
+    del keep

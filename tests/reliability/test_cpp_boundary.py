@@ -409,3 +409,48 @@ def test_dtype_enum_is_checked_by_the_binding():
     p = mod.LinearParams()
     with pytest.raises(TypeError):
         p.dtype = 7
+
+
+def _qfmt(mod, bits=8, group_size=128):
+    f = mod.QFormat()
+    f.bits, f.group_size, f.scales_bf16 = bits, group_size, True
+    return f
+
+
+# (helper name, backends it is in, valid arguments (mod -> tuple), index of the size to break, its name)
+SIZE_HELPERS = [
+    ("pack_size_bytes", ["cpu"], lambda m: (m.DType.bf16, 4, 64, 32, True), [(1, "E"), (2, "N"), (3, "K")]),
+    ("expert_ffn_workspace_bytes", ["cpu"], lambda m: (m.DType.bf16, 3, 2, 4, 32),
+     [(1, "T"), (2, "k_max"), (3, "E"), (4, "F")]),
+    ("qpack_size_bytes", ["cpu"], lambda m: (4, 64, 128, _qfmt(m), True), [(0, "E"), (1, "N"), (2, "K")]),
+    ("linear_q_workspace_bytes", ["cpu"], lambda m: (3, 128, _qfmt(m)), [(0, "T"), (1, "K")]),
+    ("expert_ffn_q_workspace_bytes", ["cpu"], lambda m: (3, 2, 4, 128, 64, _qfmt(m), _qfmt(m)),
+     [(0, "T"), (1, "k_max"), (2, "E"), (3, "D"), (4, "F")]),
+    ("align_capacity", ["cpu", "emu"], lambda m: (3, 2, 4, 16), [(0, "T"), (1, "k_max"), (2, "E"), (3, "block_m")]),
+    ("align_workspace_size", ["cpu", "emu"], lambda m: (3, 2, 4), [(0, "T"), (1, "k_max"), (2, "E")]),
+    ("expert_gemm_block_m", ["emu"], lambda m: (3, 2, 4), [(0, "T"), (1, "k_max"), (2, "E")]),
+]
+
+
+@pytest.mark.parametrize("backend,name,args,sizes", [(b, n, a, s) for n, where, a, s in SIZE_HELPERS for b in where],
+                         ids=[f"{b}-{h[0]}" for h in SIZE_HELPERS for b in h[1]])
+def test_size_helpers_refuse_negative_sizes(backend, name, args, sizes):
+    """A size helper is plain arithmetic: a negative size made a negative or garbage byte count
+    that a caller could allocate. Each size is refused by name; the valid call still answers."""
+    mod = _mod(backend)
+    fn = getattr(mod, name)
+    ok = args(mod)
+    assert fn(*ok) >= 0
+    for i, arg in sizes:
+        bad = list(ok)
+        bad[i] = -1
+        with pytest.raises(ValueError, match=rf"{name}: {arg}=-1, expected >= \d"):
+            fn(*bad)
+
+
+def test_size_helpers_refuse_a_zero_divisor():
+    mod = _mod("cpu")
+    with pytest.raises(ValueError, match=r"align_capacity: block_m=0, expected >= 1"):
+        mod.align_capacity(3, 2, 4, 0)
+    with pytest.raises(ValueError, match=r"qpack_size_bytes: fmt.group_size=0, expected >= 1"):
+        mod.qpack_size_bytes(4, 64, 128, _qfmt(mod, group_size=0), True)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from . import analyses as A
 from . import plots as P
 from .corpus import SPLITS, Domain, domain_from_path
 from .export import write_csv
+from .files import check_out_dir, write_text
 
 SUBCOMMANDS = ("routing", "early-decode", "topk-sweep", "similarity", "router-stats",
                "coactivation", "vocab", "capture")
@@ -132,31 +131,8 @@ def _finite(obj):
 
 
 def _write_json(path: Path, obj) -> Path:
-    """Written whole or not at all: a temp file in the same directory, then renamed over."""
-    text = json.dumps(_finite(obj), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _check_out(out: Path) -> None:
-    """--out must be a writable directory (made if missing), checked before any analysis runs:
-    an analysis of an hour must not end in 'cannot write'."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; expected a directory for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ValueError(f"--out {out} is not a writable directory ({e.strerror or e})") from None
+    """Written whole or not at all (lens/files.py)."""
+    return write_text(path, json.dumps(_finite(obj), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def _check_args(args) -> None:
@@ -201,7 +177,7 @@ def run(args) -> list[Path]:
         raise ValueError("capture runs in one process (its shards are written as the batches "
                          "come); run it without torchrun")
     if D.is_main():
-        _check_out(out)
+        check_out_dir(out, "--out")  # before any analysis runs
     # bars only for a person watching, and from one process
     progress = not args.no_progress and sys.stderr.isatty() and D.is_main()
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,

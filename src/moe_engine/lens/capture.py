@@ -21,7 +21,6 @@ is refused rather than mixed in (delete the directory to start over).
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,15 +33,10 @@ from ..model import Model
 from ..taps import Capture, TapRequest
 from . import corpus as C
 from .analyses import BATCH_TOKENS, _bar, _batches, get_preset
+from .files import atomic_write, check_out_dir, write_text
 from .store import INDEX
 
 SHARD_BYTES = 256 << 20
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -63,8 +57,7 @@ def capture_corpus(model: Model, domains, taps: Sequence[str], out_dir: str | Pa
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes = {shard_bytes}; expected a positive size")
     doms = C.as_domains(domains)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir, "capture_corpus: out_dir")  # before the corpus runs
     p = get_preset(preset)
     config = {"taps": list(taps), "positions": positions, "layers": layers
               if isinstance(layers, str) else list(layers), "model": str(model.path),
@@ -93,7 +86,7 @@ def capture_corpus(model: Model, domains, taps: Sequence[str], out_dir: str | Pa
         nonlocal size
         if not pending:
             index["done"] = dict(done)
-            _atomic_write(index_path, json.dumps(index, indent=1))
+            write_text(index_path, json.dumps(index, indent=1))
             return
         tensors = {}
         for name, vs in pending.items():
@@ -104,12 +97,10 @@ def capture_corpus(model: Model, domains, taps: Sequence[str], out_dir: str | Pa
                                                 "dtype": str(v.dtype).replace("torch.", "")})
             m["rows"] += v.shape[0]
         fname = f"shard-{len(index['shards']):05d}.safetensors"
-        tmp = out / (fname + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / fname)
+        atomic_write(out / fname, lambda tmp: save_file(tensors, str(tmp)))
         index["shards"].append(fname)
         index["done"] = dict(done)
-        _atomic_write(index_path, json.dumps(index, indent=1))
+        write_text(index_path, json.dumps(index, indent=1))
         pending.clear()
         pending_rows.clear()
         size = 0
@@ -147,5 +138,5 @@ def capture_corpus(model: Model, domains, taps: Sequence[str], out_dir: str | Pa
         done[dom.name] = max(done[dom.name], seen)
     flush()
     index["complete"] = True
-    _atomic_write(index_path, json.dumps(index, indent=1))
+    write_text(index_path, json.dumps(index, indent=1))
     return index_path

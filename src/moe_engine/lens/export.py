@@ -19,6 +19,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from .files import atomic_write
+
 Table = tuple[list[str], list[list]]
 
 
@@ -138,6 +140,13 @@ def csv_tables(res: dict) -> dict[str, Table]:
     raise ValueError(f"no CSV layout for analysis {kind!r}")
 
 
+def _write_table(path: Path, head, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        w.writerows(rows)
+
+
 def write_csv(stem: str | Path, res: dict) -> list[Path]:
     """Write `<stem>.csv` (+ `<stem>_<suffix>.csv`) for a result's JSON dict."""
     stem = Path(stem)
@@ -145,9 +154,5 @@ def write_csv(stem: str | Path, res: dict) -> list[Path]:
     for suffix, (head, rows) in csv_tables(res).items():
         path = stem.with_name(stem.name + (f"_{suffix}" if suffix else "") + ".csv")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(head)
-            w.writerows(rows)
-        files.append(path)
+        files.append(atomic_write(path, lambda tmp, head=head, rows=rows: _write_table(tmp, head, rows)))
     return files

@@ -27,6 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .files import atomic_write  # noqa: E402
+
 DPI = 120
 
 
@@ -37,9 +39,13 @@ def _short(token: str, width: int = 10) -> str:
 
 
 def _save(fig, path: Path) -> Path:
+    """Written whole or not at all (lens/files.py); the format follows the suffix of `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=DPI,
+                                                   bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 

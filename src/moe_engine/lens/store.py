@@ -17,7 +17,6 @@ for offline capture, not for the decode loop.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..taps import Capture, Patch, TapRequest
+from .files import atomic_write, check_out_dir, write_text
 
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
@@ -37,10 +37,7 @@ class TapWriter(Capture):
         super().__init__(*requests, patches=patches)
         if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
             raise ValueError(f"shard_bytes = {shard_bytes!r}; expected a positive int")
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ValueError(f"TapWriter: {self.out_dir} is a file; expected a directory")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = check_out_dir(out_dir, "TapWriter: out_dir")  # before any tap is gathered
         for old in self.out_dir.glob("taps-*.safetensors"):
             old.unlink()  # a stale shard would be read as part of this run
         self.shard_bytes = shard_bytes
@@ -75,9 +72,8 @@ class TapWriter(Capture):
                                                   "dtype": str(v.dtype).replace("torch.", "")})
             m["rows"] += v.shape[0]
         fname = f"taps-{len(self._shards):05d}.safetensors"
-        tmp = self.out_dir / f".{fname}.tmp"
-        save_file(tensors, str(tmp))  # whole or not at all: a crash never leaves half a shard
-        os.replace(tmp, self.out_dir / fname)
+        # whole or not at all (lens/files.py): a crash never leaves half a shard
+        atomic_write(self.out_dir / fname, lambda tmp: save_file(tensors, str(tmp)))
         self._shards.append(fname)
         self._pending.clear()
         self._pending_rows.clear()
@@ -86,9 +82,7 @@ class TapWriter(Capture):
 
     def _write_index(self) -> None:
         index = {"shards": self._shards, "taps": self._meta_out}
-        tmp = self.out_dir / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, self.out_dir / INDEX)  # readers see the old index or the new, never half
+        write_text(self.out_dir / INDEX, json.dumps(index, indent=1))  # the old index or the new, never half
 
     def close(self) -> None:
         if not self._closed:
