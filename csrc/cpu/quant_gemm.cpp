@@ -34,6 +34,7 @@
 #include <string>
 
 #include "common.h"
+#include "either_panels.h"
 #include "simd.h"
 
 namespace moe {
@@ -610,3 +611,41 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p) {
 }
 
 }  // namespace moe
+
+// ---- either kind of panel (either_panels.h) ----------------------------------------------------
+namespace moe::cpu {
+namespace {
+void same_kind(const char* op, const QFormat& f13, const QFormat& f2) {
+  if (quantized(f13) != quantized(f2))
+    fail(op, "w13 (bits=" + std::to_string(f13.bits) + ") and w2 (bits=" + std::to_string(f2.bits) +
+                 ") must both be quantized or both bf16/fp32 panels");
+}
+}  // namespace
+
+void check_either(const char* op, const QFormat& f, int64_t K, const QFormat* pair) {
+  if (pair) same_kind(op, f, *pair);
+  if (quantized(f)) moe::check_format(op, f, K);
+}
+
+int64_t either_linear_workspace_bytes(int64_t T, int64_t K, const QFormat& f) {
+  return quantized(f) ? linear_q_workspace_bytes(T, K, f) : 0;
+}
+void either_linear(const LinearParams& p, const QFormat& f, void* workspace) {
+  if (!quantized(f)) return linear_cpu(p);
+  need("either_linear", workspace, "workspace (quantized weight)");
+  linear_q_cpu(QLinearParams{p.x, p.w, p.y, workspace, f, p.dtype, p.T, p.N, p.K});
+}
+
+int64_t either_expert_ffn_workspace_bytes(DType dt, int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
+                                          const QFormat& f13, const QFormat& f2) {
+  same_kind("either_expert_ffn_workspace_bytes", f13, f2);
+  return quantized(f13) ? expert_ffn_q_workspace_bytes(T, k_max, E, D, F, f13, f2)
+                        : expert_ffn_workspace_bytes(dt, T, k_max, E, F);
+}
+void either_expert_ffn(const ExpertFFNParams& p, const QFormat& f13, const QFormat& f2) {
+  same_kind("either_expert_ffn", f13, f2);
+  if (!quantized(f13)) return expert_ffn_cpu(p);
+  expert_ffn_q_cpu(QExpertFFNParams{p.x, p.w13, p.w2, p.topk_ids, p.expert_out, p.workspace, f13, f2, p.dtype,
+                                    p.T, p.k_max, p.D, p.F, p.E});
+}
+}  // namespace moe::cpu
