@@ -20,7 +20,8 @@
 //   FFN), so each streams a contiguous range of quantized bytes, each panel once per call.
 //   Decode (T <= 16) streams the codes at ~1 FMA per weight per token; prefill reuses each
 //   panel from L1/L2 across token tiles (no separate dequantized buffer).
-// ISA (simd.h): AVX-512 (zmm, vpmovzxbd + vcvtdq2ps, vcvtph2ps for fp16 scales; tiles of up to
+// ISA (simd.h): AVX-512 (zmm, vpmovzxbd + vcvtdq2ps, int4: vpermps of float(0..15) on the
+//   nibbles; vcvtph2ps for fp16 scales; tiles of up to
 //   6 rows: 4M accumulators for the even/odd partial sums), AVX2+FMA+F16C (ymm, tiles of up to
 //   2 rows, 4 ymm per panel row), else portable loops. Any N, K (K a multiple of 32/bits,
 //   groups = ceil(K/g), the last one may be short), T, E.
@@ -124,9 +125,12 @@ inline void decode_k(const uint8_t* c, __m512& w0, __m512& w1) {
     w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
     w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
   } else {
+    // vpermps reads only the low 4 bits of each index lane: the low nibble needs no mask, and
+    // the lookup of float(0..15) replaces the int -> float conversion (same values, same bits)
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-    w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    w0 = _mm512_permutexvar_ps(b, codes);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), codes);
   }
 }
 inline __m512 load_scales16(const uint8_t* meta, int half, bool bf16) {
