@@ -262,6 +262,10 @@ void attention_block_decode_cpu(const AttnBlockParams& p) {
   cpu::need(op, p.k_cache, "k_cache"), cpu::need(op, p.v_cache, "v_cache"), cpu::need(op, p.valid, "valid");
   cpu::need(op, p.qkv_buf, "qkv_buf"), cpu::need(op, p.attn_buf, "attn_buf");
   cpu::need(op, p.scores, "scores"), cpu::need(op, p.out, "out");
+  // both weights' formats before the cache column is written
+  cpu::check_either("attention_block_decode_cpu (qkv)", p.qkv_fmt, p.D);
+  cpu::check_either("attention_block_decode_cpu (o)", p.o_fmt, nq);
+  if (cpu::quantized(p.qkv_fmt) || cpu::quantized(p.o_fmt)) cpu::need(op, p.workspace, "workspace");
   cpu::either_linear(LinearParams{p.x, p.qkv, p.qkv_buf, dt, p.B, int32_t(nqkv), p.D}, p.qkv_fmt, p.workspace);
   // rope (rotate-half) on q and k heads in place; v copied; k and v written to the cache column
   for (int64_t b = 0; b < B; ++b) {
