@@ -251,6 +251,14 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(qffn, QExpertFFNParams, T); MOE_VAL(qffn, QExpertFFNParams, k_max); MOE_VAL(qffn, QExpertFFNParams, D);
   MOE_VAL(qffn, QExpertFFNParams, F); MOE_VAL(qffn, QExpertFFNParams, E);
 
+  // the one-call paths' per-weight formats (bits 0: bf16/fp32 panels; csrc/cpu/either_panels.h)
+  MOE_VAL(dl, DecodeLayer, qkv_fmt); MOE_VAL(dl, DecodeLayer, o_fmt); MOE_VAL(dl, DecodeLayer, fmt13);
+  MOE_VAL(dl, DecodeLayer, fmt2); MOE_VAL(dl, DecodeLayer, shared_fmt13); MOE_VAL(dl, DecodeLayer, shared_fmt2);
+  MOE_VAL(layer, MoELayerParams, fmt13); MOE_VAL(layer, MoELayerParams, fmt2);
+  MOE_VAL(layer, MoELayerParams, shared_fmt13); MOE_VAL(layer, MoELayerParams, shared_fmt2);
+  MOE_VAL(ablk, AttnBlockParams, qkv_fmt); MOE_VAL(ablk, AttnBlockParams, o_fmt);
+  MOE_PTR(ablk, AttnBlockParams, workspace);
+
   m.def("qpack_size_bytes", [](int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up) {
     sizes("qpack_size_bytes", {{"E", E, 0}, {"N", N, 0}, {"K", K, 0}});
     qformat("qpack_size_bytes", f);

@@ -301,9 +301,14 @@ struct MoELayerParams {
   int32_t* shared_ids;         // [T] all 0 (when shared_w13)
   void* routed_out;            // [T, D] dtype; nullable
   void* out;                   // [T, D] dtype
-  void* workspace;             // max of expert_ffn_workspace_bytes(T, k_max, E, F) and (T, 1, 1, S)
+  void* workspace;             // max of the experts' and the shared experts' workspace bytes:
+                               // expert_ffn_workspace_bytes(T, k_max, E, F) and (T, 1, 1, S), or
+                               // expert_ffn_q_workspace_bytes for quantized ones
   DType dtype;
   int32_t T, D, E, F, S, k_max;
+  // Per weight: bits 0 = bf16/fp32 panels, 4 or 8 = quantized panels in that format (w13 and w2
+  // of one expert set are the same kind); zero-initialised = all bf16/fp32 panels.
+  QFormat fmt13, fmt2, shared_fmt13, shared_fmt2;
 };
 void moe_layer_cpu(const MoELayerParams& p);
 
@@ -344,6 +349,8 @@ struct AttnBlockParams {
   float scale;
   DType dtype;
   int32_t B, D, H, Hkv, hd, pos, S_cap, valid_stride;
+  QFormat qkv_fmt, o_fmt;  // bits 0 = bf16/fp32 panels, else quantized panels (as MoELayerParams)
+  void* workspace;         // linear_q_workspace_bytes(B, K) of each quantized weight; nullable if none
 };
 void attention_block_decode_cpu(const AttnBlockParams& p);
 
@@ -382,6 +389,8 @@ struct DecodeLayer {
   const void* shared_w2;    // packed shared down; nullable
   int32_t F;                // expert width (MoE) or intermediate_size (dense)
   int32_t S;                // shared width; 0 = no shared experts
+  // Per weight: bits 0 = bf16/fp32 panels, 4 or 8 = quantized panels (as MoELayerParams).
+  QFormat qkv_fmt, o_fmt, fmt13, fmt2, shared_fmt13, shared_fmt2;
 };
 struct DecodeStepParams {
   const DecodeLayer* layers;   // [L]

@@ -5,6 +5,7 @@ torch reference on it (generation, taps, interventions) while holding each quant
 (quantized panels only, no bf16 copy; resident memory measured on bench-small); broken GPTQ
 checkpoints fail with CheckpointErrors that name the file and tensor; the memory preflight
 refuses with the numbers."""
+import copy
 import dataclasses
 import json
 import shutil
@@ -285,7 +286,7 @@ def test_cpu_quantized_kernels_match_the_dequantized_reference(tiny_ckpt, bits, 
     c = moe_engine.load(tiny_ckpt, backend="cpu", progress=False, dtype=dtype, quant=f"int{bits}",
                         group_size=group_size, sym=sym)
     dt = c.dtype
-    assert not c._cpu_weights().one_call  # the op-by-op path (cpu_weights.CpuModelWeights.one_call)
+    assert c._cpu_weights().one_call  # decode takes the one-call paths (cpu_weights.CpuModelWeights.one_call)
     what = "model_logits_vs_backend" if dt == torch.float32 else "model_logits"
     ids = IDS[None]
     pinned = {"topk": 1, "force_experts": {1: 5, 2: 3}}
@@ -339,17 +340,7 @@ def test_cpu_quantized_model_holds_each_weight_once(tiny_ckpt):
         expect -= w.lm_head.numel() * 2
     float_bytes = sum(t.numel() * t.element_size() for t in floats)
     assert float_bytes <= expect * 1.05 + 4096  # panel padding
-    # the one-call paths read bf16 panels: asked for on quantized weights they refuse, by name
-    from moe_engine.interventions import Interventions
-    from moe_engine.moe import moe_layer
-    u = torch.randn(3, m.config.hidden_size).to(m.dtype)
-    with pytest.raises(ValueError, match="quantized"):
-        moe_layer(u, u, w.layers[1].mlp, Interventions().resolve(m.config, m.device), 1, backend="cpu",
-                  cpu=cpu.layers[1].moe, fused=True)
-    with pytest.raises(ValueError, match="quantized"):
-        cpu.decode_step(torch.tensor([1]), w.embed, None, None, m.new_cache(1, 4), None, None, H=4, eps=1e-6,
-                        scale=1.0)
-    # and it still serves the reference path, dequantizing per call
+    # it still serves the reference path, dequantizing per call
     assert torch.equal(m.forward(IDS, backend="torch"), ref.forward(IDS))
 
 
@@ -402,3 +393,96 @@ def test_cpu_int4_resident_memory_on_bench_small(bench_small_ckpt):
     assert got["packed_q"] <= q_bytes * 1.1  # the panels: GPTQ bytes plus padding
     bound = q_bytes * 1.1 + unquantized + est["kv_cache"] + 300 * 2 ** 20
     assert got["rss"] <= bound, f"RSS {got['rss'] / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+ONE_CALL_FORMATS = [(8, 64, False, "float32"), (4, 32, True, "float32"), (4, 128, False, "bfloat16"),
+                    (8, 32, True, "bfloat16")]
+
+
+@pytest.fixture(scope="module", params=ONE_CALL_FORMATS,
+                ids=[f"int{b}-g{g}-{'sym' if s else 'asym'}-{d}" for b, g, s, d in ONE_CALL_FORMATS])
+def q_cpu(request, tiny_ckpt):
+    bits, group_size, sym, dtype = request.param
+    return moe_engine.load(tiny_ckpt, backend="cpu", progress=False, dtype=dtype, quant=f"int{bits}",
+                           group_size=group_size, sym=sym)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+def test_cpu_quantized_fused_layer_is_bit_identical_to_op_by_op(q_cpu):
+    """moe_layer_cpu (one call) on quantized routed and shared experts against moe_layer's op-by-op
+    path (router, route, expert_ffn_q_cpu, combine): the same kernels, so the same bits, usage
+    counters included, at decode and prefill sizes and with interventions."""
+    from moe_engine.interventions import Interventions
+    from moe_engine.moe import moe_layer
+    c, dt = q_cpu.config, q_cpu.dtype
+    l = c.moe_layers[0]
+    packed = q_cpu._cpu_weights().layers[l].moe
+    assert type(packed.experts).__name__ == "QuantExperts" and type(packed.shared).__name__ == "QuantExperts"
+    for N, kw in [(1, {}), (3, {"topk": 1}), (20, {"expert_mask": {l: [2]}, "mask_mode": "zero"})]:
+        routing = Interventions(**kw).resolve(c, q_cpu.device)
+        u, r = torch.randn(N, c.hidden_size).to(dt), torch.randn(N, c.hidden_size).to(dt)
+        usage = [torch.zeros(c.n_routed_experts, dtype=torch.int32) for _ in range(2)]
+        a = moe_layer(u, r, q_cpu.weights.layers[l].mlp, routing, l, backend="cpu", cpu=packed, usage=usage[0])
+        b = moe_layer(u, r, q_cpu.weights.layers[l].mlp, routing, l, backend="cpu", cpu=packed, usage=usage[1],
+                      fused=False)
+        assert torch.equal(a, b), f"fused vs op-by-op N={N} {kw}"
+        assert torch.equal(usage[0], usage[1]), f"usage counters N={N} {kw}"
+
+
+def _decode_run(m, prefilled, usage0, first, kw, steps=3):
+    cache, usage, tok, out = copy.deepcopy(prefilled), usage0.clone(), first, []
+    for _ in range(steps):
+        lg = m(tok, cache=cache, usage=usage, logits="last", **kw).reshape(tok.shape[0], -1)
+        out.append(lg)
+        tok = lg.argmax(-1, keepdim=True)
+    return torch.stack(out), usage, cache.k[:, :, :, :cache.used], cache.v[:, :, :, :cache.used]
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+@pytest.mark.parametrize("kw", [{}, {"topk": 1, "force_experts": {2: 5}},
+                                {"expert_mask": {1: [0, 2]}, "mask_mode": "zero", "renormalize": True}],
+                         ids=["default", "force", "mask-zero"])
+def test_cpu_quantized_decode_step_matches_the_layer_loop(q_cpu, monkeypatch, kw):
+    """The one-call decode step (decode_step_cpu with quantized qkv, o, experts, shared and dense
+    MLP) against Model.forward's layer loop on the same weights: bit-identical logits, usage and
+    KV cache when the loop runs the same kernels (attention block and MoE layer in one call
+    each); and within the model_logits bar of the loop as it ran before quantized models took
+    the one-call paths (torch rope and SDPA around linear_q_cpu: another attention kernel)."""
+    import moe_engine.model as model_mod
+    from moe_engine.cpu_weights import CpuModelWeights
+    m, dt = q_cpu, q_cpu.dtype
+    assert m._cpu_weights().one_call
+    ids, mask = model_mod.left_pad([[5, 9, 11, 300, 2], [17, 4]])
+    prefilled, usage0 = m.new_cache(2, 8), m.new_usage_counters()
+    first = m(ids, attention_mask=mask, cache=prefilled, usage=usage0, logits="last", **kw).argmax(-1, keepdim=True)
+    calls = []
+    real = CpuModelWeights.decode_step
+    monkeypatch.setattr(CpuModelWeights, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    one = _decode_run(m, prefilled, usage0, first.view(2, 1), kw)
+    assert len(calls) == 3, "every step must take the one-call decode step"
+    monkeypatch.setattr(model_mod, "SMALL_N", 0)  # turns only the one-call step off
+    loop = _decode_run(m, prefilled, usage0, first.view(2, 1), kw)
+    assert len(calls) == 3
+    for name, a, b in zip(("logits", "usage", "k cache", "v cache"), one, loop):
+        assert torch.equal(a, b), f"decode step vs layer loop: {name} differ ({kw})"
+    monkeypatch.setattr(CpuModelWeights, "one_call", property(lambda self: False))
+    old = _decode_run(m, prefilled, usage0, first.view(2, 1), kw, steps=1)
+    assert len(calls) == 3
+    assert_close(one[0][0], old[0][0], "model_logits", dt, f"one-call vs op-by-op {kw}")
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
+def test_cpu_quantized_decode_threads_1_and_2_identical(q_cpu):
+    """The quantized one-call decode step gives the same bits on 1 and 2 threads (fixed order)."""
+    old = torch.get_num_threads()
+    prefilled = q_cpu.new_cache(2, 6)
+    q_cpu(torch.tensor([[3, 8, 1], [4, 2, 9]]), cache=prefilled)
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            cache = copy.deepcopy(prefilled)
+            outs.append(torch.stack([q_cpu(torch.tensor([[3], [4]]), cache=cache) for _ in range(2)]))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1]), "quantized decode logits differ between 1 and 2 threads"

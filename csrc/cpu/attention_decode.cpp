@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "either_panels.h"
 #include "simd.h"
 
 namespace moe {
@@ -261,7 +262,11 @@ void attention_block_decode_cpu(const AttnBlockParams& p) {
   cpu::need(op, p.k_cache, "k_cache"), cpu::need(op, p.v_cache, "v_cache"), cpu::need(op, p.valid, "valid");
   cpu::need(op, p.qkv_buf, "qkv_buf"), cpu::need(op, p.attn_buf, "attn_buf");
   cpu::need(op, p.scores, "scores"), cpu::need(op, p.out, "out");
-  linear_cpu(LinearParams{p.x, p.qkv, p.qkv_buf, dt, p.B, int32_t(nqkv), p.D});
+  // both weights' formats before the cache column is written
+  cpu::check_either("attention_block_decode_cpu (qkv)", p.qkv_fmt, p.D);
+  cpu::check_either("attention_block_decode_cpu (o)", p.o_fmt, nq);
+  if (cpu::quantized(p.qkv_fmt) || cpu::quantized(p.o_fmt)) cpu::need(op, p.workspace, "workspace");
+  cpu::either_linear(LinearParams{p.x, p.qkv, p.qkv_buf, dt, p.B, int32_t(nqkv), p.D}, p.qkv_fmt, p.workspace);
   // rope (rotate-half) on q and k heads in place; v copied; k and v written to the cache column
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = b * nqkv;
@@ -292,7 +297,7 @@ void attention_block_decode_cpu(const AttnBlockParams& p) {
   AttnDecodeParams a{p.attn_buf, p.k_cache, p.v_cache, p.valid, p.qkv_buf, p.scores, p.scale, dt,
                      p.B, p.H, p.Hkv, p.hd, p.pos + 1, p.S_cap, p.valid_stride};
   attention_decode_cpu(a);  // writes into qkv_buf (free again): [B, H hd]
-  linear_cpu(LinearParams{p.qkv_buf, p.o, p.out, dt, p.B, p.D, int32_t(nq)});
+  cpu::either_linear(LinearParams{p.qkv_buf, p.o, p.out, dt, p.B, p.D, int32_t(nq)}, p.o_fmt, p.workspace);
 }
 
 void rms_norm_cpu(const RMSNormParams& p) {

@@ -1,8 +1,9 @@
 // decode_step (CPU): a whole decode step -- every layer, the final norm and the lm_head -- in
 // one call (ops.h has the sequence). It only sequences the kernels of attention_decode.cpp,
-// moe_layer.cpp, expert_ffn.cpp on one workspace, with the residual adds rounded as the
-// model's torch code rounds them, so its logits are bit-identical to Model.forward's cpu path
-// op by op (tests/test_model_backends.py pins that).
+// moe_layer.cpp, expert_ffn.cpp (quant_gemm.cpp for quantized weights: either_panels.h) on one
+// workspace, with the residual adds rounded as the model's torch code rounds them, so its logits
+// are bit-identical to Model.forward's cpu path op by op (tests/test_model_backends.py and, for
+// quantized models, tests/test_quant_model.py pin that).
 // Why: with a C++ call per layer the Python around a small model's decode-step kernels costs
 // a large fraction of the kernels' own time; with this one call a tenth of that
 // (bench/throughput.py --profile-overhead; figures in bench/README.md).
@@ -11,6 +12,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "either_panels.h"
 
 namespace moe {
 namespace {
@@ -30,11 +32,16 @@ Layout layout(const DecodeStepParams& p) {
   int64_t ffn = 0;
   for (int32_t l = 0; l < p.L; ++l) {
     const DecodeLayer& ly = p.layers[l];
+    // one scratch for the layer's kernels, which run one after another
     if (ly.router)
-      ffn = std::max(ffn, expert_ffn_workspace_bytes(p.dtype, B, p.k_max, p.E, ly.F));
+      ffn = std::max(ffn, cpu::either_expert_ffn_workspace_bytes(p.dtype, B, p.k_max, p.E, D, ly.F, ly.fmt13, ly.fmt2));
     else
-      ffn = std::max(ffn, expert_ffn_workspace_bytes(p.dtype, B, 1, 1, ly.F));
-    if (ly.shared_w13) ffn = std::max(ffn, expert_ffn_workspace_bytes(p.dtype, B, 1, 1, ly.S));
+      ffn = std::max(ffn, cpu::either_expert_ffn_workspace_bytes(p.dtype, B, 1, 1, D, ly.F, ly.fmt13, ly.fmt2));
+    if (ly.shared_w13)
+      ffn = std::max(ffn, cpu::either_expert_ffn_workspace_bytes(p.dtype, B, 1, 1, D, ly.S, ly.shared_fmt13,
+                                                                  ly.shared_fmt2));
+    ffn = std::max(ffn, cpu::either_linear_workspace_bytes(B, D, ly.qkv_fmt));
+    ffn = std::max(ffn, cpu::either_linear_workspace_bytes(B, nq, ly.o_fmt));
   }
   Layout o{};
   int64_t at = 0;
@@ -97,6 +104,16 @@ void check(const DecodeStepParams& p) {
           " k_max=" + std::to_string(p.k_max));
     if (bool(ly.shared_w13) != (ly.S > 0) || bool(ly.shared_w13) != bool(ly.shared_w2))
       bad("layer " + std::to_string(l) + ": shared weights and S=" + std::to_string(ly.S) + " disagree");
+    const std::string at = "decode_step_cpu layer " + std::to_string(l);
+    const int64_t nq = int64_t(p.H) * p.hd;
+    cpu::check_either((at + " qkv").c_str(), ly.qkv_fmt, p.D);
+    cpu::check_either((at + " o").c_str(), ly.o_fmt, nq);
+    cpu::check_either((at + " w13").c_str(), ly.fmt13, p.D, &ly.fmt2);
+    cpu::check_either((at + " w2").c_str(), ly.fmt2, ly.F);
+    if (ly.shared_w13) {
+      cpu::check_either((at + " shared w13").c_str(), ly.shared_fmt13, p.D, &ly.shared_fmt2);
+      cpu::check_either((at + " shared w2").c_str(), ly.shared_fmt2, ly.S);
+    }
   }
 }
 
@@ -160,6 +177,7 @@ void decode_step_cpu(const DecodeStepParams& p) {
     ab.scale = p.scale, ab.dtype = dt;
     ab.B = p.B, ab.D = p.D, ab.H = p.H, ab.Hkv = p.Hkv, ab.hd = p.hd;
     ab.pos = p.pos, ab.S_cap = p.S_cap, ab.valid_stride = p.valid_stride;
+    ab.qkv_fmt = ly.qkv_fmt, ab.o_fmt = ly.o_fmt, ab.workspace = ws + lo.ffn;
     attention_block_decode_cpu(ab);
     add_inplace(x, a, dt, B * D);
     rms_norm_cpu(RMSNormParams{x, ly.post_norm, h, p.eps, dt, p.B, p.D});
@@ -180,9 +198,11 @@ void decode_step_cpu(const DecodeStepParams& p) {
       mp.shared_ids = shared_ids, mp.routed_out = nullptr, mp.workspace = ws + lo.ffn;
       mp.dtype = dt;
       mp.T = p.B, mp.D = p.D, mp.E = p.E, mp.F = ly.F, mp.S = ly.S, mp.k_max = p.k_max;
+      mp.fmt13 = ly.fmt13, mp.fmt2 = ly.fmt2, mp.shared_fmt13 = ly.shared_fmt13, mp.shared_fmt2 = ly.shared_fmt2;
       moe_layer_cpu(mp);
     } else {
-      expert_ffn_cpu(ExpertFFNParams{h, ly.w13, ly.w2, shared_ids, m, ws + lo.ffn, dt, p.B, 1, p.D, ly.F, 1});
+      cpu::either_expert_ffn(ExpertFFNParams{h, ly.w13, ly.w2, shared_ids, m, ws + lo.ffn, dt, p.B, 1, p.D, ly.F, 1},
+                             ly.fmt13, ly.fmt2);
       add_inplace(x, m, dt, B * D);
     }
   }

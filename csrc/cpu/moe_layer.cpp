@@ -5,6 +5,7 @@
 // (tests/test_model_backends.py pins that) and every tap buffer is filled as there.
 // Traffic: router E*D + the chosen experts' 3*D*F each + the shared 3*D*S, once per call.
 #include "common.h"
+#include "either_panels.h"
 
 namespace moe {
 
@@ -22,6 +23,13 @@ void moe_layer_cpu(const MoELayerParams& p) {
     cpu::need(op, p.shared_out, "shared_out"), cpu::need(op, p.shared_ids, "shared_ids");
     if (p.S <= 0) cpu::fail(op, "shared weights given with S=" + std::to_string(p.S));
   }
+  // formats before anything is written (route bumps usage_counts)
+  cpu::check_either("moe_layer_cpu (experts w13)", p.fmt13, p.D, &p.fmt2);
+  cpu::check_either("moe_layer_cpu (experts w2)", p.fmt2, p.F);
+  if (p.shared_w13) {
+    cpu::check_either("moe_layer_cpu (shared w13)", p.shared_fmt13, p.D, &p.shared_fmt2);
+    cpu::check_either("moe_layer_cpu (shared w2)", p.shared_fmt2, p.S);
+  }
   LinearParams lin{p.x, p.router, p.router_logits, p.dtype, p.T, p.E, p.D};
   linear_cpu(lin);
 
@@ -38,11 +46,11 @@ void moe_layer_cpu(const MoELayerParams& p) {
 
   ExpertFFNParams f{p.x, p.w13, p.w2, p.topk_ids, p.expert_out, p.workspace, p.dtype,
                     p.T, p.k_max, p.D, p.F, p.E};
-  expert_ffn_cpu(f);  // k = 0: every slot is a sentinel, so this only zeroes expert_out
+  cpu::either_expert_ffn(f, p.fmt13, p.fmt2);  // k = 0: every slot is a sentinel, so this only zeroes expert_out
   if (p.shared_w13) {
     ExpertFFNParams s{p.x, p.shared_w13, p.shared_w2, p.shared_ids, p.shared_out, p.workspace,
                       p.dtype, p.T, 1, p.D, p.S, 1};
-    expert_ffn_cpu(s);
+    cpu::either_expert_ffn(s, p.shared_fmt13, p.shared_fmt2);
   }
   CombineParams c{p.expert_out, p.topk_weights, p.topk_ids, p.shared_w13 ? p.shared_out : nullptr,
                   p.residual, p.out, p.routed_out, p.dtype, p.T, p.k_max, p.D};

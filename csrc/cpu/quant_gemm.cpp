@@ -20,7 +20,8 @@
 //   FFN), so each streams a contiguous range of quantized bytes, each panel once per call.
 //   Decode (T <= 16) streams the codes at ~1 FMA per weight per token; prefill reuses each
 //   panel from L1/L2 across token tiles (no separate dequantized buffer).
-// ISA (simd.h): AVX-512 (zmm, vpmovzxbd + vcvtdq2ps, vcvtph2ps for fp16 scales; tiles of up to
+// ISA (simd.h): AVX-512 (zmm, vpmovzxbd + vcvtdq2ps, int4: vpermps of float(0..15) on the
+//   nibbles; vcvtph2ps for fp16 scales; tiles of up to
 //   6 rows: 4M accumulators for the even/odd partial sums), AVX2+FMA+F16C (ymm, tiles of up to
 //   2 rows, 4 ymm per panel row), else portable loops. Any N, K (K a multiple of 32/bits,
 //   groups = ceil(K/g), the last one may be short), T, E.
@@ -34,6 +35,7 @@
 #include <string>
 
 #include "common.h"
+#include "either_panels.h"
 #include "simd.h"
 
 namespace moe {
@@ -123,9 +125,12 @@ inline void decode_k(const uint8_t* c, __m512& w0, __m512& w1) {
     w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
     w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
   } else {
+    // vpermps reads only the low 4 bits of each index lane: the low nibble needs no mask, and
+    // the lookup of float(0..15) replaces the int -> float conversion (same values, same bits)
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-    w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    w0 = _mm512_permutexvar_ps(b, codes);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), codes);
   }
 }
 inline __m512 load_scales16(const uint8_t* meta, int half, bool bf16) {
@@ -610,3 +615,41 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p) {
 }
 
 }  // namespace moe
+
+// ---- either kind of panel (either_panels.h) ----------------------------------------------------
+namespace moe::cpu {
+namespace {
+void same_kind(const char* op, const QFormat& f13, const QFormat& f2) {
+  if (quantized(f13) != quantized(f2))
+    fail(op, "w13 (bits=" + std::to_string(f13.bits) + ") and w2 (bits=" + std::to_string(f2.bits) +
+                 ") must both be quantized or both bf16/fp32 panels");
+}
+}  // namespace
+
+void check_either(const char* op, const QFormat& f, int64_t K, const QFormat* pair) {
+  if (pair) same_kind(op, f, *pair);
+  if (quantized(f)) moe::check_format(op, f, K);
+}
+
+int64_t either_linear_workspace_bytes(int64_t T, int64_t K, const QFormat& f) {
+  return quantized(f) ? linear_q_workspace_bytes(T, K, f) : 0;
+}
+void either_linear(const LinearParams& p, const QFormat& f, void* workspace) {
+  if (!quantized(f)) return linear_cpu(p);
+  need("either_linear", workspace, "workspace (quantized weight)");
+  linear_q_cpu(QLinearParams{p.x, p.w, p.y, workspace, f, p.dtype, p.T, p.N, p.K});
+}
+
+int64_t either_expert_ffn_workspace_bytes(DType dt, int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
+                                          const QFormat& f13, const QFormat& f2) {
+  same_kind("either_expert_ffn_workspace_bytes", f13, f2);
+  return quantized(f13) ? expert_ffn_q_workspace_bytes(T, k_max, E, D, F, f13, f2)
+                        : expert_ffn_workspace_bytes(dt, T, k_max, E, F);
+}
+void either_expert_ffn(const ExpertFFNParams& p, const QFormat& f13, const QFormat& f2) {
+  same_kind("either_expert_ffn", f13, f2);
+  if (!quantized(f13)) return expert_ffn_cpu(p);
+  expert_ffn_q_cpu(QExpertFFNParams{p.x, p.w13, p.w2, p.topk_ids, p.expert_out, p.workspace, f13, f2, p.dtype,
+                                    p.T, p.k_max, p.D, p.F, p.E});
+}
+}  // namespace moe::cpu

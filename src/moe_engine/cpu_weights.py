@@ -17,7 +17,10 @@ its kernels at every token count: that packed copy is the model's only copy of t
 replaces each QuantizedWeight in the ModelWeights by a PackedRows view of the packed bytes, so
 the GPTQ tensors are dropped and no bf16 copy exists; the PyTorch reference path dequantizes a
 view per call (loader.dequantized_layer). The router, norms, embedding and lm_head stay as
-they are. The one-call C++ paths read bf16/fp32 panels only: CpuModelWeights.one_call.
+they are. The one-call C++ paths (decode_step_cpu, moe_layer_cpu, attention_block_decode_cpu)
+take each weight as either kind of panel, told by a QFormat per weight (bits 0: bf16/fp32 panels;
+csrc/cpu/either_panels.h), and call the same kernels as the op-by-op path, so quantized models
+take them too (CpuModelWeights.one_call).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
 from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
-from .ops.quant import PackedQWeight, dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
+from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
+                        linear_q_cpu, pack_quantized)
 from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
 
 # Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
@@ -123,6 +127,20 @@ def _pack_experts(gate_up, down, what: str):
     return QuantExperts(w13, w2), gu, dn
 
 
+def native_format(mod, packed):
+    """The QFormat the one-call C++ paths read for one packed weight: its quantized format, or
+    bits 0 (bf16/fp32 panels)."""
+    return packed.native_format(mod) if isinstance(packed, PackedQWeight) else mod.QFormat()
+
+
+def _ffn_workspace_bytes(dt: torch.dtype, N: int, k_max: int, packed) -> int:
+    """Workspace bytes of expert_ffn_packed on N tokens and k_max slots (either kind of experts)."""
+    if isinstance(packed, QuantExperts):
+        return expert_ffn_q_workspace_bytes(N, k_max, packed.w13, packed.w2)
+    E, _, F = packed.shape
+    return workspace_bytes(dt, N, k_max, E, F)
+
+
 def expert_ffn_packed(x: torch.Tensor, topk_ids: torch.Tensor, packed) -> torch.Tensor:
     """expert_ffn_cpu on CpuExperts or expert_ffn_q_cpu on QuantExperts (same contract)."""
     if isinstance(packed, QuantExperts):
@@ -158,9 +176,6 @@ class CpuMoEWeights:
         """The whole MoE FFN of the layer in one C++ call (csrc/cpu/moe_layer.cpp); same kernels
         and order as the op-by-op path, so the same bits. u, resid_mid [N, D]; returns resid_post.
         The caller has validated the routing controls (Interventions.resolve)."""
-        if isinstance(self.experts, QuantExperts) or isinstance(self.shared, QuantExperts):
-            raise ValueError("CpuMoEWeights.fused reads bf16/fp32 panels; these experts are quantized "
-                             "(run moe_layer with fused=False: CpuModelWeights.one_call)")
         mod = backends.native_module("cpu")
         N, D = u.shape
         key = (N, k_max)
@@ -182,8 +197,11 @@ class CpuMoEWeights:
 
     def _build(self, mod, N: int, k_max: int):
         E, D, F = self.experts.shape
-        dt = self.experts.dtype
+        dt = self.router.dtype  # the model dtype (quantized experts have none)
         S = 0 if self.shared is None else self.shared.shape[2]
+        ws = _ffn_workspace_bytes(dt, N, k_max, self.experts)
+        if self.shared is not None:
+            ws = max(ws, _ffn_workspace_bytes(dt, N, 1, self.shared))
         bufs = dict(
             router_logits=torch.empty((N, E), dtype=dt),
             topk_ids=torch.empty((N, k_max), dtype=torch.int32),
@@ -191,14 +209,16 @@ class CpuMoEWeights:
             expert_out=torch.empty((N, k_max, D), dtype=dt),
             shared_out=torch.empty((N, D), dtype=dt),
             shared_ids=torch.zeros(N, dtype=torch.int32),
-            workspace=torch.empty(max(workspace_bytes(dt, N, k_max, E, F),
-                                      workspace_bytes(dt, N, 1, 1, max(S, 1))), dtype=torch.uint8))
+            workspace=torch.empty(ws + 64, dtype=torch.uint8))
         p = mod.MoELayerParams()
         for name, t in bufs.items():
             setattr(p, name, t.data_ptr())
+        p.workspace = (p.workspace + 63) // 64 * 64
         p.router, p.w13, p.w2 = self.router.data.data_ptr(), self.experts.w13.data.data_ptr(), self.experts.w2.data.data_ptr()
+        p.fmt13, p.fmt2 = native_format(mod, self.experts.w13), native_format(mod, self.experts.w2)
         if self.shared is not None:
             p.shared_w13, p.shared_w2 = self.shared.w13.data.data_ptr(), self.shared.w2.data.data_ptr()
+            p.shared_fmt13, p.shared_fmt2 = native_format(mod, self.shared.w13), native_format(mod, self.shared.w2)
         p.dtype = backends.native_dtype(mod, dt)
         p.T, p.D, p.E, p.F, p.S, p.k_max = N, D, E, F, S, k_max
         return p, bufs  # the buffers live as long as the params that point at them
@@ -262,20 +282,19 @@ class CpuModelWeights:
             pl, w.layers[i] = CpuLayerWeights.pack_views(lw)
             layers.append(pl)
         layers = tuple(layers)
-        decode_layers = None
-        if not any(pl.quantized for pl in layers):
-            decode_layers = backends.native_module("cpu").DecodeLayers()
-            for lw, pl in zip(w.layers, layers):
-                decode_layers.append(_decode_layer(lw, pl))
-        else:
+        decode_layers = backends.native_module("cpu").DecodeLayers()
+        for lw, pl in zip(w.layers, layers):
+            decode_layers.append(_decode_layer(lw, pl))
+        if any(pl.quantized for pl in layers):
             _release_freed_memory()
         return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm, decode_layers)
 
     @property
     def one_call(self) -> bool:
         """The rule for the one-call C++ paths (decode_step_cpu, moe_layer_cpu via
-        CpuMoEWeights.fused, attention_block_decode_cpu): they read bf16/fp32 panels, so they
-        serve a model with no quantized weight; a quantized model runs forward op by op."""
+        CpuMoEWeights.fused, attention_block_decode_cpu): they read either kind of panel per
+        weight (bf16/fp32 or quantized), so every packed model takes them once its decode layers
+        are built."""
         return self.decode_layers is not None
 
     def decode_step(self, ids: torch.Tensor, embed: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
@@ -290,8 +309,7 @@ class CpuModelWeights:
         Kept lean on purpose: a step's weight stream evicts the caches, so each Python or torch
         call here runs cold (bench/README.md)."""
         if self.decode_layers is None:
-            raise ValueError("decode_step reads bf16/fp32 panels; this model is quantized (not one_call): "
-                             "forward's general path runs it")
+            raise ValueError("decode_step needs the decode layers (not one_call): forward's general path runs it")
         mod = backends.native_module("cpu")
         B = ids.numel()
         S_cap = cache.k.shape[3]
@@ -346,16 +364,20 @@ def _release_freed_memory() -> None:
 
 def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
     """The _C.DecodeLayer of one layer: pointers into `lw` and `pl` (both live as long as the model)."""
-    d = backends.native_module("cpu").DecodeLayer()
+    mod = backends.native_module("cpu")
+    d = mod.DecodeLayer()
     d.input_norm, d.post_norm = lw.input_norm.data_ptr(), lw.post_attn_norm.data_ptr()
     d.qkv, d.o = pl.qkv.data.data_ptr(), pl.o.data.data_ptr()
+    d.qkv_fmt, d.o_fmt = native_format(mod, pl.qkv), native_format(mod, pl.o)
     experts = pl.dense if pl.moe is None else pl.moe.experts
     if pl.moe is not None:
         d.router = pl.moe.router.data.data_ptr()
         if pl.moe.shared is not None:
             d.shared_w13, d.shared_w2 = pl.moe.shared.w13.data.data_ptr(), pl.moe.shared.w2.data.data_ptr()
             d.S = pl.moe.shared.shape[2]
+            d.shared_fmt13, d.shared_fmt2 = native_format(mod, pl.moe.shared.w13), native_format(mod, pl.moe.shared.w2)
     d.w13, d.w2, d.F = experts.w13.data.data_ptr(), experts.w2.data.data_ptr(), experts.shape[2]
+    d.fmt13, d.fmt2 = native_format(mod, experts.w13), native_format(mod, experts.w2)
     return d
 
 

@@ -149,6 +149,27 @@ def linear_cpu(mod):
 LINEAR_BAD = [*_null("x", "w", "y"), _set(T=-1), _set(N=0), _set(K=0), _set(K=-16)]
 
 
+def _fmt(mod, bits, group_size=32):
+    f = mod.QFormat()
+    f.bits, f.group_size = bits, group_size
+    return f
+
+
+def _formats(**fields):
+    """Set QFormat fields (name -> (bits, group_size)) of the Params; bits 0 = bf16/fp32 panels."""
+    def mutate(case):
+        for k, (bits, g) in fields.items():
+            setattr(case.p, k, _fmt(case.mod, bits, g))
+    mutate.label = ", ".join(f"{k}=int{b} g{g}" for k, (b, g) in fields.items())
+    return mutate
+
+
+# the one-call paths' per-weight formats: a bad width or group, or w13 and w2 of different kinds
+# (each entry is wrong on its own and in any combination)
+BAD_PAIR_FORMATS = [_formats(fmt13=(3, 32), fmt2=(3, 32)), _formats(fmt13=(8, 16), fmt2=(8, 16)),
+                    _formats(fmt13=(8, 32)), _formats(fmt2=(4, 48))]
+
+
 def moe_layer_cpu(mod):
     c = Case(mod)
     p = c.p = mod.MoELayerParams()
@@ -172,7 +193,7 @@ _shared_without_width.label = "shared weights with S=0"
 MOE_LAYER_BAD = [*_null("x", "residual", "router", "w13", "w2", "router_logits", "topk_ids", "topk_weights",
                         "expert_out", "out", "workspace", "k"),
                  _set(T=-1), _set(D=0), _set(E=0), _set(F=0), _set(S=-1), _set(k_max=-1), _set(k_max=5),
-                 _set(shared_w13=1 << 20), _shared_without_width, _k_value(3)]
+                 _set(shared_w13=1 << 20), _shared_without_width, _k_value(3), *BAD_PAIR_FORMATS]
 
 
 def attention_decode_cpu(mod):
@@ -204,7 +225,9 @@ def attention_block_decode_cpu(mod):
 BLOCK_BAD = [*_null("x", "qkv", "o", "cos", "sin", "k_cache", "v_cache", "valid", "qkv_buf", "attn_buf",
                     "scores", "out"),
              _set(B=-1), _set(D=0), _set(H=0), _set(Hkv=0), _set(H=3), _set(hd=7), _set(hd=2048), _set(hd=0),
-             _set(pos=-1), _set(pos=8), _set(valid_stride=2)]
+             _set(pos=-1), _set(pos=8), _set(valid_stride=2),
+             _formats(qkv_fmt=(8, 32)),  # quantized without a workspace
+             _formats(o_fmt=(5, 32)), _formats(qkv_fmt=(4, 100), o_fmt=(4, 32))]
 
 
 def rms_norm_cpu(mod):
@@ -259,6 +282,18 @@ def _layer(**fields):
     return mutate
 
 
+def _layer_formats(**fields):
+    def mutate(case):
+        if not len(case.layers):
+            return
+        ly = case.layers[0]
+        for k, (bits, g) in fields.items():
+            setattr(ly, k, _fmt(case.mod, bits, g))
+        case.layers[0] = ly
+    mutate.label = "layer: " + ", ".join(f"{k}=int{b} g{g}" for k, (b, g) in fields.items())
+    return mutate
+
+
 def _no_layers(case):
     case.layers.clear()
 _no_layers.label = "no layers"
@@ -270,7 +305,8 @@ DECODE_BAD = [*_null("ids", "embed", "rope_cos", "rope_sin", "next_pos", "k_cach
               _set(E=-1), _set(k_max=1), _set(S_cap=0), _set(rope_len=0), _set(pos=-1), _set(pos=4),
               _set(valid_stride=0), _set(cache_bytes=2 * 128), _set(cache_bytes=64), _set(cache_bytes=-1),
               _ids_value(32), _ids_value(-1), _no_layers, _layer(qkv=0), _layer(F=0), _layer(router=1 << 20),
-              _layer(shared_w13=1 << 20), _layer(S=4)]
+              _layer(shared_w13=1 << 20), _layer(S=4), _layer_formats(qkv_fmt=(3, 32)),
+              _layer_formats(o_fmt=(8, 48)), _layer_formats(fmt13=(4, 32)), _layer_formats(fmt2=(8, 24))]
 
 
 def decode_step_workspace_bytes(mod):

@@ -47,11 +47,16 @@ def attention_block_decode_cpu(x: torch.Tensor, qkv, o, cos: torch.Tensor, sin: 
                                pos: int, H: int, Hkv: int, scale: float) -> torch.Tensor:
     """A layer's attention for one new token per sequence, in one call: x [B, D] (normed) ->
     packed q|k|v mat-vec -> rope (cos, sin [B, hd]) -> k, v into cache column `pos` -> attention
-    over columns <= pos -> packed o mat-vec -> [B, D]. qkv, o: ops.packed.PackedWeight."""
+    over columns <= pos -> packed o mat-vec -> [B, D]. qkv, o: each an ops.packed.PackedWeight
+    or an ops.quant.PackedQWeight (the quantized mat-vec, linear_q_cpu's kernel)."""
+    from .quant import PackedQWeight, linear_q_workspace_bytes
     mod = backends.native_module("cpu")
     B, D = x.shape
     hd = cos.shape[-1]
-    backends.check(x, "x", dtype=qkv.dtype, device="cpu")
+    dense = [w.dtype for w in (qkv, o) if not isinstance(w, PackedQWeight)]
+    backends.check(x, "x", dtype=tuple(dense[:1]) or (torch.float32, torch.bfloat16), device="cpu")
+    if any(dt != x.dtype for dt in dense):
+        raise ValueError(f"attention_block_decode: packed qkv / o dtypes {dense} differ from x's {x.dtype}")
     backends.check(cos, "cos", dtype=x.dtype, shape=(B, hd))
     backends.check(sin, "sin", dtype=x.dtype, shape=(B, hd))
     backends.check(k_cache, "k_cache", dtype=x.dtype, shape=(B, Hkv, None, hd))
@@ -72,5 +77,11 @@ def attention_block_decode_cpu(x: torch.Tensor, qkv, o, cos: torch.Tensor, sin: 
     p.scale, p.dtype = float(scale), backends.native_dtype(mod, x.dtype)
     p.B, p.D, p.H, p.Hkv, p.hd = B, D, H, Hkv, hd
     p.pos, p.S_cap, p.valid_stride = pos, k_cache.shape[2], valid.stride(0)
+    quantized = [w for w in (qkv, o) if isinstance(w, PackedQWeight)]
+    if quantized:  # the quantized mat-vecs' scratch (fp32 activations, group sums), one at a time
+        ws = torch.empty(max(linear_q_workspace_bytes(B, w) for w in quantized), dtype=torch.uint8)
+        p.workspace = (ws.data_ptr() + 63) // 64 * 64
+        p.qkv_fmt, p.o_fmt = (w.native_format(mod) if isinstance(w, PackedQWeight) else mod.QFormat()
+                              for w in (qkv, o))
     mod.attention_block_decode_cpu(p)
     return out
