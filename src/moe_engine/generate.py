@@ -347,7 +347,9 @@ def _decode(model: Model, seqs: list[_Seq], kw: dict) -> Iterator[TokenEvent]:
                 yield TokenEvent(i, t, text[:len(text) - hold], False, None, ev_lp, top)
         if all(finished):
             break
-        feed = torch.tensor([eos if f else t for f, t in zip(finished, nxt)], device=dev)
+        # made on the host, where the tokens already are: forward checks them there and copies
+        # them once, so the step itself waits for nothing (on the cpu backend host = device)
+        feed = torch.tensor([eos if f else t for f, t in zip(finished, nxt)])
         logits = model.forward(feed.unsqueeze(1), cache=cache, step=step, **kw)
 
 
