@@ -271,12 +271,13 @@ class Model:
                 if len(s) == 0:
                     raise ValueError(f"input_ids[{i}] is empty; expected at least one token per sequence")
             input_ids, attention_mask = left_pad(input_ids)
-        runner = self._runner(self.backend if backend is None else backends.resolve(backend, self.device))
-        if grad and runner.backend != "torch":
-            raise ValueError(f"grad=True needs the torch backend; the {runner.backend} kernels have no "
+        be = self.backend if backend is None else backends.resolve(backend, self.device)
+        if grad and be != "torch":
+            raise ValueError(f"grad=True needs the torch backend; the {be} kernels have no "
                              f"backward. Pass backend='torch' to this call (same weights, the "
                              f"PyTorch reference ops) or load the model with backend='torch'")
         with self._lock:
+            runner = self._runner(be)  # under the lock: the first cpu call packs the weights
             if cache is not None:
                 self._check_cache(cache)
             iv = for_call(interventions, intervention_kwargs)
