@@ -18,8 +18,8 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
