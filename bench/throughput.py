@@ -289,7 +289,7 @@ def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
         bw = probe()  # also evicts: in a real step the other layers' weights pass through the caches
         sync()
         t = time.perf_counter()
-        moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc, fused=cpu is None or cpu.one_call)
+        moe_layer(u, r, w, routing, l, backend=model.backend, cpu=lc, fused=model._runner(model.backend).fused_moe(None))
         sync()
         dt = time.perf_counter() - t
         if i < 2:
@@ -369,6 +369,9 @@ def main(argv=None):
     ap.add_argument("--profile-overhead", action="store_true",
                     help="cpu backend: split a decode step into time inside the C++ kernels and "
                          "outside them, with the fused MoE-layer call and with the op-by-op path (default: off)")
+    ap.add_argument("--no-fused-moe", action="store_true",
+                    help="cpu backend: run every MoE layer op by op, never as one C++ call (runner.Runner.fused_moe), "
+                         "to measure what that call saves (default: off)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)")
     ap.add_argument("--quant", default=None, choices=("int8", "int4"),
                     help="quantize the linears on load (default: none, the load dtype)")
@@ -378,6 +381,9 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.no_fused_moe:
+        import moe_engine.runner as rn
+        rn.Runner.fused_moe = lambda self, capture: False
     say = (lambda *a: None) if args.json else print
 
     bw = read_bandwidth()
@@ -415,17 +421,16 @@ def main(argv=None):
 
     # (both profile the bf16 one-call paths and torch's bf16 GEMMs: not a quantized model's)
     if args.profile_overhead and model.backend == "cpu" and not args.no_generate and args.quant is None:
-        import moe_engine.model as mm
-        from moe_engine.moe import moe_layer
+        import moe_engine.runner as rn
         o = decode_overhead(model, args)
-        small_n = mm.SMALL_N
-        mm.SMALL_N = 0  # no one-call decode step: forward's layer loop, one C++ call per MoE layer
+        max_b, fused_moe = rn.DECODE_STEP_MAX_B, rn.Runner.fused_moe
+        rn.DECODE_STEP_MAX_B = 0  # no one-call decode step: forward's layer loop, one C++ call per MoE layer
         try:
             u = decode_overhead(model, args)
-            mm.moe_layer = lambda *a, **k: moe_layer(*a, fused=False, **k)  # and the op-by-op MoE layer
+            rn.Runner.fused_moe = lambda self, capture: False  # and the op-by-op MoE layer
             v = decode_overhead(model, args)
         finally:
-            mm.moe_layer, mm.SMALL_N = moe_layer, small_n
+            rn.DECODE_STEP_MAX_B, rn.Runner.fused_moe = max_b, fused_moe
         result["decode_overhead"] = {"one_call_step": o, "fused_layer": u, "op_by_op_layer": v}
 
     tokens = ([int(x) for x in args.moe_tokens.split(",")] if args.moe_tokens

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moe_engine
+import moe_engine.runner as runner_mod
 from moe_engine import Capture, TapRequest
 from moe_engine.cpu_weights import CpuModelWeights
 from moe_engine.interventions import Interventions
@@ -113,7 +114,8 @@ def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
         routing = Interventions(**kw).resolve(c, mc.device)
         u, r = torch.randn(N, c.hidden_size).to(dt), torch.randn(N, c.hidden_size).to(dt)
         usage = [torch.zeros(c.n_routed_experts, dtype=torch.int32) for _ in range(2)]
-        a = moe_layer(u, r, mc.weights.layers[l].mlp, routing, l, backend="cpu", cpu=packed, usage=usage[0])
+        a = moe_layer(u, r, mc.weights.layers[l].mlp, routing, l, backend="cpu", cpu=packed, usage=usage[0],
+                      fused=True)
         b = moe_layer(u, r, mc.weights.layers[l].mlp, routing, l, backend="cpu", cpu=packed, usage=usage[1],
                       fused=False)
         assert torch.equal(a, b), f"fused vs op-by-op N={N} {kw}"
@@ -138,8 +140,8 @@ def test_decode_step_is_bit_identical_to_the_layer_loop(cpu_pair, monkeypatch, k
     monkeypatch.setattr(CpuModelWeights, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
     for fused in (True, False):
-        # SMALL_N = 0 in model.py only turns the one-call step off (the prefill above ran before)
-        monkeypatch.setattr(model_mod, "SMALL_N", model_mod.SMALL_N if fused else 0)
+        # DECODE_STEP_MAX_B = 0 turns the one-call step off and nothing else (runner.py)
+        monkeypatch.setattr(runner_mod, "DECODE_STEP_MAX_B", runner_mod.DECODE_STEP_MAX_B if fused else 0)
         cache, usage, tok = copy.deepcopy(prefilled), usage0.clone(), first
         steps = []
         for i in range(4):
@@ -181,7 +183,6 @@ def test_decode_step_with_rope_scaling_matches_the_layer_loop(tmp_path, monkeypa
     """Scaled rope through the one-call step (rows of the rope table) and the general path;
     dynamic scaling beyond the context (max_position_embeddings = 8 here) leaves the step to
     the general path, whose per-call base it needs."""
-    import moe_engine.model as model_mod
     from moe_engine.synthetic import make_checkpoint
     if "cpu" not in available_backends():
         pytest.skip("cpu backend not built")
@@ -193,7 +194,7 @@ def test_decode_step_with_rope_scaling_matches_the_layer_loop(tmp_path, monkeypa
     first = m(ids, cache=prefilled, logits="last").argmax(-1, keepdim=True)
     runs = []
     for fused in (True, False):
-        monkeypatch.setattr(model_mod, "SMALL_N", model_mod.SMALL_N if fused else 0)
+        monkeypatch.setattr(runner_mod, "DECODE_STEP_MAX_B", runner_mod.DECODE_STEP_MAX_B if fused else 0)
         cache, tok, steps = copy.deepcopy(prefilled), first, []
         for _ in range(6):  # positions 5..10: crosses the context
             steps.append(m(tok, cache=cache, logits="last"))

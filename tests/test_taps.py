@@ -11,7 +11,7 @@ import pytest
 import torch
 from _lens_helpers import BACKEND_DTYPES, BACKENDS, TOL, dtype_of, load
 
-from moe_engine import Capture, TapRequest, lens
+from moe_engine import Capture, Patch, TapRequest, lens
 from moe_engine.model import left_pad
 
 PROMPTS = ("The quick brown fox", "1 + 2 = 3, and then some more words follow")
@@ -202,3 +202,38 @@ def test_expert_view_empty_and_full(tiny_fp32_dir):
     v3 = lens.expert_view(cap, 1, 3)
     assert v3.rows.numel() == int(hits.sum())
     assert torch.equal(v3.out, cap["blocks.1.moe.hook_expert_out"][hits])
+
+
+def test_a_plain_capture_copies_no_activation(tiny_fp32, monkeypatch):
+    """Taps cost nothing unless they patch: capturing every tap adds no clone and no write-back
+    to the forward (counted on torch's dispatch), padded batch or not; the captured rows are
+    the ones an identity patch (which does rebuild the activations) sees, and the logits are
+    the same bits."""
+    from torch.overrides import TorchFunctionMode
+
+    class Copies(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.clone, torch.clone, torch.Tensor.__setitem__, torch.Tensor.index_put_):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    m = tiny_fp32
+    for prompts in ([[5, 9, 11, 300, 2], [17, 4]], [[5, 9, 11], [17, 4, 8]]):
+        ids, mask = left_pad(prompts)
+        counts, caps, outs = [], [], []
+        for cap in (None, Capture(TapRequest(["*"])),
+                    Capture(TapRequest(["*"]), patches=[Patch("*", lambda x, ctx: x)])):
+            with Copies() as c:
+                outs.append(m(ids, attention_mask=mask, capture=cap))
+            counts.append(c.n)
+            caps.append(cap)
+        assert counts[1] == counts[0], f"a plain capture copied activations ({counts[1] - counts[0]} copies)"
+        assert counts[2] > counts[0], "the identity patch must rebuild activations (else this test shows nothing)"
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        assert sorted(caps[1].keys()) == sorted(caps[2].keys())
+        for name in caps[1].keys():
+            assert torch.equal(caps[1][name], caps[2][name]), name

@@ -7,7 +7,7 @@ Why: at decode sizes a step is a string of mat-vecs whose cost is reading the we
 torch's bf16 GEMM reaches a fraction of the memory bandwidth at N = 1 (bench/kernels.py shows
 both). The panel kernels stream every weight once at full bandwidth, so for N <= SMALL_N the
 cpu backend runs the model's GEMMs on packed copies; larger N (prefill) stays on torch/oneDNN
-GEMMs where torch has a fast one (see use_packed), except the routed experts, the router and
+GEMMs where torch has a fast one (runner.use_packed), except the routed experts, the router and
 the shared experts, which always run on the packed kernels.
 Made once, when a Model is created with (or first run on) backend="cpu".
 
@@ -37,27 +37,11 @@ from .ops.packed import PackedWeight, linear_cpu, pack_weight
 from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
                         linear_q_cpu, pack_quantized)
 from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
+from .runner import SMALL_N, runs_packed, use_packed  # the path rule (runner.py)
 
-# Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
-# by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins, except in bf16 on
-# CPUs without AVX-512 BF16: there torch has no fast bf16 GEMM (its AVX2 fallback runs several
-# times slower than the panel kernel; bench/README.md), so the packed kernels take every size
-# (use_packed).
-SMALL_N = 16
 # Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
 # uses one or two; a lens run over varied sample lengths would otherwise hold one set per length.
 MAX_SHAPES = 8
-
-
-def use_packed(n: int, dtype: torch.dtype) -> bool:
-    """Whether an n-token product on the cpu backend runs on the packed kernels (else torch)."""
-    return n <= SMALL_N or (dtype == torch.bfloat16 and backends.native_module("cpu").cpu_isa != "avx512")
-
-
-def runs_packed(packed, n: int, dtype: torch.dtype) -> bool:
-    """Whether an n-token product with these packed weights runs on the packed kernels: always
-    for quantized ones (there is no dense copy to hand to torch), else use_packed."""
-    return isinstance(packed, (PackedQWeight, QuantExperts)) or use_packed(n, dtype)
 
 
 @dataclass(frozen=True)

@@ -349,8 +349,10 @@ def _decode(model: Model, seqs: list[_Seq], kw: dict) -> Iterator[TokenEvent]:
         if all(finished):
             break
         # a finished row still takes a step (the batch moves together) and its output is
-        # dropped: any valid id serves; without an EOS in the tokenizer, its last token
-        feed = torch.tensor([eos if f and eos is not None else t for f, t in zip(finished, nxt)], device=dev)
+        # dropped: any valid id serves; without an EOS in the tokenizer, its last token. Made on
+        # the host, where the tokens already are: forward checks them there and copies them
+        # once, so the step itself waits for nothing (on the cpu backend host = device)
+        feed = torch.tensor([eos if f and eos is not None else t for f, t in zip(finished, nxt)])
         logits = model.forward(feed.unsqueeze(1), cache=cache, step=step, **kw)
 
 

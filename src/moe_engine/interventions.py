@@ -73,6 +73,7 @@ class Interventions:
             force_dev=torch.tensor(force, dtype=torch.int32, device=device).view(L, 1),
             mask_dev=None if mask is None else mask.to(device=device, dtype=torch.uint8).contiguous(),
             mask_bool=None if mask is None else mask.to(device),
+            masked=tuple(False if mask is None else bool(mask[l].any()) for l in range(L)),
         )
 
 
@@ -89,9 +90,11 @@ class Routing:
     force_dev: torch.Tensor            # [L, 1] int32
     mask_dev: torch.Tensor | None      # [L, E] uint8
     mask_bool: torch.Tensor | None = field(default=None)  # [L, E] bool on the device
+    # [L] whether layer l masks any expert: decided once here, so a step reads no tensor
+    masked: tuple[bool, ...] = ()
 
     def layer_mask(self, l: int) -> torch.Tensor | None:
-        if self.mask is None or not bool(self.mask[l].any()):
+        if self.mask is None or not (self.masked[l] if self.masked else bool(self.mask[l].any())):
             return None
         return self.mask_bool[l]
 

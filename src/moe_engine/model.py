@@ -19,19 +19,20 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
 
 from .config import ModelConfig
 from .interventions import Interventions, Routing, for_call
-from .loader import ModelWeights, MoEWeights, dequantized_layer, load_checkpoint
-from .cpu_weights import SMALL_N, CpuModelWeights, ffn, linear, runs_packed
-from .cpu_weights import rms_norm as cpu_rms_norm
+from .loader import ModelWeights, MoEWeights, load_checkpoint
+from .cpu_weights import CpuModelWeights, ffn, linear
 from .moe import moe_layer
 from .ops import backend as backends
 from .ops.attention import attention_block_decode_cpu
-from .taps import Capture, TokenIndex, all_tap_names
+from .runner import Runner, runs_packed
+from .taps import LAYER_TAPS, Capture, TokenIndex, all_tap_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -110,16 +111,31 @@ def _is_ragged(input_ids) -> bool:
 @dataclass
 class KVCache:
     """Preallocated keys/values: k, v [L, B, Hkv, S, hd]; `valid` [B, S] marks real (non-pad)
-    keys; `used` columns are filled; `next_pos` [B] is each sequence's next position."""
+    keys; `used` columns are filled; `next_pos` [B] is each sequence's next position, which
+    the model also keeps on the host (`host_pos`, so a call reads no device value; None: read
+    from next_pos once). Only Model.forward advances a cache."""
     k: torch.Tensor
     v: torch.Tensor
     valid: torch.Tensor
     next_pos: torch.Tensor
     used: int = 0
+    host_pos: list | None = None
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
+
+    def host_next_pos(self) -> list:
+        """next_pos as host ints (a synchronisation only for a cache made without host_pos)."""
+        if self.host_pos is None or len(self.host_pos) != self.next_pos.shape[0]:
+            self.host_pos = self.next_pos.tolist()
+        return self.host_pos
+
+    def advance(self, used: int, mask: torch.Tensor, counts: list) -> None:
+        """After a call: `used` columns are filled; sequence i got counts[i] = mask[i].sum() tokens."""
+        self.used = used
+        self.next_pos += mask.long().sum(1)
+        self.host_pos = [p + n for p, n in zip(self.host_next_pos(), counts)]
 
 
 class Model:
@@ -136,6 +152,9 @@ class Model:
         self.dtype = weights.embed.dtype
         self.backend = backends.resolve(backend, self.device)
         self._tap_names = all_tap_names(config.num_hidden_layers, config.moe_layers)
+        self._layer_taps = [_LayerTaps(*(f"blocks.{l}.{t}" for t in LAYER_TAPS))
+                            for l in range(config.num_hidden_layers)]
+        self._runners: dict[str, Runner] = {}  # Model._runner
         hd = config.head_dim
         self._cpu: CpuModelWeights | None = None  # packed copy for backend="cpu" (cpu_weights.py)
         if self.backend == "cpu":
@@ -217,7 +236,7 @@ class Model:
         return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
                        torch.empty(shape, dtype=self.dtype, device=self.device),
                        torch.zeros((batch, max_len), dtype=torch.bool, device=self.device),
-                       torch.zeros(batch, dtype=torch.long, device=self.device))
+                       torch.zeros(batch, dtype=torch.long, device=self.device), host_pos=[0] * batch)
 
     def new_usage_counters(self) -> torch.Tensor:
         """Per-layer expert usage counters [L, E] int32 on the device (rows of dense layers stay 0);
@@ -260,136 +279,115 @@ class Model:
             for i, s in enumerate(input_ids):
                 if len(s) == 0:
                     raise ValueError(f"input_ids[{i}] is empty; expected at least one token per sequence")
-            input_ids, attention_mask = left_pad(input_ids, self.device)
+            input_ids, attention_mask = left_pad(input_ids)
         be = self.backend if backend is None else backends.resolve(backend, self.device)
         if grad and be != "torch":
             raise ValueError(f"grad=True needs the torch backend; the {be} kernels have no "
                              f"backward. Pass backend='torch' to this call (same weights, the "
                              f"PyTorch reference ops) or load the model with backend='torch'")
         with self._lock:
-            return self._forward_locked(input_ids, attention_mask, cache, interventions, capture, usage,
-                                        logits, be, step, grad, intervention_kwargs)
-
-    def _forward_locked(self, input_ids, attention_mask, cache, interventions, capture, usage, logits, be,
-                        step, grad, intervention_kwargs):
-        if cache is not None:
-            self._check_cache(cache)
-        if (be == "cpu" and attention_mask is None and capture is None and cache is not None
-                and self._cpu_weights().one_call):
-            # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
-            # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
-            out = self._decode_step_cpu(input_ids, cache, interventions, intervention_kwargs, usage)
-            if out is not None:
+            runner = self._runner(be)  # under the lock: the first cpu call packs the weights
+            if cache is not None:
+                self._check_cache(cache)
+            iv = for_call(interventions, intervention_kwargs)
+            if runner.decode_step(input_ids, cache, self.config, self.device,
+                                  attention_mask=attention_mask, capture=capture):
+                # no torch.no_grad() here: the step's only torch op is torch.empty (no autograd),
+                # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
+                out = self._decode_step_cpu(input_ids, cache, iv, usage)
                 return out if logits == "last" else out.unsqueeze(1)
-        with torch.set_grad_enabled(grad):
-            return self._forward(input_ids, attention_mask, cache, interventions, capture, usage, logits, be,
-                                 step, intervention_kwargs)
+            with torch.set_grad_enabled(grad):
+                call = self._prepare(runner, input_ids, attention_mask=attention_mask, cache=cache,
+                                     interventions=iv, capture=capture, usage=usage, logits=logits, step=step)
+                return self._forward(call)
 
-    def _forward(self, input_ids, attention_mask, cache, interventions, capture, usage, logits, be, step,
-                 intervention_kwargs):
-        """forward's general path: any batch and length, taps, every backend."""
+    def _forward(self, call: "_Call") -> torch.Tensor:
+        """The layer loop: no validation and no host synchronisation (Model._prepare did both)."""
+        w, run, tap, rows, eps = self.weights, call.runner, call.taps, call.rows, self.config.rms_norm_eps
+        x = w.embed[call.ids]                                                # [B, T, D]
+        for l, lw in enumerate(w.layers):
+            lw, lc = run.layer(l, lw, self.dtype)
+            n = self._layer_taps[l]
+            x = tap(n.resid_pre, x)
+            a = tap(n.attn_out, self._attention(run.rms_norm(x, lw.input_norm, eps), lw, lc, l, call))
+            x = tap(n.resid_mid, x + a)
+            h = run.rms_norm(x, lw.post_attn_norm, eps)
+            if isinstance(lw.mlp, MoEWeights):
+                x = rows.scatter(x, self._moe(rows.gather(h), rows.gather(x), lw.mlp, lc, l, call))
+            else:
+                x = x + tap(n.mlp_out, ffn(h, lw.mlp.gate_up, lw.mlp.down, None if lc is None else lc.dense))
+            x = tap(n.resid_post, x)
+        call.cache.advance(call.start + call.ids.shape[1], call.mask, call.counts)
+        return self._head(x, call)
+
+    def _moe(self, u, resid_mid, mw: MoEWeights, lc, l: int, call: "_Call") -> torch.Tensor:
+        """The MoE layer on the N valid tokens: u, resid_mid [N, D] -> resid_post [N, D]."""
+        cap = call.taps.capture
+        return moe_layer(u, resid_mid, mw, call.routing, l, backend=call.runner.backend, tap=cap,
+                         wants=None if cap is None else cap.wants,
+                         usage=None if call.usage is None else call.usage[l],
+                         cpu=None if lc is None else lc.moe, fused=call.runner.fused_moe(cap))
+
+    def _head(self, x: torch.Tensor, call: "_Call") -> torch.Tensor:
+        """Final norm and lm_head: float32 logits [B, T, V], or [B, V] for logits="last"."""
+        last = call.logits == "last"
+        if last:
+            x = x[:, -1:]
+        xn = call.runner.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)
+        if not last:
+            xn = call.taps("hook_final_norm", xn)
+        packed = call.runner.packed
+        out = linear(xn, self.weights.lm_head, None if packed is None else packed.lm_head).float()
+        if not last:
+            out = call.taps("logits", out)
+        call.taps.end()
+        return out[:, 0] if last else out
+
+    def _prepare(self, runner: Runner, input_ids, *, attention_mask, cache, interventions, capture, usage,
+                 logits, step) -> "_Call":
+        """forward's host side, all of it before the first launch: validate the inputs (a device
+        tensor's check is the call's one synchronisation; tokens and masks given on the host
+        need none), then the small device tensors the layer loop reads. Sizes that depend on
+        data (the valid-token count, the largest position) come from host copies, so the loop
+        holds fixed-size buffers only (no nonzero(), no .item())."""
         c = self.config
         ids = self._check_ids(input_ids)
         B, T = ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(ids, dtype=torch.bool)
-        else:
-            attention_mask = torch.as_tensor(attention_mask, device=self.device).bool()
-            if attention_mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; "
-                                 f"expected {list(ids.shape)} like input_ids")
-            if T > 1 and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-                raise ValueError("attention_mask must be left-padded (zeros only before a sequence's tokens)")
-            if not bool(attention_mask[:, -1].all()):
-                raise ValueError("attention_mask: every sequence needs at least its last column real")
+        mask_h = None if attention_mask is None else self._check_attention_mask(attention_mask, (B, T))
         if cache is None:
             cache = self.new_cache(B, T)
         if cache.k.shape[1] != B:
             raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {B}")
         if cache.used + T > cache.capacity:
             raise ValueError(f"{cache.used} cached + {T} new tokens exceed the cache length {cache.capacity}")
-        routing = self._routing(for_call(interventions, intervention_kwargs))
+        routing = self._routing(interventions)
         self._check_usage(usage)
-
-        # Positions continue each sequence; pads take position 0 and are never attended to.
-        pos = cache.next_pos.unsqueeze(1) + torch.cumsum(attention_mask.long(), 1) - 1
-        pos = torch.where(attention_mask, pos, torch.zeros_like(pos))
-        max_pos = int(pos.max()) + 1 if pos.numel() else 0
+        counts = [T] * B if mask_h is None else mask_h.sum(1).tolist()     # new tokens per sequence
+        # every sequence's last column is real, so the largest position is max(next_pos + count) - 1
+        max_pos = max((p + n for p, n in zip(cache.host_next_pos(), counts)), default=0)
         if max_pos > c.max_position_embeddings and c.rope_scaling is None:
             raise ValueError(f"position {max_pos - 1} is beyond the model's context "
                              f"(max_position_embeddings = {c.max_position_embeddings})")
+        # launches from here on
+        ids = ids.to(self.device, non_blocking=True)
+        mask = (torch.ones((B, T), dtype=torch.bool, device=self.device) if mask_h is None
+                else mask_h.to(self.device, non_blocking=True))
+        # Positions continue each sequence; pads take position 0 and are never attended to.
+        pos = cache.next_pos.unsqueeze(1) + torch.cumsum(mask.long(), 1) - 1
+        pos = torch.where(mask, pos, torch.zeros_like(pos))
         start = cache.used
-        cache.valid[:, start:start + T] = attention_mask
+        cache.valid[:, start:start + T] = mask
         cos, sin = self._rope(pos, max_pos)
-        w = self.weights
-        cpu = self._cpu_weights() if be == "cpu" else None
-        attn_mask = self._attn_mask(cache, start, T)
-
-        flat_mask = attention_mask.reshape(-1)
-        valid_index = flat_mask.nonzero().squeeze(1)              # [N]
+        N = sum(counts)
+        rows = _Rows(B, T, None if N == B * T else torch.nonzero_static(mask.reshape(-1), size=N).squeeze(1))
+        taps = _NO_TAPS
         if capture is not None:
-            seq = valid_index // T
-            last_col = T - 1  # left padding: every sequence's last token is in the last column
-            capture.begin(TokenIndex(seq, pos.reshape(-1)[valid_index], (valid_index % T) == last_col,
-                                     step, valid_index), c.num_hidden_layers, self._tap_names)
-
-        def tap(name, x_bt):  # x_bt [B, T, ...] -> record/patch the valid rows
-            if capture is None or not capture.wants(name):
-                return x_bt
-            flat = x_bt.reshape(B * T, *x_bt.shape[2:])
-            rows = capture(name, flat.index_select(0, valid_index))
-            out = flat.clone()
-            out[valid_index] = rows
-            return out.view_as(x_bt)
-
-        norm = rms_norm if cpu is None else cpu_rms_norm
-        x = w.embed[ids]                                          # [B, T, D]
-        for l, lw in enumerate(w.layers):
-            if cpu is None:  # quantized weights: the reference's view, this call only
-                lw = dequantized_layer(lw, self.dtype)
-            lc = None if cpu is None else cpu.layers[l]
-            x = tap(f"blocks.{l}.hook_resid_pre", x)
-            h = norm(x, lw.input_norm, c.rms_norm_eps)
-            a = self._attention(h, lw, l, cache, start, cos, sin, attn_mask, lc, cpu is not None and cpu.one_call)
-            a = tap(f"blocks.{l}.hook_attn_out", a)
-            x = tap(f"blocks.{l}.hook_resid_mid", x + a)
-            h = norm(x, lw.post_attn_norm, c.rms_norm_eps)
-            if isinstance(lw.mlp, MoEWeights):
-                all_valid = valid_index.numel() == B * T
-                hv = h.reshape(B * T, -1)
-                xv = x.reshape(B * T, -1)
-                if not all_valid:
-                    hv, xv = hv.index_select(0, valid_index), xv.index_select(0, valid_index)
-                out_v = moe_layer(hv, xv, lw.mlp, routing, l, backend=be,
-                                  tap=(lambda name, v: capture(name, v)) if capture is not None else None,
-                                  wants=capture.wants if capture is not None else None,
-                                  usage=None if usage is None else usage[l],
-                                  cpu=None if lc is None else lc.moe, fused=cpu is not None and cpu.one_call)
-                if all_valid:  # out_v is a fresh tensor: no copy needed
-                    x = out_v.view_as(x)
-                else:
-                    y = x.reshape(B * T, -1).clone()
-                    y[valid_index] = out_v
-                    x = y.view_as(x)
-            else:
-                m = ffn(h, lw.mlp.gate_up, lw.mlp.down, None if lc is None else lc.dense)
-                m = tap(f"blocks.{l}.hook_mlp_out", m)
-                x = x + m
-            x = tap(f"blocks.{l}.hook_resid_post", x)
-        cache.used = start + T
-        cache.next_pos += attention_mask.long().sum(1)
-
-        if logits == "last":
-            x = x[:, -1:]
-        xn = norm(x, w.final_norm, c.rms_norm_eps)
-        if capture is not None and logits == "all":
-            xn = tap("hook_final_norm", xn)
-        out = linear(xn, w.lm_head, None if cpu is None else cpu.lm_head).float()
-        if capture is not None and logits == "all":
-            out = tap("logits", out)
-        if capture is not None:
-            capture.end()
-        return out[:, 0] if logits == "last" else out
+            index = torch.arange(B * T, device=self.device) if rows.index is None else rows.index
+            capture.begin(TokenIndex(index // T, pos.reshape(-1)[index], (index % T) == T - 1, step, index),
+                          c.num_hidden_layers, self._tap_names)
+            taps = _Taps(capture, rows)
+        return _Call(runner, ids, cache, start, routing, usage, taps, rows, cos, sin,
+                     self._attn_mask(cache, start, T), logits, mask, counts)
 
     __call__ = forward
 
@@ -411,33 +409,29 @@ class Model:
             self._cpu = CpuModelWeights.pack(self.weights)
         return self._cpu
 
-    def _decode_step_cpu(self, input_ids, cache: KVCache, interventions, intervention_kwargs, usage):
-        """The cpu backend's one-call decode step (CpuModelWeights.decode_step) when this call is
-        one -- one new token for each of <= SMALL_N sequences, a cache with a free column, the
-        rope table covering the position -- else None, and forward's general path runs (and
-        raises whatever is wrong). Same bits as the general path; tests/test_model_backends.py."""
+    def _runner(self, backend: str) -> Runner:
+        """The path rule for calls on `backend` (runner.py); the cpu one holds the packed weights."""
+        run = self._runners.get(backend)
+        if run is None:
+            run = self._runners[backend] = Runner(backend, self._cpu_weights() if backend == "cpu" else None)
+        return run
+
+    def _decode_step_cpu(self, input_ids: torch.Tensor, cache: KVCache, interventions: Interventions, usage):
+        """The cpu backend's one-call decode step (CpuModelWeights.decode_step), for a call the
+        runner admitted (Runner.decode_step). Same bits as the layer loop;
+        tests/test_model_backends.py."""
         c = self.config
-        ids = input_ids
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.device != self.device:
-            return None
-        shape = ids.shape
-        if not ((len(shape) == 2 and shape[1] == 1) or (len(shape) == 1 and shape[0] == 1)):
-            return None
-        B = shape[0]
-        if not 0 < B <= SMALL_N or cache.k.shape[1] != B or cache.used + 1 > cache.capacity:
-            return None
-        rs = c.rope_scaling
-        if cache.used + 1 > c.max_position_embeddings and (rs is None or rs.type == "dynamic"):
-            return None  # beyond the context (an error) or dynamic scaling: per call, in _rope
-        routing = self._routing(for_call(interventions, intervention_kwargs))
+        routing = self._routing(interventions)
         self._check_usage(usage)
         cos, sin = self._rope_table(cache.used + 1)
+        ids = input_ids
         if ids.dtype != torch.int64 or not ids.is_contiguous():
             ids = ids.reshape(-1).long().contiguous()
         out = self._cpu_weights().decode_step(
             ids, self.weights.embed, cos, sin, cache, routing, usage,
             H=c.num_attention_heads, eps=c.rms_norm_eps, scale=1.0 / math.sqrt(c.head_dim))
         cache.used += 1
+        cache.host_pos = [p + 1 for p in cache.host_next_pos()]
         return out
 
     def _routing(self, interventions: Interventions) -> Routing:
@@ -491,11 +485,13 @@ class Model:
         cache._checked = key
 
     def _check_ids(self, input_ids) -> torch.Tensor:
+        """input_ids as int64 [B, T], checked against the vocabulary where they are: ids given on
+        the host stay there (the caller moves them); a device tensor's check is one sync."""
         if input_ids is None or isinstance(input_ids, (str, bytes, bytearray, float, bool)):
             raise TypeError(f"input_ids must be token ids (a tensor or a list of ints), got "
                             f"{type(input_ids).__name__} {input_ids!r:.60}; encode text with model.tokenizer.encode")
         try:
-            ids = torch.as_tensor(input_ids, device=self.device)
+            ids = torch.as_tensor(input_ids)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"input_ids must be token ids (a tensor or a list of ints): {e}") from None
         if ids.dtype not in (torch.int32, torch.int64):
@@ -509,6 +505,17 @@ class Model:
         if bool(bad.any()):
             raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary [0, {V})")
         return ids.long()
+
+    def _check_attention_mask(self, attention_mask, shape: tuple[int, int]) -> torch.Tensor:
+        """attention_mask as a host bool tensor of `shape`, left-padded with every last column real."""
+        mask = torch.as_tensor(attention_mask).bool().cpu()
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {list(shape)} like input_ids")
+        if shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("attention_mask must be left-padded (zeros only before a sequence's tokens)")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask: every sequence needs at least its last column real")
+        return mask
 
     def _rope(self, pos: torch.Tensor, seq_len: int):
         """cos, sin [B, T, hd] in the model dtype (rotate-half layout over all head dims): rows
@@ -551,13 +558,14 @@ class Model:
         allowed = allowed | (k_col == q_col).unsqueeze(0)
         return allowed.unsqueeze(1)
 
-    def _attention(self, h, lw, l, cache: KVCache, start, cos, sin, attn_mask, lc=None, one_call=False):
-        c = self.config
+    def _attention(self, h: torch.Tensor, lw, lc, l: int, call: "_Call") -> torch.Tensor:
+        """The attention block of layer l on h = RMSNorm(x) [B, T, D]; writes the cache columns."""
+        c, cache, start = self.config, call.cache, call.start
         B, T, _ = h.shape
         H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        if lc is not None and T == 1 and one_call:  # cpu backend, decode: the whole block in one C++ call
+        if call.runner.fused_attention(T):
             return attention_block_decode_cpu(
-                h.view(B, -1), lc.qkv, lc.o, cos[:, 0], sin[:, 0], cache.k[l], cache.v[l], cache.valid,
+                h.view(B, -1), lc.qkv, lc.o, call.cos[:, 0], call.sin[:, 0], cache.k[l], cache.v[l], cache.valid,
                 start, H, Hkv, 1.0 / math.sqrt(hd)).view(B, T, -1)
         if lc is not None and runs_packed(lc.qkv, B * T, h.dtype):  # cpu backend: one packed q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
@@ -566,7 +574,7 @@ class Model:
         q = q.reshape(B, T, H, hd).transpose(1, 2)
         k = k.reshape(B, T, Hkv, hd).transpose(1, 2)
         v = v.reshape(B, T, Hkv, hd).transpose(1, 2)
-        cs, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+        cs, sn = call.cos.unsqueeze(1), call.sin.unsqueeze(1)
         q = q * cs + rotate_half(q) * sn
         k = k * cs + rotate_half(k) * sn
         cache.k[l, :, :, start:start + T] = k
@@ -580,5 +588,89 @@ class Model:
         if Hkv != H:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)
-        o = Fn.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=1.0 / math.sqrt(hd))
+        o = Fn.scaled_dot_product_attention(q, keys, vals, attn_mask=call.attn_mask, scale=1.0 / math.sqrt(hd))
         return linear(o.transpose(1, 2).reshape(B, T, H * hd), lw.o, None if lc is None else lc.o)
+
+
+class _LayerTaps(NamedTuple):
+    """The names of one layer's residual-stream taps (made once per model, not per call)."""
+    resid_pre: str
+    attn_out: str
+    resid_mid: str
+    mlp_out: str
+    resid_post: str
+
+
+class _Rows:
+    """The N valid (non-pad) tokens among a call's B x T: `index` [N] into the flattened [B*T],
+    made with a fixed size (no host sync), or None when every token is valid (then gather and
+    scatter are views)."""
+    __slots__ = ("shape", "index")
+
+    def __init__(self, B: int, T: int, index: torch.Tensor | None):
+        self.shape, self.index = (B * T,), index
+
+    def gather(self, x_bt: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ...] -> its valid rows [N, ...]."""
+        flat = x_bt.reshape(self.shape + x_bt.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def scatter(self, x_bt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ...] with its valid rows replaced by rows [N, ...] (a new tensor; pads kept)."""
+        if self.index is None:
+            return rows.view_as(x_bt)
+        y = x_bt.reshape(self.shape + x_bt.shape[2:]).clone()
+        y[self.index] = rows
+        return y.view_as(x_bt)
+
+
+class _Taps:
+    """forward's tap points on [B, T, ...] activations: the capture records the valid rows (its
+    own copy of the rows it keeps); the activation is rebuilt only when a patch changed them."""
+    __slots__ = ("capture", "rows")
+
+    def __init__(self, capture: Capture, rows: _Rows):
+        self.capture, self.rows = capture, rows
+
+    def __call__(self, name: str, x_bt: torch.Tensor) -> torch.Tensor:
+        if not self.capture.wants(name):
+            return x_bt
+        valid = self.rows.gather(x_bt)
+        new = self.capture(name, valid)
+        return x_bt if new is valid else self.rows.scatter(x_bt, new)
+
+    def end(self) -> None:
+        self.capture.end()
+
+
+class _NoTaps:
+    """A call without a capture: every tap is the identity."""
+    capture = None
+
+    def __call__(self, name: str, x_bt: torch.Tensor) -> torch.Tensor:
+        return x_bt
+
+    def end(self) -> None:
+        pass
+
+
+_NO_TAPS = _NoTaps()
+
+
+@dataclass
+class _Call:
+    """One forward call after Model._prepare: everything the layer loop reads."""
+    runner: Runner
+    ids: torch.Tensor            # [B, T] int64 on the device
+    cache: KVCache
+    start: int                   # first cache column of this call
+    routing: Routing
+    usage: torch.Tensor | None   # [L, E] int32 counters
+    taps: _Taps | _NoTaps
+    rows: _Rows
+    cos: torch.Tensor            # [B, T, hd]
+    sin: torch.Tensor
+    attn_mask: torch.Tensor      # [B, 1, T, start + T] bool
+    logits: str                  # "all" | "last"
+    mask: torch.Tensor           # [B, T] bool on the device: real tokens
+    counts: list                 # real tokens per sequence (host)

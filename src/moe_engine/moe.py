@@ -34,20 +34,23 @@ from .ops.route import route
 def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: Routing, l: int, *,
               backend: str, tap: Callable | None = None, wants: Callable | None = None,
               usage: torch.Tensor | None = None, cpu: CpuMoEWeights | None = None,
-              fused: bool = True) -> torch.Tensor:
+              fused: bool = False) -> torch.Tensor:
     """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D].
-    cpu: the packed weights backend="cpu" streams (required for that backend). With no taps
-    requested the cpu backend runs the layer as one C++ call (`fused`; same bits as op by op);
-    the caller passes fused=False for a quantized model (CpuModelWeights.one_call)."""
+    cpu: the packed weights backend="cpu" streams (required for that backend). fused: run the
+    layer as one C++ call (cpu backend, no taps; same bits as op by op); the caller asks
+    runner.Runner.fused_moe, which owns that rule."""
     if (backend == "cpu") != (cpu is not None):
         raise ValueError(f"moe_layer: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
+    if fused and (cpu is None or tap is not None):
+        raise ValueError("moe_layer: fused=True needs the cpu backend's packed weights and no taps "
+                         "(runner.Runner.fused_moe)")
     pre = f"blocks.{l}.moe."
     want = (lambda name: False) if wants is None else wants
     t = (lambda name, v: v) if tap is None else tap
     k = routing.k[l]
     if u.shape[0] == 0:
         return resid_mid
-    if cpu is not None and tap is None and fused:
+    if fused:
         return cpu.fused(u, resid_mid, k, routing.k_max, routing.controls(l), routing.mask_mode,
                          routing.renormalize, usage)
     u = t(pre + "hook_in", u)

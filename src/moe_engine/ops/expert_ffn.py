@@ -140,13 +140,13 @@ def expert_ffn_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed: CpuExperts, 
 
 
 # ---- cuda / emu: csrc/cuda/{align,expert_gemm,moe_decode}.cu ------------------------------------
-DECODE_MAX_T = 16  # csrc/cuda/moe_decode.cu: up to here a mat-vec per (token, expert) beats the GEMM
 
 
 def expert_ffn_cuda(x, topk_ids, experts_gate_up, experts_down, *, backend: str):
     """The CUDA kernels (backend "cuda", or "emu" for the same source run on the CPU): for
     T <= DECODE_MAX_T the no-sort decode path, else align + grouped GEMM up (SiLU*up fused) +
     grouped GEMM down writing expert_out in token order. bf16 only."""
+    from ..runner import DECODE_MAX_T  # the path rule (runner.py)
     from .align import align
     mod = backends.native_module(backend)
     if x.dtype != torch.bfloat16:

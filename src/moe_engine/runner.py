@@ -1,0 +1,109 @@
+"""Which path a forward call takes: the one rule, in one place (docs/design.md §2).
+
+Model.forward asks a Runner; nothing else decides between the paths. n is the token count of
+one product (B x T for attention and dense GEMMs, the valid tokens N for the MoE layer).
+
+    backend    when                                                path
+    ---------  --------------------------------------------------  ----------------------------------
+    cpu        one_call, T = 1, B <= DECODE_STEP_MAX_B, no         decode_step: the whole step in one
+               attention_mask, no capture, a cache with a free     C++ call (CpuModelWeights.decode_step)
+               column, ids an int tensor on the model's device,
+               rope rows precomputed for the position
+    cpu        one_call, no capture                                fused_moe: each MoE layer in one C++
+                                                                   call (CpuMoEWeights.fused)
+    cpu        one_call, T = 1                                     fused_attention: the attention block
+                                                                   in one C++ call
+    cpu        any n: quantized weights, or use_packed(n)          packed kernels (ops/packed.py,
+               (n <= SMALL_N, or bf16 without AVX-512 BF16)        ops/quant.py), else torch's GEMM
+    cuda, emu  MoE layer, N <= DECODE_MAX_T (else align + GEMM)    moe_decode (csrc/cuda)
+    cuda, emu  attention, norms, dense GEMMs                       PyTorch
+    torch      everything; quantized weights dequantized per call  PyTorch reference ops
+
+one_call = CpuModelWeights.one_call (which models the one-call C++ paths read). Every path gives
+the same bits as the op-by-op cpu path it replaces (tests/test_model_backends.py); each row
+below the first is what runs when the rows above do not apply.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops import backend as backends
+
+# Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
+# by bench/kernels.py, section "dense"); above it torch's blocked GEMM wins, except in bf16 on
+# CPUs without AVX-512 BF16: there torch has no fast bf16 GEMM (its AVX2 fallback runs several
+# times slower than the panel kernel; bench/README.md), so the packed kernels take every size.
+SMALL_N = 16
+# The one-call decode step runs its GEMMs as packed mat-vecs: it serves the batches they serve.
+DECODE_STEP_MAX_B = SMALL_N
+# csrc/cuda/moe_decode.cu: up to here a mat-vec per (token, expert) beats the grouped GEMM.
+DECODE_MAX_T = 16
+
+
+def use_packed(n: int, dtype: torch.dtype) -> bool:
+    """Whether an n-token product with dense packed weights runs on the packed kernels (else torch)."""
+    return n <= SMALL_N or (dtype == torch.bfloat16 and backends.native_module("cpu").cpu_isa != "avx512")
+
+
+def runs_packed(packed, n: int, dtype: torch.dtype) -> bool:
+    """Whether an n-token product with these packed weights runs on the packed kernels: always
+    for quantized ones (there is no dense copy to hand to torch), else use_packed."""
+    from .cpu_weights import QuantExperts
+    from .ops.quant import PackedQWeight
+    return isinstance(packed, (PackedQWeight, QuantExperts)) or use_packed(n, dtype)
+
+
+class Runner:
+    """The path rule for calls on one backend (the table above). `packed` is the model's
+    CpuModelWeights for backend "cpu", else None. Cheap: one per (model, backend)."""
+
+    def __init__(self, backend: str, packed=None):
+        if (backend == "cpu") != (packed is not None):
+            raise ValueError(f"Runner: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
+        self.backend = backend
+        self.packed = packed
+        # CpuModelWeights.one_call is the single rule for which models the one-call paths read
+        self.one_call = packed is not None and packed.one_call
+        if packed is not None:  # the model's RMSNorm: one C++ call for few tokens
+            from .cpu_weights import rms_norm
+        else:
+            from .model import rms_norm
+        self.rms_norm = rms_norm
+
+    def __repr__(self) -> str:
+        return f"Runner({self.backend!r}, one_call={self.one_call})"
+
+    def decode_step(self, ids, cache, config, device, *, attention_mask=None, capture=None) -> bool:
+        """Whether this call runs as one C++ decode step (the table's first row). Anything
+        unusual (wrong dtype, shape or device, no free column) answers False: the layer loop
+        then runs and raises whatever is wrong."""
+        if not self.one_call or attention_mask is not None or capture is not None or cache is None:
+            return False
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.device != device:
+            return False
+        shape = ids.shape
+        if not ((len(shape) == 2 and shape[1] == 1) or (len(shape) == 1 and shape[0] == 1)):
+            return False
+        B = shape[0]
+        if not 0 < B <= DECODE_STEP_MAX_B or cache.k.shape[1] != B or cache.used + 1 > cache.capacity:
+            return False
+        rs = config.rope_scaling
+        # beyond the context (an error) or dynamic scaling (per call): the layer loop's _rope
+        return cache.used + 1 <= config.max_position_embeddings or (rs is not None and rs.type != "dynamic")
+
+    def fused_moe(self, capture) -> bool:
+        """Whether an MoE layer runs as one C++ call: its taps need the op-by-op tensors."""
+        return self.one_call and capture is None
+
+    def fused_attention(self, T: int) -> bool:
+        """Whether a T-token attention block runs as one C++ call (decode only)."""
+        return self.one_call and T == 1
+
+    def layer(self, l: int, lw, dtype: torch.dtype):
+        """(weights, packed weights or None) of layer l as this backend reads them: the cpu
+        backend's packed copy, or (every other backend) a dequantized view of quantized weights
+        for this call only."""
+        if self.packed is not None:
+            return lw, self.packed.layers[l]
+        from .loader import dequantized_layer
+        return dequantized_layer(lw, dtype), None
