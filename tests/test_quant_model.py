@@ -449,6 +449,7 @@ def test_cpu_quantized_decode_step_matches_the_layer_loop(q_cpu, monkeypatch, kw
     each); and within the model_logits bar of the loop as it ran before quantized models took
     the one-call paths (torch rope and SDPA around linear_q_cpu: another attention kernel)."""
     import moe_engine.model as model_mod
+    import moe_engine.runner as runner_mod
     from moe_engine.cpu_weights import CpuModelWeights
     m, dt = q_cpu, q_cpu.dtype
     assert m._cpu_weights().one_call
@@ -460,7 +461,7 @@ def test_cpu_quantized_decode_step_matches_the_layer_loop(q_cpu, monkeypatch, kw
     monkeypatch.setattr(CpuModelWeights, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     one = _decode_run(m, prefilled, usage0, first.view(2, 1), kw)
     assert len(calls) == 3, "every step must take the one-call decode step"
-    monkeypatch.setattr(model_mod, "SMALL_N", 0)  # turns only the one-call step off
+    monkeypatch.setattr(runner_mod, "DECODE_STEP_MAX_B", 0)  # turns only the one-call step off
     loop = _decode_run(m, prefilled, usage0, first.view(2, 1), kw)
     assert len(calls) == 3
     for name, a, b in zip(("logits", "usage", "k cache", "v cache"), one, loop):
