@@ -464,7 +464,10 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             return raw.view(READ_DTYPES[info.dtype]).view(info.shape)
 
         def finite(t: Tensor, name: str) -> Tensor:
-            if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            # aminmax: one pass, no mask tensor; NaN propagates into both, an Inf is an extreme
+            if allow_nonfinite or not t.is_floating_point() or t.numel() == 0:
+                return t
+            if not all(map(math.isfinite, torch.aminmax(t))):
                 nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
                 raise CheckpointError(
                     f"{weight_map[name]}: tensor {name} holds {nan} NaN and {inf} Inf value(s) "
@@ -480,9 +483,8 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
         def empty(*shape: int) -> Tensor:
             return torch.empty(shape, dtype=dtype, device=device)
 
-        def own(t: Tensor) -> Tensor:
-            out = t.to(device)
-            return out.clone() if out is t else out
+        def own(t: Tensor) -> Tensor:  # read() returns fresh tensors: nothing to copy on the cpu
+            return t.to(device)
 
         def lin(name: str):
             """One linear: a Tensor, or a QuantizedWeight (read from GPTQ tensors or made here)."""
@@ -567,14 +569,12 @@ def _experts(lin, p: str, experts: range, quantized) -> tuple:
     for e in experts:
         q = f"{p}mlp.experts.{e}."
         g, u, d = (lin(f"{q}{x}_proj.weight") for x in ("gate", "up", "down"))
-        if quantized([g, u, d], f"{p}mlp.experts"):
-            gu.append(QuantizedWeight.cat_rows([g, u]))
-        else:
-            gu.append(torch.cat([g, u]))
-        dn.append(d)
-    if quantized([gu[0], *gu, *dn], f"{p}mlp.experts"):
-        return QuantizedWeight.stack(gu), QuantizedWeight.stack(dn)
-    return torch.stack(gu), torch.stack(dn)
+        quantized([g, u, d], f"{p}mlp.experts")
+        gu.append([g, u])
+        dn.append([d])
+    if quantized([w for ws in gu + dn for w in ws], f"{p}mlp.experts"):
+        return QuantizedWeight.stack_cat(gu), QuantizedWeight.stack_cat(dn)
+    return torch.stack([torch.cat(ws) for ws in gu]), torch.stack([d for d, in dn])
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,

@@ -280,10 +280,22 @@ class QuantizedWeight:
     @staticmethod
     def stack(ws: list["QuantizedWeight"]) -> "QuantizedWeight":
         """A new leading dim (the experts of a layer)."""
-        QuantizedWeight._same(ws)
-        return ws[0]._like(qweight=torch.stack([w.qweight for w in ws]),
-                           scales=torch.stack([w.scales for w in ws]),
-                           qzeros=torch.stack([w.qzeros for w in ws]))
+        return QuantizedWeight.stack_cat([[w] for w in ws])
+
+    @staticmethod
+    def stack_cat(parts: list[list["QuantizedWeight"]]) -> "QuantizedWeight":
+        """stack([cat_rows(ps) for ps in parts]) with one copy of each tensor (the loader's
+        experts: gate|up per expert, then the layer's experts stacked)."""
+        flat = [w for ps in parts for w in ps]
+        QuantizedWeight._same(flat)
+
+        def build(attr: str) -> Tensor:
+            first = [getattr(w, attr) for w in parts[0]]
+            out = first[0].new_empty((len(parts), *first[0].shape[:-1], sum(t.shape[-1] for t in first)))
+            for e, ps in enumerate(parts):
+                torch.cat([getattr(w, attr) for w in ps], -1, out=out[e])
+            return out
+        return flat[0]._like(qweight=build("qweight"), scales=build("scales"), qzeros=build("qzeros"))
 
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Inverse of cat_rows."""
