@@ -31,6 +31,7 @@ from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
 from .ops.quant import PackedQWeight, dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
+from .ops.route import control_strides
 from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
 
 # Up to this many tokens the packed mat-vec beats torch's GEMM on the dense weights (measured
@@ -169,6 +170,7 @@ class CpuMoEWeights:
             self._buffers[key] = self._build(mod, N, k_max)
         p, _ = self._buffers[key]
         k_t, mask_t, force_t = controls
+        p.mask_stride, p.force_stride = control_strides(mask_t, force_t, N, self.experts.shape[0])
         out = torch.empty_like(resid_mid)
         p.x, p.residual, p.out = u.data_ptr(), resid_mid.data_ptr(), out.data_ptr()
         p.k, p.force_expert = k_t.data_ptr(), force_t.data_ptr()
@@ -308,8 +310,11 @@ class CpuModelWeights:
         nbytes = cache.k.numel() * cache.k.element_size()
         same = cache.v.shape == cache.k.shape and cache.v.dtype == cache.k.dtype == embed.dtype
         p.cache_bytes = nbytes if same else -1
-        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
-        p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
+        # routing: "call" (one row per layer) or one row per sequence (Routing.for_tokens)
+        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force.data_ptr()
+        p.force_stride = 0 if routing.force.shape[1] == 1 else 1
+        p.expert_mask = 0 if routing.mask is None else routing.mask.data_ptr()
+        p.mask_stride = 0 if routing.mask is None or routing.mask.dim() == 2 else routing.mask.shape[2]
         p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), routing.renormalize
         p.usage_counts = 0 if usage is None else usage.data_ptr()
         mod.decode_step_cpu(p, self.decode_layers)

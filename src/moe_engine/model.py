@@ -318,6 +318,7 @@ class Model:
 
         flat_mask = attention_mask.reshape(-1)
         valid_index = flat_mask.nonzero().squeeze(1)              # [N]
+        routing = routing.for_tokens(pos.reshape(-1)[valid_index], valid_index, B, T)  # per-token rows
         if capture is not None:
             seq = valid_index // T
             last_col = T - 1  # left padding: every sequence's last token is in the last column
@@ -421,6 +422,7 @@ class Model:
         if cache.used + 1 > c.max_position_embeddings and (rs is None or rs.type == "dynamic"):
             return None  # beyond the context (an error) or dynamic scaling: per call, in _rope
         routing = self._routing(for_call(interventions, intervention_kwargs))
+        routing = routing.for_tokens(cache.next_pos, torch.arange(B, device=self.device), B, 1)  # per-token rows
         self._check_usage(usage)
         cos, sin = self._rope_table(cache.used + 1)
         if ids.dtype != torch.int64 or not ids.is_contiguous():
