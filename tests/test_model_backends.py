@@ -13,7 +13,7 @@ import torch
 
 import moe_engine
 from moe_engine import Capture, TapRequest
-from moe_engine.cpu_weights import CpuModelWeights
+from moe_engine.cpu_weights import MAX_KEPT_TOKENS, CpuModelWeights
 from moe_engine.interventions import Interventions
 from moe_engine.moe import moe_layer
 from moe_engine.ops import available_backends
@@ -109,7 +109,9 @@ def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
     c = mc.config
     l = c.moe_layers[0]
     packed = mc._cpu_weights().layers[l].moe
-    for N, kw in [(1, {}), (5, {"topk": 1}), (33, {"expert_mask": {l: [2]}, "mask_mode": "zero"})]:
+    for N, kw in [(1, {}), (5, {"topk": 1}), (33, {"expert_mask": {l: [2]}, "mask_mode": "zero"}),
+                  (MAX_KEPT_TOKENS + 7, {"force_experts": {l: 1}})]:
+        kept = list(packed._buffers)
         routing = Interventions(**kw).resolve(c, mc.device)
         u, r = torch.randn(N, c.hidden_size).to(dt), torch.randn(N, c.hidden_size).to(dt)
         usage = [torch.zeros(c.n_routed_experts, dtype=torch.int32) for _ in range(2)]
@@ -118,6 +120,8 @@ def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
                       fused=False)
         assert torch.equal(a, b), f"fused vs op-by-op N={N} {kw}"
         assert torch.equal(usage[0], usage[1]), f"usage counters N={N} {kw}"
+        if N > MAX_KEPT_TOKENS:  # a large call's buffers are freed with it, never kept (memory)
+            assert list(packed._buffers) == kept, f"N={N} kept its fused-layer buffers"
 
 
 @pytest.mark.parametrize("kw", [{}, {"topk": [None, 1, 0]}, {"topk": 3, "force_experts": {2: 5}},

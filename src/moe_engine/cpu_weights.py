@@ -43,6 +43,11 @@ SMALL_N = 16
 # Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
 # uses one or two; a lens run over varied sample lengths would otherwise hold one set per length.
 MAX_SHAPES = 8
+# Only calls of at most this many tokens keep their buffers: keeping them spares a decode step
+# its allocations, while a prefill or corpus batch of thousands of tokens would pin tens of MB per
+# layer and shape (8 shapes x every MoE layer: about 1 GB for 8192-token batches of the bundled
+# model, which is what made a prune run grow) for an allocation its own compute dwarfs.
+MAX_KEPT_TOKENS = 64
 
 
 def use_packed(n: int, dtype: torch.dtype) -> bool:
@@ -164,11 +169,14 @@ class CpuMoEWeights:
         mod = backends.native_module("cpu")
         N, D = u.shape
         key = (N, k_max)
-        if key not in self._buffers:
-            if len(self._buffers) >= MAX_SHAPES:  # bounded: a run of varied prefill sizes must
-                del self._buffers[next(iter(self._buffers))]  # not keep every shape's buffers
-            self._buffers[key] = self._build(mod, N, k_max)
-        p, _ = self._buffers[key]
+        if N > MAX_KEPT_TOKENS:
+            p, _bufs = self._build(mod, N, k_max)  # freed when this call returns
+        else:
+            if key not in self._buffers:
+                if len(self._buffers) >= MAX_SHAPES:  # bounded: a run of varied sizes must
+                    del self._buffers[next(iter(self._buffers))]  # not keep every shape's buffers
+                self._buffers[key] = self._build(mod, N, k_max)
+            p, _ = self._buffers[key]
         k_t, mask_t, force_t = controls
         p.mask_stride, p.force_stride = control_strides(mask_t, force_t, N, self.experts.shape[0])
         out = torch.empty_like(resid_mid)
