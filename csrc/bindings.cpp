@@ -66,7 +66,8 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(route, RouteParams, router_logits); MOE_VAL(route, RouteParams, logits_dtype);
   MOE_VAL(route, RouteParams, logits_stride); MOE_VAL(route, RouteParams, T);
   MOE_VAL(route, RouteParams, E); MOE_VAL(route, RouteParams, k_max); MOE_PTR(route, RouteParams, k);
-  MOE_PTR(route, RouteParams, expert_mask); MOE_VAL(route, RouteParams, mask_mode);
+  MOE_PTR(route, RouteParams, expert_mask); MOE_VAL(route, RouteParams, mask_stride);
+  MOE_VAL(route, RouteParams, mask_mode); MOE_VAL(route, RouteParams, force_stride);
   MOE_PTR(route, RouteParams, force_expert); MOE_VAL(route, RouteParams, renormalize);
   MOE_PTR(route, RouteParams, topk_ids); MOE_PTR(route, RouteParams, topk_weights);
   MOE_PTR(route, RouteParams, router_probs); MOE_PTR(route, RouteParams, usage_counts);
@@ -147,6 +148,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_PTR(layer, MoELayerParams, shared_w13); MOE_PTR(layer, MoELayerParams, shared_w2);
   MOE_PTR(layer, MoELayerParams, k); MOE_PTR(layer, MoELayerParams, expert_mask); MOE_VAL(layer, MoELayerParams, mask_mode);
   MOE_PTR(layer, MoELayerParams, force_expert); MOE_VAL(layer, MoELayerParams, renormalize);
+  MOE_VAL(layer, MoELayerParams, mask_stride); MOE_VAL(layer, MoELayerParams, force_stride);
   MOE_PTR(layer, MoELayerParams, router_logits); MOE_PTR(layer, MoELayerParams, topk_ids);
   MOE_PTR(layer, MoELayerParams, topk_weights); MOE_PTR(layer, MoELayerParams, router_probs);
   MOE_PTR(layer, MoELayerParams, usage_counts); MOE_PTR(layer, MoELayerParams, expert_out);
@@ -199,6 +201,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(ds, DecodeStepParams, cache_bytes);
   MOE_PTR(ds, DecodeStepParams, valid); MOE_PTR(ds, DecodeStepParams, k);
   MOE_PTR(ds, DecodeStepParams, force_expert); MOE_PTR(ds, DecodeStepParams, expert_mask);
+  MOE_VAL(ds, DecodeStepParams, force_stride); MOE_VAL(ds, DecodeStepParams, mask_stride);
   MOE_VAL(ds, DecodeStepParams, mask_mode); MOE_VAL(ds, DecodeStepParams, renormalize);
   MOE_PTR(ds, DecodeStepParams, usage_counts); MOE_PTR(ds, DecodeStepParams, final_norm);
   MOE_PTR(ds, DecodeStepParams, lm_head); MOE_PTR(ds, DecodeStepParams, logits);

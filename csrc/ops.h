@@ -29,9 +29,11 @@ struct RouteParams {
   int64_t logits_stride;
   int32_t T, E, k_max;
   const int32_t* k;            // [1] active top-k, 0 <= k <= k_max
-  const uint8_t* expert_mask;  // [E] nonzero = masked out; nullable
+  const uint8_t* expert_mask;  // row t at expert_mask + t*mask_stride: [E] nonzero = masked out; nullable
+  int64_t mask_stride;         // 0: one [E] row for every token; >= E: [T, E] rows, one per token
   MaskMode mask_mode;          // reroute: cannot be chosen; zero: chosen, weight set to 0
-  const int32_t* force_expert; // [1] expert forced into slot 0, -1 = none; nullable
+  const int32_t* force_expert; // force_expert[t*force_stride]: forced into slot 0, -1 = none; nullable
+  int64_t force_stride;        // 0: one id for every token; 1: [T] ids, one per token
   bool renormalize;            // divide kept weights by their sum (when > 0)
   int32_t* topk_ids;           // [T, k_max]
   float* topk_weights;         // [T, k_max]
@@ -287,9 +289,11 @@ struct MoELayerParams {
   const void* shared_w13;      // packed shared gate|up (E = 1, F = S); nullable
   const void* shared_w2;       // packed shared down; nullable
   const int32_t* k;            // [1] runtime top-k
-  const uint8_t* expert_mask;  // [E]; nullable
+  const uint8_t* expert_mask;  // [E] or [T, E] rows, as RouteParams; nullable
+  int64_t mask_stride;         // as RouteParams (0 = broadcast)
   MaskMode mask_mode;
-  const int32_t* force_expert; // [1]; nullable
+  const int32_t* force_expert; // [1] or [T], as RouteParams; nullable
+  int64_t force_stride;        // as RouteParams (0 = broadcast)
   bool renormalize;
   void* router_logits;         // [T, E] dtype
   int32_t* topk_ids;           // [T, k_max]
@@ -405,8 +409,10 @@ struct DecodeStepParams {
                                // exactly L*B*Hkv*S_cap*hd*sizeof(dtype), else the call refuses
   uint8_t* valid;              // [B, valid_stride]; column pos is set
   const int32_t* k;            // [L] top-k per layer
-  const int32_t* force_expert; // [L], -1 = none
-  const uint8_t* expert_mask;  // [L, E] nonzero = masked; nullable
+  const int32_t* force_expert; // [L] (force_stride 0) or [L, B] (force_stride 1), -1 = none
+  int64_t force_stride;        // 0: one id per layer; 1: one per sequence (its token's position)
+  const uint8_t* expert_mask;  // [L, E] (mask_stride 0) or [L, B, E] (mask_stride E), nonzero = masked; nullable
+  int64_t mask_stride;         // 0: one row per layer; E: one row per sequence
   MaskMode mask_mode;
   bool renormalize;
   int32_t* usage_counts;       // [L, E]; nullable

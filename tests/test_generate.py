@@ -103,6 +103,30 @@ def test_cli_streams_tokens_and_interventions_change_output(tiny_dir):
     assert len({base.stdout, k1.stdout, masked.stdout}) == 3
 
 
+def test_cli_expert_mask_file(tiny_dir, tmp_path, capsys):
+    """--expert-mask-file (the mask.json of python -m moe_engine.prune) removes the same experts
+    as the equivalent --expert-mask; a file for another model's shape is refused."""
+    from moe_engine.config import ModelConfig
+    from moe_engine.prune import save_mask
+    c = ModelConfig.from_json(tiny_dir)
+    L, E, moe = c.num_hidden_layers, c.n_routed_experts, c.moe_layers
+    mask = torch.zeros(L, E, dtype=torch.bool)
+    mask[list(moe), :3] = True
+    f = save_mask(tmp_path / "mask.json", mask)
+    m = ["--model", str(tiny_dir), "--backend", "torch", "--prompt", "hi", "--max-new-tokens", "12"]
+    spec = ";".join(f"{l}:0,1,2" for l in moe)
+    code, by_file, err = _main(m + ["--expert-mask-file", str(f)], capsys)
+    assert code == 0, err
+    code, by_spec, err = _main(m + ["--expert-mask", spec], capsys)
+    assert code == 0, err
+    code, plain, err = _main(m, capsys)
+    assert code == 0, err
+    assert by_file == by_spec != plain
+    save_mask(tmp_path / "other.json", torch.zeros(L + 1, E, dtype=torch.bool))
+    code, out, err = _main(m + ["--expert-mask-file", str(tmp_path / "other.json")], capsys)
+    assert code == 2 and "is for %d layers" % (L + 1) in err and "Traceback" not in err
+
+
 def test_cli_errors_name_the_problem(tiny_dir, tmp_path):
     r = _cli("--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert r.returncode == 2 and "does not exist" in r.stderr
@@ -141,6 +165,9 @@ def _cli_bad_inputs(tiny_dir, tmp_path):
         (m + ["--topk", "99"], 2, ["topk", "99"]),
         (m + ["--moe-topk", "x"], 2, ["'x' is not an integer", "experts per token"]),
         (m + ["--expert-mask", "1-3"], 2, ["--expert-mask", "'1-3'", "LAYER:ID"]),
+        (m + ["--expert-mask-file", str(tmp_path / "none.json")], 2, ["none.json", "does not exist"]),
+        (m + ["--expert-mask-file", str(a_file)], 2, ["model.safetensors", "is not JSON"]),
+        (m + ["--expert-mask", "1:0", "--expert-mask-file", str(a_file)], 2, ["--expert-mask-file", "not both"]),
         (["--model", str(a_file)], 2, [str(a_file), "is a file", "expected a checkpoint directory"]),
         (["--model", str(tmp_path / "nope")], 2, ["nope", "does not exist"]),
         (m + ["--device", "tpu"], 2, ["device 'tpu'", "expected 'cpu', 'cuda'"]),
@@ -151,7 +178,7 @@ def _cli_bad_inputs(tiny_dir, tmp_path):
     return rows
 
 
-@pytest.mark.parametrize("row", range(19))
+@pytest.mark.parametrize("row", range(22))
 def test_cli_bad_input_is_one_error_line(row, tiny_dir, tmp_path, capsys):
     rows = _cli_bad_inputs(tiny_dir, tmp_path)
     if row >= len(rows):

@@ -224,6 +224,105 @@ def test_intervene_context(tiny_fp32_dir):
             pass
 
 
+def per_position(model, P, seed):
+    """A random per-position mask [L, P, E] (MoE layers only; each row leaves >= k experts) and
+    forced ids [L, P] (-1 on about half the rows, never a masked expert)."""
+    c = model.config
+    L, E, k = c.num_hidden_layers, c.n_routed_experts, c.num_experts_per_tok
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(L, P, E, dtype=torch.bool)
+    force = torch.full((L, P), -1, dtype=torch.int64)
+    for l in c.moe_layers:
+        mask[l] = torch.rand(P, E, generator=g) < 0.3
+        for p in range(P):
+            mask[l, p, torch.randperm(E, generator=g)[:k]] = False
+            free = (~mask[l, p]).nonzero().squeeze(1)
+            if torch.rand(1, generator=g) < 0.5:
+                force[l, p] = int(free[torch.randint(len(free), (1,), generator=g)])
+    return mask, force
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["reroute", "zero"])
+def test_per_position_and_per_token_masks(tiny_fp32_dir, backend, mode):
+    """Row by row, each routed token follows the mask and forced expert of its own position
+    (hand-computed from its captured logits); the same rows given per token ([L, B, T, E], one
+    per input_ids entry) give the same logits bit for bit."""
+    model = model_for(tiny_fp32_dir, backend)
+    k = model.config.num_experts_per_tok
+    ids, amask = batch(model)
+    B, T = ids.shape
+    mask, force = per_position(model, T, seed=T)
+    logits, cap = run(model, backend, expert_mask=mask, force_experts=force, mask_mode=mode)
+    for l in model.config.moe_layers:
+        m = f"blocks.{l}.moe."
+        rows = cap.rows(m + "hook_topk_ids")                  # [N, 3] (sequence, position, step)
+        for i, (_, p, _) in enumerate(rows.tolist()):
+            masked = mask[l, p].nonzero().squeeze(1).tolist()
+            want_ids, want_w = expected(cap[m + "hook_router_logits"][i:i + 1], k, masked=masked, mode=mode,
+                                        force=int(force[l, p]))
+            assert torch.equal(cap[m + "hook_topk_ids"][i:i + 1].cpu(), want_ids), (l, i, p)
+            torch.testing.assert_close(cap[m + "hook_topk_weights"][i:i + 1].cpu(), want_w, rtol=1e-6, atol=1e-7)
+    # per token: entry (b, t) gets the row of its position (pads: any row; they are not routed)
+    pos = (amask.long().cumsum(1) - 1).clamp_min(0).cpu()
+    tok_mask = mask[:, pos]                                    # [L, B, T, E]
+    tok_force = force[:, pos]                                  # [L, B, T]
+    again, _ = run(model, backend, expert_mask=tok_mask, force_experts=tok_force, mask_mode=mode)
+    assert torch.equal(logits, again)
+    # a per-position mask whose rows are all equal is the broadcast [L, E] mask
+    flat = mask[:, :1].expand_as(mask).contiguous()
+    a, _ = run(model, backend, expert_mask=flat, mask_mode=mode)
+    b, _ = run(model, backend, expert_mask=mask[:, 0], mask_mode=mode)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_position_mask_in_generation(tiny_fp32_dir, backend):
+    """Greedy decoding under a per-position mask (the cpu backend's decode steps run the one-call
+    csrc/cpu/decode_step.cpp, one mask row per sequence) picks, at every step, the argmax of one
+    forward pass over the whole text under the same mask."""
+    model = model_for(tiny_fp32_dir, backend)
+    prompt = model.tokenizer.encode(PROMPTS[0])
+    new = 4
+    mask, force = per_position(model, len(prompt) + new, seed=3)
+    out = model.generate([prompt], max_new_tokens=new, temperature=0.0, expert_mask=mask,
+                         force_experts=force)[0]
+    full = prompt + list(out.token_ids)
+    logits = model.forward(torch.tensor([full[:-1]], device=model.device), expert_mask=mask[:, :len(full) - 1],
+                           force_experts=force[:, :len(full) - 1], backend=backend)
+    greedy = logits[0, len(prompt) - 1:].argmax(-1).cpu().tolist()
+    assert greedy == list(out.token_ids)
+
+
+def test_per_position_interventions_refuse_bad_rows(tiny_fp32_dir):
+    model = model_for(tiny_fp32_dir, "torch")
+    ids, amask = batch(model)
+    B, T = ids.shape
+    c = model.config
+    L, E = c.num_hidden_layers, c.n_routed_experts
+    mask = torch.zeros(L, T, E, dtype=torch.bool)
+    mask[2, 3] = True
+    cases = [(dict(expert_mask=mask), "layer 2.* position 3 removes every one"),
+             (dict(expert_mask=torch.zeros(L, T, E - 1, dtype=torch.bool)), "expected"),
+             (dict(expert_mask=torch.zeros(L, T - 1, E, dtype=torch.bool)), "positions 0..%d" % (T - 2)),
+             (dict(expert_mask=torch.zeros(L, B, T + 1, E, dtype=torch.bool)), "per-token interventions"),
+             (dict(force_experts=torch.full((L,), 1)), r"expected \[%d, P\]" % L),
+             (dict(force_experts=torch.full((L, T), 0.5)), "integer dtype"),
+             (dict(force_experts=torch.full((L, T), -1).index_fill(1, torch.tensor([1]), E)
+                   .index_fill(0, torch.tensor([l for l in range(L) if l not in c.moe_layers], dtype=torch.long), -1)),
+              "position 1 = %d; expected -1" % E),
+             (dict(expert_mask=torch.zeros(L, T, E, dtype=torch.bool), force_experts=torch.full((L, T + 1), -1)),
+              "disagree")]
+    dense = [l for l in range(L) if l not in c.moe_layers]
+    if dense:
+        m = torch.zeros(L, T, E, dtype=torch.bool)
+        m[dense[0], 0, 0] = True
+        cases.append((dict(expert_mask=m), "dense layer"))
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            model.forward(ids, attention_mask=amask, **kw)
+
+
 def test_invalid_interventions_name_the_problem(tiny_fp32_dir):
     model = model_for(tiny_fp32_dir, "torch")
     ids, mask = batch(model)

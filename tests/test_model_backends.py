@@ -14,7 +14,7 @@ import torch
 import moe_engine
 import moe_engine.runner as runner_mod
 from moe_engine import Capture, TapRequest
-from moe_engine.cpu_weights import CpuModelWeights
+from moe_engine.cpu_weights import MAX_KEPT_TOKENS, CpuModelWeights
 from moe_engine.interventions import Interventions
 from moe_engine.moe import moe_layer
 from moe_engine.ops import available_backends
@@ -110,7 +110,9 @@ def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
     c = mc.config
     l = c.moe_layers[0]
     packed = mc._cpu_weights().layers[l].moe
-    for N, kw in [(1, {}), (5, {"topk": 1}), (33, {"expert_mask": {l: [2]}, "mask_mode": "zero"})]:
+    for N, kw in [(1, {}), (5, {"topk": 1}), (33, {"expert_mask": {l: [2]}, "mask_mode": "zero"}),
+                  (MAX_KEPT_TOKENS + 7, {"force_experts": {l: 1}})]:
+        kept = list(packed._buffers)
         routing = Interventions(**kw).resolve(c, mc.device)
         u, r = torch.randn(N, c.hidden_size).to(dt), torch.randn(N, c.hidden_size).to(dt)
         usage = [torch.zeros(c.n_routed_experts, dtype=torch.int32) for _ in range(2)]
@@ -120,18 +122,33 @@ def test_fused_layer_is_bit_identical_to_op_by_op(cpu_pair):
                       fused=False)
         assert torch.equal(a, b), f"fused vs op-by-op N={N} {kw}"
         assert torch.equal(usage[0], usage[1]), f"usage counters N={N} {kw}"
+        if N > MAX_KEPT_TOKENS:  # a large call's buffers are freed with it, never kept (memory)
+            assert list(packed._buffers) == kept, f"N={N} kept its fused-layer buffers"
 
 
 @pytest.mark.parametrize("kw", [{}, {"topk": [None, 1, 0]}, {"topk": 3, "force_experts": {2: 5}},
                                 {"expert_mask": {1: [0, 2]}, "mask_mode": "zero", "renormalize": True},
-                                {"expert_mask": {2: [1, 3, 4]}}],
-                         ids=["default", "per-layer-topk", "force", "mask-zero", "mask-reroute"])
+                                {"expert_mask": {2: [1, 3, 4]}}, "per-position"],
+                         ids=["default", "per-layer-topk", "force", "mask-zero", "mask-reroute", "per-position"])
 def test_decode_step_is_bit_identical_to_the_layer_loop(cpu_pair, monkeypatch, kw):
     """The cpu backend's one-call decode step (csrc/cpu/decode_step.cpp) against Model.forward's
     layer loop (what it runs when the step cannot be fused): logits, usage counters and the KV
-    cache, over a left-padded batch, several steps, with interventions."""
+    cache, over a left-padded batch, several steps, with interventions. "per-position": a mask
+    [L, P, E] and forced ids [L, P] with a row per position, so the step reads one row per
+    sequence (the two sequences sit at different positions)."""
     import moe_engine.model as model_mod
     _, mc, _ = cpu_pair
+    if kw == "per-position":
+        c = mc.config
+        L, E, P = c.num_hidden_layers, c.n_routed_experts, 9
+        g = torch.Generator().manual_seed(7)
+        m = torch.zeros(L, P, E, dtype=torch.bool)
+        f = torch.full((L, P), -1)
+        for l in c.moe_layers:
+            m[l] = torch.rand(P, E, generator=g) < 0.3
+            m[l, :, :c.num_experts_per_tok] = False          # each row leaves >= k experts
+            f[l, ::2] = l % c.num_experts_per_tok            # an unmasked expert, every other position
+        kw = {"expert_mask": m, "force_experts": f}
     ids, mask = model_mod.left_pad([[5, 9, 11, 300, 2], [17, 4]])
     prefilled, usage0 = mc.new_cache(2, 9), mc.new_usage_counters()
     first = mc(ids, attention_mask=mask, cache=prefilled, usage=usage0, logits="last", **kw).argmax(-1, keepdim=True)

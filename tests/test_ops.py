@@ -117,6 +117,96 @@ def test_route_ties_nonfinite_and_strides(backend):
             assert len(set(row)) == len(row)
 
 
+def per_row_controls(T, E, k, seed, mode):
+    """A random [T, E] mask (each row leaves >= k experts under reroute, >= 1 always) and [T]
+    forced ids (-1 on about half the rows, never a masked expert), as the dispatcher requires."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(T, E, generator=g) < 0.4
+    keep = max(k, 1) if mode == "reroute" else 1
+    for t in range(T):
+        free = torch.randperm(E, generator=g)[:keep]
+        mask[t, free] = False
+    force = torch.randint(0, E, (T,), generator=g, dtype=torch.int32)
+    force[torch.rand(T, generator=g) < 0.5] = -1
+    if k == 0:
+        force[:] = -1
+    clash = (force >= 0) & mask.gather(1, force.clamp_min(0).long().unsqueeze(1)).squeeze(1)
+    force[clash] = -1
+    return mask, force
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (7, 8, 8), (17, 64, 6), (129, 64, 1), (16, 64, 0), (33, 64, 64)])
+@pytest.mark.parametrize("mode", ["reroute", "zero"])
+def test_route_ref_per_token_controls_match_brute_force(T, E, k, mode):
+    """A [T, E] mask and [T] forced ids: row t is routed as brute_route routes it alone."""
+    if mode == "reroute" and k == E:
+        k = E - 1 if T > 1 else k
+    mask, force = per_row_controls(T, E, k, T * 31 + E + k, mode)
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T + k))
+    for renorm in (False, True):
+        ids, w, _ = route_ref(logits, k, k_max=max(k, 1), expert_mask=mask, mask_mode=mode,
+                              force_expert=force, renormalize=renorm)
+        for t in range(T):
+            bids, bw = brute_route(logits[t:t + 1], k, mask=mask[t].tolist(), mode=mode,
+                                   force=int(force[t]), renorm=renorm)
+            assert ids[t, :k].tolist() == bids[0], (t, renorm)
+            torch.testing.assert_close(w[t, :k], torch.tensor(bw[0]), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 7, 17, 129])
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 3), (64, 6), (64, 8), (40, 5)])
+@pytest.mark.parametrize("mode", ["reroute", "zero"])
+def test_route_per_token_controls_match_reference(backend, T, E, k, mode):
+    """Per-token masks ([T, E], row stride E or a padded stride) and forced ids ([T]) on every
+    backend against route_ref; also a [T, E] mask whose rows are all equal gives the bits of the
+    broadcast [E] mask (stride 0). emu runs route.cu on the CPU: it shows the per-row indexing,
+    not GPU timing or memory ordering (no inter-thread communication is added)."""
+    g = torch.Generator().manual_seed(T * 7 + E + k)
+    mask, force = per_row_controls(T, E, k, T * 13 + E + k, mode)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+        padded = torch.zeros(T, E + 5, dtype=torch.bool)
+        padded[:, :E] = mask
+        for m in (mask, padded[:, :E]):
+            usage = torch.zeros(E, dtype=torch.int32)
+            kw = dict(expert_mask=m, mask_mode=mode, force_expert=force, renormalize=k % 2 == 1)
+            ids, w, probs = route(logits, k, k_max=k + 1, backend=backend, want_probs=True, usage_counts=usage, **kw)
+            rids, rw, rprobs = route_ref(logits, k, k_max=k + 1, **kw)
+            case = f"{backend} T={T} E={E} k={k} {mode} {dtype} stride={m.stride()}"
+            assert torch.equal(ids, rids), case
+            assert_close(w, rw, "route_weights", torch.float32, case)
+            assert_close(probs, rprobs, "route_weights", torch.float32, case)
+            assert torch.equal(usage, torch.bincount(rids[rids >= 0].long(), minlength=E).int()), case
+        row = mask[0]
+        a = route(logits, k, expert_mask=row, mask_mode=mode, backend=backend)
+        b = route(logits, k, expert_mask=row.expand(T, E).contiguous(), mask_mode=mode, backend=backend)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), f"{backend} broadcast vs rows"
+
+
+def test_route_refuses_bad_per_token_controls():
+    """A row that removes every expert is an error naming the row; wrong shapes name the shape."""
+    x = torch.randn(5, 8)
+    mask = torch.zeros(5, 8, dtype=torch.bool)
+    mask[3] = True
+    with pytest.raises(ValueError, match="token 3 removes every one of the 8 experts"):
+        route(x, 1, expert_mask=mask, backend="torch")
+    mask[3] = False
+    mask[2, 1:] = True
+    with pytest.raises(ValueError, match="token 2 leaves only 1 experts"):
+        route(x, 2, expert_mask=mask, backend="torch")
+    with pytest.raises(ValueError, match=r"shape \[6, 8\]"):
+        route(x, 1, expert_mask=torch.zeros(6, 8, dtype=torch.bool), backend="torch")
+    with pytest.raises(ValueError, match=r"force_expert has shape \[4\]"):
+        route(x, 1, force_expert=torch.zeros(4, dtype=torch.int32), backend="torch")
+    force = torch.tensor([-1, -1, -1, -1, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="token 4 = 0 is also masked"):
+        route(x, 1, expert_mask=torch.ones(8, dtype=torch.bool).index_fill(0, torch.tensor([5]), False),
+              force_expert=force, backend="torch")
+    with pytest.raises(ValueError, match="token 1 = 9"):
+        route(x, 1, force_expert=torch.tensor([0, 9, 0, 0, 0], dtype=torch.int32), backend="torch")
+
+
 def test_route_refuses_bad_arguments():
     x = torch.randn(3, 8)
     with pytest.raises(ValueError, match="topk = 9"):

@@ -179,6 +179,30 @@ def _quant_section(w, q: dict) -> None:
     w("")
 
 
+def _prune_section(w, p: dict) -> None:
+    """The expert-pruning table (eval.json "pruning": the prune.json of python -m moe_engine.prune
+    per kept count, gathered by hand; see the command it records)."""
+    w("### Expert pruning\n")
+    w("Held-out perplexity per domain (geometric mean over samples of <= "
+      f"{p['max_len']} tokens, the first {p['max_tokens']} tokens of each domain's held-out split) with "
+      "only N of the 64 routed experts kept in every MoE layer, removed experts masked with mask_mode "
+      "reroute (the router's next choice takes the slot; weights not renormalised). Calibrated: the N "
+      f"experts the calibration text (the first {p['max_tokens']} tokens of each domain's train split) "
+      "routes to most; random: as many experts chosen uniformly at random (seed 0). Full: all 64. "
+      f"`{p['command']}`\n")
+    w("| kept | calibration hits kept (mean over layers) | " + " | ".join(f"{d} full / calibrated / random" for d in DOMAINS)
+      + " |")
+    w("|---|---|" + "---|" * len(DOMAINS))
+    for keep, r in sorted(p["runs"].items(), key=lambda kv: int(kv[0])):
+        mass = float(np.mean(list(r["calibration_mass_kept"].values())))
+        w(f"| {keep} | {100 * mass:.1f}% | " + " | ".join(
+            f"{r['domains'][d]['full']:.2f} / {r['domains'][d]['calibrated']:.2f} / {r['domains'][d]['random']:.2f}"
+            for d in DOMAINS) + " |")
+    w("")
+    if p.get("note"):
+        w(p["note"] + "\n")
+
+
 def _fence(s: str) -> str:
     return "```\n" + s.replace("```", "ʼʼʼ") + "\n```"
 
@@ -287,6 +311,8 @@ def write_card(model_dir: Path, res: dict, cmdline: str) -> None:
       ", ".join(f"{d} {res['perplexity_token_weighted'][d][K]:.2f}" for d in DOMAINS) + ".\n")
     if "quantization" in res:
         _quant_section(w, res["quantization"])
+    if "pruning" in res:
+        _prune_section(w, res["pruning"])
     w("### Routing differs by domain\n")
     w(f"Percent of held-out tokens routed to each expert, per layer and domain, at k={K} (each row sums to "
       f"{K}00%; uniform is {res['uniform_percent']}% per expert):\n")

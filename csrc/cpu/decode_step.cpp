@@ -102,6 +102,9 @@ void check(const DecodeStepParams& p) {
     if (ly.router && (p.E <= 0 || p.k_max <= 0))
       bad("layer " + std::to_string(l) + " is an MoE layer but E=" + std::to_string(p.E) +
           " k_max=" + std::to_string(p.k_max));
+    if (ly.router && ((p.mask_stride != 0 && p.mask_stride != p.E) || (p.force_stride != 0 && p.force_stride != 1)))
+      bad("mask_stride=" + std::to_string(p.mask_stride) + " force_stride=" + std::to_string(p.force_stride) +
+          ": expected mask_stride 0 or E=" + std::to_string(p.E) + " and force_stride 0 or 1");
     if (bool(ly.shared_w13) != (ly.S > 0) || bool(ly.shared_w13) != bool(ly.shared_w2))
       bad("layer " + std::to_string(l) + ": shared weights and S=" + std::to_string(ly.S) + " disagree");
     const std::string at = "decode_step_cpu layer " + std::to_string(l);
@@ -186,8 +189,10 @@ void decode_step_cpu(const DecodeStepParams& p) {
       mp.x = h, mp.residual = x, mp.out = x;  // residual may alias out
       mp.router = ly.router, mp.w13 = ly.w13, mp.w2 = ly.w2;
       mp.shared_w13 = ly.shared_w13, mp.shared_w2 = ly.shared_w2;
-      mp.k = p.k + l, mp.force_expert = p.force_expert + l;
-      mp.expert_mask = p.expert_mask ? p.expert_mask + int64_t(l) * p.E : nullptr;
+      // per layer: one row (stride 0) or one row per sequence (ops.h, DecodeStepParams)
+      mp.k = p.k + l, mp.force_expert = p.force_expert + l * (p.force_stride ? int64_t(p.B) : 1);
+      mp.force_stride = p.force_stride, mp.mask_stride = p.mask_stride;
+      mp.expert_mask = p.expert_mask ? p.expert_mask + l * (p.mask_stride ? p.B * p.mask_stride : p.E) : nullptr;
       mp.mask_mode = p.mask_mode, mp.renormalize = p.renormalize;
       mp.router_logits = ws + lo.router_logits;
       mp.topk_ids = reinterpret_cast<int32_t*>(ws + lo.topk_ids);

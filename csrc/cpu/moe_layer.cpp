@@ -38,8 +38,8 @@ void moe_layer_cpu(const MoELayerParams& p) {
   r.logits_dtype = p.dtype;
   r.logits_stride = p.E;
   r.T = p.T, r.E = p.E, r.k_max = p.k_max;
-  r.k = p.k, r.expert_mask = p.expert_mask, r.mask_mode = p.mask_mode;
-  r.force_expert = p.force_expert, r.renormalize = p.renormalize;
+  r.k = p.k, r.expert_mask = p.expert_mask, r.mask_stride = p.mask_stride, r.mask_mode = p.mask_mode;
+  r.force_expert = p.force_expert, r.force_stride = p.force_stride, r.renormalize = p.renormalize;
   r.topk_ids = p.topk_ids, r.topk_weights = p.topk_weights;
   r.router_probs = p.router_probs, r.usage_counts = p.usage_counts;
   route_cpu(r);

@@ -5,7 +5,9 @@
 //   slots j < k take the highest remaining probability (ties -> lower expert id), skipping masked
 //   experts under MaskMode::reroute; under MaskMode::zero a masked expert is chosen as usual and
 //   its weight set to 0. renormalize divides the kept weights by their sum when it is > 0.
-//   Slots k <= j < k_max: id -1, weight 0. k is read from *p.k at run time.
+//   Slots k <= j < k_max: id -1, weight 0. k is read from *p.k at run time. The mask and the
+//   forced expert are one value for every row (stride 0) or one per row (mask_stride >= E,
+//   force_stride 1): per-token and per-position interventions.
 // Algorithm: one row per iteration, rows split across OpenMP threads; selection is k passes of
 //   an ascending scan (k*E compares; E=64, k=6: 384), which gives the tie rule for free and never
 //   repeats an id. Rows are independent, so any thread count gives the same bits.
@@ -23,7 +25,8 @@ namespace {
 
 constexpr int32_t kMaxExperts = 4096;
 
-void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
+void route_row(const RouteParams& p, int32_t k, int64_t t) {
+  const int32_t forced = p.force_expert ? p.force_expert[t * p.force_stride] : -1;
   const int32_t E = p.E;
   float prob[kMaxExperts];
   bool taken[kMaxExperts];
@@ -47,7 +50,8 @@ void route_row(const RouteParams& p, int32_t k, int32_t forced, int64_t t) {
   }
   if (p.router_probs) std::copy(prob, prob + E, p.router_probs + t * E);
 
-  auto masked = [&](int32_t e) { return p.expert_mask && p.expert_mask[e] != 0; };
+  const uint8_t* mask = p.expert_mask ? p.expert_mask + t * p.mask_stride : nullptr;
+  auto masked = [&](int32_t e) { return mask && mask[e] != 0; };
   const bool reroute = p.mask_mode == MaskMode::reroute;
   std::fill(taken, taken + E, false);
   int32_t* ids = p.topk_ids + t * p.k_max;
@@ -106,12 +110,18 @@ void route_cpu(const RouteParams& p) {
   const int32_t k = *p.k;
   if (k < 0 || k > p.k_max)
     cpu::fail("route_cpu", "k=" + std::to_string(k) + " outside [0, k_max=" + std::to_string(p.k_max) + "]");
-  const int32_t forced = p.force_expert ? *p.force_expert : -1;
-  if (forced < -1 || forced >= p.E)
-    cpu::fail("route_cpu", "force_expert=" + std::to_string(forced) + " outside [-1, E)");
+  if (p.mask_stride != 0 && p.mask_stride < p.E)
+    cpu::fail("route_cpu", "mask_stride " + std::to_string(p.mask_stride) + " is neither 0 nor >= E=" + std::to_string(p.E));
+  if (p.force_stride != 0 && p.force_stride != 1)
+    cpu::fail("route_cpu", "force_stride " + std::to_string(p.force_stride) + " is neither 0 nor 1");
   const int64_t T = p.T;
+  if (p.force_expert)  // every row checked before any is written
+    for (int64_t t = 0; t < (p.force_stride ? T : std::min<int64_t>(T, 1)); ++t)
+      if (p.force_expert[t] < -1 || p.force_expert[t] >= p.E)
+        cpu::fail("route_cpu", "force_expert[" + std::to_string(t) + "]=" + std::to_string(p.force_expert[t]) +
+                                   " outside [-1, E)");
 #pragma omp parallel for schedule(static) if (T * p.E >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
-  for (int64_t t = 0; t < T; ++t) route_row(p, k, forced, t);
+  for (int64_t t = 0; t < T; ++t) route_row(p, k, t);
 }
 
 }  // namespace moe

@@ -11,6 +11,8 @@
 //   weights = probs of the chosen ids (raw, over ALL E), then / sum(kept) when renormalize and
 //             the sum > 0; slots j >= k: id -1, weight 0; more slots than candidates: id -1
 //   usage_counts[id] += 1 per valid chosen slot; router_probs[t] = probs when non-null
+//   mask and forced expert: row t reads expert_mask + t*mask_stride and force_expert[t*force_stride]
+//   (stride 0: one value for every token; per-token / per-position interventions pass rows)
 // Algorithm: lane l of the row's warp owns experts l, l+32, ... (EPL = ceil(E/32) registers).
 //   Max and sum are butterfly reductions. Selection is k rounds of a butterfly arg-max over a
 //   64-bit key (prob bits << 32 | ~expert): the float bits of a probability >= 0 order like the
@@ -21,7 +23,8 @@
 //   E=64, bf16, k=6, T=1: ~0.2 KB; latency-bound (~5*(2+k) shuffles per row).
 // Launch: grid ceil(T/4), block 128 (4 warps = 4 rows), no shared memory. E <= 32/64/128/256
 //   pick EPL = 1/2/4/8 (E = 64 is the 2-register fast path).
-// Limits: 1 <= E <= 256, 0 <= k_max <= E, logits_stride >= E. Device-side values are clamped:
+// Limits: 1 <= E <= 256, 0 <= k_max <= E, logits_stride >= E, mask_stride 0 or >= E,
+//   force_stride 0 or 1. Device-side values are clamped:
 //   k to [0, k_max], force_expert outside [0, E) means none.
 // Tie rule: equal fp32 probabilities -> lower expert id (equal logits give equal probabilities).
 // Reference: src/moe_engine/ops/route.py (route_ref); CPU twin: csrc/cpu/route.cpp; tests:
@@ -50,7 +53,8 @@ __global__ void __launch_bounds__(kRouteRowsPerBlock * 32) route_kernel(const Ro
   if (t >= p.T) return;  // whole warps exit together
   const int E = p.E;
   const int k = min(max(*p.k, 0), p.k_max);
-  int forced = p.force_expert ? *p.force_expert : -1;
+  int forced = p.force_expert ? p.force_expert[t * p.force_stride] : -1;
+  const uint8_t* mask = p.expert_mask ? p.expert_mask + t * p.mask_stride : nullptr;
   if (forced < 0 || forced >= E) forced = -1;
   const bool reroute = p.mask_mode == MaskMode::reroute;
 
@@ -68,7 +72,7 @@ __global__ void __launch_bounds__(kRouteRowsPerBlock * 32) route_kernel(const Ro
       v = p.logits_dtype == DType::bf16 ? __bfloat162float(row_h[e]) : row_f[e];
       if (v != v) v = -INFINITY;
       if (v == INFINITY) v = FLT_MAX;
-      if (reroute && p.expert_mask && p.expert_mask[e]) blocked |= 1u << i;
+      if (reroute && mask && mask[e]) blocked |= 1u << i;
     } else {
       blocked |= 1u << i;
     }
@@ -124,7 +128,7 @@ __global__ void __launch_bounds__(kRouteRowsPerBlock * 32) route_kernel(const Ro
     const int e = (int)~(uint32_t)best;
     if ((e & 31) == lane) taken |= 1u << (e >> 5);
     float w = __uint_as_float((uint32_t)(best >> 32) & 0x7FFFFFFFu);
-    if (!reroute && p.expert_mask && p.expert_mask[e]) w = 0.f;
+    if (!reroute && mask && mask[e]) w = 0.f;
     kept += w;
 #pragma unroll
     for (int s = 0; s < EPL; ++s)
@@ -160,6 +164,10 @@ void route_cuda(const RouteParams& p, void* stream, int device) {
     bad("logits_dtype = " + std::to_string((int)p.logits_dtype) + " is neither f32 nor bf16");
   if (p.mask_mode != MaskMode::reroute && p.mask_mode != MaskMode::zero)
     bad("mask_mode = " + std::to_string((int)p.mask_mode) + " is neither reroute nor zero");
+  if (p.mask_stride != 0 && p.mask_stride < p.E)
+    bad("mask_stride = " + std::to_string(p.mask_stride) + " is neither 0 nor >= E = " + std::to_string(p.E));
+  if (p.force_stride != 0 && p.force_stride != 1)
+    bad("force_stride = " + std::to_string(p.force_stride) + " is neither 0 nor 1");
   if (p.T == 0) return;
   if (!p.router_logits || !p.k || !p.topk_ids || !p.topk_weights)
     bad("router_logits, k, topk_ids and topk_weights must be non-null");

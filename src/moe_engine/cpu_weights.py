@@ -36,12 +36,18 @@ from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
 from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
                         linear_q_cpu, pack_quantized)
+from .ops.route import control_strides
 from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
 from .runner import SMALL_N, runs_packed, use_packed  # the path rule (runner.py)
 
 # Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
 # uses one or two; a lens run over varied sample lengths would otherwise hold one set per length.
 MAX_SHAPES = 8
+# Only calls of at most this many tokens keep their buffers: keeping them spares a decode step
+# its allocations, while a prefill or corpus batch of thousands of tokens would pin tens of MB per
+# layer and shape (8 shapes x every MoE layer: about 1 GB for 8192-token batches of the bundled
+# model, which is what made a prune run grow) for an allocation its own compute dwarfs.
+MAX_KEPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -163,12 +169,16 @@ class CpuMoEWeights:
         mod = backends.native_module("cpu")
         N, D = u.shape
         key = (N, k_max)
-        if key not in self._buffers:
-            if len(self._buffers) >= MAX_SHAPES:  # bounded: a run of varied prefill sizes must
-                del self._buffers[next(iter(self._buffers))]  # not keep every shape's buffers
-            self._buffers[key] = self._build(mod, N, k_max)
-        p, _ = self._buffers[key]
+        if N > MAX_KEPT_TOKENS:
+            p, _bufs = self._build(mod, N, k_max)  # freed when this call returns
+        else:
+            if key not in self._buffers:
+                if len(self._buffers) >= MAX_SHAPES:  # bounded: a run of varied sizes must
+                    del self._buffers[next(iter(self._buffers))]  # not keep every shape's buffers
+                self._buffers[key] = self._build(mod, N, k_max)
+            p, _ = self._buffers[key]
         k_t, mask_t, force_t = controls
+        p.mask_stride, p.force_stride = control_strides(mask_t, force_t, N, self.experts.shape[0])
         out = torch.empty_like(resid_mid)
         p.x, p.residual, p.out = u.data_ptr(), resid_mid.data_ptr(), out.data_ptr()
         p.k, p.force_expert = k_t.data_ptr(), force_t.data_ptr()
@@ -313,8 +323,11 @@ class CpuModelWeights:
         nbytes = cache.k.numel() * cache.k.element_size()
         same = cache.v.shape == cache.k.shape and cache.v.dtype == cache.k.dtype == embed.dtype
         p.cache_bytes = nbytes if same else -1
-        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force_dev.data_ptr()
-        p.expert_mask = 0 if routing.mask_dev is None else routing.mask_dev.data_ptr()
+        # routing: "call" (one row per layer) or one row per sequence (Routing.for_tokens)
+        p.k, p.force_expert = routing.k_dev.data_ptr(), routing.force.data_ptr()
+        p.force_stride = 0 if routing.force.shape[1] == 1 else 1
+        p.expert_mask = 0 if routing.mask is None else routing.mask.data_ptr()
+        p.mask_stride = 0 if routing.mask is None or routing.mask.dim() == 2 else routing.mask.shape[2]
         p.mask_mode, p.renormalize = getattr(mod.MaskMode, routing.mask_mode), routing.renormalize
         p.usage_counts = 0 if usage is None else usage.data_ptr()
         self.threads.run(mod, B, lambda: mod.decode_step_cpu(p, self.decode_layers))

@@ -1,6 +1,7 @@
 """Text generation: sampling, the prefill/decode loop with streaming, and the CLI.
 
     python -m moe_engine.generate [--model DIR] --prompt "..." [--moe-topk K] [--expert-mask L:E,E;...]
+        [--expert-mask-file mask.json]
         [--temperature T] [--top-p P] [--top-k N] [--seed S] [--stop STR] [--chat] [--stream] [--echo]
     (python -m moe_engine.generate --help lists every flag with its default)
 
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-mask", metavar="SPEC",
                    help="experts to remove, e.g. '1:0,3;2:5' (layer 1 experts 0 and 3, layer 2 expert 5) "
                         "or '*:7' (expert 7 in every MoE layer) (default: none)")
+    g.add_argument("--expert-mask-file", metavar="FILE",
+                   help="experts to remove, a mask file written by python -m moe_engine.prune "
+                        "(mask.json); not with --expert-mask (default: none)")
     g.add_argument("--mask-mode", default="reroute", choices=["reroute", "zero"],
                    help="reroute: a masked expert cannot be chosen, the next-best takes its slot; zero: "
                         "chosen as usual, its output dropped (default: %(default)s)")
@@ -575,7 +579,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            progress=sys.stderr.isatty() and distributed.is_main(),
                            allow_nonfinite=args.allow_nonfinite,
                            expert_parallel=args.expert_parallel, **quant_kwargs(args))
-        mask = parse_expert_mask(args.expert_mask, model.config.num_hidden_layers) if args.expert_mask else None
+        mask = None
+        if args.expert_mask and args.expert_mask_file:
+            raise ValueError("give --expert-mask or --expert-mask-file, not both")
+        if args.expert_mask:
+            mask = parse_expert_mask(args.expert_mask, model.config.num_hidden_layers)
+        elif args.expert_mask_file:
+            from .prune import load_mask
+            mask = load_mask(args.expert_mask_file, model.config.num_hidden_layers, model.config.n_routed_experts)
         prompts = args.prompt or ["The"]
         many = len(prompts) > 1
         texts = [""] * len(prompts)

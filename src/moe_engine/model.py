@@ -380,6 +380,9 @@ class Model:
         cos, sin = self._rope(pos, max_pos)
         N = sum(counts)
         rows = _Rows(B, T, None if N == B * T else torch.nonzero_static(mask.reshape(-1), size=N).squeeze(1))
+        if routing.rows != "call":  # per-position / per-token controls: one row per routed token
+            index = torch.arange(B * T, device=self.device) if rows.index is None else rows.index
+            routing = routing.for_tokens(pos.reshape(-1)[index], index, B, T)
         taps = _NO_TAPS
         if capture is not None:
             index = torch.arange(B * T, device=self.device) if rows.index is None else rows.index
@@ -422,6 +425,9 @@ class Model:
         tests/test_model_backends.py."""
         c = self.config
         routing = self._routing(interventions)
+        if routing.rows != "call":  # per-position / per-token controls: one row per sequence
+            B = input_ids.shape[0]
+            routing = routing.for_tokens(cache.next_pos, torch.arange(B, device=self.device), B, 1)
         self._check_usage(usage)
         cos, sin = self._rope_table(cache.used + 1)
         ids = input_ids

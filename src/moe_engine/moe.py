@@ -35,7 +35,8 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
               backend: str, tap: Callable | None = None, wants: Callable | None = None,
               usage: torch.Tensor | None = None, cpu: CpuMoEWeights | None = None,
               fused: bool = False) -> torch.Tensor:
-    """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D].
+    """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D]. routing: broadcast ("call")
+    or one control row per token of u (Routing.for_tokens).
     cpu: the packed weights backend="cpu" streams (required for that backend). fused: run the
     layer as one C++ call (cpu backend, no taps; same bits as op by op); the caller asks
     runner.Runner.fused_moe, which owns that rule."""
@@ -59,9 +60,9 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
     router_logits = u @ w.router.t() if cpu is None else linear_cpu(u, cpu.router)
     logits = t(pre + "hook_router_logits", router_logits)
     ids, weights, probs = route(
-        logits, k, k_max=routing.k_max, expert_mask=routing.layer_mask(l), mask_mode=routing.mask_mode,
-        force_expert=routing.force[l], renormalize=routing.renormalize, backend=backend,
-        want_probs=want(pre + "hook_router_probs"), usage_counts=usage, controls=routing.controls(l))
+        logits, k, k_max=routing.k_max, mask_mode=routing.mask_mode, renormalize=routing.renormalize,
+        backend=backend, want_probs=want(pre + "hook_router_probs"), usage_counts=usage,
+        controls=routing.controls(l))
     if probs is not None:
         t(pre + "hook_router_probs", probs)
     if want(pre + "hook_topk_ids"):

@@ -104,16 +104,20 @@ def load_mask(path: str | Path, num_layers: int | None = None,
         raise ValueError(f"expert mask file {path} is not JSON ({e})") from None
     if not isinstance(obj, dict) or obj.get("format") != MASK_FORMAT:
         raise ValueError(f"{path} is not an expert mask file (format {MASK_FORMAT!r})")
-    L, E = int(obj["layers"]), int(obj["experts"])
+    try:
+        L, E = int(obj["layers"]), int(obj["experts"])
+        removed = {int(l): [int(e) for e in ids] for l, ids in obj["removed"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed expert mask file ({type(e).__name__}: {e}); expected "
+                         f"'layers', 'experts' and 'removed' {{layer: [expert ids]}}") from None
     if (num_layers, num_experts) != (None, None) and (L, E) != (num_layers, num_experts):
         raise ValueError(f"{path} is for {L} layers x {E} experts; the model has "
                          f"{num_layers} x {num_experts}")
     mask = torch.zeros((L, E), dtype=torch.bool)
-    for l, ids in obj["removed"].items():
-        l = int(l)
-        if not 0 <= l < L or any(not 0 <= int(e) < E for e in ids):
+    for l, ids in removed.items():
+        if not 0 <= l < L or any(not 0 <= e < E for e in ids):
             raise ValueError(f"{path}: layer {l} / expert ids {ids} out of range {L} x {E}")
-        mask[l, [int(e) for e in ids]] = True
+        mask[l, ids] = True
     return mask
 
 

@@ -468,7 +468,7 @@ def _sample_nll(model: Model, b: C.Batch, resid: torch.Tensor) -> tuple[torch.Te
     rows = has_next.nonzero().squeeze(1)
     V = w.lm_head.shape[0]
     nll = torch.zeros(len(b.lengths), dtype=torch.float64, device=model.device)
-    step = max(1, (1 << 26) // V)
+    step = max(1, (1 << 24) // V)  # rows of [step, V] logits at a time: ~16M values, a few 100 MB in flight
     for lo in range(0, rows.numel(), step):
         r = rows[lo:lo + step]
         h = rms_norm(resid[r], w.final_norm, model.config.rms_norm_eps)
