@@ -280,7 +280,22 @@ struct MoeDecodeQParams {
   QFormat fmt;                   // one format for w13 and w2
   int32_t T, k_max, E, D, F;
 };
+// expert_gemm (ExpertGemmParams: slots, taps, dense mode, sentinel zeroing) on qrow weights
+// (csrc/cuda/expert_gemm_q.cu): w is qrow [E, 2F, D] (up) or [E, D, F] (down) in format fmt.
+struct ExpertGemmQParams {
+  const void* a; int64_t a_stride;  // up: x [T, D]; down: act [capacity, F]   (bf16, row stride in elements)
+  const void* w;                    // qrow weights
+  void* c;                          // up: act [capacity, F]; down: expert_out [T*k_max, D]
+  const int32_t* sorted_slots;      // [capacity]; null with the next two = dense mode
+  const int32_t* tile_experts;      // [capacity / block_m]
+  const int32_t* num_padded;        // [1] device value
+  int32_t T, k_max, E, D, F, capacity, block_m;
+  bool up;
+  const int32_t* topk_ids;          // [T, k_max]; down only, nullable: sentinel slots' rows -> zeros
+  QFormat fmt;
+};
 void qrepack_cuda(const QRepackParams& p, void* stream, int device = -1);
+void expert_gemm_q_cuda(const ExpertGemmQParams& p, void* stream, int device = -1);
 void moe_decode_q_cuda(const MoeDecodeQParams& p, void* stream, int device = -1);
 
 // launchers (csrc/cuda/expert_gemm.cu, moe_decode.cu, shared_expert.cu):

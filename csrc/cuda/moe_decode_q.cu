@@ -29,15 +29,11 @@
 //     4-bit g128: 1024 + 64 (K 2048) / 704 + 48 (K 1408)   (6.3 / 6.8 % over the codes)
 //     8-bit g128: 2048 + 64 / 1408 + 48;   g32 adds 4 B per 32 k (4-bit: 25 %, 8-bit: 12.5 %).
 //
-// Dequantisation in registers: a lane's 16-byte chunk of codes lies in one group (g >= 32 and
-//   chunks of 32 (4-bit) or 16 (8-bit) k are aligned), so it needs one meta word:
-//   s = the scale as fp32, bias = -zoff * s (exact: <= 9 x 11 significant bits).
-//   4-bit: (word >> 4i) & 0x000F000F | 0x43004300 is two bf16 128 + q (one LOP3), widened to
-//     fp32 by a shift or a mask; w = fma(128 + q, s, bias) = s (q - z).
-//   8-bit: w = fma(float(byte), s, bias).
-//   Both are exact: s (q - z) has at most 20 significant bits, so the fp32 weight equals the
-//   reference's dequantised weight; products with the bf16 activations accumulate in fp32.
-//
+// Dequantisation in registers (csrc/cuda/dequant_q.cuh): a lane's 16-byte chunk of codes lies in
+//   one group (g >= 32, chunks of 32 (4-bit) or 16 (8-bit) k aligned), so one meta word gives s
+//   and bias = -zoff * s; 4-bit: one LOP3 per 2 codes makes bf16 128 + q (magic number), widened
+//   to fp32 by a shift or mask; 8-bit: byte -> float; then w = fma(code, s, bias) = s (q - z),
+//   exact in fp32 (the reference's dequantised weight); products with bf16 x accumulate in fp32.
 // Algorithm: moe_decode's (its header), unchanged: grid column x serves the x-th distinct expert
 //   in slot order, passes of up to 8 slots, each warp streams 4 weight rows (up: gate and up rows
 //   of 2 features; down: 4 output features) with 16-byte loads; lane
@@ -65,6 +61,7 @@
 // Reference: tests/emu/cpp/moe_decode_q_test.cu (double precision on the GPTQ tensors);
 //   Python: src/moe_engine/ops/quant.py (repack_quantized_cuda, expert_ffn_q_cuda).
 #include "common.cuh"
+#include "dequant_q.cuh"
 #include "ops.h"
 
 #include <stdexcept>
@@ -87,38 +84,11 @@ template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 :
 
 __device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-// fp16 bits -> fp32, exact for normal and subnormal values: the 15 exponent and mantissa bits
-// placed as an fp32 are the value times 2^-112.
-__device__ inline float half_bits_to_float(uint32_t h) {
-  const float v = __uint_as_float((h & 0x7FFFu) << 13) * 5.192296858534828e33f;  // 2^112
-  return __uint_as_float(__float_as_uint(v) | ((h & 0x8000u) << 16));
-}
-
-__device__ inline uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-
-// The 8 dequantised weights of k slice `sub` (8 k) of a 16-byte code chunk.
-template <int BITS>
-__device__ inline void dequant8(const uint4& w, int sub, float s, float bias, float (&out)[8]) {
-  if constexpr (BITS == 4) {
-    const uint32_t word = word_of(w, sub);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t v = ((word >> (4 * i)) & 0x000F000Fu) | 0x43004300u;  // bf16 (128 + q_i, 128 + q_{i+4})
-      out[i] = fmaf(__uint_as_float(v << 16), s, bias);
-      out[i + 4] = fmaf(__uint_as_float(v & 0xFFFF0000u), s, bias);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      out[i] = fmaf(static_cast<float>((word_of(w, 2 * sub + i / 4) >> (8 * (i % 4))) & 0xFFu), s, bias);
-  }
-}
-
 // acc + sum of 8 weights times the 8 bf16 of v, k ascending.
 __device__ inline float dot8(const float (&w)[8], const uint4& v, float acc) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t x = word_of(v, i);
+    const uint32_t x = qdq::word_of(v, i);
     acc += w[2 * i] * __uint_as_float(x << 16);
     acc += w[2 * i + 1] * __uint_as_float(x & 0xFFFF0000u);
   }
@@ -234,9 +204,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
         float s[kRowsPerWarp], bias[kRowsPerWarp];
 #pragma unroll
         for (int q = 0; q < kRowsPerWarp; ++q) {
-          const uint32_t m = meta[u][q];
-          s[q] = scales_bf16 ? __uint_as_float(m << 16) : half_bits_to_float(m & 0xFFFFu);
-          bias[q] = -static_cast<float>(m >> 16) * s[q];
+          qdq::scale_bias(meta[u][q], scales_bf16, s[q], bias[q]);
         }
 #pragma unroll
         for (int sub = 0; sub < kSubs; ++sub) {
@@ -246,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
 #pragma unroll
           for (int q = 0; q < kRowsPerWarp; ++q) {
             float wd[8];
-            dequant8<BITS>(w[u][q], sub, s[q], bias[q], wd);
+            qdq::dequant8<BITS>(w[u][q], sub, s[q], bias[q], wd);
 #pragma unroll
             for (int r = 0; r < kPass; ++r) {
               if (r >= n) break;

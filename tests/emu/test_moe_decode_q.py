@@ -17,14 +17,22 @@ What the emulator cannot show: bandwidth, occupancy, registers and spills (tools
 test_nvcc_build.py), device numerics (FMA contraction; the dequantised weights are exact either
 way, the accumulation order is the GPU's), and faults of misaligned vector loads.
 """
+import hashlib
+
 import pytest
 
 from emu_harness import CPP, ORDERS, check_program as _run, run_program, sanitize_mode, util_tag as _util_tag
 
 
+def quant_util_tag() -> str:
+    """The binary cache does not hash headers beside the test programs: name the binaries after
+    moe_test_util.h and quant_test_util.h so an edit there rebuilds them."""
+    return _util_tag() + hashlib.sha256((CPP / "quant_test_util.h").read_bytes()).hexdigest()[:8]
+
+
 @pytest.fixture(scope="session")
 def decode_q_prog(emu_builder):
-    return emu_builder.build(f"moe_decode_q_test-{_util_tag()}", [CPP / "moe_decode_q_test.cu"])
+    return emu_builder.build(f"moe_decode_q_test-{quant_util_tag()}", [CPP / "moe_decode_q_test.cu"])
 
 
 # T, k_max, E, D, F, bits, group, sym, scales, scenario
