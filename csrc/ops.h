@@ -253,10 +253,15 @@ struct SharedExpertParams {
 // ---- CUDA quantized experts (csrc/cuda/moe_decode_q.cu; layout and bytes in its header) ----
 // Weight-only 4/8-bit experts in the "qrow" layout: row n of a [E, N, K] weight is
 // qcuda_row_bytes(K, fmt) bytes, codes (K rounded up to 32, GPTQ order along K) then one 32-bit
-// word per group (G rounded up to 4): raw scale bits | zero offset << 16. constexpr so the
-// kernels call them too (--expt-relaxed-constexpr).
-constexpr int64_t qcuda_code_bytes(int64_t K, const QFormat& f) { return (K + 31) / 32 * 32 * f.bits / 8; }
-constexpr int64_t qcuda_row_bytes(int64_t K, const QFormat& f) {
+// word per group (G rounded up to 4): raw scale bits | zero offset << 16. The kernels call them
+// too (host and device under nvcc; plain functions for every other compiler).
+#if defined(__CUDACC__)
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
+MOE_HOST_DEVICE constexpr int64_t qcuda_code_bytes(int64_t K, const QFormat& f) { return (K + 31) / 32 * 32 * f.bits / 8; }
+MOE_HOST_DEVICE constexpr int64_t qcuda_row_bytes(int64_t K, const QFormat& f) {
   return qcuda_code_bytes(K, f) + ((K + f.group_size - 1) / f.group_size + 3) / 4 * 16;
 }
 // GPTQ tensors (true zeros, as QPackParams) -> qrow layout, on the device.

@@ -70,10 +70,9 @@ template <> struct Tile<16> { static constexpr int kStages = 4, kWarpsM = 1, kWa
 template <> struct Tile<64> { static constexpr int kStages = 3, kWarpsM = 2, kWarpsN = 2; };
 
 template <int BITS> constexpr int kCodeChunksPerRow = kBK * BITS / 8 / 16;  // 2 (4-bit) or 4 (8-bit)
-template <int BM, int BITS> constexpr int stage_chunks() { return BM * kChunks + kWRows * kCodeChunksPerRow<BITS>; }
-template <int BM, int BITS> constexpr int smem_bytes() {
-  return (Tile<BM>::kStages * stage_chunks<BM, BITS>() + kWRows * kChunks) * 16;
-}
+// 16-byte chunks per stage (A tile + codes); variable templates, so device code reads them too
+template <int BM, int BITS> constexpr int kStageChunksQ = BM * kChunks + kWRows * kCodeChunksPerRow<BITS>;
+template <int BM, int BITS> constexpr int kSmemBytes = (Tile<BM>::kStages * kStageChunksQ<BM, BITS> + kWRows * kChunks) * 16;
 
 __device__ inline int swz(int r, int c) { return r * kChunks + (c ^ (r & 7)); }
 __device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
@@ -86,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
   constexpr int WTM = BM / Tile<BM>::kWarpsM, WTN = BN / kWarpsN;
   constexpr int MI = WTM / 16, NI = WTN / 8, NMAT = UP ? 2 : 1;
   static_assert(NI % 2 == 0, "B fragments are loaded two n8 tiles per ldmatrix.x4");
-  constexpr int kAChunks = BM * kChunks, kStageChunks = stage_chunks<BM, BITS>();
+  constexpr int kAChunks = BM * kChunks, kStageChunks = kStageChunksQ<BM, BITS>;
   constexpr int kCPR = kCodeChunksPerRow<BITS>;
 
   const int m_tile = blockIdx.x, n0 = blockIdx.y * BN;
@@ -282,7 +281,7 @@ void launch(const ExpertGemmQParams& p, cudaStream_t stream) {
   constexpr int BN = UP ? kWRows / 2 : kWRows;
   const int N = UP ? p.F : p.D;
   const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
-  constexpr int smem = smem_bytes<BM, BITS>();
+  constexpr int smem = kSmemBytes<BM, BITS>;
   auto* expert_gemm_q = &expert_gemm_q_kernel<BM, UP, BITS>;
   static DeviceOnce smem_attribute;
   smem_attribute.run(
