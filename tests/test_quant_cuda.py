@@ -43,7 +43,8 @@ def repack(c: QCase, zeros=True, backend="emu"):
 def test_expert_ffn_q_matches_dequantized_ref(bits, g, sym, backend):
     """T <= 16 runs moe_decode_q (exact weights), T = 17 align + expert_gemm_q (weights rounded
     to bf16 for the tensor cores): both within the expert_ffn bf16 tolerance of the exact
-    dequantised reference."""
+    dequantised reference. Cannot show on emu: device FMA contraction and mma accumulation order
+    (the cuda parametrisation does, on a GPU)."""
     E, D, F = 6, 200, 40
     dev = DEVICE[backend]
     sdt = torch.bfloat16 if g == 64 else torch.float16
@@ -65,7 +66,9 @@ def test_expert_ffn_q_matches_dequantized_ref(bits, g, sym, backend):
 def test_dense_mode_and_batch_invariance():
     """topk_ids None runs every token through expert 0 (shared experts, dense MLPs), at T = 16
     (moe_decode_q) and T = 20 (expert_gemm_q, no slot lists); a token's rows alone are bitwise
-    its rows in a batch of 16 (T <= 16), and in a batch of 20 its rows in one of 17 (grouped GEMM)."""
+    its rows in a batch of 16 (T <= 16), and in a batch of 20 its rows in one of 17 (grouped GEMM).
+    Cannot show: that the GPU's accumulation order keeps the same invariance (it is the same
+    order by construction; a GPU run of the cuda tests checks the values)."""
     D, F = 64, 48
     c13, c2 = QCase(1, 2 * F, D, 4, 32, False), QCase(1, D, F, 4, 32, False)
     w13, w2 = repack(c13), repack(c2)
@@ -83,7 +86,8 @@ def test_dense_mode_and_batch_invariance():
 
 def test_repack_layout_and_bytes():
     """The qrow layout of one row, read back: codes in GPTQ order along K, then per group the
-    scale bits | (z + 128) << 16 at 4 bits; rows padded to 16 bytes."""
+    scale bits | (z + 128) << 16 at 4 bits; rows padded to 16 bytes. Cannot show: the repack
+    kernel's speed on a GPU (it runs once per load)."""
     c = QCase(1, 8, 72, 4, 32, False)  # K = 72: codes padded to 96 k, 3 groups padded to 4
     w = repack(c)
     assert isinstance(w, CudaQWeight) and w.data.shape == (1, 8, 48 + 16)
@@ -98,6 +102,8 @@ def test_repack_layout_and_bytes():
 
 
 def test_bad_inputs_raise_with_the_value():
+    """Typed errors naming the bad value, from Python and from the launchers. Nothing the
+    emulator could miss: the checks run before any launch."""
     c13, c2 = QCase(2, 16, 64, 8, 32, False), QCase(2, 64, 8, 8, 32, False)
     w13, w2 = repack(c13), repack(c2)
     x = torch.randn(17, 64).bfloat16()

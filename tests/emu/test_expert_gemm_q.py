@@ -43,6 +43,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-k{}-E{}-D{}-F{}-bm{}-int{}-g{}-sym{}-{}-{}".format(*c))
 def test_expert_gemm_q(gemm_q_prog, case):
+    """One case against the double-precision reference (module docstring). Cannot show: timing,
+    bank conflicts, weak-memory effects of the ring, the tensor cores' accumulation order."""
     _run(gemm_q_prog, *case, 1)
 
 

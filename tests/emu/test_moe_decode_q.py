@@ -55,6 +55,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-k{}-E{}-D{}-F{}-int{}-g{}-sym{}-{}-{}".format(*c))
 def test_moe_decode_q(decode_q_prog, case):
+    """One case against the double-precision reference (module docstring). Cannot show:
+    bandwidth, registers, device FMA contraction."""
     _run(decode_q_prog, *case, 1)
 
 
