@@ -11,7 +11,8 @@ Cases: both widths, every group size, both symmetries and both scale dtypes, at 
 of the bf16 decode tests (D = 136, F = 72: K not a multiple of 32 or of the group, so the padded
 codes and the short last group are exercised), T in {1, 2, 7, 16}, k = E, one expert taking
 every token (two passes of 8), runtime k < k_max with -1 and >= E sentinels, dense mode
-(topk_ids null: the shared experts' path).
+(topk_ids null: the shared experts' path), and K of several warp steps with a tail (D = 1096,
+F = 536).
 
 What the emulator cannot show: bandwidth, occupancy, registers and spills (tools/check_ptxas.py,
 test_nvcc_build.py), device numerics (FMA contraction; the dequantised weights are exact either
@@ -50,6 +51,8 @@ CASES = [
     (3, 3, 3, 24, 8, 8, 64, 0, "bf16", "one"),           # K and N far below one warp step
     (4, 1, 1, 64, 96, 8, 128, 0, "bf16", "dense"),
     (0, 2, 3, 64, 64, 4, 32, 0, "fp16", "uniform"),      # no tokens
+    (2, 2, 2, 1096, 536, 4, 128, 0, "fp16", "uniform"),  # K > one warp step (1024 k at 4 bits) + tail
+    (2, 2, 2, 1096, 536, 8, 64, 1, "bf16", "one"),       # 8 bits: 512 k a step, both launches 2+ steps
 ]
 
 
