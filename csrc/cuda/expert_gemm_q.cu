@@ -30,7 +30,7 @@
 //   N tile: up 64 act columns (128 weight rows: 64 gate + 64 up), down 128 output columns.
 // Memory traffic: per touched expert and row tile the (2F + D) rows of qcuda_row_bytes (further
 //   row tiles of one expert hit L2), x / act / expert_out as expert_gemm. DeepSeekMoE-16B 4-bit
-//   g128: 4.60 MB per expert (bf16 17.3 MB), 8-bit g128 8.85 MB.
+//   g128: 4.60 MB per expert (bf16 17.3 MB), 8-bit g128 8.93 MB.
 // Batch invariance: bitwise for T > 16, as expert_gemm (each output row accumulates its k-steps in
 //   the same order in any tile; the dequantised tile does not depend on the rows).
 // ptxas (CUDA 13.0, -O3; tools/check_ptxas.py), registers sm_80 / sm_90a, 0 spills, no stack:

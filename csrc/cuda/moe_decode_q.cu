@@ -42,7 +42,7 @@
 //
 // Memory traffic: per touched expert (2F + D) rows of qcuda_row_bytes, read once per pass of 8.
 //   DeepSeekMoE-16B (D 2048, F 1408, E 64, k 6), 4-bit g128: 2 x 1408 x 1088 + 2048 x 752 =
-//   4.60 MB per expert (bf16: 17.3 MB); T = 1: 6 experts = 27.6 MB. 8-bit g128: 8.85 MB per expert.
+//   4.60 MB per expert (bf16: 17.3 MB); T = 1: 6 experts = 27.6 MB. 8-bit g128: 8.93 MB per expert.
 // Batch invariance: bitwise for T <= 16, as moe_decode: a slot's sums run over K in the same lane
 //   order and shuffle tree whatever else shares the call or its pass.
 // Launch: as moe_decode: up grid (min(R, E), ceil(F / 16)), down grid (min(R, E), ceil(D / 32))
