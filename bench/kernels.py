@@ -15,6 +15,10 @@ must move at least once (weights of the experts it touches, activations in and o
 be read against the machine's read bandwidth printed on the first line. The quantized ops
 (cpu backend, csrc/cpu/quant_gemm.cpp) also print "floor": (bytes / read bandwidth) / time, the
 fraction of the read-bandwidth floor reached, with bytes = the quantized panels they stream.
+On the cuda backend (and emu, at T <= 64 only: it is slow) the quantized expert FFN
+(csrc/cuda/moe_decode_q.cu for T <= 16, expert_gemm_q.cu above) prints as ffn_q4 / ffn_q8 with
+bytes = the qrow rows of the experts the call touches plus activations
+(ops.quant.expert_ffn_q_cuda_bytes), so on a GPU its HBM floor fraction shows beside it.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from moe_engine.ops import route, route_ref
 from moe_engine.ops.expert_ffn import CpuExperts
 from moe_engine.ops.packed import linear_cpu, pack_weight
 from moe_engine.ops.quant import dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
+from moe_engine.ops.quant import expert_ffn_q_cuda, expert_ffn_q_cuda_bytes, repack_quantized_cuda
 from tolerances import TOL, assert_close  # noqa: E402  (the one tolerance table)
 
 from gpu import hbm_bandwidth, sync_for  # noqa: E402  (bench/gpu.py, beside this file)
@@ -145,6 +150,35 @@ def bench_quant(args, tab, bw, g):
                         bandwidth=bw)
 
 
+def bench_quant_cuda(args, tab, g, backends, dev):
+    """The quantized expert FFN on the CUDA kernels (cuda, or emu for T <= 64): GPTQ tensors
+    repacked on the device, each result checked against dequantize-then-matmul, then timed;
+    bytes = expert_ffn_q_cuda_bytes (qrow rows of the touched experts + activations)."""
+    D, E, K, F, _ = SHAPES[args.shape]
+    gs = args.group_size
+    for be in [b for b in ("cuda", "emu") if b in backends]:
+        for bits in [int(b) for b in args.quant.split(",") if b]:
+            g13, g2 = random_gptq(E, 2 * F, D, bits, gs, g), random_gptq(E, D, F, bits, gs, g)
+            d13 = dequantize_packed(pack_quantized(*g13, bits, gs, False, gate_up=True))
+            d2 = dequantize_packed(pack_quantized(*g2, bits, gs, False))
+            w13 = repack_quantized_cuda(*[a.to(dev) for a in g13], bits, gs, False, backend=be)
+            w2 = repack_quantized_cuda(*[a.to(dev) for a in g2], bits, gs, False, backend=be)
+            for T in [int(t) for t in args.tokens.split(",")]:
+                if be == "emu" and T > 64:
+                    continue
+                x = (torch.randn(T, D, generator=g) * 0.1).bfloat16()
+                ids = route_ref(x @ torch.randn(E, D, generator=g).bfloat16().t(), K)[0]
+                got = expert_ffn_q_cuda(x.to(dev), ids.to(dev), w13, w2, backend=be).cpu()
+                assert_close(got, expert_ffn_ref(x.float(), ids, d13, d2).bfloat16(), "expert_ffn", torch.bfloat16,
+                             f"{be} q{bits} T={T}")
+                variants = [torch.argsort(torch.rand(E, generator=g))[ids.long()].int().to(dev) for _ in range(16)]
+                xd, it = x.to(dev), iter(range(1 << 62))
+                nbytes = expert_ffn_q_cuda_bytes(T, K, w13, w2, ids)
+                t = timeit(lambda: expert_ffn_q_cuda(xd, variants[next(it) % 16], w13, w2, backend=be))
+                n_exp = int(torch.unique(ids).numel())
+                tab.add(f"ffn_q{bits}", f"T={T} D={D} F={F} ({n_exp} exp) g{gs}", be, t, nbytes, 2 * T * K * 3 * D * F)
+
+
 def bench(args):
     D, E, K, F, dense = SHAPES[args.shape]
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -237,6 +271,8 @@ def bench(args):
                 tab.add("linear", f"T={T} N={N} K={Kd}", "cpu", t_cpu, N * Kd * el, 2 * T * N * Kd, t_torch)
     if "cpu" in backends and args.quant:
         bench_quant(args, tab, args.bandwidth, g)
+    if any(b in ("cuda", "emu") for b in backends) and args.quant:
+        bench_quant_cuda(args, tab, g, backends, dev)
     return tab.rows
 
 
@@ -252,7 +288,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu",
                     help="cpu, or cuda[:i] to time the cuda backend on a GPU (default: %(default)s)")
     ap.add_argument("--quant", default="8,4",
-                    help="bits of the quantized cpu ops to time, comma list, '' = none (default: %(default)s)")
+                    help="bits of the quantized ops to time (cpu, and cuda / emu), comma list, '' = none "
+                         "(default: %(default)s)")
     ap.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
                     help="group size of the quantized ops (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")

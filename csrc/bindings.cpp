@@ -304,6 +304,47 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
     return expert_gemm_block_m(T, k_max, E);
   });
 #endif
+#if defined(MOE_WITH_CUDA)
+  // ---- quantized experts on the CUDA kernels (csrc/cuda/moe_decode_q.cu) ----
+#if defined(MOE_EMU)  // _C binds QFormat with the cpu quantized kernels above
+  py::class_<QFormat> qfmt_cuda(m, "QFormat", py::module_local());
+  qfmt_cuda.def(py::init<>());
+  MOE_VAL(qfmt_cuda, QFormat, bits); MOE_VAL(qfmt_cuda, QFormat, group_size);
+  MOE_VAL(qfmt_cuda, QFormat, scales_bf16);
+#endif
+  py::class_<QRepackParams> qrep(m, "QRepackParams", py::module_local());
+  qrep.def(py::init<>());
+  MOE_PTR(qrep, QRepackParams, qweight); MOE_PTR(qrep, QRepackParams, scales); MOE_PTR(qrep, QRepackParams, qzeros);
+  MOE_PTR(qrep, QRepackParams, dst); MOE_VAL(qrep, QRepackParams, fmt); MOE_VAL(qrep, QRepackParams, E);
+  MOE_VAL(qrep, QRepackParams, N); MOE_VAL(qrep, QRepackParams, K); MOE_VAL(qrep, QRepackParams, sym);
+
+  py::class_<MoeDecodeQParams> decq(m, "MoeDecodeQParams", py::module_local());
+  decq.def(py::init<>());
+  MOE_PTR(decq, MoeDecodeQParams, x); MOE_PTR(decq, MoeDecodeQParams, topk_ids); MOE_PTR(decq, MoeDecodeQParams, w13);
+  MOE_PTR(decq, MoeDecodeQParams, w2); MOE_PTR(decq, MoeDecodeQParams, act);
+  MOE_PTR(decq, MoeDecodeQParams, expert_out); MOE_VAL(decq, MoeDecodeQParams, fmt);
+  MOE_VAL(decq, MoeDecodeQParams, T); MOE_VAL(decq, MoeDecodeQParams, k_max); MOE_VAL(decq, MoeDecodeQParams, E);
+  MOE_VAL(decq, MoeDecodeQParams, D); MOE_VAL(decq, MoeDecodeQParams, F);
+
+  py::class_<ExpertGemmQParams> gemmq(m, "ExpertGemmQParams", py::module_local());
+  gemmq.def(py::init<>());
+  MOE_PTR(gemmq, ExpertGemmQParams, a); MOE_VAL(gemmq, ExpertGemmQParams, a_stride); MOE_PTR(gemmq, ExpertGemmQParams, w);
+  MOE_PTR(gemmq, ExpertGemmQParams, c); MOE_PTR(gemmq, ExpertGemmQParams, sorted_slots);
+  MOE_PTR(gemmq, ExpertGemmQParams, tile_experts); MOE_PTR(gemmq, ExpertGemmQParams, num_padded);
+  MOE_VAL(gemmq, ExpertGemmQParams, T); MOE_VAL(gemmq, ExpertGemmQParams, k_max); MOE_VAL(gemmq, ExpertGemmQParams, E);
+  MOE_VAL(gemmq, ExpertGemmQParams, D); MOE_VAL(gemmq, ExpertGemmQParams, F);
+  MOE_VAL(gemmq, ExpertGemmQParams, capacity); MOE_VAL(gemmq, ExpertGemmQParams, block_m);
+  MOE_VAL(gemmq, ExpertGemmQParams, up); MOE_PTR(gemmq, ExpertGemmQParams, topk_ids);
+  MOE_VAL(gemmq, ExpertGemmQParams, fmt);
+
+  m.def("qcuda_row_bytes", &qcuda_row_bytes);
+  m.def("expert_gemm_q_cuda", MOE_STREAM(expert_gemm_q_cuda, ExpertGemmQParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("qrepack_cuda", MOE_STREAM(qrepack_cuda, QRepackParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+  m.def("moe_decode_q_cuda", MOE_STREAM(moe_decode_q_cuda, MoeDecodeQParams), py::arg("p"), py::arg("stream") = 0,
+        py::arg("device") = -1);
+#endif
 #if !defined(MOE_EMU)
   m.def("route_cpu", &route_cpu);
   m.def("align_cpu", &align_cpu);

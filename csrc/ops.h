@@ -266,6 +266,59 @@ struct SharedExpertParams {
   int32_t T, D, S;
 };
 
+// ---- CUDA quantized experts (csrc/cuda/moe_decode_q.cu; layout and bytes in its header) ----
+// Weight-only 4/8-bit experts in the "qrow" layout: row n of a [E, N, K] weight is
+// qcuda_row_bytes(K, fmt) bytes, codes (K rounded up to 32, GPTQ order along K) then one 32-bit
+// word per group (G rounded up to 4): raw scale bits | zero offset << 16. The kernels call them
+// too (host and device under nvcc; plain functions for every other compiler).
+#if defined(__CUDACC__)
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
+MOE_HOST_DEVICE constexpr int64_t qcuda_code_bytes(int64_t K, const QFormat& f) { return (K + 31) / 32 * 32 * f.bits / 8; }
+MOE_HOST_DEVICE constexpr int64_t qcuda_row_bytes(int64_t K, const QFormat& f) {
+  return qcuda_code_bytes(K, f) + ((K + f.group_size - 1) / f.group_size + 3) / 4 * 16;
+}
+// GPTQ tensors (true zeros, as QPackParams) -> qrow layout, on the device.
+struct QRepackParams {
+  const int32_t* qweight;  // [E, K*bits/32, N]
+  const uint16_t* scales;  // [E, ceil(K/g), N] fp16 or bf16 bits
+  const int32_t* qzeros;   // [E, ceil(K/g), N*bits/32]; nullable when sym (z = 2^(bits-1))
+  void* dst;               // [E, N, qcuda_row_bytes(K, fmt)] bytes, 16-byte aligned
+  QFormat fmt;
+  int32_t E, N, K;
+  bool sym;
+};
+// moe_decode (MoeDecodeParams) on qrow weights: same slots, sentinels, dense mode and T <= 16.
+struct MoeDecodeQParams {
+  const void* x;                 // [T, D] bf16, contiguous
+  const int32_t* topk_ids;       // [T, k_max]; null = dense mode (every slot expert 0)
+  const void* w13;               // qrow [E, 2F, D]: rows [gate F | up F]
+  const void* w2;                // qrow [E, D, F]
+  void* act;                     // [T*k_max, F] bf16 scratch
+  void* expert_out;              // [T*k_max, D] bf16
+  QFormat fmt;                   // one format for w13 and w2
+  int32_t T, k_max, E, D, F;
+};
+// expert_gemm (ExpertGemmParams: slots, taps, dense mode, sentinel zeroing) on qrow weights
+// (csrc/cuda/expert_gemm_q.cu): w is qrow [E, 2F, D] (up) or [E, D, F] (down) in format fmt.
+struct ExpertGemmQParams {
+  const void* a; int64_t a_stride;  // up: x [T, D]; down: act [capacity, F]   (bf16, row stride in elements)
+  const void* w;                    // qrow weights
+  void* c;                          // up: act [capacity, F]; down: expert_out [T*k_max, D]
+  const int32_t* sorted_slots;      // [capacity]; null with the next two = dense mode
+  const int32_t* tile_experts;      // [capacity / block_m]
+  const int32_t* num_padded;        // [1] device value
+  int32_t T, k_max, E, D, F, capacity, block_m;
+  bool up;
+  const int32_t* topk_ids;          // [T, k_max]; down only, nullable: sentinel slots' rows -> zeros
+  QFormat fmt;
+};
+void qrepack_cuda(const QRepackParams& p, void* stream, int device = -1);
+void expert_gemm_q_cuda(const ExpertGemmQParams& p, void* stream, int device = -1);
+void moe_decode_q_cuda(const MoeDecodeQParams& p, void* stream, int device = -1);
+
 // launchers (csrc/cuda/expert_gemm.cu, moe_decode.cu, shared_expert.cu):
 void expert_gemm_cuda(const ExpertGemmParams& p, void* stream, int device = -1);
 void moe_decode_cuda(const MoeDecodeParams& p, void* stream, int device = -1);

@@ -11,7 +11,8 @@
 #   4. selftests the nvcc-built kernel self-tests, one case each on the GPU
 #                (tests/emu/test_nvcc_build.py::test_kernel_tests_build_for_the_gpu)
 #   5. kernels   bench/kernels.py on cuda: route / align / expert_ffn / combine at T = 1, 8, 64,
-#                512, 4096, bench-small and 16b shapes, each result checked against PyTorch
+#                512, 4096, bench-small and 16b shapes, and the quantized expert FFN (ffn_q8 and
+#                ffn_q4, g128: moe_decode_q / expert_gemm_q), each result checked against PyTorch
 #                first, with the HBM floor (bench/gpu.py, bench/README.md) beside each figure
 #   6. layer     bench/throughput.py --backend cuda --no-generate: the MoE layer in us at the same
 #                T for bench-small and 16b-layer, with floor fractions
@@ -19,11 +20,12 @@
 # on/off pair to run; add `--no-cuda-graph` runs of step 6 when it is.
 #
 # Time on an H100/H200 (16 CPU cores), estimated from the sizes, limits in brackets:
-#   build ~90 s (6 .cu files x 2 architectures, the same as CI's nvcc step) [240 s];
+#   build ~120 s (8 .cu files x 2 architectures, the same as CI's nvcc step) [240 s];
 #   gpu ~10 s (CUDA context) [60 s]; tests ~30 s (a handful of small ops) [120 s];
-#   selftests 3 nvcc compiles ~20 s each + runs < 1 s [150 s];
-#   kernels: 2 shapes x 5 T x 4 ops x (1 check + 5 x 0.04 s timed) ~ 10 s of timing, plus the
-#     16b weights (1.1 GB bf16 made on the CPU, copied once) ~15 s per shape [150 s];
+#   selftests 5 nvcc compiles ~20 s each + runs < 1 s [150 s];
+#   kernels: 2 shapes x 5 T x 6 ops x (1 check + 5 x 0.04 s timed) ~ 15 s of timing, plus the
+#     16b weights (1.1 GB bf16 made on the CPU, copied once, and the GPTQ tensors of both widths,
+#     dequantised on the CPU for the checks) ~40 s per shape [150 s];
 #   layer: 2 models x 5 T x 12 reps; 16b-layer is 2 layers (~2.3 GB of synthetic weights written
 #     and loaded) ~40 s, bench-small ~15 s [180 s].
 #   Sum of the estimates ~4.5 min; of the limits 15 min, but a step that needs its whole limit

@@ -89,6 +89,8 @@ def _gpu_present():
 GPU_PROGRAMS = {  # test program -> one case to run when a GPU is present
     "expert_gemm_test": ["129", "6", "8", "136", "72", "64", "uniform", "1"],
     "moe_decode_test": ["16", "6", "16", "136", "72", "sentinel", "1"],
+    "moe_decode_q_test": ["16", "6", "16", "136", "72", "4", "128", "0", "fp16", "sentinel", "1"],
+    "expert_gemm_q_test": ["129", "6", "8", "136", "72", "64", "4", "128", "0", "fp16", "sentinel", "1"],
     "shared_expert_test": ["129", "136", "144", "144", "1"],
 }
 

@@ -30,6 +30,16 @@ arrives as the standard GPTQ tensors (per expert; stacked experts add a leading 
 x is bf16 or fp32, the result has its dtype; accumulation is fp32 in a fixed order, so the bits
 do not depend on the thread count or on which other tokens share the call.
 Test: tests/test_quant_kernels.py.
+
+The cuda and emu backends take the same GPTQ tensors, repacked once on their device into the
+CUDA kernels' row layout (csrc/cuda/moe_decode_q.cu, its header gives the layout and bytes):
+
+    repack_quantized_cuda(qweight, scales, qzeros, ...)   -> CudaQWeight
+    expert_ffn_q_cuda(x, topk_ids, w13, w2)               expert_ffn_q_cpu's contract, bf16 x:
+        T <= 16 moe_decode_q, else align + expert_gemm_q (csrc/cuda/expert_gemm_q.cu);
+        topk_ids None: dense, every token through expert 0 (shared experts, dense MLPs)
+
+Test: tests/test_quant_cuda.py (emu), tests/emu/test_moe_decode_q.py (the kernel's own program).
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backend as backends
+from .expert_ffn import DECODE_MAX_T
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -87,9 +98,24 @@ def pack_quantized(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
     """Repack GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N]) into quantized panels.
 
     gate_up: the weight is an expert FFN's w13, rows [gate F | up F] (N = 2F)."""
-    _check_format(bits, group_size, sym)
     mod = backends.native_module("cpu")
-    backends.check(qweight, "qweight", dtype=torch.int32, device="cpu", contiguous=False)
+    qw, sc, zc, E, N, K, stacked = _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, gate_up,
+                                                torch.device("cpu"))
+    fmt = mod.QFormat()
+    fmt.bits, fmt.group_size, fmt.scales_bf16 = bits, group_size, sc.dtype == torch.bfloat16
+    data = torch.empty(mod.qpack_size_bytes(E, N, K, fmt, gate_up), dtype=torch.uint8)
+    p = mod.QPackParams()
+    p.qweight, p.scales, p.qzeros, p.dst = qw.data_ptr(), sc.data_ptr(), backends.ptr(zc), data.data_ptr()
+    p.fmt, p.E, p.N, p.K, p.sym, p.gate_up = fmt, E, N, K, sym, gate_up
+    mod.pack_quantized_cpu(p)
+    return PackedQWeight(data, E, N, K, bits, group_size, sym, gate_up, sc.dtype, stacked)
+
+
+def _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, gate_up, device):
+    """Validate GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N]) on `device`; returns
+    them contiguous with a leading E, and (E, N, K, stacked)."""
+    _check_format(bits, group_size, sym)
+    backends.check(qweight, "qweight", dtype=torch.int32, device=device, contiguous=False)
     if qweight.dim() not in (2, 3):
         raise ValueError(f"qweight must be [K*bits/32, N] or [E, K*bits/32, N], got shape {list(qweight.shape)}")
     stacked = qweight.dim() == 3
@@ -102,11 +128,11 @@ def pack_quantized(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
     if gate_up and N % 2:
         raise ValueError(f"gate_up weight has N={N} rows; expected an even 2F")
     lead = (E,) if stacked else ()
-    backends.check(scales, "scales", dtype=SCALE_DTYPES, shape=(*lead, G, N), device="cpu", contiguous=False)
+    backends.check(scales, "scales", dtype=SCALE_DTYPES, shape=(*lead, G, N), device=device, contiguous=False)
     sc = (scales if stacked else scales.unsqueeze(0)).contiguous()
     zc = None
     if qzeros is not None:
-        backends.check(qzeros, "qzeros", dtype=torch.int32, shape=(*lead, G, -(-N * bits // 32)), device="cpu",
+        backends.check(qzeros, "qzeros", dtype=torch.int32, shape=(*lead, G, -(-N * bits // 32)), device=device,
                        contiguous=False)
         zc = (qzeros if stacked else qzeros.unsqueeze(0)).contiguous()
         if sym:
@@ -117,20 +143,13 @@ def pack_quantized(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
                                  f"{1 << (bits - 1)} (pass qzeros=None or sym=False)")
     elif not sym:
         raise ValueError("qzeros is required when sym=False")
-    fmt = mod.QFormat()
-    fmt.bits, fmt.group_size, fmt.scales_bf16 = bits, group_size, sc.dtype == torch.bfloat16
-    data = torch.empty(mod.qpack_size_bytes(E, N, K, fmt, gate_up), dtype=torch.uint8)
-    p = mod.QPackParams()
-    p.qweight, p.scales, p.qzeros, p.dst = qw.data_ptr(), sc.data_ptr(), backends.ptr(zc), data.data_ptr()
-    p.fmt, p.E, p.N, p.K, p.sym, p.gate_up = fmt, E, N, K, sym, gate_up
-    mod.pack_quantized_cpu(p)
-    return PackedQWeight(data, E, N, K, bits, group_size, sym, gate_up, sc.dtype, stacked)
+    return qw, sc, zc, E, N, K, stacked
 
 
 def _unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """[.., C] int32 words -> [.., n] codes, element i at bit offset (i % (32/bits)) * bits."""
     per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.flatten(-2)[..., :n]
 
@@ -240,3 +259,142 @@ def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: Packed
     p.T, p.k_max, p.D, p.F, p.E = T, k_max, D, F, E
     mod.expert_ffn_q_cpu(p)
     return out
+
+
+# ---- cuda / emu: csrc/cuda/moe_decode_q.cu ---------------------------------------------------------
+@dataclass(frozen=True)
+class CudaQWeight:
+    """A quantized weight [E, N, K] in the CUDA kernels' qrow layout (csrc/cuda/moe_decode_q.cu:
+    per row the codes along K, then one word per group with the scale bits and the folded zero),
+    on the device the kernels run on (CPU tensors for the emu backend)."""
+    data: torch.Tensor          # uint8 [E, N, qcuda_row_bytes(K)]
+    E: int
+    N: int
+    K: int
+    bits: int
+    group_size: int
+    scale_dtype: torch.dtype    # fp16 or bf16, as the checkpoint stores them
+    stacked: bool               # given as [E, ...] (else [N, K] with E = 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels stream for one full read of every expert."""
+        return self.data.numel()
+
+    def native_format(self, mod):
+        f = mod.QFormat()
+        f.bits, f.group_size, f.scales_bf16 = self.bits, self.group_size, self.scale_dtype == torch.bfloat16
+        return f
+
+
+def repack_quantized_cuda(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
+                          group_size: int, sym: bool, *, backend: str = "auto") -> CudaQWeight:
+    """Repack GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N], qzeros holding the true
+    zeros, as pack_quantized) into the qrow layout, on their own device by a kernel (backend
+    "cuda", or "emu" for CPU tensors). Done once at load; an expert FFN's w13 is the gate and up
+    weights concatenated along N ([gate F | up F])."""
+    if not isinstance(qweight, torch.Tensor):
+        raise TypeError(f"qweight must be a torch.Tensor, got {type(qweight).__name__}")
+    backend = backends.resolve(backend, qweight.device)
+    if backend not in ("cuda", "emu"):
+        raise ValueError(f"repack_quantized_cuda runs on backend 'cuda' or 'emu', got {backend!r}")
+    mod = backends.native_module(backend)
+    qw, sc, zc, E, N, K, stacked = _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, False,
+                                                qweight.device)
+    per = 32 // bits
+    if N % per:
+        raise ValueError(f"N={N} must be a multiple of {per} at {bits} bits (qzeros packs N)")
+    out = CudaQWeight(None, E, N, K, bits, group_size, sc.dtype, stacked)
+    fmt = out.native_format(mod)
+    data = torch.empty((E, N, mod.qcuda_row_bytes(K, fmt)), dtype=torch.uint8, device=qweight.device)
+    p = mod.QRepackParams()
+    p.qweight, p.scales, p.qzeros, p.dst = qw.data_ptr(), sc.data_ptr(), backends.ptr(zc), data.data_ptr()
+    p.fmt, p.E, p.N, p.K, p.sym = fmt, E, N, K, sym and zc is None
+    dev = qweight.device
+    mod.qrepack_cuda(p, backends.stream_of(backend, dev), backends.device_of(backend, dev))
+    return CudaQWeight(data, E, N, K, bits, group_size, sc.dtype, stacked)
+
+
+def expert_ffn_q_cuda(x: torch.Tensor, topk_ids: torch.Tensor | None, w13: CudaQWeight, w2: CudaQWeight, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """expert_ffn on quantized experts through the CUDA kernels (backend "cuda", or "emu" for the
+    same source on CPU tensors): x [T, D] bf16, topk_ids int32 [T, k_max] (None: dense mode, every
+    token to expert 0 with k_max = 1: shared experts and dense MLPs), w13 the gate|up weights
+    [E, 2F, D], w2 the down weights [E, D, F], both repack_quantized_cuda'd in one format.
+    Returns expert_out [T, k_max, D] bf16, unweighted, slot order as topk_ids; sentinel slots
+    (id < 0 or >= E) are zero rows. T <= DECODE_MAX_T: moe_decode_q (exact fp32 weights); more:
+    align + expert_gemm_q up (SiLU*up fused) + down (weights rounded to bf16 for the tensor
+    cores), as expert_ffn_cuda does for bf16 weights."""
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, CudaQWeight):
+            raise TypeError(f"{name} must be a CudaQWeight (repack_quantized_cuda), got {type(w).__name__}")
+    backend = backends.resolve(backend, x.device)
+    if backend not in ("cuda", "emu"):
+        raise ValueError(f"expert_ffn_q_cuda runs on backend 'cuda' or 'emu', got {backend!r}")
+    mod = backends.native_module(backend)
+    E, D, F = w13.E, w13.K, w13.N // 2
+    if w13.N % 2 or (w2.E, w2.N, w2.K) != (E, D, F):
+        raise ValueError(f"w13 (E, N, K) = {(w13.E, w13.N, w13.K)} needs an even N = 2F and w2 = (E, D, F) = "
+                         f"{(E, D, F)}; got w2 {(w2.E, w2.N, w2.K)}")
+    if (w13.bits, w13.group_size, w13.scale_dtype) != (w2.bits, w2.group_size, w2.scale_dtype):
+        raise ValueError(f"w13 and w2 must share one format; got (bits, group, scales) "
+                         f"{(w13.bits, w13.group_size, w13.scale_dtype)} and {(w2.bits, w2.group_size, w2.scale_dtype)}")
+    backends.check(x, "x", dtype=torch.bfloat16, shape=(None, D))
+    T = x.shape[0]
+    backends.check(topk_ids, "topk_ids", dtype=torch.int32, shape=(T, None), optional=True)
+    backends.check_same_device(x.device, topk_ids=topk_ids, w13=w13.data, w2=w2.data)
+    k_max = 1 if topk_ids is None else topk_ids.shape[1]
+    dev = x.device
+    out = torch.empty((T, k_max, D), dtype=x.dtype, device=dev)
+    if T == 0 or k_max == 0:
+        return out
+    stream, device = backends.stream_of(backend, dev), backends.device_of(backend, dev)
+    if T > DECODE_MAX_T:
+        _expert_gemm_q(mod, backend, x, topk_ids, w13, w2, out, stream, device)
+        return out
+    act = torch.empty((T * k_max, F), dtype=x.dtype, device=dev)
+    p = mod.MoeDecodeQParams()
+    p.x, p.topk_ids, p.w13, p.w2 = x.data_ptr(), backends.ptr(topk_ids), w13.data.data_ptr(), w2.data.data_ptr()
+    p.act, p.expert_out, p.fmt = act.data_ptr(), out.data_ptr(), w13.native_format(mod)
+    p.T, p.k_max, p.E, p.D, p.F = T, k_max, E, D, F
+    mod.moe_decode_q_cuda(p, stream, device)
+    return out
+
+
+def _expert_gemm_q(mod, backend, x, topk_ids, w13, w2, out, stream, device):
+    """align + grouped GEMM up + down on qrow weights (csrc/cuda/expert_gemm_q.cu); topk_ids None:
+    dense mode (row i is token i, expert 0)."""
+    from .align import align
+    T, D = x.shape
+    E, F = w13.E, w13.N // 2
+    k_max = out.shape[1]
+    if topk_ids is None:
+        block_m, slots, tiles, num_padded, cap = 16, None, None, None, T
+    else:
+        block_m = mod.expert_gemm_block_m(T, k_max, E)
+        a = align(topk_ids, E, block_m, backend=backend)
+        slots, tiles, num_padded, cap = a.sorted_slots, a.tile_experts, a.num_padded, a.sorted_slots.numel()
+    act = torch.empty((cap, F), dtype=x.dtype, device=x.device)
+    for up in (True, False):
+        p = mod.ExpertGemmQParams()
+        p.a, p.a_stride = (x.data_ptr(), D) if up else (act.data_ptr(), F)
+        w = w13 if up else w2
+        p.w, p.c, p.fmt = w.data.data_ptr(), (act if up else out).data_ptr(), w.native_format(mod)
+        p.sorted_slots, p.tile_experts, p.num_padded = backends.ptr(slots), backends.ptr(tiles), backends.ptr(num_padded)
+        p.T, p.k_max, p.E, p.D, p.F, p.capacity, p.block_m, p.up = T, k_max, E, D, F, cap, block_m, up
+        p.topk_ids = backends.ptr(topk_ids)  # the down launch zeroes the sentinel slots' rows
+        mod.expert_gemm_q_cuda(p, stream, device)
+
+
+def expert_ffn_q_cuda_bytes(T: int, k_max: int, w13: CudaQWeight, w2: CudaQWeight, topk_ids=None) -> int:
+    """Bytes one expert_ffn_q_cuda call moves at least (bench/kernels.py's floor): the rows of every
+    distinct expert the slots chose (all E when topk_ids is None: dense), x, act written and read,
+    expert_out."""
+    if topk_ids is None:
+        experts = w13.E
+    else:
+        ids = topk_ids.flatten()
+        experts = int(torch.unique(ids[(ids >= 0) & (ids < w13.E)]).numel())
+    per_expert = w13.data[0].numel() + w2.data[0].numel()
+    D, F = w13.K, w13.N // 2
+    return experts * per_expert + 2 * (T * D + 2 * T * k_max * F + T * k_max * D)
