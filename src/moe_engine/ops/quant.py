@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import torch
 
 from . import backend as backends
-from .expert_ffn import DECODE_MAX_T
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -325,6 +324,7 @@ def expert_ffn_q_cuda(x: torch.Tensor, topk_ids: torch.Tensor | None, w13: CudaQ
     (id < 0 or >= E) are zero rows. T <= DECODE_MAX_T: moe_decode_q (exact fp32 weights); more:
     align + expert_gemm_q up (SiLU*up fused) + down (weights rounded to bf16 for the tensor
     cores), as expert_ffn_cuda does for bf16 weights."""
+    from ..runner import DECODE_MAX_T  # the path rule (runner.py)
     for name, w in (("w13", w13), ("w2", w2)):
         if not isinstance(w, CudaQWeight):
             raise TypeError(f"{name} must be a CudaQWeight (repack_quantized_cuda), got {type(w).__name__}")
