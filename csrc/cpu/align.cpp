@@ -8,7 +8,7 @@
 //   it is O(T*k_max + capacity) integer work (3072 slots for a 512-token prefill at k=6 take
 //   a few us), and serial keeps the order trivially deterministic. workspace is unused on CPU.
 // Traffic: 2 reads of topk_ids (4*T*k_max B) + writes of capacity*4 B.
-// Reference: src/moe_engine/ops/align.py (align_ref); test: tests/test_cpu_ops.py (bitwise).
+// Reference: src/moe_engine/ops/align.py (align_ref); test: tests/test_ops.py (bitwise).
 #include <algorithm>
 
 #include "common.h"

@@ -7,7 +7,7 @@
 //   hd 64/128/256, AVX2 for hd % 8 == 0, portable loops for the rest.
 // Traffic: 2*B*Hkv*S*hd*bytes (the cache, once per query head group) -- the floor for decode
 //   attention; PyTorch's CPU SDPA spends ~10x that at decode sizes.
-// Reference: torch SDPA in src/moe_engine/model.py (Model._attention); test: tests/test_cpu_ops.py.
+// Reference: torch SDPA in src/moe_engine/model.py (Model._attention); test: tests/test_ops.py.
 #include <algorithm>
 #include <cmath>
 

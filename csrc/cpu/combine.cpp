@@ -8,7 +8,7 @@
 //   order over j is fixed per element, so results do not depend on the thread count).
 //   out may alias residual (each element is read before it is written).
 // Traffic: T*D*(k_max + 3 or 4) * bytes(dtype) + T*k_max*8.
-// Reference: src/moe_engine/ops/combine.py (combine_ref); test: tests/test_cpu_ops.py.
+// Reference: src/moe_engine/ops/combine.py (combine_ref); test: tests/test_ops.py.
 #include "common.h"
 
 namespace moe {

@@ -23,7 +23,7 @@
 //   (ymm, tiles of up to 2 rows, bf16 widened to fp32 by shift/and; several times torch's bf16
 //   GEMM, which has no fast path there: bench/README.md); else portable loops.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
-//   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
+//   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_ops.py.
 #include <immintrin.h>
 #include <omp.h>
 
