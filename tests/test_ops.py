@@ -418,3 +418,17 @@ def test_attention_decode_cpu_matches_sdpa(dtype, B, H, Hkv, hd, S, S_cap):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float().unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :], scale=1 / math.sqrt(hd))
     assert_close(out, ref.squeeze(2).to(dtype), "attention_decode", dtype, f"attention B={B} H={H} S={S}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("T,D", [(1, 64), (7, 136), (16, 2048), (3, 1)])
+def test_rms_norm_cpu_matches_reference(dtype, T, D):
+    """cpu_weights.rms_norm's C++ path (T <= SMALL_N) and its torch fallback (a strided x) against
+    ops/norm.py's rms_norm_ref."""
+    from moe_engine.cpu_weights import rms_norm
+    from moe_engine.ops.norm import rms_norm_ref
+    x, w = torch.randn(T, D).to(dtype), (1 + torch.randn(D) / 10).to(dtype)
+    want = rms_norm_ref(x, w, 1e-6)
+    assert_close(rms_norm(x, w, 1e-6), want, "rms_norm", dtype, f"T={T} D={D}")
+    strided = torch.randn(T, 2 * D).to(dtype)[:, ::2]
+    assert torch.equal(rms_norm(strided, w, 1e-6), rms_norm_ref(strided, w, 1e-6))
