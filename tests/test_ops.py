@@ -32,6 +32,10 @@ from tolerances import assert_close
 
 BACKENDS = available_backends()
 TS = (1, 2, 7, 16, 17, 129, 257)
+# The emulator runs one CUDA thread at a time, and CI runs its cases in three thread orders: the
+# largest sizes, which take no other kernel path than the next smaller ones, run on the other
+# backends only.
+EMU_LARGEST = "the emulator is slow and this size takes the same kernel path as a smaller one"
 
 
 def on(backend, t):
@@ -135,6 +139,8 @@ def check_route(backend, logits, k, case, **kw):
 @pytest.mark.parametrize("E,k", [(8, 0), (8, 1), (8, 2), (64, 6), (64, 8), (8, 8), (64, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_matches_reference(backend, T, E, k, dtype):
+    if backend == "emu" and k == E == 64 and T > 17:
+        pytest.skip(EMU_LARGEST)
     g = torch.Generator().manual_seed(T * 1000 + E + k)
     # distinct values per row, so ties cannot make two correct answers differ
     logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
@@ -253,6 +259,8 @@ def test_align_bitwise(backend, T, k, E, block_m):
 @pytest.mark.parametrize("T,k,D", [(1, 1, 8), (7, 6, 64), (17, 8, 40), (129, 2, 64), (257, 8, 136)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_combine_matches_reference(backend, T, k, D, dtype):
+    if backend == "emu" and T == 257:
+        pytest.skip(EMU_LARGEST)
     eo = (torch.randn(T, k, D) / 10).to(dtype)
     ids = torch.randint(0, 8, (T, k), dtype=torch.int32)
     ids[:, -1] = -1  # a sentinel slot: its (garbage) row must be ignored
@@ -317,6 +325,8 @@ def test_expert_ffn_matches_reference(backend, T, k, E, dtype):
         pytest.skip("the CUDA kernels are bf16-only")
     if backend in ("emu", "cuda") and k == 0:
         pytest.skip("the CUDA launchers take k_max >= 1 and raise otherwise")
+    if backend == "emu" and T == 257:
+        pytest.skip(EMU_LARGEST)
     D, F = 64, 48
     x, gu, dn, cases = ffn_inputs(T, k, E, D, F, dtype, torch.Generator().manual_seed(T + 10 * k))
     for name, ids in cases:
