@@ -9,7 +9,8 @@
 #                   and GCC then emits FP16 instructions (vmovw for a 16-bit scalar load, as in
 #                   csrc/cpu/quant_gemm.cpp) that die with SIGILL there; cooperlake's set is a
 #                   subset of both Zen 4/5's and Sapphire Rapids'.
-# Each runs tests/test_cpu_ops.py (its first test checks _C.cpu_isa), tests/test_quant_kernels.py
+# Each runs the cpu cases of tests/test_ops.py (`-k cpu`: every id there names its backend or says
+# cpu; test_loaded_cpu_build_is_the_expected_isa checks _C.cpu_isa), tests/test_quant_kernels.py
 # and the cpu cases of tests/test_model_backends.py. Needs cmake >= 3.26, ninja and pybind11 in the Python environment.
 # Builds go under $MOE_ISA_BUILD_ROOT (default build/isa), so a rerun only rebuilds what changed.
 # MOE_ISA_SKIP="avx512 ..." skips builds whose isa is already tested elsewhere (CI: the -march=native
@@ -61,7 +62,7 @@ for v in "${variants[@]}"; do
   run=(env MOE_ENGINE_CPU_MODULE="$so" MOE_ENGINE_EXPECT_CPU_ISA="$isa" MOE_ENGINE_REQUIRE_BACKENDS=cpu
        $PYTEST -q)
   # "not emu": the cpu cases, including the cpu-only rope-scaling tests whose ids do not say cpu.
-  if "${run[@]}" tests/test_cpu_ops.py tests/test_quant_kernels.py &&
+  if "${run[@]}" -k cpu tests/test_ops.py && "${run[@]}" tests/test_quant_kernels.py &&
      "${run[@]}" -k "not emu" tests/test_model_backends.py; then
     echo "== cpu isa $isa (-march=$arch): passed in $((SECONDS - t1)) s"
     ran+=("$isa")

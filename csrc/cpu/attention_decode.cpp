@@ -7,7 +7,7 @@
 //   hd 64/128/256, AVX2 for hd % 8 == 0, portable loops for the rest.
 // Traffic: 2*B*Hkv*S*hd*bytes (the cache, once per query head group) -- the floor for decode
 //   attention; PyTorch's CPU SDPA spends ~10x that at decode sizes.
-// Reference: torch SDPA in src/moe_engine/model.py (Model._attention); test: tests/test_cpu_ops.py.
+// Reference: torch SDPA in src/moe_engine/model.py (Model._attention); test: tests/test_ops.py.
 #include <algorithm>
 #include <cmath>
 
@@ -17,12 +17,6 @@
 
 namespace moe {
 namespace {
-
-template <typename X>
-inline float ld(const X* p, int64_t i) {
-  if constexpr (sizeof(X) == 4) return p[i];
-  else return cpu::bf16_to_f32(p[i]);
-}
 
 constexpr int kLanes = 16;
 
@@ -59,7 +53,7 @@ void attn_impl(const AttnDecodeParams& p) {
   X* out = static_cast<X*>(p.out);
   for_each_head<X>(p, [&](int64_t bh, const X* qr, const X* kb, const X* vb, const uint8_t* valid, float* sc) {
     float qf[1024];
-    for (int64_t d = 0; d < hd; ++d) qf[d] = ld(qr, d) * p.scale;
+    for (int64_t d = 0; d < hd; ++d) qf[d] = cpu::load(qr, d) * p.scale;
     const float m = score_keys(valid, S, sc, [&](int64_t s) {
       const X* kr = kb + s * hd;
       // kLanes independent partial sums in a fixed order: the compiler vectorises this (a
@@ -67,8 +61,8 @@ void attn_impl(const AttnDecodeParams& p) {
       float part[kLanes] = {};
       int64_t d = 0;
       for (; d + kLanes <= hd; d += kLanes)
-        for (int l = 0; l < kLanes; ++l) part[l] += qf[d + l] * ld(kr, d + l);
-      for (; d < hd; ++d) part[d % kLanes] += qf[d] * ld(kr, d);
+        for (int l = 0; l < kLanes; ++l) part[l] += qf[d + l] * cpu::load(kr, d + l);
+      for (; d < hd; ++d) part[d % kLanes] += qf[d] * cpu::load(kr, d);
       float acc = 0.f;
       for (int l = 0; l < kLanes; ++l) acc += part[l];
       return acc;
@@ -81,7 +75,7 @@ void attn_impl(const AttnDecodeParams& p) {
       const float w = sc[s];
       if (w == 0.f) continue;
       const X* vr = vb + s * hd;
-      for (int64_t d = 0; d < hd; ++d) acc[d] += w * ld(vr, d);
+      for (int64_t d = 0; d < hd; ++d) acc[d] += w * cpu::load(vr, d);
     }
     const float inv = 1.f / sum;
     for (int64_t d = 0; d < hd; ++d) cpu::store(out, p.dtype, bh * hd + d, acc[d] * inv);

@@ -8,22 +8,11 @@
 //   order over j is fixed per element, so results do not depend on the thread count).
 //   out may alias residual (each element is read before it is written).
 // Traffic: T*D*(k_max + 3 or 4) * bytes(dtype) + T*k_max*8.
-// Reference: src/moe_engine/ops/combine.py (combine_ref); test: tests/test_cpu_ops.py.
+// Reference: src/moe_engine/ops/combine.py (combine_ref); test: tests/test_ops.py.
 #include "common.h"
 
 namespace moe {
 namespace {
-
-template <typename In>
-inline float ld(const In* p, int64_t i) {
-  if constexpr (sizeof(In) == 4) return p[i];
-  else return cpu::bf16_to_f32(p[i]);
-}
-template <typename In>
-inline void st(In* p, int64_t i, float v) {
-  if constexpr (sizeof(In) == 4) p[i] = v;
-  else p[i] = cpu::f32_to_bf16(v);
-}
 
 template <typename X>
 void combine_impl(const CombineParams& p) {
@@ -45,15 +34,15 @@ void combine_impl(const CombineParams& p) {
       if (id < 0) continue;
       const float w = p.topk_weights[t * K + j];
       const X* row = eo + (t * K + j) * D + d0;
-      for (int64_t d = 0; d < n; ++d) acc[d] += w * ld(row, d);
+      for (int64_t d = 0; d < n; ++d) acc[d] += w * cpu::load(row, d);
     }
     if (routed)
-      for (int64_t d = 0; d < n; ++d) st(routed, t * D + d0 + d, acc[d]);
+      for (int64_t d = 0; d < n; ++d) cpu::store(routed, t * D + d0 + d, acc[d]);
     if (sh)
-      for (int64_t d = 0; d < n; ++d) acc[d] += ld(sh, t * D + d0 + d);
+      for (int64_t d = 0; d < n; ++d) acc[d] += cpu::load(sh, t * D + d0 + d);
     if (res)
-      for (int64_t d = 0; d < n; ++d) acc[d] += ld(res, t * D + d0 + d);
-    for (int64_t d = 0; d < n; ++d) st(out, t * D + d0 + d, acc[d]);
+      for (int64_t d = 0; d < n; ++d) acc[d] += cpu::load(res, t * D + d0 + d);
+    for (int64_t d = 0; d < n; ++d) cpu::store(out, t * D + d0 + d, acc[d]);
   }
 }
 

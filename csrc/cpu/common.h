@@ -1,5 +1,6 @@
 // Helpers shared by the CPU kernels in csrc/cpu: bf16 <-> fp32 and the OpenMP threshold.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -32,13 +33,51 @@ inline uint16_t f32_to_bf16(float f) {
 inline int64_t esize(DType dt) { return dt == DType::f32 ? 4 : 2; }  // bytes per element
 inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }       // workspace carving
 
+// Element i as fp32, and v stored rounded to the element type: typed (float = f32, uint16_t =
+// bf16 bits) for kernels templated on it, or through the runtime dtype.
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
 inline float load(const void* base, DType dt, int64_t i) {
-  return dt == DType::f32 ? static_cast<const float*>(base)[i]
-                          : bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  return dt == DType::f32 ? load(static_cast<const float*>(base), i) : load(static_cast<const uint16_t*>(base), i);
 }
 inline void store(void* base, DType dt, int64_t i, float v) {
-  if (dt == DType::f32) static_cast<float*>(base)[i] = v;
-  else static_cast<uint16_t*>(base)[i] = f32_to_bf16(v);
+  if (dt == DType::f32) store(static_cast<float*>(base), i, v);
+  else store(static_cast<uint16_t*>(base), i, v);
+}
+
+// The panel geometry of the packed weights (ops.h "Packed weights"), bf16/fp32 and quantized alike.
+constexpr int kPanel = 32;  // output rows per panel
+constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
+
+// Counting sort of the R slots of topk_ids by expert, the one grouping of the cpu kernels (align_cpu
+// with its GEMM tile height, the bf16 and quantized expert FFNs with block_m = 1). Ids < 0 or
+// >= E are skipped (on_skipped(s) is called for each such slot s). Out: counts[e] = #slots of e;
+// offsets[e + 1] = offsets[e] + round_up(counts[e], block_m); slots[offsets[e] + i] = the i-th
+// slot of e in ascending slot order (a stable scatter; padding left as it was). Serial: it is
+// O(R + E) integer work and its order is deterministic by construction.
+template <class OnSkipped>
+inline void group_by_expert(const int32_t* topk_ids, int64_t R, int32_t E, int32_t block_m, int32_t* counts,
+                            int32_t* offsets, int32_t* slots, OnSkipped on_skipped) {
+  std::fill(counts, counts + E, 0);
+  for (int64_t s = 0; s < R; ++s) {
+    const int32_t e = topk_ids[s];
+    if (e >= 0 && e < E) ++counts[e];
+    else on_skipped(s);
+  }
+  offsets[0] = 0;
+  for (int32_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + (counts[e] + block_m - 1) / block_m * block_m;
+  for (int32_t e = 0; e < E; ++e) counts[e] = offsets[e];  // counts become write cursors
+  for (int64_t s = 0; s < R; ++s) {
+    const int32_t e = topk_ids[s];
+    if (e >= 0 && e < E) slots[counts[e]++] = int32_t(s);
+  }
+  for (int32_t e = 0; e < E; ++e) counts[e] -= offsets[e];  // and back to counts
+}
+inline void group_by_expert(const int32_t* topk_ids, int64_t R, int32_t E, int32_t block_m, int32_t* counts,
+                            int32_t* offsets, int32_t* slots) {
+  group_by_expert(topk_ids, R, E, block_m, counts, offsets, slots, [](int64_t) {});
 }
 
 // Below this many elements of work an OpenMP region costs more than it saves (a fork/join

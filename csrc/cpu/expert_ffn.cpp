@@ -8,7 +8,7 @@
 //   keeps M x 2 zmm accumulators and per k-pair does 2 panel loads + M broadcasts of the
 //   token's (x[k], x[k+1]) + 2M vdpbf16ps (bf16) or 2M FMAs per k (fp32). No horizontal sums,
 //   no activation copies: token rows are read in place through their slot's pointer.
-//   1. group slots by expert (counting sort, ascending slot order; serial, O(T*k_max));
+//   1. group slots by expert (cpu::group_by_expert, align's counting sort; ascending slot order);
 //   2. gate|up phase: units (expert, panel) over the chosen experts only, split across threads
 //      by cost (tokens + panel streaming), each panel read once for all the expert's tokens,
 //      epilogue h = SiLU(g)*u (vectorised exp) into the workspace;
@@ -23,7 +23,7 @@
 //   (ymm, tiles of up to 2 rows, bf16 widened to fp32 by shift/and; several times torch's bf16
 //   GEMM, which has no fast path there: bench/README.md); else portable loops.
 // Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
-//   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_cpu_ops.py.
+//   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_ops.py.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -39,9 +39,8 @@ namespace {
 using cpu::align64;
 using cpu::esize;
 using cpu::for_my_units;
-
-constexpr int kPanel = 32;  // output rows per panel
-constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
+using cpu::kHalf;
+using cpu::kPanel;
 
 #if MOE_AVX512
 using cpu::exp512;
@@ -435,21 +434,9 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
   const Workspace ws = carve(p.workspace, dt, R, E, F);
   char* out = static_cast<char*>(p.expert_out);
 
-  // 1. group slots by expert; zero the rows of sentinel slots
-  std::fill(ws.counts, ws.counts + E, 0);
-  for (int64_t s = 0; s < R; ++s) {
-    const int32_t e = p.topk_ids[s];
-    if (e >= 0 && e < E) ++ws.counts[e];
-    else std::memset(out + s * D * bytes, 0, D * bytes);
-  }
-  ws.offsets[0] = 0;
-  for (int64_t e = 0; e < E; ++e) ws.offsets[e + 1] = ws.offsets[e] + ws.counts[e];
-  for (int64_t e = 0; e < E; ++e) ws.counts[e] = ws.offsets[e];  // counts become cursors
-  for (int64_t s = 0; s < R; ++s) {
-    const int32_t e = p.topk_ids[s];
-    if (e >= 0 && e < E) ws.order[ws.counts[e]++] = int32_t(s);
-  }
-  for (int64_t e = 0; e < E; ++e) ws.counts[e] -= ws.offsets[e];  // and back to counts
+  // 1. group slots by expert (align's counting sort, no padding); zero the rows of sentinel slots
+  cpu::group_by_expert(p.topk_ids, R, p.E, 1, ws.counts, ws.offsets, ws.order,
+                       [&](int64_t s) { std::memset(out + s * D * bytes, 0, D * bytes); });
   if (ws.offsets[E] == 0) return;
 
   const char* x = static_cast<const char*>(p.x);

@@ -44,9 +44,8 @@ namespace {
 using cpu::align64;
 using cpu::esize;
 using cpu::for_my_units;
-
-constexpr int kPanel = 32;  // output rows per panel
-constexpr int kHalf = 16;   // gate (or up) rows per gate|up panel
+using cpu::kHalf;
+using cpu::kPanel;
 constexpr int64_t kGroupMetaBytes = kPanel * 2 + kPanel;  // 32 raw 16-bit scales + 32 uint8 zeros
 
 #if MOE_AVX512
@@ -545,21 +544,9 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p) {
   ws.hsum = reinterpret_cast<float*>(c);
   char* out = static_cast<char*>(p.expert_out);
 
-  // 1. group slots by expert (ascending slot order); zero the rows of sentinel slots
-  std::fill(ws.counts, ws.counts + E, 0);
-  for (int64_t s = 0; s < R; ++s) {
-    const int32_t e = p.topk_ids[s];
-    if (e >= 0 && e < E) ++ws.counts[e];
-    else std::memset(out + s * D * bytes, 0, D * bytes);
-  }
-  ws.offsets[0] = 0;
-  for (int64_t e = 0; e < E; ++e) ws.offsets[e + 1] = ws.offsets[e] + ws.counts[e];
-  for (int64_t e = 0; e < E; ++e) ws.counts[e] = ws.offsets[e];
-  for (int64_t s = 0; s < R; ++s) {
-    const int32_t e = p.topk_ids[s];
-    if (e >= 0 && e < E) ws.order[ws.counts[e]++] = int32_t(s);
-  }
-  for (int64_t e = 0; e < E; ++e) ws.counts[e] -= ws.offsets[e];
+  // 1. group slots by expert (align's counting sort, ascending slot order); zero the rows of sentinel slots
+  cpu::group_by_expert(p.topk_ids, R, p.E, 1, ws.counts, ws.offsets, ws.order,
+                       [&](int64_t s) { std::memset(out + s * D * bytes, 0, D * bytes); });
   const int64_t n_slots = ws.offsets[E];
   if (n_slots == 0) return;
 

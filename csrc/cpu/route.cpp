@@ -13,7 +13,7 @@
 //   repeats an id. Rows are independent, so any thread count gives the same bits.
 // Traffic: T*E*(logit bytes [+ 4 probs tap]) + T*k_max*8; compute-trivial.
 // Limits: E <= kMaxExperts (stack row buffer). Reference: src/moe_engine/ops/route.py (route_ref);
-//   test: tests/test_cpu_ops.py; tolerances: tests/tolerances.py.
+//   test: tests/test_ops.py; tolerances: tests/tolerances.py.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>

@@ -33,6 +33,7 @@ from .decode_threads import DecodeThreads
 from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
 from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
+from .ops.norm import rms_norm_ref
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
 from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
                         linear_q_cpu, pack_quantized)
@@ -401,12 +402,11 @@ def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, packed: CpuE
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm (fp32 statistics, rounded to dt before the multiply by w) in one C++
-    call for few tokens (a decode step runs 2 per layer; as torch ops each is ~8 launches)."""
+    """The model's RMSNorm (ops/norm.py: fp32 statistics, rounded to dt before the multiply by w)
+    in one C++ call for few tokens (a decode step runs 2 per layer; as torch ops each is ~8 launches)."""
     n = x.numel() // x.shape[-1]
     if n > SMALL_N or not x.is_contiguous():
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return rms_norm_ref(x, w, eps)
     mod = backends.native_module("cpu")
     out = torch.empty_like(x)
     p = mod.RMSNormParams()

@@ -31,6 +31,7 @@ from .cpu_weights import CpuModelWeights, ffn, linear
 from .moe import moe_layer
 from .ops import backend as backends
 from .ops.attention import attention_block_decode_cpu
+from .ops.norm import rms_norm_ref as rms_norm
 from .runner import Runner, runs_packed
 from .taps import LAYER_TAPS, Capture, TokenIndex, all_tap_names
 
@@ -76,12 +77,6 @@ def check_device(device) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"device {str(device)!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     return dev
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """w * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(dt): cast back BEFORE the multiply."""
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ class Runner:
         if packed is not None:  # the model's RMSNorm: one C++ call for few tokens
             from .cpu_weights import rms_norm
         else:
-            from .model import rms_norm
+            from .ops.norm import rms_norm_ref as rms_norm
         self.rms_norm = rms_norm
 
     def __repr__(self) -> str:

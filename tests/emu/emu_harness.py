@@ -12,10 +12,15 @@ Environment:
                      (default "forward,reverse,random")
   MOE_EMU_BUILD_DIR  where binaries are cached (default <repo>/build/emu-tests)
   CXX                compiler (default g++)
+
+The programs' tolerances come from tests/tolerances.py, the suite's one table: the builder writes
+its C++ form (tolerances.cpp_header) as <build dir>/include/test_tolerances.h, and the header's
+text is part of every binary's cache key.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -69,13 +74,33 @@ def compile_flags() -> list[str]:
     return flags
 
 
+def tolerances_header() -> str:
+    """tests/tolerances.py's table as C++ (loaded by path: tests/emu may run on its own)."""
+    spec = importlib.util.spec_from_file_location("tolerances", REPO / "tests" / "tolerances.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cpp_header()
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Atomic, and untouched when equal (pytest-xdist workers write it side by side)."""
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class Builder:
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
         self.cxx = os.environ.get("CXX", "g++")
-        self.flags = compile_flags()
+        header = tolerances_header()
+        write_if_changed(out_dir / "include" / "test_tolerances.h", header)
+        self.flags = [*compile_flags(), f"-I{out_dir / 'include'}"]
         version = subprocess.run([self.cxx, "--version"], capture_output=True, text=True).stdout
-        h = hashlib.sha256(version.encode() + " ".join(self.flags).encode())
+        h = hashlib.sha256(version.encode() + " ".join(self.flags).encode() + header.encode())
         for p in sorted((REPO / "csrc").rglob("*")):
             if p.suffix in {".h", ".cuh", ".cu", ".cpp"} and p.is_file():
                 h.update(str(p.relative_to(REPO)).encode() + p.read_bytes())

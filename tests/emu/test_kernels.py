@@ -4,8 +4,8 @@ references in tests/emu/cpp/*_test.cu, in every thread order.
 What this cannot show: the kernels' speed, occupancy or register pressure (tools/check_ptxas.py
 covers spills); weak-memory effects (route and combine have no inter-thread communication
 through memory; align's only shared-memory hand-offs are behind __syncthreads, which the order
-sweep exercises); the GPU's own expf / division rounding (route weights are compared with rtol
-1e-5, ids exactly on inputs without near-ties); behaviour of the multi-block align path when
+sweep exercises); the GPU's own expf / division rounding (route weights are compared to
+"route_weights" of tests/tolerances.py, ids exactly on inputs without near-ties); behaviour of the multi-block align path when
 its three launches overlap on a real stream (they are stream-ordered, and run one after
 another here).
 """

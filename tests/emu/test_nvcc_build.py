@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from emu_harness import tolerances_header
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
@@ -102,7 +104,8 @@ def test_kernel_tests_build_for_the_gpu(name, tmp_path):
     GPU is present one case runs on it (the only check of the mma / ldmatrix fragment layouts
     and the cp.async ring against hardware)."""
     exe = tmp_path / name
-    cmd = ["nvcc", "-x", "cu", "-std=c++20", "-O2", "-arch=sm_80", f"-I{ROOT / 'csrc'}",
+    (tmp_path / "test_tolerances.h").write_text(tolerances_header())
+    cmd = ["nvcc", "-x", "cu", "-std=c++20", "-O2", "-arch=sm_80", f"-I{ROOT / 'csrc'}", f"-I{tmp_path}",
            str(ROOT / "tests" / "emu" / "cpp" / f"{name}.cu"), "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-6000:]}"

@@ -12,7 +12,7 @@ allocated once and a decode step captured in a CUDA graph).
 
 Data movement only: every backend must agree bit for bit.
 Kernels: csrc/cuda/align.cu (cuda, emu), csrc/cpu/align.cpp (cpu).
-Tests: tests/test_ops.py, tests/test_cpu_ops.py.
+Tests: tests/test_ops.py.
 """
 from __future__ import annotations
 

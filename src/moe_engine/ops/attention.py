@@ -7,7 +7,7 @@ Shapes: B sequences, H query heads, Hkv key/value heads, hd head dim, S used cac
     over keys s < S with valid[b, s] (real tokens) or s == S - 1 (the query itself)
 
 The same math as the model's SDPA call with its decode mask (Model._attn_mask); fp32 inside.
-Kernel: csrc/cpu/attention_decode.cpp. Test: tests/test_cpu_ops.py.
+Kernel: csrc/cpu/attention_decode.cpp. Test: tests/test_ops.py.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Shapes: T tokens, k_max slots, D hidden.
 All in fp32, in exactly that order, rounded once to the output dtype (routed_out, the
 `hook_routed_out` tap, is rounded separately). shared_out and residual are optional.
 Kernels: csrc/cuda/combine.cu (cuda, emu), csrc/cpu/combine.cpp (cpu).
-Tests: tests/test_ops.py, tests/test_cpu_ops.py.
+Tests: tests/test_ops.py.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Backends: torch (this reference, a loop over the experts present), cpu (csrc/cpu
 fused: chosen experts only, each expert's weights streamed once per call for all its tokens,
 SiLU*up in the gate|up epilogue; it reads the panel-packed copy in `CpuExperts`, made once per
 layer at load time -- pass it as `packed=`, else the call packs on the fly), cuda / emu (align + csrc/cuda/expert_gemm.cu, or csrc/cuda/moe_decode.cu for T <= 16).
-Tests: tests/test_ops.py, tests/test_cpu_ops.py, tests/emu/{test_expert_gemm,test_moe_decode}.py.
+Tests: tests/test_ops.py, tests/emu/{test_expert_gemm,test_moe_decode}.py.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ renormalised. Non-finite logits: NaN counts as -inf; +inf experts share the mass
 with no finite mass gets all-zero probabilities and the lowest ids (never a duplicate id).
 
 Kernels: csrc/cuda/route.cu (cuda, emu), csrc/cpu/route.cpp (cpu).
-Tests: tests/test_ops.py, tests/test_cpu_ops.py.
+Tests: tests/test_ops.py.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 // align_cuda (csrc/cuda/align.cu) against a C++ counting sort, bit for bit, on the emulator (or
-// a GPU: nvcc -std=c++20 -arch=sm_80 align_test.cu ../../../csrc/cuda/align.cu).
+// a GPU: nvcc -std=c++20 -arch=sm_80 -I DIR align_test.cu ../../../csrc/cuda/align.cu;
+// DIR holds the generated test_tolerances.h: python tests/tolerances.py > DIR/test_tolerances.h).
 // Every output is compared over its whole length (sorted_slots over the full capacity,
 // tile_experts over capacity/block_m), canaries past every buffer (workspace included, sized by
 // align_workspace_size) must survive, and a second run must give the same bits.

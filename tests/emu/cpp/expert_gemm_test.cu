@@ -13,7 +13,8 @@
 //          expert_out rows of real slots vs act.Wd in double; sentinel slots keep their canary
 //   layer  expert_out vs the whole expert MLP in double (act unrounded)
 // Exit 0 when all pass. Builds with g++ -DMOE_EMU (emulator) or, unchanged, for a real GPU:
-//   nvcc -x cu -std=c++20 -arch=sm_90a -Icsrc tests/emu/cpp/<this file> (test_nvcc_build.py).
+//   nvcc -x cu -std=c++20 -arch=sm_90a -Icsrc -I DIR tests/emu/cpp/<this file> (test_nvcc_build.py;
+//   DIR holds the generated test_tolerances.h: python tests/tolerances.py > DIR/test_tolerances.h).
 #include "cuda/common.cuh"
 #include "cuda/expert_gemm.cu"
 #include "moe_test_util.h"

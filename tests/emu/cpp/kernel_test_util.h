@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../../../csrc/cuda/common.cuh"
+#include "test_tolerances.h"  // generated from tests/tolerances.py (see moe_test_util.h)
 
 inline int g_failures = 0;
 inline std::string g_case;  // printed with every failure

@@ -1,6 +1,7 @@
 // Standalone check of the tensor-core wrappers in csrc/cuda/ptx.cuh. The same source builds
-//   for a GPU:      nvcc -std=c++20 -arch=sm_80 -x cu mma_selftest.cu -o mma_selftest
-//   for emulation:  g++ -std=c++20 -O2 -DMOE_EMU -I<cuda>/include -x c++ mma_selftest.cu
+//   for a GPU:      nvcc -std=c++20 -arch=sm_80 -I DIR -x cu mma_selftest.cu -o mma_selftest
+//   for emulation:  g++ -std=c++20 -O2 -DMOE_EMU -I<cuda>/include -I DIR -x c++ mma_selftest.cu
+// (DIR holds the generated test_tolerances.h: python tests/tolerances.py > DIR/test_tolerances.h)
 // and prints "OK mma_selftest" when every check passes (exit 1 otherwise). The fragment layouts
 // come from the PTX documentation, not from a run on hardware: run this on a GPU whenever one is
 // available; on the emulator it shows that ldmatrix, the formulas and mma agree with each other.
@@ -10,8 +11,8 @@
 //  2. D = A·B + C three ways: fragments through ldmatrix (A by x4, B by x2 from Bᵀ, by x2.trans
 //     and x4.trans from row-major B), fragments built straight from the formulas, and a plain
 //     matmul in double on the host. Data set "exact" (multiples of 1/8) is exact in fp32 on any
-//     hardware; data set "random" (random bf16) is exact in the emulator and within 1e-5 relative
-//     on a GPU (tensor cores do not round like one double sum).
+//     hardware; data set "random" (random bf16) is exact in the emulator and within the rtol of
+//     fp32_sum_vs_double (tests/tolerances.py) of the products' magnitude on a GPU (tensor cores do not round like one double sum).
 // Shared memory is filled with cp.async (cp_async_16 + commit + wait<0>).
 #include <cmath>
 #include <cstdint>
@@ -21,6 +22,7 @@
 
 #include "../../../csrc/cuda/common.cuh"
 #include "../../../csrc/cuda/ptx.cuh"
+#include "test_tolerances.h"  // generated from tests/tolerances.py (tests/emu/emu_harness.py)
 
 static uint16_t f2bf(float f) {  // round to nearest even; inputs here are finite
   uint32_t u;
@@ -191,7 +193,7 @@ static int check_mma(const char* name, bool exact_everywhere, unsigned seed) {
           mag += std::fabs(p);
         }
         const float want = (float)ref;
-        const double tol = exact ? 0.0 : 1e-5 * mag + 1e-30;
+        const double tol = exact ? 0.0 : moe_test::tol::fp32_sum_vs_double_f32.rtol * mag + 1e-30;
         const float got[4] = {tr4[i * 16 + col], n_tile ? want : ld[i * 8 + j], n_tile ? want : tr[i * 8 + j],
                               n_tile ? want : fr[i * 8 + j]};
         const char* how[4] = {"x4.trans", "x4+x2", "x2.trans", "formula"};

@@ -1,10 +1,11 @@
 // route_cuda (csrc/cuda/route.cu) against a C++ reference in double, on the emulator (or a GPU:
-// nvcc -std=c++20 -arch=sm_80 route_test.cu ../../../csrc/cuda/route.cu).
+// nvcc -std=c++20 -arch=sm_80 -I DIR route_test.cu ../../../csrc/cuda/route.cu;
+// DIR holds the generated test_tolerances.h: python tests/tolerances.py > DIR/test_tolerances.h).
 //
 // Inputs are multiples of 1/16 in [-4, 4] (exact in bf16): distinct logits give probabilities at
 // least 6% apart, so the fp32 kernel and the double reference rank them identically, and equal
 // logits are exact ties (lower id must win). Ids, slot order and usage counts are compared
-// exactly; weights and probs with rtol 1e-5 (fp32 softmax vs double).
+// exactly; weights and probs to route_weights of tests/tolerances.py (fp32 softmax vs double).
 // Sweep: E in {8, 64} x T in {1,2,7,16,17,129,257} x k in {0,1,2,6,8,E}, each with a rotating
 // variant (dtype, padded stride, mask reroute/zero, force, renormalise, probs tap, usage,
 // data: ties / non-finite rows / all equal / all tokens to one expert), plus E in
@@ -64,7 +65,7 @@ static void reference_row(const Case& c, const double* x_in, const uint8_t* mask
     for (int j = 0; j < c.k; ++j) w[j] /= kept;
 }
 
-static bool close(double got, double want) { return std::fabs(got - want) <= 1e-5 * std::fabs(want) + 1e-9; }
+static bool close(double got, double want) { return moe_test::tol::route_weights_f32.ok(got, want); }
 
 static void run_case(const Case& c) {
   char name[256];
