@@ -19,6 +19,11 @@ void align_cpu(const AlignParams& p) {
   if (p.T < 0 || p.k_max < 0 || p.E <= 0 || p.block_m <= 0)
     cpu::fail("align_cpu", "bad sizes T=" + std::to_string(p.T) + " k_max=" + std::to_string(p.k_max) +
                                " E=" + std::to_string(p.E) + " block_m=" + std::to_string(p.block_m));
+  // the router (route.cpp) takes at most 4096 experts; a larger E is a wrong argument, and
+  // align would write E + 1 offsets into a buffer sized for the model's E
+  constexpr int32_t kMaxExperts = 4096;
+  if (p.E > kMaxExperts)
+    cpu::fail("align_cpu", "E=" + std::to_string(p.E) + " > " + std::to_string(kMaxExperts) + " (the router's limit)");
   if (int64_t(p.T) * p.k_max > 0) cpu::need("align_cpu", p.topk_ids, "topk_ids");
   cpu::need("align_cpu", p.expert_counts, "expert_counts");
   cpu::need("align_cpu", p.expert_offsets, "expert_offsets");

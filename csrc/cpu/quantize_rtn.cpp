@@ -1,7 +1,7 @@
 // Round-to-nearest GPTQ quantization of a weight [E, N, K] in one pass over it: what
 // `python -m moe_engine.quantize` and `load(quant=...)` run on every quantizable linear.
 // The rule (docs/quantization.md, src/moe_engine/quant.py's module docstring) and the reference
-// it must equal bit for bit is quant.quantize_reference (PyTorch); tests/test_quantize_rtn.py
+// it must equal bit for bit is quant.quantize_reference (PyTorch); tests/test_quant.py
 // compares them. Each step is the reference's fp32 operation in the same order:
 //   sym:  s = fp16up(max(2 * max|w| / maxq, 2^-14)),                 z = 2^(bits-1)
 //   asym: lo = min(min w, 0), hi = max(max w, 0),

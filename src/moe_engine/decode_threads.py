@@ -14,7 +14,7 @@ machine the full team's steps stay near their recent best, and the only steps on
 are the rare probes (about 0.4 % of the steps after the first few hundred).
 
 Bits: the kernels give the same bits for any thread count (the fixed summation order of
-csrc/cpu; tests/test_cpu_ops.py), so the choice changes only the speed.
+csrc/cpu; tests/test_ops.py), so the choice changes only the speed.
 
 Scope: the thread count of the calling thread's OpenMP regions (`_C.kernel_threads`), set for the
 step and restored after it; torch's own setting and other threads are not touched. Off with
