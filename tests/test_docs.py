@@ -41,6 +41,7 @@ SKIP_BLOCKS = {  # the start of a block's first command -> why the block is not 
     "pip install torch==2.13.0": "the README's set-up commands are run verbatim by .ci/run",
     "pip download --no-deps --no-binary :all: -d /tmp/llp llama-cpp-python":
         "the llama.cpp recipe needs the network and a 15-minute build",
+    "cmake --build /tmp/llb": "the llama.cpp side-by-side needs the build of the recipe above",
 }
 MODEL_PATHS = [(re.compile(r"/?path/to/deepseek-moe-16b-[\w.-]+"), BUNDLED),
                (re.compile(r"--model DIR\b"), f"--model {BUNDLED}")]
