@@ -228,6 +228,23 @@ def _regular_file(path: Path) -> None:
         raise CheckpointError(f"{path}: not readable (permission denied)")
 
 
+def read_tensor(f, start: int, info: "TensorInfo", shard: Path, name: str) -> Tensor:
+    """Tensor `name` of an open safetensors file f (data section at `start`) into fresh memory,
+    with plain reads: no memory map, so a file truncated while it is read is a short read and a
+    CheckpointError, never SIGBUS. The loader and `python -m moe_engine.quantize` read this way."""
+    begin, end = info.data_offsets
+    raw = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    view, got = memoryview(raw.numpy()), 0
+    while got < len(view):  # one read() returns at most ~2 GiB
+        n = f.readinto(view[got:got + (1 << 28)])
+        if not n:
+            raise CheckpointError(f"{shard}: tensor {name}: the file ended after {start + begin + got} bytes, "
+                                  f"{end - begin - got} bytes short (truncated while it was read?)")
+        got += n
+    return raw.view(READ_DTYPES[info.dtype]).view(info.shape)
+
+
 def _data_start(path: Path) -> int:
     """Byte offset of a .safetensors file's data section (8 + header length)."""
     with open(path, "rb") as f:
@@ -447,21 +464,11 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
                 if shard not in handles:
                     handles[shard] = (stack.enter_context(open(shard, "rb")), _data_start(shard))
                 f, start = handles[shard]
-                begin, end = info.data_offsets
-                raw = torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(start + begin)
-                view, got = memoryview(raw.numpy()), 0
-                while got < len(view):  # one read() returns at most ~2 GiB
-                    n = f.readinto(view[got:got + (1 << 28)])
-                    if not n:
-                        raise CheckpointError(
-                            f"{shard}: tensor {name}: the file ended after {start + begin + got} bytes, "
-                            f"{end - begin - got} bytes short (truncated while loading?)")
-                    got += n
+                t = read_tensor(f, start, info, shard, name)
             except OSError as e:
                 raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from None
             bar.update(1)
-            return raw.view(READ_DTYPES[info.dtype]).view(info.shape)
+            return t
 
         def finite(t: Tensor, name: str) -> Tensor:
             # aminmax: one pass, no mask tensor; NaN propagates into both, an Inf is an extreme

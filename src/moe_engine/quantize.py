@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig
-from .loader import (CONFIG_FILE, INDEX_FILE, READ_DTYPES, SINGLE_FILE, CheckpointError, _check_checkpoint,
+from .loader import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, _check_checkpoint, read_tensor,
                      _data_start, read_safetensors_header)
 from .quant import QUANTIZABLE, QuantError, QuantSpec, group_index, quantize
 
@@ -120,21 +120,9 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec, *,
                 header = read_safetensors_header(shard)
                 handles[shard] = (open(shard, "rb"), _data_start(shard), header)
             f, start, header = handles[shard]
-            info = header[source]
-            begin, end = info.data_offsets
-            raw = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(start + begin)
-            view, got = memoryview(raw.numpy()), 0
-            while got < len(view):  # one read() returns at most ~2 GiB
-                n = f.readinto(view[got:got + (1 << 28)])
-                if not n:
-                    raise CheckpointError(
-                        f"{shard}: tensor {source}: the file ended after {start + begin + got} bytes, "
-                        f"{end - begin - got} bytes short (truncated while quantizing?)")
-                got += n
+            return read_tensor(f, start, header[source], shard, source)
         except OSError as e:
             raise CheckpointError(f"{shard}: cannot read tensor {source} ({e})") from None
-        return raw.view(READ_DTYPES[info.dtype]).view(info.shape)
 
     def tensor(name: str, source: str) -> torch.Tensor:
         if name == source:
