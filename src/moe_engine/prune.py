@@ -248,17 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--keep", type=int, help="experts kept per MoE layer")
     g.add_argument("--keep-mass", type=float, help="fraction of routing hits the kept cover")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    ap.add_argument("--out", required=True, type=Path,
+                    help="directory for the mask file, the report and (--checkpoint) the model")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: %(default)s)")
     ap.add_argument("--checkpoint", action="store_true",
                     help="also write the smaller checkpoint to OUT/model (needs --keep)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "emu"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device (default: %(default)s, cuda when a GPU is present)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="weight and activation dtype (default: %(default)s)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "emu"],
+                    help="MoE kernels (default: %(default)s: cpu on the CPU, cuda on a GPU)")
     ap.add_argument("--max-len", type=int, help="tokens per sample (default 2048)")
-    ap.add_argument("--max-samples", type=int, help="samples per domain")
-    ap.add_argument("--max-tokens", type=int, help="tokens per domain")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--max-samples", type=int, help="samples per domain (default: all)")
+    ap.add_argument("--max-tokens", type=int, help="tokens per domain (default: all)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars on a terminal)")
     return ap
 
 
