@@ -6,7 +6,7 @@
 Every measurement runs in a fresh Python process (OpenMP reads its wait settings once, when torch
 loads it), times single-sequence decode steps of the cpu backend for --seconds, and reports
 tokens/s, the p50 / p90 step time, how often the decode step changed its thread team
-(src/moe_engine/decode_threads.py; MOE_ENGINE_ADAPT_THREADS=0 turns that off) and the machine's
+(src/moe_engine/decode_threads.py; opt-in with --env MOE_ENGINE_ADAPT_THREADS=1) and the machine's
 1-minute load average before the burners start (other jobs: the measurement means little when it
 is high). Burners are plain busy loops, started before the measurement and killed after it;
 the whole run takes about (burner counts) x (--seconds + load time). `--env NAME=VALUE` (repeatable) sets variables for the measured process only, e.g. to

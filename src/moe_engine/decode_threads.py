@@ -17,9 +17,11 @@ Bits: the kernels give the same bits for any thread count (the fixed summation o
 csrc/cpu; tests/test_ops.py), so the choice changes only the speed.
 
 Scope: the thread count of the calling thread's OpenMP regions (`_C.kernel_threads`), set for the
-step and restored after it; torch's own setting and other threads are not touched. Off with
-MOE_ENGINE_ADAPT_THREADS=0 in the environment (read when a model is loaded): every step then runs
-on the full team. Measurements: bench/contention.py, numbers in bench/README.md.
+step and restored after it; torch's own setting and other threads are not touched. Opt-in:
+MOE_ENGINE_ADAPT_THREADS=1 in the environment (read when a model is loaded); without it every step
+runs on the full team. Not the default because on an idle machine it measured 25-30% slower than
+the fixed team (its probes and its noise-triggered drops cost more than they save there; numbers
+in bench/README.md, bench/contention.py).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class DecodeThreads:
 
     def __init__(self, enabled: bool | None = None):
         if enabled is None:
-            enabled = os.environ.get("MOE_ENGINE_ADAPT_THREADS", "1") not in ("0", "off", "false")
+            enabled = os.environ.get("MOE_ENGINE_ADAPT_THREADS", "0") in ("1", "on", "true")
         self.enabled = enabled
         self._key = self._full = None
         self.n = 0                      # team of the coming steps (0: the full team, not yet known)
