@@ -54,8 +54,23 @@ GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
 
+class _QuantLayout:
+    """What both kernel layouts of a quantized weight (PackedQWeight on the cpu, CudaQWeight on
+    cuda/emu) answer alike: the bytes the kernels stream for one full read (every expert,
+    padding included) and the QFormat the C++ entry points take."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def native_format(self, mod):
+        f = mod.QFormat()
+        f.bits, f.group_size, f.scales_bf16 = self.bits, self.group_size, self.scale_dtype == torch.bfloat16
+        return f
+
+
 @dataclass(frozen=True)
-class PackedQWeight:
+class PackedQWeight(_QuantLayout):
     """A quantized weight [E, N, K] in the kernels' panel layout."""
     data: torch.Tensor          # uint8 [qpack_size_bytes]
     E: int
@@ -72,15 +87,6 @@ class PackedQWeight:
     def groups(self) -> int:
         return -(-self.K // self.group_size)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernels stream for one full read (panels, padding included)."""
-        return self.data.numel()
-
-    def native_format(self, mod):
-        f = mod.QFormat()
-        f.bits, f.group_size, f.scales_bf16 = self.bits, self.group_size, self.scale_dtype == torch.bfloat16
-        return f
 
 
 def _check_format(bits, group_size, sym):
@@ -262,7 +268,7 @@ def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: Packed
 
 # ---- cuda / emu: csrc/cuda/moe_decode_q.cu ---------------------------------------------------------
 @dataclass(frozen=True)
-class CudaQWeight:
+class CudaQWeight(_QuantLayout):
     """A quantized weight [E, N, K] in the CUDA kernels' qrow layout (csrc/cuda/moe_decode_q.cu:
     per row the codes along K, then one word per group with the scale bits and the folded zero),
     on the device the kernels run on (CPU tensors for the emu backend)."""
@@ -275,15 +281,6 @@ class CudaQWeight:
     scale_dtype: torch.dtype    # fp16 or bf16, as the checkpoint stores them
     stacked: bool               # given as [E, ...] (else [N, K] with E = 1)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernels stream for one full read of every expert."""
-        return self.data.numel()
-
-    def native_format(self, mod):
-        f = mod.QFormat()
-        f.bits, f.group_size, f.scales_bf16 = self.bits, self.group_size, self.scale_dtype == torch.bfloat16
-        return f
 
 
 def repack_quantized_cuda(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
