@@ -194,19 +194,22 @@ def test_taps_from_the_graph_equal_the_eager_ones(graphed):
 
 
 def test_calls_the_graph_cannot_take_run_eagerly(graphed):
-    """Per-position controls, patches and an attention_mask take the eager loop (no capture)."""
+    """Per-position controls, patches and an attention_mask take the eager loop (no capture);
+    graphed and eager steps mix on one cache (the host bookkeeping agrees)."""
     g, e = graphed
-    kv, tok = _prefill(g, 4)
-    kv_e = copy.deepcopy(kv)
     per_pos = torch.full((3, 16), -1, dtype=torch.long)
     per_pos[1] = 3
     patch = Capture(patches=[Patch("blocks.1.moe.hook_in", lambda x, ctx: x * 0.5)])
+    kv, tok = _prefill(g, 4)
     for kw in ({"force_experts": per_pos}, {"capture": patch},
                {"attention_mask": torch.ones(2, 1, dtype=torch.bool)}):
-        want = e(tok, cache=kv_e, logits="last", **kw)
-        got = g(tok, cache=kv, logits="last", **kw)
-        assert torch.equal(got, want), kw
+        assert torch.equal(g(tok, cache=copy.deepcopy(kv), logits="last", **kw),
+                           e(tok, cache=copy.deepcopy(kv), logits="last", **kw)), kw
     assert g._graphs.captures == 0
+    steps = _decode_both(g, e, [{}, {"force_experts": per_pos}, {"capture": patch}, {}])
+    for lg, le in steps:
+        _close(lg, le)
+    assert g._graphs.captures == 1 and next(iter(g._graphs.steps.values())).graph.replays == 1
 
 
 def test_cuda_graph_option(tiny_ckpt):
@@ -219,3 +222,23 @@ def test_cuda_graph_option(tiny_ckpt):
         moe_engine.load(tiny_ckpt, backend="emu", cuda_graph="yes", progress=False)
     assert moe_engine.load(tiny_ckpt, backend="emu", cuda_graph=False, progress=False)._graphs is None
     assert moe_engine.load(tiny_ckpt, backend="emu", progress=False)._graphs is None
+
+
+def test_no_cuda_graph_flag_reaches_load(tiny_ckpt, monkeypatch, capsys):
+    """generate's --no-cuda-graph loads with cuda_graph=False (None without it: on for cuda);
+    the lens CLI parses the same flag."""
+    from moe_engine.generate import main
+    from moe_engine.lens.__main__ import build_parser
+    from moe_engine.model import Model
+    seen = []
+    real = Model.load.__func__
+
+    def load(cls, *a, **kw):
+        seen.append(kw.get("cuda_graph", "missing"))
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(Model, "load", classmethod(load))
+    argv = ["--model", str(tiny_ckpt), "--backend", "torch", "--max-new-tokens", "2", "--prompt", "hi"]
+    assert main(argv + ["--no-cuda-graph"]) == 0 and main(argv) == 0
+    assert seen == [False, None]
+    capsys.readouterr()
+    assert build_parser().parse_args(["routing", "--out", "x", "--no-cuda-graph"]).no_cuda_graph is True

@@ -111,7 +111,10 @@ class DecodeGraphs:
         self.make_graph = make_graph
         self.steps: dict[tuple, _Static] = {}
         self.captures = 0        # graphs captured so far (tests and bench read it)
-        self._bound = None       # (cache tensors, weights, rope table) the graphs were made for
+        # (cache tensors, weights, rope table) the graphs were made for: held, not just their
+        # ids, so a freed cache's memory cannot come back under a captured address; an old cache
+        # therefore lives until the next graphed call with another one (or invalidate())
+        self._bound = None
 
     def invalidate(self) -> None:
         """Drop every captured step (the next step captures again)."""

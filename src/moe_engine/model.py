@@ -215,6 +215,9 @@ class Model:
                 raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
         be = backends.resolve(backend, torch.device(device))
+        if cuda_graph and expert_parallel is not False:
+            raise ValueError("cuda_graph=True and expert_parallel: the token exchange sizes its buffers "
+                             "on the host every step, so an expert-parallel step cannot be captured")
         spec = None if quant is None else QuantSpec.from_name(quant, group_size, sym)
         experts = None
         if expert_parallel is not False:
@@ -228,6 +231,7 @@ class Model:
         model = cls(config, weights, backend=backend, tokenizer=tok, path=path, cuda_graph=cuda_graph)
         if experts is not None:
             distributed.attach_expert_shards(model)
+            model._graphs = None  # the exchange's counts go through the host: eager steps only
         return model
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
