@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 gpu_present() {
   if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L; then
-    echo "error: no GPU here (nvidia-smi is missing or lists no device); steps 2-6 need one"
+    echo "error: no GPU here (nvidia-smi is missing or lists no device); steps 2-7 need one"
     return 1
   fi
   python - <<'EOF'
