@@ -128,6 +128,7 @@ def load_model(args):
     from moe_engine.synthetic import make_checkpoint
     device = "cuda" if args.backend == "cuda" else "cpu"
     q = {} if args.quant is None else {"quant": args.quant, "group_size": args.group_size, "sym": args.sym}
+    q["cuda_graph"] = False if args.no_cuda_graph else None
     if args.model:
         return moe_engine.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
                                progress=show_progress(args), **q)
@@ -366,6 +367,9 @@ def main(argv=None):
                     help="comma list of token counts for the per-MoE-layer table (default: the batch "
                          "size and the prefill size)")
     ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table (default: off)")
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="run decode steps op by op instead of replaying a captured CUDA graph "
+                         "(default: graphs on with the cuda backend)")
     ap.add_argument("--profile-overhead", action="store_true",
                     help="cpu backend: split a decode step into time inside the C++ kernels and "
                          "outside them, with the fused MoE-layer call and with the op-by-op path (default: off)")
@@ -408,6 +412,7 @@ def main(argv=None):
               "quant": None if args.quant is None else {"bits": int(args.quant[3:]), "group_size": args.group_size,
                                                         "sym": args.sym},
               "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
+              "cuda_graph": model._graphs is not None,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9,
               "load_s": load_s, "rss_after_load_gib": rss_gib()}
 
