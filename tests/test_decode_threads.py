@@ -26,8 +26,8 @@ class Trace:
     """Synthetic decode: step time = times[team] x (1 + GROWTH x cache fill) x noise, with rare
     slow hiccups (a daemon waking up) on an idle machine and wide noise on a busy one."""
 
-    def __init__(self, seed=0, full=2):
-        self.rng, self.full, self.used = random.Random(seed), full, 0
+    def __init__(self, seed=0, full=2, growth=GROWTH):
+        self.rng, self.full, self.used, self.growth = random.Random(seed), full, 0, growth
         self.policy = TeamPolicy(full)
         self.ns: list[int] = []     # the policy's current team after each step
 
@@ -36,7 +36,7 @@ class Trace:
         return next(i for i, n in enumerate(self.ns[since:]) if n == team)
 
     def step_time(self, team, times, busy):
-        t = times[team] * (1 + GROWTH * self.used / CAP)
+        t = times[team] * (1 + self.growth * self.used / CAP)
         if busy:
             return t * self.rng.lognormvariate(0, 0.5)
         t *= self.rng.uniform(0.9, 1.1)
@@ -77,6 +77,16 @@ def test_an_idle_machine_with_one_thread_as_fast_never_switches():
     """Where the second thread adds little (5%), a probe down still does not win."""
     tr = Trace(1)
     tr.run({1: 2.1e-3, 2: 2.0e-3}, 3000)
+    assert tr.policy.switches == 0
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_step_time_that_grows_fast_with_the_cache_never_switches(seed):
+    """A long-context decode: a step 5x slower at the end of the cache than at its start, one
+    thread only 10% slower than two. A probe is judged against the steps just before and just
+    after it, so the growth neither wins nor loses it."""
+    tr = Trace(seed, growth=4.0)
+    tr.run({1: 2.2e-3, 2: 2.0e-3}, 3000)
     assert tr.policy.switches == 0
 
 

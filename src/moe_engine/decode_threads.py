@@ -41,6 +41,7 @@ from collections import deque
 WINDOW = 8          # steps in "recent": five slow steps of eight move its median
 HISTORY = 64        # steps of the current team whose lower quartile is its settled step time
 SLOW = 1.5          # recent median this many times the settled step: a sustained slowdown
+CHECK = 4           # steps between checks for a slowdown
 PROBE_STEPS = 5     # steps of a probe on the other team; the first (the change) is not counted
 NEIGHBOURS = 4      # counted steps of the current team before and after a probe, compared with it
 WIN_DOWN = 0.85     # a probe's median must be below WIN x its neighbours' median to move there:
@@ -63,11 +64,11 @@ def enabled_from_env(environ=None) -> bool:
     raise ValueError(f"{ENV}={value!r}; expected 1/on/true or 0/off/false (unset: on)")
 
 
-def _median_of_low_quartile(times) -> float:
-    """The settled step time of a team: the lower quartile of its steps (a few fast outliers or
-    a slow stretch move it little)."""
+def _quantile(times, q: float) -> float:
+    """The q-quantile of times (the element at that rank; plain sorting: this runs after every
+    few steps, on caches the step has just evicted, so it stays small)."""
     s = sorted(times)
-    return s[len(s) // 4]
+    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 class TeamPolicy:
@@ -141,9 +142,13 @@ class TeamPolicy:
             raise ValueError(f"team = {team}; expected the current team {self.n}")
         self._times.append(seconds)
         self._until_probe -= 1
-        if (self.n > 1 and len(self._times) >= 2 * WINDOW
-                and statistics.median(list(self._times)[-WINDOW:]) > SLOW * _median_of_low_quartile(self._times)):
-            self._start_probe(max(1, self.n // 2))  # a sustained slowdown: is a smaller team faster?
+        # a sustained slowdown (checked every CHECK steps: a slowdown takes WINDOW / 2 steps to
+        # show in the median anyway): is a smaller team faster? The settled step time is the lower
+        # quartile of the team's history (a few fast outliers or a slow stretch move it little).
+        if self.n > 1 and len(self._times) >= 2 * WINDOW and self._until_probe % CHECK == 0:
+            recent = [self._times[-i] for i in range(1, WINDOW + 1)]
+            if _quantile(recent, 0.5) > SLOW * _quantile(self._times, 0.25):
+                self._start_probe(max(1, self.n // 2))
 
     def _end_probe(self, won: bool) -> None:
         team, probe_times, after = self._probe, self._probe_times, self._after or []
