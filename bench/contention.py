@@ -84,9 +84,9 @@ def measure(path: str, threads: int, seconds: float, burners: int, env: dict[str
         raise SystemExit(f"error: the measuring process failed:\n{out.stderr[-2000:]}")
     child = json.loads(out.stdout.strip().splitlines()[-1])
     steps = sorted(child["steps"])
-    if len(steps) < 10:
-        raise SystemExit(f"error: only {len(steps)} decode steps beside {burners} burners; "
-                         f"expected >= 10 (raise --seconds)")
+    if len(steps) < 2:  # a p90 needs two; the table shows how few there were
+        raise SystemExit(f"error: {len(steps)} decode step(s) beside {burners} burners; "
+                         f"expected >= 2 (raise --seconds)")
     q = statistics.quantiles(steps, n=10)
     teams = {int(k): v for k, v in child["teams"].items()}
     fewer = sum(v for k, v in teams.items() if k < threads)

@@ -10,14 +10,15 @@ faster.
 
 The rule (`TeamPolicy`, a pure function of the step times it is given; no clock):
 - A team is only ever left for another after a *probe*: a few steps on the other team (the next
-  larger or smaller one) whose median beats, by a clear margin (WIN), the median of the current
-  team's steps just before and just after the probe. The two medians are of neighbouring steps,
+  larger or smaller one) whose median beats the median of the current team's steps just before
+  and just after the probe: by a clear margin to go down (WIN_DOWN: the full team is the idle
+  machine's best, and a wrong drop costs the most), by a small one to go up (WIN_UP). The two medians are of neighbouring steps,
   so the cache length (a step slows as the KV cache grows) and slow drifts of the machine cancel;
   the first step on either side of a team change is not counted (it pays for the change), and one
   noisy step moves no median. A probe whose steps so far are far slower than the steps before it
   (ABORT) ends as lost at once, so a probe of the full team beside busy processes costs one step.
-- Probes come every 16 steps at first, then ever more rarely while they lose (up to every 256):
-  the down probes find a machine that was busy before the first step, the up probes find it idle
+- The first probe comes after 8 steps, the next 16 steps later, then ever more rarely while they
+  lose (up to every 256 steps; a win starts over at 16): the down probes find a machine that was busy before the first step, the up probes find it idle
   again.
 - A sustained slowdown of the current team (the median of its last WINDOW steps SLOW times its
   settled step time) starts a down probe at once instead of waiting for the next one. A slowdown
@@ -44,8 +45,8 @@ SLOW = 1.5          # recent median this many times the settled step: a sustaine
 CHECK = 4           # steps between checks for a slowdown
 PROBE_STEPS = 5     # steps of a probe on the other team; the first (the change) is not counted
 NEIGHBOURS = 4      # counted steps of the current team before and after a probe, compared with it
-WIN_DOWN = 0.85     # a probe's median must be below WIN x its neighbours' median to move there:
-WIN_UP = 0.95       # down takes a clear win (the larger team is the idle machine's best), up a small one
+WIN_DOWN = 0.85     # a probe's median must be below this x its neighbours' median to move down,
+WIN_UP = 0.95       # this x to move up
 ABORT = 2.5         # a probe's steps so far this many times (median) the steps before it: it has lost
 PROBE_FIRST = 16    # steps on a team before its first probe; doubled after each probe that loses,
 PROBE_MAX = 256     # up to this
@@ -173,7 +174,7 @@ class DecodeThreads:
     changes, as step times of another shape say nothing about these."""
 
     def __init__(self, enabled: bool | None = None):
-        self.enabled = enabled_from_env() if enabled is None else bool(enabled)
+        self.enabled = enabled_from_env() if enabled is None else bool(enabled)  # None: the environment
         self._key = None
         self.policy: TeamPolicy | None = None
         self.switches = 0               # team changes so far, over every policy (benchmarks, tests)
