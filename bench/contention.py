@@ -185,6 +185,10 @@ def main(argv=None) -> int:
     for what, value, target, met in checks:
         verdict = "" if met is None else ("  met" if met else "  NOT met")
         print(f"{what:48s} {value:6.2f}  {target:>7s}{verdict}")
+    busiest = max((r["load"] for r in rows.values()), default=0.0)
+    if checks and busiest > (os.cpu_count() or 1):
+        print(f"note: the load average before a row reached {busiest:.1f} on {os.cpu_count()} cores: other "
+              f"jobs were running, so the 'beside 0' rows were busy rows and the verdicts say little")
     if args.json:
         print(json.dumps({"threads": args.threads, "env": env, "rows": list(rows.values()),
                           "targets": [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks]}))
