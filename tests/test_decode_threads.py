@@ -261,3 +261,27 @@ def test_changing_team_mid_decode_changes_no_bit(tiny_ckpt):
         del ctl.choose
         mod.kernel_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
+
+
+def test_contention_bench_computes_the_targets_against_the_fixed_idle_row():
+    """bench/contention.py's verdicts: ratios against the fixed team's idle row."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "contention", Path(__file__).resolve().parents[1] / "bench" / "contention.py")
+    contention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(contention)
+    row = lambda tok_s, p90: {"tok_s": tok_s, "p90_ms": p90}
+    rows = {("fixed", 0): row(400.0, 3.0), ("adaptive", 0): row(390.0, 3.1),
+            ("fixed", 4): row(30.0, 60.0), ("adaptive", 4): row(140.0, 12.0), ("adaptive", 1): row(300.0, 4.0)}
+    got = {what: (round(value, 4), met) for what, value, _, met in contention.targets(rows)}
+    assert got["adaptive idle speed / fixed idle speed"] == (0.975, True)
+    assert got["adaptive beside 4: speed / fixed idle speed"] == (0.35, True)
+    assert got["adaptive beside 4: p90 / fixed idle p90"] == (4.0, True)
+    assert got["fixed beside 4: speed / fixed idle speed"] == (0.075, False)
+    assert got["fixed beside 4: p90 / fixed idle p90"] == (20.0, False)
+    assert got["adaptive beside 1: speed / fixed idle speed"] == (0.75, None)   # no target beside 1
+    assert got["adaptive beside 4: speed / its own idle speed"] == (round(140 / 390, 4), None)
+    rows[("adaptive", 0)] = row(380.0, 3.0)
+    assert dict((w, m) for w, _, _, m in contention.targets(rows))["adaptive idle speed / fixed idle speed"] is False
+    assert contention.targets({("adaptive", 4): row(1.0, 1.0)}) == []               # no idle row: no verdict
