@@ -10,15 +10,14 @@ prints issue 12's targets as ratios against the fixed team's idle row: the adapt
 (>= 0.97), and beside 4 the speed (>= 0.35) and the p90 step (<= 4x).
 Every measurement runs in a fresh Python process (OpenMP reads its wait settings once, when torch
 loads it), times single-sequence decode steps of the cpu backend for --seconds, and reports
-tokens/s, the p50 / p90 step time, how often the decode step changed its thread team and the
-share of its steps on fewer threads (warm-up and probes included), and the machine's 1-minute load average
-before the burners start (other jobs: the measurement means little when it is high). Burners are
-plain busy loops, started before the measurement and killed after it; the whole run takes about
-(modes) x (burner counts) x (--repeat) x (--seconds + load time). `--env NAME=VALUE`
-(repeatable) sets variables for the measured process only, e.g. to compare with the OpenMP
-default (`OMP_WAIT_POLICY=active`, or `MOE_ENGINE_SPIN=default`, which leaves libgomp's own
-settings; see src/moe_engine/__init__.py). The last line under --json is one
-JSON object.
+tokens/s, the p50 / p90 step time, how often the decode step changed its thread team and the share
+of its steps on fewer threads (warm-up and probes included), and the machine's 1-minute load
+average before the burners start (other jobs: the measurement means little when it is high).
+Burners are plain busy loops, started before the measurement and killed after it; the whole run
+takes about (modes) x (burner counts) x (--repeat) x (--seconds + load time). `--env NAME=VALUE`
+(repeatable) sets variables for the measured process only, e.g. to compare with the OpenMP default
+(`OMP_WAIT_POLICY=active`, or `MOE_ENGINE_SPIN=default`, which leaves libgomp's own settings; see
+src/moe_engine/__init__.py). The last line under --json is one JSON object.
 """
 from __future__ import annotations
 
