@@ -243,3 +243,20 @@ def test_cli_flags(tiny_ckpt, q4h_dir, tmp_path, capsys):
     assert generate_main(["--model", str(q4h_dir), "--quant-lm-head", "--backend", "torch", "--prompt", "The",
                           "--max-new-tokens", "3"]) != 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_a_tied_lm_head_is_refused(tmp_path, capsys):
+    """With tie_word_embeddings the lm_head is the embedding, which stays unquantized: both ways
+    of asking for a quantized lm_head say so, and a checkpoint claiming one is refused."""
+    from moe_engine.synthetic import make_checkpoint
+    tied = make_checkpoint(tmp_path / "tied", "tiny", overrides={"tie_word_embeddings": True})
+    with pytest.raises(CheckpointError, match="tied"):
+        moe_engine.load(tied, backend="torch", progress=False, quant="int8", quant_lm_head=True)
+    assert quantize_main([str(tied), str(tmp_path / "out"), "--bits", "8", "--lm-head", "--no-progress"]) == 1
+    assert "tied" in capsys.readouterr().err
+    assert quantize_main([str(tied), str(tmp_path / "q8"), "--bits", "8", "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "q8" / "config.json").read_text())
+    cfg["quantization_config"]["lm_head"] = True
+    (tmp_path / "q8" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="tied"):
+        moe_engine.load(tmp_path / "q8", backend="torch", progress=False)
