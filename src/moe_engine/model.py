@@ -179,18 +179,22 @@ class Model:
              quant: str | None = None, group_size: int = 128, sym: bool = False,
              context: int | None = None, check_memory: bool = True,
              allow_nonfinite: bool = False, expert_parallel: bool = False,
-             cuda_graph: bool | None = None) -> "Model":
+             cuda_graph: bool | None = None, quant_lm_head: bool = False) -> "Model":
         """Load a checkpoint directory (None: the bundled small model). Weights holding NaN or
         Inf are refused (CheckpointError naming the tensor) unless allow_nonfinite=True.
         progress: a loading bar on stderr (the CLIs turn it on when stderr is a terminal).
         quant: "int8" | "int4" quantizes the linears on load (the same bits as
         `python -m moe_engine.quantize` with --group-size/--sym); a GPTQ checkpoint loads
-        quantized by itself. context: the KV-cache length the memory preflight budgets for
-        (default: the model's context); check_memory=False skips the preflight.
+        quantized by itself. quant_lm_head: also quantize the lm_head on load, to 8 bits with the
+        model's group size and symmetry (loader.lm_head_option; docs/quantization.md), the same
+        bits as `python -m moe_engine.quantize ... --lm-head`. context: the KV-cache length the
+        memory preflight budgets for (default: the model's context); check_memory=False skips
+        the preflight.
         expert_parallel: under torchrun, this rank holds only its share of each MoE layer's
         routed experts and exchanges tokens with the others (src/moe_engine/distributed.py).
         cuda_graph: decode steps replay a captured CUDA graph (src/moe_engine/graphs.py); None
         (default) = on for the cuda backend; False turns it off (the CLIs' --no-cuda-graph)."""
+        from .loader import lm_head_option
         from .memory import preflight
         from .quant import QuantSpec
         from .tokenizer import Tokenizer
@@ -219,14 +223,18 @@ class Model:
             raise ValueError("cuda_graph=True and expert_parallel: the token exchange sizes its buffers "
                              "on the host every step, so an expert-parallel step cannot be captured")
         spec = None if quant is None else QuantSpec.from_name(quant, group_size, sym)
+        if not isinstance(quant_lm_head, bool):
+            raise TypeError(f"quant_lm_head must be a bool, got {type(quant_lm_head).__name__}")
+        head_spec = lm_head_option(path, spec, group_size, sym) if quant_lm_head else None
         experts = None
         if expert_parallel is not False:
             from . import distributed
             experts = distributed.start_expert_parallel(expert_parallel, device)
         if check_memory:
-            preflight(path, dtype=dtype, backend=be, quant=spec, context=context, experts=experts)
+            preflight(path, dtype=dtype, backend=be, quant=spec, context=context, experts=experts,
+                      lm_head=head_spec)
         config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quant=spec,
-                                          allow_nonfinite=allow_nonfinite, experts=experts)
+                                          allow_nonfinite=allow_nonfinite, experts=experts, lm_head=head_spec)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         model = cls(config, weights, backend=backend, tokenizer=tok, path=path, cuda_graph=cuda_graph)
         if experts is not None:
@@ -357,8 +365,7 @@ class Model:
         xn = call.runner.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)
         if not last:
             xn = call.taps("hook_final_norm", xn)
-        packed = call.runner.packed
-        out = linear(xn, self.weights.lm_head, None if packed is None else packed.lm_head).float()
+        out = linear(xn, *call.runner.head(self.weights.lm_head, self.dtype)).float()
         if not last:
             out = call.taps("logits", out)
         call.taps.end()
@@ -432,6 +439,17 @@ class Model:
         if self._cpu is None:
             self._cpu = CpuModelWeights.pack(self.weights)
         return self._cpu
+
+    def lm_head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [n, D] in the model dtype times the lm_head: [n, V] in the model dtype, no final norm
+        (the lens decodes through this). An unquantized lm_head: torch's product; a quantized one
+        (quant_lm_head): the model's own path (the cpu backend's packed kernels, else a
+        dequantized view), so the lens reads what the model computes."""
+        w = self.weights.lm_head
+        if isinstance(w, torch.Tensor):
+            return h @ w.t()
+        with self._lock:
+            return linear(h, *self._runner(self.backend).head(w, self.dtype))
 
     def _runner(self, backend: str) -> Runner:
         """The path rule for calls on `backend` (runner.py); the cpu one holds the packed weights."""

@@ -128,3 +128,11 @@ class Runner:
             return lw, self.packed.layers[l]
         from .loader import dequantized_layer
         return dequantized_layer(lw, dtype), None
+
+    def head(self, lm_head, dtype: torch.dtype):
+        """(lm_head weight, packed lm_head or None) as this backend reads them, like `layer`: a
+        quantized lm_head (quant_lm_head) runs on the cpu backend's packed copy, elsewhere on a
+        dequantized view made for this call only."""
+        if self.packed is not None:
+            return lm_head, self.packed.lm_head
+        return (lm_head if isinstance(lm_head, torch.Tensor) else lm_head.dequantize(dtype)), None
