@@ -22,36 +22,43 @@ namespace moe {
 enum class DType : int32_t { f32 = 0, bf16 = 1 };
 enum class MaskMode : int32_t { reroute = 0, zero = 1 };
 
+// Each struct's fields are written once, as a list MOE_..._PARAMS(X) of X(type, name) entries in
+// member order (callers aggregate-initialise some structs, so the order is part of the contract):
+// the struct expands it with MOE_DECLARE, csrc/bindings.cpp with one Python property per field.
+#define MOE_DECLARE(type, name) type name;
+
 // route: logits [T,E] -> fp32 softmax over all E -> mask -> top-k (runtime k) -> renormalise.
-struct RouteParams {
-  const void* router_logits;  // [T, E] logits_dtype, row stride logits_stride (elements)
-  DType logits_dtype;
-  int64_t logits_stride;
-  int32_t T, E, k_max;
-  const int32_t* k;            // [1] active top-k, 0 <= k <= k_max
-  const uint8_t* expert_mask;  // row t at expert_mask + t*mask_stride: [E] nonzero = masked out; nullable
-  int64_t mask_stride;         // 0: one [E] row for every token; >= E: [T, E] rows, one per token
-  MaskMode mask_mode;          // reroute: cannot be chosen; zero: chosen, weight set to 0
-  const int32_t* force_expert; // force_expert[t*force_stride]: forced into slot 0, -1 = none; nullable
-  int64_t force_stride;        // 0: one id for every token; 1: [T] ids, one per token
-  bool renormalize;            // divide kept weights by their sum (when > 0)
-  int32_t* topk_ids;           // [T, k_max]
-  float* topk_weights;         // [T, k_max]
-  float* router_probs;         // [T, E] tap; nullable
-  int32_t* usage_counts;       // [E] per-layer counters, += chosen slots; nullable
-};
+#define MOE_ROUTE_PARAMS(X)                                                                            \
+  X(const void*, router_logits)    /* [T, E] logits_dtype, row stride logits_stride (elements) */      \
+  X(DType, logits_dtype)                                                                               \
+  X(int64_t, logits_stride)                                                                            \
+  X(int32_t, T) X(int32_t, E) X(int32_t, k_max)                                                        \
+  X(const int32_t*, k)             /* [1] active top-k, 0 <= k <= k_max */                             \
+  /* row t at expert_mask + t*mask_stride: [E] nonzero = masked out; nullable */                       \
+  X(const uint8_t*, expert_mask)                                                                       \
+  X(int64_t, mask_stride)          /* 0: one [E] row for every token; >= E: [T, E] rows, one per token */ \
+  X(MaskMode, mask_mode)           /* reroute: cannot be chosen; zero: chosen, weight set to 0 */      \
+  /* force_expert[t*force_stride]: forced into slot 0, -1 = none; nullable */                          \
+  X(const int32_t*, force_expert)                                                                      \
+  X(int64_t, force_stride)         /* 0: one id for every token; 1: [T] ids, one per token */          \
+  X(bool, renormalize)             /* divide kept weights by their sum (when > 0) */                   \
+  X(int32_t*, topk_ids)            /* [T, k_max] */                                                    \
+  X(float*, topk_weights)          /* [T, k_max] */                                                    \
+  X(float*, router_probs)          /* [T, E] tap; nullable */                                          \
+  X(int32_t*, usage_counts)        /* [E] per-layer counters, += chosen slots; nullable */
+struct RouteParams { MOE_ROUTE_PARAMS(MOE_DECLARE) };
 
 // align: group slots by expert, each expert's segment padded to block_m.
-struct AlignParams {
-  const int32_t* topk_ids;   // [T, k_max]
-  int32_t T, k_max, E, block_m;
-  int32_t* expert_counts;    // [E] slots per expert (unpadded)
-  int32_t* expert_offsets;   // [E+1] start of each expert's padded segment
-  int32_t* sorted_slots;     // [capacity] slot index t*k_max+j, ascending within an expert; -1 pad
-  int32_t* tile_experts;     // [capacity / block_m] expert of each tile, -1 unused
-  int32_t* num_padded;       // [1] used length of sorted_slots (multiple of block_m)
-  int32_t* workspace;        // multi-block path scratch; see align_workspace_size(); nullable
-};
+#define MOE_ALIGN_PARAMS(X)                                                                            \
+  X(const int32_t*, topk_ids)  /* [T, k_max] */                                                        \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, block_m)                                    \
+  X(int32_t*, expert_counts)   /* [E] slots per expert (unpadded) */                                   \
+  X(int32_t*, expert_offsets)  /* [E+1] start of each expert's padded segment */                       \
+  X(int32_t*, sorted_slots)    /* [capacity] slot index t*k_max+j, ascending within an expert; -1 pad */ \
+  X(int32_t*, tile_experts)    /* [capacity / block_m] expert of each tile, -1 unused */               \
+  X(int32_t*, num_padded)      /* [1] used length of sorted_slots (multiple of block_m) */             \
+  X(int32_t*, workspace)       /* multi-block path scratch; see align_workspace_size(); nullable */
+struct AlignParams { MOE_ALIGN_PARAMS(MOE_DECLARE) };
 // int32 elements of workspace the multi-block CUDA path may use (csrc/cuda/align.cu uses
 // ceil(T*k_max/1024) * E of them; this bound matches src/moe_engine/ops/align.py).
 inline int64_t align_workspace_size(int64_t T, int64_t k_max, int64_t E) {
@@ -65,17 +72,17 @@ inline int64_t align_capacity(int64_t T, int64_t k_max, int64_t E, int64_t block
 }
 
 // combine: out = residual + shared_out + sum_j topk_weights[t,j] * expert_out[t,j] (fp32, j ascending).
-struct CombineParams {
-  const void* expert_out;     // [T, k_max, D] unweighted (the hook_expert_out tap)
-  const float* topk_weights;  // [T, k_max]
-  const int32_t* topk_ids;    // [T, k_max]; sentinel slots are skipped
-  const void* shared_out;     // [T, D]; nullable
-  const void* residual;       // [T, D]; nullable
-  void* out;                  // [T, D]
-  void* routed_out;           // [T, D] tap (routed sum only); nullable
-  DType dtype;
-  int32_t T, k_max, D;
-};
+#define MOE_COMBINE_PARAMS(X)                                                                          \
+  X(const void*, expert_out)     /* [T, k_max, D] unweighted (the hook_expert_out tap) */              \
+  X(const float*, topk_weights)  /* [T, k_max] */                                                      \
+  X(const int32_t*, topk_ids)    /* [T, k_max]; sentinel slots are skipped */                          \
+  X(const void*, shared_out)     /* [T, D]; nullable */                                                \
+  X(const void*, residual)       /* [T, D]; nullable */                                                \
+  X(void*, out)                  /* [T, D] */                                                          \
+  X(void*, routed_out)           /* [T, D] tap (routed sum only); nullable */                          \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, D)
+struct CombineParams { MOE_COMBINE_PARAMS(MOE_DECLARE) };
 
 // ---- launchers -------------------------------------------------------------------------
 // CUDA (csrc/cuda/*.cu): compiled into _C by nvcc and into _C_emu through csrc/emu.
@@ -98,38 +105,38 @@ void combine_cpu(const CombineParams& p);
 //   f32:  [K][32]
 // With gate_up, src rows are [gate F | up F] and panel p holds gate rows 16p..16p+15 in lanes
 // 0..15 and up rows 16p..16p+15 in lanes 16..31, so one panel yields 16 SiLU(gate)*up outputs.
-struct PackParams {
-  const void* src;  // [E, N, K] dtype, contiguous
-  void* dst;        // pack_size_bytes(...)
-  DType dtype;
-  int32_t E, N, K;
-  bool gate_up;     // N = 2F, rows [gate | up]
-};
+#define MOE_PACK_PARAMS(X)                                                                             \
+  X(const void*, src)  /* [E, N, K] dtype, contiguous */                                               \
+  X(void*, dst)        /* pack_size_bytes(...) */                                                      \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(bool, gate_up)     /* N = 2F, rows [gate | up] */
+struct PackParams { MOE_PACK_PARAMS(MOE_DECLARE) };
 int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up);
 
 // expert_out[t,j,:] = down_e(SiLU(gate_e(x_t)) * up_e(x_t)) for e = topk_ids[t,j] (unweighted:
 // the hook_expert_out tap); sentinel slots get zero rows. Each chosen expert's weights are
 // streamed once per call for all tokens that chose it.
-struct ExpertFFNParams {
-  const void* x;            // [T, D] dtype, contiguous
-  const void* w13;          // packed gate|up: E x pack(2F, D, gate_up)
-  const void* w2;           // packed down:    E x pack(D, F)
-  const int32_t* topk_ids;  // [T, k_max]
-  void* expert_out;         // [T, k_max, D] dtype
-  void* workspace;          // expert_ffn_workspace_bytes(...)
-  DType dtype;
-  int32_t T, k_max, D, F, E;
-};
+#define MOE_EXPERT_FFN_PARAMS(X)                                                                       \
+  X(const void*, x)            /* [T, D] dtype, contiguous */                                          \
+  X(const void*, w13)          /* packed gate|up: E x pack(2F, D, gate_up) */                          \
+  X(const void*, w2)           /* packed down:    E x pack(D, F) */                                    \
+  X(const int32_t*, topk_ids)  /* [T, k_max] */                                                        \
+  X(void*, expert_out)         /* [T, k_max, D] dtype */                                               \
+  X(void*, workspace)          /* expert_ffn_workspace_bytes(...) */                                   \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, D) X(int32_t, F) X(int32_t, E)
+struct ExpertFFNParams { MOE_EXPERT_FFN_PARAMS(MOE_DECLARE) };
 int64_t expert_ffn_workspace_bytes(DType dtype, int64_t T, int64_t k_max, int64_t E, int64_t F);
 
 // y = x W^T with W packed (E = 1): the small-T (decode) dense mat-vec of the cpu backend.
-struct LinearParams {
-  const void* x;  // [T, K] dtype, contiguous
-  const void* w;  // packed [N, K]
-  void* y;        // [T, N] dtype
-  DType dtype;
-  int32_t T, N, K;
-};
+#define MOE_LINEAR_PARAMS(X)                                                                           \
+  X(const void*, x)  /* [T, K] dtype, contiguous */                                                    \
+  X(const void*, w)  /* packed [N, K] */                                                               \
+  X(void*, y)        /* [T, N] dtype */                                                                \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, N) X(int32_t, K)
+struct LinearParams { MOE_LINEAR_PARAMS(MOE_DECLARE) };
 
 void pack_weights_cpu(const PackParams& p);
 void expert_ffn_cpu(const ExpertFFNParams& p);
@@ -150,68 +157,69 @@ void linear_cpu(const LinearParams& p);
 //   zeros  32 x 1 B
 // so a panel is K*4*bits + ceil(K/g)*96 bytes (int8 g128: 32.75 KiB per 1024 k; int4 g128:
 // 16.75 KiB); padding lanes have code, scale and zero 0 and yield exact zeros.
-struct QFormat {
-  int32_t bits;        // 4 or 8
-  int32_t group_size;  // 32, 64 or 128
-  bool scales_bf16;    // raw scale bits are bf16 (else fp16)
-};
-struct QPackParams {
-  const int32_t* qweight;  // [E, K*bits/32, N]
-  const uint16_t* scales;  // [E, ceil(K/g), N] fp16 or bf16 bits
-  const int32_t* qzeros;   // [E, ceil(K/g), ceil(N*bits/32)]; nullable when sym
-  void* dst;               // qpack_size_bytes(...)
-  QFormat fmt;
-  int32_t E, N, K;
-  bool sym, gate_up;
-};
+#define MOE_QFORMAT(X)                                                                                 \
+  X(int32_t, bits)        /* 4 or 8 */                                                                 \
+  X(int32_t, group_size)  /* 32, 64 or 128 */                                                          \
+  X(bool, scales_bf16)    /* raw scale bits are bf16 (else fp16) */
+struct QFormat { MOE_QFORMAT(MOE_DECLARE) };
+#define MOE_QPACK_PARAMS(X)                                                                            \
+  X(const int32_t*, qweight)  /* [E, K*bits/32, N] */                                                  \
+  X(const uint16_t*, scales)  /* [E, ceil(K/g), N] fp16 or bf16 bits */                                \
+  X(const int32_t*, qzeros)   /* [E, ceil(K/g), ceil(N*bits/32)]; nullable when sym */                 \
+  X(void*, dst)               /* qpack_size_bytes(...) */                                              \
+  X(QFormat, fmt)                                                                                      \
+  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(bool, sym) X(bool, gate_up)
+struct QPackParams { MOE_QPACK_PARAMS(MOE_DECLARE) };
 int64_t qpack_size_bytes(int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up);
 // dst[e, n, k] = s * (q - z) in dtype (fp32 is exact): the dense view for reference paths.
-struct QDequantParams {
-  const void* src;  // packed
-  void* dst;        // [E, N, K] dtype
-  QFormat fmt;
-  DType dtype;
-  int32_t E, N, K;
-  bool gate_up;
-};
+#define MOE_QDEQUANT_PARAMS(X)                                                                         \
+  X(const void*, src)  /* packed */                                                                    \
+  X(void*, dst)        /* [E, N, K] dtype */                                                           \
+  X(QFormat, fmt)                                                                                      \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(bool, gate_up)
+struct QDequantParams { MOE_QDEQUANT_PARAMS(MOE_DECLARE) };
 // y = x W^T with W quantized-packed (E = 1, not gate_up); fp32 accumulation.
-struct QLinearParams {
-  const void* x;     // [T, K] dtype, contiguous
-  const void* w;     // packed [N, K]
-  void* y;           // [T, N] dtype
-  void* workspace;   // linear_q_workspace_bytes(...)
-  QFormat fmt;
-  DType dtype;
-  int32_t T, N, K;
-};
+#define MOE_QLINEAR_PARAMS(X)                                                                          \
+  X(const void*, x)    /* [T, K] dtype, contiguous */                                                  \
+  X(const void*, w)    /* packed [N, K] */                                                             \
+  X(void*, y)          /* [T, N] dtype */                                                              \
+  X(void*, workspace)  /* linear_q_workspace_bytes(...) */                                             \
+  X(QFormat, fmt)                                                                                      \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, N) X(int32_t, K)
+struct QLinearParams { MOE_QLINEAR_PARAMS(MOE_DECLARE) };
 int64_t linear_q_workspace_bytes(int64_t T, int64_t K, const QFormat& f);
 // expert_ffn_cpu's contract (ExpertFFNParams) on quantized-packed weights.
-struct QExpertFFNParams {
-  const void* x;            // [T, D] dtype, contiguous
-  const void* w13;          // packed gate|up: E x qpack(2F, D, gate_up), format fmt13
-  const void* w2;           // packed down:    E x qpack(D, F), format fmt2
-  const int32_t* topk_ids;  // [T, k_max]
-  void* expert_out;         // [T, k_max, D] dtype
-  void* workspace;          // expert_ffn_q_workspace_bytes(...)
-  QFormat fmt13, fmt2;
-  DType dtype;
-  int32_t T, k_max, D, F, E;
-};
+#define MOE_QEXPERT_FFN_PARAMS(X)                                                                      \
+  X(const void*, x)            /* [T, D] dtype, contiguous */                                          \
+  X(const void*, w13)          /* packed gate|up: E x qpack(2F, D, gate_up), format fmt13 */           \
+  X(const void*, w2)           /* packed down:    E x qpack(D, F), format fmt2 */                      \
+  X(const int32_t*, topk_ids)  /* [T, k_max] */                                                        \
+  X(void*, expert_out)         /* [T, k_max, D] dtype */                                               \
+  X(void*, workspace)          /* expert_ffn_q_workspace_bytes(...) */                                 \
+  X(QFormat, fmt13) X(QFormat, fmt2)                                                                   \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, D) X(int32_t, F) X(int32_t, E)
+struct QExpertFFNParams { MOE_QEXPERT_FFN_PARAMS(MOE_DECLARE) };
 int64_t expert_ffn_q_workspace_bytes(int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
                                      const QFormat& f13, const QFormat& f2);
 // Round-to-nearest GPTQ quantization of w [E, N, K] (csrc/cpu/quantize_rtn.cpp; the reference
 // is quant.quantize_reference): writes qweight int32 [E, K/p, N], scales fp16 bits [E, G, N] and
 // qzeros int32 [E, G, N/p] (p = 32/bits values per word, low bits first; stored zero = z -
 // zero_offset). N and K multiples of p; the last group may be partial.
-struct QRtnParams {
-  const void* w;       // [E, N, K] dtype, contiguous
-  int32_t* qweight;    // [E, K/p, N]
-  uint16_t* scales;    // [E, ceil(K/g), N] fp16 bits
-  int32_t* qzeros;     // [E, ceil(K/g), N/p]
-  DType dtype;
-  int32_t E, N, K, bits, group_size, zero_offset;
-  bool sym;
-};
+#define MOE_QRTN_PARAMS(X)                                                                             \
+  X(const void*, w)     /* [E, N, K] dtype, contiguous */                                              \
+  X(int32_t*, qweight)  /* [E, K/p, N] */                                                              \
+  X(uint16_t*, scales)  /* [E, ceil(K/g), N] fp16 bits */                                              \
+  X(int32_t*, qzeros)   /* [E, ceil(K/g), N/p] */                                                      \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, E) X(int32_t, N) X(int32_t, K) X(int32_t, bits) X(int32_t, group_size)                    \
+  X(int32_t, zero_offset)                                                                              \
+  X(bool, sym)
+struct QRtnParams { MOE_QRTN_PARAMS(MOE_DECLARE) };
 void quantize_rtn_cpu(const QRtnParams& p);
 void pack_quantized_cpu(const QPackParams& p);
 void dequantize_packed_cpu(const QDequantParams& p);
@@ -227,44 +235,46 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p);
 // with e = tile_experts[i / block_m]; rows with sorted_slots[i] < 0 are padding (not written).
 // Dense mode: sorted_slots, tile_experts and num_padded all null -> row i is slot i for
 // i < T*k_max, expert 0 (used for the shared experts).
-struct ExpertGemmParams {
-  const void* a; int64_t a_stride;  // up: x [T, D]; down: act [capacity, F]   (bf16, row stride in elements)
-  const void* w;                    // up: experts_gate_up [E, 2F, D]; down: experts_down [E, D, F]
-  void* c;                          // up: act [capacity, F]; down: expert_out [T*k_max, D]
-  const int32_t* sorted_slots;      // [capacity] slot t*k_max+j in expert order, -1 = padding
-  const int32_t* tile_experts;      // [capacity / block_m] expert of each tile
-  const int32_t* num_padded;        // [1] used length of sorted_slots (device value)
-  int32_t T, k_max, E, D, F, capacity, block_m;
-  bool up;
-  const int32_t* topk_ids;          // [T, k_max]; down only, nullable: the rows of c of sentinel
-                                    // slots (id < 0 or >= E) are written as zeros, as moe_decode does
-};
+#define MOE_EXPERT_GEMM_PARAMS(X)                                                                      \
+  /* up: x [T, D]; down: act [capacity, F]   (bf16, row stride in elements) */                         \
+  X(const void*, a) X(int64_t, a_stride)                                                               \
+  X(const void*, w)                /* up: experts_gate_up [E, 2F, D]; down: experts_down [E, D, F] */  \
+  X(void*, c)                      /* up: act [capacity, F]; down: expert_out [T*k_max, D] */          \
+  X(const int32_t*, sorted_slots)  /* [capacity] slot t*k_max+j in expert order, -1 = padding */       \
+  X(const int32_t*, tile_experts)  /* [capacity / block_m] expert of each tile */                      \
+  X(const int32_t*, num_padded)    /* [1] used length of sorted_slots (device value) */                \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, D) X(int32_t, F) X(int32_t, capacity)       \
+  X(int32_t, block_m)                                                                                  \
+  X(bool, up)                                                                                          \
+  X(const int32_t*, topk_ids)      /* [T, k_max]; down only, nullable: the rows of c of sentinel */    \
+  /* slots (id < 0 or >= E) are written as zeros, as moe_decode does */
+struct ExpertGemmParams { MOE_EXPERT_GEMM_PARAMS(MOE_DECLARE) };
 
 // Small-batch path (csrc/cuda/moe_decode.cu), T <= 16: no sort, no align.
 //  act[t*k_max+j, :] = silu(x[t] . Wg[e]^T) * (x[t] . Wu[e]^T),  expert_out[t, j, :] = act[..] . Wd[e]^T
 // with e = topk_ids[t, j]; slots with e < 0 or e >= E get expert_out = 0.
 // topk_ids null -> every slot is expert 0 (dense mode, used for the shared experts).
-struct MoeDecodeParams {
-  const void* x;                 // [T, D] bf16, contiguous
-  const int32_t* topk_ids;       // [T, k_max]
-  const void* experts_gate_up;   // [E, 2F, D]
-  const void* experts_down;      // [E, D, F]
-  void* act;                     // [T*k_max, F] scratch
-  void* expert_out;              // [T*k_max, D]
-  int32_t T, k_max, E, D, F;
-};
+#define MOE_MOE_DECODE_PARAMS(X)                                                                       \
+  X(const void*, x)                /* [T, D] bf16, contiguous */                                       \
+  X(const int32_t*, topk_ids)      /* [T, k_max] */                                                    \
+  X(const void*, experts_gate_up)  /* [E, 2F, D] */                                                    \
+  X(const void*, experts_down)     /* [E, D, F] */                                                     \
+  X(void*, act)                    /* [T*k_max, F] scratch */                                          \
+  X(void*, expert_out)             /* [T*k_max, D] */                                                  \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, D) X(int32_t, F)
+struct MoeDecodeParams { MOE_MOE_DECODE_PARAMS(MOE_DECLARE) };
 
 // Shared experts (csrc/cuda/shared_expert.cu): one dense SwiGLU MLP of width S.
 //  shared_out[t] = (silu(x[t] . Wg^T) * (x[t] . Wu^T)) . Wd^T
-struct SharedExpertParams {
-  const void* x;         // [T, D] bf16, row stride x_stride (elements)
-  int64_t x_stride;
-  const void* gate_up;   // [2S, D]
-  const void* down;      // [D, S]
-  void* act;             // [T, S] scratch
-  void* shared_out;      // [T, D] (the hook_shared_out tap)
-  int32_t T, D, S;
-};
+#define MOE_SHARED_EXPERT_PARAMS(X)                                                                    \
+  X(const void*, x)        /* [T, D] bf16, row stride x_stride (elements) */                           \
+  X(int64_t, x_stride)                                                                                 \
+  X(const void*, gate_up)  /* [2S, D] */                                                               \
+  X(const void*, down)     /* [D, S] */                                                                \
+  X(void*, act)            /* [T, S] scratch */                                                        \
+  X(void*, shared_out)     /* [T, D] (the hook_shared_out tap) */                                      \
+  X(int32_t, T) X(int32_t, D) X(int32_t, S)
+struct SharedExpertParams { MOE_SHARED_EXPERT_PARAMS(MOE_DECLARE) };
 
 // ---- CUDA quantized experts (csrc/cuda/moe_decode_q.cu; layout and bytes in its header) ----
 // Weight-only 4/8-bit experts in the "qrow" layout: row n of a [E, N, K] weight is
@@ -281,40 +291,42 @@ MOE_HOST_DEVICE constexpr int64_t qcuda_row_bytes(int64_t K, const QFormat& f) {
   return qcuda_code_bytes(K, f) + ((K + f.group_size - 1) / f.group_size + 3) / 4 * 16;
 }
 // GPTQ tensors (true zeros, as QPackParams) -> qrow layout, on the device.
-struct QRepackParams {
-  const int32_t* qweight;  // [E, K*bits/32, N]
-  const uint16_t* scales;  // [E, ceil(K/g), N] fp16 or bf16 bits
-  const int32_t* qzeros;   // [E, ceil(K/g), N*bits/32]; nullable when sym (z = 2^(bits-1))
-  void* dst;               // [E, N, qcuda_row_bytes(K, fmt)] bytes, 16-byte aligned
-  QFormat fmt;
-  int32_t E, N, K;
-  bool sym;
-};
+#define MOE_QREPACK_PARAMS(X)                                                                          \
+  X(const int32_t*, qweight)  /* [E, K*bits/32, N] */                                                  \
+  X(const uint16_t*, scales)  /* [E, ceil(K/g), N] fp16 or bf16 bits */                                \
+  X(const int32_t*, qzeros)   /* [E, ceil(K/g), N*bits/32]; nullable when sym (z = 2^(bits-1)) */      \
+  X(void*, dst)               /* [E, N, qcuda_row_bytes(K, fmt)] bytes, 16-byte aligned */             \
+  X(QFormat, fmt)                                                                                      \
+  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(bool, sym)
+struct QRepackParams { MOE_QREPACK_PARAMS(MOE_DECLARE) };
 // moe_decode (MoeDecodeParams) on qrow weights: same slots, sentinels, dense mode and T <= 16.
-struct MoeDecodeQParams {
-  const void* x;                 // [T, D] bf16, contiguous
-  const int32_t* topk_ids;       // [T, k_max]; null = dense mode (every slot expert 0)
-  const void* w13;               // qrow [E, 2F, D]: rows [gate F | up F]
-  const void* w2;                // qrow [E, D, F]
-  void* act;                     // [T*k_max, F] bf16 scratch
-  void* expert_out;              // [T*k_max, D] bf16
-  QFormat fmt;                   // one format for w13 and w2
-  int32_t T, k_max, E, D, F;
-};
+#define MOE_MOE_DECODE_Q_PARAMS(X)                                                                     \
+  X(const void*, x)            /* [T, D] bf16, contiguous */                                           \
+  X(const int32_t*, topk_ids)  /* [T, k_max]; null = dense mode (every slot expert 0) */               \
+  X(const void*, w13)          /* qrow [E, 2F, D]: rows [gate F | up F] */                             \
+  X(const void*, w2)           /* qrow [E, D, F] */                                                    \
+  X(void*, act)                /* [T*k_max, F] bf16 scratch */                                         \
+  X(void*, expert_out)         /* [T*k_max, D] bf16 */                                                 \
+  X(QFormat, fmt)              /* one format for w13 and w2 */                                         \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, D) X(int32_t, F)
+struct MoeDecodeQParams { MOE_MOE_DECODE_Q_PARAMS(MOE_DECLARE) };
 // expert_gemm (ExpertGemmParams: slots, taps, dense mode, sentinel zeroing) on qrow weights
 // (csrc/cuda/expert_gemm_q.cu): w is qrow [E, 2F, D] (up) or [E, D, F] (down) in format fmt.
-struct ExpertGemmQParams {
-  const void* a; int64_t a_stride;  // up: x [T, D]; down: act [capacity, F]   (bf16, row stride in elements)
-  const void* w;                    // qrow weights
-  void* c;                          // up: act [capacity, F]; down: expert_out [T*k_max, D]
-  const int32_t* sorted_slots;      // [capacity]; null with the next two = dense mode
-  const int32_t* tile_experts;      // [capacity / block_m]
-  const int32_t* num_padded;        // [1] device value
-  int32_t T, k_max, E, D, F, capacity, block_m;
-  bool up;
-  const int32_t* topk_ids;          // [T, k_max]; down only, nullable: sentinel slots' rows -> zeros
-  QFormat fmt;
-};
+#define MOE_EXPERT_GEMM_Q_PARAMS(X)                                                                    \
+  /* up: x [T, D]; down: act [capacity, F]   (bf16, row stride in elements) */                         \
+  X(const void*, a) X(int64_t, a_stride)                                                               \
+  X(const void*, w)                /* qrow weights */                                                  \
+  X(void*, c)                      /* up: act [capacity, F]; down: expert_out [T*k_max, D] */          \
+  X(const int32_t*, sorted_slots)  /* [capacity]; null with the next two = dense mode */               \
+  X(const int32_t*, tile_experts)  /* [capacity / block_m] */                                          \
+  X(const int32_t*, num_padded)    /* [1] device value */                                              \
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, D) X(int32_t, F) X(int32_t, capacity)       \
+  X(int32_t, block_m)                                                                                  \
+  X(bool, up)                                                                                          \
+  X(const int32_t*, topk_ids)      /* [T, k_max]; down only, nullable: sentinel slots' rows -> zeros */ \
+  X(QFormat, fmt)
+struct ExpertGemmQParams { MOE_EXPERT_GEMM_Q_PARAMS(MOE_DECLARE) };
 void qrepack_cuda(const QRepackParams& p, void* stream, int device = -1);
 void expert_gemm_q_cuda(const ExpertGemmQParams& p, void* stream, int device = -1);
 void moe_decode_q_cuda(const MoeDecodeQParams& p, void* stream, int device = -1);
@@ -333,93 +345,96 @@ int expert_gemm_block_m(int T, int k_max, int E);
 //   shared_out = expert_ffn(x, shared, every token -> expert 0)   [T, D] (when shared_w13)
 //   out = combine(expert_out, topk_weights, shared_out, residual) -> routed_out tap
 // Every intermediate is a caller buffer, so the taps can be read after the call.
-struct MoELayerParams {
-  const void* x;               // [T, D] dtype, the post-attention RMSNorm output
-  const void* residual;        // [T, D] dtype; may alias out
-  const void* router;          // packed [E, D]
-  const void* w13;             // packed experts gate|up
-  const void* w2;              // packed experts down
-  const void* shared_w13;      // packed shared gate|up (E = 1, F = S); nullable
-  const void* shared_w2;       // packed shared down; nullable
-  const int32_t* k;            // [1] runtime top-k
-  const uint8_t* expert_mask;  // [E] or [T, E] rows, as RouteParams; nullable
-  int64_t mask_stride;         // as RouteParams (0 = broadcast)
-  MaskMode mask_mode;
-  const int32_t* force_expert; // [1] or [T], as RouteParams; nullable
-  int64_t force_stride;        // as RouteParams (0 = broadcast)
-  bool renormalize;
-  void* router_logits;         // [T, E] dtype
-  int32_t* topk_ids;           // [T, k_max]
-  float* topk_weights;         // [T, k_max]
-  float* router_probs;         // [T, E]; nullable
-  int32_t* usage_counts;       // [E]; nullable
-  void* expert_out;            // [T, k_max, D] dtype
-  void* shared_out;            // [T, D] dtype (when shared_w13)
-  int32_t* shared_ids;         // [T] all 0 (when shared_w13)
-  void* routed_out;            // [T, D] dtype; nullable
-  void* out;                   // [T, D] dtype
-  void* workspace;             // max of the experts' and the shared experts' workspace bytes:
-                               // expert_ffn_workspace_bytes(T, k_max, E, F) and (T, 1, 1, S), or
-                               // expert_ffn_q_workspace_bytes for quantized ones
-  DType dtype;
-  int32_t T, D, E, F, S, k_max;
-  // Per weight: bits 0 = bf16/fp32 panels, 4 or 8 = quantized panels in that format (w13 and w2
-  // of one expert set are the same kind); zero-initialised = all bf16/fp32 panels.
-  QFormat fmt13, fmt2, shared_fmt13, shared_fmt2;
-};
+#define MOE_LAYER_PARAMS(X)                                                                            \
+  X(const void*, x)                /* [T, D] dtype, the post-attention RMSNorm output */               \
+  X(const void*, residual)         /* [T, D] dtype; may alias out */                                   \
+  X(const void*, router)           /* packed [E, D] */                                                 \
+  X(const void*, w13)              /* packed experts gate|up */                                        \
+  X(const void*, w2)               /* packed experts down */                                           \
+  X(const void*, shared_w13)       /* packed shared gate|up (E = 1, F = S); nullable */                \
+  X(const void*, shared_w2)        /* packed shared down; nullable */                                  \
+  X(const int32_t*, k)             /* [1] runtime top-k */                                             \
+  X(const uint8_t*, expert_mask)   /* [E] or [T, E] rows, as RouteParams; nullable */                  \
+  X(int64_t, mask_stride)          /* as RouteParams (0 = broadcast) */                                \
+  X(MaskMode, mask_mode)                                                                               \
+  X(const int32_t*, force_expert)  /* [1] or [T], as RouteParams; nullable */                          \
+  X(int64_t, force_stride)         /* as RouteParams (0 = broadcast) */                                \
+  X(bool, renormalize)                                                                                 \
+  X(void*, router_logits)          /* [T, E] dtype */                                                  \
+  X(int32_t*, topk_ids)            /* [T, k_max] */                                                    \
+  X(float*, topk_weights)          /* [T, k_max] */                                                    \
+  X(float*, router_probs)          /* [T, E]; nullable */                                              \
+  X(int32_t*, usage_counts)        /* [E]; nullable */                                                 \
+  X(void*, expert_out)             /* [T, k_max, D] dtype */                                           \
+  X(void*, shared_out)             /* [T, D] dtype (when shared_w13) */                                \
+  X(int32_t*, shared_ids)          /* [T] all 0 (when shared_w13) */                                   \
+  X(void*, routed_out)             /* [T, D] dtype; nullable */                                        \
+  X(void*, out)                    /* [T, D] dtype */                                                  \
+  X(void*, workspace)              /* max of the experts' and the shared experts' workspace bytes: */  \
+  /* expert_ffn_workspace_bytes(T, k_max, E, F) and (T, 1, 1, S), or */                                \
+  /* expert_ffn_q_workspace_bytes for quantized ones */                                                \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, D) X(int32_t, E) X(int32_t, F) X(int32_t, S) X(int32_t, k_max)              \
+  /* Per weight: bits 0 = bf16/fp32 panels, 4 or 8 = quantized panels in that format (w13 and w2 */    \
+  /* of one expert set are the same kind); zero-initialised = all bf16/fp32 panels. */                 \
+  X(QFormat, fmt13) X(QFormat, fmt2) X(QFormat, shared_fmt13) X(QFormat, shared_fmt2)
+struct MoELayerParams { MOE_LAYER_PARAMS(MOE_DECLARE) };
 void moe_layer_cpu(const MoELayerParams& p);
 
 // attention_decode: one new query per sequence against its KV cache (the decode step of the cpu
 // backend; PyTorch's CPU SDPA costs ~10x the cache read at these sizes, bench/kernels.py).
 //   out[b,h] = sum_s softmax_s(scale * q[b,h].k[b,g,s]) v[b,g,s],  g = h / (H / Hkv),
 //   over s < S with valid[b,s] or s == S-1 (the query's own column); fp32 math.
-struct AttnDecodeParams {
-  const void* q;          // [B, H, hd] dtype
-  const void* k_cache;    // [B, Hkv, S_cap, hd] dtype (one layer)
-  const void* v_cache;    // [B, Hkv, S_cap, hd] dtype
-  const uint8_t* valid;   // [B, valid_stride] nonzero = a real key
-  void* out;              // [B, H, hd] dtype
-  float* workspace;       // [B * H * S] fp32 scores
-  float scale;
-  DType dtype;
-  int32_t B, H, Hkv, hd, S, S_cap, valid_stride;
-};
+#define MOE_ATTN_DECODE_PARAMS(X)                                                                      \
+  X(const void*, q)         /* [B, H, hd] dtype */                                                     \
+  X(const void*, k_cache)   /* [B, Hkv, S_cap, hd] dtype (one layer) */                                \
+  X(const void*, v_cache)   /* [B, Hkv, S_cap, hd] dtype */                                            \
+  X(const uint8_t*, valid)  /* [B, valid_stride] nonzero = a real key */                               \
+  X(void*, out)             /* [B, H, hd] dtype */                                                     \
+  X(float*, workspace)      /* [B * H * S] fp32 scores */                                              \
+  X(float, scale)                                                                                      \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, B) X(int32_t, H) X(int32_t, Hkv) X(int32_t, hd) X(int32_t, S) X(int32_t, S_cap)           \
+  X(int32_t, valid_stride)
+struct AttnDecodeParams { MOE_ATTN_DECODE_PARAMS(MOE_DECLARE) };
 void attention_decode_cpu(const AttnDecodeParams& p);
 
 // attention_block_decode: a decoder layer's whole attention for one new token per sequence
 // (cpu backend decode; replaces ~30 small torch ops per layer):
 //   q|k|v = linear(x, qkv); q, k = rope(q, k) (rotate-half layout, each op rounded to dtype as
 //   the model's torch code does); cache[:, :, pos] = k, v; o = attention_decode; out = linear(o, o_w)
-struct AttnBlockParams {
-  const void* x;          // [B, D] dtype, the input RMSNorm output
-  const void* qkv;        // packed [(H + 2 Hkv) hd, D]
-  const void* o;          // packed [D, H hd]
-  const void* cos;        // [B, hd] dtype
-  const void* sin;        // [B, hd] dtype
-  void* k_cache;          // [B, Hkv, S_cap, hd] dtype (this layer); column pos is written
-  void* v_cache;
-  const uint8_t* valid;   // [B, valid_stride]
-  void* qkv_buf;          // [B, (H + 2 Hkv) hd] dtype scratch
-  void* attn_buf;         // [B, H hd] dtype scratch
-  float* scores;          // [B * H * (pos + 1)] fp32 scratch
-  void* out;              // [B, D] dtype
-  float scale;
-  DType dtype;
-  int32_t B, D, H, Hkv, hd, pos, S_cap, valid_stride;
-  QFormat qkv_fmt, o_fmt;  // bits 0 = bf16/fp32 panels, else quantized panels (as MoELayerParams)
-  void* workspace;         // linear_q_workspace_bytes(B, K) of each quantized weight; nullable if none
-};
+#define MOE_ATTN_BLOCK_PARAMS(X)                                                                       \
+  X(const void*, x)         /* [B, D] dtype, the input RMSNorm output */                               \
+  X(const void*, qkv)       /* packed [(H + 2 Hkv) hd, D] */                                           \
+  X(const void*, o)         /* packed [D, H hd] */                                                     \
+  X(const void*, cos)       /* [B, hd] dtype */                                                        \
+  X(const void*, sin)       /* [B, hd] dtype */                                                        \
+  X(void*, k_cache)         /* [B, Hkv, S_cap, hd] dtype (this layer); column pos is written */        \
+  X(void*, v_cache)                                                                                    \
+  X(const uint8_t*, valid)  /* [B, valid_stride] */                                                    \
+  X(void*, qkv_buf)         /* [B, (H + 2 Hkv) hd] dtype scratch */                                    \
+  X(void*, attn_buf)        /* [B, H hd] dtype scratch */                                              \
+  X(float*, scores)         /* [B * H * (pos + 1)] fp32 scratch */                                     \
+  X(void*, out)             /* [B, D] dtype */                                                         \
+  X(float, scale)                                                                                      \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, B) X(int32_t, D) X(int32_t, H) X(int32_t, Hkv) X(int32_t, hd) X(int32_t, pos)             \
+  X(int32_t, S_cap) X(int32_t, valid_stride)                                                           \
+  /* bits 0 = bf16/fp32 panels, else quantized panels (as MoELayerParams) */                           \
+  X(QFormat, qkv_fmt) X(QFormat, o_fmt)                                                                \
+  X(void*, workspace)       /* linear_q_workspace_bytes(B, K) of each quantized weight; nullable if none */
+struct AttnBlockParams { MOE_ATTN_BLOCK_PARAMS(MOE_DECLARE) };
 void attention_block_decode_cpu(const AttnBlockParams& p);
 
 // out = w * round_dt(x * rsqrt(mean(x^2) + eps)) (fp32 statistics, the model's rounding order).
-struct RMSNormParams {
-  const void* x;  // [T, D] dtype
-  const void* w;  // [D] dtype
-  void* out;      // [T, D] dtype
-  float eps;
-  DType dtype;
-  int32_t T, D;
-};
+#define MOE_RMS_NORM_PARAMS(X)                                                                         \
+  X(const void*, x)  /* [T, D] dtype */                                                                \
+  X(const void*, w)  /* [D] dtype */                                                                   \
+  X(void*, out)      /* [T, D] dtype */                                                                \
+  X(float, eps)                                                                                        \
+  X(DType, dtype)                                                                                      \
+  X(int32_t, T) X(int32_t, D)
+struct RMSNormParams { MOE_RMS_NORM_PARAMS(MOE_DECLARE) };
 void rms_norm_cpu(const RMSNormParams& p);
 
 // decode_step: a whole decode step of the model on the cpu backend -- one new token per
@@ -434,50 +449,58 @@ void rms_norm_cpu(const RMSNormParams& p);
 //   logits = fp32(linear(rms_norm(x, final_norm), lm_head))
 // and the cache bookkeeping: valid[b, pos] = 1, next_pos[b] += 1. Every id and position is
 // checked before anything is written.
-struct DecodeLayer {
-  const void* input_norm;   // [D] dtype
-  const void* post_norm;    // [D] dtype
-  const void* qkv;          // packed [(H + 2 Hkv) hd, D]
-  const void* o;            // packed [D, H hd]
-  const void* router;       // packed [E, D]: an MoE layer; nullptr: a dense layer
-  const void* w13;          // packed gate|up: the routed experts (MoE) or the MLP as one expert
-  const void* w2;           // packed down, likewise
-  const void* shared_w13;   // packed shared gate|up (E = 1); nullable
-  const void* shared_w2;    // packed shared down; nullable
-  int32_t F;                // expert width (MoE) or intermediate_size (dense)
-  int32_t S;                // shared width; 0 = no shared experts
-  // Per weight: bits 0 = bf16/fp32 panels, 4 or 8 = quantized panels (as MoELayerParams).
-  QFormat qkv_fmt, o_fmt, fmt13, fmt2, shared_fmt13, shared_fmt2;
-};
-struct DecodeStepParams {
-  const DecodeLayer* layers;   // [L]
-  const int64_t* ids;          // [B] this step's token per sequence, checked against [0, V)
-  const void* embed;           // [V, D] dtype
-  const void* rope_cos;        // [rope_len, hd] dtype: row p is position p
-  const void* rope_sin;        // [rope_len, hd] dtype
-  int64_t* next_pos;           // [B] the token's position (< rope_len); incremented
-  void* k_cache;               // [L, B, Hkv, S_cap, hd] dtype; column pos is written
-  void* v_cache;
-  int64_t cache_bytes;         // bytes the caller's k_cache (and v_cache) each hold: must be
-                               // exactly L*B*Hkv*S_cap*hd*sizeof(dtype), else the call refuses
-  uint8_t* valid;              // [B, valid_stride]; column pos is set
-  const int32_t* k;            // [L] top-k per layer
-  const int32_t* force_expert; // [L] (force_stride 0) or [L, B] (force_stride 1), -1 = none
-  int64_t force_stride;        // 0: one id per layer; 1: one per sequence (its token's position)
-  const uint8_t* expert_mask;  // [L, E] (mask_stride 0) or [L, B, E] (mask_stride E), nonzero = masked; nullable
-  int64_t mask_stride;         // 0: one row per layer; E: one row per sequence
-  MaskMode mask_mode;
-  bool renormalize;
-  int32_t* usage_counts;       // [L, E]; nullable
-  const void* final_norm;      // [D] dtype
-  const void* lm_head;         // packed [V, D]: bf16/fp32 panels or quantized (lm_head_fmt)
-  QFormat lm_head_fmt;         // bits 0: panels in dtype; 4/8: quantized panels (either_panels.h)
-  float* logits;               // [B, V]
-  void* workspace;             // decode_step_workspace_bytes(p) bytes, 64-byte aligned
-  float eps, scale;
-  DType dtype;
-  int32_t L, B, D, H, Hkv, hd, E, k_max, V, pos, S_cap, valid_stride, rope_len;
-};
+#define MOE_DECODE_LAYER(X)                                                                            \
+  X(const void*, input_norm)  /* [D] dtype */                                                          \
+  X(const void*, post_norm)   /* [D] dtype */                                                          \
+  X(const void*, qkv)         /* packed [(H + 2 Hkv) hd, D] */                                         \
+  X(const void*, o)           /* packed [D, H hd] */                                                   \
+  X(const void*, router)      /* packed [E, D]: an MoE layer; nullptr: a dense layer */                \
+  X(const void*, w13)         /* packed gate|up: the routed experts (MoE) or the MLP as one expert */  \
+  X(const void*, w2)          /* packed down, likewise */                                              \
+  X(const void*, shared_w13)  /* packed shared gate|up (E = 1); nullable */                            \
+  X(const void*, shared_w2)   /* packed shared down; nullable */                                       \
+  X(int32_t, F)               /* expert width (MoE) or intermediate_size (dense) */                    \
+  X(int32_t, S)               /* shared width; 0 = no shared experts */                                \
+  /* Per weight: bits 0 = bf16/fp32 panels, 4 or 8 = quantized panels (as MoELayerParams). */          \
+  X(QFormat, qkv_fmt) X(QFormat, o_fmt) X(QFormat, fmt13) X(QFormat, fmt2) X(QFormat, shared_fmt13)    \
+  X(QFormat, shared_fmt2)
+struct DecodeLayer { MOE_DECODE_LAYER(MOE_DECLARE) };
+#define MOE_DECODE_STEP_PARAMS(X, SET_BY_LAUNCHER)                                                     \
+  SET_BY_LAUNCHER(const DecodeLayer*, layers)  /* [L] */                                               \
+  /* [B] this step's token per sequence, checked against [0, V) */                                     \
+  X(const int64_t*, ids)                                                                               \
+  X(const void*, embed)                        /* [V, D] dtype */                                      \
+  X(const void*, rope_cos)                     /* [rope_len, hd] dtype: row p is position p */         \
+  X(const void*, rope_sin)                     /* [rope_len, hd] dtype */                              \
+  X(int64_t*, next_pos)                        /* [B] the token's position (< rope_len); incremented */ \
+  X(void*, k_cache)                            /* [L, B, Hkv, S_cap, hd] dtype; column pos is written */ \
+  X(void*, v_cache)                                                                                    \
+  /* bytes the caller's k_cache (and v_cache) each hold: must be */                                    \
+  X(int64_t, cache_bytes)                                                                              \
+  /* exactly L*B*Hkv*S_cap*hd*sizeof(dtype), else the call refuses */                                  \
+  X(uint8_t*, valid)                           /* [B, valid_stride]; column pos is set */              \
+  X(const int32_t*, k)                         /* [L] top-k per layer */                               \
+  /* [L] (force_stride 0) or [L, B] (force_stride 1), -1 = none */                                     \
+  X(const int32_t*, force_expert)                                                                      \
+  /* 0: one id per layer; 1: one per sequence (its token's position) */                                \
+  X(int64_t, force_stride)                                                                             \
+  /* [L, E] (mask_stride 0) or [L, B, E] (mask_stride E), nonzero = masked; nullable */                \
+  X(const uint8_t*, expert_mask)                                                                       \
+  X(int64_t, mask_stride)                      /* 0: one row per layer; E: one row per sequence */     \
+  X(MaskMode, mask_mode)                                                                               \
+  X(bool, renormalize)                                                                                 \
+  X(int32_t*, usage_counts)                    /* [L, E]; nullable */                                  \
+  X(const void*, final_norm)                   /* [D] dtype */                                         \
+  X(const void*, lm_head)                      /* packed [V, D]: bf16/fp32 panels or quantized */      \
+  X(QFormat, lm_head_fmt)                      /* bits 0: panels in dtype; 4/8: quantized (either_panels.h) */ \
+  X(float*, logits)                            /* [B, V] */                                            \
+  X(void*, workspace)                          /* decode_step_workspace_bytes(p) bytes, 64-byte aligned */ \
+  X(float, eps) X(float, scale)                                                                        \
+  X(DType, dtype)                                                                                      \
+  SET_BY_LAUNCHER(int32_t, L) X(int32_t, B) X(int32_t, D) X(int32_t, H) X(int32_t, Hkv)                \
+  X(int32_t, hd) X(int32_t, E) X(int32_t, k_max) X(int32_t, V) X(int32_t, pos) X(int32_t, S_cap)       \
+  X(int32_t, valid_stride) X(int32_t, rope_len)
+struct DecodeStepParams { MOE_DECODE_STEP_PARAMS(MOE_DECLARE, MOE_DECLARE) };
 int64_t decode_step_workspace_bytes(const DecodeStepParams& p);  // reads sizes and layers[].F/S
 void decode_step_cpu(const DecodeStepParams& p);
 
