@@ -68,22 +68,25 @@ def unpack_weight(w: PackedWeight) -> torch.Tensor:
         raise TypeError(f"unpack_weight needs a PackedWeight (pack_weight), got {type(w).__name__}")
     ks = 2 if w.dtype == torch.bfloat16 else 1
     G = -(-w.K // ks)
+    # One 4-byte word = the ks elements of one row at one k-group (a bf16 pair, or one fp32), so
+    # unpacking is a transpose of words: several times faster than moving 2-byte elements.
+    words = w.data.view(torch.int32)
     out = torch.empty((w.E, w.N, w.K), dtype=w.dtype)
     if w.gate_up:  # panel q: lanes 0..15 gate rows 16q.., lanes 16..31 up rows F + 16q..
         F = w.N // 2
         n_p = -(-F // _HALF)
-        src = w.data.view(w.dtype).view(w.E, n_p, G, 2, _HALF, ks).permute(0, 3, 1, 4, 2, 5)
-        dst = out.view(w.E, 2, F, w.K)
-        full = (w.E, 2, n_p * _HALF, G * ks)
+        src = words.view(w.E, n_p, G, 2, _HALF).permute(0, 3, 1, 4, 2)   # [E, 2, n_p, 16, G]
+        dst, rows = out.view(w.E, 2, F, w.K), n_p * _HALF
     else:
         n_p = -(-w.N // _PANEL)
-        src = w.data.view(w.dtype).view(w.E, n_p, G, _PANEL, ks).permute(0, 1, 3, 2, 4)
-        dst = out
-        full = (w.E, n_p * _PANEL, G * ks)
-    if tuple(dst.shape[-2:]) == full[-2:]:  # no padding: one strided copy
-        dst.view(src.shape).copy_(src)
+        src = words.view(w.E, n_p, G, _PANEL).permute(0, 1, 3, 2)        # [E, n_p, 32, G]
+        dst, rows = out, n_p * _PANEL
+    if rows == dst.shape[-2] and G * ks == w.K:  # no padding: one copy, word by word
+        dst.view(torch.int32).view(src.shape).copy_(src)
     else:
-        dst.copy_(src.reshape(full)[..., :dst.shape[-2], :w.K])
+        full = torch.empty((*dst.shape[:-2], rows, G), dtype=torch.int32)
+        full.copy_(src.reshape(full.shape))
+        dst.copy_(full.view(w.dtype)[..., :dst.shape[-2], :w.K])      # [..., rows, G * ks] -> rows, K
     return out
 
 
