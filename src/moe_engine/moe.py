@@ -70,11 +70,16 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         ids = _patch_cols(t, pre + "hook_topk_ids", ids, k)
     if want(pre + "hook_topk_weights"):
         weights = _patch_cols(t, pre + "hook_topk_weights", weights, k)
+    # cuda / emu: K is data on the device (route reads routing.k_dev and writes id -1, weight 0
+    # past K, which expert_ffn and combine skip), so K = 0 launches the same kernels as any K and
+    # a captured decode step (graphs.py) replays for every K <= k_max. The host k decides only on
+    # the other backends, where skipping the expert call saves its work.
+    on_device = backend in ("cuda", "emu") and w.ep is None
     if k > 0 and w.ep is not None:  # expert parallelism: this rank's experts + the exchange
         expert_out = w.ep.expert_ffn(u, ids, w, cpu, backend=backend)   # (distributed.py)
     elif k > 0 and cpu is not None:  # the packed experts (w holds only views of them)
         expert_out = expert_ffn_packed(u, ids, cpu.experts)
-    elif k > 0:
+    elif k > 0 or on_device:
         expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend)
     else:  # shared experts only: nothing routed
         expert_out = torch.zeros((u.shape[0], routing.k_max, u.shape[1]), dtype=u.dtype, device=u.device)

@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as D
-from ..cpu_weights import dense
 from ..interventions import Interventions, for_call
 from ..model import Model, rms_norm
 from ..taps import Capture, TapRequest, _layer_of
@@ -470,11 +469,10 @@ def _sample_nll(model: Model, b: C.Batch, resid: torch.Tensor) -> tuple[torch.Te
     V = w.lm_head.shape[0]
     nll = torch.zeros(len(b.lengths), dtype=torch.float64, device=model.device)
     step = max(1, (1 << 24) // V)  # rows of [step, V] logits at a time: ~16M values, a few 100 MB in flight
-    lm_head = dense(w.lm_head, model.dtype)  # the cpu backend holds only its panels: unpacked once here
     for lo in range(0, rows.numel(), step):
         r = rows[lo:lo + step]
         h = rms_norm(resid[r], w.final_norm, model.config.rms_norm_eps)
-        logp = torch.log_softmax((h @ lm_head.t()).float(), dim=-1)
+        logp = torch.log_softmax(model.lm_head_logits(h).float(), dim=-1)
         nll.index_add_(0, seq[r], -logp.gather(1, tgt[r + 1].unsqueeze(1)).squeeze(1).double())
     counts = torch.bincount(seq[rows], minlength=len(b.lengths))
     return nll, counts

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cpu_weights import dense
 from ..model import Model, rms_norm
 
 NORMS = ("final", "none")
@@ -185,12 +184,11 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
                else torch.empty(targets.shape, dtype=torch.float32, device=model.device))
     full_out = torch.empty((N, vocab), dtype=torch.float32, device=model.device) if full else None
     step = max(1, LOGIT_BUDGET // V)
-    lm_head = dense(w.lm_head, model.dtype)  # the cpu backend holds only its panels: unpacked once here
     for lo in range(0, N, step):
         h = x[lo:lo + step].to(model.dtype)
         if norm == "final":
             h = rms_norm(h, w.final_norm, model.config.rms_norm_eps)
-        z = (h @ lm_head.t()).float()[:, :vocab]
+        z = model.lm_head_logits(h).float()[:, :vocab]
         logp = torch.log_softmax(z, dim=-1)                                  # [n_rows, V]
         if n:
             lp, ix = torch.topk(logp, n, dim=-1)    # ties: torch.topk order (lower id first on CPU)
