@@ -142,12 +142,16 @@ def load_model(args):
 
 
 def nbytes(w, el: int) -> int:
-    """Bytes a kernel streams for one read of a linear: a tensor's elements; a QuantizedWeight's
-    GPTQ tensors; a cpu-packed quantized linear's share of its quantized panels (q, k and v
-    share one PackedQWeight, split by rows)."""
+    """Bytes a kernel streams for one read of a linear: a tensor's elements (or a cpu-packed
+    bf16/fp32 linear's: its panels hold the same, plus padding); a QuantizedWeight's GPTQ tensors;
+    a cpu-packed quantized linear's share of its quantized panels (q, k and v share one
+    PackedQWeight, split by rows)."""
+    from moe_engine.ops.quant import PackedQWeight
     if isinstance(w, torch.Tensor):
         return w.numel() * el
     if hasattr(w, "packed"):  # cpu_weights.PackedRows
+        if not isinstance(w.packed, PackedQWeight):
+            return math.prod(w.shape) * el
         return w.packed.nbytes * (w.stop - w.start) // w.packed.N
     return w.nbytes  # quant.QuantizedWeight
 
@@ -166,7 +170,7 @@ class Bytes:
             self.dense += sum(nbytes(t, el) for t in (lw.q, lw.k, lw.v, lw.o))
             m = lw.mlp
             if hasattr(m, "router"):
-                self.dense += m.router.numel() * el
+                self.dense += nbytes(m.router, el)
                 self.expert = (nbytes(m.experts_gate_up, el) + nbytes(m.experts_down, el)) // E
                 if m.shared is not None:
                     self.dense += nbytes(m.shared.gate_up, el) + nbytes(m.shared.down, el)
@@ -187,7 +191,7 @@ def flops_per_token(model, topk: int | None) -> float:
         f += sum(math.prod(t.shape) for t in (lw.q, lw.k, lw.v, lw.o))
         m = lw.mlp
         if hasattr(m, "router"):
-            f += m.router.numel() + k * 3 * c.hidden_size * c.moe_intermediate_size
+            f += math.prod(m.router.shape) + k * 3 * c.hidden_size * c.moe_intermediate_size
             if m.shared is not None:
                 f += math.prod(m.shared.gate_up.shape) + math.prod(m.shared.down.shape)
         else:
@@ -265,6 +269,7 @@ def decode_overhead(model, args, steps: int = 40) -> dict:
 def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
     """Median us of one MoE layer's FFN (router .. combine) on `tokens` random tokens, cycling
     through the MoE layers with fresh inputs each rep (fresh routing: no cache-resident experts)."""
+    from moe_engine.cpu_weights import dense
     from moe_engine.interventions import Interventions
     from moe_engine.moe import moe_layer
     from moe_engine.ops.route import route_ref
@@ -297,9 +302,9 @@ def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
         dt = time.perf_counter() - t
         if i < 2:
             continue  # warm-up
-        ids = route_ref(u @ w.router.t(), routing.k[l])[0]
+        ids = route_ref(u @ dense(w.router, model.dtype).t(), routing.k[l])[0]
         n_exp = int(torch.unique(ids[ids >= 0]).numel())
-        layer_bytes = w.router.numel() * by.el + n_exp * by.expert
+        layer_bytes = nbytes(w.router, by.el) + n_exp * by.expert
         if w.shared is not None:
             layer_bytes += nbytes(w.shared.gate_up, by.el) + nbytes(w.shared.down, by.el)
         ts.append(dt)
@@ -316,21 +321,24 @@ def moe_layer_times(model, args, tokens: int, reps: int) -> dict:
 def torch_expert_gemm_us(model, args, tokens: int, reps: int) -> dict:
     """The same routed-expert work as PyTorch's own GEMMs would do it: per-expert segments of the
     routed tokens through torch bf16/fp32 GEMMs (gate_up, SiLU*up, down). The bar for prefill."""
+    from moe_engine.cpu_weights import dense_all
     from moe_engine.interventions import Interventions
     from moe_engine.ops.expert_ffn import expert_ffn_ref
     from moe_engine.ops.route import route_ref
     c = model.config
     l = c.moe_layers[0]
     w = model.weights.layers[l].mlp
+    # tensors for torch (the cpu backend holds only the panels: unpacked here, for this bench)
+    router, gate_up, down = dense_all([w.router, w.experts_gate_up, w.experts_down], model.dtype)
     k = Interventions(topk=args.topk).resolve(c, model.device).k[l]
     u = torch.randn(tokens, c.hidden_size, generator=torch.Generator().manual_seed(args.seed)).to(model.dtype)
-    ids = route_ref(u @ w.router.t(), k)[0]
-    t = median_time(lambda: expert_ffn_ref(u, ids, w.experts_gate_up, w.experts_down), reps)
+    ids = route_ref(u @ router.t(), k)[0]
+    t = median_time(lambda: expert_ffn_ref(u, ids, gate_up, down), reps)
     fl = 2 * tokens * k * 3 * c.hidden_size * c.moe_intermediate_size
     # The best case for torch: the same FLOPs as two dense GEMMs over all T*k slot rows at once
     # (one expert's weights standing in for all: no grouping, no per-expert calls).
     xs = u.repeat_interleave(k, 0)
-    gu0, dn0 = w.experts_gate_up[0], w.experts_down[0]
+    gu0, dn0 = gate_up[0], down[0]
     F = c.moe_intermediate_size
 
     def dense():
@@ -340,8 +348,7 @@ def torch_expert_gemm_us(model, args, tokens: int, reps: int) -> dict:
     # The ours-side twin: the routed experts alone through the dispatcher on this backend.
     from moe_engine.ops.expert_ffn import expert_ffn
     packed = model._cpu_weights().layers[l].moe.experts if model.backend == "cpu" else None
-    t_ours = median_time(lambda: expert_ffn(u, ids, w.experts_gate_up, w.experts_down,
-                                            backend=model.backend, packed=packed), reps)
+    t_ours = median_time(lambda: expert_ffn(u, ids, gate_up, down, backend=model.backend, packed=packed), reps)
     return {"tokens": tokens, "torch_gemm_us": t * 1e6, "torch_gemm_gflop_s": fl / t / 1e9,
             "torch_dense_gemm_us": t_dense * 1e6, "torch_dense_gemm_gflop_s": fl / t_dense / 1e9,
             "ours_us": t_ours * 1e6, "ours_gflop_s": fl / t_ours / 1e9}

@@ -71,7 +71,7 @@ def test_decode_bytes_of_a_quantized_model_are_its_quantized_panels(tiny_dir):
         if lc.dense is not None:
             want += lc.dense.w13.nbytes + lc.dense.w2.nbytes
         else:
-            want += lw.mlp.router.numel() * 2 + lc.moe.shared.w13.nbytes + lc.moe.shared.w2.nbytes
+            want += math.prod(lw.mlp.router.shape) * 2 + lc.moe.shared.w13.nbytes + lc.moe.shared.w2.nbytes
             want += 5 * (lc.moe.experts.w13.nbytes + lc.moe.experts.w2.nbytes) // c.n_routed_experts
     assert Bytes(m).step(5 * len(c.moe_layers)) == want
     bf16 = Bytes(moe_engine.load(tiny_dir, dtype="bfloat16", backend="torch", progress=False))

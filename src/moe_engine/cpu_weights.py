@@ -11,6 +11,16 @@ GEMMs where torch has a fast one (runner.use_packed), except the routed experts,
 the shared experts, which always run on the packed kernels.
 Made once, when a Model is created with (or first run on) backend="cpu".
 
+The packed copy is the cpu backend's only copy of every linear (attention q|k|v and o, the dense
+MLP, the routed and shared experts, the routers and an untied lm_head): packing replaces each
+weight in the ModelWeights by a PackedRows view of its panels, layer by layer, so the
+checkpoint-layout tensors are freed as the layers are packed (peak: the model plus one layer's
+panels). The paths that want a [N, K] tensor -- torch's GEMM for more than SMALL_N tokens where
+use_packed says it wins, the PyTorch reference backend, the lens's lm_head -- ask dense() /
+dense_all() for one: unpacked from the panels (exact, ops/packed.unpack_weight) or dequantized,
+made per call and not kept. Only the embedding (a row gather), the norms, and an lm_head tied to
+the embedding keep their tensors.
+
 Quantized linears (quant.QuantizedWeight: attention q|k|v and o, dense MLP, routed and shared
 experts) are repacked into the quantized panel layout (ops/quant.py, PackedQWeight) and run on
 its kernels at every token count: that packed copy is the model's only copy of them. Packing
@@ -35,7 +45,7 @@ from .loader import DenseMLPWeights, LayerWeights, ModelWeights, MoEWeights
 from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.norm import rms_norm_ref
-from .ops.packed import PackedWeight, linear_cpu, pack_weight
+from .ops.packed import PackedWeight, linear_cpu, pack_weight, unpack_weight
 from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
                         linear_q_cpu, pack_quantized)
 from .ops.route import control_strides
@@ -66,21 +76,55 @@ class QuantExperts:
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Rows [start, stop) of a packed quantized weight: what ModelWeights holds for a quantized
-    linear once the cpu backend has packed it (the packed bytes are its only copy)."""
-    packed: PackedQWeight
+    """Rows [start, stop) of a packed weight (bf16/fp32 panels or quantized panels): what
+    ModelWeights holds for a linear once the cpu backend has packed it (the packed bytes are
+    its only copy; q, k and v are three views of one q|k|v weight)."""
+    packed: PackedWeight | PackedQWeight
     start: int
     stop: int
+    stacked: bool    # the weight is [E, N, K] (routed experts), else [N, K]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        lead = (self.packed.E,) if self.packed.stacked else ()
+        lead = (self.packed.E,) if self.stacked else ()
         return (*lead, self.stop - self.start, self.packed.K)
 
+    def whole(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every row of the packed weight as a tensor in dtype, made now and not kept: unpacked
+        (exact) from bf16/fp32 panels; dequantized from quantized ones (fp32 exact, then rounded
+        once, like QuantizedWeight.dequantize)."""
+        if isinstance(self.packed, PackedQWeight):
+            full = dequantize_packed(self.packed)
+        else:
+            full = unpack_weight(self.packed)
+            full = full if self.stacked else full[0]
+        return full.to(dtype)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight in dtype, made now and not kept (fp32 exact, then rounded once, like
-        QuantizedWeight.dequantize)."""
-        return dequantize_packed(self.packed)[..., self.start:self.stop, :].to(dtype).contiguous()
+        """This view's weight in dtype, made now and not kept (the same method as
+        QuantizedWeight's, so loader.dequantized_layer takes either)."""
+        return self.whole(dtype)[..., self.start:self.stop, :].contiguous()
+
+
+def dense_all(ws, dtype: torch.dtype) -> list:
+    """Each linear of ws as a tensor in dtype: a tensor is returned as it is; a QuantizedWeight or
+    PackedRows view is dequantized / unpacked now and not kept, views of one packed weight (q, k,
+    v) from one unpacking (contiguous row slices of it)."""
+    whole, out = {}, []
+    for w in ws:
+        if isinstance(w, PackedRows):
+            key = id(w.packed)
+            if key not in whole:
+                whole[key] = w.whole(dtype)
+            out.append(whole[key][..., w.start:w.stop, :])
+        else:
+            out.append(w if isinstance(w, torch.Tensor) else w.dequantize(dtype))
+    return out
+
+
+def dense(w, dtype: torch.dtype) -> torch.Tensor:
+    """One linear as a tensor in dtype (dense_all of one)."""
+    return dense_all([w], dtype)[0]
 
 
 def _repack(qw: QuantizedWeight, gate_up: bool = False) -> PackedQWeight:
@@ -97,23 +141,32 @@ def _repack(qw: QuantizedWeight, gate_up: bool = False) -> PackedQWeight:
     return pack_quantized(qw.qweight, qw.scales, qzeros, qw.bits, qw.group_size, qw.sym, gate_up=gate_up)
 
 
+def _views(packed, ws: list, stacked: bool) -> list:
+    """One PackedRows per part of ws, the parts stacked along N in `packed` in this order."""
+    ends = torch.tensor([w.shape[-2] for w in ws]).cumsum(0).tolist()
+    return [PackedRows(packed, e - w.shape[-2], e, stacked) for w, e in zip(ws, ends)]
+
+
 def _pack_linears(ws: list, what: str, gate_up: bool = False):
-    """Weights stacked along N, as (packed, views): a PackedQWeight with one PackedRows per part
-    when every part is quantized, else a PackedWeight and the parts themselves."""
+    """Weights stacked along N, as (packed, one PackedRows view per part): a PackedQWeight when
+    every part is quantized, else a PackedWeight."""
     quantized = [isinstance(w, QuantizedWeight) for w in ws]
     if not any(quantized):
-        return pack_weight(torch.cat(ws, -2) if len(ws) > 1 else ws[0]), ws
+        packed = pack_weight(torch.cat(ws, -2) if len(ws) > 1 else ws[0], gate_up=gate_up)
+        return packed, _views(packed, ws, ws[0].dim() == 3)
     if not all(quantized):
         raise QuantError(f"{what}: quantized and unquantized parts cannot be packed together")
     packed = _repack(QuantizedWeight.cat_rows(ws) if len(ws) > 1 else ws[0], gate_up)
-    ends = torch.tensor([w.N for w in ws]).cumsum(0).tolist()
-    return packed, [PackedRows(packed, e - w.N, e) for w, e in zip(ws, ends)]
+    return packed, _views(packed, ws, packed.stacked)
 
 
 def _pack_experts(gate_up, down, what: str):
     """(CpuExperts or QuantExperts, gate_up view, down view) of one set of SwiGLU weights."""
     if not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight):
-        return CpuExperts.pack(gate_up, down), gate_up, down
+        experts = CpuExperts.pack(gate_up, down)
+        stacked = gate_up.dim() == 3
+        return experts, PackedRows(experts.w13, 0, gate_up.shape[-2], stacked), \
+            PackedRows(experts.w2, 0, down.shape[-2], stacked)
     w13, (gu,) = _pack_linears([gate_up], what + " gate|up", gate_up=True)
     w2, (dn,) = _pack_linears([down], what + " down")
     return QuantExperts(w13, w2), gu, dn
@@ -155,13 +208,14 @@ class CpuMoEWeights:
 
     @staticmethod
     def pack_views(w: MoEWeights) -> "tuple[CpuMoEWeights, MoEWeights]":
-        """The packed layer and the MoEWeights to keep (quantized experts: PackedRows views)."""
+        """The packed layer and the MoEWeights to keep in its place (PackedRows views of it)."""
         shared, shared_w = None, None
         if w.shared is not None:
             shared, gu, dn = _pack_experts(w.shared.gate_up, w.shared.down, "shared experts")
             shared_w = DenseMLPWeights(gu, dn)
         experts, gu, dn = _pack_experts(w.experts_gate_up, w.experts_down, "routed experts")
-        return CpuMoEWeights(pack_weight(w.router), experts, shared), MoEWeights(w.router, gu, dn, shared_w)
+        router, (router_w,) = _pack_linears([w.router], "router")
+        return CpuMoEWeights(router, experts, shared), MoEWeights(router_w, gu, dn, shared_w, w.ep)
 
     def fused(self, u: torch.Tensor, resid_mid: torch.Tensor, k: int, k_max: int, controls,
               mask_mode: str, renormalize: bool, usage: torch.Tensor | None) -> torch.Tensor:
@@ -233,8 +287,8 @@ class CpuLayerWeights:
 
     @staticmethod
     def pack_views(lw: LayerWeights) -> "tuple[CpuLayerWeights, LayerWeights]":
-        """The packed layer and the LayerWeights to keep in its place: `lw` itself when nothing
-        is quantized, else one whose quantized linears are PackedRows views of the packed bytes."""
+        """The packed layer and the LayerWeights to keep in its place: its linears are PackedRows
+        views of the packed bytes (the norms stay tensors)."""
         qkv, (q, k, v) = _pack_linears([lw.q, lw.k, lw.v], "attention q|k|v")
         o, (o_w,) = _pack_linears([lw.o], "attention o")
         dense, moe, mlp = None, None, lw.mlp
@@ -244,15 +298,7 @@ class CpuLayerWeights:
         else:
             moe, mlp = CpuMoEWeights.pack_views(lw.mlp)
         packed = CpuLayerWeights(qkv, o, dense, moe)
-        if not packed.quantized:
-            return packed, lw
         return packed, LayerWeights(lw.input_norm, lw.post_attn_norm, q, k, v, o_w, mlp)
-
-    @property
-    def quantized(self) -> bool:
-        """Whether any of the layer's weights runs on the quantized kernels."""
-        parts = [self.qkv, self.o, self.dense] + ([] if self.moe is None else [self.moe.experts, self.moe.shared])
-        return any(isinstance(p, (PackedQWeight, QuantExperts)) for p in parts)
 
 
 @dataclass(frozen=True)
@@ -270,9 +316,14 @@ class CpuModelWeights:
 
     @staticmethod
     def pack(w: ModelWeights) -> "CpuModelWeights":
-        """Pack every layer. A layer with quantized linears is replaced IN `w` by its PackedRows
-        view as soon as it is packed, so its GPTQ tensors are freed one layer at a time (peak:
-        the model plus one layer's GPTQ tensors) and the packed bytes are the only copy."""
+        """Pack every layer. Each layer is replaced IN `w` by its PackedRows views as soon as it
+        is packed, so its checkpoint-layout (or GPTQ) tensors are freed one layer at a time (peak:
+        the model plus one layer's panels) and the packed bytes are the only copy. So is an
+        untied lm_head; a tied one is the embedding, which stays a tensor."""
+        if any(isinstance(lw.q, PackedRows) for lw in w.layers):
+            raise ValueError("CpuModelWeights.pack: these weights are already packed (their linears are "
+                             "PackedRows views of a CpuModelWeights); pack the loaded weights once "
+                             "(Model._cpu_weights)")
         layers = []
         for i, lw in enumerate(w.layers):
             pl, w.layers[i] = CpuLayerWeights.pack_views(lw)
@@ -281,11 +332,12 @@ class CpuModelWeights:
         decode_layers = backends.native_module("cpu").DecodeLayers()
         for lw, pl in zip(w.layers, layers):
             decode_layers.append(_decode_layer(lw, pl))
-        # a quantized lm_head (quant_lm_head) becomes quantized panels like the other linears,
-        # and the model keeps a PackedRows view of them (the GPTQ tensors are freed)
-        lm_head, (w.lm_head,) = _pack_linears([w.lm_head], "lm_head")
-        if any(pl.quantized for pl in layers) or isinstance(lm_head, PackedQWeight):
-            _release_freed_memory()
+        # the lm_head becomes panels (quantized ones for a quantized lm_head, quant_lm_head) and the
+        # model keeps a PackedRows view of them; a tied one stays the embedding (a row gather)
+        lm_head, (view,) = _pack_linears([w.lm_head], "lm_head")
+        if w.lm_head is not w.embed:
+            w.lm_head = view
+        _release_freed_memory()
         return CpuModelWeights(layers, lm_head, w.final_norm, decode_layers)
 
     @property
@@ -357,8 +409,9 @@ class CpuModelWeights:
 
 def _release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc malloc_trim; elsewhere a no-op). The GPTQ
-    tensors freed by packing, and quantize-on-load's staging tensors, are mostly below malloc's
-    mmap threshold: without this they stay resident (tests/test_quant_model.py measures RSS)."""
+    tensors freed by packing, quantize-on-load's staging tensors and the small checkpoint-layout
+    tensors (norm-sized, routers) are mostly below malloc's mmap threshold: without this they
+    stay resident (tests/test_one_copy.py measures RSS)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
@@ -384,22 +437,35 @@ def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
     return d
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
-    """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise; a quantized
-    packed weight (the only copy) at every size."""
+def linear(x: torch.Tensor, w, packed: PackedWeight | PackedQWeight | None) -> torch.Tensor:
+    """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise (on w made
+    dense for this call when the model holds only the panels); a quantized packed weight at
+    every size."""
     n = x.numel() // x.shape[-1]
     if isinstance(packed, PackedQWeight):
         return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
     if packed is None or not use_packed(n, x.dtype):
-        return x @ w.t()
+        return x @ dense(w, x.dtype).t()
     return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
 
 
-def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, packed: CpuExperts | None) -> torch.Tensor:
-    """A dense SwiGLU MLP: the fused expert kernel (as one expert) for few tokens, else torch;
-    quantized experts (the only copy) at every size."""
+def ffn(x: torch.Tensor, mlp: DenseMLPWeights, packed: CpuExperts | QuantExperts | None) -> torch.Tensor:
+    """A dense layer's SwiGLU MLP: one_expert on the cpu backend (packed given), else torch."""
+    if packed is None:
+        return swiglu(x, mlp.gate_up, mlp.down)
+    return one_expert(x, packed, mlp)
+
+
+def one_expert(x: torch.Tensor, packed: CpuExperts | QuantExperts, mlp: DenseMLPWeights | None = None) -> torch.Tensor:
+    """The cpu backend's one dense SwiGLU MLP, x [..., D] -> [..., D]: the shared experts (mlp
+    None) and a dense layer's MLP (mlp: its weights, PackedRows views or tensors). Runs as one
+    expert of the fused expert kernel (every token on expert 0), except a dense MLP on more
+    tokens than use_packed admits, which runs torch's GEMMs on its weights made dense for the
+    call. The shared experts take the packed kernel at every size, as the one-call MoE layer
+    (csrc/cpu/moe_layer.cpp) runs them, so op-by-op and fused give the same bits."""
     n = x.numel() // x.shape[-1]
-    if packed is None or not runs_packed(packed, n, x.dtype):
+    if mlp is not None and not runs_packed(packed, n, x.dtype):
+        gate_up, down = dense_all([mlp.gate_up, mlp.down], x.dtype)
         return swiglu(x, gate_up, down)
     x2 = x.reshape(n, x.shape[-1]).contiguous()
     every_token = torch.zeros((n, 1), dtype=torch.int32)

@@ -248,7 +248,7 @@ class ExpertShard:
     def expert_ffn(self, u: torch.Tensor, ids: torch.Tensor, w, cpu, *, backend: str) -> torch.Tensor:
         """expert_out [N, k_max, D] (unweighted, zero in empty slots) of u [N, D] and ids
         [N, k_max] (global expert ids, -1 empty), every rank holding the same u and ids."""
-        from .cpu_weights import QuantExperts, expert_ffn_packed
+        from .cpu_weights import expert_ffn_packed
         from .ops.expert_ffn import expert_ffn
 
         N, D = u.shape
@@ -276,11 +276,10 @@ class ExpertShard:
         self._a2a(e_in, e, recv, send)
         if len(e_in):
             local = (e_in - self.lo).to(torch.int32).unsqueeze(1)      # [M, 1] local expert ids
-            if cpu is not None and isinstance(cpu.experts, QuantExperts):
+            if cpu is not None:  # the packed experts (w holds only views of them)
                 y = expert_ffn_packed(x_in, local, cpu.experts)
             else:
-                y = expert_ffn(x_in, local, w.experts_gate_up, w.experts_down, backend=backend,
-                               packed=None if cpu is None else cpu.experts)
+                y = expert_ffn(x_in, local, w.experts_gate_up, w.experts_down, backend=backend)
             y = y.view(-1, D)
         else:
             y = x_in

@@ -25,8 +25,10 @@ config first. `load_weights(..., quant=QuantSpec)` quantizes an unquantized chec
 as they are read, with the same function `python -m moe_engine.quantize` uses, so both give the
 same bits. Fields that may hold a QuantizedWeight instead of a Tensor: q, k, v, o, a dense MLP's
 or the shared experts' gate_up / down, experts_gate_up / experts_down, and lm_head when it is
-quantized (a checkpoint with `"lm_head": true`, or `lm_head=` on load); once the cpu backend has
-packed a model, these hold cpu_weights.PackedRows views of the quantized panels instead.
+quantized (a checkpoint with `"lm_head": true`, or `lm_head=` on load). Once the cpu backend has
+packed a model, every linear (these, the routers and an untied lm_head) holds a
+cpu_weights.PackedRows view of its panels instead: the panels are the only copy, and
+dequantized_layer / cpu_weights.dense make tensors from them when a path asks.
 
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
@@ -402,30 +404,31 @@ def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]
 
 
 def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
-    """The layer with every quantized linear (a QuantizedWeight, or the cpu backend's
-    cpu_weights.PackedRows view of its packed copy: anything not a Tensor, each with
-    dequantize(dtype)) replaced by its dequantized tensor in `dtype` (the PyTorch reference's
-    view of a quantized model, made when asked and not kept); `lw` itself when nothing in it
-    is quantized."""
-    def dq(w):
-        return w if isinstance(w, Tensor) else w.dequantize(dtype)
+    """The layer with every linear that is not a Tensor (a QuantizedWeight, or the cpu backend's
+    cpu_weights.PackedRows view of its panels) replaced by a tensor in `dtype`: dequantized, or
+    unpacked exactly from bf16/fp32 panels (what the PyTorch reference and the other backends
+    read, made when asked and not kept); `lw` itself when every linear is a Tensor."""
+    from .cpu_weights import dense_all  # (cpu_weights imports this module)
 
-    def mlp(m):
-        return None if m is None else DenseMLPWeights(dq(m.gate_up), dq(m.down))
-
+    m = lw.mlp
     parts = [lw.q, lw.k, lw.v, lw.o]
-    if isinstance(lw.mlp, MoEWeights):
-        parts += [lw.mlp.experts_gate_up, lw.mlp.experts_down]
-        if lw.mlp.shared is not None:
-            parts += [lw.mlp.shared.gate_up, lw.mlp.shared.down]
+    if isinstance(m, MoEWeights):
+        parts += [m.router, m.experts_gate_up, m.experts_down]
+        if m.shared is not None:
+            parts += [m.shared.gate_up, m.shared.down]
     else:
-        parts += [lw.mlp.gate_up, lw.mlp.down]
+        parts += [m.gate_up, m.down]
     if all(isinstance(w, Tensor) for w in parts):
         return lw
-    m = lw.mlp
-    new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared), m.ep)
-               if isinstance(m, MoEWeights) else mlp(m))
-    return LayerWeights(lw.input_norm, lw.post_attn_norm, dq(lw.q), dq(lw.k), dq(lw.v), dq(lw.o), new_mlp)
+    d = iter(dense_all(parts, dtype))  # in the order of `parts`
+    q, k, v, o = next(d), next(d), next(d), next(d)
+    if isinstance(m, MoEWeights):
+        router, gate_up, down = next(d), next(d), next(d)
+        shared = None if m.shared is None else DenseMLPWeights(next(d), next(d))
+        new_mlp = MoEWeights(router, gate_up, down, shared, m.ep)
+    else:
+        new_mlp = DenseMLPWeights(next(d), next(d))
+    return LayerWeights(lw.input_norm, lw.post_attn_norm, q, k, v, o, new_mlp)
 
 
 def _as_load_dtype(dtype: torch.dtype | str) -> torch.dtype:

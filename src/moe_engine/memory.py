@@ -3,10 +3,11 @@ refuse with the numbers and the way out when it will not fit, instead of the ker
 ending the process half way through a 30 GB read.
 
 Estimate = the weights in the format they will be held in (quantized linears as their GPTQ
-tensors, the rest in the load dtype) + the cpu backend's packed copy of what stays in the load
-dtype (router, an unquantized lm_head, unquantized linears; a quantized linear is repacked into quantized panels
-that replace its GPTQ tensors, cpu_weights.py, so it is counted once) + the KV cache
-for `context` tokens of one sequence + a fixed allowance for the runtime (torch, buffers).
+tensors, the rest in the load dtype), counted once on every backend: the cpu backend's panels
+replace the tensors they are packed from (cpu_weights.py), layer by layer + on the cpu backend,
+what packing adds (the largest layer, whose tensors and panels are both held while it is packed,
+and an lm_head tied to the embedding, packed beside it) + the KV cache for `context` tokens of
+one sequence + a fixed allowance for the runtime (torch, buffers).
 Available = MemAvailable of /proc/meminfo, lowered to the cgroup's limit minus its usage when
 the process runs in a memory-limited cgroup (containers).
 """
@@ -20,7 +21,7 @@ import torch
 
 from .config import ModelConfig
 from .loader import CONFIG_FILE, checkpoint_layout, checkpoint_lm_head_spec, checkpoint_quant_spec
-from .quant import LM_HEAD, QUANTIZABLE, QuantSpec, layout_nbytes
+from .quant import QuantSpec, layout_nbytes
 
 RUNTIME_BYTES = 300 * 2 ** 20  # torch, the extension, per-call buffers: measured order, not exact
 _ITEMSIZE = {torch.bfloat16: 2, torch.float32: 4}
@@ -34,7 +35,8 @@ def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
                    quant: QuantSpec | None = None, context: int | None = None,
                    experts=None, lm_head: QuantSpec | None = None) -> dict[str, int]:
     """{"weights", "packed", "kv_cache", "runtime", "total"} in bytes for a load of `config`
-    (quantized as `quant`, the lm_head as `lm_head`, or as its own quantization_config says). experts: a function
+    (quantized as `quant`, the lm_head as `lm_head`, or as its own quantization_config says);
+    "packed": what the cpu backend's packing adds to the weights (module docstring). experts: a function
     E -> (lo, hi), the routed experts one rank holds under expert parallelism
     (distributed.expert_range); the others are not counted."""
     if dtype not in _ITEMSIZE:
@@ -50,12 +52,16 @@ def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     weights = layout_nbytes(layout, el, spec, skip=tied, lm_head=head)
     packed = 0
-    if backend == "cpu":  # panels of the router, lm_head and every unquantized linear, in the
-        # load dtype; a quantized linear's quantized panels replace its GPTQ tensors (cpu_weights.py:
-        # one copy, about their size), so they add nothing to `weights`
-        packed = sum(math.prod(shape) * el for name, shape in layout.items()
-                     if (spec is None and QUANTIZABLE.fullmatch(name)) or name.endswith("mlp.gate.weight")
-                     or (name == LM_HEAD and head is None))
+    if backend == "cpu":  # the panels (about the size of what they are packed from) replace the
+        # tensors, so they add nothing to `weights` but the layer being packed and a tied lm_head
+        per_layer: dict[str, int] = {}
+        for name, shape in layout.items():
+            if name.startswith("model.layers."):
+                l = name.split(".")[2]
+                per_layer[l] = per_layer.get(l, 0) + layout_nbytes({name: shape}, el, spec)
+        packed = max(per_layer.values(), default=0)
+        if config.tie_word_embeddings:
+            packed += math.prod(layout["lm_head.weight"]) * el
     ctx = config.max_position_embeddings if context is None else context
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
         raise ValueError(f"context = {context!r}; expected a positive number of tokens")
@@ -105,7 +111,7 @@ def preflight(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, backend:
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     ctx = config.max_position_embeddings if context is None else context
     msg = (f"{path}: loading needs {gb(est['total'])} ({gb(est['weights'])} weights"
-           + (f" + {gb(est['packed'])} packed cpu copy" if est["packed"] else "")
+           + (f" + {gb(est['packed'])} packing" if est["packed"] else "")
            + f" + {gb(est['kv_cache'])} KV cache for {ctx} tokens + {gb(est['runtime'])} runtime), "
            f"{gb(avail)} available")
     ways = []

@@ -27,10 +27,11 @@ import torch.nn.functional as Fn
 from .config import ModelConfig
 from .interventions import Interventions, Routing, for_call
 from .loader import ModelWeights, MoEWeights, load_checkpoint
-from .cpu_weights import CpuModelWeights, ffn, linear
+from .cpu_weights import CpuModelWeights, dense, dense_all, ffn, linear
 from .moe import moe_layer
 from .ops import backend as backends
 from .ops.attention import attention_block_decode_cpu
+from .ops.packed import PackedWeight
 from .ops.norm import rms_norm_ref as rms_norm
 from .runner import Runner, runs_packed
 from .taps import LAYER_TAPS, Capture, TokenIndex, all_tap_names
@@ -151,7 +152,8 @@ class Model:
                             for l in range(config.num_hidden_layers)]
         self._runners: dict[str, Runner] = {}  # Model._runner
         hd = config.head_dim
-        self._cpu: CpuModelWeights | None = None  # packed copy for backend="cpu" (cpu_weights.py)
+        self._cpu: CpuModelWeights | None = None  # the packed weights for backend="cpu": once made,
+        # the only copy (self.weights then holds views of them; cpu_weights.py)
         if self.backend == "cpu":
             self._cpu_weights()
         self._rope_rows = None   # (cos, sin) table, Model._rope_table
@@ -343,7 +345,7 @@ class Model:
             if isinstance(lw.mlp, MoEWeights):
                 x = rows.scatter(x, self._moe(rows.gather(h), rows.gather(x), lw.mlp, lc, l, call))
             else:
-                x = x + tap(n.mlp_out, ffn(h, lw.mlp.gate_up, lw.mlp.down, None if lc is None else lc.dense))
+                x = x + tap(n.mlp_out, ffn(h, lw.mlp, None if lc is None else lc.dense))
             x = tap(n.resid_post, x)
         if call.col is None:  # the captured step's bookkeeping is DecodeGraphs.step's
             call.cache.advance(call.start + call.ids.shape[1], call.mask, call.counts)
@@ -444,10 +446,11 @@ class Model:
         """h [n, D] in the model dtype times the lm_head: [n, V] in the model dtype, no final norm
         (the lens decodes through this). An unquantized lm_head: torch's product; a quantized one
         (quant_lm_head): the model's own path (the cpu backend's packed kernels, else a
-        dequantized view), so the lens reads what the model computes."""
+        dequantized view), so the lens reads what the model computes. An unquantized lm_head the
+        cpu backend holds only as panels is unpacked for the call (exact: torch's product too)."""
         w = self.weights.lm_head
-        if isinstance(w, torch.Tensor):
-            return h @ w.t()
+        if isinstance(w, torch.Tensor) or isinstance(getattr(w, "packed", None), PackedWeight):
+            return h @ dense(w, self.dtype).t()
         with self._lock:
             return linear(h, *self._runner(self.backend).head(w, self.dtype))
 
@@ -645,7 +648,7 @@ class Model:
         if lc is not None and runs_packed(lc.qkv, B * T, h.dtype):  # cpu backend: one packed q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
-            q, k, v = h @ lw.q.t(), h @ lw.k.t(), h @ lw.v.t()
+            q, k, v = (h @ w.t() for w in dense_all((lw.q, lw.k, lw.v), h.dtype))  # cpu: one unpacking
         q = q.reshape(B, T, H, hd).transpose(1, 2)
         k = k.reshape(B, T, Hkv, hd).transpose(1, 2)
         v = v.reshape(B, T, Hkv, hd).transpose(1, 2)

@@ -9,7 +9,8 @@ buffer width of this call, F expert width, S shared width.
     topk_ids, topk_weights, router_probs = route(router_logits, K, mask, force, renormalize)
     expert_out[t, j] = FFN_{topk_ids[t, j]}(u[t])   [N, k_max, D]  unweighted (the lens tap)
     shared_out = FFN_shared(u)                      [N, D]   one dense SwiGLU (torch: GEMMs;
-                                           cpu: the expert kernel with E = 1; cuda/emu: shared_expert.cu)
+                              cpu: cpu_weights.one_expert, the expert kernel with E = 1;
+                              cuda/emu: shared_expert.cu)
     resid_post = combine(expert_out, topk_weights, shared_out, residual=resid_mid)
 
 Taps written here: blocks.{l}.moe.hook_in, hook_router_logits, hook_router_probs,
@@ -24,7 +25,7 @@ import torch
 
 from .interventions import Routing
 from .loader import MoEWeights
-from .cpu_weights import CpuMoEWeights, QuantExperts, expert_ffn_packed
+from .cpu_weights import CpuMoEWeights, expert_ffn_packed, one_expert
 from .ops.combine import combine
 from .ops.expert_ffn import expert_ffn, shared_expert_cuda, swiglu
 from .ops.packed import linear_cpu
@@ -76,11 +77,10 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
     on_device = backend in ("cuda", "emu") and w.ep is None
     if k > 0 and w.ep is not None:  # expert parallelism: this rank's experts + the exchange
         expert_out = w.ep.expert_ffn(u, ids, w, cpu, backend=backend)   # (distributed.py)
-    elif k > 0 and cpu is not None and isinstance(cpu.experts, QuantExperts):
+    elif k > 0 and cpu is not None:  # the packed experts (w holds only views of them)
         expert_out = expert_ffn_packed(u, ids, cpu.experts)
     elif k > 0 or on_device:
-        expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend,
-                                packed=None if cpu is None else cpu.experts)
+        expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend)
     else:  # shared experts only: nothing routed
         expert_out = torch.zeros((u.shape[0], routing.k_max, u.shape[1]), dtype=u.dtype, device=u.device)
     if want(pre + "hook_expert_out"):
@@ -92,8 +92,7 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         elif cpu is None:
             shared = swiglu(u, w.shared.gate_up, w.shared.down)
         else:
-            every_token = torch.zeros((u.shape[0], 1), dtype=torch.int32)
-            shared = expert_ffn_packed(u, every_token, cpu.shared).view(u.shape)
+            shared = one_expert(u, cpu.shared)
         shared_out = t(pre + "hook_shared_out", shared)
     want_routed = want(pre + "hook_routed_out") or want(f"blocks.{l}.hook_mlp_out")
     out, routed = combine(expert_out, weights, ids, shared_out, resid_mid, backend=backend,

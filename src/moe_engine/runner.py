@@ -15,13 +15,15 @@ one product (B x T for attention and dense GEMMs, the valid tokens N for the MoE
                                                                    in one C++ call
     cpu        any n: quantized weights, or use_packed(n)          packed kernels (ops/packed.py,
                (n <= SMALL_N, or bf16 without AVX-512 BF16)        ops/quant.py), else torch's GEMM
+                                                                   on weights unpacked for the call
     cuda       CUDA graphs on (Model(cuda_graph=...)), T = 1, no   graph_step: the decode step replays
                attention_mask, a cache with a free column, rope    a captured graph (graphs.py); it
                rows precomputed for the position; "call" routing,  falls back to the rows below for
                no patch, no grad                                   per-position/token controls, patches
     cuda, emu  MoE layer, N <= DECODE_MAX_T (else align + GEMM)    moe_decode (csrc/cuda)
     cuda, emu  attention, norms, dense GEMMs                       PyTorch
-    torch      everything; quantized weights dequantized per call  PyTorch reference ops
+    torch      everything; weights held as quantized tensors or    PyTorch reference ops
+               cpu panels made dense per call
 
 one_call = CpuModelWeights.one_call (which models the one-call C++ paths read). Every path gives
 the same bits as the op-by-op cpu path it replaces (tests/test_model_backends.py); each row
@@ -122,8 +124,8 @@ class Runner:
 
     def layer(self, l: int, lw, dtype: torch.dtype):
         """(weights, packed weights or None) of layer l as this backend reads them: the cpu
-        backend's packed copy, or (every other backend) a dequantized view of quantized weights
-        for this call only."""
+        backend's packed weights (with `lw`, whose linears are views of them), or (every other
+        backend) tensors made for this call only from quantized weights or cpu panels."""
         if self.packed is not None:
             return lw, self.packed.layers[l]
         from .loader import dequantized_layer

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import moe_engine
 from moe_engine import Capture, TapRequest
 from moe_engine.config import ConfigError, ModelConfig
+from moe_engine.cpu_weights import dense
 from moe_engine.loader import CheckpointError, load_checkpoint
 from moe_engine.model import KVCache, Model, set_threads
 
@@ -145,7 +146,8 @@ def test_nonfinite_weight_refused_by_name(tiny_ckpt, copy_ckpt, value):
                                               rf"{int(value == float('inf'))} Inf.*allow_nonfinite"):
         Model.load(d, progress=False)
     m = Model.load(d, progress=False, allow_nonfinite=True)  # the escape hatch loads it as it is
-    assert not bool(torch.isfinite(m.weights.layers[2].mlp.experts_down[5]).all())
+    down = dense(m.weights.layers[2].mlp.experts_down, m.dtype)  # the cpu backend holds panels
+    assert not bool(torch.isfinite(down[5]).all())
 
 
 def test_truncated_while_loading_is_a_checkpoint_error(tiny_ckpt, copy_ckpt, monkeypatch):
@@ -230,13 +232,16 @@ def test_set_threads_refuses(n):
     assert torch.get_num_threads() == before
 
 
-def test_kernels_cap_their_threads(model):
+def test_kernels_cap_their_threads(model, tiny_ckpt):
     """Past set_threads (torch.set_num_threads directly), the C++ kernels still cap their
-    OpenMP regions at 4x the CPUs, so a pack or decode step with 1000 requested runs."""
+    OpenMP regions at 4x the CPUs, so a pack with 1000 requested runs. (The model's own weights
+    are packed already, and packing them again is refused by name.)"""
+    from moe_engine.cpu_weights import CpuModelWeights
+    with pytest.raises(ValueError, match="already packed"):
+        CpuModelWeights.pack(model.weights)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1000)
-        from moe_engine.cpu_weights import CpuModelWeights
-        CpuModelWeights.pack(model.weights)
+        CpuModelWeights.pack(load_checkpoint(tiny_ckpt, progress=False)[1])
     finally:
         torch.set_num_threads(before)

@@ -7,9 +7,11 @@ each panel contiguous: bf16 [ceil(K/2)][32][2] (k pairs interleaved: the operand
 vdpbf16ps, so a token's (x[k], x[k+1]) broadcast times one 64-byte load gives 16 lanes of
 partial dot products with no horizontal sums); fp32 [K][32]. A gate|up weight [E, 2F, D] packs
 gate rows 16p..16p+15 and up rows 16p..16p+15 into panel p, so a panel yields 16 SiLU(gate)*up
-outputs in its epilogue. The copy is made once, at load time (Model keeps it per layer).
+outputs in its epilogue. The copy is made once, at load time (Model keeps it per layer), and
+is the cpu backend's only copy: unpack_weight rebuilds the [E, N, K] tensor when a path needs one.
 
     linear_cpu(x, W) = x W^T      [T, N]   for small T (decode); large T goes to torch GEMMs
+    unpack_weight(W) = W          [E, N, K] the exact values, made on demand and not kept
 """
 from __future__ import annotations
 
@@ -52,6 +54,40 @@ def pack_weight(w: torch.Tensor, gate_up: bool = False) -> PackedWeight:
     p.src, p.dst, p.dtype, p.E, p.N, p.K, p.gate_up = w3.data_ptr(), data.data_ptr(), dt, E, N, K, gate_up
     mod.pack_weights_cpu(p)
     return PackedWeight(data, w3.dtype, E, N, K, gate_up)
+
+
+# Lanes per panel and gate (or up) rows per gate|up panel: kPanel and kHalf of csrc/cpu/common.h.
+_PANEL, _HALF = 32, 16
+
+
+def unpack_weight(w: PackedWeight) -> torch.Tensor:
+    """The weight [E, N, K] that pack_weight packed, bit for bit (the inverse of the layout
+    above: panel q, k-group g, lane l, element k % ks at [q][g][l][k % ks], ks = 2 for bf16).
+    A fresh tensor each call: the caller uses it and drops it."""
+    if not isinstance(w, PackedWeight):
+        raise TypeError(f"unpack_weight needs a PackedWeight (pack_weight), got {type(w).__name__}")
+    ks = 2 if w.dtype == torch.bfloat16 else 1
+    G = -(-w.K // ks)
+    # One 4-byte word = the ks elements of one row at one k-group (a bf16 pair, or one fp32), so
+    # unpacking is a transpose of words: several times faster than moving 2-byte elements.
+    words = w.data.view(torch.int32)
+    out = torch.empty((w.E, w.N, w.K), dtype=w.dtype)
+    if w.gate_up:  # panel q: lanes 0..15 gate rows 16q.., lanes 16..31 up rows F + 16q..
+        F = w.N // 2
+        n_p = -(-F // _HALF)
+        src = words.view(w.E, n_p, G, 2, _HALF).permute(0, 3, 1, 4, 2)   # [E, 2, n_p, 16, G]
+        dst, rows = out.view(w.E, 2, F, w.K), n_p * _HALF
+    else:
+        n_p = -(-w.N // _PANEL)
+        src = words.view(w.E, n_p, G, _PANEL).permute(0, 1, 3, 2)        # [E, n_p, 32, G]
+        dst, rows = out, n_p * _PANEL
+    if rows == dst.shape[-2] and G * ks == w.K:  # no padding: one copy, word by word
+        dst.view(torch.int32).view(src.shape).copy_(src)
+    else:
+        full = torch.empty((*dst.shape[:-2], rows, G), dtype=torch.int32)
+        full.copy_(src.reshape(full.shape))
+        dst.copy_(full.view(w.dtype)[..., :dst.shape[-2], :w.K])      # [..., rows, G * ks] -> rows, K
+    return out
 
 
 def linear_cpu(x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
