@@ -35,10 +35,10 @@ from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.norm import rms_norm_ref
 from .ops.packed import PackedWeight, linear_cpu, pack_weight
-from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
-                        linear_q_cpu, pack_quantized)
+from .ops.quant import (CudaQExperts, CudaQWeight, PackedQWeight, dequantize_packed, expert_ffn_q_cpu,
+                        expert_ffn_q_workspace_bytes, linear_q_cpu, linear_q_cuda, pack_quantized)
 from .ops.route import control_strides
-from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
+from .quant import QuantError, QuantizedWeight
 from .runner import SMALL_N, runs_packed, use_packed  # the path rule (runner.py)
 
 # Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
@@ -83,17 +83,9 @@ class PackedRows:
 
 
 def _repack(qw: QuantizedWeight, gate_up: bool = False) -> PackedQWeight:
-    """pack_quantized of a QuantizedWeight. The kernels take true zero points; the stored qzeros
-    need + zero_offset (quant.py), so they are rewritten when the offset is not 0."""
-    qzeros = qw.qzeros
-    if qw.zero_offset:
-        z = unpack_cols(qw.qzeros, qw.bits) + qw.zero_offset
-        if int(z.max()) >= 1 << qw.bits:
-            raise QuantError(f"a {qw.bits}-bit zero point reads {int(z.max())} (stored "
-                             f"{int(z.max()) - qw.zero_offset} + zero_offset {qw.zero_offset}); the quantized "
-                             f"kernels take zeros in [0, {(1 << qw.bits) - 1}]")
-        qzeros = pack_cols(z, qw.bits)
-    return pack_quantized(qw.qweight, qw.scales, qzeros, qw.bits, qw.group_size, qw.sym, gate_up=gate_up)
+    """pack_quantized of a QuantizedWeight (the kernels take true zero points: kernel_qzeros)."""
+    return pack_quantized(qw.qweight, qw.scales, qw.kernel_qzeros(), qw.bits, qw.group_size, qw.sym,
+                          gate_up=gate_up)
 
 
 def _pack_linears(ws: list, what: str, gate_up: bool = False):
@@ -379,10 +371,12 @@ def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
     return d
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | PackedQWeight | CudaQWeight | None) -> torch.Tensor:
     """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise; a quantized
-    packed weight (the only copy) at every size."""
+    packed weight (the only copy) at every size, on the cpu or (CudaQWeight) the CUDA kernels."""
     n = x.numel() // x.shape[-1]
+    if isinstance(packed, CudaQWeight):  # cuda / emu: the repacked weight (cuda_weights.py)
+        return linear_q_cuda(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
     if isinstance(packed, PackedQWeight):
         return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
     if packed is None or not use_packed(n, x.dtype):
@@ -390,13 +384,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None) -> tor
     return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
 
 
-def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, packed: CpuExperts | None) -> torch.Tensor:
+def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+        packed: CpuExperts | QuantExperts | CudaQExperts | None) -> torch.Tensor:
     """A dense SwiGLU MLP: the fused expert kernel (as one expert) for few tokens, else torch;
-    quantized experts (the only copy) at every size."""
+    quantized experts at every size, on the cpu or (CudaQExperts) the CUDA kernels."""
     n = x.numel() // x.shape[-1]
     if packed is None or not runs_packed(packed, n, x.dtype):
         return swiglu(x, gate_up, down)
     x2 = x.reshape(n, x.shape[-1]).contiguous()
+    if isinstance(packed, CudaQExperts):  # cuda / emu: dense mode, every token through expert 0
+        return packed(x2, None).view(x.shape)
     every_token = torch.zeros((n, 1), dtype=torch.int32)
     return expert_ffn_packed(x2, every_token, packed).view(x.shape)
 

@@ -371,14 +371,17 @@ def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]
     return out, dtypes
 
 
-def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
+def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype, keep=None) -> "LayerWeights":
     """The layer with every quantized linear (a QuantizedWeight, or the cpu backend's
     cpu_weights.PackedRows view of its packed copy: anything not a Tensor, each with
     dequantize(dtype)) replaced by its dequantized tensor in `dtype` (the PyTorch reference's
     view of a quantized model, made when asked and not kept); `lw` itself when nothing in it
-    is quantized."""
+    is quantized. keep(w) -> True leaves w as it is (the parts cuda_weights.py runs quantized)."""
+    def kept(w) -> bool:
+        return isinstance(w, Tensor) or (keep is not None and keep(w))
+
     def dq(w):
-        return w if isinstance(w, Tensor) else w.dequantize(dtype)
+        return w if kept(w) else w.dequantize(dtype)
 
     def mlp(m):
         return None if m is None else DenseMLPWeights(dq(m.gate_up), dq(m.down))
@@ -390,7 +393,7 @@ def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
             parts += [lw.mlp.shared.gate_up, lw.mlp.shared.down]
     else:
         parts += [lw.mlp.gate_up, lw.mlp.down]
-    if all(isinstance(w, Tensor) for w in parts):
+    if all(kept(w) for w in parts):
         return lw
     m = lw.mlp
     new_mlp = (MoEWeights(m.router, dq(m.experts_gate_up), dq(m.experts_down), mlp(m.shared), m.ep)

@@ -5,7 +5,9 @@ ending the process half way through a 30 GB read.
 Estimate = the weights in the format they will be held in (quantized linears as their GPTQ
 tensors, the rest in the load dtype) + the cpu backend's packed copy of what stays in the load
 dtype (router, lm_head, unquantized linears; a quantized linear is repacked into quantized panels
-that replace its GPTQ tensors, cpu_weights.py, so it is counted once) + the KV cache
+that replace its GPTQ tensors, cpu_weights.py, so it is counted once), or the cuda / emu
+backends' repacked copy of a bf16 model's quantized linears (cuda_weights.py: kept beside the GPTQ
+tensors, so counted twice) + the KV cache
 for `context` tokens of one sequence + a fixed allowance for the runtime (torch, buffers).
 Available = MemAvailable of /proc/meminfo, lowered to the cgroup's limit minus its usage when
 the process runs in a memory-limited cgroup (containers).
@@ -55,6 +57,10 @@ def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
         packed = sum(math.prod(shape) * el for name, shape in layout.items()
                      if (spec is None and QUANTIZABLE.fullmatch(name)) or name.endswith("mlp.gate.weight")
                      or name == "lm_head.weight")
+    elif backend in ("cuda", "emu") and spec is not None and dtype == torch.bfloat16:
+        # cuda_weights.py: the quantized linears repacked for the CUDA kernels beside their GPTQ
+        # tensors (about their size; the qrow layout pads K to 32 and groups to 4 words a row)
+        packed = layout_nbytes({n: s for n, s in layout.items() if QUANTIZABLE.fullmatch(n)}, el, spec)
     ctx = config.max_position_embeddings if context is None else context
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
         raise ValueError(f"context = {context!r}; expected a positive number of tokens")

@@ -15,8 +15,14 @@ one product (B x T for attention and dense GEMMs, the valid tokens N for the MoE
                                                                    in one C++ call
     cpu        any n: quantized weights, or use_packed(n)          packed kernels (ops/packed.py,
                (n <= SMALL_N, or bf16 without AVX-512 BF16)        ops/quant.py), else torch's GEMM
+    cuda, emu  quantized bf16 model (cuda_weights.py, repacked     routed experts: moe_decode_q,
+               at load): MoE layer, N <= DECODE_MAX_T (else        else align + expert_gemm_q; shared
+               align + GEMM); every quantized linear whose         experts and dense MLP: the same in
+               sizes are multiples of 8                            dense mode; q|k|v, o: linear_q_cuda
     cuda, emu  MoE layer, N <= DECODE_MAX_T (else align + GEMM)    moe_decode (csrc/cuda)
-    cuda, emu  attention, norms, dense GEMMs                       PyTorch
+    cuda, emu  attention, norms, dense GEMMs                       PyTorch (quantized weights that the
+                                                                   row above does not take: dequantized
+                                                                   per call)
     torch      everything; quantized weights dequantized per call  PyTorch reference ops
 
 one_call = CpuModelWeights.one_call (which models the one-call C++ paths read). Every path gives
@@ -49,19 +55,27 @@ def runs_packed(packed, n: int, dtype: torch.dtype) -> bool:
     """Whether an n-token product with these packed weights runs on the packed kernels: always
     for quantized ones (there is no dense copy to hand to torch), else use_packed."""
     from .cpu_weights import QuantExperts
-    from .ops.quant import PackedQWeight
-    return isinstance(packed, (PackedQWeight, QuantExperts)) or use_packed(n, dtype)
+    from .ops.quant import CudaQExperts, CudaQWeight, PackedQWeight
+    if packed is None:  # cuda / emu: a part the quantized kernels do not hold (torch's GEMM)
+        return False
+    return isinstance(packed, (PackedQWeight, QuantExperts, CudaQWeight, CudaQExperts)) or use_packed(n, dtype)
 
 
 class Runner:
     """The path rule for calls on one backend (the table above). `packed` is the model's
-    CpuModelWeights for backend "cpu", else None. Cheap: one per (model, backend)."""
+    CpuModelWeights for backend "cpu", else None; `quant` the model's cuda_weights.CudaModelWeights
+    for backend "cuda" / "emu" when it has quantized weights the kernels take, else None. Cheap:
+    one per (model, backend)."""
 
-    def __init__(self, backend: str, packed=None):
+    def __init__(self, backend: str, packed=None, quant=None):
         if (backend == "cpu") != (packed is not None):
             raise ValueError(f"Runner: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
+        if quant is not None and backend not in ("cuda", "emu"):
+            raise ValueError(f"Runner: repacked quantized weights go with backend 'cuda' or 'emu' only "
+                             f"(backend={backend!r})")
         self.backend = backend
         self.packed = packed
+        self.quant = quant
         # CpuModelWeights.one_call is the single rule for which models the one-call paths read
         self.one_call = packed is not None and packed.one_call
         if packed is not None:  # the model's RMSNorm: one C++ call for few tokens
@@ -101,9 +115,12 @@ class Runner:
 
     def layer(self, l: int, lw, dtype: torch.dtype):
         """(weights, packed weights or None) of layer l as this backend reads them: the cpu
-        backend's packed copy, or (every other backend) a dequantized view of quantized weights
-        for this call only."""
+        backend's packed copy, the cuda / emu backends' repacked quantized parts
+        (cuda_weights.CudaLayerWeights; the rest dequantized for this call), or (every other
+        backend) a dequantized view of quantized weights for this call only."""
         if self.packed is not None:
             return lw, self.packed.layers[l]
+        if self.quant is not None:
+            return self.quant.layer(l, lw, dtype)
         from .loader import dequantized_layer
         return dequantized_layer(lw, dtype), None
