@@ -7,7 +7,9 @@ the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E
 K top-k, F expert width, V vocab, L layers.
 
 The MoE layer runs on the selected backend's kernels (src/moe_engine/moe.py); attention, norms and
-the dense GEMMs are PyTorch on every backend. Batches are left-padded: every sequence ends at the
+the dense GEMMs are PyTorch on every backend, except a quantized model's linears (the cpu
+backend's packed kernels, cpu_weights.py; cuda / emu: the quantized CUDA kernels, cuda_weights.py;
+runner.py has the rule). Batches are left-padded: every sequence ends at the
 same cache column, so a decode step appends one column for all of them. Pad tokens never reach
 the MoE layer (it sees only the N valid tokens), so they neither count in the expert usage nor
 appear in taps.
