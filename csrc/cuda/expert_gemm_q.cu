@@ -13,6 +13,7 @@
 //   (topk_ids given, down), dense mode (slot lists null: row i is slot i, expert 0).
 //
 // Algorithm: expert_gemm's CTA tiles, warp layout, A gather (cp.async, XOR swizzle) and
+//   (from the same code, csrc/cuda/expert_gemm_common.cuh: tile rows, mma k-tile, epilogue)
 //   ldmatrix + mma.sync.m16n8k16 bf16 main loop with fp32 accumulators; only W differs. Each
 //   stage of the cp.async ring holds the A tile and the raw codes of the CTA's 128 weight rows for
 //   64 k (32 B a row at 4 bits, 64 B at 8; one or two 16-byte chunks per thread and row pair, no
