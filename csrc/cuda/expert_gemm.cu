@@ -15,7 +15,8 @@
 //   skips sentinel slots by id either way).
 //
 // Algorithm (tiles, tile rows, mma k-tile and epilogue in csrc/cuda/expert_gemm_common.cuh,
-//   shared with expert_gemm_q.cu): one CTA per (BM-row tile, N tile). A rows are gathered through sorted_slots straight
+//   shared with expert_gemm_q.cu): one CTA per (BM-row tile, N tile). A rows are gathered
+//   through sorted_slots straight
 //   from x (no activation copy). K is walked in steps of 64 (one 128-byte smem row per tile row)
 //   through a cp.async ring of STAGES buffers (zero-fill for padding rows and the N / K tails);
 //   fragments come from XOR-swizzled smem (chunk ^ (row & 7): the 8 rows one ldmatrix phase
