@@ -3,16 +3,21 @@
     python bench/contention.py                       # bench-small bf16, 2 threads, 0 / 1 / 4 burners
     python bench/contention.py --burners 0,4 --seconds 5 --env OMP_WAIT_POLICY=active --json
 
+For each burner count it measures both decode teams (--modes): `fixed` (every step on --threads
+threads, MOE_ENGINE_ADAPT_THREADS=0) and `adaptive` (the team follows the machine,
+src/moe_engine/decode_threads.py, MOE_ENGINE_ADAPT_THREADS=1), one right after the other, then
+prints issue 12's targets as ratios against the fixed team's idle row: the adaptive idle speed
+(>= 0.97), and beside 4 the speed (>= 0.35) and the p90 step (<= 4x).
 Every measurement runs in a fresh Python process (OpenMP reads its wait settings once, when torch
 loads it), times single-sequence decode steps of the cpu backend for --seconds, and reports
-tokens/s, the p50 / p90 step time, how often the decode step changed its thread team
-(src/moe_engine/decode_threads.py; opt-in with --env MOE_ENGINE_ADAPT_THREADS=1) and the machine's
-1-minute load average before the burners start (other jobs: the measurement means little when it
-is high). Burners are plain busy loops, started before the measurement and killed after it;
-the whole run takes about (burner counts) x (--seconds + load time). `--env NAME=VALUE` (repeatable) sets variables for the measured process only, e.g. to
-compare with the OpenMP default (`OMP_WAIT_POLICY=active`, or `MOE_ENGINE_SPIN=default`, which
-leaves libgomp's own settings; see src/moe_engine/__init__.py). The last line under --json is one
-JSON object.
+tokens/s, the p50 / p90 step time, how often the decode step changed its thread team and the share
+of its steps on fewer threads (warm-up and probes included), and the machine's 1-minute load
+average before the burners start (other jobs: the measurement means little when it is high).
+Burners are plain busy loops, started before the measurement and killed after it; the whole run
+takes about (modes) x (burner counts) x (--repeat) x (--seconds + load time). `--env NAME=VALUE`
+(repeatable) sets variables for the measured process only, e.g. to compare with the OpenMP default
+(`OMP_WAIT_POLICY=active`, or `MOE_ENGINE_SPIN=default`, which leaves libgomp's own settings; see
+src/moe_engine/__init__.py). The last line under --json is one JSON object.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ while time.perf_counter() < t_end:
     t = time.perf_counter()
     m.forward(tok, cache=cache, logits="last")
     steps.append(time.perf_counter() - t)
-print(json.dumps({"steps": steps, "switches": m._cpu_weights().threads.switches}))
+ctl = m._cpu_weights().threads
+print(json.dumps({"steps": steps, "switches": ctl.switches, "teams": ctl.teams}))
 """
 
 
@@ -78,10 +84,51 @@ def measure(path: str, threads: int, seconds: float, burners: int, env: dict[str
         raise SystemExit(f"error: the measuring process failed:\n{out.stderr[-2000:]}")
     child = json.loads(out.stdout.strip().splitlines()[-1])
     steps = sorted(child["steps"])
+    if len(steps) < 2:  # a p90 needs two; the table shows how few there were
+        raise SystemExit(f"error: {len(steps)} decode step(s) beside {burners} burners; "
+                         f"expected >= 2 (raise --seconds)")
     q = statistics.quantiles(steps, n=10)
+    teams = {int(k): v for k, v in child["teams"].items()}
+    fewer = sum(v for k, v in teams.items() if k < threads)
     return {"burners": burners, "steps": len(steps), "tok_s": len(steps) / sum(steps),
             "p50_ms": 1e3 * statistics.median(steps), "p90_ms": 1e3 * q[8],
-            "switches": child["switches"], "load": load}
+            "switches": child["switches"], "fewer": fewer / max(1, sum(teams.values())), "load": load}
+
+
+def _median_rows(runs: list[dict]) -> dict:
+    """One row from --repeat runs of the same measurement: the median of each number."""
+    row = dict(runs[0])
+    for k in ("tok_s", "p50_ms", "p90_ms", "switches", "fewer", "load", "steps"):
+        row[k] = statistics.median(r[k] for r in runs)
+    row["runs"] = [r["tok_s"] for r in runs]
+    return row
+
+
+def targets(rows: dict[tuple[str, int], dict]) -> list[tuple[str, float, str, bool | None]]:
+    """Issue 12's targets from the rows {(mode, burners): row}: (what, value, target, met; None
+    where the issue sets no target, e.g. beside 1); ratios whose rows are missing are left out. Speeds and p90s of the busy rows are measured against the FIXED team's
+    idle row (today's default before the adaptive team), and the adaptive team's idle speed
+    against it too."""
+    out = []
+    fixed0, adapt0 = rows.get(("fixed", 0)), rows.get(("adaptive", 0))
+    if fixed0 and adapt0:
+        r = adapt0["tok_s"] / fixed0["tok_s"]
+        out.append(("adaptive idle speed / fixed idle speed", r, ">= 0.97", r >= 0.97))
+    for mode in ("fixed", "adaptive"):
+        for n in sorted({b for (m, b) in rows if m == mode and b}):
+            row = rows[(mode, n)]
+            if fixed0:
+                r = row["tok_s"] / fixed0["tok_s"]
+                out.append((f"{mode} beside {n}: speed / fixed idle speed", r, ">= 0.35" if n == 4 else "", r >= 0.35 if n == 4 else None))
+                r = row["p90_ms"] / fixed0["p90_ms"]
+                out.append((f"{mode} beside {n}: p90 / fixed idle p90", r, "<= 4" if n == 4 else "", r <= 4 if n == 4 else None))
+            own = rows.get((mode, 0))
+            if own and mode == "adaptive":
+                out.append((f"{mode} beside {n}: speed / its own idle speed", row["tok_s"] / own["tok_s"], "", None))
+    return out
+
+
+MODES = {"fixed": "0", "adaptive": "1"}  # MOE_ENGINE_ADAPT_THREADS of the measured process
 
 
 def main(argv=None) -> int:
@@ -90,7 +137,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a checkpoint directory instead of --preset (default: none)")
     ap.add_argument("--threads", type=int, default=2, help="decode threads (default: %(default)s)")
     ap.add_argument("--burners", default="0,1,4", help="numbers of busy processes beside it (default: %(default)s)")
+    ap.add_argument("--modes", default="fixed,adaptive",
+                    help="decode teams to measure: fixed (every step on --threads), adaptive "
+                         "(src/moe_engine/decode_threads.py) (default: %(default)s)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed decode per measurement (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measurements per row, alternating the modes' order; rows show medians (default: %(default)s)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="environment of the measured process, repeatable (default: none)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object (default: off)")
@@ -100,6 +152,13 @@ def main(argv=None) -> int:
         env = dict(e.split("=", 1) for e in args.env)
     except ValueError:
         ap.error(f"--burners {args.burners!r} / --env {args.env}: expected '0,1,4' and NAME=VALUE")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        ap.error(f"--modes {args.modes!r}: expected a comma-separated subset of {', '.join(MODES)}")
+    if "MOE_ENGINE_ADAPT_THREADS" in env:
+        ap.error("--env MOE_ENGINE_ADAPT_THREADS: set by --modes (fixed: 0, adaptive: 1)")
+    if any(n < 0 for n in counts) or not 1 <= args.repeat <= 10:
+        ap.error(f"--burners {args.burners!r} / --repeat {args.repeat}: expected counts >= 0 and 1..10 repeats")
     if not 0 < args.seconds <= 60 or not 1 <= args.threads <= (os.cpu_count() or 1):
         ap.error(f"--seconds {args.seconds} / --threads {args.threads}: expected 0 < s <= 60 and "
                  f"1..{os.cpu_count()} threads")
@@ -108,22 +167,31 @@ def main(argv=None) -> int:
         if path is None:
             from moe_engine.synthetic import make_checkpoint
             path = str(make_checkpoint(tmp, args.preset))
-        rows = []
-        print(f"{'beside':>6} {'tok/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'steps':>6} {'teams':>6} {'load':>5}"
-              f"   env {env or 'default'}")
+        rows: dict[tuple[str, int], dict] = {}
+        print(f"{'team':>8} {'beside':>6} {'tok/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'steps':>6} "
+              f"{'switches':>8} {'fewer':>6} {'load':>5}   env {env or 'default'}")
         for n in counts:
-            r = measure(path, args.threads, args.seconds, n, env)
-            rows.append(r)
-            print(f"{n:>6} {r['tok_s']:8.1f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['steps']:6d} "
-                  f"{r['switches']:6d} {r['load']:5.1f}", flush=True)
-    idle = next((r for r in rows if r["burners"] == 0), None)
-    if idle:
-        for r in rows:
-            if r["burners"]:
-                print(f"beside {r['burners']}: {100 * r['tok_s'] / idle['tok_s']:.0f}% of idle speed, "
-                      f"p90 {r['p90_ms'] / idle['p90_ms']:.1f}x idle")
+            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            for rep in range(args.repeat):
+                # alternate the order so that a drift of the machine's load favours neither mode
+                for mode in (modes if (rep + n) % 2 == 0 else modes[::-1]):
+                    runs[mode].append(measure(path, args.threads, args.seconds, n,
+                                              {**env, "MOE_ENGINE_ADAPT_THREADS": MODES[mode]}))
+            for mode in modes:
+                r = rows[(mode, n)] = {"mode": mode, **_median_rows(runs[mode])}
+                print(f"{mode:>8} {n:>6} {r['tok_s']:8.1f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} "
+                      f"{int(r['steps']):6d} {r['switches']:8g} {100 * r['fewer']:5.1f}% {r['load']:5.1f}", flush=True)
+    checks = targets(rows)
+    for what, value, target, met in checks:
+        verdict = "" if met is None else ("  met" if met else "  NOT met")
+        print(f"{what:48s} {value:6.2f}  {target:>7s}{verdict}")
+    busiest = max((r["load"] for r in rows.values()), default=0.0)
+    if checks and busiest > (os.cpu_count() or 1):
+        print(f"note: the load average before a row reached {busiest:.1f} on {os.cpu_count()} cores: other "
+              f"jobs were running, so the 'beside 0' rows were busy rows and the verdicts say little")
     if args.json:
-        print(json.dumps({"threads": args.threads, "env": env, "rows": rows}))
+        print(json.dumps({"threads": args.threads, "env": env, "rows": list(rows.values()),
+                          "targets": [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks]}))
     return 0
 
 

@@ -4,7 +4,8 @@
 # + ~9 GB (int4) under $MOE_FULL16B_DIR (default ~/.cache/moe_engine/full16b), made once, reused.
 #
 #   bash bench/full16b.sh      # env: THREADS (2), GEN new tokens (32), PROMPT prefill tokens (512),
-#                              # FORMATS (bf16 int8 int4 int4-on-load)
+#                              # FORMATS (bf16 int8 int4 int4-on-load), LM_HEAD_INT8 (0; 1: every
+#                              # format quantizes the lm_head to 8 bits on load, --quant-lm-head)
 #
 # Per format one bench/throughput.py run (load time, peak resident memory, prefill and decode
 # tokens/s, the fraction of the bandwidth floor; its JSON goes to $DIR/FORMAT.json), then
@@ -41,6 +42,7 @@ for fmt in $FORMATS; do
     int4-on-load) src=bf16 q=(--quant int4 --group-size 64) ;;
     *) src=$fmt q=() ;;
   esac
+  [ "${LM_HEAD_INT8:-0}" = 1 ] && q+=(--quant-lm-head)
   if python bench/throughput.py --model "$DIR/$src" "${q[@]}" --threads "$THREADS" --prompt-len "$PROMPT" \
        --gen-len "$GEN" --reps 1 --moe-tokens 1 --json >"$DIR/$fmt.out" 2>"$DIR/$fmt.err"; then
     tail -n 1 "$DIR/$fmt.out" >"$DIR/$fmt.json"

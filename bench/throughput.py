@@ -128,6 +128,9 @@ def load_model(args):
     from moe_engine.synthetic import make_checkpoint
     device = "cuda" if args.backend == "cuda" else "cpu"
     q = {} if args.quant is None else {"quant": args.quant, "group_size": args.group_size, "sym": args.sym}
+    q["cuda_graph"] = False if args.no_cuda_graph else None
+    if args.quant_lm_head:
+        q.update(quant_lm_head=True, group_size=args.group_size, sym=args.sym)
     if args.model:
         return moe_engine.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
                                progress=show_progress(args), **q)
@@ -169,7 +172,7 @@ class Bytes:
                     self.dense += nbytes(m.shared.gate_up, el) + nbytes(m.shared.down, el)
             else:
                 self.dense += nbytes(m.gate_up, el) + nbytes(m.down, el)
-        self.lm_head = w.lm_head.numel() * self.el
+        self.lm_head = nbytes(w.lm_head, el)  # quant_lm_head: its quantized panels
 
     def step(self, distinct_experts: int) -> int:
         return self.dense + self.lm_head + distinct_experts * self.expert
@@ -366,6 +369,9 @@ def main(argv=None):
                     help="comma list of token counts for the per-MoE-layer table (default: the batch "
                          "size and the prefill size)")
     ap.add_argument("--no-generate", action="store_true", help="only the per-MoE-layer table (default: off)")
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="run decode steps op by op instead of replaying a captured CUDA graph "
+                         "(default: graphs on with the cuda backend)")
     ap.add_argument("--profile-overhead", action="store_true",
                     help="cpu backend: split a decode step into time inside the C++ kernels and "
                          "outside them, with the fused MoE-layer call and with the op-by-op path (default: off)")
@@ -378,6 +384,9 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
                     help="--quant group size (default: %(default)s)")
     ap.add_argument("--sym", action="store_true", help="--quant symmetric (default: asymmetric)")
+    ap.add_argument("--quant-lm-head", action="store_true",
+                    help="quantize the lm_head to 8-bit on load (the model's group size and symmetry; "
+                         "default: as the checkpoint stores it)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -400,6 +409,7 @@ def main(argv=None):
               f"{c.max_position_embeddings - args.gen_len}", file=sys.stderr)
         raise SystemExit(2)
     qnote = "" if args.quant is None else f" ({args.quant} g{args.group_size} {'sym' if args.sym else 'asym'} linears)"
+    qnote += " (int8 lm_head)" if args.quant_lm_head else ""
     say(f"model {args.model or args.preset}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
         f"E={c.n_routed_experts} F={c.moe_intermediate_size} top-{args.topk or c.num_experts_per_tok}, "
         f"{args.dtype}{qnote}, backend {model.backend}{cpu_isa_note()}, loaded in {load_s:.1f}s, "
@@ -407,7 +417,9 @@ def main(argv=None):
     result = {"model": args.model or args.preset, "backend": model.backend, "cpu_isa": cpu_isa(), "dtype": args.dtype,
               "quant": None if args.quant is None else {"bits": int(args.quant[3:]), "group_size": args.group_size,
                                                         "sym": args.sym},
+              "quant_lm_head": args.quant_lm_head,
               "threads": args.threads, "topk": args.topk or c.num_experts_per_tok, "batch": args.batch,
+              "cuda_graph": model._graphs is not None,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "read_bandwidth_gb_s": bw / 1e9,
               "load_s": load_s, "rss_after_load_gib": rss_gib()}
 

@@ -260,6 +260,7 @@ PYBIND11_MODULE(MOE_MODULE_NAME, m) {
   MOE_VAL(layer, MoELayerParams, fmt13); MOE_VAL(layer, MoELayerParams, fmt2);
   MOE_VAL(layer, MoELayerParams, shared_fmt13); MOE_VAL(layer, MoELayerParams, shared_fmt2);
   MOE_VAL(ablk, AttnBlockParams, qkv_fmt); MOE_VAL(ablk, AttnBlockParams, o_fmt);
+  MOE_VAL(ds, DecodeStepParams, lm_head_fmt);
   MOE_PTR(ablk, AttnBlockParams, workspace);
 
   m.def("qpack_size_bytes", [](int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up) {

@@ -470,7 +470,8 @@ struct DecodeStepParams {
   bool renormalize;
   int32_t* usage_counts;       // [L, E]; nullable
   const void* final_norm;      // [D] dtype
-  const void* lm_head;         // packed [V, D]
+  const void* lm_head;         // packed [V, D]: bf16/fp32 panels or quantized (lm_head_fmt)
+  QFormat lm_head_fmt;         // bits 0: panels in dtype; 4/8: quantized panels (either_panels.h)
   float* logits;               // [B, V]
   void* workspace;             // decode_step_workspace_bytes(p) bytes, 64-byte aligned
   float eps, scale;

@@ -21,6 +21,7 @@ import moe_engine
 from moe_engine import Capture, TapRequest
 from moe_engine.model import Model
 from moe_engine.ops import available_backends
+from tolerances import TOL
 
 T_ = torch.Tensor
 SYNCS = {T_.item, T_.__bool__, T_.__int__, T_.__float__, T_.__index__, T_.tolist, T_.nonzero, torch.nonzero,
@@ -118,7 +119,95 @@ def test_prefill_with_padding_does_not_sync(emu_model, monkeypatch):
 
 
 def test_a_sync_in_the_loop_is_caught(emu_model, monkeypatch):
-    """The check can fail: a capture whose positions are 'last' selects rows with nonzero()."""
+    """The check can fail: a capture whose positions are a list counts its rows with nonzero()."""
     seen = count_forward_syncs(monkeypatch)
-    emu_model(torch.tensor([[5, 9]]), capture=Capture(TapRequest(["logits"], positions="last")))
+    emu_model(torch.tensor([[5, 9]]), capture=Capture(TapRequest(["logits"], positions=[1])))
     assert seen and "nonzero" in seen[0]
+
+
+def test_capturing_the_last_positions_does_not_sync(emu_model, monkeypatch):
+    """positions="last" selects one row per sequence with a fixed size (nonzero_static)."""
+    seen = count_forward_syncs(monkeypatch)
+    ids, mask = moe_engine.model.left_pad([[5, 9, 11, 300, 2], [17, 4]])
+    cap = Capture(TapRequest(["logits", "blocks.1.moe.hook_topk_ids"], positions="last"))
+    emu_model(ids, attention_mask=mask, capture=cap)
+    assert seen == [[]], f"host syncs inside the layer loop: {seen}"
+    assert cap.rows("logits")[:, :2].tolist() == [[0, 4], [1, 1]]
+
+
+def test_topk_zero_launches_what_any_topk_launches(emu_model, monkeypatch):
+    """k = 0 is data on the device (route writes id -1 / weight 0 past K): the layer loop runs
+    the same ops, kernels included, for K = 0 as for K = k_max, so the launched sequence does
+    not depend on K (the host-side validation before it may differ)."""
+    from moe_engine import moe
+    names: list[str] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    real_forward, real_ffn = Model._forward, moe.expert_ffn
+
+    def recorded(self, call):
+        with Record():
+            return real_forward(self, call)
+
+    def ffn(*a, **kw):
+        names.append("expert_ffn")
+        return real_ffn(*a, **kw)
+    monkeypatch.setattr(Model, "_forward", recorded)
+    monkeypatch.setattr(moe, "expert_ffn", ffn)
+
+    def ops(**kw):
+        names.clear()
+        out = emu_model(torch.tensor([[5, 9, 11]]), **kw)
+        return list(names), out
+    zero, out0 = ops(topk=[None, 0, 0], renormalize=False)
+    two, _ = ops(topk=[None, 2, 2], renormalize=False)
+    assert zero == two and zero.count("expert_ffn") == 2
+    monkeypatch.undo()
+    ref = moe_engine.model.Model.forward(emu_model, torch.tensor([[5, 9, 11]]), topk=[None, 0, 0], backend="torch")
+    atol, rtol = TOL[("model_logits_vs_backend", torch.bfloat16)]
+    torch.testing.assert_close(out0, ref, atol=atol, rtol=rtol)
+
+
+def test_graph_decode_steps_do_not_sync(emu_model, monkeypatch):
+    """The captured decode step (graphs.py) with a fake graph: neither its body (the in-graph
+    setup, full-cache attention over Tkv_cap columns, the layer loop) nor any replay reads a
+    device value, with interventions changing between replays."""
+    from moe_engine.graphs import DecodeGraphs
+
+    class FakeGraph:
+        def __init__(self, device):
+            self.fn = None
+
+        def warmup(self, fn):
+            fn()
+
+        def capture(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+    seen: list[list[str]] = []
+    real = Model._graph_body
+
+    def counted_body(self, *args):
+        body = real(self, *args)
+
+        def run():
+            with SyncCounter() as c:
+                body()
+            seen.append(c.calls)
+        return run
+    monkeypatch.setattr(Model, "_graph_body", counted_body)
+    m = copy.copy(emu_model)
+    m._graphs = DecodeGraphs(FakeGraph)
+    ids, mask = moe_engine.model.left_pad([[5, 9, 11, 300, 2], [17, 4]])
+    kv = m.new_cache(2, 9)
+    tok = m(ids, attention_mask=mask, cache=kv, logits="last").argmax(-1, keepdim=True)
+    for kw in ({}, {"topk": [None, 1, 0]}, {"expert_mask": {1: [0, 2]}}, {"force_experts": {2: 1}}):
+        tok = m(tok, cache=kv, logits="last", usage=m.new_usage_counters(), **kw).argmax(-1, keepdim=True)
+    assert m._graphs.captures == 1
+    assert seen == [[]] * 4, f"host syncs inside the graphed step: {seen}"

@@ -3,8 +3,9 @@ and 4-bit (each group size), and top-1 token agreement with the bf16 weights.
 
 Runs the engine itself (moe_engine.Model, torch backend, fp32 compute) so the only difference
 between rows is the weights: "bf16" is the saved checkpoint, the others are the same checkpoint
-quantized on load (`load(quant=..., group_size=..., sym=...)`, round to nearest, the bits that
-`python -m moe_engine.quantize` writes). Perplexity is tools/eval_small.py's measure (held-out
+quantized on load (`load(quant=..., group_size=..., sym=..., quant_lm_head=...)`, round to
+nearest, the bits that `python -m moe_engine.quantize` writes; "+ int8 lm_head": the lm_head too,
+at 8 bits). Perplexity is tools/eval_small.py's measure (held-out
 documents cut into chunks of <= --chunk tokens, per-chunk mean NLL, domain score exp(mean over
 chunks)); top-1 agreement is the fraction of scored positions whose argmax logit is the same
 token as with the bf16 weights.
@@ -37,10 +38,11 @@ from train_small import EOS, encode_domain, heldout_chunks  # noqa: E402
 import moe_engine  # noqa: E402
 from moe_engine.model import left_pad  # noqa: E402
 
-# (label, quant, group_size, sym); None = the saved bf16 weights
-VARIANTS = [("bf16", None, None, None), ("int8 g128", "int8", 128, False),
-            ("int4 g32", "int4", 32, False), ("int4 g64", "int4", 64, False),
-            ("int4 g128", "int4", 128, False), ("int4 g128 sym", "int4", 128, True)]
+# (label, quant, group_size, sym, quant_lm_head); None = the saved bf16 weights
+VARIANTS = [("bf16", None, None, None, False), ("int8 g128", "int8", 128, False, False),
+            ("int4 g32", "int4", 32, False, False), ("int4 g64", "int4", 64, False, False),
+            ("int4 g128", "int4", 128, False, False), ("int4 g128 sym", "int4", 128, True, False),
+            ("int4 g128 + int8 lm_head", "int4", 128, False, True)]
 
 
 @torch.no_grad()
@@ -77,9 +79,9 @@ def main(argv=None) -> int:
     res = {"chunk_tokens": args.chunk, "compute": "fp32 on the torch backend",
            "ppl": {}, "top1_agreement": {}, "weight_bytes": {}}
     ref_top1 = {}
-    for label, quant, g, sym in VARIANTS:
+    for label, quant, g, sym, head in VARIANTS:
         t0 = time.time()
-        kw = {} if quant is None else {"quant": quant, "group_size": g, "sym": sym}
+        kw = {} if quant is None else {"quant": quant, "group_size": g, "sym": sym, "quant_lm_head": head}
         model = moe_engine.load(args.model, dtype="float32", backend="torch", progress=False, **kw)
         res["ppl"][label], res["top1_agreement"][label] = {}, {}
         for d in DOMAINS:

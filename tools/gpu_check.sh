@@ -16,8 +16,9 @@
 #                first, with the HBM floor (bench/gpu.py, bench/README.md) beside each figure
 #   6. layer     bench/throughput.py --backend cuda --no-generate: the MoE layer in us at the same
 #                T for bench-small and 16b-layer, with floor fractions
-# CUDA graphs: the decode step is not captured yet (issue 15 item 2), so there is no graph
-# on/off pair to run; add `--no-cuda-graph` runs of step 6 when it is.
+#   7. decode    bench/throughput.py --backend cuda on bench-small, generation at batch 1 and 8:
+#                decode steps replaying the captured CUDA graph (src/moe_engine/graphs.py), then
+#                the same with --no-cuda-graph (the op-by-op layer loop)
 #
 # Time on an H100/H200 (16 CPU cores), estimated from the sizes, limits in brackets:
 #   build ~120 s (8 .cu files x 2 architectures, the same as CI's nvcc step) [240 s];
@@ -28,14 +29,16 @@
 #     dequantised on the CPU for the checks) ~40 s per shape [150 s];
 #   layer: 2 models x 5 T x 12 reps; 16b-layer is 2 layers (~2.3 GB of synthetic weights written
 #     and loaded) ~40 s, bench-small ~15 s [180 s].
-#   Sum of the estimates ~4.5 min; of the limits 15 min, but a step that needs its whole limit
-#   has failed anyway. Without the build (--no-build, a prebuilt tree) ~3 min.
+#   decode: 4 runs of bench-small (64-token prompt, 32 steps, 2 reps, one capture each) ~15 s
+#     each [90 s].
+#   Sum of the estimates ~5.5 min; of the limits 16.5 min, but a step that needs its whole limit
+#   has failed anyway. Without the build (--no-build, a prebuilt tree) ~4 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 gpu_present() {
   if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L; then
-    echo "error: no GPU here (nvidia-smi is missing or lists no device); steps 2-6 need one"
+    echo "error: no GPU here (nvidia-smi is missing or lists no device); steps 2-7 need one"
     return 1
   fi
   python - <<'EOF'
@@ -85,5 +88,11 @@ for shape in bench-small 16b; do
 done
 for preset in bench-small 16b-layer; do
   step "layer $preset" 180 python bench/throughput.py --preset "$preset" --backend cuda --no-generate --moe-tokens "$tokens"
+done
+for graph in "" --no-cuda-graph; do
+  for batch in 1 8; do
+    step "decode batch $batch ${graph:-(graph)}" 90 python bench/throughput.py --preset bench-small --backend cuda \
+      --batch "$batch" --prompt-len 64 --gen-len 32 --reps 2 --moe-tokens "$batch" --json $graph
+  done
 done
 log "== all steps passed in $((SECONDS - t0)) s; results in $results"

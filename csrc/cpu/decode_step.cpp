@@ -7,7 +7,8 @@
 // Why: with a C++ call per layer the Python around a small model's decode-step kernels costs
 // a large fraction of the kernels' own time; with this one call a tenth of that
 // (bench/throughput.py --profile-overhead; figures in bench/README.md).
-// Traffic: the weights of the step once (attention, chosen experts, shared, dense, lm_head) +
+// Traffic: the weights of the step once (attention, chosen experts, shared, dense, lm_head: each
+// as bf16/fp32 panels or quantized, per its QFormat) +
 // the KV cache columns <= pos; the workspace is a few hundred KB and stays in cache.
 #include <algorithm>
 
@@ -43,6 +44,7 @@ Layout layout(const DecodeStepParams& p) {
     ffn = std::max(ffn, cpu::either_linear_workspace_bytes(B, D, ly.qkv_fmt));
     ffn = std::max(ffn, cpu::either_linear_workspace_bytes(B, nq, ly.o_fmt));
   }
+  ffn = std::max(ffn, cpu::either_linear_workspace_bytes(B, D, p.lm_head_fmt));
   Layout o{};
   int64_t at = 0;
   auto take = [&](int64_t bytes) { const int64_t here = at; at += align64(std::max<int64_t>(bytes, 1)); return here; };
@@ -95,6 +97,7 @@ void check(const DecodeStepParams& p) {
     bad("k_cache/v_cache hold " + std::to_string(p.cache_bytes) + " bytes each, but L=" + std::to_string(p.L) +
         " B=" + std::to_string(p.B) + " Hkv=" + std::to_string(p.Hkv) + " S_cap=" + std::to_string(p.S_cap) +
         " hd=" + std::to_string(p.hd) + " need " + std::to_string(want));
+  cpu::check_either("decode_step_cpu lm_head", p.lm_head_fmt, p.D);
   for (int32_t l = 0; l < p.L; ++l) {
     const DecodeLayer& ly = p.layers[l];
     if (!ly.input_norm || !ly.post_norm || !ly.qkv || !ly.o || !ly.w13 || !ly.w2 || ly.F <= 0)
@@ -213,7 +216,7 @@ void decode_step_cpu(const DecodeStepParams& p) {
   }
   rms_norm_cpu(RMSNormParams{x, p.final_norm, h, p.eps, dt, p.B, p.D});
   void* head = ws + lo.head;
-  linear_cpu(LinearParams{h, p.lm_head, head, dt, p.B, p.V, p.D});
+  cpu::either_linear(LinearParams{h, p.lm_head, head, dt, p.B, p.V, p.D}, p.lm_head_fmt, ws + lo.ffn);
   for (int64_t i = 0; i < B * p.V; ++i) p.logits[i] = cpu::load(head, dt, i);
 }
 

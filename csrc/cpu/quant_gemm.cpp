@@ -18,7 +18,8 @@
 //   FMA'd against the M rows' broadcasts; per group the 2x16 scales and zeros (96 B) update the
 //   accumulators. Threads split the panels (linear) or (expert, panel) units by cost (expert
 //   FFN), so each streams a contiguous range of quantized bytes, each panel once per call.
-//   Decode (T <= 16) streams the codes at ~1 FMA per weight per token; prefill reuses each
+//   Decode (T <= 16) streams the codes at ~1 FMA per weight per token (AVX-512 one-row tiles
+//   run two groups' sums at once to hide FMA latency, each in its own order); prefill reuses each
 //   panel from L1/L2 across token tiles (no separate dequantized buffer).
 // ISA (simd.h): AVX-512 (zmm, vpmovzxbd + vcvtdq2ps, int4: vpermps of float(0..15) on the
 //   nibbles; vcvtph2ps for fp16 scales; tiles of up to
@@ -141,12 +142,55 @@ inline __m512 load_zeros16(const uint8_t* meta, int half) {
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 2 * kPanel + 16 * half))));
 }
 
+// acc[0..31] += s * ((d_even + d_odd) - z * xs) for one group: d[0..3] as in qtile_b, meta its
+// 2x16 scales and zeros, xs its activation sum.
+inline void apply_group(const QGeom& w, const __m512* d, const uint8_t* meta, float xs_v, float* acc) {
+  const __m512 s0 = load_scales16(meta, 0, w.scales_bf16), s1 = load_scales16(meta, 1, w.scales_bf16);
+  const __m512 z0 = load_zeros16(meta, 0), z1 = load_zeros16(meta, 1), xs = _mm512_set1_ps(xs_v);
+  const __m512 c0 = _mm512_fnmadd_ps(z0, xs, _mm512_add_ps(d[0], d[2]));
+  const __m512 c1 = _mm512_fnmadd_ps(z1, xs, _mm512_add_ps(d[1], d[3]));
+  _mm512_store_ps(acc, _mm512_fmadd_ps(s0, c0, _mm512_load_ps(acc)));
+  _mm512_store_ps(acc + 16, _mm512_fmadd_ps(s1, c1, _mm512_load_ps(acc + 16)));
+}
+
+// One token row (decode), two full groups gi, gi + 1 at once: each group's partial sums in the
+// same order as qtile_b's loop, applied to acc in group order, so the same bits. Why: at M = 1
+// the loop has only 4 FMA chains, and interleaving two groups' chains hides the FMA latency
+// (bench/int4_matvec.cpp, "two-groups"; bench/README.md).
+template <int B>
+inline void group_pair(const QGeom& w, const float* a, const float* as, int64_t gi, const uint8_t* p, float* acc) {
+  constexpr int64_t kb = kPanel * B / 8;
+  const int64_t g = w.g, k0 = gi * g;
+  const uint8_t* q = p + g * kb + kGroupMetaBytes;  // the second group
+  __m512 d[4], e[4];
+  for (int j = 0; j < 4; ++j) d[j] = e[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < g; k += 2) {  // g is even (32, 64 or 128)
+    __m512 w0, w1, v0, v1;
+    decode_k<B>(p + k * kb, w0, w1);
+    decode_k<B>(q + k * kb, v0, v1);
+    __m512 x = _mm512_set1_ps(a[k0 + k]), y = _mm512_set1_ps(a[k0 + g + k]);
+    d[0] = _mm512_fmadd_ps(x, w0, d[0]), d[1] = _mm512_fmadd_ps(x, w1, d[1]);
+    e[0] = _mm512_fmadd_ps(y, v0, e[0]), e[1] = _mm512_fmadd_ps(y, v1, e[1]);
+    decode_k<B>(p + (k + 1) * kb, w0, w1);
+    decode_k<B>(q + (k + 1) * kb, v0, v1);
+    x = _mm512_set1_ps(a[k0 + k + 1]), y = _mm512_set1_ps(a[k0 + g + k + 1]);
+    d[2] = _mm512_fmadd_ps(x, w0, d[2]), d[3] = _mm512_fmadd_ps(x, w1, d[3]);
+    e[2] = _mm512_fmadd_ps(y, v0, e[2]), e[3] = _mm512_fmadd_ps(y, v1, e[3]);
+  }
+  apply_group(w, d, p + g * kb, as[gi], acc);
+  apply_group(w, e, q + g * kb, as[gi + 1], acc);
+}
+
 template <int M, int B>
 inline void qtile_b(const QGeom& w, const float* const* a, const float* const* as, const uint8_t* panel, AccT& acc) {
   for (int m = 0; m < M; ++m) _mm512_store_ps(acc[m], _mm512_setzero_ps()), _mm512_store_ps(acc[m] + 16, _mm512_setzero_ps());
   constexpr int64_t kb = kPanel * B / 8;  // code bytes per k
   const uint8_t* p = panel;
-  for (int64_t gi = 0; gi < w.groups; ++gi) {
+  int64_t gi = 0;
+  if constexpr (M == 1)
+    for (; gi + 1 < w.groups && (gi + 2) * w.g <= w.K; gi += 2, p += 2 * (w.g * kb + kGroupMetaBytes))
+      group_pair<B>(w, a[0], as[0], gi, p, acc[0]);
+  for (; gi < w.groups; ++gi) {
     const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.K - k0);
     __m512 d[M][4];  // [even k lanes 0-15, even 16-31, odd 0-15, odd 16-31]
     for (int m = 0; m < M; ++m)
@@ -179,16 +223,8 @@ inline void qtile_b(const QGeom& w, const float* const* a, const float* const* a
       }
     }
     p += len * kb;
-    const __m512 s0 = load_scales16(p, 0, w.scales_bf16), s1 = load_scales16(p, 1, w.scales_bf16);
-    const __m512 z0 = load_zeros16(p, 0), z1 = load_zeros16(p, 1);
+    for (int m = 0; m < M; ++m) apply_group(w, d[m], p, as[m][gi], acc[m]);
     p += kGroupMetaBytes;
-    for (int m = 0; m < M; ++m) {
-      const __m512 xs = _mm512_set1_ps(as[m][gi]);
-      const __m512 c0 = _mm512_fnmadd_ps(z0, xs, _mm512_add_ps(d[m][0], d[m][2]));
-      const __m512 c1 = _mm512_fnmadd_ps(z1, xs, _mm512_add_ps(d[m][1], d[m][3]));
-      _mm512_store_ps(acc[m], _mm512_fmadd_ps(s0, c0, _mm512_load_ps(acc[m])));
-      _mm512_store_ps(acc[m] + 16, _mm512_fmadd_ps(s1, c1, _mm512_load_ps(acc[m] + 16)));
-    }
   }
 }
 

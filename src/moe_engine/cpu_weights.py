@@ -16,9 +16,10 @@ experts) are repacked into the quantized panel layout (ops/quant.py, PackedQWeig
 its kernels at every token count: that packed copy is the model's only copy of them. Packing
 replaces each QuantizedWeight in the ModelWeights by a PackedRows view of the packed bytes, so
 the GPTQ tensors are dropped and no bf16 copy exists; the PyTorch reference path dequantizes a
-view per call (loader.dequantized_layer). The router, norms, embedding and lm_head stay as
-they are. The one-call C++ paths (decode_step_cpu, moe_layer_cpu, attention_block_decode_cpu)
-take each weight as either kind of panel, told by a QFormat per weight (bits 0: bf16/fp32 panels;
+view per call (loader.dequantized_layer). The router, norms and embedding stay as they are; so
+does the lm_head unless it was quantized (quant_lm_head), when it is repacked like the linears.
+The one-call C++ paths (decode_step_cpu, moe_layer_cpu, attention_block_decode_cpu) take each
+weight as either kind of panel, told by a QFormat per weight (bits 0: bf16/fp32 panels;
 csrc/cpu/either_panels.h), and call the same kernels as the op-by-op path, so quantized models
 take them too (CpuModelWeights.one_call).
 """
@@ -249,7 +250,7 @@ class CpuLayerWeights:
 @dataclass(frozen=True)
 class CpuModelWeights:
     layers: tuple[CpuLayerWeights, ...]
-    lm_head: PackedWeight            # [V, D]
+    lm_head: PackedWeight | PackedQWeight  # [V, D]
     final_norm: torch.Tensor         # [D] (the model's tensor)
     decode_layers: object            # _C.DecodeLayers, one per layer: what decode_step reads (None
                                      # when not one_call)
@@ -272,9 +273,12 @@ class CpuModelWeights:
         decode_layers = backends.native_module("cpu").DecodeLayers()
         for lw, pl in zip(w.layers, layers):
             decode_layers.append(_decode_layer(lw, pl))
-        if any(pl.quantized for pl in layers):
+        # a quantized lm_head (quant_lm_head) becomes quantized panels like the other linears,
+        # and the model keeps a PackedRows view of them (the GPTQ tensors are freed)
+        lm_head, (w.lm_head,) = _pack_linears([w.lm_head], "lm_head")
+        if any(pl.quantized for pl in layers) or isinstance(lm_head, PackedQWeight):
             _release_freed_memory()
-        return CpuModelWeights(layers, pack_weight(w.lm_head), w.final_norm, decode_layers)
+        return CpuModelWeights(layers, lm_head, w.final_norm, decode_layers)
 
     @property
     def one_call(self) -> bool:
@@ -336,6 +340,7 @@ class CpuModelWeights:
         p.E, p.k_max = (moe.experts.shape[0], k_max) if moe is not None else (0, 0)
         p.V, p.S_cap, p.valid_stride, p.rope_len = self.lm_head.N, S_cap, cache.valid.stride(0), 1
         p.embed, p.final_norm, p.lm_head = embed.data_ptr(), self.final_norm.data_ptr(), self.lm_head.data.data_ptr()
+        p.lm_head_fmt = native_format(mod, self.lm_head)
         p.cache_bytes = cache.k.numel() * cache.k.element_size()
         ws = torch.empty(mod.decode_step_workspace_bytes(p, self.decode_layers) + 64, dtype=torch.uint8)
         p.workspace = (ws.data_ptr() + 63) // 64 * 64

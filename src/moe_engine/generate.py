@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "they exchange tokens; rank 0 prints (default: off)")
     g.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights holding NaN/Inf (default: refused, naming the tensor)")
+    g.add_argument("--no-cuda-graph", action="store_true",
+                   help="run decode steps op by op instead of replaying a captured CUDA graph "
+                        "(default: graphs on with the cuda backend)")
     add_quant_arguments(ap.add_argument_group("quantization"))
     return ap
 
@@ -578,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = Model.load(args.model, dtype=args.dtype, device=device, backend=args.backend,
                            progress=sys.stderr.isatty() and distributed.is_main(),
                            allow_nonfinite=args.allow_nonfinite,
-                           expert_parallel=args.expert_parallel, **quant_kwargs(args))
+                           expert_parallel=args.expert_parallel,
+                           cuda_graph=False if args.no_cuda_graph else None, **quant_kwargs(args))
         mask = None
         if args.expert_mask and args.expert_mask_file:
             raise ValueError("give --expert-mask or --expert-mask-file, not both")

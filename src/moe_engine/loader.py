@@ -24,8 +24,9 @@ stores each quantized linear as `.qweight/.qzeros/.scales/.g_idx`; those are rea
 config first. `load_weights(..., quant=QuantSpec)` quantizes an unquantized checkpoint's linears
 as they are read, with the same function `python -m moe_engine.quantize` uses, so both give the
 same bits. Fields that may hold a QuantizedWeight instead of a Tensor: q, k, v, o, a dense MLP's
-or the shared experts' gate_up / down, experts_gate_up / experts_down (once the cpu backend has
-packed a model, these hold cpu_weights.PackedRows views of the quantized panels instead).
+or the shared experts' gate_up / down, experts_gate_up / experts_down, and lm_head when it is
+quantized (a checkpoint with `"lm_head": true`, or `lm_head=` on load); once the cpu backend has
+packed a model, these hold cpu_weights.PackedRows views of the quantized panels instead.
 
 Shapes: V vocab, D hidden, L layers, H heads, Hkv kv heads, hd head dim, E routed experts,
 F expert width (moe_intermediate_size), S shared width (F * n_shared_experts), I dense width
@@ -47,8 +48,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig
-from .quant import (GPTQ_SUFFIXES, QUANTIZABLE, QuantError, QuantizedWeight, QuantSpec, group_index,
-                    quant_spec_of, quantize)
+from .quant import (GPTQ_SUFFIXES, LM_HEAD, LM_HEAD_BITS, QUANTIZABLE, QuantError, QuantizedWeight, QuantSpec,
+                    group_index, lm_head_spec, lm_head_spec_of, quant_spec_of, quantize)
 
 Tensor = torch.Tensor
 
@@ -111,7 +112,8 @@ class ModelWeights:
     embed: Tensor              # [V, D]
     layers: list[LayerWeights]  # L
     final_norm: Tensor         # [D]
-    lm_head: Tensor            # [V, D]; the same tensor as embed when tie_word_embeddings
+    lm_head: Tensor            # [V, D]; the same tensor as embed when tie_word_embeddings; a
+                               # QuantizedWeight (or PackedRows) when quantized
 
 
 # ---- the published tensor layout --------------------------------------------------------------
@@ -345,18 +347,46 @@ def checkpoint_quant_spec(config: ModelConfig) -> QuantSpec | None:
         raise CheckpointError(str(e)) from None
 
 
+def checkpoint_lm_head_spec(config: ModelConfig) -> QuantSpec | None:
+    """The format of the checkpoint's quantized lm_head (None: stored unquantized)."""
+    try:
+        spec = lm_head_spec_of(config)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+    if spec is not None and config.tie_word_embeddings:
+        raise CheckpointError(f"{config.source}: quantization_config.lm_head is true but the lm_head is "
+                              "tied to the embedding (tie_word_embeddings); a quantized tied lm_head is not supported")
+    return spec
+
+
+def lm_head_option(path: str | Path, quant: QuantSpec | None, group_size: int = 128,
+                   sym: bool = False) -> QuantSpec:
+    """The format `load(..., quant_lm_head=True)` quantizes the lm_head to (quant.lm_head_spec):
+    8 bits with the group size and symmetry of `quant`, else of the checkpoint's own
+    quantization_config, else `group_size` / `sym`. So quantizing on load and loading a
+    checkpoint quantized with `--lm-head` give the same bits."""
+    base = quant
+    if base is None and (Path(path) / CONFIG_FILE).is_file():
+        base = checkpoint_quant_spec(ModelConfig.from_json(Path(path) / CONFIG_FILE))
+    try:
+        return lm_head_spec(base if base is not None else QuantSpec(LM_HEAD_BITS, group_size, sym))
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]:
     """checkpoint_layout, with every quantizable linear of a GPTQ checkpoint replaced by its four
     GPTQ tensors (a linear a GPTQ tool left unquantized keeps its `.weight`); and the dtypes each
     GPTQ tensor may have (name -> allowed safetensors dtypes; the rest: LOADABLE_DTYPES)."""
     layout = checkpoint_layout(config)
-    spec = checkpoint_quant_spec(config)
-    if spec is None:
+    model_spec, head_spec = checkpoint_quant_spec(config), checkpoint_lm_head_spec(config)
+    if model_spec is None:
         return layout, {}
     out, dtypes = {}, {}
     for name, shape in layout.items():
         base = name[: -len(".weight")]
-        if not QUANTIZABLE.fullmatch(name) or (name in weight_map and base + ".qweight" not in weight_map):
+        spec = head_spec if name == LM_HEAD else model_spec if QUANTIZABLE.fullmatch(name) else None
+        if spec is None or (name in weight_map and base + ".qweight" not in weight_map):
             out[name] = shape
             continue
         N, K = shape
@@ -427,11 +457,12 @@ def _check_dir(ckpt: Path) -> None:
 def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
                  device: str | torch.device = "cpu", progress: bool = True,
                  quant: QuantSpec | None = None, allow_nonfinite: bool = False,
-                 experts=None) -> ModelWeights:
+                 experts=None, lm_head: QuantSpec | None = None) -> ModelWeights:
     """Read the checkpoint directory `path` for `config`, cast to `dtype` (bf16 or fp32) on
     `device`, experts packed. Every problem raises CheckpointError naming the file and tensor.
     A GPTQ checkpoint's quantized linears come back as QuantizedWeights; `quant` quantizes an
-    unquantized checkpoint's linears (quant.QUANTIZABLE) as they are read. experts: a function
+    unquantized checkpoint's linears (quant.QUANTIZABLE) as they are read; `lm_head` quantizes
+    an lm_head stored unquantized (quant.lm_head_spec gives the option's format). experts: a function
     E -> (lo, hi): only routed experts lo..hi-1 of each MoE layer are read (expert parallelism,
     distributed.expert_range; the others are never read into memory)."""
     ckpt = Path(path)
@@ -441,7 +472,15 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
     dtype, device = _as_load_dtype(dtype), torch.device(device)
     if quant is not None and not isinstance(quant, QuantSpec):
         raise TypeError(f"quant must be a quant.QuantSpec or None, got {type(quant).__name__}")
-    on_disk = checkpoint_quant_spec(config)
+    on_disk, head_on_disk = checkpoint_quant_spec(config), checkpoint_lm_head_spec(config)
+    if lm_head is not None and not isinstance(lm_head, QuantSpec):
+        raise TypeError(f"lm_head must be a quant.QuantSpec or None, got {type(lm_head).__name__}")
+    if lm_head is not None and head_on_disk is not None:
+        raise CheckpointError(f"{ckpt}: the lm_head is already quantized ({head_on_disk.bits}-bit GPTQ); "
+                              "load it without quantizing the lm_head again")
+    if lm_head is not None and config.tie_word_embeddings:
+        raise CheckpointError(f"{ckpt}: the lm_head is tied to the embedding (tie_word_embeddings); "
+                              "a quantized tied lm_head is not supported")
     if quant is not None and on_disk is not None:
         raise CheckpointError(f"{ckpt}: already quantized ({on_disk.bits}-bit GPTQ); load it "
                               "without quant=, or quantize the unquantized checkpoint")
@@ -500,19 +539,20 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
             """One linear: a Tensor, or a QuantizedWeight (read from GPTQ tensors or made here)."""
             base = name[: -len(".weight")]
             if base + ".qweight" in weight_map:
+                disk = head_on_disk if name == LM_HEAD else on_disk
                 qw = {s: read(f"{base}.{s}") for s in GPTQ_SUFFIXES}
-                K = qw["qweight"].shape[0] * on_disk.pack
-                if not torch.equal(qw["g_idx"], group_index(K, on_disk.group_size)):
+                K = qw["qweight"].shape[0] * disk.pack
+                if not torch.equal(qw["g_idx"], group_index(K, disk.group_size)):
                     raise CheckpointError(
                         f"{weight_map[base + '.g_idx']}: tensor {base}.g_idx is not k // "
-                        f"{on_disk.group_size} (an act-order / desc_act checkpoint?); only "
+                        f"{disk.group_size} (an act-order / desc_act checkpoint?); only "
                         "desc_act false is supported")
                 return QuantizedWeight(own(qw["qweight"]), own(qw["scales"]), own(qw["qzeros"]),
-                                       on_disk.bits, on_disk.group_size, on_disk.sym,
-                                       on_disk.zero_offset)
-            if quant is not None and QUANTIZABLE.fullmatch(name):
+                                       disk.bits, disk.group_size, disk.sym, disk.zero_offset)
+            spec = lm_head if name == LM_HEAD else quant if QUANTIZABLE.fullmatch(name) else None
+            if spec is not None:
                 try:
-                    qw = quantize(read(name), quant)
+                    qw = quantize(read(name), spec)
                 except QuantError as e:
                     raise CheckpointError(f"{weight_map[name]}: tensor {name}: {e}") from None
                 if device.type == "cpu":  # fresh tensors, not views of the mapped file
@@ -568,8 +608,8 @@ def load_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype | str
                 v=lin(p + "self_attn.v_proj.weight"), o=lin(p + "self_attn.o_proj.weight"),
                 mlp=mlp))
         final_norm = whole("model.norm.weight")
-        lm_head = embed if config.tie_word_embeddings else whole("lm_head.weight")
-    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+        head = embed if config.tie_word_embeddings else lin(LM_HEAD)
+    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=head)
 
 
 def _experts(lin, p: str, experts: range, quantized) -> tuple:
@@ -590,8 +630,8 @@ def _experts(lin, p: str, experts: range, quantized) -> tuple:
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                     device: str | torch.device = "cpu", progress: bool = True,
                     quant: QuantSpec | None = None, allow_nonfinite: bool = False,
-                    experts=None) -> tuple[ModelConfig, ModelWeights]:
-    """`config.json` + weights of the HF checkpoint directory `path` (experts: load_weights)."""
+                    experts=None, lm_head: QuantSpec | None = None) -> tuple[ModelConfig, ModelWeights]:
+    """`config.json` + weights of the HF checkpoint directory `path` (experts, lm_head: load_weights)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     ckpt = Path(path)
@@ -603,7 +643,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                               "its config.json")
     config = ModelConfig.from_json(ckpt / CONFIG_FILE)
     return config, load_weights(ckpt, config, dtype=dtype, device=device, progress=progress, quant=quant,
-                                allow_nonfinite=allow_nonfinite, experts=experts)
+                                allow_nonfinite=allow_nonfinite, experts=experts, lm_head=lm_head)
 
 
 __all__ = ["CheckpointError", "ConfigError", "DenseMLPWeights", "MoEWeights", "LayerWeights",

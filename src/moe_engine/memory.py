@@ -4,10 +4,10 @@ ending the process half way through a 30 GB read.
 
 Estimate = the weights in the format they will be held in (quantized linears as their GPTQ
 tensors, the rest in the load dtype) + the cpu backend's packed copy of what stays in the load
-dtype (router, lm_head, unquantized linears; a quantized linear is repacked into quantized panels
-that replace its GPTQ tensors, cpu_weights.py, so it is counted once), or the cuda / emu
-backends' repacked copy of a bf16 model's quantized linears (cuda_weights.py: kept beside the GPTQ
-tensors, so counted twice) + the KV cache
+dtype (router, an unquantized lm_head, unquantized linears; a quantized linear is repacked into
+quantized panels that replace its GPTQ tensors, cpu_weights.py, so it is counted once), or the
+cuda / emu backends' repacked copy of a bf16 model's quantized linears (cuda_weights.py: kept
+beside the GPTQ tensors, so counted twice) + the KV cache
 for `context` tokens of one sequence + a fixed allowance for the runtime (torch, buffers).
 Available = MemAvailable of /proc/meminfo, lowered to the cgroup's limit minus its usage when
 the process runs in a memory-limited cgroup (containers).
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .loader import CONFIG_FILE, checkpoint_layout, checkpoint_quant_spec
-from .quant import QUANTIZABLE, QuantSpec, layout_nbytes
+from .loader import CONFIG_FILE, checkpoint_layout, checkpoint_lm_head_spec, checkpoint_quant_spec
+from .quant import LM_HEAD, QUANTIZABLE, QuantSpec, layout_nbytes
 
 RUNTIME_BYTES = 300 * 2 ** 20  # torch, the extension, per-call buffers: measured order, not exact
 _ITEMSIZE = {torch.bfloat16: 2, torch.float32: 4}
@@ -34,29 +34,30 @@ class MemoryPreflightError(RuntimeError):
 
 def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, backend: str = "cpu",
                    quant: QuantSpec | None = None, context: int | None = None,
-                   experts=None) -> dict[str, int]:
+                   experts=None, lm_head: QuantSpec | None = None) -> dict[str, int]:
     """{"weights", "packed", "kv_cache", "runtime", "total"} in bytes for a load of `config`
-    (quantized as `quant`, or as its own quantization_config says). experts: a function
+    (quantized as `quant`, the lm_head as `lm_head`, or as its own quantization_config says). experts: a function
     E -> (lo, hi), the routed experts one rank holds under expert parallelism
     (distributed.expert_range); the others are not counted."""
     if dtype not in _ITEMSIZE:
         raise ValueError(f"dtype {dtype} not supported; expected torch.bfloat16 or torch.float32")
     el = _ITEMSIZE[dtype]
     spec = quant if quant is not None else checkpoint_quant_spec(config)
+    head = lm_head if lm_head is not None else checkpoint_lm_head_spec(config)
     layout = checkpoint_layout(config)
     if experts is not None:
         lo, hi = experts(config.n_routed_experts)
         layout = {n: s for n, s in layout.items() if ".mlp.experts." not in n
                   or lo <= int(n.split(".mlp.experts.")[1].split(".")[0]) < hi}
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    weights = layout_nbytes(layout, el, spec, skip=tied)
+    weights = layout_nbytes(layout, el, spec, skip=tied, lm_head=head)
     packed = 0
     if backend == "cpu":  # panels of the router, lm_head and every unquantized linear, in the
         # load dtype; a quantized linear's quantized panels replace its GPTQ tensors (cpu_weights.py:
         # one copy, about their size), so they add nothing to `weights`
         packed = sum(math.prod(shape) * el for name, shape in layout.items()
                      if (spec is None and QUANTIZABLE.fullmatch(name)) or name.endswith("mlp.gate.weight")
-                     or name == "lm_head.weight")
+                     or (name == LM_HEAD and head is None))
     elif backend in ("cuda", "emu") and spec is not None and dtype == torch.bfloat16:
         # cuda_weights.py: the quantized linears repacked for the CUDA kernels beside their GPTQ
         # tensors (about their size; the qrow layout pads K to 32 and groups to 4 words a row)
@@ -94,14 +95,14 @@ def available_bytes() -> int:
 
 def preflight(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, backend: str = "cpu",
               quant: QuantSpec | None = None, context: int | None = None,
-              available: int | None = None, experts=None) -> dict[str, int]:
+              available: int | None = None, experts=None, lm_head: QuantSpec | None = None) -> dict[str, int]:
     """Raise MemoryPreflightError when the load of checkpoint `path` would not fit; else return
     the estimate ({} when `path` has no config.json). Only host memory is checked (a cuda load's weights go to the GPU)."""
     if not (Path(path) / CONFIG_FILE).is_file():
         return {}  # not a checkpoint: the loader says so, naming what is missing
     config = ModelConfig.from_json(Path(path) / CONFIG_FILE)
     est = estimate_bytes(config, dtype=dtype, backend=backend, quant=quant, context=context,
-                         experts=experts)
+                         experts=experts, lm_head=lm_head)
     if backend == "cuda":
         return est
     avail = available_bytes() if available is None else available
@@ -118,11 +119,12 @@ def preflight(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, backend:
         for name, bits in (("int8", 8), ("int4", 4)):
             if quant is None or quant.bits > bits:
                 q = estimate_bytes(config, dtype=dtype, backend=backend, context=context, experts=experts,
-                                   quant=QuantSpec(bits, 128 if quant is None else quant.group_size))
+                                   quant=QuantSpec(bits, 128 if quant is None else quant.group_size),
+                                   lm_head=lm_head)
                 ways.append(f"--quant {name} needs {gb(q['total'])}")
     if context is None or context > 512:
         short = estimate_bytes(config, dtype=dtype, backend=backend, quant=quant, context=512,
-                               experts=experts)
+                               experts=experts, lm_head=lm_head)
         ways.append(f"a 512-token context needs {gb(short['total'])}")
     raise MemoryPreflightError(msg + ("; " + ", ".join(ways) if ways else "")
                                + " (check_memory=False skips this check)")

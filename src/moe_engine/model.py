@@ -141,7 +141,7 @@ class Model:
     usage counter is an argument of the call that uses it."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, *, backend: str = "auto",
-                 tokenizer=None, path: Path | None = None):
+                 tokenizer=None, path: Path | None = None, cuda_graph: bool | None = None):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -167,6 +167,16 @@ class Model:
         # One forward at a time per Model: the cpu backend's packed-weight buffers, the decode
         # step's workspace and the rope/routing memos are per model (README, "Known limits").
         self._lock = threading.RLock()
+        # cuda_graph (default: on for the cuda backend): decode steps replay a captured graph
+        # (graphs.py); any other backend has no torch CUDA graph to capture
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+        if cuda_graph and self.backend != "cuda":
+            raise ValueError(f"cuda_graph=True needs the cuda backend; this model runs on {self.backend!r}")
+        self._graphs = None
+        if cuda_graph is not False and self.backend == "cuda":
+            from .graphs import CudaGraph, DecodeGraphs
+            self._graphs = DecodeGraphs(CudaGraph)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -174,16 +184,23 @@ class Model:
              device: str | torch.device = "cpu", backend: str = "auto", progress: bool = False,
              quant: str | None = None, group_size: int = 128, sym: bool = False,
              context: int | None = None, check_memory: bool = True,
-             allow_nonfinite: bool = False, expert_parallel: bool = False) -> "Model":
+             allow_nonfinite: bool = False, expert_parallel: bool = False,
+             cuda_graph: bool | None = None, quant_lm_head: bool = False) -> "Model":
         """Load a checkpoint directory (None: the bundled small model). Weights holding NaN or
         Inf are refused (CheckpointError naming the tensor) unless allow_nonfinite=True.
         progress: a loading bar on stderr (the CLIs turn it on when stderr is a terminal).
         quant: "int8" | "int4" quantizes the linears on load (the same bits as
         `python -m moe_engine.quantize` with --group-size/--sym); a GPTQ checkpoint loads
-        quantized by itself. context: the KV-cache length the memory preflight budgets for
-        (default: the model's context); check_memory=False skips the preflight.
+        quantized by itself. quant_lm_head: also quantize the lm_head on load, to 8 bits with the
+        model's group size and symmetry (loader.lm_head_option; docs/quantization.md), the same
+        bits as `python -m moe_engine.quantize ... --lm-head`. context: the KV-cache length the
+        memory preflight budgets for (default: the model's context); check_memory=False skips
+        the preflight.
         expert_parallel: under torchrun, this rank holds only its share of each MoE layer's
-        routed experts and exchanges tokens with the others (src/moe_engine/distributed.py)."""
+        routed experts and exchanges tokens with the others (src/moe_engine/distributed.py).
+        cuda_graph: decode steps replay a captured CUDA graph (src/moe_engine/graphs.py); None
+        (default) = on for the cuda backend; False turns it off (the CLIs' --no-cuda-graph)."""
+        from .loader import lm_head_option
         from .memory import preflight
         from .quant import QuantSpec
         from .tokenizer import Tokenizer
@@ -208,19 +225,27 @@ class Model:
                 raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
         be = backends.resolve(backend, torch.device(device))
+        if cuda_graph and expert_parallel is not False:
+            raise ValueError("cuda_graph=True and expert_parallel: the token exchange sizes its buffers "
+                             "on the host every step, so an expert-parallel step cannot be captured")
         spec = None if quant is None else QuantSpec.from_name(quant, group_size, sym)
+        if not isinstance(quant_lm_head, bool):
+            raise TypeError(f"quant_lm_head must be a bool, got {type(quant_lm_head).__name__}")
+        head_spec = lm_head_option(path, spec, group_size, sym) if quant_lm_head else None
         experts = None
         if expert_parallel is not False:
             from . import distributed
             experts = distributed.start_expert_parallel(expert_parallel, device)
         if check_memory:
-            preflight(path, dtype=dtype, backend=be, quant=spec, context=context, experts=experts)
+            preflight(path, dtype=dtype, backend=be, quant=spec, context=context, experts=experts,
+                      lm_head=head_spec)
         config, weights = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quant=spec,
-                                          allow_nonfinite=allow_nonfinite, experts=experts)
+                                          allow_nonfinite=allow_nonfinite, experts=experts, lm_head=head_spec)
         tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-        model = cls(config, weights, backend=backend, tokenizer=tok, path=path)
+        model = cls(config, weights, backend=backend, tokenizer=tok, path=path, cuda_graph=cuda_graph)
         if experts is not None:
             distributed.attach_expert_shards(model)
+            model._graphs = None  # the exchange's counts go through the host: eager steps only
         return model
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -234,8 +259,10 @@ class Model:
             raise ValueError(f"max_len {max_len} exceeds the model's context "
                              f"(max_position_embeddings = {c.max_position_embeddings})")
         shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
-        return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
-                       torch.empty(shape, dtype=self.dtype, device=self.device),
+        # zeros, not empty: the captured decode step attends over all Tkv_cap columns with the
+        # unwritten ones masked, and 0 x a NaN in uninitialised memory would still be NaN
+        return KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device),
                        torch.zeros((batch, max_len), dtype=torch.bool, device=self.device),
                        torch.zeros(batch, dtype=torch.long, device=self.device), host_pos=[0] * batch)
 
@@ -297,6 +324,12 @@ class Model:
                 # and entering the mode is slow on the caches a step leaves cold (bench/README.md)
                 out = self._decode_step_cpu(input_ids, cache, iv, usage)
                 return out if logits == "last" else out.unsqueeze(1)
+            if self._graphs is not None and not grad and runner.graph_step(
+                    input_ids, cache, self.config, attention_mask=attention_mask):
+                out = self._graphs.step(self, runner, input_ids, cache, self._routing(iv), usage,
+                                        capture, logits, step)
+                if out is not None:
+                    return out
             with torch.set_grad_enabled(grad):
                 call = self._prepare(runner, input_ids, attention_mask=attention_mask, cache=cache,
                                      interventions=iv, capture=capture, usage=usage, logits=logits, step=step)
@@ -318,7 +351,8 @@ class Model:
             else:
                 x = x + tap(n.mlp_out, ffn(h, lw.mlp.gate_up, lw.mlp.down, None if lc is None else lc.dense))
             x = tap(n.resid_post, x)
-        call.cache.advance(call.start + call.ids.shape[1], call.mask, call.counts)
+        if call.col is None:  # the captured step's bookkeeping is DecodeGraphs.step's
+            call.cache.advance(call.start + call.ids.shape[1], call.mask, call.counts)
         return self._head(x, call)
 
     def _moe(self, u, resid_mid, mw: MoEWeights, lc, l: int, call: "_Call") -> torch.Tensor:
@@ -339,8 +373,7 @@ class Model:
         xn = call.runner.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)
         if not last:
             xn = call.taps("hook_final_norm", xn)
-        packed = call.runner.packed
-        out = linear(xn, self.weights.lm_head, None if packed is None else packed.lm_head).float()
+        out = linear(xn, *call.runner.head(self.weights.lm_head, self.dtype)).float()
         if not last:
             out = call.taps("logits", out)
         call.taps.end()
@@ -389,7 +422,7 @@ class Model:
         taps = _NO_TAPS
         if capture is not None:
             index = torch.arange(B * T, device=self.device) if rows.index is None else rows.index
-            capture.begin(TokenIndex(index // T, pos.reshape(-1)[index], (index % T) == T - 1, step, index),
+            capture.begin(TokenIndex(index // T, pos.reshape(-1)[index], (index % T) == T - 1, step, index, B),
                           c.num_hidden_layers, self._tap_names)
             taps = _Taps(capture, rows)
         return _Call(runner, ids, cache, start, routing, usage, taps, rows, cos, sin,
@@ -423,6 +456,17 @@ class Model:
             self._quant[backend] = CudaModelWeights.repack(self.weights, backend)
         return self._quant[backend]
 
+    def lm_head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [n, D] in the model dtype times the lm_head: [n, V] in the model dtype, no final norm
+        (the lens decodes through this). An unquantized lm_head: torch's product; a quantized one
+        (quant_lm_head): the model's own path (the cpu backend's packed kernels, else a
+        dequantized view), so the lens reads what the model computes."""
+        w = self.weights.lm_head
+        if isinstance(w, torch.Tensor):
+            return h @ w.t()
+        with self._lock:
+            return linear(h, *self._runner(self.backend).head(w, self.dtype))
+
     def _runner(self, backend: str) -> Runner:
         """The path rule for calls on `backend` (runner.py); the cpu one holds the packed weights,
         the cuda / emu ones the repacked quantized weights."""
@@ -453,6 +497,36 @@ class Model:
         cache.used += 1
         cache.host_pos = [p + 1 for p in cache.host_next_pos()]
         return out
+
+    def invalidate_graphs(self) -> None:
+        """Drop the captured decode steps (graphs.py), e.g. after editing weights in place;
+        replacing `model.weights` or the cache is noticed without this."""
+        if self._graphs is not None:
+            self._graphs.invalidate()
+
+    def _graph_body(self, runner: Runner, st, cache: KVCache, routing: Routing, logits: str):
+        """The decode step DecodeGraphs captures, as a function of its static buffers `st`
+        (graphs._Static) and the cache: the token at position next_pos[b] into cache column
+        st.col of every sequence, attention over all Tkv_cap columns, logits into st.out, then
+        next_pos advanced. Reads no host value that changes between replays."""
+        dev, B = self.device, st.ids.shape[0]
+        rows = _Rows(B, 1, None)
+        taps = _Taps(st.taps, rows) if st.taps.names else _NO_TAPS
+
+        def body():
+            if st.usage is not None:
+                st.usage.zero_()
+            Tkv_cap = cache.capacity
+            pos = cache.next_pos.unsqueeze(1)                                   # [B, 1]
+            cache.valid.index_fill_(1, st.col, True)
+            cos_t, sin_t = self._rope_table(Tkv_cap)
+            k_col = torch.arange(Tkv_cap, device=dev)
+            allowed = ((k_col <= st.col) & cache.valid) | (k_col == st.col)     # [B, Tkv_cap]
+            call = _Call(runner, st.ids, cache, -1, routing, st.usage, taps, rows, cos_t[pos], sin_t[pos],
+                         allowed[:, None, None, :], logits, None, None, col=st.col)
+            st.out.copy_(self._forward(call))
+            cache.next_pos.add_(1)
+        return body
 
     def _routing(self, interventions: Interventions) -> Routing:
         """interventions.resolve, remembered for the plain cases (no mask; int or default topk
@@ -597,10 +671,15 @@ class Model:
         cs, sn = call.cos.unsqueeze(1), call.sin.unsqueeze(1)
         q = q * cs + rotate_half(q) * sn
         k = k * cs + rotate_half(k) * sn
-        cache.k[l, :, :, start:start + T] = k
-        cache.v[l, :, :, start:start + T] = v
-        keys = cache.k[l, :, :, :start + T]
-        vals = cache.v[l, :, :, :start + T]
+        if call.col is not None:  # captured decode step: the column is device data, keys are all
+            cache.k[l].index_copy_(2, call.col, k)  # Tkv_cap columns (call.attn_mask limits them)
+            cache.v[l].index_copy_(2, call.col, v)
+            keys, vals = cache.k[l], cache.v[l]
+        else:
+            cache.k[l, :, :, start:start + T] = k
+            cache.v[l, :, :, start:start + T] = v
+            keys = cache.k[l, :, :, :start + T]
+            vals = cache.v[l, :, :, :start + T]
         if torch.is_grad_enabled():  # forward(grad=True): the same values, but autograd cannot
             # follow reads of a cache that the next layer's write changes in place
             keys = torch.cat([keys[:, :, :start], k], 2) if start else k
@@ -692,5 +771,8 @@ class _Call:
     sin: torch.Tensor
     attn_mask: torch.Tensor      # [B, 1, T, start + T] bool
     logits: str                  # "all" | "last"
-    mask: torch.Tensor           # [B, T] bool on the device: real tokens
-    counts: list                 # real tokens per sequence (host)
+    mask: torch.Tensor | None    # [B, T] bool on the device: real tokens
+    counts: list | None          # real tokens per sequence (host)
+    # the captured decode step (graphs.py): the cache column written, as device data [1]; then
+    # attention runs over all Tkv_cap columns (attn_mask [B, 1, 1, Tkv_cap]) and start is unused
+    col: torch.Tensor | None = None

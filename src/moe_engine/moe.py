@@ -78,13 +78,18 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         ids = _patch_cols(t, pre + "hook_topk_ids", ids, k)
     if want(pre + "hook_topk_weights"):
         weights = _patch_cols(t, pre + "hook_topk_weights", weights, k)
+    # cuda / emu: K is data on the device (route reads routing.k_dev and writes id -1, weight 0
+    # past K, which expert_ffn and combine skip), so K = 0 launches the same kernels as any K and
+    # a captured decode step (graphs.py) replays for every K <= k_max. The host k decides only on
+    # the other backends, where skipping the expert call saves its work.
+    on_device = backend in ("cuda", "emu") and w.ep is None
     if k > 0 and w.ep is not None:  # expert parallelism: this rank's experts + the exchange
         expert_out = w.ep.expert_ffn(u, ids, w, cpu, backend=backend)   # (distributed.py)
     elif k > 0 and cpu is not None and isinstance(cpu.experts, QuantExperts):
         expert_out = expert_ffn_packed(u, ids, cpu.experts)
-    elif k > 0 and qexperts is not None:  # moe_decode_q / align + expert_gemm_q (runner.py)
+    elif qexperts is not None and (k > 0 or on_device):  # moe_decode_q / align + expert_gemm_q
         expert_out = qexperts(u, ids)
-    elif k > 0:
+    elif k > 0 or on_device:
         expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend,
                                 packed=None if cpu is None else cpu.experts)
     else:  # shared experts only: nothing routed

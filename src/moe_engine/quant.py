@@ -24,8 +24,13 @@ Quantization (round to nearest, per group of g input channels, per output row):
     q = clamp(round(w / s) + z, 0, 2^b - 1), s rounded to fp16 first (what is stored is what
     the weights are computed from).
 
-The cpu kernels take the same tensors (`QuantizedWeight` is what the model path holds); until
-they exist the model runs on `QuantizedWeight.dequantize()` (see Model and cpu_weights).
+The lm_head is quantized only when asked (`quant_lm_head=True` on load, `--lm-head` on the
+quantize CLI): to LM_HEAD_BITS with the model's group size and symmetry (`lm_head_spec`). In
+config.json that is GPTQModel's `"lm_head": true`, plus, when the model's bits differ, a `dynamic`
+override for the module `lm_head` (`{"+:lm_head": {"bits": 8}}`), which vLLM reads the same way.
+
+The cpu kernels take the same tensors (`QuantizedWeight` is what the model path holds); the
+cpu backend repacks them (cpu_weights.py), the other backends dequantize per call.
 """
 from __future__ import annotations
 
@@ -46,11 +51,19 @@ WRITE_FORMAT = "gptq"
 _MIN_SCALE = 2.0 ** -14  # smallest normal fp16: a group of (near-)zeros still gets a finite 1/s
 
 # The DeepSeekMoE linears we quantize: attention projections, the dense MLP, routed and shared
-# experts. The router (mlp.gate.weight), norms, embedding and lm_head stay in the model dtype.
+# experts. The router (mlp.gate.weight), norms and embedding stay in the model dtype;
+# the lm_head too unless asked (LM_HEAD, lm_head_spec).
 QUANTIZABLE = re.compile(
     r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_experts\.)?"
     r"(gate|up|down)_proj)\.weight")
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+LM_HEAD = "lm_head.weight"
+# An lm_head row is one vocabulary logit: 8 bits keep top-1 agreement where 4 would not, and the
+# lm_head is one read per token, not one per chosen expert (docs/quantization.md).
+LM_HEAD_BITS = 8
+# the `dynamic` keys we write and read for the lm_head override (GPTQModel: "+:" = positive
+# match; a key without a prefix is a positive match too)
+_LM_HEAD_KEYS = ("+:lm_head", "lm_head")
 
 
 class QuantError(ValueError):
@@ -91,13 +104,23 @@ class QuantSpec:
             raise QuantError(f"quant = {quant!r}; supported: {', '.join(QUANT_NAMES)} (or None)")
         return cls(QUANT_NAMES[quant], group_size, sym)
 
-    def to_config(self) -> dict:
-        """`quantization_config` of config.json (the keys GPTQ readers look at)."""
+    def to_config(self, lm_head: "QuantSpec | None" = None) -> dict:
+        """`quantization_config` of config.json (the keys GPTQ readers look at); lm_head: the
+        lm_head's format when it is quantized too (`"lm_head": true`, and a `dynamic` override
+        for what differs from this spec)."""
         fmt = next(k for k, v in FORMATS.items() if v == self.zero_offset)
-        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym, "desc_act": False, "checkpoint_format": fmt,
-                "lm_head": False, "static_groups": False, "true_sequential": True,
-                "meta": {"quantizer": "moe_engine round-to-nearest"}}
+        qc = {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+              "sym": self.sym, "desc_act": False, "checkpoint_format": fmt,
+              "lm_head": lm_head is not None, "static_groups": False, "true_sequential": True,
+              "meta": {"quantizer": "moe_engine round-to-nearest"}}
+        if lm_head is not None:
+            if lm_head.zero_offset != self.zero_offset:
+                raise QuantError("the lm_head and the model must share one checkpoint_format (zero_offset)")
+            diff = {k: getattr(lm_head, k) for k in ("bits", "group_size", "sym")
+                    if getattr(lm_head, k) != getattr(self, k)}
+            if diff:
+                qc["dynamic"] = {_LM_HEAD_KEYS[0]: diff}
+        return qc
 
     @classmethod
     def from_config(cls, qc, source: str = "config.json") -> "QuantSpec":
@@ -113,10 +136,9 @@ class QuantSpec:
             bad("quant_method", '"gptq"')
         if qc.get("desc_act", False) not in (False, None):
             bad("desc_act", "false (act-order checkpoints are not supported)")
-        if qc.get("lm_head", False) not in (False, None):
-            bad("lm_head", "false (a quantized lm_head is not supported yet)")
-        if qc.get("dynamic"):
-            bad("dynamic", "absent (per-module settings are not supported)")
+        if qc.get("lm_head", False) not in (False, None, True):
+            bad("lm_head", "true or false")
+        _lm_head_override(qc, source)  # the one `dynamic` we read; anything else is refused
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt not in FORMATS:
             bad("checkpoint_format", " or ".join(f'"{f}"' for f in FORMATS))
@@ -130,10 +152,51 @@ class QuantSpec:
         return cls(qc["bits"], qc["group_size"], sym, FORMATS[fmt])
 
 
+def _lm_head_override(qc: dict, source: str) -> dict:
+    """The `dynamic` override of the module lm_head ({} when none); any other `dynamic` entry
+    (per-layer settings, negative matches) is refused."""
+    dyn = qc.get("dynamic")
+    if not dyn:
+        return {}
+    if not isinstance(dyn, dict) or len(dyn) != 1 or next(iter(dyn)) not in _LM_HEAD_KEYS:
+        raise QuantError(f"{source}: quantization_config.dynamic = {dyn!r}; supported: absent, or one "
+                         f"override of the lm_head ({{\"{_LM_HEAD_KEYS[0]}\": {{\"bits\": 8}}}} with "
+                         "\"lm_head\": true); per-module settings of other modules are not supported")
+    over = next(iter(dyn.values()))
+    if not isinstance(over, dict) or not set(over) <= {"bits", "group_size", "sym", "desc_act"} \
+            or over.get("desc_act", False) not in (False, None):
+        raise QuantError(f"{source}: quantization_config.dynamic lm_head override = {over!r}; supported "
+                         "keys: bits, group_size, sym (desc_act false)")
+    if not qc.get("lm_head"):
+        raise QuantError(f"{source}: quantization_config.dynamic overrides the lm_head but lm_head is "
+                         f"{qc.get('lm_head')!r}; expected true")
+    return {k: v for k, v in over.items() if k != "desc_act"}
+
+
 def quant_spec_of(config) -> QuantSpec | None:
     """The QuantSpec of a ModelConfig read from a GPTQ checkpoint, None for an unquantized one."""
     qc = config.extra.get("quantization_config")
     return None if qc is None else QuantSpec.from_config(qc, config.source)
+
+
+def lm_head_spec_of(config) -> QuantSpec | None:
+    """The QuantSpec of a GPTQ checkpoint's lm_head (`"lm_head": true`, with any `dynamic`
+    override of it), None when the lm_head is stored unquantized."""
+    spec = quant_spec_of(config)
+    if spec is None or not config.extra["quantization_config"].get("lm_head"):
+        return None
+    over = _lm_head_override(config.extra["quantization_config"], config.source)
+    try:
+        return QuantSpec(over.get("bits", spec.bits), over.get("group_size", spec.group_size),
+                         over.get("sym", spec.sym), spec.zero_offset)
+    except QuantError as e:
+        raise QuantError(f"{config.source}: quantization_config.dynamic lm_head override: {e}") from None
+
+
+def lm_head_spec(spec: QuantSpec) -> QuantSpec:
+    """The format of a quantized lm_head in a model quantized as `spec` (the option's rule):
+    LM_HEAD_BITS, with the model's group size, symmetry and zero-point convention."""
+    return QuantSpec(LM_HEAD_BITS, spec.group_size, spec.sym, spec.zero_offset)
 
 
 # ---- packing ------------------------------------------------------------------------------------
@@ -436,14 +499,17 @@ def quantized_nbytes(N: int, K: int, bits: int, group_size: int) -> int:
 
 
 def layout_nbytes(layout: dict[str, tuple[int, ...]], itemsize: int, spec: QuantSpec | None,
-                  skip: set[str] = frozenset()) -> int:
+                  skip: set[str] = frozenset(), lm_head: QuantSpec | None = None) -> int:
     """Bytes of a checkpoint layout (loader.checkpoint_layout) with the quantizable linears in
-    `spec`'s format (None: all in `itemsize` bytes per element)."""
+    `spec`'s format (None: all in `itemsize` bytes per element) and the lm_head in `lm_head`'s
+    (None: `itemsize`)."""
     total = 0
     for name, shape in layout.items():
         if name in skip:
             continue
-        if spec is not None and QUANTIZABLE.fullmatch(name):
+        if lm_head is not None and name == LM_HEAD:
+            total += quantized_nbytes(shape[0], shape[1], lm_head.bits, lm_head.group_size)
+        elif spec is not None and QUANTIZABLE.fullmatch(name):
             total += quantized_nbytes(shape[0], shape[1], spec.bits, spec.group_size)
         else:
             total += math.prod(shape) * itemsize
@@ -460,13 +526,19 @@ def add_quant_arguments(ap) -> None:
     ap.add_argument("--group-size", type=int, default=128, choices=list(GROUP_SIZES),
                     help="with --quant: input channels per scale (default: %(default)s)")
     ap.add_argument("--sym", action="store_true", help="with --quant: symmetric (default: asymmetric)")
+    ap.add_argument("--quant-lm-head", action="store_true",
+                    help=f"quantize the lm_head to {LM_HEAD_BITS}-bit on load (the model's group size and "
+                         "symmetry; default: as the checkpoint stores it)")
 
 
 def quant_kwargs(args) -> dict:
     """Model.load keyword arguments from add_quant_arguments' flags."""
-    return {"quant": args.quant, "group_size": args.group_size, "sym": args.sym}
+    return {"quant": args.quant, "group_size": args.group_size, "sym": args.sym,
+            "quant_lm_head": args.quant_lm_head}
 
 
-__all__ = ["add_quant_arguments", "quant_kwargs", "BITS", "GROUP_SIZES", "QUANTIZABLE", "QuantError", "QuantSpec", "QuantizedWeight",
-           "group_index", "is_quantized", "layout_nbytes", "pack_cols", "pack_rows", "quant_spec_of",
+__all__ = ["add_quant_arguments", "quant_kwargs", "BITS", "GROUP_SIZES", "LM_HEAD", "LM_HEAD_BITS", "QUANTIZABLE",
+           "QuantError", "QuantSpec", "QuantizedWeight",
+           "group_index", "is_quantized", "layout_nbytes", "lm_head_spec", "lm_head_spec_of", "pack_cols", "pack_rows",
+           "quant_spec_of",
            "quantize", "quantized_nbytes", "unpack_cols", "unpack_rows"]

@@ -15,6 +15,10 @@ one product (B x T for attention and dense GEMMs, the valid tokens N for the MoE
                                                                    in one C++ call
     cpu        any n: quantized weights, or use_packed(n)          packed kernels (ops/packed.py,
                (n <= SMALL_N, or bf16 without AVX-512 BF16)        ops/quant.py), else torch's GEMM
+    cuda       CUDA graphs on (Model(cuda_graph=...)), T = 1, no   graph_step: the decode step replays
+               attention_mask, a cache with a free column, rope    a captured graph (graphs.py); it
+               rows precomputed for the position; "call" routing,  falls back to the rows below for
+               no patch, no grad                                   per-position/token controls, patches
     cuda, emu  quantized bf16 model (cuda_weights.py, repacked     routed experts: moe_decode_q,
                at load): MoE layer, N <= DECODE_MAX_T (else        else align + expert_gemm_q; shared
                align + GEMM); every quantized linear whose         experts and dense MLP: the same in
@@ -105,6 +109,23 @@ class Runner:
         # beyond the context (an error) or dynamic scaling (per call): the layer loop's _rope
         return cache.used + 1 <= config.max_position_embeddings or (rs is not None and rs.type != "dynamic")
 
+    def graph_step(self, ids, cache, config, *, attention_mask=None) -> bool:
+        """Whether a call can be a captured decode step (the cuda graph row, before the model's
+        graphs look at its routing and capture): one token per sequence of the cache's batch, no
+        attention_mask, a free cache column, rope rows that do not depend on the call. The
+        model asks only when it holds graphs (on for cuda; tests give emu a fake graph)."""
+        if self.backend not in ("cuda", "emu") or attention_mask is not None or cache is None:
+            return False
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+            return False
+        shape = ids.shape
+        if not ((len(shape) == 2 and shape[1] == 1) or (len(shape) == 1 and shape[0] == 1)):
+            return False
+        if cache.k.shape[1] != shape[0] or cache.used + 1 > cache.capacity:
+            return False
+        rs = config.rope_scaling
+        return cache.capacity <= config.max_position_embeddings or (rs is not None and rs.type != "dynamic")
+
     def fused_moe(self, capture) -> bool:
         """Whether an MoE layer runs as one C++ call: its taps need the op-by-op tensors."""
         return self.one_call and capture is None
@@ -124,3 +145,11 @@ class Runner:
             return self.quant.layer(l, lw, dtype)
         from .loader import dequantized_layer
         return dequantized_layer(lw, dtype), None
+
+    def head(self, lm_head, dtype: torch.dtype):
+        """(lm_head weight, packed lm_head or None) as this backend reads them, like `layer`: a
+        quantized lm_head (quant_lm_head) runs on the cpu backend's packed copy, elsewhere on a
+        dequantized view made for this call only."""
+        if self.packed is not None:
+            return lm_head, self.packed.lm_head
+        return (lm_head if isinstance(lm_head, torch.Tensor) else lm_head.dequantize(dtype)), None

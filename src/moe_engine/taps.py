@@ -13,7 +13,8 @@ generation step; 0 = the prompt). Expert outputs are unweighted, slot order = ra
 
 Nothing is captured unless asked. A request names taps (fnmatch patterns), layers and
 positions ("all", "last", a slice or a list of positions, or a bool [B, T] mask). Selecting
-rows is a device-side index_select: no host synchronisation. Capturing never changes the
+rows is a device-side index_select; "all" and "last" have fixed sizes (no host
+synchronisation), a slice, list or mask counts its rows with one nonzero() per call. Capturing never changes the
 outputs (the values are copied, never written back), so logits are bit-identical.
 
 Patches: `Patch(name, value, positions)` replaces a tap's value at the selected tokens before
@@ -130,16 +131,21 @@ def _layer_selected(layers, l: int | None, num_layers: int) -> bool:
 
 
 def select_rows(positions: Positions, seq: torch.Tensor, pos: torch.Tensor, last: torch.Tensor,
-                valid_index: torch.Tensor) -> torch.Tensor:
+                valid_index: torch.Tensor, n_last: int | None = None) -> torch.Tensor:
     """Indices (into the N valid tokens of this call) of the tokens `positions` selects.
 
     seq, pos, last: [N] sequence index, position and is-last-of-sequence flag of each valid token;
-    valid_index: [N] flat index into the [B, T] input of each valid token."""
+    valid_index: [N] flat index into the [B, T] input of each valid token. n_last: how many
+    tokens `last` flags (B: every sequence of a forward call ends in a real token), so "last" is
+    selected with a fixed size and no host synchronisation; None counts them (one sync). The
+    other selectors keep a data-dependent count (nonzero(): one sync per call and selector)."""
     dev = seq.device
     if isinstance(positions, str):
         if positions == "all":
             return torch.arange(seq.numel(), device=dev)
         if positions == "last":
+            if n_last is not None:
+                return torch.nonzero_static(last, size=n_last).squeeze(1)
             return last.nonzero().squeeze(1)
         raise ValueError(f"positions = {positions!r}; expected 'all', 'last', a slice, a list or a bool mask")
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
@@ -160,12 +166,14 @@ def select_rows(positions: Positions, seq: torch.Tensor, pos: torch.Tensor, last
 
 @dataclass
 class TokenIndex:
-    """Where the valid tokens of one forward call sit: seq, pos, last, step, valid_index [N]."""
+    """Where the valid tokens of one forward call sit: seq, pos, last, step, valid_index [N];
+    n_last: how many tokens `last` flags (B), known on the host (None: unknown)."""
     seq: torch.Tensor
     pos: torch.Tensor
     last: torch.Tensor
     step: int
     valid_index: torch.Tensor
+    n_last: int | None = None
 
 
 class Capture:
@@ -264,7 +272,7 @@ class Capture:
     def _select(self, positions, key) -> torch.Tensor:
         if key not in self._sel_cache:
             ix = self._index
-            self._sel_cache[key] = select_rows(positions, ix.seq, ix.pos, ix.last, ix.valid_index)
+            self._sel_cache[key] = select_rows(positions, ix.seq, ix.pos, ix.last, ix.valid_index, ix.n_last)
         return self._sel_cache[key]
 
     def _hook(self, p: Patch, name: str, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     common.add_argument("--backend", default="auto",
                         choices=["auto", "torch", "cpu", "cuda", "emu"])
+    common.add_argument("--no-cuda-graph", action="store_true",
+                        help="run decode steps op by op instead of replaying a captured CUDA graph "
+                             "(default: graphs on with the cuda backend)")
     common.add_argument("--max-len", type=int, default=None,
                         help="tokens per sample (default 2048, routing under the paper presets"
                              " 4096; capped by the model's context)")
@@ -182,7 +185,8 @@ def run(args) -> list[Path]:
     progress = not args.no_progress and sys.stderr.isatty() and D.is_main()
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                        progress=progress, allow_nonfinite=args.allow_nonfinite,
-                       expert_parallel=args.expert_parallel, **quant_kwargs(args))
+                       expert_parallel=args.expert_parallel,
+                       cuda_graph=False if args.no_cuda_graph else None, **quant_kwargs(args))
     _check_model_args(args, model)
     corpus_kw = dict(max_len=args.max_len, batch_tokens=args.batch_tokens, split=args.split,
                      max_samples=args.max_samples, max_tokens=args.max_tokens, progress=progress)

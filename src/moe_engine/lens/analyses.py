@@ -472,7 +472,7 @@ def _sample_nll(model: Model, b: C.Batch, resid: torch.Tensor) -> tuple[torch.Te
     for lo in range(0, rows.numel(), step):
         r = rows[lo:lo + step]
         h = rms_norm(resid[r], w.final_norm, model.config.rms_norm_eps)
-        logp = torch.log_softmax((h @ w.lm_head.t()).float(), dim=-1)
+        logp = torch.log_softmax(model.lm_head_logits(h).float(), dim=-1)
         nll.index_add_(0, seq[r], -logp.gather(1, tgt[r + 1].unsqueeze(1)).squeeze(1).double())
     counts = torch.bincount(seq[rows], minlength=len(b.lengths))
     return nll, counts

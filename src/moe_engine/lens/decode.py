@@ -188,7 +188,7 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
         h = x[lo:lo + step].to(model.dtype)
         if norm == "final":
             h = rms_norm(h, w.final_norm, model.config.rms_norm_eps)
-        z = (h @ w.lm_head.t()).float()[:, :vocab]
+        z = model.lm_head_logits(h).float()[:, :vocab]
         logp = torch.log_softmax(z, dim=-1)                                  # [n_rows, V]
         if n:
             lp, ix = torch.topk(logp, n, dim=-1)    # ties: torch.topk order (lower id first on CPU)
