@@ -5,7 +5,8 @@ against the dequantized torch reference in test_quant_model.py): logits, greedy 
 interventions and taps, for int8 and int4, three group sizes, both symmetries. On emu every
 quantized linear of the tiny model is repacked (its sizes are multiples of 8), no quantized
 weight is dequantized during a call, and both expert paths run (a 29-token prefill: align +
-expert_gemm_q; decode steps: moe_decode_q).
+expert_gemm_q; decode steps: moe_decode_q), in the eager layer loop and in the captured decode
+step (graphs.py, replayed with test_graphs' fake graph).
 
 Tolerance: "model_logits_vs_backend" bf16 (tests/tolerances.py): the two backends dequantize
 exactly but moe_decode_q and the cpu kernels sum in other orders, and expert_gemm_q and the
@@ -120,3 +121,18 @@ def test_emu_quantized_model_interventions_and_taps(tiny_ckpt):
     a, b = (m.forward(IDS, capture=Capture(patches=zero), **pinned) for m in (e, c))
     assert_close(a, b, WHAT, torch.bfloat16, "patched expert_out")
     assert not torch.equal(a, e.forward(IDS, **pinned))
+
+
+def test_emu_quantized_model_through_the_decode_graph(tiny_ckpt):
+    """The captured decode step (graphs.py, replayed on emu with test_graphs' fake graph) on the
+    quantized model: the same tokens and logits as its eager steps, top-k changed between
+    replays (k = 0 included: the quantized kernels then see sentinel slots only) without a
+    recapture. Cannot show: that moe_decode_q and linear_q_cuda capture on a GPU (no host sync or
+    allocation outside torch's caching allocator in them: tests/test_sync_free.py's rule)."""
+    from moe_engine.graphs import DecodeGraphs
+    from test_graphs import FakeGraph, _close, _decode_both
+    g, e = load(tiny_ckpt, "emu", 4, 32, False), load(tiny_ckpt, "emu", 4, 32, False)
+    g._graphs = DecodeGraphs(FakeGraph)
+    for lg, le in _decode_both(g, e, [{}, {"topk": 1}, {"topk": 0}, {}]):
+        _close(lg, le)
+    assert g._graphs.captures == 1
