@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from moe_engine.ops import available_backends
-from moe_engine.ops.quant import CudaQWeight, expert_ffn_q_cuda, expert_ffn_q_cuda_bytes, repack_quantized_cuda
+from moe_engine.ops.quant import (CudaQWeight, expert_ffn_q_cuda, expert_ffn_q_cuda_bytes, linear_q_cuda,
+                                  repack_quantized_cuda)
 from test_quant_kernels import FORMATS, QCase, expert_ffn_q_ref, random_ids
 from tolerances import assert_close
 
@@ -61,6 +62,30 @@ def test_expert_ffn_q_matches_dequantized_ref(bits, g, sym, backend):
         assert_close(got, ref, "expert_ffn", torch.bfloat16, f"int{bits} g{g} sym={sym} T={T} k={k}")
         sentinel = (ids < 0) | (ids >= E)
         assert (got[sentinel] == 0).all(), "sentinel slots must be zero rows"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits,g,sym", [(4, 32, False), (4, 128, True), (8, 64, False), (8, 32, True)])
+def test_linear_q_cuda_matches_dequantized_ref(bits, g, sym, backend):
+    """linear_q_cuda (expert_gemm_q's down launch, dense mode: the attention projections) against
+    x @ W^T on the exact dequantised weight, K = 200 (a short last group), N = 40 (a partial N tile),
+    T = 1, 5, 17 and 70 (both BM tiles); a row's bits do not depend on the call's other rows.
+    Cannot show on emu: the mma accumulation order on a device (the cuda parametrisation does)."""
+    dev = DEVICE[backend]
+    c = QCase(1, 40, 200, bits, g, sym, scale_dtype=torch.bfloat16 if bits == 8 else torch.float16)
+    w = repack_quantized_cuda(c.qweight[0].to(dev), c.scales[0].to(dev), None if sym else c.qzeros[0].to(dev),
+                              bits, g, sym, backend=backend)
+    x = (torch.randn(70, 200) * 0.1).bfloat16()
+    full = linear_q_cuda(x.to(dev), w).cpu()
+    for T in (1, 5, 17, 70):
+        got = linear_q_cuda(x[:T].to(dev), w).cpu()
+        ref = (x[:T].float() @ c.w[0].t()).bfloat16()
+        assert_close(got, ref, "expert_ffn", torch.bfloat16, f"int{bits} g{g} sym={sym} T={T}")
+        assert torch.equal(got, full[:T]), f"T={T}: rows changed with the batch"
+    with pytest.raises(ValueError, match="plain"):
+        linear_q_cuda(x, repack(QCase(2, 16, 64, bits, g, sym), backend=backend))
+    with pytest.raises(ValueError, match="x"):
+        linear_q_cuda(x[:, :64].contiguous().to(dev), w)
 
 
 def test_dense_mode_and_batch_invariance():

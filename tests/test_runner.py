@@ -85,6 +85,15 @@ def test_packed_weights_go_with_the_cpu_backend_only():
         Runner("cpu", None)
 
 
+def test_repacked_quantized_weights_go_with_cuda_and_emu_only():
+    quant = SimpleNamespace(layer=lambda l, lw, dtype: (lw, f"q{l}"))
+    for be in ("torch", "cpu"):
+        with pytest.raises(ValueError, match="repacked quantized weights go with backend 'cuda' or 'emu'"):
+            Runner(be, packed() if be == "cpu" else None, quant=quant)
+    lw = SimpleNamespace()
+    assert Runner("emu", quant=quant).layer(1, lw, torch.bfloat16) == (lw, "q1")
+
+
 def test_layer_reads_the_packed_copy_on_cpu_and_the_weights_elsewhere():
     lw = SimpleNamespace()
     assert Runner("cpu", packed()).layer(0, lw, torch.float32) == (lw, "layer0")

@@ -14,7 +14,9 @@
 //   in its N tile), the same as moe_decode, so every path leaves the same bits there (combine
 //   skips sentinel slots by id either way).
 //
-// Algorithm: one CTA per (BM-row tile, N tile). A rows are gathered through sorted_slots straight
+// Algorithm (tiles, tile rows, mma k-tile and epilogue in csrc/cuda/expert_gemm_common.cuh,
+//   shared with expert_gemm_q.cu): one CTA per (BM-row tile, N tile). A rows are gathered
+//   through sorted_slots straight
 //   from x (no activation copy). K is walked in steps of 64 (one 128-byte smem row per tile row)
 //   through a cp.async ring of STAGES buffers (zero-fill for padding rows and the N / K tails);
 //   fragments come from XOR-swizzled smem (chunk ^ (row & 7): the 8 rows one ldmatrix phase
@@ -80,6 +82,7 @@
 //   tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.
 #include "common.cuh"
+#include "expert_gemm_common.cuh"
 #include "ptx.cuh"
 #include "ops.h"
 
@@ -91,45 +94,22 @@ namespace gemm_detail {  // named, so the kernel files can share one translation
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kThreads = 128;
-constexpr int kBK = 64;               // K elements per stage: a 128-byte smem row per tile row
-constexpr int kChunks = kBK / 8;      // 16-byte chunks per smem row
-constexpr int kWRows = 128;           // weight rows per stage (up: 64 gate + 64 up; down: 128)
-
-template <int BM> struct Tile;
-template <> struct Tile<16> { static constexpr int kStages = 4, kWarpsM = 1, kWarpsN = 4; };
-template <> struct Tile<64> { static constexpr int kStages = 3, kWarpsM = 2, kWarpsN = 2; };
+using namespace gemm_common;  // kThreads, kBK, kChunks, kWRows, Tile, swz and the shared steps
 
 template <int BM> constexpr int stage_bytes() { return (BM + kWRows) * kBK * 2; }
 template <int BM> constexpr int smem_bytes() { return Tile<BM>::kStages * stage_bytes<BM>(); }
-
-// Offset, in 16-byte units, of chunk c of row r in a swizzled [rows, kChunks] tile.
-__device__ inline int swz(int r, int c) { return r * kChunks + (c ^ (r & 7)); }
-
-__device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 template <int BM, bool UP>
 __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmParams p) {
   constexpr int kStages = Tile<BM>::kStages;
   constexpr int kWarpsN = Tile<BM>::kWarpsN;
-  constexpr int BN = UP ? kWRows / 2 : kWRows;  // output columns per CTA
-  constexpr int WTM = BM / Tile<BM>::kWarpsM, WTN = BN / kWarpsN;
-  constexpr int MI = WTM / 16, NI = WTN / 8, NMAT = UP ? 2 : 1;
-  static_assert(NI % 2 == 0, "B fragments are loaded two n8 tiles per ldmatrix.x4");
+  constexpr int BN = Warps<BM, UP>::BN;  // output columns per CTA
   constexpr int kAChunks = BM * kChunks, kStageChunks = (BM + kWRows) * kChunks;
 
   const int m_tile = blockIdx.x, n0 = blockIdx.y * BN;
   const int row0 = m_tile * BM;
   if constexpr (!UP) {
-    if (p.topk_ids) {  // sentinel slots' rows of expert_out are zeros (see the header)
-      const int n1 = n0 + BN < p.D ? n0 + BN : p.D;
-      for (int jj = m_tile; jj < p.T * p.k_max; jj += gridDim.x) {
-        const int id = p.topk_ids[jj];
-        if (id >= 0 && id < p.E) continue;
-        for (int col = n0 + 8 * static_cast<int>(threadIdx.x); col < n1; col += 8 * kThreads)
-          *reinterpret_cast<uint4*>(static_cast<bf16*>(p.c) + static_cast<int64_t>(jj) * p.D + col) = uint4{0, 0, 0, 0};
-      }
-    }
+    if (p.topk_ids) zero_sentinel_rows<BN>(p, m_tile, n0);  // (see the header)
   }
   const int num_padded = p.num_padded ? *p.num_padded : p.capacity;
   if (row0 >= num_padded) return;
@@ -137,20 +117,12 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
   if (e < 0 || e >= p.E) return;  // align never emits such a tile below num_padded
 
   const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
-  const int R = p.T * p.k_max;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   MOE_DYNAMIC_SHARED(uint4, smem);
   MOE_SHARED_ARRAY(int, s_src, BM);  // A row of each tile row, -1 = padding
   MOE_SHARED_ARRAY(int, s_dst, BM);  // output row of each tile row, -1 = padding
-  for (int r = tid; r < BM; r += kThreads) {
-    const int i = row0 + r;
-    int slot = -1;
-    if (i < num_padded && i < p.capacity) slot = p.sorted_slots ? p.sorted_slots[i] : (i < R ? i : -1);
-    const bool valid = slot >= 0 && slot < R;
-    s_src[r] = !valid ? -1 : UP ? slot / p.k_max : i;
-    s_dst[r] = !valid ? -1 : UP ? i : slot;
-  }
+  tile_rows<BM, UP>(p, row0, num_padded, s_src, s_dst);
   __syncthreads();
 
   const bf16* A = static_cast<const bf16*>(p.a);
@@ -195,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
     }
   };
 
-  float acc[NMAT][MI][NI][4] = {};
+  float acc[Warps<BM, UP>::NMAT][Warps<BM, UP>::MI][Warps<BM, UP>::NI][4] = {};
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int KT = (K + kBK - 1) / kBK;
 
@@ -212,59 +184,19 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
 
     const uint4* sA = smem + (kt % kStages) * kStageChunks;
     const uint4* sW = sA + kAChunks;
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      uint32_t a[MI][4];
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-        ldmatrix_x4(a[mi], sA + swz(wm * WTM + mi * 16 + lane % 16, kk * 2 + lane / 16));
-#pragma unroll
-      for (int mat = 0; mat < NMAT; ++mat) {
-#pragma unroll
-        for (int nj = 0; nj < NI; nj += 2) {
-          uint32_t b[4];  // b[0..1]: n8 tile nj, b[2..3]: n8 tile nj+1
-          const int wr = mat * BN + wn * WTN + nj * 8 + lane % 8 + 8 * (lane / 16);
-          ldmatrix_x4(b, sW + swz(wr, kk * 2 + (lane / 8) % 2));
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi) {
-            mma_m16n8k16_bf16(acc[mat][mi][nj], a[mi], b, acc[mat][mi][nj]);
-            mma_m16n8k16_bf16(acc[mat][mi][nj + 1], a[mi], b + 2, acc[mat][mi][nj + 1]);
-          }
-        }
-      }
-    }
+    mma_ktile<BM, UP>(acc, sA, sW, wm, wn, lane);
   }
 
   cp_async_wait<0>();  // only empty groups remain; retire them so no copy outlives the CTA
 
-  bf16* C = static_cast<bf16*>(p.c);
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni) {
-      const int col = n0 + wn * WTN + ni * 8 + 2 * (lane % 4);
-      if (col >= N) continue;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int dst = s_dst[wm * WTM + mi * 16 + lane / 4 + 8 * h];
-        if (dst < 0) continue;
-        float v0 = acc[0][mi][ni][2 * h], v1 = acc[0][mi][ni][2 * h + 1];
-        if constexpr (UP) {
-          v0 = silu(v0) * acc[NMAT - 1][mi][ni][2 * h];
-          v1 = silu(v1) * acc[NMAT - 1][mi][ni][2 * h + 1];
-        }
-        *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(dst) * N + col) =
-            __floats2bfloat162_rn(v0, v1);
-      }
-    }
-  }
+  store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, N, wm, wn, lane);
 }
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("expert_gemm: " + what); }
 
 template <int BM, bool UP>
 void launch(const ExpertGemmParams& p, cudaStream_t stream) {
-  constexpr int BN = UP ? kWRows / 2 : kWRows;
+  constexpr int BN = Warps<BM, UP>::BN;
   const int N = UP ? p.F : p.D;
   const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
   constexpr int smem = smem_bytes<BM>();

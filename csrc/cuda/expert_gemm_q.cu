@@ -13,6 +13,7 @@
 //   (topk_ids given, down), dense mode (slot lists null: row i is slot i, expert 0).
 //
 // Algorithm: expert_gemm's CTA tiles, warp layout, A gather (cp.async, XOR swizzle) and
+//   (from the same code, csrc/cuda/expert_gemm_common.cuh: tile rows, mma k-tile, epilogue)
 //   ldmatrix + mma.sync.m16n8k16 bf16 main loop with fp32 accumulators; only W differs. Each
 //   stage of the cp.async ring holds the A tile and the raw codes of the CTA's 128 weight rows for
 //   64 k (32 B a row at 4 bits, 64 B at 8; one or two 16-byte chunks per thread and row pair, no
@@ -48,6 +49,7 @@
 //   dequantise-then-matmul reference. What it cannot: timing, occupancy, bank conflicts, the
 //   tensor cores' accumulation order, weak-memory effects between the ring and its barriers.
 #include "common.cuh"
+#include "expert_gemm_common.cuh"
 #include "dequant_q.cuh"
 #include "ptx.cuh"
 #include "ops.h"
@@ -60,46 +62,26 @@ namespace gemm_q_detail {  // named, so the kernel files can share one translati
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kThreads = 128;
-constexpr int kBK = 64;
-constexpr int kChunks = kBK / 8;  // 16-byte bf16 chunks per row of the dequantised tile
-constexpr int kWRows = 128;
-
-template <int BM> struct Tile;
-template <> struct Tile<16> { static constexpr int kStages = 4, kWarpsM = 1, kWarpsN = 4; };
-template <> struct Tile<64> { static constexpr int kStages = 3, kWarpsM = 2, kWarpsN = 2; };
+using namespace gemm_common;  // expert_gemm's kThreads, kBK, kChunks, kWRows, Tile, swz and shared steps
 
 template <int BITS> constexpr int kCodeChunksPerRow = kBK * BITS / 8 / 16;  // 2 (4-bit) or 4 (8-bit)
 // 16-byte chunks per stage (A tile + codes); variable templates, so device code reads them too
 template <int BM, int BITS> constexpr int kStageChunksQ = BM * kChunks + kWRows * kCodeChunksPerRow<BITS>;
 template <int BM, int BITS> constexpr int kSmemBytes = (Tile<BM>::kStages * kStageChunksQ<BM, BITS> + kWRows * kChunks) * 16;
 
-__device__ inline int swz(int r, int c) { return r * kChunks + (c ^ (r & 7)); }
-__device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 template <int BM, bool UP, int BITS>
 __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGemmQParams p) {
   constexpr int kStages = Tile<BM>::kStages;
   constexpr int kWarpsN = Tile<BM>::kWarpsN;
-  constexpr int BN = UP ? kWRows / 2 : kWRows;
-  constexpr int WTM = BM / Tile<BM>::kWarpsM, WTN = BN / kWarpsN;
-  constexpr int MI = WTM / 16, NI = WTN / 8, NMAT = UP ? 2 : 1;
-  static_assert(NI % 2 == 0, "B fragments are loaded two n8 tiles per ldmatrix.x4");
+  constexpr int BN = Warps<BM, UP>::BN;
   constexpr int kAChunks = BM * kChunks, kStageChunks = kStageChunksQ<BM, BITS>;
   constexpr int kCPR = kCodeChunksPerRow<BITS>;
 
   const int m_tile = blockIdx.x, n0 = blockIdx.y * BN;
   const int row0 = m_tile * BM;
   if constexpr (!UP) {
-    if (p.topk_ids) {  // sentinel slots' rows of expert_out are zeros (expert_gemm.cu's header)
-      const int n1 = n0 + BN < p.D ? n0 + BN : p.D;
-      for (int jj = m_tile; jj < p.T * p.k_max; jj += gridDim.x) {
-        const int id = p.topk_ids[jj];
-        if (id >= 0 && id < p.E) continue;
-        for (int col = n0 + 8 * static_cast<int>(threadIdx.x); col < n1; col += 8 * kThreads)
-          *reinterpret_cast<uint4*>(static_cast<bf16*>(p.c) + static_cast<int64_t>(jj) * p.D + col) = uint4{0, 0, 0, 0};
-      }
-    }
+    if (p.topk_ids) zero_sentinel_rows<BN>(p, m_tile, n0);  // (expert_gemm.cu's header)
   }
   const int num_padded = p.num_padded ? *p.num_padded : p.capacity;
   if (row0 >= num_padded) return;
@@ -107,20 +89,12 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
   if (e < 0 || e >= p.E) return;
 
   const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
-  const int R = p.T * p.k_max;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   MOE_DYNAMIC_SHARED(uint4, smem);
   MOE_SHARED_ARRAY(int, s_src, BM);
   MOE_SHARED_ARRAY(int, s_dst, BM);
-  for (int r = tid; r < BM; r += kThreads) {
-    const int i = row0 + r;
-    int slot = -1;
-    if (i < num_padded && i < p.capacity) slot = p.sorted_slots ? p.sorted_slots[i] : (i < R ? i : -1);
-    const bool valid = slot >= 0 && slot < R;
-    s_src[r] = !valid ? -1 : UP ? slot / p.k_max : i;
-    s_dst[r] = !valid ? -1 : UP ? i : slot;
-  }
+  tile_rows<BM, UP>(p, row0, num_padded, s_src, s_dst);
   __syncthreads();
 
   const bf16* A = static_cast<const bf16*>(p.a);
@@ -209,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
     }
   };
 
-  float acc[NMAT][MI][NI][4] = {};
+  float acc[Warps<BM, UP>::NMAT][Warps<BM, UP>::MI][Warps<BM, UP>::NI][4] = {};
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int KT = (K + kBK - 1) / kBK;
 
@@ -227,58 +201,19 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
     __syncthreads();  // the bf16 tile is complete
 
     const uint4* sA = smem + (kt % kStages) * kStageChunks;
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      uint32_t a[MI][4];
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-        ldmatrix_x4(a[mi], sA + swz(wm * WTM + mi * 16 + lane % 16, kk * 2 + lane / 16));
-#pragma unroll
-      for (int mat = 0; mat < NMAT; ++mat) {
-#pragma unroll
-        for (int nj = 0; nj < NI; nj += 2) {
-          uint32_t b[4];
-          const int wr = mat * BN + wn * WTN + nj * 8 + lane % 8 + 8 * (lane / 16);
-          ldmatrix_x4(b, sB + swz(wr, kk * 2 + (lane / 8) % 2));
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi) {
-            mma_m16n8k16_bf16(acc[mat][mi][nj], a[mi], b, acc[mat][mi][nj]);
-            mma_m16n8k16_bf16(acc[mat][mi][nj + 1], a[mi], b + 2, acc[mat][mi][nj + 1]);
-          }
-        }
-      }
-    }
+    mma_ktile<BM, UP>(acc, sA, sB, wm, wn, lane);
   }
 
   cp_async_wait<0>();
 
-  bf16* C = static_cast<bf16*>(p.c);
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni) {
-      const int col = n0 + wn * WTN + ni * 8 + 2 * (lane % 4);
-      if (col >= N) continue;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int dst = s_dst[wm * WTM + mi * 16 + lane / 4 + 8 * h];
-        if (dst < 0) continue;
-        float v0 = acc[0][mi][ni][2 * h], v1 = acc[0][mi][ni][2 * h + 1];
-        if constexpr (UP) {
-          v0 = silu(v0) * acc[NMAT - 1][mi][ni][2 * h];
-          v1 = silu(v1) * acc[NMAT - 1][mi][ni][2 * h + 1];
-        }
-        *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(dst) * N + col) = __floats2bfloat162_rn(v0, v1);
-      }
-    }
-  }
+  store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, N, wm, wn, lane);
 }
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("expert_gemm_q: " + what); }
 
 template <int BM, bool UP, int BITS>
 void launch(const ExpertGemmQParams& p, cudaStream_t stream) {
-  constexpr int BN = UP ? kWRows / 2 : kWRows;
+  constexpr int BN = Warps<BM, UP>::BN;
   const int N = UP ? p.F : p.D;
   const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
   constexpr int smem = kSmemBytes<BM, BITS>;

@@ -10,7 +10,8 @@
 //   expert_out[j] = 0 and no act row. topk_ids null = dense mode: every slot is expert 0 (the
 //   shared experts, shared_expert.cu).
 //
-// Algorithm: two launches (down needs every column of act). Grid column x serves the x-th
+// Algorithm (the slot scheduling and epilogue are csrc/cuda/moe_decode_common.cuh, shared with
+//   moe_decode_q.cu): two launches (down needs every column of act). Grid column x serves the x-th
 //   distinct expert in slot order (warp 0 marks each slot that is its expert's first, by a scan of
 //   the slots before it, at most R = 16 k_max reads a lane, and ranks the marks with ballots);
 //   there are min(R, E) columns, so only min(R, E) - distinct ones exit at once (was R columns,
@@ -48,6 +49,7 @@
 //   reference; tolerances in tests/emu/cpp/moe_test_util.h);
 //   nvcc build / spill check: tests/emu/test_nvcc_build.py.
 #include "common.cuh"
+#include "moe_decode_common.cuh"
 #include "ops.h"
 
 #include <stdexcept>
@@ -58,17 +60,9 @@ namespace decode_detail {  // named, so the kernel files can share one translati
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kMaxT = 16;          // beyond this: align + expert_gemm (tensor cores; no passes of 8)
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = 4;    // weight rows one warp streams together
-constexpr int kPass = 8;           // slots served per pass over an expert's weight rows
+using namespace decode_common;  // kMaxT, kThreads, kRowsPerWarp, kPass, the scheduling and epilogue
 constexpr int kStep = 32 * 8;      // K elements per warp step (16 bytes per lane)
 constexpr int kUnroll = 2;         // warp steps whose weight loads are issued together
-
-template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 : 1);
-
-__device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 // Dot product of 8 bf16 pairs held in two uint4. The words are unpacked with shifts (a bf16 is
 // the high half of an fp32), not by casting the uint4 to __nv_bfloat162: that cast breaks C++
@@ -98,32 +92,13 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
   auto id_of = [&](int jj) { return ids ? ids[jj] : 0; };
   auto valid = [&](int e) { return e >= 0 && e < p.E; };
 
-  if constexpr (!UP) {  // sentinel slots' expert_out rows are zeros; CTA x takes slots x, x + grid.x, ...
-    const int f1 = f0 + kFeatPerCta<UP> < N ? f0 + kFeatPerCta<UP> : N;
-    for (int jj = blockIdx.x; jj < R; jj += gridDim.x)
-      if (!valid(id_of(jj)))
-        for (int d = f0 + tid; d < f1; d += kThreads) out[static_cast<int64_t>(jj) * N + d] = __float2bfloat16(0.0f);
-  }
+  if constexpr (!UP) zero_sentinel_rows(out, R, N, f0, id_of, valid);
 
   MOE_SHARED_ARRAY(int, s_list, kPass);  // slots served in this pass
   MOE_SHARED_ARRAY(int, s_pass, 2);      // [0] their count, [1] where the next pass resumes
-  // CTA x serves the x-th distinct expert in slot order, from its first slot j: warp 0 marks each
-  // slot that is the first of its expert (a scan of the slots before it) and ranks the marks
-  // with ballots. The grid has min(R, E) columns, so at most min(R, E) - distinct CTAs exit here.
+  // CTA x serves the x-th distinct expert in slot order, from its first slot j.
   if (warp == 0) {
-    int found = -1;
-    for (int base = 0, seen = 0; base < R && found < 0; base += 32) {
-      const int jj = base + lane;
-      bool first = jj < R && valid(id_of(jj));
-      for (int i = 0; i < jj && first; ++i) first = id_of(i) != id_of(jj);
-      const unsigned m = __ballot_sync(~0u, first);
-      const int want = static_cast<int>(blockIdx.x) - seen;
-      if (want < __popc(m)) {
-        const unsigned hit = __ballot_sync(~0u, first && __popc(m & ((1u << lane) - 1u)) == want);
-        found = base + __ffs(hit) - 1;
-      }
-      seen += __popc(m);
-    }
+    const int found = cta_first_slot(R, lane, id_of, valid);
     if (lane == 0) s_pass[0] = found;
   }
   __syncthreads();
@@ -146,32 +121,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
   }
 
   for (int cursor = j;;) {
-    if (warp == 0) {
-      int n = 0, pos = cursor;
-      while (pos < R && n < kPass) {
-        const bool match = chose_e(pos + lane);
-        const unsigned m = __ballot_sync(~0u, match);
-        const int rank = __popc(m & ((1u << lane) - 1u));
-        if (match && n + rank < kPass) s_list[n + rank] = pos + lane;
-        if (n + __popc(m) <= kPass) {
-          n += __popc(m);
-          pos += 32;
-        } else {  // resume at the first match that did not fit
-          pos += __ffs(__ballot_sync(~0u, match && n + rank == kPass)) - 1;
-          n = kPass;
-        }
-      }
-      if (lane == 0) { s_pass[0] = n; s_pass[1] = pos; }
-    }
+    if (warp == 0) fill_pass(cursor, R, lane, chose_e, s_list, s_pass);
     __syncthreads();
     const int n = s_pass[0];
     cursor = s_pass[1];
     if (n == 0) return;
 
     int in_off[kPass];
-#pragma unroll
-    for (int r = 0; r < kPass; ++r)
-      in_off[r] = r < n ? (UP ? s_list[r] / p.k_max : s_list[r]) * K : 0;
+    pass_offsets<UP>(in_off, n, s_list, p.k_max, K);
     float acc[kRowsPerWarp][kPass] = {};
     // kUnroll steps of weight loads are issued before any math, so each lane keeps
     // kUnroll x kRowsPerWarp 16-byte loads in flight (the input rows are L1/L2 hits).
@@ -194,23 +151,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
         }
       }
     }
-#pragma unroll
-    for (int r = 0; r < kPass; ++r) {
-      if (r >= n) break;
-#pragma unroll
-      for (int q = 0; q < kRowsPerWarp; ++q)
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) acc[q][r] += __shfl_xor_sync(~0u, acc[q][r], o);
-      if (lane == 0) {
-        const int64_t row = static_cast<int64_t>(s_list[r]) * N;
-#pragma unroll
-        for (int q = 0; q < kFeatPerWarp; ++q) {
-          if (feat[q] >= N) continue;
-          const float v = UP ? silu(acc[q][r]) * acc[q + kFeatPerWarp * (kMats - 1)][r] : acc[q][r];
-          out[row + feat[q]] = __float2bfloat16(v);
-        }
-      }
-    }
+    store_pass<UP>(acc, n, s_list, feat, N, out, lane);
     if (cursor >= R) return;
     __syncthreads();  // everyone has read s_list before warp 0 refills it
   }

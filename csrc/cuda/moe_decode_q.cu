@@ -34,7 +34,8 @@
 //   and bias = -zoff * s; 4-bit: one LOP3 per 2 codes makes bf16 128 + q (magic number), widened
 //   to fp32 by a shift or mask; 8-bit: byte -> float; then w = fma(code, s, bias) = s (q - z),
 //   exact in fp32 (the reference's dequantised weight); products with bf16 x accumulate in fp32.
-// Algorithm: moe_decode's (its header), unchanged: grid column x serves the x-th distinct expert
+// Algorithm: moe_decode's (its header), unchanged, its scheduling and epilogue from the same code
+//   (csrc/cuda/moe_decode_common.cuh): grid column x serves the x-th distinct expert
 //   in slot order, passes of up to 8 slots, each warp streams 4 weight rows (up: gate and up rows
 //   of 2 features; down: 4 output features) with 16-byte loads; lane
 //   partial sums reduced with xor shuffles; the down CTAs zero the sentinel slots' rows. Each
@@ -62,6 +63,7 @@
 //   Python: src/moe_engine/ops/quant.py (repack_quantized_cuda, expert_ffn_q_cuda).
 #include "common.cuh"
 #include "dequant_q.cuh"
+#include "moe_decode_common.cuh"
 #include "ops.h"
 
 #include <stdexcept>
@@ -72,17 +74,10 @@ namespace decode_q_detail {  // named, so the kernel files can share one transla
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kMaxT = 16;
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = 4;
-constexpr int kPass = 8;
+using namespace decode_common;  // moe_decode's constants, slot scheduling and epilogue
 constexpr int kUnroll = 1;  // 2 spills (wd, acc and two steps of codes exceed 128 registers)
 template <int BITS> constexpr int kChunkK = 128 / BITS;          // k per 16-byte code chunk
 template <int BITS> constexpr int kStepK = 32 * kChunkK<BITS>;   // k per warp step
-template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 : 1);
-
-__device__ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 // acc + sum of 8 weights times the 8 bf16 of v, k ascending.
 __device__ inline float dot8(const float (&w)[8], const uint4& v, float acc) {
@@ -109,30 +104,13 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
   auto id_of = [&](int jj) { return ids ? ids[jj] : 0; };
   auto valid = [&](int e) { return e >= 0 && e < p.E; };
 
-  if constexpr (!UP) {  // sentinel slots' expert_out rows are zeros; CTA x takes slots x, x + grid.x, ...
-    const int f1 = f0 + kFeatPerCta<UP> < N ? f0 + kFeatPerCta<UP> : N;
-    for (int jj = blockIdx.x; jj < R; jj += gridDim.x)
-      if (!valid(id_of(jj)))
-        for (int d = f0 + tid; d < f1; d += kThreads) out[static_cast<int64_t>(jj) * N + d] = __float2bfloat16(0.0f);
-  }
+  if constexpr (!UP) zero_sentinel_rows(out, R, N, f0, id_of, valid);
 
   MOE_SHARED_ARRAY(int, s_list, kPass);
   MOE_SHARED_ARRAY(int, s_pass, 2);
-  // CTA x serves the x-th distinct expert in slot order (moe_decode.cu explains the scan).
+  // CTA x serves the x-th distinct expert in slot order (moe_decode_common.cuh).
   if (warp == 0) {
-    int found = -1;
-    for (int base = 0, seen = 0; base < R && found < 0; base += 32) {
-      const int jj = base + lane;
-      bool first = jj < R && valid(id_of(jj));
-      for (int i = 0; i < jj && first; ++i) first = id_of(i) != id_of(jj);
-      const unsigned m = __ballot_sync(~0u, first);
-      const int want = static_cast<int>(blockIdx.x) - seen;
-      if (want < __popc(m)) {
-        const unsigned hit = __ballot_sync(~0u, first && __popc(m & ((1u << lane) - 1u)) == want);
-        found = base + __ffs(hit) - 1;
-      }
-      seen += __popc(m);
-    }
+    const int found = cta_first_slot(R, lane, id_of, valid);
     if (lane == 0) s_pass[0] = found;
   }
   __syncthreads();
@@ -158,32 +136,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
   const bool scales_bf16 = p.fmt.scales_bf16;
 
   for (int cursor = j;;) {
-    if (warp == 0) {
-      int n = 0, pos = cursor;
-      while (pos < R && n < kPass) {
-        const bool match = chose_e(pos + lane);
-        const unsigned m = __ballot_sync(~0u, match);
-        const int rank = __popc(m & ((1u << lane) - 1u));
-        if (match && n + rank < kPass) s_list[n + rank] = pos + lane;
-        if (n + __popc(m) <= kPass) {
-          n += __popc(m);
-          pos += 32;
-        } else {  // resume at the first match that did not fit
-          pos += __ffs(__ballot_sync(~0u, match && n + rank == kPass)) - 1;
-          n = kPass;
-        }
-      }
-      if (lane == 0) { s_pass[0] = n; s_pass[1] = pos; }
-    }
+    if (warp == 0) fill_pass(cursor, R, lane, chose_e, s_list, s_pass);
     __syncthreads();
     const int n = s_pass[0];
     cursor = s_pass[1];
     if (n == 0) return;
 
     int in_off[kPass];
-#pragma unroll
-    for (int r = 0; r < kPass; ++r)
-      in_off[r] = r < n ? (UP ? s_list[r] / p.k_max : s_list[r]) * K : 0;
+    pass_offsets<UP>(in_off, n, s_list, p.k_max, K);
     float acc[kRowsPerWarp][kPass] = {};
     for (int k0 = lane * kChunkK<BITS>; k0 < K; k0 += kUnroll * kStepK<BITS>) {
       uint4 w[kUnroll][kRowsPerWarp];
@@ -225,23 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
         }
       }
     }
-#pragma unroll
-    for (int r = 0; r < kPass; ++r) {
-      if (r >= n) break;
-#pragma unroll
-      for (int q = 0; q < kRowsPerWarp; ++q)
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) acc[q][r] += __shfl_xor_sync(~0u, acc[q][r], o);
-      if (lane == 0) {
-        const int64_t row = static_cast<int64_t>(s_list[r]) * N;
-#pragma unroll
-        for (int q = 0; q < kFeatPerWarp; ++q) {
-          if (feat[q] >= N) continue;
-          const float v = UP ? silu(acc[q][r]) * acc[q + kFeatPerWarp * (kMats - 1)][r] : acc[q][r];
-          out[row + feat[q]] = __float2bfloat16(v);
-        }
-      }
-    }
+    store_pass<UP>(acc, n, s_list, feat, N, out, lane);
     if (cursor >= R) return;
     __syncthreads();  // everyone has read s_list before warp 0 refills it
   }

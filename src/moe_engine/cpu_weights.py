@@ -46,10 +46,10 @@ from .ops import backend as backends
 from .ops.expert_ffn import CpuExperts, expert_ffn_cpu, swiglu, workspace_bytes
 from .ops.norm import rms_norm_ref
 from .ops.packed import PackedWeight, linear_cpu, pack_weight, unpack_weight
-from .ops.quant import (PackedQWeight, dequantize_packed, expert_ffn_q_cpu, expert_ffn_q_workspace_bytes,
-                        linear_q_cpu, pack_quantized)
+from .ops.quant import (CudaQExperts, CudaQWeight, PackedQWeight, dequantize_packed, expert_ffn_q_cpu,
+                        expert_ffn_q_workspace_bytes, linear_q_cpu, linear_q_cuda, pack_quantized)
 from .ops.route import control_strides
-from .quant import QuantError, QuantizedWeight, pack_cols, unpack_cols
+from .quant import QuantError, QuantizedWeight
 from .runner import SMALL_N, runs_packed, use_packed  # the path rule (runner.py)
 
 # Shapes (N, k_max) whose fused-layer buffers a layer keeps (oldest dropped first): a decode loop
@@ -128,17 +128,9 @@ def dense(w, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _repack(qw: QuantizedWeight, gate_up: bool = False) -> PackedQWeight:
-    """pack_quantized of a QuantizedWeight. The kernels take true zero points; the stored qzeros
-    need + zero_offset (quant.py), so they are rewritten when the offset is not 0."""
-    qzeros = qw.qzeros
-    if qw.zero_offset:
-        z = unpack_cols(qw.qzeros, qw.bits) + qw.zero_offset
-        if int(z.max()) >= 1 << qw.bits:
-            raise QuantError(f"a {qw.bits}-bit zero point reads {int(z.max())} (stored "
-                             f"{int(z.max()) - qw.zero_offset} + zero_offset {qw.zero_offset}); the quantized "
-                             f"kernels take zeros in [0, {(1 << qw.bits) - 1}]")
-        qzeros = pack_cols(z, qw.bits)
-    return pack_quantized(qw.qweight, qw.scales, qzeros, qw.bits, qw.group_size, qw.sym, gate_up=gate_up)
+    """pack_quantized of a QuantizedWeight (the kernels take true zero points: kernel_qzeros)."""
+    return pack_quantized(qw.qweight, qw.scales, qw.kernel_qzeros(), qw.bits, qw.group_size, qw.sym,
+                          gate_up=gate_up)
 
 
 def _views(packed, ws: list, stacked: bool) -> list:
@@ -437,11 +429,13 @@ def _decode_layer(lw: LayerWeights, pl: CpuLayerWeights):
     return d
 
 
-def linear(x: torch.Tensor, w, packed: PackedWeight | PackedQWeight | None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, packed: PackedWeight | PackedQWeight | CudaQWeight | None) -> torch.Tensor:
     """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise (on w made
-    dense for this call when the model holds only the panels); a quantized packed weight at
-    every size."""
+    dense for this call when the model holds only the panels); a quantized packed weight (the
+    only copy) at every size, on the cpu or (CudaQWeight) the CUDA kernels."""
     n = x.numel() // x.shape[-1]
+    if isinstance(packed, CudaQWeight):  # cuda / emu: the repacked weight (cuda_weights.py)
+        return linear_q_cuda(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
     if isinstance(packed, PackedQWeight):
         return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
     if packed is None or not use_packed(n, x.dtype):
@@ -449,10 +443,14 @@ def linear(x: torch.Tensor, w, packed: PackedWeight | PackedQWeight | None) -> t
     return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
 
 
-def ffn(x: torch.Tensor, mlp: DenseMLPWeights, packed: CpuExperts | QuantExperts | None) -> torch.Tensor:
-    """A dense layer's SwiGLU MLP: one_expert on the cpu backend (packed given), else torch."""
+def ffn(x: torch.Tensor, mlp: DenseMLPWeights, packed: CpuExperts | QuantExperts | CudaQExperts | None) -> torch.Tensor:
+    """A dense layer's SwiGLU MLP: one_expert on the cpu backend (packed given), the quantized CUDA
+    kernels in dense mode (CudaQExperts, cuda / emu), else torch."""
     if packed is None:
         return swiglu(x, mlp.gate_up, mlp.down)
+    if isinstance(packed, CudaQExperts):  # cuda / emu: dense mode, every token through expert 0
+        n = x.numel() // x.shape[-1]
+        return packed(x.reshape(n, x.shape[-1]).contiguous(), None).view(x.shape)
     return one_expert(x, packed, mlp)
 
 
@@ -468,6 +466,8 @@ def one_expert(x: torch.Tensor, packed: CpuExperts | QuantExperts, mlp: DenseMLP
         gate_up, down = dense_all([mlp.gate_up, mlp.down], x.dtype)
         return swiglu(x, gate_up, down)
     x2 = x.reshape(n, x.shape[-1]).contiguous()
+    if isinstance(packed, CudaQExperts):  # cuda / emu: dense mode, every token through expert 0
+        return packed(x2, None).view(x.shape)
     every_token = torch.zeros((n, 1), dtype=torch.int32)
     return expert_ffn_packed(x2, every_token, packed).view(x.shape)
 

@@ -403,12 +403,16 @@ def _expected_layout(config: ModelConfig, weight_map: dict) -> tuple[dict, dict]
     return out, dtypes
 
 
-def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
+def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype, keep=None) -> "LayerWeights":
     """The layer with every linear that is not a Tensor (a QuantizedWeight, or the cpu backend's
     cpu_weights.PackedRows view of its panels) replaced by a tensor in `dtype`: dequantized, or
     unpacked exactly from bf16/fp32 panels (what the PyTorch reference and the other backends
-    read, made when asked and not kept); `lw` itself when every linear is a Tensor."""
+    read, made when asked and not kept); `lw` itself when every linear is a Tensor.
+    keep(w) -> True leaves w as it is (the parts cuda_weights.py runs quantized)."""
     from .cpu_weights import dense_all  # (cpu_weights imports this module)
+
+    def kept(w) -> bool:
+        return isinstance(w, Tensor) or (keep is not None and keep(w))
 
     m = lw.mlp
     parts = [lw.q, lw.k, lw.v, lw.o]
@@ -418,9 +422,10 @@ def dequantized_layer(lw: "LayerWeights", dtype: torch.dtype) -> "LayerWeights":
             parts += [m.shared.gate_up, m.shared.down]
     else:
         parts += [m.gate_up, m.down]
-    if all(isinstance(w, Tensor) for w in parts):
+    if all(kept(w) for w in parts):
         return lw
-    d = iter(dense_all(parts, dtype))  # in the order of `parts`
+    made = iter(dense_all([w for w in parts if not kept(w)], dtype))
+    d = iter([w if kept(w) else next(made) for w in parts])  # in the order of `parts`
     q, k, v, o = next(d), next(d), next(d), next(d)
     if isinstance(m, MoEWeights):
         router, gate_up, down = next(d), next(d), next(d)

@@ -3,25 +3,26 @@ refuse with the numbers and the way out when it will not fit, instead of the ker
 ending the process half way through a 30 GB read.
 
 Estimate = the weights in the format they will be held in (quantized linears as their GPTQ
-tensors, the rest in the load dtype), counted once on every backend: the cpu backend's panels
-replace the tensors they are packed from (cpu_weights.py), layer by layer + on the cpu backend,
-what packing adds (the largest layer, whose tensors and panels are both held while it is packed,
-and an lm_head tied to the embedding, packed beside it) + the KV cache for `context` tokens of
-one sequence + a fixed allowance for the runtime (torch, buffers).
+tensors, the rest in the load dtype), counted once on the cpu backend: its panels replace the
+tensors they are packed from (cpu_weights.py), layer by layer + on the cpu backend, what
+packing adds (the largest layer, whose tensors and panels are both held while it is packed,
+and an lm_head tied to the embedding, packed beside it), or the cuda / emu backends'
+repacked copy of a bf16 model's quantized linears (cuda_weights.py: kept beside the GPTQ
+tensors, so counted twice) + the KV cache for `context` tokens of one sequence + a fixed
+allowance for the runtime (torch, buffers).
 Available = MemAvailable of /proc/meminfo, lowered to the cgroup's limit minus its usage when
 the process runs in a memory-limited cgroup (containers).
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
 from .loader import CONFIG_FILE, checkpoint_layout, checkpoint_lm_head_spec, checkpoint_quant_spec
-from .quant import QuantSpec, layout_nbytes
+from .quant import QUANTIZABLE, QuantSpec, layout_nbytes
 
 RUNTIME_BYTES = 300 * 2 ** 20  # torch, the extension, per-call buffers: measured order, not exact
 _ITEMSIZE = {torch.bfloat16: 2, torch.float32: 4}
@@ -62,6 +63,10 @@ def estimate_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16, 
         packed = max(per_layer.values(), default=0)
         if config.tie_word_embeddings:
             packed += math.prod(layout["lm_head.weight"]) * el
+    elif backend in ("cuda", "emu") and spec is not None and dtype == torch.bfloat16:
+        # cuda_weights.py: the quantized linears repacked for the CUDA kernels beside their GPTQ
+        # tensors (about their size; the qrow layout pads K to 32 and groups to 4 words a row)
+        packed = layout_nbytes({n: s for n, s in layout.items() if QUANTIZABLE.fullmatch(n)}, el, spec)
     ctx = config.max_position_embeddings if context is None else context
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
         raise ValueError(f"context = {context!r}; expected a positive number of tokens")

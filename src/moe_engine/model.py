@@ -7,7 +7,9 @@ the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E
 K top-k, F expert width, V vocab, L layers.
 
 The MoE layer runs on the selected backend's kernels (src/moe_engine/moe.py); attention, norms and
-the dense GEMMs are PyTorch on every backend. Batches are left-padded: every sequence ends at the
+the dense GEMMs are PyTorch on every backend, except a quantized model's linears (the cpu
+backend's packed kernels, cpu_weights.py; cuda / emu: the quantized CUDA kernels, cuda_weights.py;
+runner.py has the rule). Batches are left-padded: every sequence ends at the
 same cache column, so a decode step appends one column for all of them. Pad tokens never reach
 the MoE layer (it sees only the N valid tokens), so they neither count in the expert usage nor
 appear in taps.
@@ -28,6 +30,7 @@ from .config import ModelConfig
 from .interventions import Interventions, Routing, for_call
 from .loader import ModelWeights, MoEWeights, load_checkpoint
 from .cpu_weights import CpuModelWeights, dense, dense_all, ffn, linear
+from .cuda_weights import CudaModelWeights
 from .moe import moe_layer
 from .ops import backend as backends
 from .ops.attention import attention_block_decode_cpu
@@ -154,8 +157,11 @@ class Model:
         hd = config.head_dim
         self._cpu: CpuModelWeights | None = None  # the packed weights for backend="cpu": once made,
         # the only copy (self.weights then holds views of them; cpu_weights.py)
+        self._quant: dict = {}  # backend -> repacked quantized weights for cuda / emu (cuda_weights.py)
         if self.backend == "cpu":
             self._cpu_weights()
+        elif self.backend in ("cuda", "emu"):
+            self._cuda_weights(self.backend)
         self._rope_rows = None   # (cos, sin) table, Model._rope_table
         self._routings: dict = {}  # Model._routing
         self._inv_freq = 1.0 / (config.rope_theta ** (
@@ -354,10 +360,12 @@ class Model:
     def _moe(self, u, resid_mid, mw: MoEWeights, lc, l: int, call: "_Call") -> torch.Tensor:
         """The MoE layer on the N valid tokens: u, resid_mid [N, D] -> resid_post [N, D]."""
         cap = call.taps.capture
+        packed = None if lc is None else lc.moe  # the cpu's packed or cuda / emu's repacked layer
         return moe_layer(u, resid_mid, mw, call.routing, l, backend=call.runner.backend, tap=cap,
                          wants=None if cap is None else cap.wants,
                          usage=None if call.usage is None else call.usage[l],
-                         cpu=None if lc is None else lc.moe, fused=call.runner.fused_moe(cap))
+                         cpu=packed if call.runner.packed is not None else None,
+                         quant=packed if call.runner.quant is not None else None, fused=call.runner.fused_moe(cap))
 
     def _head(self, x: torch.Tensor, call: "_Call") -> torch.Tensor:
         """Final norm and lm_head: float32 logits [B, T, V], or [B, V] for logits="last"."""
@@ -442,6 +450,14 @@ class Model:
             self._cpu = CpuModelWeights.pack(self.weights)
         return self._cpu
 
+    def _cuda_weights(self, backend: str) -> CudaModelWeights | None:
+        """The quantized weights repacked for the CUDA kernels on `backend` ("cuda" / "emu"): one
+        copy, made at load for the model's backend or the first time a call asks for it; None
+        when the model has nothing they take (cuda_weights.py)."""
+        if backend not in self._quant:
+            self._quant[backend] = CudaModelWeights.repack(self.weights, backend)
+        return self._quant[backend]
+
     def lm_head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [n, D] in the model dtype times the lm_head: [n, V] in the model dtype, no final norm
         (the lens decodes through this). An unquantized lm_head: torch's product; a quantized one
@@ -455,10 +471,13 @@ class Model:
             return linear(h, *self._runner(self.backend).head(w, self.dtype))
 
     def _runner(self, backend: str) -> Runner:
-        """The path rule for calls on `backend` (runner.py); the cpu one holds the packed weights."""
+        """The path rule for calls on `backend` (runner.py); the cpu one holds the packed weights,
+        the cuda / emu ones the repacked quantized weights."""
         run = self._runners.get(backend)
         if run is None:
-            run = self._runners[backend] = Runner(backend, self._cpu_weights() if backend == "cpu" else None)
+            run = self._runners[backend] = Runner(
+                backend, self._cpu_weights() if backend == "cpu" else None,
+                quant=self._cuda_weights(backend) if backend in ("cuda", "emu") else None)
         return run
 
     def _decode_step_cpu(self, input_ids: torch.Tensor, cache: KVCache, interventions: Interventions, usage):
@@ -645,7 +664,7 @@ class Model:
             return attention_block_decode_cpu(
                 h.view(B, -1), lc.qkv, lc.o, call.cos[:, 0], call.sin[:, 0], cache.k[l], cache.v[l], cache.valid,
                 start, H, Hkv, 1.0 / math.sqrt(hd)).view(B, T, -1)
-        if lc is not None and runs_packed(lc.qkv, B * T, h.dtype):  # cpu backend: one packed q|k|v product
+        if lc is not None and runs_packed(lc.qkv, B * T, h.dtype):  # one packed (cpu) or repacked (cuda_weights) q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
             q, k, v = (h @ w.t() for w in dense_all((lw.q, lw.k, lw.v), h.dtype))  # cpu: one unpacking

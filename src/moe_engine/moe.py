@@ -10,7 +10,8 @@ buffer width of this call, F expert width, S shared width.
     expert_out[t, j] = FFN_{topk_ids[t, j]}(u[t])   [N, k_max, D]  unweighted (the lens tap)
     shared_out = FFN_shared(u)                      [N, D]   one dense SwiGLU (torch: GEMMs;
                               cpu: cpu_weights.one_expert, the expert kernel with E = 1;
-                              cuda/emu: shared_expert.cu)
+                              cuda/emu: shared_expert.cu, or on a quantized model the
+                              quantized expert kernels, E = 1)
     resid_post = combine(expert_out, topk_weights, shared_out, residual=resid_mid)
 
 Taps written here: blocks.{l}.moe.hook_in, hook_router_logits, hook_router_probs,
@@ -26,6 +27,7 @@ import torch
 from .interventions import Routing
 from .loader import MoEWeights
 from .cpu_weights import CpuMoEWeights, expert_ffn_packed, one_expert
+from .cuda_weights import CudaMoEWeights
 from .ops.combine import combine
 from .ops.expert_ffn import expert_ffn, shared_expert_cuda, swiglu
 from .ops.packed import linear_cpu
@@ -35,14 +37,21 @@ from .ops.route import route
 def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: Routing, l: int, *,
               backend: str, tap: Callable | None = None, wants: Callable | None = None,
               usage: torch.Tensor | None = None, cpu: CpuMoEWeights | None = None,
-              fused: bool = False) -> torch.Tensor:
+              quant: CudaMoEWeights | None = None, fused: bool = False) -> torch.Tensor:
     """u = RMSNorm_post(resid_mid) [N, D]; returns resid_post [N, D]. routing: broadcast ("call")
     or one control row per token of u (Routing.for_tokens).
-    cpu: the packed weights backend="cpu" streams (required for that backend). fused: run the
-    layer as one C++ call (cpu backend, no taps; same bits as op by op); the caller asks
-    runner.Runner.fused_moe, which owns that rule."""
+    cpu: the packed weights backend="cpu" streams (required for that backend). quant: backend
+    "cuda" / "emu" on a quantized model: the experts repacked for the quantized kernels
+    (cuda_weights.py; a part it holds as None runs from w). fused: run the layer as one C++ call
+    (cpu backend, no taps; same bits as op by op); the caller asks runner.Runner.fused_moe, which
+    owns that rule."""
     if (backend == "cpu") != (cpu is not None):
         raise ValueError(f"moe_layer: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
+    if quant is not None and backend not in ("cuda", "emu"):
+        raise ValueError(f"moe_layer: repacked quantized weights go with backend 'cuda' or 'emu' only "
+                         f"(backend={backend!r})")
+    qexperts = None if quant is None else quant.experts
+    qshared = None if quant is None else quant.shared
     if fused and (cpu is None or tap is not None):
         raise ValueError("moe_layer: fused=True needs the cpu backend's packed weights and no taps "
                          "(runner.Runner.fused_moe)")
@@ -79,6 +88,8 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         expert_out = w.ep.expert_ffn(u, ids, w, cpu, backend=backend)   # (distributed.py)
     elif k > 0 and cpu is not None:  # the packed experts (w holds only views of them)
         expert_out = expert_ffn_packed(u, ids, cpu.experts)
+    elif qexperts is not None and (k > 0 or on_device):  # moe_decode_q / align + expert_gemm_q
+        expert_out = qexperts(u, ids)
     elif k > 0 or on_device:
         expert_out = expert_ffn(u, ids, w.experts_gate_up, w.experts_down, backend=backend)
     else:  # shared experts only: nothing routed
@@ -87,7 +98,9 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         expert_out = _patch_cols(t, pre + "hook_expert_out", expert_out, k)
     shared_out = None
     if w.shared is not None:
-        if backend in ("cuda", "emu"):
+        if qshared is not None:  # the quantized kernels in dense mode
+            shared = qshared(u, None).view(u.shape)
+        elif backend in ("cuda", "emu"):
             shared = shared_expert_cuda(u, w.shared.gate_up, w.shared.down, backend=backend)
         elif cpu is None:
             shared = swiglu(u, w.shared.gate_up, w.shared.down)

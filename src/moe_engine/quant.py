@@ -309,6 +309,19 @@ class QuantizedWeight:
         """(q int32 [..., K, N], z int32 [..., G, N]): the integer weights and true zero points."""
         return unpack_rows(self.qweight, self.bits), unpack_cols(self.qzeros, self.bits) + self.zero_offset
 
+    def kernel_qzeros(self) -> Tensor:
+        """qzeros holding the true zero points (the stored ones + zero_offset, repacked), as the
+        quantized kernels' repacks take them (ops/quant.py); the stored tensor when the offset
+        is 0. A zero beyond 2^bits - 1 is a QuantError."""
+        if not self.zero_offset:
+            return self.qzeros
+        z = unpack_cols(self.qzeros, self.bits) + self.zero_offset
+        if int(z.max()) >= 1 << self.bits:
+            raise QuantError(f"a {self.bits}-bit zero point reads {int(z.max())} (stored "
+                             f"{int(z.max()) - self.zero_offset} + zero_offset {self.zero_offset}); the quantized "
+                             f"kernels take zeros in [0, {(1 << self.bits) - 1}]")
+        return pack_cols(z, self.bits)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight [..., N, K]: scales * (q - z), computed in fp32 (exact: |q - z| <= 2^b and an
         fp16 scale fit a float's mantissa), then cast to `dtype`."""

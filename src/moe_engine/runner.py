@@ -20,8 +20,14 @@ one product (B x T for attention and dense GEMMs, the valid tokens N for the MoE
                attention_mask, a cache with a free column, rope    a captured graph (graphs.py); it
                rows precomputed for the position; "call" routing,  falls back to the rows below for
                no patch, no grad                                   per-position/token controls, patches
+    cuda, emu  quantized bf16 model (cuda_weights.py, repacked     routed experts: moe_decode_q,
+               at load): MoE layer, N <= DECODE_MAX_T (else        else align + expert_gemm_q; shared
+               align + GEMM); every quantized linear whose         experts and dense MLP: the same in
+               sizes are multiples of 8                            dense mode; q|k|v, o: linear_q_cuda
     cuda, emu  MoE layer, N <= DECODE_MAX_T (else align + GEMM)    moe_decode (csrc/cuda)
-    cuda, emu  attention, norms, dense GEMMs                       PyTorch
+    cuda, emu  attention, norms, dense GEMMs                       PyTorch (quantized weights that the
+                                                                   row above does not take: dequantized
+                                                                   per call)
     torch      everything; weights held as quantized tensors or    PyTorch reference ops
                cpu panels made dense per call
 
@@ -55,19 +61,27 @@ def runs_packed(packed, n: int, dtype: torch.dtype) -> bool:
     """Whether an n-token product with these packed weights runs on the packed kernels: always
     for quantized ones (there is no dense copy to hand to torch), else use_packed."""
     from .cpu_weights import QuantExperts
-    from .ops.quant import PackedQWeight
-    return isinstance(packed, (PackedQWeight, QuantExperts)) or use_packed(n, dtype)
+    from .ops.quant import CudaQExperts, CudaQWeight, PackedQWeight
+    if packed is None:  # cuda / emu: a part the quantized kernels do not hold (torch's GEMM)
+        return False
+    return isinstance(packed, (PackedQWeight, QuantExperts, CudaQWeight, CudaQExperts)) or use_packed(n, dtype)
 
 
 class Runner:
     """The path rule for calls on one backend (the table above). `packed` is the model's
-    CpuModelWeights for backend "cpu", else None. Cheap: one per (model, backend)."""
+    CpuModelWeights for backend "cpu", else None; `quant` the model's cuda_weights.CudaModelWeights
+    for backend "cuda" / "emu" when it has quantized weights the kernels take, else None. Cheap:
+    one per (model, backend)."""
 
-    def __init__(self, backend: str, packed=None):
+    def __init__(self, backend: str, packed=None, quant=None):
         if (backend == "cpu") != (packed is not None):
             raise ValueError(f"Runner: packed cpu weights go with backend 'cpu' only (backend={backend!r})")
+        if quant is not None and backend not in ("cuda", "emu"):
+            raise ValueError(f"Runner: repacked quantized weights go with backend 'cuda' or 'emu' only "
+                             f"(backend={backend!r})")
         self.backend = backend
         self.packed = packed
+        self.quant = quant
         # CpuModelWeights.one_call is the single rule for which models the one-call paths read
         self.one_call = packed is not None and packed.one_call
         if packed is not None:  # the model's RMSNorm: one C++ call for few tokens
@@ -124,10 +138,14 @@ class Runner:
 
     def layer(self, l: int, lw, dtype: torch.dtype):
         """(weights, packed weights or None) of layer l as this backend reads them: the cpu
-        backend's packed weights (with `lw`, whose linears are views of them), or (every other
-        backend) tensors made for this call only from quantized weights or cpu panels."""
+        backend's packed weights (with `lw`, whose linears are views of them), the cuda / emu
+        backends' repacked quantized parts (cuda_weights.CudaLayerWeights; the rest made dense
+        for this call), or (every other backend) tensors made for this call only from
+        quantized weights or cpu panels."""
         if self.packed is not None:
             return lw, self.packed.layers[l]
+        if self.quant is not None:
+            return self.quant.layer(l, lw, dtype)
         from .loader import dequantized_layer
         return dequantized_layer(lw, dtype), None
 

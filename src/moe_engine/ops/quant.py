@@ -38,8 +38,12 @@ CUDA kernels' row layout (csrc/cuda/moe_decode_q.cu, its header gives the layout
     expert_ffn_q_cuda(x, topk_ids, w13, w2)               expert_ffn_q_cpu's contract, bf16 x:
         T <= 16 moe_decode_q, else align + expert_gemm_q (csrc/cuda/expert_gemm_q.cu);
         topk_ids None: dense, every token through expert 0 (shared experts, dense MLPs)
+    CudaQExperts(w13, w2)(x, topk_ids)                    the same, on the weights' own backend
+    linear_q_cuda(x, w)                                   y = x W^T [T, N]: expert_gemm_q's down
+                                                          launch in dense mode (attention projections)
 
-Test: tests/test_quant_cuda.py (emu), tests/emu/test_moe_decode_q.py (the kernel's own program).
+Test: tests/test_quant_cuda.py (emu), tests/emu/test_moe_decode_q.py (the kernel's own program);
+the whole model on them: tests/test_quant_model.py (cuda_weights.py holds a model's copy).
 """
 from __future__ import annotations
 
@@ -281,6 +285,23 @@ class CudaQWeight(_QuantLayout):
     scale_dtype: torch.dtype    # fp16 or bf16, as the checkpoint stores them
     stacked: bool               # given as [E, ...] (else [N, K] with E = 1)
 
+    @property
+    def backend(self) -> str:
+        """The backend the bytes are for: "cuda" on a CUDA device, else "emu" (the only backend
+        that runs the CUDA kernels on CPU tensors)."""
+        return "cuda" if self.data.device.type == "cuda" else "emu"
+
+
+@dataclass(frozen=True)
+class CudaQExperts:
+    """E quantized SwiGLU experts for the CUDA kernels (QuantExperts' cuda/emu twin): calling it
+    is expert_ffn_q_cuda on its own backend; topk_ids None runs every token through expert 0
+    (a shared or dense MLP held as a stack of one)."""
+    w13: CudaQWeight   # [E, 2F, D], rows [gate F | up F]
+    w2: CudaQWeight    # [E, D, F]
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor | None) -> torch.Tensor:
+        return expert_ffn_q_cuda(x.contiguous(), topk_ids, self.w13, self.w2, backend=self.w13.backend)
 
 
 def repack_quantized_cuda(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
@@ -366,21 +387,53 @@ def _expert_gemm_q(mod, backend, x, topk_ids, w13, w2, out, stream, device):
     E, F = w13.E, w13.N // 2
     k_max = out.shape[1]
     if topk_ids is None:
-        block_m, slots, tiles, num_padded, cap = 16, None, None, None, T
+        block_m, slots, cap = 16, None, T
     else:
         block_m = mod.expert_gemm_block_m(T, k_max, E)
-        a = align(topk_ids, E, block_m, backend=backend)
-        slots, tiles, num_padded, cap = a.sorted_slots, a.tile_experts, a.num_padded, a.sorted_slots.numel()
+        slots = align(topk_ids, E, block_m, backend=backend)
+        cap = slots.sorted_slots.numel()
     act = torch.empty((cap, F), dtype=x.dtype, device=x.device)
-    for up in (True, False):
-        p = mod.ExpertGemmQParams()
-        p.a, p.a_stride = (x.data_ptr(), D) if up else (act.data_ptr(), F)
-        w = w13 if up else w2
-        p.w, p.c, p.fmt = w.data.data_ptr(), (act if up else out).data_ptr(), w.native_format(mod)
-        p.sorted_slots, p.tile_experts, p.num_padded = backends.ptr(slots), backends.ptr(tiles), backends.ptr(num_padded)
-        p.T, p.k_max, p.E, p.D, p.F, p.capacity, p.block_m, p.up = T, k_max, E, D, F, cap, block_m, up
-        p.topk_ids = backends.ptr(topk_ids)  # the down launch zeroes the sentinel slots' rows
-        mod.expert_gemm_q_cuda(p, stream, device)
+    _gemm_q(mod, stream, device, x, D, w13, act, True, T, k_max, D, F, cap, block_m, slots, topk_ids)
+    _gemm_q(mod, stream, device, act, F, w2, out, False, T, k_max, D, F, cap, block_m, slots, topk_ids)
+
+
+def _gemm_q(mod, stream, device, a, a_stride, w, c, up, T, k_max, D, F, cap, block_m, slots, topk_ids):
+    """One expert_gemm_q launch (up: a = x [T, D] -> act; down: a = act -> c rows in slot order);
+    slots an align() result, or None for dense mode (row i is slot i, expert 0)."""
+    p = mod.ExpertGemmQParams()
+    p.a, p.a_stride, p.w, p.c, p.fmt = a.data_ptr(), a_stride, w.data.data_ptr(), c.data_ptr(), w.native_format(mod)
+    if slots is not None:
+        p.sorted_slots, p.tile_experts, p.num_padded = (slots.sorted_slots.data_ptr(), slots.tile_experts.data_ptr(),
+                                                        slots.num_padded.data_ptr())
+    p.T, p.k_max, p.E, p.D, p.F, p.capacity, p.block_m, p.up = T, k_max, w.E, D, F, cap, block_m, up
+    p.topk_ids = backends.ptr(topk_ids)  # the down launch zeroes the sentinel slots' rows
+    mod.expert_gemm_q_cuda(p, stream, device)
+
+
+def linear_q_cuda(x: torch.Tensor, w: CudaQWeight, *, backend: str | None = None) -> torch.Tensor:
+    """y = x W^T for a plain quantized weight W [N, K] (repack_quantized_cuda of an unstacked
+    weight) through the CUDA kernels: x [T, K] bf16 -> y [T, N] bf16. It is expert_gemm_q's down
+    launch in dense mode (one expert, row i of x is slot i, D = N, F = K), so the weights enter
+    the tensor cores rounded to bf16 at every T and each row's bits do not depend on T (no
+    switch at DECODE_MAX_T: moe_decode_q launches up and down together and has no plain mode).
+    backend: "cuda" or "emu", default the weight's own (CudaQWeight.backend)."""
+    if not isinstance(w, CudaQWeight):
+        raise TypeError(f"w must be a CudaQWeight (repack_quantized_cuda), got {type(w).__name__}")
+    if w.E != 1 or w.stacked:
+        raise ValueError(f"linear_q_cuda needs a plain [N, K] weight, got E={w.E} stacked={w.stacked}")
+    backend = backends.resolve(w.backend if backend is None else backend, x.device)
+    if backend not in ("cuda", "emu"):
+        raise ValueError(f"linear_q_cuda runs on backend 'cuda' or 'emu', got {backend!r}")
+    backends.check(x, "x", dtype=torch.bfloat16, shape=(None, w.K))
+    backends.check_same_device(x.device, w=w.data)
+    mod = backends.native_module(backend)
+    T = x.shape[0]
+    y = torch.empty((T, w.N), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y
+    _gemm_q(mod, backends.stream_of(backend, x.device), backends.device_of(backend, x.device), x, w.K, w, y, False,
+            T, 1, w.N, w.K, T, mod.expert_gemm_block_m(T, 1, 1), None, None)
+    return y
 
 
 def expert_ffn_q_cuda_bytes(T: int, k_max: int, w13: CudaQWeight, w2: CudaQWeight, topk_ids=None) -> int:

@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
   int32_t* d_num_padded = to_device(std::vector<int32_t>(1));
   int32_t* d_ws = to_device(std::vector<int32_t>(std::max<int64_t>(moe::align_workspace_size(T, k_max, E), 1)));
   bf16* d_act = to_device(std::vector<bf16>(static_cast<size_t>(std::max(capacity, R)) * F));
-  bf16* d_out = to_device(std::vector<bf16>(static_cast<size_t>(R) * D, from_bits(kCanary)));
+  bf16* d_out = canary_rows(R, D);
 
   moe::AlignParams ap{};
   ap.topk_ids = d_ids, ap.T = T, ap.k_max = k_max, ap.E = E, ap.block_m = block_m;

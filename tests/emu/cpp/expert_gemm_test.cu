@@ -26,13 +26,7 @@ using namespace moe_test;
 static int errors_case() {
   int failures = 0;
   auto expect_throw = [&](const char* what, moe::ExpertGemmParams p) {
-    try {
-      moe::expert_gemm_cuda(p, nullptr);
-      std::printf("FAIL %s: no exception\n", what);
-      ++failures;
-    } catch (const std::invalid_argument& e) {
-      std::printf("ok   %s: %s\n", what, e.what());
-    }
+    failures += expect_invalid(what, [&] { moe::expert_gemm_cuda(p, nullptr); });
   };
   alignas(16) static uint8_t buf[64];
   moe::ExpertGemmParams p{};
@@ -74,8 +68,8 @@ int main(int argc, char** argv) {
   int32_t* d_slots = to_device(al.sorted_slots);
   int32_t* d_tiles = to_device(al.tile_experts);
   int32_t* d_num_padded = to_device(std::vector<int32_t>{al.num_padded});
-  bf16* d_act = to_device(std::vector<bf16>(static_cast<size_t>(al.capacity) * F, from_bits(kCanary)));
-  bf16* d_out = to_device(std::vector<bf16>(static_cast<size_t>(R) * D, from_bits(kCanary)));
+  bf16* d_act = canary_rows(al.capacity, F);
+  bf16* d_out = canary_rows(R, D);
 
   moe::ExpertGemmParams p{};
   p.sorted_slots = d_slots, p.tile_experts = d_tiles, p.num_padded = d_num_padded;
@@ -90,11 +84,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < al.capacity; ++i) {
     const int slot = i < al.num_padded ? al.sorted_slots[i] : -1;
     if (slot < 0) {
-      for (int c = 0; c < F; ++c)
-        if (bits(act[static_cast<size_t>(i) * F + c]) != kCanary) {
-          up.fail("padding row " + std::to_string(i) + " col " + std::to_string(c) + " was written");
-          break;
-        }
+      if (!row_is(act, i, F, kCanary)) up.fail("padding row " + std::to_string(i) + " was written");
       continue;
     }
     const int e = al.tile_experts[i / block_m];
@@ -119,11 +109,7 @@ int main(int argc, char** argv) {
   for (int j = 0; j < R; ++j) {
     const bool real = ids[j] >= 0 && ids[j] < E;
     if (!real) {
-      for (int d = 0; d < D; ++d)
-        if (bits(out[static_cast<size_t>(j) * D + d]) != kCanary) {
-          dn.fail("sentinel slot " + std::to_string(j) + " was written");
-          break;
-        }
+      if (!row_is(out, j, D, kCanary)) dn.fail("sentinel slot " + std::to_string(j) + " was written");
       continue;
     }
     const int i = sorted_pos[j];

@@ -28,15 +28,7 @@ namespace {
 
 int errors_case() {
   int failures = 0;
-  auto expect_throw = [&](const char* what, auto fn) {
-    try {
-      fn();
-      std::printf("FAIL %s: no exception\n", what);
-      ++failures;
-    } catch (const std::invalid_argument& e) {
-      std::printf("ok   %s: %s\n", what, e.what());
-    }
-  };
+  auto expect_throw = [&](const char* what, auto fn) { failures += expect_invalid(what, fn); };
   alignas(16) static uint8_t buf[256];
   static int32_t ids[64];
   const moe::QFormat fmt{4, 32, false};
@@ -82,8 +74,8 @@ int main(int argc, char** argv) {
   void* d_w2 = repack(w2, E, D, F, fmt, sym);
   bf16* d_x = to_device(x);
   int32_t* d_ids = dense ? nullptr : to_device(ids);
-  bf16* d_act = to_device(std::vector<bf16>(static_cast<size_t>(R) * F, from_bits(kCanary)));
-  bf16* d_out = to_device(std::vector<bf16>(static_cast<size_t>(R) * D, from_bits(kCanary)));
+  bf16* d_act = canary_rows(R, F);
+  bf16* d_out = canary_rows(R, D);
   moe::moe_decode_q_cuda({d_x, d_ids, d_w13, d_w2, d_act, d_out, fmt, T, k_max, E, D, F}, nullptr);
   const auto act = to_host(d_act, static_cast<size_t>(R) * F);
   const auto out = to_host(d_out, static_cast<size_t>(R) * D);
@@ -92,11 +84,7 @@ int main(int argc, char** argv) {
   for (int j = 0; j < R; ++j) {
     const int e = ids[j];
     if (e < 0 || e >= E) {
-      for (int d = 0; d < D; ++d)
-        if (bits(out[static_cast<size_t>(j) * D + d]) != 0) {
-          dn.fail("sentinel slot " + std::to_string(j) + " (id " + std::to_string(e) + ") is not zero");
-          break;
-        }
+      if (!row_is(out, j, D, 0)) dn.fail("sentinel slot " + std::to_string(j) + " (id " + std::to_string(e) + ") is not zero");
       continue;
     }
     const bf16* h = &x[static_cast<size_t>(j / k_max) * D];

@@ -23,13 +23,7 @@ using namespace moe_test;
 static int errors_case() {
   int failures = 0;
   auto expect_throw = [&](const char* what, moe::MoeDecodeParams p) {
-    try {
-      moe::moe_decode_cuda(p, nullptr);
-      std::printf("FAIL %s: no exception\n", what);
-      ++failures;
-    } catch (const std::invalid_argument& e) {
-      std::printf("ok   %s: %s\n", what, e.what());
-    }
+    failures += expect_invalid(what, [&] { moe::moe_decode_cuda(p, nullptr); });
   };
   alignas(16) static uint8_t buf[64];
   static int32_t ids[64];
@@ -63,8 +57,8 @@ int main(int argc, char** argv) {
   bf16* d_gate_up = to_device(gate_up);
   bf16* d_down = to_device(down);
   int32_t* d_ids = to_device(ids);
-  bf16* d_act = to_device(std::vector<bf16>(static_cast<size_t>(R) * F, from_bits(kCanary)));
-  bf16* d_out = to_device(std::vector<bf16>(static_cast<size_t>(R) * D, from_bits(kCanary)));
+  bf16* d_act = canary_rows(R, F);
+  bf16* d_out = canary_rows(R, D);
   const moe::MoeDecodeParams p{d_x, d_ids, d_gate_up, d_down, d_act, d_out, T, k_max, E, D, F};
   moe::moe_decode_cuda(p, nullptr);
   const auto act = to_host(d_act, static_cast<size_t>(R) * F);
@@ -74,11 +68,7 @@ int main(int argc, char** argv) {
   for (int j = 0; j < R; ++j) {
     const int e = ids[j];
     if (e < 0 || e >= E) {
-      for (int d = 0; d < D; ++d)
-        if (bits(out[static_cast<size_t>(j) * D + d]) != 0) {
-          dn.fail("sentinel slot " + std::to_string(j) + " (id " + std::to_string(e) + ") is not zero");
-          break;
-        }
+      if (!row_is(out, j, D, 0)) dn.fail("sentinel slot " + std::to_string(j) + " (id " + std::to_string(e) + ") is not zero");
       continue;
     }
     const auto exact = swiglu_ref(&x[static_cast<size_t>(j / k_max) * D], &gate_up[static_cast<size_t>(e) * 2 * F * D], D, F);

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -191,5 +192,31 @@ struct Check {
     return ok();
   }
 };
+
+// A launcher's precondition check: fn() must throw std::invalid_argument (its message is
+// printed). Returns 1 when it did not (a failure), else 0, so an errors case sums them.
+template <class Fn> int expect_invalid(const char* what, Fn fn) {
+  try {
+    fn();
+    std::printf("FAIL %s: no exception\n", what);
+    return 1;
+  } catch (const std::invalid_argument& e) {
+    std::printf("ok   %s: %s\n", what, e.what());
+    return 0;
+  }
+}
+
+// A device buffer of rows x cols bf16 canaries: what a kernel must not write stays kCanary.
+inline bf16* canary_rows(size_t rows, size_t cols) {
+  return to_device(std::vector<bf16>(rows * cols, from_bits(kCanary)));
+}
+
+// Whether row j of out [R, D] holds `want` (raw bf16 bits) in every column: a sentinel slot's
+// expert_out row (zeros where the kernel writes them, the canary where it must not write).
+inline bool row_is(const std::vector<bf16>& out, int j, int D, uint16_t want) {
+  for (int d = 0; d < D; ++d)
+    if (bits(out[static_cast<size_t>(j) * D + d]) != want) return false;
+  return true;
+}
 
 }  // namespace moe_test

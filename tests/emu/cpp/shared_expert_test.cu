@@ -29,8 +29,8 @@ int main(int argc, char** argv) {
   bf16* d_x = to_device(x);
   bf16* d_gate_up = to_device(gate_up);
   bf16* d_down = to_device(down);
-  bf16* d_act = to_device(std::vector<bf16>(static_cast<size_t>(T) * S, from_bits(kCanary)));
-  bf16* d_out = to_device(std::vector<bf16>(static_cast<size_t>(T) * D, from_bits(kCanary)));
+  bf16* d_act = canary_rows(T, S);
+  bf16* d_out = canary_rows(T, D);
   const moe::SharedExpertParams p{d_x, xs, d_gate_up, d_down, d_act, d_out, T, D, S};
   moe::shared_expert_cuda(p, nullptr);
   const auto out = to_host(d_out, static_cast<size_t>(T) * D);
