@@ -44,7 +44,7 @@ from tolerances import TOL, assert_close  # noqa: E402  (the one tolerance table
 
 from gpu import hbm_bandwidth, sync_for  # noqa: E402  (bench/gpu.py, beside this file)
 
-SHAPES = {  # name: (D, E, K, F, extra dense mat-vec shapes [N x K] to time)
+SHAPES = {  # name: (D, E, K, F, extra dense mat-vec shapes [Dout x Din] to time)
     "bench-small": (512, 64, 6, 256, [(1536, 512), (512, 512), (16384, 512)]),
     "16b": (2048, 64, 6, 1408, [(6144, 2048), (2048, 2048), (102400, 2048)]),
 }
@@ -107,13 +107,13 @@ class Table:
             print(f"{op:<11} {shape:<28} {backend:<7} {row['us']:10.1f} {row['gb_s']:8.2f} {gf} {sp}{fl}")
 
 
-def random_gptq(E, N, K, bits, group_size, g):
-    """Random GPTQ tensors of E weights [N, K] (every int32 word is a valid set of codes), scales
+def random_gptq(E, Dout, Din, bits, group_size, g):
+    """Random GPTQ tensors of E weights [Dout, Din] (every int32 word is a valid set of codes), scales
     sized so the weights are ~0.05 like the bf16 ones above."""
-    G = -(-K // group_size)
-    qweight = torch.randint(-(1 << 31), 1 << 31, (E, K * bits // 32, N), generator=g, dtype=torch.int64).int()
-    qzeros = torch.randint(-(1 << 31), 1 << 31, (E, G, -(-N * bits // 32)), generator=g, dtype=torch.int64).int()
-    scales = (torch.rand(E, G, N, generator=g) * 0.1 / (1 << (bits - 1))).half()
+    G = -(-Din // group_size)
+    qweight = torch.randint(-(1 << 31), 1 << 31, (E, Din * bits // 32, Dout), generator=g, dtype=torch.int64).int()
+    qzeros = torch.randint(-(1 << 31), 1 << 31, (E, G, -(-Dout * bits // 32)), generator=g, dtype=torch.int64).int()
+    scales = (torch.rand(E, G, Dout, generator=g) * 0.1 / (1 << (bits - 1))).half()
     return qweight, scales, qzeros
 
 

@@ -152,7 +152,7 @@ def nbytes(w, el: int) -> int:
     if hasattr(w, "packed"):  # cpu_weights.PackedRows
         if not isinstance(w.packed, PackedQWeight):
             return math.prod(w.shape) * el
-        return w.packed.nbytes * (w.stop - w.start) // w.packed.N
+        return w.packed.nbytes * (w.stop - w.start) // w.packed.Dout
     return w.nbytes  # quant.QuantizedWeight
 
 

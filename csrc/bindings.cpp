@@ -119,9 +119,9 @@ static void bind_cpu_packed(py::module_& m) {
   m.def("pack_weights_cpu", &pack_weights_cpu);
   m.def("expert_ffn_cpu", &expert_ffn_cpu);
   m.def("linear_cpu", &linear_cpu);
-  m.def("pack_size_bytes", [](DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up) {
-    sizes("pack_size_bytes", {{"E", E, 0}, {"N", N, 0}, {"K", K, 0}});
-    return pack_size_bytes(dtype, E, N, K, gate_up);
+  m.def("pack_size_bytes", [](DType dtype, int64_t E, int64_t Dout, int64_t Din, bool gate_up) {
+    sizes("pack_size_bytes", {{"E", E, 0}, {"Dout", Dout, 0}, {"Din", Din, 0}});
+    return pack_size_bytes(dtype, E, Dout, Din, gate_up);
   });
   m.def("expert_ffn_workspace_bytes", [](DType dtype, int64_t T, int64_t k_max, int64_t E, int64_t F) {
     sizes("expert_ffn_workspace_bytes", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}, {"F", F, 0}});
@@ -183,15 +183,15 @@ static void bind_cpu_layers(py::module_& m) {
   MOE_PARAMS(m, QDequantParams, MOE_QDEQUANT_PARAMS);
   MOE_PARAMS(m, QLinearParams, MOE_QLINEAR_PARAMS);
   MOE_PARAMS(m, QExpertFFNParams, MOE_QEXPERT_FFN_PARAMS);
-  m.def("qpack_size_bytes", [](int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up) {
-    sizes("qpack_size_bytes", {{"E", E, 0}, {"N", N, 0}, {"K", K, 0}});
+  m.def("qpack_size_bytes", [](int64_t E, int64_t Dout, int64_t Din, const QFormat& f, bool gate_up) {
+    sizes("qpack_size_bytes", {{"E", E, 0}, {"Dout", Dout, 0}, {"Din", Din, 0}});
     qformat("qpack_size_bytes", f);
-    return qpack_size_bytes(E, N, K, f, gate_up);
+    return qpack_size_bytes(E, Dout, Din, f, gate_up);
   });
-  m.def("linear_q_workspace_bytes", [](int64_t T, int64_t K, const QFormat& f) {
-    sizes("linear_q_workspace_bytes", {{"T", T, 0}, {"K", K, 0}});
+  m.def("linear_q_workspace_bytes", [](int64_t T, int64_t Din, const QFormat& f) {
+    sizes("linear_q_workspace_bytes", {{"T", T, 0}, {"Din", Din, 0}});
     qformat("linear_q_workspace_bytes", f);
-    return linear_q_workspace_bytes(T, K, f);
+    return linear_q_workspace_bytes(T, Din, f);
   });
   m.def("expert_ffn_q_workspace_bytes", [](int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
                                            const QFormat& f13, const QFormat& f2) {

@@ -2,6 +2,7 @@
 //
 // Shape legend: T tokens, D hidden, E routed experts, K top-k (runtime, 0..k_max),
 // k_max buffer width of the top-k outputs, F expert width, S shared width,
+// Tkv / Tkv_cap cache columns in use / allocated, Dout / Din output rows / input features of a weight,
 // R = T*k_max slots, block_m GEMM tile height, capacity = padded slot capacity.
 //
 // Conventions (every backend: cuda, cpu, emu):
@@ -99,20 +100,20 @@ void align_cpu(const AlignParams& p);
 void combine_cpu(const CombineParams& p);
 
 // ---- CPU expert FFN ----------------------------------------------------------------------
-// Packed weights ("panels", csrc/cpu/expert_ffn.cpp): W [N, K] (y = x W^T) is stored as
-// ceil(N/32) panels of 32 output rows (zero-padded), each panel contiguous:
-//   bf16: [ceil(K/2)][32][2]  (k pairs interleaved: the vdpbf16ps operand layout)
-//   f32:  [K][32]
+// Packed weights ("panels", csrc/cpu/expert_ffn.cpp): W [Dout, Din] (y = x W^T) is stored as
+// ceil(Dout/32) panels of 32 output rows (zero-padded), each panel contiguous:
+//   bf16: [ceil(Din/2)][32][2]  (k pairs interleaved: the vdpbf16ps operand layout)
+//   f32:  [Din][32]
 // With gate_up, src rows are [gate F | up F] and panel p holds gate rows 16p..16p+15 in lanes
 // 0..15 and up rows 16p..16p+15 in lanes 16..31, so one panel yields 16 SiLU(gate)*up outputs.
 #define MOE_PACK_PARAMS(X)                                                                             \
-  X(const void*, src)  /* [E, N, K] dtype, contiguous */                                               \
+  X(const void*, src)  /* [E, Dout, Din] dtype, contiguous */                                          \
   X(void*, dst)        /* pack_size_bytes(...) */                                                      \
   X(DType, dtype)                                                                                      \
-  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
-  X(bool, gate_up)     /* N = 2F, rows [gate | up] */
+  X(int32_t, E) X(int32_t, Dout) X(int32_t, Din)                                                       \
+  X(bool, gate_up)     /* Dout = 2F, rows [gate | up] */
 struct PackParams { MOE_PACK_PARAMS(MOE_DECLARE) };
-int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up);
+int64_t pack_size_bytes(DType dtype, int64_t E, int64_t Dout, int64_t Din, bool gate_up);
 
 // expert_out[t,j,:] = down_e(SiLU(gate_e(x_t)) * up_e(x_t)) for e = topk_ids[t,j] (unweighted:
 // the hook_expert_out tap); sentinel slots get zero rows. Each chosen expert's weights are
@@ -131,11 +132,11 @@ int64_t expert_ffn_workspace_bytes(DType dtype, int64_t T, int64_t k_max, int64_
 
 // y = x W^T with W packed (E = 1): the small-T (decode) dense mat-vec of the cpu backend.
 #define MOE_LINEAR_PARAMS(X)                                                                           \
-  X(const void*, x)  /* [T, K] dtype, contiguous */                                                    \
-  X(const void*, w)  /* packed [N, K] */                                                               \
-  X(void*, y)        /* [T, N] dtype */                                                                \
+  X(const void*, x)  /* [T, Din] dtype, contiguous */                                                  \
+  X(const void*, w)  /* packed [Dout, Din] */                                                          \
+  X(void*, y)        /* [T, Dout] dtype */                                                             \
   X(DType, dtype)                                                                                      \
-  X(int32_t, T) X(int32_t, N) X(int32_t, K)
+  X(int32_t, T) X(int32_t, Dout) X(int32_t, Din)
 struct LinearParams { MOE_LINEAR_PARAMS(MOE_DECLARE) };
 
 void pack_weights_cpu(const PackParams& p);
@@ -143,19 +144,19 @@ void expert_ffn_cpu(const ExpertFFNParams& p);
 void linear_cpu(const LinearParams& p);
 
 // ---- CPU quantized weights (csrc/cpu/quant_gemm.cpp) ------------------------------------------
-// Weight-only 4- or 8-bit, group-wise along K: w[n,k] = s[k/g, n] * (q[k,n] - z[k/g, n]).
-// Input: the GPTQ tensors of W [N, K] per expert (packing along K / N low bits first, element i
+// Weight-only 4- or 8-bit, group-wise along Din: w[n,k] = s[k/g, n] * (q[k,n] - z[k/g, n]).
+// Input: the GPTQ tensors of W [Dout, Din] per expert (packing along Din / Dout low bits first, element i
 // of a 32-bit word at bit offset (i % (32/bits)) * bits):
-//   qweight int32 [K*bits/32, N], scales fp16|bf16 [ceil(K/g), N], qzeros int32
-//   [ceil(K/g), ceil(N*bits/32)] (the zero as the caller means it; ignored when sym: z = 2^(bits-1)).
-// Packed ("quantized panels"): like the bf16 panels above, ceil(N/32) panels of 32 output rows
+//   qweight int32 [Din*bits/32, Dout], scales fp16|bf16 [ceil(Din/g), Dout], qzeros int32
+//   [ceil(Din/g), ceil(Dout*bits/32)] (the zero as the caller means it; ignored when sym: z = 2^(bits-1)).
+// Packed ("quantized panels"): like the bf16 panels above, ceil(Dout/32) panels of 32 output rows
 // (zero-padded; gate_up: gate rows 16p.. in lanes 0-15, up rows in lanes 16-31), each panel
-// contiguous, per group gi of len = min(g, K - gi*g) k's in ascending order:
+// contiguous, per group gi of len = min(g, Din - gi*g) k's in ascending order:
 //   codes  len x 32*bits/8 B: per k, int8: byte l = lane l; int4: byte l = lane l (low nibble)
 //          | lane l+16 (high nibble)
 //   scales 32 x 2 B (the input's raw fp16 or bf16 bits, lane order)
 //   zeros  32 x 1 B
-// so a panel is K*4*bits + ceil(K/g)*96 bytes (int8 g128: 32.75 KiB per 1024 k; int4 g128:
+// so a panel is Din*4*bits + ceil(Din/g)*96 bytes (int8 g128: 32.75 KiB per 1024 k; int4 g128:
 // 16.75 KiB); padding lanes have code, scale and zero 0 and yield exact zeros.
 #define MOE_QFORMAT(X)                                                                                 \
   X(int32_t, bits)        /* 4 or 8 */                                                                 \
@@ -163,35 +164,35 @@ void linear_cpu(const LinearParams& p);
   X(bool, scales_bf16)    /* raw scale bits are bf16 (else fp16) */
 struct QFormat { MOE_QFORMAT(MOE_DECLARE) };
 #define MOE_QPACK_PARAMS(X)                                                                            \
-  X(const int32_t*, qweight)  /* [E, K*bits/32, N] */                                                  \
-  X(const uint16_t*, scales)  /* [E, ceil(K/g), N] fp16 or bf16 bits */                                \
-  X(const int32_t*, qzeros)   /* [E, ceil(K/g), ceil(N*bits/32)]; nullable when sym */                 \
+  X(const int32_t*, qweight)  /* [E, Din*bits/32, Dout] */                                             \
+  X(const uint16_t*, scales)  /* [E, ceil(Din/g), Dout] fp16 or bf16 bits */                           \
+  X(const int32_t*, qzeros)   /* [E, ceil(Din/g), ceil(Dout*bits/32)]; nullable when sym */            \
   X(void*, dst)               /* qpack_size_bytes(...) */                                              \
   X(QFormat, fmt)                                                                                      \
-  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(int32_t, E) X(int32_t, Dout) X(int32_t, Din)                                                       \
   X(bool, sym) X(bool, gate_up)
 struct QPackParams { MOE_QPACK_PARAMS(MOE_DECLARE) };
-int64_t qpack_size_bytes(int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up);
+int64_t qpack_size_bytes(int64_t E, int64_t Dout, int64_t Din, const QFormat& f, bool gate_up);
 // dst[e, n, k] = s * (q - z) in dtype (fp32 is exact): the dense view for reference paths.
 #define MOE_QDEQUANT_PARAMS(X)                                                                         \
   X(const void*, src)  /* packed */                                                                    \
-  X(void*, dst)        /* [E, N, K] dtype */                                                           \
+  X(void*, dst)        /* [E, Dout, Din] dtype */                                                      \
   X(QFormat, fmt)                                                                                      \
   X(DType, dtype)                                                                                      \
-  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(int32_t, E) X(int32_t, Dout) X(int32_t, Din)                                                       \
   X(bool, gate_up)
 struct QDequantParams { MOE_QDEQUANT_PARAMS(MOE_DECLARE) };
 // y = x W^T with W quantized-packed (E = 1, not gate_up); fp32 accumulation.
 #define MOE_QLINEAR_PARAMS(X)                                                                          \
-  X(const void*, x)    /* [T, K] dtype, contiguous */                                                  \
-  X(const void*, w)    /* packed [N, K] */                                                             \
-  X(void*, y)          /* [T, N] dtype */                                                              \
+  X(const void*, x)    /* [T, Din] dtype, contiguous */                                                \
+  X(const void*, w)    /* packed [Dout, Din] */                                                        \
+  X(void*, y)          /* [T, Dout] dtype */                                                           \
   X(void*, workspace)  /* linear_q_workspace_bytes(...) */                                             \
   X(QFormat, fmt)                                                                                      \
   X(DType, dtype)                                                                                      \
-  X(int32_t, T) X(int32_t, N) X(int32_t, K)
+  X(int32_t, T) X(int32_t, Dout) X(int32_t, Din)
 struct QLinearParams { MOE_QLINEAR_PARAMS(MOE_DECLARE) };
-int64_t linear_q_workspace_bytes(int64_t T, int64_t K, const QFormat& f);
+int64_t linear_q_workspace_bytes(int64_t T, int64_t Din, const QFormat& f);
 // expert_ffn_cpu's contract (ExpertFFNParams) on quantized-packed weights.
 #define MOE_QEXPERT_FFN_PARAMS(X)                                                                      \
   X(const void*, x)            /* [T, D] dtype, contiguous */                                          \
@@ -206,17 +207,17 @@ int64_t linear_q_workspace_bytes(int64_t T, int64_t K, const QFormat& f);
 struct QExpertFFNParams { MOE_QEXPERT_FFN_PARAMS(MOE_DECLARE) };
 int64_t expert_ffn_q_workspace_bytes(int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
                                      const QFormat& f13, const QFormat& f2);
-// Round-to-nearest GPTQ quantization of w [E, N, K] (csrc/cpu/quantize_rtn.cpp; the reference
-// is quant.quantize_reference): writes qweight int32 [E, K/p, N], scales fp16 bits [E, G, N] and
-// qzeros int32 [E, G, N/p] (p = 32/bits values per word, low bits first; stored zero = z -
-// zero_offset). N and K multiples of p; the last group may be partial.
+// Round-to-nearest GPTQ quantization of w [E, Dout, Din] (csrc/cpu/quantize_rtn.cpp; the reference
+// is quant.quantize_reference): writes qweight int32 [E, Din/p, Dout], scales fp16 bits [E, G, Dout] and
+// qzeros int32 [E, G, Dout/p] (p = 32/bits values per word, low bits first; stored zero = z -
+// zero_offset). Dout and Din multiples of p; the last group may be partial.
 #define MOE_QRTN_PARAMS(X)                                                                             \
-  X(const void*, w)     /* [E, N, K] dtype, contiguous */                                              \
-  X(int32_t*, qweight)  /* [E, K/p, N] */                                                              \
-  X(uint16_t*, scales)  /* [E, ceil(K/g), N] fp16 bits */                                              \
-  X(int32_t*, qzeros)   /* [E, ceil(K/g), N/p] */                                                      \
+  X(const void*, w)     /* [E, Dout, Din] dtype, contiguous */                                         \
+  X(int32_t*, qweight)  /* [E, Din/p, Dout] */                                                         \
+  X(uint16_t*, scales)  /* [E, ceil(Din/g), Dout] fp16 bits */                                         \
+  X(int32_t*, qzeros)   /* [E, ceil(Din/g), Dout/p] */                                                 \
   X(DType, dtype)                                                                                      \
-  X(int32_t, E) X(int32_t, N) X(int32_t, K) X(int32_t, bits) X(int32_t, group_size)                    \
+  X(int32_t, E) X(int32_t, Dout) X(int32_t, Din) X(int32_t, bits) X(int32_t, group_size)               \
   X(int32_t, zero_offset)                                                                              \
   X(bool, sym)
 struct QRtnParams { MOE_QRTN_PARAMS(MOE_DECLARE) };
@@ -277,8 +278,8 @@ struct MoeDecodeParams { MOE_MOE_DECODE_PARAMS(MOE_DECLARE) };
 struct SharedExpertParams { MOE_SHARED_EXPERT_PARAMS(MOE_DECLARE) };
 
 // ---- CUDA quantized experts (csrc/cuda/moe_decode_q.cu; layout and bytes in its header) ----
-// Weight-only 4/8-bit experts in the "qrow" layout: row n of a [E, N, K] weight is
-// qcuda_row_bytes(K, fmt) bytes, codes (K rounded up to 32, GPTQ order along K) then one 32-bit
+// Weight-only 4/8-bit experts in the "qrow" layout: row n of a [E, Dout, Din] weight is
+// qcuda_row_bytes(Din, fmt) bytes, codes (Din rounded up to 32, GPTQ order along Din) then one 32-bit
 // word per group (G rounded up to 4): raw scale bits | zero offset << 16. The kernels call them
 // too (host and device under nvcc; plain functions for every other compiler).
 #if defined(__CUDACC__)
@@ -286,18 +287,18 @@ struct SharedExpertParams { MOE_SHARED_EXPERT_PARAMS(MOE_DECLARE) };
 #else
 #define MOE_HOST_DEVICE
 #endif
-MOE_HOST_DEVICE constexpr int64_t qcuda_code_bytes(int64_t K, const QFormat& f) { return (K + 31) / 32 * 32 * f.bits / 8; }
-MOE_HOST_DEVICE constexpr int64_t qcuda_row_bytes(int64_t K, const QFormat& f) {
-  return qcuda_code_bytes(K, f) + ((K + f.group_size - 1) / f.group_size + 3) / 4 * 16;
+MOE_HOST_DEVICE constexpr int64_t qcuda_code_bytes(int64_t Din, const QFormat& f) { return (Din + 31) / 32 * 32 * f.bits / 8; }
+MOE_HOST_DEVICE constexpr int64_t qcuda_row_bytes(int64_t Din, const QFormat& f) {
+  return qcuda_code_bytes(Din, f) + ((Din + f.group_size - 1) / f.group_size + 3) / 4 * 16;
 }
 // GPTQ tensors (true zeros, as QPackParams) -> qrow layout, on the device.
 #define MOE_QREPACK_PARAMS(X)                                                                          \
-  X(const int32_t*, qweight)  /* [E, K*bits/32, N] */                                                  \
-  X(const uint16_t*, scales)  /* [E, ceil(K/g), N] fp16 or bf16 bits */                                \
-  X(const int32_t*, qzeros)   /* [E, ceil(K/g), N*bits/32]; nullable when sym (z = 2^(bits-1)) */      \
-  X(void*, dst)               /* [E, N, qcuda_row_bytes(K, fmt)] bytes, 16-byte aligned */             \
+  X(const int32_t*, qweight)  /* [E, Din*bits/32, Dout] */                                             \
+  X(const uint16_t*, scales)  /* [E, ceil(Din/g), Dout] fp16 or bf16 bits */                           \
+  X(const int32_t*, qzeros)   /* [E, ceil(Din/g), Dout*bits/32]; nullable when sym (z = 2^(bits-1)) */ \
+  X(void*, dst)               /* [E, Dout, qcuda_row_bytes(Din, fmt)] bytes, 16-byte aligned */        \
   X(QFormat, fmt)                                                                                      \
-  X(int32_t, E) X(int32_t, N) X(int32_t, K)                                                            \
+  X(int32_t, E) X(int32_t, Dout) X(int32_t, Din)                                                       \
   X(bool, sym)
 struct QRepackParams { MOE_QREPACK_PARAMS(MOE_DECLARE) };
 // moe_decode (MoeDecodeParams) on qrow weights: same slots, sentinels, dense mode and T <= 16.
@@ -384,17 +385,17 @@ void moe_layer_cpu(const MoELayerParams& p);
 // attention_decode: one new query per sequence against its KV cache (the decode step of the cpu
 // backend; PyTorch's CPU SDPA costs ~10x the cache read at these sizes, bench/kernels.py).
 //   out[b,h] = sum_s softmax_s(scale * q[b,h].k[b,g,s]) v[b,g,s],  g = h / (H / Hkv),
-//   over s < S with valid[b,s] or s == S-1 (the query's own column); fp32 math.
+//   over s < Tkv with valid[b,s] or s == Tkv-1 (the query's own column); fp32 math.
 #define MOE_ATTN_DECODE_PARAMS(X)                                                                      \
   X(const void*, q)         /* [B, H, hd] dtype */                                                     \
-  X(const void*, k_cache)   /* [B, Hkv, S_cap, hd] dtype (one layer) */                                \
-  X(const void*, v_cache)   /* [B, Hkv, S_cap, hd] dtype */                                            \
+  X(const void*, k_cache)   /* [B, Hkv, Tkv_cap, hd] dtype (one layer) */                              \
+  X(const void*, v_cache)   /* [B, Hkv, Tkv_cap, hd] dtype */                                          \
   X(const uint8_t*, valid)  /* [B, valid_stride] nonzero = a real key */                               \
   X(void*, out)             /* [B, H, hd] dtype */                                                     \
-  X(float*, workspace)      /* [B * H * S] fp32 scores */                                              \
+  X(float*, workspace)      /* [B * H * Tkv] fp32 scores */                                            \
   X(float, scale)                                                                                      \
   X(DType, dtype)                                                                                      \
-  X(int32_t, B) X(int32_t, H) X(int32_t, Hkv) X(int32_t, hd) X(int32_t, S) X(int32_t, S_cap)           \
+  X(int32_t, B) X(int32_t, H) X(int32_t, Hkv) X(int32_t, hd) X(int32_t, Tkv) X(int32_t, Tkv_cap)       \
   X(int32_t, valid_stride)
 struct AttnDecodeParams { MOE_ATTN_DECODE_PARAMS(MOE_DECLARE) };
 void attention_decode_cpu(const AttnDecodeParams& p);
@@ -409,7 +410,7 @@ void attention_decode_cpu(const AttnDecodeParams& p);
   X(const void*, o)         /* packed [D, H hd] */                                                     \
   X(const void*, cos)       /* [B, hd] dtype */                                                        \
   X(const void*, sin)       /* [B, hd] dtype */                                                        \
-  X(void*, k_cache)         /* [B, Hkv, S_cap, hd] dtype (this layer); column pos is written */        \
+  X(void*, k_cache)         /* [B, Hkv, Tkv_cap, hd] dtype (this layer); column pos is written */      \
   X(void*, v_cache)                                                                                    \
   X(const uint8_t*, valid)  /* [B, valid_stride] */                                                    \
   X(void*, qkv_buf)         /* [B, (H + 2 Hkv) hd] dtype scratch */                                    \
@@ -419,10 +420,10 @@ void attention_decode_cpu(const AttnDecodeParams& p);
   X(float, scale)                                                                                      \
   X(DType, dtype)                                                                                      \
   X(int32_t, B) X(int32_t, D) X(int32_t, H) X(int32_t, Hkv) X(int32_t, hd) X(int32_t, pos)             \
-  X(int32_t, S_cap) X(int32_t, valid_stride)                                                           \
+  X(int32_t, Tkv_cap) X(int32_t, valid_stride)                                                         \
   /* bits 0 = bf16/fp32 panels, else quantized panels (as MoELayerParams) */                           \
   X(QFormat, qkv_fmt) X(QFormat, o_fmt)                                                                \
-  X(void*, workspace)       /* linear_q_workspace_bytes(B, K) of each quantized weight; nullable if none */
+  X(void*, workspace)       /* linear_q_workspace_bytes(B, Din) of each quantized weight; nullable if none */
 struct AttnBlockParams { MOE_ATTN_BLOCK_PARAMS(MOE_DECLARE) };
 void attention_block_decode_cpu(const AttnBlockParams& p);
 
@@ -473,11 +474,11 @@ struct DecodeLayer { MOE_DECODE_LAYER(MOE_DECLARE) };
   X(const void*, rope_cos)                     /* [rope_len, hd] dtype: row p is position p */         \
   X(const void*, rope_sin)                     /* [rope_len, hd] dtype */                              \
   X(int64_t*, next_pos)                        /* [B] the token's position (< rope_len); incremented */ \
-  X(void*, k_cache)                            /* [L, B, Hkv, S_cap, hd] dtype; column pos is written */ \
+  X(void*, k_cache)                            /* [L, B, Hkv, Tkv_cap, hd] dtype; column pos is written */ \
   X(void*, v_cache)                                                                                    \
   /* bytes the caller's k_cache (and v_cache) each hold: must be */                                    \
   X(int64_t, cache_bytes)                                                                              \
-  /* exactly L*B*Hkv*S_cap*hd*sizeof(dtype), else the call refuses */                                  \
+  /* exactly L*B*Hkv*Tkv_cap*hd*sizeof(dtype), else the call refuses */                                \
   X(uint8_t*, valid)                           /* [B, valid_stride]; column pos is set */              \
   X(const int32_t*, k)                         /* [L] top-k per layer */                               \
   /* [L] (force_stride 0) or [L, B] (force_stride 1), -1 = none */                                     \
@@ -498,7 +499,7 @@ struct DecodeLayer { MOE_DECODE_LAYER(MOE_DECLARE) };
   X(float, eps) X(float, scale)                                                                        \
   X(DType, dtype)                                                                                      \
   SET_BY_LAUNCHER(int32_t, L) X(int32_t, B) X(int32_t, D) X(int32_t, H) X(int32_t, Hkv)                \
-  X(int32_t, hd) X(int32_t, E) X(int32_t, k_max) X(int32_t, V) X(int32_t, pos) X(int32_t, S_cap)       \
+  X(int32_t, hd) X(int32_t, E) X(int32_t, k_max) X(int32_t, V) X(int32_t, pos) X(int32_t, Tkv_cap)     \
   X(int32_t, valid_stride) X(int32_t, rope_len)
 struct DecodeStepParams { MOE_DECODE_STEP_PARAMS(MOE_DECLARE, MOE_DECLARE) };
 int64_t decode_step_workspace_bytes(const DecodeStepParams& p);  // reads sizes and layers[].F/S

@@ -58,7 +58,7 @@ def test_chat_messages_wherever_a_chat_prompt_is(tiny):
 
 def test_forward_pads_ragged_lists(tiny):
     seqs = [[5, 6, 7, 8], [9, 10], [11]]
-    out = tiny.forward(seqs)                       # [B, T, V], left-padded like the input
+    out = tiny.forward(seqs)                       # [B, Q, V], left-padded like the input
     assert out.shape[:2] == (3, 4)
     for i, s in enumerate(seqs):
         alone = tiny.forward([s])[0]

@@ -246,13 +246,13 @@ def per_position(model, P, seed):
 @pytest.mark.parametrize("mode", ["reroute", "zero"])
 def test_per_position_and_per_token_masks(tiny_fp32_dir, backend, mode):
     """Row by row, each routed token follows the mask and forced expert of its own position
-    (hand-computed from its captured logits); the same rows given per token ([L, B, T, E], one
+    (hand-computed from its captured logits); the same rows given per token ([L, B, Q, E], one
     per input_ids entry) give the same logits bit for bit."""
     model = model_for(tiny_fp32_dir, backend)
     k = model.config.num_experts_per_tok
     ids, amask = batch(model)
-    B, T = ids.shape
-    mask, force = per_position(model, T, seed=T)
+    B, Q = ids.shape
+    mask, force = per_position(model, Q, seed=Q)
     logits, cap = run(model, backend, expert_mask=mask, force_experts=force, mask_mode=mode)
     for l in model.config.moe_layers:
         m = f"blocks.{l}.moe."
@@ -265,8 +265,8 @@ def test_per_position_and_per_token_masks(tiny_fp32_dir, backend, mode):
             torch.testing.assert_close(cap[m + "hook_topk_weights"][i:i + 1].cpu(), want_w, rtol=1e-6, atol=1e-7)
     # per token: entry (b, t) gets the row of its position (pads: any row; they are not routed)
     pos = (amask.long().cumsum(1) - 1).clamp_min(0).cpu()
-    tok_mask = mask[:, pos]                                    # [L, B, T, E]
-    tok_force = force[:, pos]                                  # [L, B, T]
+    tok_mask = mask[:, pos]                                    # [L, B, Q, E]
+    tok_force = force[:, pos]                                  # [L, B, Q]
     again, _ = run(model, backend, expert_mask=tok_mask, force_experts=tok_force, mask_mode=mode)
     assert torch.equal(logits, again)
     # a per-position mask whose rows are all equal is the broadcast [L, E] mask
@@ -297,25 +297,25 @@ def test_per_position_mask_in_generation(tiny_fp32_dir, backend):
 def test_per_position_interventions_refuse_bad_rows(tiny_fp32_dir):
     model = model_for(tiny_fp32_dir, "torch")
     ids, amask = batch(model)
-    B, T = ids.shape
+    B, Q = ids.shape
     c = model.config
     L, E = c.num_hidden_layers, c.n_routed_experts
-    mask = torch.zeros(L, T, E, dtype=torch.bool)
+    mask = torch.zeros(L, Q, E, dtype=torch.bool)
     mask[2, 3] = True
     cases = [(dict(expert_mask=mask), "layer 2.* position 3 removes every one"),
-             (dict(expert_mask=torch.zeros(L, T, E - 1, dtype=torch.bool)), "expected"),
-             (dict(expert_mask=torch.zeros(L, T - 1, E, dtype=torch.bool)), "positions 0..%d" % (T - 2)),
-             (dict(expert_mask=torch.zeros(L, B, T + 1, E, dtype=torch.bool)), "per-token interventions"),
+             (dict(expert_mask=torch.zeros(L, Q, E - 1, dtype=torch.bool)), "expected"),
+             (dict(expert_mask=torch.zeros(L, Q - 1, E, dtype=torch.bool)), "positions 0..%d" % (Q - 2)),
+             (dict(expert_mask=torch.zeros(L, B, Q + 1, E, dtype=torch.bool)), "per-token interventions"),
              (dict(force_experts=torch.full((L,), 1)), r"expected \[%d, P\]" % L),
-             (dict(force_experts=torch.full((L, T), 0.5)), "integer dtype"),
-             (dict(force_experts=torch.full((L, T), -1).index_fill(1, torch.tensor([1]), E)
+             (dict(force_experts=torch.full((L, Q), 0.5)), "integer dtype"),
+             (dict(force_experts=torch.full((L, Q), -1).index_fill(1, torch.tensor([1]), E)
                    .index_fill(0, torch.tensor([l for l in range(L) if l not in c.moe_layers], dtype=torch.long), -1)),
               "position 1 = %d; expected -1" % E),
-             (dict(expert_mask=torch.zeros(L, T, E, dtype=torch.bool), force_experts=torch.full((L, T + 1), -1)),
+             (dict(expert_mask=torch.zeros(L, Q, E, dtype=torch.bool), force_experts=torch.full((L, Q + 1), -1)),
               "disagree")]
     dense = [l for l in range(L) if l not in c.moe_layers]
     if dense:
-        m = torch.zeros(L, T, E, dtype=torch.bool)
+        m = torch.zeros(L, Q, E, dtype=torch.bool)
         m[dense[0], 0, 0] = True
         cases.append((dict(expert_mask=m), "dense layer"))
     for kw, msg in cases:
@@ -364,7 +364,7 @@ def test_backend_matches_reference(tiny_fp32_dir, backend, setting):
         assert frac == 1.0 or (dtype == "bfloat16" and l > 1 and frac >= 0.9), \
             f"{backend} {kw} layer {l}: {frac:.0%} of rows routed as the reference"
     _, mask = batch(model_for(tiny_fp32_dir, "torch", dtype))
-    rows = mask.reshape(-1).nonzero().squeeze(1)[alike]          # token rows of [B * T, V]
+    rows = mask.reshape(-1).nonzero().squeeze(1)[alike]          # token rows of [B * Q, V]
     V = logits.shape[-1]
     atol, rtol = PROJECT_TOL["model_logits_vs_backend", getattr(torch, dtype)]
     torch.testing.assert_close(logits.cpu().reshape(-1, V)[rows], ref_logits.reshape(-1, V)[rows],

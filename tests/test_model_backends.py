@@ -43,7 +43,7 @@ def cpu_pair(pair):
 
 
 def routed(model, ids, cache=None, **kw):
-    """(logits [B, T, V], flipped-so-far mask helper input: topk ids per MoE layer [L', B*T, k])."""
+    """(logits [B, Q, V], flipped-so-far mask helper input: topk ids per MoE layer [L', B*Q, k])."""
     cap = Capture(TapRequest(["blocks.*.moe.hook_topk_ids"]))
     out = model(ids, cache=cache, capture=cap, **kw)
     names = sorted(cap.keys())
@@ -63,14 +63,14 @@ def compare(mt, mc, ids, dt, case, ct=None, cc=None, **kw):
     near-tie may pick another expert (tests/tolerances.py); fp32 must agree on every token."""
     lt, rt = routed(mt, ids, ct, **kw)
     lc, rc = routed(mc, ids, cc, **kw)
-    B, T = ids.shape
-    flip = torch.zeros(B * T, dtype=torch.bool)
+    B, Q = ids.shape
+    flip = torch.zeros(B * Q, dtype=torch.bool)
     for a, b in zip(rt, rc):
         flip |= chose_other(a, b)
-    flip = flip.view(B, T).cummax(1).values
+    flip = flip.view(B, Q).cummax(1).values
     if dt == torch.float32:
         assert not flip.any(), f"routing differs in fp32 [{case}]"
-    assert flip.float().mean() <= 0.25, f"routing differs on {int(flip.sum())} of {B * T} tokens [{case}]"
+    assert flip.float().mean() <= 0.25, f"routing differs on {int(flip.sum())} of {B * Q} tokens [{case}]"
     ok = ~flip
     assert_close(lc[ok], lt[ok], "model_logits_vs_backend", dt, case)
     return lt, flip

@@ -460,22 +460,22 @@ def test_expert_ffn_cpu_packed_shapes_and_skew(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("T,N,K", [(1, 64, 512), (13, 1000, 333), (3, 16384, 64), (13, 100, 2048), (9, 70, 1024)])
-def test_linear_cpu(dtype, T, N, K):
-    x, w = torch.randn(T, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
+@pytest.mark.parametrize("T,Dout,Din", [(1, 64, 512), (13, 1000, 333), (3, 16384, 64), (13, 100, 2048), (9, 70, 1024)])
+def test_linear_cpu(dtype, T, Dout, Din):
+    x, w = torch.randn(T, Din).to(dtype), (torch.randn(Dout, Din) / Din ** 0.5).to(dtype)
     ref = (x.float() @ w.float().t()).to(dtype)
-    assert_close(linear_cpu(x, pack_weight(w)), ref, "expert_ffn", dtype, f"linear T={T} N={N} K={K}")
+    assert_close(linear_cpu(x, pack_weight(w)), ref, "expert_ffn", dtype, f"linear T={T} Dout={Dout} Din={Din}")
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-# 2048: rows of 4/8 KiB, tiled shorter; 33 and 1101: odd K (a last k without a partner), and
+# 2048: rows of 4/8 KiB, tiled shorter; 33 and 1101: odd Din (a last k without a partner), and
 # 1101 > the AVX2 kernel's 1024-k chunks
-@pytest.mark.parametrize("K", (512, 2048, 33, 1101))
-def test_cpu_row_does_not_depend_on_its_tile(dtype, K):
+@pytest.mark.parametrize("Din", (512, 2048, 33, 1101))
+def test_cpu_row_does_not_depend_on_its_tile(dtype, Din):
     """Each token row keeps its own accumulators over the same k order, whatever tile it lands
     in: the whole batch and each row alone give the same bits (so batch size, tile height and
     routing never change a token's result)."""
-    x, w = torch.randn(29, K).to(dtype), (torch.randn(40, K) / K ** 0.5).to(dtype)
+    x, w = torch.randn(29, Din).to(dtype), (torch.randn(40, Din) / Din ** 0.5).to(dtype)
     pw = pack_weight(w)
     whole = linear_cpu(x, pw)
     assert all(torch.equal(whole[i:i + 1], linear_cpu(x[i:i + 1].contiguous(), pw)) for i in range(29))
@@ -504,20 +504,20 @@ def test_cpu_one_and_two_threads_give_the_same_bits(dtype):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 # hd 12 takes the portable loops in every build (AVX2 needs hd % 8 == 0, AVX-512 hd 64/128/256)
-@pytest.mark.parametrize("B,H,Hkv,hd,S,S_cap", [(1, 8, 8, 64, 1, 4), (2, 4, 2, 16, 17, 40), (3, 2, 1, 128, 257, 260),
+@pytest.mark.parametrize("B,H,Hkv,hd,Tkv,Tkv_cap", [(1, 8, 8, 64, 1, 4), (2, 4, 2, 16, 17, 40), (3, 2, 1, 128, 257, 260),
                                                (2, 2, 1, 12, 9, 11)])
-def test_attention_decode_cpu_matches_sdpa(dtype, B, H, Hkv, hd, S, S_cap):
+def test_attention_decode_cpu_matches_sdpa(dtype, B, H, Hkv, hd, Tkv, Tkv_cap):
     q = torch.randn(B, H, hd).to(dtype)
-    kc, vc = torch.randn(B, Hkv, S_cap, hd).to(dtype), torch.randn(B, Hkv, S_cap, hd).to(dtype)
-    valid = torch.rand(B, S_cap) > 0.3  # left padding and holes: only valid keys count
-    out = attention_decode_cpu(q, kc, vc, valid, S, 1 / math.sqrt(hd))
-    mask = valid[:, :S].clone()
-    mask[:, S - 1] = True
-    keys = kc[:, :, :S].repeat_interleave(H // Hkv, 1).float()
-    vals = vc[:, :, :S].repeat_interleave(H // Hkv, 1).float()
+    kc, vc = torch.randn(B, Hkv, Tkv_cap, hd).to(dtype), torch.randn(B, Hkv, Tkv_cap, hd).to(dtype)
+    valid = torch.rand(B, Tkv_cap) > 0.3  # left padding and holes: only valid keys count
+    out = attention_decode_cpu(q, kc, vc, valid, Tkv, 1 / math.sqrt(hd))
+    mask = valid[:, :Tkv].clone()
+    mask[:, Tkv - 1] = True
+    keys = kc[:, :, :Tkv].repeat_interleave(H // Hkv, 1).float()
+    vals = vc[:, :, :Tkv].repeat_interleave(H // Hkv, 1).float()
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float().unsqueeze(2), keys, vals, attn_mask=mask[:, None, None, :], scale=1 / math.sqrt(hd))
-    assert_close(out, ref.squeeze(2).to(dtype), "attention_decode", dtype, f"attention B={B} H={H} S={S}")
+    assert_close(out, ref.squeeze(2).to(dtype), "attention_decode", dtype, f"attention B={B} H={H} Tkv={Tkv}")
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

@@ -20,14 +20,14 @@ def reference_gptq(q, z, scales, bits, g, v1):
     qweight[i][n]: code of row k = i*p + j in bits [bits*j, bits*j + bits); qzeros[grp][i]:
     zero of column n = i*p + j likewise; v1 stores z - 1."""
     p = 32 // bits
-    K, N = len(q), len(q[0])
+    Din, Dout = len(q), len(q[0])
     G = len(z)
-    qweight = [[_int32(sum(q[i * p + j][n] << (bits * j) for j in range(p))) for n in range(N)]
-               for i in range(K // p)]
+    qweight = [[_int32(sum(q[i * p + j][n] << (bits * j) for j in range(p))) for n in range(Dout)]
+               for i in range(Din // p)]
     mask = (1 << bits) - 1
     qzeros = [[_int32(sum(((z[grp][i * p + j] - (1 if v1 else 0)) & mask) << (bits * j) for j in range(p)))
-               for i in range(N // p)] for grp in range(G)]
-    w = [[scales[k // g][n] * (q[k][n] - z[k // g][n]) for k in range(K)] for n in range(N)]
+               for i in range(Dout // p)] for grp in range(G)]
+    w = [[scales[k // g][n] * (q[k][n] - z[k // g][n]) for k in range(Din)] for n in range(Dout)]
     return (torch.tensor(qweight, dtype=torch.int32), torch.tensor(qzeros, dtype=torch.int32),
             torch.tensor(scales, dtype=torch.float16), torch.tensor(w, dtype=torch.float64))
 
@@ -38,18 +38,18 @@ def reference_gptq(q, z, scales, bits, g, v1):
 def test_reader_matches_independent_packer(bits, g, v1):
     rng = random.Random(bits * 1000 + g + v1)
     p = 32 // bits
-    K, N = 5 * p + (3 * p if g == 32 else 0) + 2 * p, 3 * p  # K not a multiple of g: partial last group
-    G = -(-K // g)
+    Din, Dout = 5 * p + (3 * p if g == 32 else 0) + 2 * p, 3 * p  # Din not a multiple of g: partial last group
+    G = -(-Din // g)
     maxq = (1 << bits) - 1
-    q = [[rng.randint(0, maxq) for _ in range(N)] for _ in range(K)]
+    q = [[rng.randint(0, maxq) for _ in range(Dout)] for _ in range(Din)]
     q[0][0], q[1][0] = maxq, 0  # the sign bit of a word and the extremes
     q[p - 1][1] = maxq          # top slot of the first word: bits 28..31 (4-bit) set
-    z = [[rng.randint(1, maxq) for _ in range(N)] for _ in range(G)]  # v1 cannot hold z = 0
-    z[0][N - 1] = maxq
-    scales = [[float(torch.tensor(rng.uniform(1e-3, 0.1)).half()) for _ in range(N)] for _ in range(G)]
+    z = [[rng.randint(1, maxq) for _ in range(Dout)] for _ in range(G)]  # v1 cannot hold z = 0
+    z[0][Dout - 1] = maxq
+    scales = [[float(torch.tensor(rng.uniform(1e-3, 0.1)).half()) for _ in range(Dout)] for _ in range(G)]
     qweight, qzeros, s16, w = reference_gptq(q, z, scales, bits, g, v1)
     qw = QuantizedWeight(qweight, s16, qzeros, bits, g, sym=False, zero_offset=1 if v1 else 0)
-    assert qw.shape == (N, K)
+    assert qw.shape == (Dout, Din)
     codes, zeros = qw.codes()
     assert codes.tolist() == q and zeros.tolist() == z
     torch.testing.assert_close(qw.dequantize().double(), w, atol=0, rtol=0)  # fp32 holds it exactly
@@ -73,7 +73,7 @@ CASES = [(4, 32, True), (4, 64, False), (4, 128, True), (4, 128, False), (8, 32,
 @pytest.mark.parametrize("bits,g,sym", CASES)
 @pytest.mark.parametrize("shape", [(24, 200), (3, 16, 40), (1, 8, 8)])
 def test_round_to_nearest_error_bound(bits, g, sym, shape):
-    """|w - dequant| <= s/2 per group (s = the stored fp16 scale), at K below, at and off a
+    """|w - dequant| <= s/2 per group (s = the stored fp16 scale), at Din below, at and off a
     multiple of g; a group of zeros, an all-positive group (z would be 0 asym) and one large value
     included. Asymmetric allows s: rounding the zero point can add half a step at an end."""
     torch.manual_seed(bits + g)

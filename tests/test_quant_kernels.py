@@ -3,12 +3,12 @@ dequantize-then-matmul reference written here from the GPTQ description:
 
     w[n, k] = scales[k // g, n] * (q[k, n] - z[k // g, n])
 
-with q packed along K into int32 qweight [K*bits/32, N] and z along N into qzeros
-[G, ceil(N*bits/32)], low bits first. The packer below builds those tensors from random codes
+with q packed along Din into int32 qweight [Din*bits/32, Dout] and z along Dout into qzeros
+[G, ceil(Dout*bits/32)], low bits first. The packer below builds those tensors from random codes
 independently of the library (it never calls pack_quantized's internals).
 
 Every bits x group size x symmetry, fp16 and bf16 scales, fp32 and bf16 activations, awkward
-sizes (K not a multiple of the group size, N = 1..3 and 32 + 1..3 tails, T in {1, 2, 7, 16, 17,
+sizes (Din not a multiple of the group size, Dout = 1..3 and 32 + 1..3 tails, T in {1, 2, 7, 16, 17,
 129}), 1 vs 2 threads bitwise, a row's bits independent of the other rows of its call.
 Tolerances: tests/tolerances.py. tools/test_cpu_isas.sh runs this file against each ISA build.
 """
@@ -50,23 +50,23 @@ def pack_words(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 class QCase:
-    """Random codes, zeros and scales of E weights [N, K], their GPTQ tensors and the dense reference."""
+    """Random codes, zeros and scales of E weights [Dout, Din], their GPTQ tensors and the dense reference."""
 
-    def __init__(self, E, N, K, bits, g, sym, scale_dtype=torch.float16, scale=None):
-        G = -(-K // g)
-        self.q = torch.randint(0, 1 << bits, (E, K, N))
+    def __init__(self, E, Dout, Din, bits, g, sym, scale_dtype=torch.float16, scale=None):
+        G = -(-Din // g)
+        self.q = torch.randint(0, 1 << bits, (E, Din, Dout))
         if sym:
-            self.z = torch.full((E, G, N), 1 << (bits - 1))
+            self.z = torch.full((E, G, Dout), 1 << (bits - 1))
         else:
-            self.z = torch.randint(0, 1 << bits, (E, G, N))
+            self.z = torch.randint(0, 1 << bits, (E, G, Dout))
         # weights ~0.1 in magnitude, as the tolerance table assumes
         base = scale if scale is not None else 0.1 / (1 << (bits - 1))
-        self.scales = (torch.rand(E, G, N) * base + base / 2).to(scale_dtype)
+        self.scales = (torch.rand(E, G, Dout) * base + base / 2).to(scale_dtype)
         self.qweight = pack_words(self.q, bits, 1)
         self.qzeros = pack_words(self.z, bits, 2)
-        k_group = torch.arange(K) // g
-        w_kn = self.scales.float()[:, k_group, :] * (self.q - self.z[:, k_group, :]).float()  # [E, K, N]
-        self.w = w_kn.transpose(1, 2).contiguous()  # [E, N, K] fp32, exact
+        k_group = torch.arange(Din) // g
+        w_kn = self.scales.float()[:, k_group, :] * (self.q - self.z[:, k_group, :]).float()  # [E, Din, Dout]
+        self.w = w_kn.transpose(1, 2).contiguous()  # [E, Dout, Din] fp32, exact
         self.bits, self.g, self.sym = bits, g, sym
 
     def pack(self, gate_up=False, stacked=True, zeros=True):
@@ -78,10 +78,10 @@ class QCase:
 # ---- pack / dequantize -------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,g,sym", FORMATS)
 def test_dequantize_packed_is_exact(bits, g, sym):
-    for E, N, K, gate_up in ((1, 1, 8 * 13, False), (2, 35, 264, False), (3, 2 * 20, 200, True)):
-        c = QCase(E, N, K, bits, g, sym, scale_dtype=torch.bfloat16 if N % 2 else torch.float16)
+    for E, Dout, Din, gate_up in ((1, 1, 8 * 13, False), (2, 35, 264, False), (3, 2 * 20, 200, True)):
+        c = QCase(E, Dout, Din, bits, g, sym, scale_dtype=torch.bfloat16 if Dout % 2 else torch.float16)
         got = dequantize_packed(c.pack(gate_up=gate_up))
-        assert torch.equal(got, c.w), f"dequantize [E={E} N={N} K={K} gate_up={gate_up}]"
+        assert torch.equal(got, c.w), f"dequantize [E={E} Dout={Dout} Din={Din} gate_up={gate_up}]"
         got16 = dequantize_packed(c.pack(gate_up=gate_up), torch.bfloat16)
         assert torch.equal(got16, c.w.to(torch.bfloat16))
     c = QCase(1, 33, 96, bits, g, sym)
@@ -91,30 +91,30 @@ def test_dequantize_packed_is_exact(bits, g, sym):
 
 
 # ---- linear ------------------------------------------------------------------------------------
-SHAPES = ((1, 200), (2, 96), (3, 8 * 17), (33, 264), (35, 128), (66, 520))  # (N, K), K % 8 == 0
+SHAPES = ((1, 200), (2, 96), (3, 8 * 17), (33, 264), (35, 128), (66, 520))  # (Dout, Din), Din % 8 == 0
 
 
 @pytest.mark.parametrize("bits,g,sym", FORMATS)
 def test_linear_q_matches_dequantized_matmul(bits, g, sym):
-    for i, (N, K) in enumerate(SHAPES):
-        c = QCase(1, N, K, bits, g, sym, scale_dtype=(torch.float16, torch.bfloat16)[i % 2])
+    for i, (Dout, Din) in enumerate(SHAPES):
+        c = QCase(1, Dout, Din, bits, g, sym, scale_dtype=(torch.float16, torch.bfloat16)[i % 2])
         pw = c.pack(stacked=False)
         w = c.w[0]
         for T in TS:
             for dt in (torch.float32, torch.bfloat16):
-                x = (torch.randn(T, K) * 0.1).to(dt)
+                x = (torch.randn(T, Din) * 0.1).to(dt)
                 ref = (x.float() @ w.t()).to(dt)
-                assert_close(linear_q_cpu(x, pw), ref, "expert_ffn", dt, f"linear_q T={T} N={N} K={K}")
+                assert_close(linear_q_cpu(x, pw), ref, "expert_ffn", dt, f"linear_q T={T} Dout={Dout} Din={Din}")
 
 
 @pytest.mark.parametrize("bits", (4, 8))
 @pytest.mark.parametrize("dt", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("K,g", [(1024, 64), (1352, 128)])  # 11 groups, the last partial: a single
-def test_linear_q_row_bits_do_not_depend_on_the_call(bits, dt, K, g):  # one after the pairs of one-row tiles
+@pytest.mark.parametrize("Din,g", [(1024, 64), (1352, 128)])  # 11 groups, the last partial: a single
+def test_linear_q_row_bits_do_not_depend_on_the_call(bits, dt, Din, g):  # one after the pairs of one-row tiles
     """A row's result is the same bits alone, in any tile, and with 1 or 2 threads."""
-    c = QCase(1, 70, K, bits, g, False)
+    c = QCase(1, 70, Din, bits, g, False)
     pw = c.pack(stacked=False)
-    x = (torch.randn(29, K) * 0.1).to(dt)
+    x = (torch.randn(29, Din) * 0.1).to(dt)
     whole = linear_q_cpu(x, pw)
     for i in range(29):
         assert torch.equal(whole[i:i + 1], linear_q_cpu(x[i:i + 1].contiguous(), pw)), f"row {i}"
@@ -228,7 +228,7 @@ def test_bad_inputs_raise_with_the_value():
         pack_quantized(qw, sc, None, 4, 32, False)
     with pytest.raises(ValueError, match="sym=True but qzeros holds"):
         pack_quantized(qw, sc, pack_words(torch.full((2, 16), 7), 4, 1), 4, 32, True)
-    with pytest.raises(ValueError, match="gate_up weight has N=15"):
+    with pytest.raises(ValueError, match="gate_up weight has Dout=15"):
         pack_quantized(c.qweight[0][:, :15], sc[:, :15], pack_words(c.z[0][:, :15], 4, 1), 4, 32, False, gate_up=True)
     pw = pack_quantized(qw, sc, qz, 4, 32, False)
     with pytest.raises(ValueError, match=r"x has shape \[2, 63\]"):

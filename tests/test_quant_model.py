@@ -64,7 +64,7 @@ def test_cli_output_is_a_gptq_checkpoint(q4_dir, tiny_ckpt):
         qweight = f.get_tensor(p + ".qweight")
     with safe_open(str(q4_dir / index[p + ".g_idx"]), framework="pt") as f:
         g_idx = f.get_tensor(p + ".g_idx")
-    assert qweight.dtype == torch.int32 and list(qweight.shape) == [32 // 8, 64]  # [K/p, N]: K=F=32, N=D=64
+    assert qweight.dtype == torch.int32 and list(qweight.shape) == [32 // 8, 64]  # [Din/p, Dout]: Din=F=32, Dout=D=64
     assert g_idx.tolist() == [k // 32 for k in range(32)]
     assert "model.layers.1.mlp.gate.weight" in index and "model.layers.1.mlp.gate.qweight" not in index
     assert "lm_head.weight" in index and "model.embed_tokens.weight" in index

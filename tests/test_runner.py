@@ -21,8 +21,8 @@ CFG = SimpleNamespace(max_position_embeddings=8, rope_scaling=None)
 CPU = torch.device("cpu")
 
 
-def cache(B=1, used=0, S=4):
-    return SimpleNamespace(k=torch.empty(1, B, 1, S, 1), used=used, capacity=S)
+def cache(B=1, used=0, Tkv_cap=4):
+    return SimpleNamespace(k=torch.empty(1, B, 1, Tkv_cap, 1), used=used, capacity=Tkv_cap)
 
 
 def packed(one_call=True):
@@ -48,11 +48,11 @@ DECODE_STEP = [
     ("cpu", True, torch.zeros(DECODE_STEP_MAX_B + 1, 1, dtype=torch.long), cache(DECODE_STEP_MAX_B + 1), {}, CFG,
      False),
     ("cpu", True, ONE, cache(B=2), {}, CFG, False),                              # cache of another batch
-    ("cpu", True, ONE, cache(used=4, S=4), {}, CFG, False),                      # no free column
-    ("cpu", True, ONE, cache(used=8, S=12), {}, CFG, False),                     # beyond the context
-    ("cpu", True, ONE, cache(used=8, S=12), {}, SimpleNamespace(max_position_embeddings=8,
+    ("cpu", True, ONE, cache(used=4, Tkv_cap=4), {}, CFG, False),                      # no free column
+    ("cpu", True, ONE, cache(used=8, Tkv_cap=12), {}, CFG, False),                     # beyond the context
+    ("cpu", True, ONE, cache(used=8, Tkv_cap=12), {}, SimpleNamespace(max_position_embeddings=8,
      rope_scaling=SimpleNamespace(type="linear")), True),                        # scaled: table rows
-    ("cpu", True, ONE, cache(used=8, S=12), {}, SimpleNamespace(max_position_embeddings=8,
+    ("cpu", True, ONE, cache(used=8, Tkv_cap=12), {}, SimpleNamespace(max_position_embeddings=8,
      rope_scaling=SimpleNamespace(type="dynamic")), False),                      # per-call base
 ]
 

@@ -28,7 +28,7 @@ def model_for(path, backend, dtype=None):
 
 
 def batch(model, prompts=PROMPTS):
-    """Left-padded prompts of different lengths: [B, T] ids and mask."""
+    """Left-padded prompts of different lengths: [B, Q] ids and mask."""
     enc = [model.tokenizer.encode(p) for p in prompts]
     ids, mask = left_pad(enc, model.device)
     return ids, mask, enc

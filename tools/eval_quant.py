@@ -52,9 +52,9 @@ def score(model, chunks, batch: int):
     for i in range(0, len(chunks), batch):
         group = chunks[i:i + batch]
         ids, mask = left_pad([c[:-1] for c in group])
-        logits = model.forward(ids, attention_mask=mask)                       # [B, T, V] fp32
+        logits = model.forward(ids, attention_mask=mask)                       # [B, Q, V] fp32
         tgt, _ = left_pad([c[1:] for c in group])
-        ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")   # [B, T]
+        ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")   # [B, Q]
         for j, c in enumerate(group):
             n = len(c) - 1
             nll.append(float(ce[j, -n:].mean()))

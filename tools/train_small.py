@@ -1,7 +1,7 @@
 """Train the small DeepSeekMoE-architecture model that ships in src/moe_engine/assets/small/.
 
-Shape legend: B batch, S sequence, T = B·S tokens, D hidden, H heads, E routed experts, K top-k,
-F expert width, V vocab, L layers, R = T·K slots.
+Shape legend: B batch, Q sequence length, T = B·Q tokens, D hidden, H heads, E routed experts, K top-k,
+F expert width, V vocab, L layers.
 
 1. Trains a byte-level BPE tokenizer (`tokenizers`) on the train split of tools/build_corpus.py,
    with the DeepSeek conventions: digits split one per token, BOS `<｜begin▁of▁sentence｜>` and EOS
@@ -138,12 +138,12 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
 
     def forward(self, x, cos, sin):
-        B, S, D = x.shape
-        q, k, v = (p(x).view(B, S, self.h, D // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        B, Q, D = x.shape
+        q, k, v = (p(x).view(B, Q, self.h, D // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, D))
+        return self.o_proj(o.transpose(1, 2).reshape(B, Q, D))
 
 
 class MLP(nn.Module):
@@ -182,7 +182,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.E)
         tok = order // k
-        xs = h.index_select(0, tok)  # [R, D] grouped by expert
+        xs = h.index_select(0, tok)  # [T·K, D] grouped by expert
         ys = []
         # unbind once: indexing the packed parameter per expert would make autograd allocate and
         # zero a full [E, ...] gradient for every expert
@@ -240,7 +240,7 @@ class SmallDeepseek(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * s)
 
     def forward(self, ids, topk=None, return_routing=False):
-        """ids [B, S] -> logits [B, S, V] fp32, summed balance term, per-MoE-layer topk_ids."""
+        """ids [B, Q] -> logits [B, Q, V] fp32, summed balance term, per-MoE-layer topk_ids."""
         x = self.embed_tokens(ids)
         hd = self.c["hidden_size"] // self.c["num_attention_heads"]
         cos, sin = rope_cos_sin(ids.shape[1], hd, self.c["rope_theta"], x.dtype)
@@ -325,7 +325,7 @@ def encode_domain(tok, corpus: Path, domain: str, split: str, eos: int) -> list[
 
 
 class Batches:
-    """Random windows of S+1 tokens; sequence b of a batch comes from domain b mod 4, so every
+    """Random windows of Q+1 tokens; sequence b of a batch comes from domain b mod 4, so every
     batch is domain-balanced. Seeded; the stream depends only on (seed, step)."""
 
     def __init__(self, streams: list[np.ndarray], batch: int, seq: int, seed: int):

@@ -56,7 +56,7 @@ Layout layout(const DecodeStepParams& p) {
   o.m = take(B * D * el);
   o.qkv = take(B * nqkv * el);
   o.attn = take(B * nq * el);
-  o.scores = take(B * int64_t(p.H) * p.S_cap * 4);
+  o.scores = take(B * int64_t(p.H) * p.Tkv_cap * 4);
   o.router_logits = take(B * int64_t(p.E) * el);
   o.topk_ids = take(B * int64_t(p.k_max) * 4);
   o.topk_weights = take(B * int64_t(p.k_max) * 4);
@@ -82,20 +82,20 @@ void check(const DecodeStepParams& p) {
         " Hkv=" + std::to_string(p.Hkv) + " hd=" + std::to_string(p.hd) + " V=" + std::to_string(p.V));
   if (p.hd % 2 || p.rope_len <= 0)
     bad("hd=" + std::to_string(p.hd) + " must be even, rope_len=" + std::to_string(p.rope_len) + " positive");
-  if (p.pos < 0 || p.pos >= p.S_cap || p.valid_stride <= p.pos)
-    bad("cache column pos=" + std::to_string(p.pos) + " is outside S_cap=" + std::to_string(p.S_cap) +
+  if (p.pos < 0 || p.pos >= p.Tkv_cap || p.valid_stride <= p.pos)
+    bad("cache column pos=" + std::to_string(p.pos) + " is outside Tkv_cap=" + std::to_string(p.Tkv_cap) +
         " / valid_stride=" + std::to_string(p.valid_stride));
   cpu::need_dtype("decode_step_cpu", p.dtype);
   if (p.hd > 1024) bad("hd=" + std::to_string(p.hd) + " > 1024 (the attention's stack buffers)");
-  if (p.E < 0 || p.k_max < 0 || p.k_max > p.E || p.S_cap <= 0)
-    bad("E=" + std::to_string(p.E) + " k_max=" + std::to_string(p.k_max) + " S_cap=" + std::to_string(p.S_cap) +
-        " (need 0 <= k_max <= E, S_cap > 0)");
+  if (p.E < 0 || p.k_max < 0 || p.k_max > p.E || p.Tkv_cap <= 0)
+    bad("E=" + std::to_string(p.E) + " k_max=" + std::to_string(p.k_max) + " Tkv_cap=" + std::to_string(p.Tkv_cap) +
+        " (need 0 <= k_max <= E, Tkv_cap > 0)");
   // The KV cache is the caller's tensor: a cache made for another model (fewer layers, other
   // dtype, head_dim or kv heads) must not be indexed with this model's sizes.
-  const int64_t want = int64_t(p.L) * p.B * p.Hkv * int64_t(p.S_cap) * p.hd * cpu::esize(p.dtype);
+  const int64_t want = int64_t(p.L) * p.B * p.Hkv * int64_t(p.Tkv_cap) * p.hd * cpu::esize(p.dtype);
   if (p.cache_bytes != want)
     bad("k_cache/v_cache hold " + std::to_string(p.cache_bytes) + " bytes each, but L=" + std::to_string(p.L) +
-        " B=" + std::to_string(p.B) + " Hkv=" + std::to_string(p.Hkv) + " S_cap=" + std::to_string(p.S_cap) +
+        " B=" + std::to_string(p.B) + " Hkv=" + std::to_string(p.Hkv) + " Tkv_cap=" + std::to_string(p.Tkv_cap) +
         " hd=" + std::to_string(p.hd) + " need " + std::to_string(want));
   cpu::check_either("decode_step_cpu lm_head", p.lm_head_fmt, p.D);
   for (int32_t l = 0; l < p.L; ++l) {
@@ -164,7 +164,7 @@ void decode_step_cpu(const DecodeStepParams& p) {
     p.valid[b * int64_t(p.valid_stride) + p.pos] = 1;
     p.next_pos[b] += 1;
   }
-  const int64_t cache_layer = B * p.Hkv * int64_t(p.S_cap) * p.hd * el;  // bytes per layer
+  const int64_t cache_layer = B * p.Hkv * int64_t(p.Tkv_cap) * p.hd * el;  // bytes per layer
   void* h = ws + lo.h;
   void* a = ws + lo.a;
   void* m = ws + lo.m;
@@ -182,7 +182,7 @@ void decode_step_cpu(const DecodeStepParams& p) {
     ab.scores = reinterpret_cast<float*>(ws + lo.scores), ab.out = a;
     ab.scale = p.scale, ab.dtype = dt;
     ab.B = p.B, ab.D = p.D, ab.H = p.H, ab.Hkv = p.Hkv, ab.hd = p.hd;
-    ab.pos = p.pos, ab.S_cap = p.S_cap, ab.valid_stride = p.valid_stride;
+    ab.pos = p.pos, ab.Tkv_cap = p.Tkv_cap, ab.valid_stride = p.valid_stride;
     ab.qkv_fmt = ly.qkv_fmt, ab.o_fmt = ly.o_fmt, ab.workspace = ws + lo.ffn;
     attention_block_decode_cpu(ab);
     add_inplace(x, a, dt, B * D);

@@ -11,12 +11,12 @@
 namespace moe::cpu {
 
 inline bool quantized(const QFormat& f) { return f.bits != 0; }
-// Throws (naming op) unless f is bits 0, or a valid quantized format for reduction length K;
+// Throws (naming op) unless f is bits 0, or a valid quantized format for reduction length Din;
 // with `pair` (w13's partner w2), unless both are the same kind.
-void check_either(const char* op, const QFormat& f, int64_t K, const QFormat* pair = nullptr);
+void check_either(const char* op, const QFormat& f, int64_t Din, const QFormat* pair = nullptr);
 
 // y = x W^T; workspace: either_linear_workspace_bytes (0 for bf16/fp32 panels; may be null then).
-int64_t either_linear_workspace_bytes(int64_t T, int64_t K, const QFormat& f);
+int64_t either_linear_workspace_bytes(int64_t T, int64_t Din, const QFormat& f);
 void either_linear(const LinearParams& p, const QFormat& f, void* workspace);
 
 // expert_ffn_cpu's contract; w13 and w2 must be the same kind (both bits 0 or both quantized).

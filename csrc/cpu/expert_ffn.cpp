@@ -22,7 +22,7 @@
 // ISA (simd.h): AVX-512 (bf16 via avx512_bf16, fp32 FMA; tiles of up to 12 rows); AVX2+FMA
 //   (ymm, tiles of up to 2 rows, bf16 widened to fp32 by shift/and; several times torch's bf16
 //   GEMM, which has no fast path there: bench/README.md); else portable loops.
-// Limits: any T, D, F, E (panels zero-pad N to 32 and K to even). Reference:
+// Limits: any T, D, F, E (panels zero-pad Dout to 32 and Din to even). Reference:
 //   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_ops.py.
 #include <immintrin.h>
 #include <omp.h>
@@ -61,22 +61,22 @@ constexpr int kAliasM = kMaxM < 6 ? kMaxM : 6;
 inline int tile_rows(int64_t row_bytes) { return row_bytes % 4096 == 0 ? kAliasM : kMaxM; }
 
 inline int64_t k_step(DType dt) { return dt == DType::bf16 ? 2 : 1; }
-inline int64_t panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
-// Elements (bf16 or f32) per panel for reduction length K.
-inline int64_t panel_elems(DType dt, int64_t K) {
-  return dt == DType::bf16 ? (K + 1) / 2 * kPanel * 2 : K * kPanel;
+inline int64_t panels(int64_t Dout) { return (Dout + kPanel - 1) / kPanel; }
+// Elements (bf16 or f32) per panel for reduction length Din.
+inline int64_t panel_elems(DType dt, int64_t Din) {
+  return dt == DType::bf16 ? (Din + 1) / 2 * kPanel * 2 : Din * kPanel;
 }
 // Row stride of the SiLU*up intermediate h: F rounded up to whole half-panels, so the down
 // kernel may read k pairs up to round_up(F, 2) and every padded column is an exact 0.
 inline int64_t h_stride(int64_t F) { return (F + kHalf - 1) / kHalf * kHalf; }
 
 // ---- microkernel: acc[m][0..1] = 32 outputs of one panel for M token rows --------------
-// a[m] points at token m's K-vector; b at the panel.
+// a[m] points at token m's Din-vector; b at the panel.
 #if MOE_AVX512
 template <int M>
-inline void tile_bf16(const uint16_t* const* a, int64_t K, const uint16_t* b, __m512 (&acc)[kMaxM][2]) {
+inline void tile_bf16(const uint16_t* const* a, int64_t Din, const uint16_t* b, __m512 (&acc)[kMaxM][2]) {
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
+  const int64_t pairs = Din / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * 64);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * 64 + 32);
@@ -89,11 +89,11 @@ inline void tile_bf16(const uint16_t* const* a, int64_t K, const uint16_t* b, __
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], av, b1);
     }
   }
-  if (K & 1) {  // last k alone: its partner is the panel's zero padding, the token's is 0
+  if (Din & 1) {  // last k alone: its partner is the panel's zero padding, the token's is 0
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + pairs * 64);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + pairs * 64 + 32);
     for (int m = 0; m < M; ++m) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(int32_t(a[m][K - 1]));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int32_t(a[m][Din - 1]));
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], av, b0);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], av, b1);
     }
@@ -101,9 +101,9 @@ inline void tile_bf16(const uint16_t* const* a, int64_t K, const uint16_t* b, __
 }
 
 template <int M>
-inline void tile_f32(const float* const* a, int64_t K, const float* b, __m512 (&acc)[kMaxM][2]) {
+inline void tile_f32(const float* const* a, int64_t Din, const float* b, __m512 (&acc)[kMaxM][2]) {
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < Din; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * 32), b1 = _mm512_loadu_ps(b + k * 32 + 16);
 #pragma GCC unroll 12
     for (int m = 0; m < M; ++m) {
@@ -128,11 +128,11 @@ inline void store16(void* dst, DType dt, __m512 v, __mmask16 mask) {
 }
 
 template <int M>
-inline void tile(DType dt, const void* const* a, int64_t K, const void* b, __m512 (&acc)[kMaxM][2]) {
+inline void tile(DType dt, const void* const* a, int64_t Din, const void* b, __m512 (&acc)[kMaxM][2]) {
   if (dt == DType::bf16)
-    tile_bf16<M>(reinterpret_cast<const uint16_t* const*>(a), K, static_cast<const uint16_t*>(b), acc);
+    tile_bf16<M>(reinterpret_cast<const uint16_t* const*>(a), Din, static_cast<const uint16_t*>(b), acc);
   else
-    tile_f32<M>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), acc);
+    tile_f32<M>(reinterpret_cast<const float* const*>(a), Din, static_cast<const float*>(b), acc);
 }
 using AccT = __m512[kMaxM][2];
 
@@ -141,8 +141,8 @@ inline void epi_silu(DType dt, const AccT& acc, int M, void* const* h_rows, int6
   for (int m = 0; m < M; ++m)
     store16(static_cast<char*>(h_rows[m]) + col * esize(dt), dt, silu_mul(acc[m][0], acc[m][1]), 0xffff);
 }
-inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
-  const int64_t n = std::min<int64_t>(kPanel, N - col);
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t Dout) {
+  const int64_t n = std::min<int64_t>(kPanel, Dout - col);
   const __mmask16 m0 = n >= 16 ? 0xffff : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? 0xffff : n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1);
   for (int m = 0; m < M; ++m) {
@@ -196,11 +196,11 @@ inline void pass_bf16(int64_t kc, const uint16_t* b, AccT& acc, Bcast bcast) {
 }
 
 template <int M>
-inline void tile_f32(const float* const* a, int64_t K, const float* b, AccT& acc) {
+inline void tile_f32(const float* const* a, int64_t Din, const float* b, AccT& acc) {
   __m256 r[M][kG];
   for (int m = 0; m < M; ++m)
     for (int g = 0; g < kG; ++g) r[m][g] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < Din; ++k) {
     __m256 w[kG];
     for (int g = 0; g < kG; ++g) w[g] = _mm256_loadu_ps(b + k * kPanel + 8 * g);
     for (int m = 0; m < M; ++m) {
@@ -213,16 +213,16 @@ inline void tile_f32(const float* const* a, int64_t K, const float* b, AccT& acc
 }
 
 template <int M>
-inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
+inline void tile(DType dt, const void* const* a, int64_t Din, const void* b, AccT& acc) {
   if (dt == DType::f32)
-    return tile_f32<M>(reinterpret_cast<const float* const*>(a), K, static_cast<const float*>(b), acc);
+    return tile_f32<M>(reinterpret_cast<const float* const*>(a), Din, static_cast<const float*>(b), acc);
   for (int m = 0; m < M; ++m)
     for (int l = 0; l < kPanel; ++l) acc[m][l] = 0.f;
   const uint16_t* const* ab = reinterpret_cast<const uint16_t* const*>(a);
   const __m256i odd = _mm256_set1_epi32(int32_t(0xffff0000u));
   alignas(32) float buf[M][kChunk];
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t kc = std::min<int64_t>(kChunk, K - k0), kc2 = (kc + 1) & ~int64_t(1);
+  for (int64_t k0 = 0; k0 < Din; k0 += kChunk) {
+    const int64_t kc = std::min<int64_t>(kChunk, Din - k0), kc2 = (kc + 1) & ~int64_t(1);
     const uint16_t* bk = static_cast<const uint16_t*>(b) + k0 * kPanel;
     if constexpr (M == 1) {  // the token's (k, k+1) as one 32-bit broadcast, split like a weight pair
       const uint16_t* row = ab[0] + k0;
@@ -233,7 +233,7 @@ inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT&
           const __m256i pv = _mm256_set1_epi32(pair);
           x0 = _mm256_castsi256_ps(_mm256_slli_epi32(pv, 16));
           x1 = _mm256_castsi256_ps(_mm256_and_si256(pv, odd));
-        } else {  // odd K: the last k alone, its partner the panel's zero padding
+        } else {  // odd Din: the last k alone, its partner the panel's zero padding
           x0 = _mm256_set1_ps(cpu::bf16_to_f32(row[k]));
           x1 = _mm256_setzero_ps();
         }
@@ -244,7 +244,7 @@ inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT&
         int64_t k = 0;
         for (; k + 8 <= kc; k += 8) cpu::store8(buf[m] + k, cpu::load8(src + k));
         for (; k < kc; ++k) buf[m][k] = cpu::bf16_to_f32(src[k]);
-        if (kc2 > kc) buf[m][kc] = 0.f;  // odd K: the panel's padding partner
+        if (kc2 > kc) buf[m][kc] = 0.f;  // odd Din: the panel's padding partner
       }
       pass_bf16<M>(kc2, bk, acc, [&](int m, int64_t k, __m256& x0, __m256& x1) {
         x0 = _mm256_broadcast_ss(buf[m] + k);
@@ -268,8 +268,8 @@ inline void epi_silu(DType dt, const AccT& acc, int M, void* const* h_rows, int6
       else store_row8<uint16_t>(h_rows[m], col + j, h);
     }
 }
-inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
-  const int64_t n = std::min<int64_t>(kPanel, N - col), n8 = n / 8 * 8;
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t Dout) {
+  const int64_t n = std::min<int64_t>(kPanel, Dout - col), n8 = n / 8 * 8;
   for (int m = 0; m < M; ++m) {
     for (int64_t l = 0; l < n8; l += 8) {
       const __m256 v = _mm256_load_ps(acc[m] + l);
@@ -282,13 +282,13 @@ inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, i
 
 #else  // portable: plain loops over 32 lanes
 template <int M>
-inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
+inline void tile(DType dt, const void* const* a, int64_t Din, const void* b, AccT& acc) {
   for (int m = 0; m < M; ++m)
     for (int l = 0; l < kPanel; ++l) acc[m][l] = 0.f;
   if (dt == DType::bf16) {
     const uint16_t* const* ab = reinterpret_cast<const uint16_t* const*>(a);
     const uint16_t* bb = static_cast<const uint16_t*>(b);
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < Din; ++k) {
       const uint16_t* bp = bb + (k / 2) * 64 + (k & 1);
       float bw[kPanel];
       for (int l = 0; l < kPanel; ++l) bw[l] = cpu::bf16_to_f32(bp[2 * l]);
@@ -300,7 +300,7 @@ inline void tile(DType dt, const void* const* a, int64_t K, const void* b, AccT&
   } else {
     const float* const* af = reinterpret_cast<const float* const*>(a);
     const float* bf = static_cast<const float*>(b);
-    for (int64_t k = 0; k < K; ++k)
+    for (int64_t k = 0; k < Din; ++k)
       for (int m = 0; m < M; ++m) {
         const float av = af[m][k];
         for (int l = 0; l < kPanel; ++l) acc[m][l] += av * bf[k * kPanel + l];
@@ -314,8 +314,8 @@ inline void epi_silu(DType dt, const AccT& acc, int M, void* const* h_rows, int6
       cpu::store(h_rows[m], dt, col + l, g / (1.f + std::exp(-g)) * u);
     }
 }
-inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
-  const int64_t n = std::min<int64_t>(kPanel, N - col);
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t Dout) {
+  const int64_t n = std::min<int64_t>(kPanel, Dout - col);
   for (int m = 0; m < M; ++m)
     for (int64_t l = 0; l < n; ++l) cpu::store(out_rows[m], dt, col + l, acc[m][l]);
 }
@@ -323,10 +323,10 @@ inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, i
 
 // Runs the M-specialised microkernel for 1 <= M <= kMaxM.
 template <int M = kMaxM>
-inline void tile_dispatch(int m, DType dt, const void* const* a, int64_t K, const void* b, AccT& acc) {
+inline void tile_dispatch(int m, DType dt, const void* const* a, int64_t Din, const void* b, AccT& acc) {
   if constexpr (M >= 1) {
-    if (m == M) return tile<M>(dt, a, K, b, acc);
-    return tile_dispatch<M - 1>(m, dt, a, K, b, acc);
+    if (m == M) return tile<M>(dt, a, Din, b, acc);
+    return tile_dispatch<M - 1>(m, dt, a, Din, b, acc);
   }
 }
 
@@ -356,35 +356,35 @@ void check_dt(const char* op, DType dt) {
 
 }  // namespace
 
-int64_t pack_size_bytes(DType dtype, int64_t E, int64_t N, int64_t K, bool gate_up) {
-  const int64_t rows = gate_up ? (N / 2 + kHalf - 1) / kHalf * kPanel : N;
-  return E * panels(rows) * panel_elems(dtype, K) * esize(dtype);
+int64_t pack_size_bytes(DType dtype, int64_t E, int64_t Dout, int64_t Din, bool gate_up) {
+  const int64_t rows = gate_up ? (Dout / 2 + kHalf - 1) / kHalf * kPanel : Dout;
+  return E * panels(rows) * panel_elems(dtype, Din) * esize(dtype);
 }
 
 namespace {
 // Panel q of one expert: lane l of k-group g (g = k / ks) at dst[(g*kPanel + l)*ks + k%ks].
 template <typename W>
-void pack_panel(const W* src, W* dst, int64_t K, int64_t ks, const int64_t (&rows)[kPanel]) {
-  const int64_t groups = (K + ks - 1) / ks;
+void pack_panel(const W* src, W* dst, int64_t Din, int64_t ks, const int64_t (&rows)[kPanel]) {
+  const int64_t groups = (Din + ks - 1) / ks;
   std::memset(dst, 0, groups * kPanel * ks * sizeof(W));
   for (int64_t l = 0; l < kPanel; ++l) {
     if (rows[l] < 0) continue;
-    const W* row = src + rows[l] * K;
+    const W* row = src + rows[l] * Din;
     W* d = dst + l * ks;
-    for (int64_t k = 0; k < K; ++k) d[(k / ks) * kPanel * ks + k % ks] = row[k];
+    for (int64_t k = 0; k < Din; ++k) d[(k / ks) * kPanel * ks + k % ks] = row[k];
   }
 }
 }  // namespace
 
 void pack_weights_cpu(const PackParams& p) {
   check_dt("pack_weights_cpu", p.dtype);
-  if (p.E <= 0 || p.N <= 0 || p.K <= 0 || (p.gate_up && p.N % 2))
-    cpu::fail("pack_weights_cpu", "bad sizes E=" + std::to_string(p.E) + " N=" + std::to_string(p.N) +
-                                      " K=" + std::to_string(p.K) + (p.gate_up ? " (gate_up: N even)" : ""));
+  if (p.E <= 0 || p.Dout <= 0 || p.Din <= 0 || (p.gate_up && p.Dout % 2))
+    cpu::fail("pack_weights_cpu", "bad sizes E=" + std::to_string(p.E) + " Dout=" + std::to_string(p.Dout) +
+                                      " Din=" + std::to_string(p.Din) + (p.gate_up ? " (gate_up: Dout even)" : ""));
   cpu::need("pack_weights_cpu", p.src, "src");
   cpu::need("pack_weights_cpu", p.dst, "dst");
-  const int64_t F = p.N / 2, K = p.K, ks = k_step(p.dtype), pe = panel_elems(p.dtype, K);
-  const int64_t np = p.gate_up ? (F + kHalf - 1) / kHalf : panels(p.N);
+  const int64_t F = p.Dout / 2, Din = p.Din, ks = k_step(p.dtype), pe = panel_elems(p.dtype, Din);
+  const int64_t np = p.gate_up ? (F + kHalf - 1) / kHalf : panels(p.Dout);
   const int64_t bytes = esize(p.dtype);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(cpu::max_threads())
   for (int64_t e = 0; e < p.E; ++e)
@@ -395,15 +395,15 @@ void pack_weights_cpu(const PackParams& p) {
           const int64_t f = q * kHalf + l % kHalf;
           rows[l] = f < F ? (l < kHalf ? f : F + f) : -1;
         } else {
-          rows[l] = q * kPanel + l < p.N ? q * kPanel + l : -1;
+          rows[l] = q * kPanel + l < p.Dout ? q * kPanel + l : -1;
         }
       }
-      const char* src = static_cast<const char*>(p.src) + e * p.N * K * bytes;
+      const char* src = static_cast<const char*>(p.src) + e * p.Dout * Din * bytes;
       char* dst = static_cast<char*>(p.dst) + (e * np + q) * pe * bytes;
       if (p.dtype == DType::bf16)
-        pack_panel(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), K, ks, rows);
+        pack_panel(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), Din, ks, rows);
       else
-        pack_panel(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), K, ks, rows);
+        pack_panel(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), Din, ks, rows);
     }
 }
 
@@ -482,17 +482,17 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
 
 void linear_cpu(const LinearParams& p) {
   check_dt("linear_cpu", p.dtype);
-  if (p.T < 0 || p.N <= 0 || p.K <= 0)
-    cpu::fail("linear_cpu", "bad sizes T=" + std::to_string(p.T) + " N=" + std::to_string(p.N) +
-                                " K=" + std::to_string(p.K));
+  if (p.T < 0 || p.Dout <= 0 || p.Din <= 0)
+    cpu::fail("linear_cpu", "bad sizes T=" + std::to_string(p.T) + " Dout=" + std::to_string(p.Dout) +
+                                " Din=" + std::to_string(p.Din));
   if (p.T > 0) {
     cpu::need("linear_cpu", p.x, "x");
     cpu::need("linear_cpu", p.w, "w");
     cpu::need("linear_cpu", p.y, "y");
   }
   const DType dt = p.dtype;
-  const int64_t bytes = esize(dt), np = panels(p.N), pe = panel_elems(dt, p.K);
-  const int64_t mr = tile_rows(p.K * bytes), mt = (p.T + mr - 1) / mr;
+  const int64_t bytes = esize(dt), np = panels(p.Dout), pe = panel_elems(dt, p.Din);
+  const int64_t mr = tile_rows(p.Din * bytes), mt = (p.T + mr - 1) / mr;
   const char* x = static_cast<const char*>(p.x);
   char* y = static_cast<char*>(p.y);
   // Panel-major units so each thread streams a contiguous range of the weight; token tiles
@@ -500,7 +500,7 @@ void linear_cpu(const LinearParams& p) {
   // 128 KB bf16 mat-vec): one thread streams a weight at well under the machine's bandwidth,
   // so a decode step's o projection (512 x 512) is faster split than serial (the router,
   // 64 x 512, is not).
-#pragma omp parallel for schedule(static) if (np * kPanel * p.K * p.T >= 4 * cpu::kParallelMinWork) num_threads(cpu::max_threads())
+#pragma omp parallel for schedule(static) if (np * kPanel * p.Din * p.T >= 4 * cpu::kParallelMinWork) num_threads(cpu::max_threads())
   for (int64_t q = 0; q < np; ++q) {
     alignas(64) AccT acc;
     const void* a[kMaxM];
@@ -508,11 +508,11 @@ void linear_cpu(const LinearParams& p) {
     for (int64_t i = 0; i < mt; ++i) {
       const int M = int(std::min<int64_t>(mr, p.T - i * mr));
       for (int m = 0; m < M; ++m) {
-        a[m] = x + (i * mr + m) * p.K * bytes;
-        o[m] = y + (i * mr + m) * p.N * bytes;
+        a[m] = x + (i * mr + m) * p.Din * bytes;
+        o[m] = y + (i * mr + m) * p.Dout * bytes;
       }
-      tile_dispatch(M, dt, a, p.K, static_cast<const char*>(p.w) + q * pe * bytes, acc);
-      epi_store(dt, acc, M, o, q * kPanel, p.N);
+      tile_dispatch(M, dt, a, p.Din, static_cast<const char*>(p.w) + q * pe * bytes, acc);
+      epi_store(dt, acc, M, o, q * kPanel, p.Dout);
     }
   }
 }

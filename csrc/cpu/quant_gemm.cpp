@@ -1,4 +1,4 @@
-// quant_gemm (CPU): weight-only quantized (4- or 8-bit, group-wise along K) linear layer and
+// quant_gemm (CPU): weight-only quantized (4- or 8-bit, group-wise along Din) linear layer and
 // fused routed-expert FFN, on weights repacked once from the GPTQ tensors (ops.h "Quantized
 // weights" gives the panel layout and its bytes).
 //
@@ -24,8 +24,8 @@
 // ISA (simd.h): AVX-512 (zmm, vpmovzxbd + vcvtdq2ps, int4: vpermps of float(0..15) on the
 //   nibbles; vcvtph2ps for fp16 scales; tiles of up to
 //   6 rows: 4M accumulators for the even/odd partial sums), AVX2+FMA+F16C (ymm, tiles of up to
-//   2 rows, 4 ymm per panel row), else portable loops. Any N, K (K a multiple of 32/bits,
-//   groups = ceil(K/g), the last one may be short), T, E.
+//   2 rows, 4 ymm per panel row), else portable loops. Any Dout, Din (Din a multiple of 32/bits,
+//   groups = ceil(Din/g), the last one may be short), T, E.
 // Reference: the dequantize-then-matmul formula in tests/test_quant_kernels.py; Python entry
 //   points: src/moe_engine/ops/quant.py.
 #include <immintrin.h>
@@ -62,27 +62,27 @@ using AccT = float[kMaxM][kPanel];
 struct QGeom {
   int bits, g;
   bool scales_bf16;
-  int64_t K, groups, panel_bytes;
+  int64_t Din, groups, panel_bytes;
 };
-QGeom geom(const QFormat& f, int64_t K) {
-  QGeom q{f.bits, f.group_size, f.scales_bf16, K, (K + f.group_size - 1) / f.group_size, 0};
-  q.panel_bytes = K * kPanel * f.bits / 8 + q.groups * kGroupMetaBytes;
+QGeom geom(const QFormat& f, int64_t Din) {
+  QGeom q{f.bits, f.group_size, f.scales_bf16, Din, (Din + f.group_size - 1) / f.group_size, 0};
+  q.panel_bytes = Din * kPanel * f.bits / 8 + q.groups * kGroupMetaBytes;
   return q;
 }
 
-void check_format(const char* op, const QFormat& f, int64_t K) {
+void check_format(const char* op, const QFormat& f, int64_t Din) {
   if (f.bits != 4 && f.bits != 8)
     cpu::fail(op, "bits=" + std::to_string(f.bits) + ", expected 4 or 8");
   if (f.group_size != 32 && f.group_size != 64 && f.group_size != 128)
     cpu::fail(op, "group_size=" + std::to_string(f.group_size) + ", expected 32, 64 or 128");
-  if (K <= 0 || K % (32 / f.bits))
-    cpu::fail(op, "K=" + std::to_string(K) + ", expected a positive multiple of " + std::to_string(32 / f.bits));
+  if (Din <= 0 || Din % (32 / f.bits))
+    cpu::fail(op, "Din=" + std::to_string(Din) + ", expected a positive multiple of " + std::to_string(32 / f.bits));
 }
 
 // fp32 row stride (elements) of the widened activations: 16-aligned, and never a multiple of
 // 4 KiB, whose rows would share their L1 set (see expert_ffn.cpp tile_rows).
-inline int64_t row_stride(int64_t K) {
-  const int64_t s = (K + 15) / 16 * 16;
+inline int64_t row_stride(int64_t Din) {
+  const int64_t s = (Din + 15) / 16 * 16;
   return s % 1024 == 0 ? s + 16 : s;
 }
 // Output columns of the gate|up phase: F rounded up to whole half-panels.
@@ -117,7 +117,7 @@ inline int code_at(const uint8_t* codes, int l, int bits) {
 inline float round_to(DType dt, float v) { return dt == DType::bf16 ? cpu::bf16_to_f32(cpu::f32_to_bf16(v)) : v; }
 
 // ---- microkernel: acc[m][0..31] = 32 outputs of one panel for M token rows ------------------
-// a[m]: token m's fp32 K-vector; as[m]: its group sums; panel: the packed panel.
+// a[m]: token m's fp32 Din-vector; as[m]: its group sums; panel: the packed panel.
 #if MOE_AVX512
 template <int B>
 inline void decode_k(const uint8_t* c, __m512& w0, __m512& w1) {
@@ -188,10 +188,10 @@ inline void qtile_b(const QGeom& w, const float* const* a, const float* const* a
   const uint8_t* p = panel;
   int64_t gi = 0;
   if constexpr (M == 1)
-    for (; gi + 1 < w.groups && (gi + 2) * w.g <= w.K; gi += 2, p += 2 * (w.g * kb + kGroupMetaBytes))
+    for (; gi + 1 < w.groups && (gi + 2) * w.g <= w.Din; gi += 2, p += 2 * (w.g * kb + kGroupMetaBytes))
       group_pair<B>(w, a[0], as[0], gi, p, acc[0]);
   for (; gi < w.groups; ++gi) {
-    const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.K - k0);
+    const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.Din - k0);
     __m512 d[M][4];  // [even k lanes 0-15, even 16-31, odd 0-15, odd 16-31]
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < 4; ++j) d[m][j] = _mm512_setzero_ps();
@@ -245,8 +245,8 @@ inline void store16(void* dst, DType dt, __m512 v, __mmask16 mask) {
   if (dt == DType::f32) _mm512_mask_storeu_ps(dst, mask, v);
   else _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
-inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
-  const int64_t n = std::min<int64_t>(kPanel, N - col);
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t Dout) {
+  const int64_t n = std::min<int64_t>(kPanel, Dout - col);
   const __mmask16 m0 = n >= 16 ? 0xffff : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? 0xffff : n <= 16 ? 0 : __mmask16((1u << (n - 16)) - 1);
   for (int m = 0; m < M; ++m) {
@@ -277,7 +277,7 @@ inline void qtile_b(const QGeom& w, const float* const* a, const float* const* a
   constexpr int64_t kb = kPanel * B / 8;
   const uint8_t* p = panel;
   for (int64_t gi = 0; gi < w.groups; ++gi) {
-    const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.K - k0);
+    const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.Din - k0);
     // Two passes over the group, even k then odd k, each with 4M accumulators: the same
     // even/odd partial sums as the AVX-512 build in 16 ymm.
     __m256 d[2][M][4];
@@ -324,8 +324,8 @@ inline void epi_silu(DType dt, const AccT& acc, int M, float* const* h_rows, int
                        round8(dt, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u)));
     }
 }
-inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
-  const int64_t n = std::min<int64_t>(kPanel, N - col), n8 = n / 8 * 8;
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t Dout) {
+  const int64_t n = std::min<int64_t>(kPanel, Dout - col), n8 = n / 8 * 8;
   for (int m = 0; m < M; ++m) {
     for (int64_t l = 0; l < n8; l += 8) {
       const __m256 v = _mm256_load_ps(acc[m] + l);
@@ -344,7 +344,7 @@ inline void qtile_b(const QGeom& w, const float* const* a, const float* const* a
   constexpr int64_t kb = kPanel * B / 8;
   const uint8_t* p = panel;
   for (int64_t gi = 0; gi < w.groups; ++gi) {
-    const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.K - k0);
+    const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, w.Din - k0);
     float d[2][M][kPanel] = {};
     for (int64_t k = 0; k < len; ++k) {
       float wv[kPanel];
@@ -369,8 +369,8 @@ inline void epi_silu(DType dt, const AccT& acc, int M, float* const* h_rows, int
       h_rows[m][col + l] = round_to(dt, g / (1.f + std::exp(-g)) * u);
     }
 }
-inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t N) {
-  const int64_t n = std::min<int64_t>(kPanel, N - col);
+inline void epi_store(DType dt, const AccT& acc, int M, void* const* out_rows, int64_t col, int64_t Dout) {
+  const int64_t n = std::min<int64_t>(kPanel, Dout - col);
   for (int m = 0; m < M; ++m)
     for (int64_t l = 0; l < n; ++l) cpu::store(out_rows[m], dt, col + l, acc[m][l]);
 }
@@ -392,17 +392,17 @@ inline void qtile_dispatch(int m, const QGeom& w, const float* const* a, const f
 }
 
 // sums[gi] = sum of row over group gi, k ascending.
-void group_sums(const float* row, int64_t K, int64_t g, float* sums) {
-  for (int64_t k0 = 0, gi = 0; k0 < K; k0 += g, ++gi) {
+void group_sums(const float* row, int64_t Din, int64_t g, float* sums) {
+  for (int64_t k0 = 0, gi = 0; k0 < Din; k0 += g, ++gi) {
     float s = 0.f;
-    for (int64_t k = k0; k < std::min(K, k0 + g); ++k) s += row[k];
+    for (int64_t k = k0; k < std::min(Din, k0 + g); ++k) s += row[k];
     sums[gi] = s;
   }
 }
-// dst[0..K) = fp32(src row) and its group sums.
-void widen_row(const void* src, DType dt, int64_t K, int64_t g, float* dst, float* sums) {
-  for (int64_t k = 0; k < K; ++k) dst[k] = cpu::load(src, dt, k);
-  group_sums(dst, K, g, sums);
+// dst[0..Din) = fp32(src row) and its group sums.
+void widen_row(const void* src, DType dt, int64_t Din, int64_t g, float* dst, float* sums) {
+  for (int64_t k = 0; k < Din; ++k) dst[k] = cpu::load(src, dt, k);
+  group_sums(dst, Din, g, sums);
 }
 
 
@@ -411,15 +411,15 @@ void check_dt(const char* op, DType dt) {
 }
 
 // The source row of lane l of panel q (-1: zero padding), as pack_weights_cpu lays them out.
-inline int64_t lane_row(int64_t q, int l, int64_t N, bool gate_up) {
+inline int64_t lane_row(int64_t q, int l, int64_t Dout, bool gate_up) {
   if (gate_up) {
-    const int64_t F = N / 2, f = q * kHalf + l % kHalf;
+    const int64_t F = Dout / 2, f = q * kHalf + l % kHalf;
     return f < F ? (l < kHalf ? f : F + f) : -1;
   }
-  return q * kPanel + l < N ? q * kPanel + l : -1;
+  return q * kPanel + l < Dout ? q * kPanel + l : -1;
 }
-inline int64_t n_panels(int64_t N, bool gate_up) {
-  return gate_up ? (N / 2 + kHalf - 1) / kHalf : (N + kPanel - 1) / kPanel;
+inline int64_t n_panels(int64_t Dout, bool gate_up) {
+  return gate_up ? (Dout / 2 + kHalf - 1) / kHalf : (Dout + kPanel - 1) / kPanel;
 }
 
 struct QWorkspace {
@@ -429,39 +429,39 @@ struct QWorkspace {
 
 }  // namespace
 
-int64_t qpack_size_bytes(int64_t E, int64_t N, int64_t K, const QFormat& f, bool gate_up) {
-  return E * n_panels(N, gate_up) * geom(f, K).panel_bytes;
+int64_t qpack_size_bytes(int64_t E, int64_t Dout, int64_t Din, const QFormat& f, bool gate_up) {
+  return E * n_panels(Dout, gate_up) * geom(f, Din).panel_bytes;
 }
 
 void pack_quantized_cpu(const QPackParams& p) {
-  check_format("pack_quantized_cpu", p.fmt, p.K);
-  if (p.E <= 0 || p.N <= 0 || (p.gate_up && p.N % 2))
-    cpu::fail("pack_quantized_cpu", "bad sizes E=" + std::to_string(p.E) + " N=" + std::to_string(p.N) +
-                                        (p.gate_up ? " (gate_up: N even)" : ""));
-  const QGeom w = geom(p.fmt, p.K);
+  check_format("pack_quantized_cpu", p.fmt, p.Din);
+  if (p.E <= 0 || p.Dout <= 0 || (p.gate_up && p.Dout % 2))
+    cpu::fail("pack_quantized_cpu", "bad sizes E=" + std::to_string(p.E) + " Dout=" + std::to_string(p.Dout) +
+                                        (p.gate_up ? " (gate_up: Dout even)" : ""));
+  const QGeom w = geom(p.fmt, p.Din);
   const int bits = w.bits, per = 32 / bits;
   const uint32_t mask = (1u << bits) - 1;
-  const int64_t N = p.N, K = p.K, np = n_panels(N, p.gate_up), G = w.groups;
-  const int64_t qw_rows = K / per, qz_cols = (N * bits + 31) / 32;
+  const int64_t Dout = p.Dout, Din = p.Din, np = n_panels(Dout, p.gate_up), G = w.groups;
+  const int64_t qw_rows = Din / per, qz_cols = (Dout * bits + 31) / 32;
   const int64_t kb = kPanel * bits / 8;
   const uint32_t sym_zero = 1u << (bits - 1);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t e = 0; e < p.E; ++e)
     for (int64_t q = 0; q < np; ++q) {
-      const uint32_t* qw = reinterpret_cast<const uint32_t*>(p.qweight) + e * qw_rows * N;
-      const uint16_t* sc = p.scales + e * G * N;
+      const uint32_t* qw = reinterpret_cast<const uint32_t*>(p.qweight) + e * qw_rows * Dout;
+      const uint16_t* sc = p.scales + e * G * Dout;
       const uint32_t* qz = p.qzeros ? reinterpret_cast<const uint32_t*>(p.qzeros) + e * G * qz_cols : nullptr;
       uint8_t* dst = static_cast<uint8_t*>(p.dst) + (e * np + q) * w.panel_bytes;
       int64_t rows[kPanel];
-      for (int l = 0; l < kPanel; ++l) rows[l] = lane_row(q, l, N, p.gate_up);
+      for (int l = 0; l < kPanel; ++l) rows[l] = lane_row(q, l, Dout, p.gate_up);
       for (int64_t gi = 0; gi < G; ++gi) {
-        const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, K - k0);
+        const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, Din - k0);
         std::memset(dst, 0, len * kb + kGroupMetaBytes);
         for (int64_t k = k0; k < k0 + len; ++k) {
           uint8_t* c = dst + (k - k0) * kb;
           for (int l = 0; l < kPanel; ++l) {
             if (rows[l] < 0) continue;
-            const uint32_t v = (qw[(k / per) * N + rows[l]] >> ((k % per) * bits)) & mask;
+            const uint32_t v = (qw[(k / per) * Dout + rows[l]] >> ((k % per) * bits)) & mask;
             if (bits == 8) c[l] = uint8_t(v);
             else if (l < kHalf) c[l] |= uint8_t(v);
             else c[l - kHalf] |= uint8_t(v << 4);
@@ -471,7 +471,7 @@ void pack_quantized_cpu(const QPackParams& p) {
         for (int l = 0; l < kPanel; ++l) {
           if (rows[l] < 0) continue;  // scale 0, zero 0: the lane contributes exact zeros
           const int64_t n = rows[l];
-          std::memcpy(meta + 2 * l, sc + gi * N + n, 2);
+          std::memcpy(meta + 2 * l, sc + gi * Dout + n, 2);
           meta[2 * kPanel + l] = uint8_t(
               p.sym ? sym_zero : (qz[gi * qz_cols + n / per] >> ((n % per) * bits)) & mask);
         }
@@ -481,54 +481,54 @@ void pack_quantized_cpu(const QPackParams& p) {
 }
 
 void dequantize_packed_cpu(const QDequantParams& p) {
-  check_format("dequantize_packed_cpu", p.fmt, p.K);
+  check_format("dequantize_packed_cpu", p.fmt, p.Din);
   check_dt("dequantize_packed_cpu", p.dtype);
-  if (p.E <= 0 || p.N <= 0 || (p.gate_up && p.N % 2))
-    cpu::fail("dequantize_packed_cpu", "bad sizes E=" + std::to_string(p.E) + " N=" + std::to_string(p.N));
-  const QGeom w = geom(p.fmt, p.K);
-  const int64_t N = p.N, K = p.K, np = n_panels(N, p.gate_up), kb = kPanel * w.bits / 8;
+  if (p.E <= 0 || p.Dout <= 0 || (p.gate_up && p.Dout % 2))
+    cpu::fail("dequantize_packed_cpu", "bad sizes E=" + std::to_string(p.E) + " Dout=" + std::to_string(p.Dout));
+  const QGeom w = geom(p.fmt, p.Din);
+  const int64_t Dout = p.Dout, Din = p.Din, np = n_panels(Dout, p.gate_up), kb = kPanel * w.bits / 8;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t e = 0; e < p.E; ++e)
     for (int64_t q = 0; q < np; ++q) {
       const uint8_t* src = static_cast<const uint8_t*>(p.src) + (e * np + q) * w.panel_bytes;
       for (int64_t gi = 0; gi < w.groups; ++gi) {
-        const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, K - k0);
+        const int64_t k0 = gi * w.g, len = std::min<int64_t>(w.g, Din - k0);
         const uint8_t* meta = src + len * kb;
         for (int l = 0; l < kPanel; ++l) {
-          const int64_t n = lane_row(q, l, N, p.gate_up);
+          const int64_t n = lane_row(q, l, Dout, p.gate_up);
           if (n < 0) continue;
           const float s = scale_f32(meta, l, w.scales_bf16);
           const int z = meta[2 * kPanel + l];
           for (int64_t k = k0; k < k0 + len; ++k)
-            cpu::store(p.dst, p.dtype, (e * N + n) * K + k, s * float(code_at(src + (k - k0) * kb, l, w.bits) - z));
+            cpu::store(p.dst, p.dtype, (e * Dout + n) * Din + k, s * float(code_at(src + (k - k0) * kb, l, w.bits) - z));
         }
         src += len * kb + kGroupMetaBytes;
       }
     }
 }
 
-int64_t linear_q_workspace_bytes(int64_t T, int64_t K, const QFormat& f) {
-  return align64(T * row_stride(K) * 4) + align64(T * geom(f, K).groups * 4);
+int64_t linear_q_workspace_bytes(int64_t T, int64_t Din, const QFormat& f) {
+  return align64(T * row_stride(Din) * 4) + align64(T * geom(f, Din).groups * 4);
 }
 
 void linear_q_cpu(const QLinearParams& p) {
   check_dt("linear_q_cpu", p.dtype);
-  check_format("linear_q_cpu", p.fmt, p.K);
-  if (p.T < 0 || p.N <= 0)
-    cpu::fail("linear_q_cpu", "bad sizes T=" + std::to_string(p.T) + " N=" + std::to_string(p.N));
-  const QGeom w = geom(p.fmt, p.K);
+  check_format("linear_q_cpu", p.fmt, p.Din);
+  if (p.T < 0 || p.Dout <= 0)
+    cpu::fail("linear_q_cpu", "bad sizes T=" + std::to_string(p.T) + " Dout=" + std::to_string(p.Dout));
+  const QGeom w = geom(p.fmt, p.Din);
   const DType dt = p.dtype;
-  const int64_t T = p.T, K = p.K, N = p.N, xs = row_stride(K), np = n_panels(N, false);
+  const int64_t T = p.T, Din = p.Din, Dout = p.Dout, xs = row_stride(Din), np = n_panels(Dout, false);
   float* xf = reinterpret_cast<float*>(p.workspace);
   float* xsum = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + align64(T * xs * 4));
   const char* x = static_cast<const char*>(p.x);
   char* y = static_cast<char*>(p.y);
   const uint8_t* wp = static_cast<const uint8_t*>(p.w);
   // Parallel from 64K multiply-adds, as linear_cpu.
-#pragma omp parallel if (np * kPanel * K * T >= 4 * cpu::kParallelMinWork)
+#pragma omp parallel if (np * kPanel * Din * T >= 4 * cpu::kParallelMinWork)
   {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) widen_row(x + t * K * esize(dt), dt, K, w.g, xf + t * xs, xsum + t * w.groups);
+    for (int64_t t = 0; t < T; ++t) widen_row(x + t * Din * esize(dt), dt, Din, w.g, xf + t * xs, xsum + t * w.groups);
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < np; ++q) {
       alignas(64) AccT acc;
@@ -540,10 +540,10 @@ void linear_q_cpu(const QLinearParams& p) {
         for (int m = 0; m < M; ++m) {
           a[m] = xf + (t0 + m) * xs;
           as[m] = xsum + (t0 + m) * w.groups;
-          o[m] = y + (t0 + m) * N * esize(dt);
+          o[m] = y + (t0 + m) * Dout * esize(dt);
         }
         qtile_dispatch(M, w, a, as, wp + q * w.panel_bytes, acc);
-        epi_store(dt, acc, M, o, q * kPanel, N);
+        epi_store(dt, acc, M, o, q * kPanel, Dout);
       }
     }
   }
@@ -649,18 +649,18 @@ void same_kind(const char* op, const QFormat& f13, const QFormat& f2) {
 }
 }  // namespace
 
-void check_either(const char* op, const QFormat& f, int64_t K, const QFormat* pair) {
+void check_either(const char* op, const QFormat& f, int64_t Din, const QFormat* pair) {
   if (pair) same_kind(op, f, *pair);
-  if (quantized(f)) moe::check_format(op, f, K);
+  if (quantized(f)) moe::check_format(op, f, Din);
 }
 
-int64_t either_linear_workspace_bytes(int64_t T, int64_t K, const QFormat& f) {
-  return quantized(f) ? linear_q_workspace_bytes(T, K, f) : 0;
+int64_t either_linear_workspace_bytes(int64_t T, int64_t Din, const QFormat& f) {
+  return quantized(f) ? linear_q_workspace_bytes(T, Din, f) : 0;
 }
 void either_linear(const LinearParams& p, const QFormat& f, void* workspace) {
   if (!quantized(f)) return linear_cpu(p);
   need("either_linear", workspace, "workspace (quantized weight)");
-  linear_q_cpu(QLinearParams{p.x, p.w, p.y, workspace, f, p.dtype, p.T, p.N, p.K});
+  linear_q_cpu(QLinearParams{p.x, p.w, p.y, workspace, f, p.dtype, p.T, p.Dout, p.Din});
 }
 
 int64_t either_expert_ffn_workspace_bytes(DType dt, int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,

@@ -1,4 +1,4 @@
-// Round-to-nearest GPTQ quantization of a weight [E, N, K] in one pass over it: what
+// Round-to-nearest GPTQ quantization of a weight [E, Dout, Din] in one pass over it: what
 // `python -m moe_engine.quantize` and `load(quant=...)` run on every quantizable linear.
 // The rule (docs/quantization.md, src/moe_engine/quant.py's module docstring) and the reference
 // it must equal bit for bit is quant.quantize_reference (PyTorch); tests/test_quant.py
@@ -53,39 +53,39 @@ void quantize_rtn_cpu(const QRtnParams& p) {
     cpu::fail(op, "group_size=" + std::to_string(p.group_size) + " must be 32, 64 or 128");
   if (p.zero_offset != 0 && p.zero_offset != 1)
     cpu::fail(op, "zero_offset=" + std::to_string(p.zero_offset) + " must be 0 or 1");
-  cpu::need_sizes(op, {{"E", p.E, 1}, {"N", p.N, 1}, {"K", p.K, 1}});
+  cpu::need_sizes(op, {{"E", p.E, 1}, {"Dout", p.Dout, 1}, {"Din", p.Din, 1}});
   const int bits = p.bits, per = 32 / bits;
-  if (p.N % per || p.K % per)
-    cpu::fail(op, "N=" + std::to_string(p.N) + " and K=" + std::to_string(p.K) + " must be multiples of " +
+  if (p.Dout % per || p.Din % per)
+    cpu::fail(op, "Dout=" + std::to_string(p.Dout) + " and Din=" + std::to_string(p.Din) + " must be multiples of " +
                       std::to_string(per) + " for " + std::to_string(bits) + "-bit packing");
-  const int64_t N = p.N, K = p.K, g = p.group_size, G = (K + g - 1) / g;
-  const int64_t kw = K / per, zc = N / per;
+  const int64_t Dout = p.Dout, Din = p.Din, g = p.group_size, G = (Din + g - 1) / g;
+  const int64_t kw = Din / per, zc = Dout / per;
   const int maxq = (1 << bits) - 1;
   const float fmaxq = float(maxq);
-  const int64_t blocks_per_e = (N + kRowBlock - 1) / kRowBlock, tasks = p.E * blocks_per_e;
+  const int64_t blocks_per_e = (Dout + kRowBlock - 1) / kRowBlock, tasks = p.E * blocks_per_e;
   std::atomic<int> bad{0};  // 1: non-finite weight, 2: a scale overflows fp16
   uint32_t* const qweight = reinterpret_cast<uint32_t*>(p.qweight);
   uint32_t* const qzeros = reinterpret_cast<uint32_t*>(p.qzeros);
 
 #pragma omp parallel num_threads(cpu::max_threads())
   {
-    std::vector<float> x(K);
+    std::vector<float> x(Din);
     std::vector<int32_t> code(g), zrow(kRowBlock * G);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       if (bad.load(std::memory_order_relaxed)) continue;
       const int64_t e = task / blocks_per_e, n0 = (task % blocks_per_e) * kRowBlock;
-      const int64_t rows = std::min<int64_t>(kRowBlock, N - n0);
+      const int64_t rows = std::min<int64_t>(kRowBlock, Dout - n0);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r, base = (e * N + n) * K;
+        const int64_t n = n0 + r, base = (e * Dout + n) * Din;
         if (p.dtype == DType::f32) {
-          std::memcpy(x.data(), static_cast<const float*>(p.w) + base, K * 4);
+          std::memcpy(x.data(), static_cast<const float*>(p.w) + base, Din * 4);
         } else {
           const uint16_t* src = static_cast<const uint16_t*>(p.w) + base;
-          for (int64_t k = 0; k < K; ++k) x[k] = cpu::bf16_to_f32(src[k]);
+          for (int64_t k = 0; k < Din; ++k) x[k] = cpu::bf16_to_f32(src[k]);
         }
         for (int64_t gi = 0; gi < G; ++gi) {
-          const int64_t k0 = gi * g, k1 = std::min(K, k0 + g);
+          const int64_t k0 = gi * g, k1 = std::min(Din, k0 + g);
           float lo = 0.f, hi = 0.f, amax = 0.f;
           bool finite = true;
           for (int64_t k = k0; k < k1; ++k) {
@@ -117,22 +117,22 @@ void quantize_rtn_cpu(const QRtnParams& p) {
             bad.store(2);
             break;
           }
-          p.scales[(e * G + gi) * N + n] = s16;
+          p.scales[(e * G + gi) * Dout + n] = s16;
           zrow[r * G + gi] = z;
-          // codes of this group, packed along K into column n of qweight
+          // codes of this group, packed along Din into column n of qweight
           const float s = fp16_to_f32(s16), fz = float(z);
           for (int64_t k = k0; k < k1; ++k)  // vectorises: div, roundeven, clamp, convert
             code[k - k0] = int32_t(std::min(std::max(__builtin_roundevenf(x[k] / s) + fz, 0.f), fmaxq));
           for (int64_t k = k0; k < k1; k += per) {
             uint32_t word = 0;
             for (int j = 0; j < per; ++j) word |= uint32_t(code[k - k0 + j]) << (bits * j);
-            qweight[(e * kw + k / per) * N + n] = word;
+            qweight[(e * kw + k / per) * Dout + n] = word;
           }
         }
         if (bad.load(std::memory_order_relaxed)) break;
       }
       if (bad.load(std::memory_order_relaxed)) continue;
-      // zeros packed along N: a block starts on a word boundary (kRowBlock % per == 0)
+      // zeros packed along Dout: a block starts on a word boundary (kRowBlock % per == 0)
       for (int64_t gi = 0; gi < G; ++gi)
         for (int64_t r = 0; r < rows; r += per) {
           uint32_t word = 0;

@@ -1,5 +1,5 @@
 // expert_gemm_q: expert_gemm (the grouped GEMM over aligned slots, csrc/cuda/expert_gemm.cu) on
-// weight-only quantized experts (4 or 8 bits, group-wise along K) in the qrow layout that
+// weight-only quantized experts (4 or 8 bits, group-wise along Din) in the qrow layout that
 // qrepack_cuda writes at load (csrc/cuda/moe_decode_q.cu's header: layout and bytes per row).
 //
 // Shape legend: T tokens, D hidden, E experts, k_max top-k width, F expert width,
@@ -28,7 +28,7 @@
 // Tiles (128 threads): BM 16: 4 stages, warps 1 x 4; BM 64: 3 stages, warps 2 x 2 (as expert_gemm).
 //   Dynamic smem = stages x (BM x 128 B of A + 128 rows x 64 b / 8 B of codes) + 16 KB bf16 tile:
 //     BM 16: 4-bit 40 KB, 8-bit 56 KB;   BM 64: 4-bit 52 KB, 8-bit 64 KB (attribute set once).
-//   N tile: up 64 act columns (128 weight rows: 64 gate + 64 up), down 128 output columns.
+//   Dout tile: up 64 act columns (128 weight rows: 64 gate + 64 up), down 128 output columns.
 // Memory traffic: per touched expert and row tile the (2F + D) rows of qcuda_row_bytes (further
 //   row tiles of one expert hit L2), x / act / expert_out as expert_gemm. DeepSeekMoE-16B 4-bit
 //   g128: 4.60 MB per expert (bf16 17.3 MB), 8-bit g128 8.93 MB.
@@ -41,7 +41,7 @@
 //   allow 3 CTAs per SM at BM 64 (4 for 4-bit down on sm_90a), 6-7 at BM 16; the dynamic smem
 //   caps BM 64 at 3-4 CTAs on H100 / H200 and 2-3 on A100. (expert_gemm's BM 64 tiles are
 //   128 registers; the dequantisation's meta pointer, scale and bias add to that here.)
-// Launch: grid (ceil(capacity / BM), ceil(N / BN)), block 128, dynamic smem as above.
+// Launch: grid (ceil(capacity / BM), ceil(Dout / BN)), block 128, dynamic smem as above.
 // Limits: D, F multiples of 8; a, w 16-byte aligned; a_stride a multiple of 8; block_m 16 or 64;
 //   bits 4 or 8, g 32 / 64 / 128; one expert's qrow bytes < 2^31.
 // What the emulator shows (tests/emu/test_expert_gemm_q.py): the gather, the code ring, the
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
   const int e = p.tile_experts ? p.tile_experts[m_tile] : 0;
   if (e < 0 || e >= p.E) return;
 
-  const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
+  const int Dout = UP ? p.F : p.D, Din = UP ? p.D : p.F;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   MOE_DYNAMIC_SHARED(uint4, smem);
@@ -98,13 +98,13 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
   __syncthreads();
 
   const bf16* A = static_cast<const bf16*>(p.a);
-  const int row_bytes = static_cast<int>(qcuda_row_bytes(K, p.fmt));
-  const int code_bytes = static_cast<int>(qcuda_code_bytes(K, p.fmt));
-  const uint8_t* W = static_cast<const uint8_t*>(p.w) + static_cast<int64_t>(e) * (UP ? 2 : 1) * N * row_bytes;
-  // Weight row of tile row r: down n0 + r; up: gate row n0 + r (r < 64), up row N + n0 + r - 64.
+  const int row_bytes = static_cast<int>(qcuda_row_bytes(Din, p.fmt));
+  const int code_bytes = static_cast<int>(qcuda_code_bytes(Din, p.fmt));
+  const uint8_t* W = static_cast<const uint8_t*>(p.w) + static_cast<int64_t>(e) * (UP ? 2 : 1) * Dout * row_bytes;
+  // Weight row of tile row r: down n0 + r; up: gate row n0 + r (r < 64), up row Dout + n0 + r - 64.
   auto w_row = [&](int r) {
     const int n = n0 + (UP ? r % BN : r);
-    return n < N ? (UP && r >= BN ? N + n : n) : -1;
+    return n < Dout ? (UP && r >= BN ? Dout + n : n) : -1;
   };
 
   // A: thread tid copies chunk ch = tid % 8 of tile rows r0 + 16 i (expert_gemm's scheme).
@@ -131,13 +131,13 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
   auto load_stage = [&](int stage, int kt) {
     uint4* st = smem + stage * kStageChunks;
     const int k0 = kt * kBK;
-    const bool k_ok = k0 + ch * 8 < K;
+    const bool k_ok = k0 + ch * 8 < Din;
 #pragma unroll
     for (int i = 0; i < kARows; ++i) {
       const bool ok = k_ok && a_off[i] >= 0;
       cp_async_16_zfill(st + dst0 + 16 * i * kChunks, A + (ok ? a_off[i] + k0 : 0), ok);
     }
-    const bool kc_ok = k0 + cc * (128 / BITS) < K;  // the chunk starts below K, so ends within the padded codes
+    const bool kc_ok = k0 + cc * (128 / BITS) < Din;  // the chunk starts below Din, so ends within the padded codes
 #pragma unroll
     for (int i = 0; i < kCodeIters; ++i) {
       const bool ok = kc_ok && w_off[i] >= 0;
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
     }
   };
 
-  // Thread r dequantises weight row r of the k-tile into the bf16 tile (zeros past N and K).
+  // Thread r dequantises weight row r of the k-tile into the bf16 tile (zeros past Dout and Din).
   uint4* sB = smem + kStages * kStageChunks;
   const int my_row = w_row(tid);
   const uint32_t* my_meta = my_row >= 0 ? reinterpret_cast<const uint32_t*>(W + static_cast<int64_t>(my_row) * row_bytes + code_bytes)
@@ -159,14 +159,14 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
     for (int c = 0; c < kCPR; ++c) {
       const int kc = k0 + c * (128 / BITS);  // first k of this code chunk (one group)
       float s = 0.0f, bias = 0.0f;
-      const bool live = my_meta != nullptr && kc < K;
+      const bool live = my_meta != nullptr && kc < Din;
       if (live) qdq::scale_bias(my_meta[kc / g], scales_bf16, s, bias);
       const uint4 w = codes[tid * kCPR + c];
 #pragma unroll
       for (int sub = 0; sub < (128 / BITS) / 8; ++sub) {  // 8-k slices per code chunk
         const int j = c * ((128 / BITS) / 8) + sub;  // 8-k slice of the tile
         uint4 packed{0, 0, 0, 0};
-        if (live && kc + 8 * sub < K) {
+        if (live && kc + 8 * sub < Din) {
           float v[8];
           qdq::dequant8<BITS>(w, sub, s, bias, v);
           uint32_t words[4];
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
 
   float acc[Warps<BM, UP>::NMAT][Warps<BM, UP>::MI][Warps<BM, UP>::NI][4] = {};
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-  const int KT = (K + kBK - 1) / kBK;
+  const int KT = (Din + kBK - 1) / kBK;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
 
   cp_async_wait<0>();
 
-  store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, N, wm, wn, lane);
+  store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, Dout, wm, wn, lane);
 }
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("expert_gemm_q: " + what); }
@@ -214,8 +214,8 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_q_kernel(const ExpertGem
 template <int BM, bool UP, int BITS>
 void launch(const ExpertGemmQParams& p, cudaStream_t stream) {
   constexpr int BN = Warps<BM, UP>::BN;
-  const int N = UP ? p.F : p.D;
-  const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
+  const int Dout = UP ? p.F : p.D;
+  const dim3 grid((p.capacity + BM - 1) / BM, (Dout + BN - 1) / BN);
   constexpr int smem = kSmemBytes<BM, BITS>;
   auto* expert_gemm_q = &expert_gemm_q_kernel<BM, UP, BITS>;
   static DeviceOnce smem_attribute;
@@ -247,16 +247,16 @@ void expert_gemm_q_cuda(const ExpertGemmQParams& p, void* stream, int device) {
     bad("D and F must be positive multiples of 8 (16-byte loads); got D=" + s(p.D) + " F=" + s(p.F));
   if (p.block_m != 16 && p.block_m != 64) bad("block_m must be 16 or 64; got " + s(p.block_m));
   if (static_cast<int64_t>(p.T) * p.k_max >= (1LL << 31)) bad("T*k_max overflows int32");
-  const int K = p.up ? p.D : p.F;
+  const int Din = p.up ? p.D : p.F;
   const int64_t rows = p.up ? 2LL * p.F : p.D;
-  if (rows * qcuda_row_bytes(K, p.fmt) >= (1LL << 31)) bad("an expert's qrow bytes must be < 2^31 (int32 offsets)");
+  if (rows * qcuda_row_bytes(Din, p.fmt) >= (1LL << 31)) bad("an expert's qrow bytes must be < 2^31 (int32 offsets)");
   const int64_t a_rows = p.up ? p.T : p.capacity;
   if (a_rows * p.a_stride >= (1LL << 31)) bad("a must have < 2^31 elements (int32 offsets)");
   const bool dense = !p.sorted_slots && !p.tile_experts && !p.num_padded;
   if (!dense && (!p.sorted_slots || !p.tile_experts || !p.num_padded))
     bad("sorted_slots, tile_experts and num_padded must be all set or all null (dense mode)");
   if (!p.a || !p.w || !p.c) bad("a, w and c must be non-null");
-  if (p.a_stride < K || p.a_stride % 8) bad("a_stride must be >= " + s(K) + " and a multiple of 8; got " + s(p.a_stride));
+  if (p.a_stride < Din || p.a_stride % 8) bad("a_stride must be >= " + s(Din) + " and a multiple of 8; got " + s(p.a_stride));
   auto misaligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 != 0; };
   if (misaligned(p.a) || misaligned(p.w) || misaligned(p.c)) bad("a, w and c must be 16-byte aligned");
   if (p.capacity == 0 || p.T == 0) return;

@@ -1,9 +1,9 @@
 // moe_decode_q: moe_decode (the T <= 16 MoE path, csrc/cuda/moe_decode.cu) on weight-only
-// quantized experts (4 or 8 bits, group-wise along K), plus the load-time repack of the GPTQ
+// quantized experts (4 or 8 bits, group-wise along Din), plus the load-time repack of the GPTQ
 // tensors into the layout it streams.
 //
 // Shape legend: T tokens, D hidden, E experts, k_max top-k width, F expert width, R = T*k_max
-// slots; a quantized weight is [E, N, K] (y = x W^T), b bits, group size g, G = ceil(K / g).
+// slots; a quantized weight is [E, Dout, Din] (y = x W^T), b bits, group size g, G = ceil(Din / g).
 //
 // Formula: w[n, k] = s[k / g, n] * (q[k, n] - z[k / g, n]) (docs/quantization.md; z the true
 //   zero point), then exactly moe_decode's contract on w: for every slot j = t*k_max + s with
@@ -14,10 +14,10 @@
 //   dense mode (every slot is expert 0: shared experts and dense projections).
 //
 // Kernel layout ("qrow", written once at load by qrepack_kernel below, on the device): row n of
-//   expert e is one contiguous, 16-byte aligned run of qcuda_row_bytes(K, fmt) bytes (ops.h):
-//     codes  Kp * b / 8 bytes, Kp = K rounded up to 32: 32-bit word i holds k = p*i + j (p = 32/b)
-//            at bits [b*j, b*j + b), low bits first: GPTQ's own order along K, so the repack is
-//            a transpose of qweight [K/p, N] to [N, K/p]; padding words are 0.
+//   expert e is one contiguous, 16-byte aligned run of qcuda_row_bytes(Din, fmt) bytes (ops.h):
+//     codes  Kp * b / 8 bytes, Kp = Din rounded up to 32: 32-bit word i holds k = p*i + j (p = 32/b)
+//            at bits [b*j, b*j + b), low bits first: GPTQ's own order along Din, so the repack is
+//            a transpose of qweight [Din/p, Dout] to [Dout, Din/p]; padding words are 0.
 //     meta   one 32-bit word per group, G rounded up to 4 (padding words 0), right behind the
 //            codes: bits 0..15 the scale's raw fp16 / bf16 bits, bits 16..31 the zero offset
 //            zoff = z + 128 (4-bit) or z (8-bit): the zero point folded with the 4-bit
@@ -26,7 +26,7 @@
 //   path for both symmetries. Rows are [gate F | up F] for w13 ([E, 2F, D]), as in moe_decode.
 //   The tile one warp step fetches is 32 lanes x 16 bytes of one row (1024 k at 4 bits, 512 at
 //   8), plus each lane's 4-byte meta word from the same row. Bytes per row (D 2048 / F 1408):
-//     4-bit g128: 1024 + 64 (K 2048) / 704 + 48 (K 1408)   (6.3 / 6.8 % over the codes)
+//     4-bit g128: 1024 + 64 (Din 2048) / 704 + 48 (Din 1408)   (6.3 / 6.8 % over the codes)
 //     8-bit g128: 2048 + 64 / 1408 + 48;   g32 adds 4 B per 32 k (4-bit: 25 %, 8-bit: 12.5 %).
 //
 // Dequantisation in registers (csrc/cuda/dequant_q.cuh): a lane's 16-byte chunk of codes lies in
@@ -44,7 +44,7 @@
 // Memory traffic: per touched expert (2F + D) rows of qcuda_row_bytes, read once per pass of 8.
 //   DeepSeekMoE-16B (D 2048, F 1408, E 64, k 6), 4-bit g128: 2 x 1408 x 1088 + 2048 x 752 =
 //   4.60 MB per expert (bf16: 17.3 MB); T = 1: 6 experts = 27.6 MB. 8-bit g128: 8.93 MB per expert.
-// Batch invariance: bitwise for T <= 16, as moe_decode: a slot's sums run over K in the same lane
+// Batch invariance: bitwise for T <= 16, as moe_decode: a slot's sums run over Din in the same lane
 //   order and shuffle tree whatever else shares the call or its pass.
 // Launch: as moe_decode: up grid (min(R, E), ceil(F / 16)), down grid (min(R, E), ceil(D / 32))
 //   (dense mode: 1 column), block 256, static smem 52 B; repack: grid-stride, block 256, no smem.
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
   constexpr int kFeatPerWarp = kRowsPerWarp / kMats;
   constexpr int kSubs = kChunkK<BITS> / 8;
   const int R = p.T * p.k_max;
-  const int N = UP ? p.F : p.D, K = UP ? p.D : p.F;
+  const int Dout = UP ? p.F : p.D, Din = UP ? p.D : p.F;
   const int f0 = blockIdx.y * kFeatPerCta<UP>;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int* ids = p.topk_ids;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
   auto id_of = [&](int jj) { return ids ? ids[jj] : 0; };
   auto valid = [&](int e) { return e >= 0 && e < p.E; };
 
-  if constexpr (!UP) zero_sentinel_rows(out, R, N, f0, id_of, valid);
+  if constexpr (!UP) zero_sentinel_rows(out, R, Dout, f0, id_of, valid);
 
   MOE_SHARED_ARRAY(int, s_list, kPass);
   MOE_SHARED_ARRAY(int, s_pass, 2);
@@ -120,9 +120,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
   __syncthreads();  // everyone has read s_pass before warp 0 reuses it
   auto chose_e = [&](int jj) { return jj < R && id_of(jj) == e; };
 
-  const int64_t row_bytes = qcuda_row_bytes(K, p.fmt);
-  const int64_t code_bytes = qcuda_code_bytes(K, p.fmt);
-  const uint8_t* W = static_cast<const uint8_t*>(UP ? p.w13 : p.w2) + static_cast<int64_t>(e) * kMats * N * row_bytes;
+  const int64_t row_bytes = qcuda_row_bytes(Din, p.fmt);
+  const int64_t code_bytes = qcuda_code_bytes(Din, p.fmt);
+  const uint8_t* W = static_cast<const uint8_t*>(UP ? p.w13 : p.w2) + static_cast<int64_t>(e) * kMats * Dout * row_bytes;
   const bf16* in = static_cast<const bf16*>(UP ? p.x : p.act);
   const uint8_t* wrow[kRowsPerWarp];
   int feat[kRowsPerWarp];
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
   for (int q = 0; q < kRowsPerWarp; ++q) {
     feat[q] = f0 + warp * kFeatPerWarp + q % kFeatPerWarp;
     const int mat = q / kFeatPerWarp;
-    wrow[q] = W + static_cast<int64_t>(feat[q] < N ? mat * N + feat[q] : 0) * row_bytes;
+    wrow[q] = W + static_cast<int64_t>(feat[q] < Dout ? mat * Dout + feat[q] : 0) * row_bytes;
   }
   const int g = p.fmt.group_size;
   const bool scales_bf16 = p.fmt.scales_bf16;
@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
     if (n == 0) return;
 
     int in_off[kPass];
-    pass_offsets<UP>(in_off, n, s_list, p.k_max, K);
+    pass_offsets<UP>(in_off, n, s_list, p.k_max, Din);
     float acc[kRowsPerWarp][kPass] = {};
-    for (int k0 = lane * kChunkK<BITS>; k0 < K; k0 += kUnroll * kStepK<BITS>) {
+    for (int k0 = lane * kChunkK<BITS>; k0 < Din; k0 += kUnroll * kStepK<BITS>) {
       uint4 w[kUnroll][kRowsPerWarp];
       uint32_t meta[kUnroll][kRowsPerWarp];
 #pragma unroll
@@ -153,14 +153,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
         const int kk = k0 + u * kStepK<BITS>;
 #pragma unroll
         for (int q = 0; q < kRowsPerWarp; ++q) {
-          w[u][q] = kk < K ? *reinterpret_cast<const uint4*>(wrow[q] + kk * BITS / 8) : uint4{};
-          meta[u][q] = kk < K ? reinterpret_cast<const uint32_t*>(wrow[q] + code_bytes)[kk / g] : 0u;
+          w[u][q] = kk < Din ? *reinterpret_cast<const uint4*>(wrow[q] + kk * BITS / 8) : uint4{};
+          meta[u][q] = kk < Din ? reinterpret_cast<const uint32_t*>(wrow[q] + code_bytes)[kk / g] : 0u;
         }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int kk = k0 + u * kStepK<BITS>;
-        if (kk >= K) break;
+        if (kk >= Din) break;
         float s[kRowsPerWarp], bias[kRowsPerWarp];
 #pragma unroll
         for (int q = 0; q < kRowsPerWarp; ++q) {
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
         }
 #pragma unroll
         for (int sub = 0; sub < kSubs; ++sub) {
-          if (kk + 8 * sub >= K) break;  // K % 8 == 0: a slice is all in or all out
+          if (kk + 8 * sub >= Din) break;  // Din % 8 == 0: a slice is all in or all out
           // One row's 8 weights at a time (the input slices are L1 hits): dequantising all 4
           // rows first needs 32 more registers and spills.
 #pragma unroll
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
         }
       }
     }
-    store_pass<UP>(acc, n, s_list, feat, N, out, lane);
+    store_pass<UP>(acc, n, s_list, feat, Dout, out, lane);
     if (cursor >= R) return;
     __syncthreads();  // everyone has read s_list before warp 0 refills it
   }
@@ -195,24 +195,24 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_q_kernel(const MoeDeco
 // meta words pack the scale bits with the folded zero offset (the header's layout).
 __global__ void __launch_bounds__(kThreads) qrepack_kernel(const QRepackParams p) {
   const int b = p.fmt.bits, per = 32 / b;
-  const int64_t K = p.K, N = p.N;
-  const int64_t G = (K + p.fmt.group_size - 1) / p.fmt.group_size;
-  const int64_t code_words = qcuda_code_bytes(K, p.fmt) / 4, row_words = qcuda_row_bytes(K, p.fmt) / 4;
-  const int64_t zwords = (N * b + 31) / 32;
-  const int64_t total = static_cast<int64_t>(p.E) * N * row_words;
+  const int64_t Din = p.Din, Dout = p.Dout;
+  const int64_t G = (Din + p.fmt.group_size - 1) / p.fmt.group_size;
+  const int64_t code_words = qcuda_code_bytes(Din, p.fmt) / 4, row_words = qcuda_row_bytes(Din, p.fmt) / 4;
+  const int64_t zwords = (Dout * b + 31) / 32;
+  const int64_t total = static_cast<int64_t>(p.E) * Dout * row_words;
   uint32_t* dst = static_cast<uint32_t*>(p.dst);
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx % row_words, en = idx / row_words, n = en % N, e = en / N;
+    const int64_t i = idx % row_words, en = idx / row_words, n = en % Dout, e = en / Dout;
     uint32_t v = 0;
     if (i < code_words) {
-      if (i < K / per) v = static_cast<uint32_t>(p.qweight[(e * (K / per) + i) * N + n]);
+      if (i < Din / per) v = static_cast<uint32_t>(p.qweight[(e * (Din / per) + i) * Dout + n]);
     } else if (i - code_words < G) {
       const int64_t gi = i - code_words;
       const uint32_t mask = (1u << b) - 1u;
       const uint32_t z = p.qzeros ? (static_cast<uint32_t>(p.qzeros[(e * G + gi) * zwords + n / per]) >> (b * (n % per))) & mask
                                   : 1u << (b - 1);
-      v = p.scales[(e * G + gi) * N + n] | ((z + (b == 4 ? 128u : 0u)) << 16);
+      v = p.scales[(e * G + gi) * Dout + n] | ((z + (b == 4 ? 128u : 0u)) << 16);
     }
     dst[idx] = v;
   }
@@ -228,10 +228,10 @@ void check_format(const char* op, const QFormat& f) {
 
 template <int BITS, bool UP>
 void launch(const MoeDecodeQParams& p, cudaStream_t stream) {
-  const int N = UP ? p.F : p.D;
+  const int Dout = UP ? p.F : p.D;
   const int R = p.T * p.k_max;
   const int experts = p.topk_ids ? (R < p.E ? R : p.E) : 1;
-  const dim3 grid(experts, (N + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>);
+  const dim3 grid(experts, (Dout + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>);
   auto* moe_decode_q = &moe_decode_q_kernel<BITS, UP>;
   MOE_LAUNCH(moe_decode_q, grid, dim3(kThreads), 0, stream, p);
   MOE_CUDA_CHECK(cudaGetLastError());
@@ -245,14 +245,14 @@ void qrepack_cuda(const QRepackParams& p, void* stream, int device) {
   const char* op = "qrepack";
   check_format(op, p.fmt);
   auto s = [](int64_t v) { return std::to_string(v); };
-  if (p.E < 1 || p.N < 1 || p.K < 1) bad(op, "need E, N, K >= 1; got E=" + s(p.E) + " N=" + s(p.N) + " K=" + s(p.K));
+  if (p.E < 1 || p.Dout < 1 || p.Din < 1) bad(op, "need E, Dout, Din >= 1; got E=" + s(p.E) + " Dout=" + s(p.Dout) + " Din=" + s(p.Din));
   const int per = 32 / p.fmt.bits;
-  if (p.K % per || p.N % per)
-    bad(op, "K and N must be multiples of " + s(per) + " at " + s(p.fmt.bits) + " bits; got K=" + s(p.K) + " N=" + s(p.N));
+  if (p.Din % per || p.Dout % per)
+    bad(op, "Din and Dout must be multiples of " + s(per) + " at " + s(p.fmt.bits) + " bits; got Din=" + s(p.Din) + " Dout=" + s(p.Dout));
   if (!p.qweight || !p.scales || !p.dst) bad(op, "qweight, scales and dst must be non-null");
   if (!p.qzeros && !p.sym) bad(op, "qzeros is required when sym is false");
   if (reinterpret_cast<uintptr_t>(p.dst) % 16) bad(op, "dst must be 16-byte aligned");
-  const int64_t words = static_cast<int64_t>(p.E) * p.N * (qcuda_row_bytes(p.K, p.fmt) / 4);
+  const int64_t words = static_cast<int64_t>(p.E) * p.Dout * (qcuda_row_bytes(p.Din, p.fmt) / 4);
   const int64_t blocks = (words + kThreads - 1) / kThreads;
   const dim3 grid(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
   auto* qrepack = &qrepack_kernel;

@@ -71,7 +71,7 @@ class QuantExperts:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(E, D, F), like CpuExperts.shape."""
-        return self.w13.E, self.w13.K, self.w13.N // 2
+        return self.w13.E, self.w13.Din, self.w13.Dout // 2
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class PackedRows:
     @property
     def shape(self) -> tuple[int, ...]:
         lead = (self.packed.E,) if self.stacked else ()
-        return (*lead, self.stop - self.start, self.packed.K)
+        return (*lead, self.stop - self.start, self.packed.Din)
 
     def whole(self, dtype: torch.dtype) -> torch.Tensor:
         """Every row of the packed weight as a tensor in dtype, made now and not kept: unpacked
@@ -300,7 +300,7 @@ class CpuModelWeights:
     final_norm: torch.Tensor         # [D] (the model's tensor)
     decode_layers: object            # _C.DecodeLayers, one per layer: what decode_step reads (None
                                      # when not one_call)
-    # decode_step's (workspace, params) per (B, k_max, S_cap): reused across steps (one forward
+    # decode_step's (workspace, params) per (B, k_max, Tkv_cap): reused across steps (one forward
     # at a time).
     _workspaces: dict = field(default_factory=dict, compare=False, repr=False)
     # the team size of each decode step on a busy machine (decode_threads.py)
@@ -355,14 +355,14 @@ class CpuModelWeights:
             raise ValueError("decode_step needs the decode layers (not one_call): forward's general path runs it")
         mod = backends.native_module("cpu")
         B = ids.numel()
-        S_cap = cache.k.shape[3]
-        key = (B, routing.k_max, S_cap)
+        Tkv_cap = cache.k.shape[3]
+        key = (B, routing.k_max, Tkv_cap)
         st = self._workspaces.get(key)
         if st is None:
             self._workspaces.clear()  # one shape at a time: a new cache or batch replaces it
             st = self._workspaces[key] = self._new_step(mod, B, routing.k_max, cache, embed, H, eps, scale)
         ws, p = st
-        logits = torch.empty((B, self.lm_head.N), dtype=torch.float32)
+        logits = torch.empty((B, self.lm_head.Dout), dtype=torch.float32)
         p.ids, p.logits, p.pos = ids.data_ptr(), logits.data_ptr(), cache.used
         p.rope_cos, p.rope_sin, p.rope_len = rope_cos.data_ptr(), rope_sin.data_ptr(), rope_cos.shape[0]
         p.next_pos, p.valid = cache.next_pos.data_ptr(), cache.valid.data_ptr()
@@ -384,13 +384,13 @@ class CpuModelWeights:
 
     def _new_step(self, mod, B: int, k_max: int, cache, embed: torch.Tensor, H: int, eps: float, scale: float):
         """(workspace, DecodeStepParams with the fields that hold for every step of this shape)."""
-        _, _, Hkv, S_cap, hd = cache.k.shape
+        _, _, Hkv, Tkv_cap, hd = cache.k.shape
         moe = next((lc.moe for lc in self.layers if lc.moe is not None), None)
         p = mod.DecodeStepParams()
         p.dtype, p.eps, p.scale = backends.native_dtype(mod, embed.dtype), float(eps), float(scale)
         p.B, p.D, p.H, p.Hkv, p.hd = B, embed.shape[1], H, Hkv, hd
         p.E, p.k_max = (moe.experts.shape[0], k_max) if moe is not None else (0, 0)
-        p.V, p.S_cap, p.valid_stride, p.rope_len = self.lm_head.N, S_cap, cache.valid.stride(0), 1
+        p.V, p.Tkv_cap, p.valid_stride, p.rope_len = self.lm_head.Dout, Tkv_cap, cache.valid.stride(0), 1
         p.embed, p.final_norm, p.lm_head = embed.data_ptr(), self.final_norm.data_ptr(), self.lm_head.data.data_ptr()
         p.lm_head_fmt = native_format(mod, self.lm_head)
         p.cache_bytes = cache.k.numel() * cache.k.element_size()
@@ -435,12 +435,12 @@ def linear(x: torch.Tensor, w, packed: PackedWeight | PackedQWeight | CudaQWeigh
     only copy) at every size, on the cpu or (CudaQWeight) the CUDA kernels."""
     n = x.numel() // x.shape[-1]
     if isinstance(packed, CudaQWeight):  # cuda / emu: the repacked weight (cuda_weights.py)
-        return linear_q_cuda(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
+        return linear_q_cuda(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.Dout)
     if isinstance(packed, PackedQWeight):
-        return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
+        return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.Dout)
     if packed is None or not use_packed(n, x.dtype):
         return x @ dense(w, x.dtype).t()
-    return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.N)
+    return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.Dout)
 
 
 def ffn(x: torch.Tensor, mlp: DenseMLPWeights, packed: CpuExperts | QuantExperts | CudaQExperts | None) -> torch.Tensor:

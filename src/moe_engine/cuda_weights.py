@@ -34,8 +34,8 @@ from .quant import QuantizedWeight
 
 
 def _fits(qw) -> bool:
-    """Whether the kernels take this weight: a QuantizedWeight with N and K multiples of 8."""
-    return isinstance(qw, QuantizedWeight) and qw.N % 8 == 0 and qw.K % 8 == 0
+    """Whether the kernels take this weight: a QuantizedWeight with Dout and Din multiples of 8."""
+    return isinstance(qw, QuantizedWeight) and qw.Dout % 8 == 0 and qw.Din % 8 == 0
 
 
 def _repack(qw: QuantizedWeight, backend: str) -> CudaQWeight:
@@ -44,7 +44,7 @@ def _repack(qw: QuantizedWeight, backend: str) -> CudaQWeight:
 
 
 def _linear(ws: list, backend: str, held: list) -> CudaQWeight | None:
-    """The parts stacked along N as one repacked weight, or None when the kernels do not take all
+    """The parts stacked along Dout as one repacked weight, or None when the kernels do not take all
     of them (then each stays as it is)."""
     if not all(_fits(w) for w in ws):
         return None

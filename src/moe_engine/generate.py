@@ -185,7 +185,7 @@ def _as_prompt_list(prompts) -> list:
         return [prompts]
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() not in (1, 2):
-            raise ValueError(f"prompts tensor has shape {list(prompts.shape)}; expected [T] or [B, T] token ids")
+            raise ValueError(f"prompts tensor has shape {list(prompts.shape)}; expected [Q] or [B, Q] token ids")
         return [prompts] if prompts.dim() == 1 else list(prompts)
     if isinstance(prompts, Mapping):
         raise TypeError("prompts is one message dict; expected a conversation, a list of "

@@ -8,8 +8,8 @@ usual, contribution removed), `force_experts` (int or {layer: id}: that expert t
 
 Per position or per token: `expert_mask` bool [L, P, E] (row p applies to the token at position
 p of every sequence, prompt and generated alike; a call reaching position >= P is refused) or
-[L, B, T, E] (one row per entry of forward's input_ids [B, T]); `force_experts` int [L, P] or
-[L, B, T] (-1 = none). A row that leaves no expert is refused, naming the layer and the row.
+[L, B, Q, E] (one row per entry of forward's input_ids [B, Q]); `force_experts` int [L, P] or
+[L, B, Q] (-1 = none). A row that leaves no expert is refused, naming the layer and the row.
 
 `Interventions.resolve` validates everything on the host once per call and produces the small
 device tensors the kernels read (k [L], mask [L, E] or [L, R, E], force [L, 1] or [L, R]), so
@@ -93,7 +93,7 @@ class Routing:
 
     rows says what the control rows index: "call" (mask [L, E], force [L, 1]: every token),
     "position" (row p = the token at position p of every sequence; shape (P,)), "token" (row
-    b*T + t = input_ids[b, t] of the call; shape (B, T)), "tokens" (row i = the i-th routed
+    b*Q + t = input_ids[b, t] of the call; shape (B, Q)), "tokens" (row i = the i-th routed
     token of this call: what `for_tokens` makes of the two before, shape (N,)). mask is [L, E]
     when only force has rows."""
     k: tuple[int, ...]
@@ -107,10 +107,10 @@ class Routing:
     rows: str = "call"
     shape: tuple = ()
 
-    def for_tokens(self, positions: torch.Tensor, flat_index: torch.Tensor, B: int, T: int) -> "Routing":
+    def for_tokens(self, positions: torch.Tensor, flat_index: torch.Tensor, B: int, Q: int) -> "Routing":
         """The controls of the N routed tokens of a forward call, one row each: positions [N]
-        (each token's position in its sequence), flat_index [N] (its index b*T + t in input_ids
-        [B, T]). A "call" routing is returned as it is (its rows broadcast)."""
+        (each token's position in its sequence), flat_index [N] (its index b*Q + t in input_ids
+        [B, Q]). A "call" routing is returned as it is (its rows broadcast)."""
         if self.rows in ("call", "tokens"):
             return self
         if self.rows == "position":
@@ -121,9 +121,9 @@ class Routing:
                                  f"routes a token at position {last}")
             index = positions
         else:
-            if (B, T) != tuple(self.shape):
-                raise ValueError(f"per-token interventions have shape [B={self.shape[0]}, T={self.shape[1]}] "
-                                 f"(one row per input_ids entry), but input_ids is [{B}, {T}]")
+            if (B, Q) != tuple(self.shape):
+                raise ValueError(f"per-token interventions have shape [B={self.shape[0]}, Q={self.shape[1]}] "
+                                 f"(one row per input_ids entry), but input_ids is [{B}, {Q}]")
             index = flat_index
         index = index.to(self.k_dev.device)
         force = self.force if self.force.shape[1] == 1 else self.force.index_select(1, index)
@@ -222,19 +222,19 @@ def _mask(value, L: int, E: int) -> torch.Tensor | None:
             return value.cpu().expand(L, E).clone()
         if value.dim() not in (2, 3, 4) or value.shape[0] != L or value.shape[-1] != E:
             raise ValueError(f"expert_mask has shape {list(value.shape)}; expected [{E}], [{L}, {E}], "
-                             f"[{L}, P, {E}] (per position) or [{L}, B, T, {E}] (per token)")
+                             f"[{L}, P, {E}] (per position) or [{L}, B, Q, {E}] (per token)")
         return value.cpu().clone()
     raise TypeError(f"expert_mask must be a bool tensor or a {{layer: [ids]}} dict, got {type(value).__name__}")
 
 
 def _force(value, L: int) -> torch.Tensor:
-    """force_experts -> int64 [L] (one id per layer) or [L, P] / [L, B, T] (per position / token)."""
+    """force_experts -> int64 [L] (one id per layer) or [L, P] / [L, B, Q] (per position / token)."""
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise ValueError(f"force_experts has dtype {value.dtype}; expected an integer dtype (-1 = none)")
         if value.dim() not in (2, 3) or value.shape[0] != L:
             raise ValueError(f"force_experts has shape {list(value.shape)}; expected [{L}, P] (per position) "
-                             f"or [{L}, B, T] (per token)")
+                             f"or [{L}, B, Q] (per token)")
         return value.cpu().long().clone()
     return torch.tensor(_per_layer(value, L, -1, "force_experts"), dtype=torch.long)
 

@@ -2,8 +2,8 @@
 norm -> lm_head, with a preallocated KV cache and batched prefill / decode of prompts of
 different lengths. Semantics: docs/model.md (Hugging Face remote code).
 
-Shape legend: B sequences, T new tokens per sequence in this call, N valid (non-pad) tokens of
-the call, S cache length, D hidden, H heads, Hkv key/value heads, hd head dim, E routed experts,
+Shape legend: B sequences, Q new tokens per sequence in this call, N valid (non-pad) tokens of
+the call, Tkv cache columns in use, Tkv_cap cache capacity, D hidden, H heads, Hkv key/value heads, hd head dim, E routed experts,
 K top-k, F expert width, V vocab, L layers.
 
 The MoE layer runs on the selected backend's kernels (src/moe_engine/moe.py); attention, norms and
@@ -89,14 +89,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def left_pad(seqs, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists of different lengths -> (input_ids [B, T], attention_mask [B, T]), padded
+    """Token-id lists of different lengths -> (input_ids [B, Q], attention_mask [B, Q]), padded
     on the left as forward() expects (every sequence ends in the last column)."""
-    T = max(map(len, seqs))
-    ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    Q = max(map(len, seqs))
+    ids = torch.zeros((len(seqs), Q), dtype=torch.long)
+    mask = torch.zeros((len(seqs), Q), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = True
+        ids[i, Q - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, Q - len(s):] = True
     return ids.to(device), mask.to(device)
 
 
@@ -109,7 +109,7 @@ def _is_ragged(input_ids) -> bool:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values: k, v [L, B, Hkv, S, hd]; `valid` [B, S] marks real (non-pad)
+    """Preallocated keys/values: k, v [L, B, Hkv, Tkv_cap, hd]; `valid` [B, Tkv_cap] marks real (non-pad)
     keys; `used` columns are filled; `next_pos` [B] is each sequence's next position, which
     the model also keeps on the host (`host_pos`, so a call reads no device value; None: read
     from next_pos once). Only Model.forward advances a cache."""
@@ -280,10 +280,10 @@ class Model:
                 capture: Capture | None = None, usage: torch.Tensor | None = None,
                 logits: str = "all", backend: str | None = None, step: int = 0,
                 grad: bool = False, **intervention_kwargs) -> torch.Tensor:
-        """Run the model on `input_ids` [B, T] (or [T]); returns float32 logits [B, T, V]
+        """Run the model on `input_ids` [B, Q] (or [Q]); returns float32 logits [B, Q, V]
         (`logits="all"`) or [B, V] for each sequence's last valid token (`logits="last"`).
 
-        attention_mask [B, T]: 1 for real tokens, 0 for left padding; a list of token-id lists of
+        attention_mask [B, Q]: 1 for real tokens, 0 for left padding; a list of token-id lists of
         different lengths is left-padded here (the logits come back padded the same way). cache: continue from a
         KVCache (new tokens are appended). Interventions come as `interventions=` or as keyword
         arguments (topk=, expert_mask=, mask_mode=, force_experts=, renormalize=), which
@@ -340,7 +340,7 @@ class Model:
     def _forward(self, call: "_Call") -> torch.Tensor:
         """The layer loop: no validation and no host synchronisation (Model._prepare did both)."""
         w, run, tap, rows, eps = self.weights, call.runner, call.taps, call.rows, self.config.rms_norm_eps
-        x = w.embed[call.ids]                                                # [B, T, D]
+        x = w.embed[call.ids]                                                # [B, Q, D]
         for l, lw in enumerate(w.layers):
             lw, lc = run.layer(l, lw, self.dtype)
             n = self._layer_taps[l]
@@ -368,7 +368,7 @@ class Model:
                          quant=packed if call.runner.quant is not None else None, fused=call.runner.fused_moe(cap))
 
     def _head(self, x: torch.Tensor, call: "_Call") -> torch.Tensor:
-        """Final norm and lm_head: float32 logits [B, T, V], or [B, V] for logits="last"."""
+        """Final norm and lm_head: float32 logits [B, Q, V], or [B, V] for logits="last"."""
         last = call.logits == "last"
         if last:
             x = x[:, -1:]
@@ -390,17 +390,17 @@ class Model:
         holds fixed-size buffers only (no nonzero(), no .item())."""
         c = self.config
         ids = self._check_ids(input_ids)
-        B, T = ids.shape
-        mask_h = None if attention_mask is None else self._check_attention_mask(attention_mask, (B, T))
+        B, Q = ids.shape
+        mask_h = None if attention_mask is None else self._check_attention_mask(attention_mask, (B, Q))
         if cache is None:
-            cache = self.new_cache(B, T)
+            cache = self.new_cache(B, Q)
         if cache.k.shape[1] != B:
             raise ValueError(f"cache holds {cache.k.shape[1]} sequences; input_ids has {B}")
-        if cache.used + T > cache.capacity:
-            raise ValueError(f"{cache.used} cached + {T} new tokens exceed the cache length {cache.capacity}")
+        if cache.used + Q > cache.capacity:
+            raise ValueError(f"{cache.used} cached + {Q} new tokens exceed the cache length {cache.capacity}")
         routing = self._routing(interventions)
         self._check_usage(usage)
-        counts = [T] * B if mask_h is None else mask_h.sum(1).tolist()     # new tokens per sequence
+        counts = [Q] * B if mask_h is None else mask_h.sum(1).tolist()     # new tokens per sequence
         # every sequence's last column is real, so the largest position is max(next_pos + count) - 1
         max_pos = max((p + n for p, n in zip(cache.host_next_pos(), counts)), default=0)
         if max_pos > c.max_position_embeddings and c.rope_scaling is None:
@@ -408,27 +408,27 @@ class Model:
                              f"(max_position_embeddings = {c.max_position_embeddings})")
         # launches from here on
         ids = ids.to(self.device, non_blocking=True)
-        mask = (torch.ones((B, T), dtype=torch.bool, device=self.device) if mask_h is None
+        mask = (torch.ones((B, Q), dtype=torch.bool, device=self.device) if mask_h is None
                 else mask_h.to(self.device, non_blocking=True))
         # Positions continue each sequence; pads take position 0 and are never attended to.
         pos = cache.next_pos.unsqueeze(1) + torch.cumsum(mask.long(), 1) - 1
         pos = torch.where(mask, pos, torch.zeros_like(pos))
         start = cache.used
-        cache.valid[:, start:start + T] = mask
+        cache.valid[:, start:start + Q] = mask
         cos, sin = self._rope(pos, max_pos)
         N = sum(counts)
-        rows = _Rows(B, T, None if N == B * T else torch.nonzero_static(mask.reshape(-1), size=N).squeeze(1))
+        rows = _Rows(B, Q, None if N == B * Q else torch.nonzero_static(mask.reshape(-1), size=N).squeeze(1))
         if routing.rows != "call":  # per-position / per-token controls: one row per routed token
-            index = torch.arange(B * T, device=self.device) if rows.index is None else rows.index
-            routing = routing.for_tokens(pos.reshape(-1)[index], index, B, T)
+            index = torch.arange(B * Q, device=self.device) if rows.index is None else rows.index
+            routing = routing.for_tokens(pos.reshape(-1)[index], index, B, Q)
         taps = _NO_TAPS
         if capture is not None:
-            index = torch.arange(B * T, device=self.device) if rows.index is None else rows.index
-            capture.begin(TokenIndex(index // T, pos.reshape(-1)[index], (index % T) == T - 1, step, index, B),
+            index = torch.arange(B * Q, device=self.device) if rows.index is None else rows.index
+            capture.begin(TokenIndex(index // Q, pos.reshape(-1)[index], (index % Q) == Q - 1, step, index, B),
                           c.num_hidden_layers, self._tap_names)
             taps = _Taps(capture, rows)
         return _Call(runner, ids, cache, start, routing, usage, taps, rows, cos, sin,
-                     self._attn_mask(cache, start, T), logits, mask, counts)
+                     self._attn_mask(cache, start, Q), logits, mask, counts)
 
     __call__ = forward
 
@@ -558,7 +558,7 @@ class Model:
         c = self.config
         for name, t in (("cache.k", cache.k), ("cache.v", cache.v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 5:
-                raise TypeError(f"{name} must be a 5-d torch.Tensor [L, B, Hkv, S, hd], got {type(t).__name__}"
+                raise TypeError(f"{name} must be a 5-d torch.Tensor [L, B, Hkv, Tkv_cap, hd], got {type(t).__name__}"
                                 + (f" of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else ""))
         if not isinstance(cache.used, int) or isinstance(cache.used, bool) or not 0 <= cache.used <= cache.capacity:
             raise ValueError(f"cache.used = {cache.used!r}; expected an int in 0..{cache.capacity}")
@@ -568,21 +568,21 @@ class Model:
         key = (id(self), id(cache.k), id(cache.v), id(cache.valid), id(cache.next_pos))
         if getattr(cache, "_checked", None) == key:
             return
-        B, S = cache.k.shape[1], cache.k.shape[3]
-        want = (c.num_hidden_layers, B, c.num_key_value_heads, S, c.head_dim)
+        B, Tkv_cap = cache.k.shape[1], cache.k.shape[3]
+        want = (c.num_hidden_layers, B, c.num_key_value_heads, Tkv_cap, c.head_dim)
         for name, t in (("cache.k", cache.k), ("cache.v", cache.v)):
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} has shape {list(t.shape)}; this model needs [L={c.num_hidden_layers}, B, "
-                                 f"Hkv={c.num_key_value_heads}, S, hd={c.head_dim}] (make it with Model.new_cache)")
+                                 f"Hkv={c.num_key_value_heads}, Tkv_cap, hd={c.head_dim}] (make it with Model.new_cache)")
             if t.dtype != self.dtype or t.device != self.device or not t.is_contiguous():
                 raise ValueError(f"{name} is {t.dtype} on {t.device} (contiguous: {t.is_contiguous()}); "
                                  f"this model needs a contiguous {self.dtype} cache on {self.device}")
-        backends.check(cache.valid, "cache.valid", dtype=torch.bool, shape=(B, S), device=self.device)
+        backends.check(cache.valid, "cache.valid", dtype=torch.bool, shape=(B, Tkv_cap), device=self.device)
         backends.check(cache.next_pos, "cache.next_pos", dtype=torch.long, shape=(B,), device=self.device)
         cache._checked = key
 
     def _check_ids(self, input_ids) -> torch.Tensor:
-        """input_ids as int64 [B, T], checked against the vocabulary where they are: ids given on
+        """input_ids as int64 [B, Q], checked against the vocabulary where they are: ids given on
         the host stay there (the caller moves them); a device tensor's check is one sync."""
         if input_ids is None or isinstance(input_ids, (str, bytes, bytearray, float, bool)):
             raise TypeError(f"input_ids must be token ids (a tensor or a list of ints), got "
@@ -596,7 +596,7 @@ class Model:
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {list(ids.shape)}")
+            raise ValueError(f"input_ids must be [B, Q] with Q >= 1, got shape {list(ids.shape)}")
         V = self.config.vocab_size
         bad = (ids < 0) | (ids >= V)
         if bool(bad.any()):
@@ -615,7 +615,7 @@ class Model:
         return mask
 
     def _rope(self, pos: torch.Tensor, seq_len: int):
-        """cos, sin [B, T, hd] in the model dtype (rotate-half layout over all head dims): rows
+        """cos, sin [B, Q, hd] in the model dtype (rotate-half layout over all head dims): rows
         of _rope_table, except dynamic scaling beyond the context, whose base depends on seq_len."""
         c = self.config
         rs = c.rope_scaling
@@ -644,33 +644,33 @@ class Model:
             self._rope_rows = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         return self._rope_rows
 
-    def _attn_mask(self, cache: KVCache, start: int, T: int) -> torch.Tensor:
-        """[B, 1, T, start+T] bool: causal over cache columns, real keys only; each query may
+    def _attn_mask(self, cache: KVCache, start: int, Q: int) -> torch.Tensor:
+        """[B, 1, Q, start+Q] bool: causal over cache columns, real keys only; each query may
         always see itself, so pad rows stay finite."""
-        S = start + T
-        q_col = torch.arange(start, S, device=self.device).unsqueeze(1)
-        k_col = torch.arange(S, device=self.device).unsqueeze(0)
-        causal = k_col <= q_col                                        # [T, S]
-        allowed = causal.unsqueeze(0) & cache.valid[:, None, :S]       # [B, T, S]
+        Tkv = start + Q
+        q_col = torch.arange(start, Tkv, device=self.device).unsqueeze(1)
+        k_col = torch.arange(Tkv, device=self.device).unsqueeze(0)
+        causal = k_col <= q_col                                        # [Q, Tkv]
+        allowed = causal.unsqueeze(0) & cache.valid[:, None, :Tkv]       # [B, Q, Tkv]
         allowed = allowed | (k_col == q_col).unsqueeze(0)
         return allowed.unsqueeze(1)
 
     def _attention(self, h: torch.Tensor, lw, lc, l: int, call: "_Call") -> torch.Tensor:
-        """The attention block of layer l on h = RMSNorm(x) [B, T, D]; writes the cache columns."""
+        """The attention block of layer l on h = RMSNorm(x) [B, Q, D]; writes the cache columns."""
         c, cache, start = self.config, call.cache, call.start
-        B, T, _ = h.shape
+        B, Q, _ = h.shape
         H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        if call.runner.fused_attention(T):
+        if call.runner.fused_attention(Q):
             return attention_block_decode_cpu(
                 h.view(B, -1), lc.qkv, lc.o, call.cos[:, 0], call.sin[:, 0], cache.k[l], cache.v[l], cache.valid,
-                start, H, Hkv, 1.0 / math.sqrt(hd)).view(B, T, -1)
-        if lc is not None and runs_packed(lc.qkv, B * T, h.dtype):  # one packed (cpu) or repacked (cuda_weights) q|k|v product
+                start, H, Hkv, 1.0 / math.sqrt(hd)).view(B, Q, -1)
+        if lc is not None and runs_packed(lc.qkv, B * Q, h.dtype):  # one packed (cpu) or repacked (cuda_weights) q|k|v product
             q, k, v = linear(h, None, lc.qkv).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         else:
             q, k, v = (h @ w.t() for w in dense_all((lw.q, lw.k, lw.v), h.dtype))  # cpu: one unpacking
-        q = q.reshape(B, T, H, hd).transpose(1, 2)
-        k = k.reshape(B, T, Hkv, hd).transpose(1, 2)
-        v = v.reshape(B, T, Hkv, hd).transpose(1, 2)
+        q = q.reshape(B, Q, H, hd).transpose(1, 2)
+        k = k.reshape(B, Q, Hkv, hd).transpose(1, 2)
+        v = v.reshape(B, Q, Hkv, hd).transpose(1, 2)
         cs, sn = call.cos.unsqueeze(1), call.sin.unsqueeze(1)
         q = q * cs + rotate_half(q) * sn
         k = k * cs + rotate_half(k) * sn
@@ -679,10 +679,10 @@ class Model:
             cache.v[l].index_copy_(2, call.col, v)
             keys, vals = cache.k[l], cache.v[l]
         else:
-            cache.k[l, :, :, start:start + T] = k
-            cache.v[l, :, :, start:start + T] = v
-            keys = cache.k[l, :, :, :start + T]
-            vals = cache.v[l, :, :, :start + T]
+            cache.k[l, :, :, start:start + Q] = k
+            cache.v[l, :, :, start:start + Q] = v
+            keys = cache.k[l, :, :, :start + Q]
+            vals = cache.v[l, :, :, :start + Q]
         if torch.is_grad_enabled():  # forward(grad=True): the same values, but autograd cannot
             # follow reads of a cache that the next layer's write changes in place
             keys = torch.cat([keys[:, :, :start], k], 2) if start else k
@@ -691,7 +691,7 @@ class Model:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)
         o = Fn.scaled_dot_product_attention(q, keys, vals, attn_mask=call.attn_mask, scale=1.0 / math.sqrt(hd))
-        return linear(o.transpose(1, 2).reshape(B, T, H * hd), lw.o, None if lc is None else lc.o)
+        return linear(o.transpose(1, 2).reshape(B, Q, H * hd), lw.o, None if lc is None else lc.o)
 
 
 class _LayerTaps(NamedTuple):
@@ -704,21 +704,21 @@ class _LayerTaps(NamedTuple):
 
 
 class _Rows:
-    """The N valid (non-pad) tokens among a call's B x T: `index` [N] into the flattened [B*T],
+    """The N valid (non-pad) tokens among a call's B x Q: `index` [N] into the flattened [B*Q],
     made with a fixed size (no host sync), or None when every token is valid (then gather and
     scatter are views)."""
     __slots__ = ("shape", "index")
 
-    def __init__(self, B: int, T: int, index: torch.Tensor | None):
-        self.shape, self.index = (B * T,), index
+    def __init__(self, B: int, Q: int, index: torch.Tensor | None):
+        self.shape, self.index = (B * Q,), index
 
     def gather(self, x_bt: torch.Tensor) -> torch.Tensor:
-        """x [B, T, ...] -> its valid rows [N, ...]."""
+        """x [B, Q, ...] -> its valid rows [N, ...]."""
         flat = x_bt.reshape(self.shape + x_bt.shape[2:])
         return flat if self.index is None else flat.index_select(0, self.index)
 
     def scatter(self, x_bt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x [B, T, ...] with its valid rows replaced by rows [N, ...] (a new tensor; pads kept)."""
+        """x [B, Q, ...] with its valid rows replaced by rows [N, ...] (a new tensor; pads kept)."""
         if self.index is None:
             return rows.view_as(x_bt)
         y = x_bt.reshape(self.shape + x_bt.shape[2:]).clone()
@@ -727,7 +727,7 @@ class _Rows:
 
 
 class _Taps:
-    """forward's tap points on [B, T, ...] activations: the capture records the valid rows (its
+    """forward's tap points on [B, Q, ...] activations: the capture records the valid rows (its
     own copy of the rows it keeps); the activation is rebuilt only when a patch changed them."""
     __slots__ = ("capture", "rows")
 
@@ -763,18 +763,18 @@ _NO_TAPS = _NoTaps()
 class _Call:
     """One forward call after Model._prepare: everything the layer loop reads."""
     runner: Runner
-    ids: torch.Tensor            # [B, T] int64 on the device
+    ids: torch.Tensor            # [B, Q] int64 on the device
     cache: KVCache
     start: int                   # first cache column of this call
     routing: Routing
     usage: torch.Tensor | None   # [L, E] int32 counters
     taps: _Taps | _NoTaps
     rows: _Rows
-    cos: torch.Tensor            # [B, T, hd]
+    cos: torch.Tensor            # [B, Q, hd]
     sin: torch.Tensor
-    attn_mask: torch.Tensor      # [B, 1, T, start + T] bool
+    attn_mask: torch.Tensor      # [B, 1, Q, start + Q] bool
     logits: str                  # "all" | "last"
-    mask: torch.Tensor | None    # [B, T] bool on the device: real tokens
+    mask: torch.Tensor | None    # [B, Q] bool on the device: real tokens
     counts: list | None          # real tokens per sequence (host)
     # the captured decode step (graphs.py): the cache column written, as device data [1]; then
     # attention runs over all Tkv_cap columns (attn_mask [B, 1, 1, Tkv_cap]) and start is unused

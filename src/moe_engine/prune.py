@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .lens import corpus as C
-from . import distributed as D
+from . import distributed
 from .lens.analyses import _batches, _sample_nll, route_corpus
 from .model import Model
 from .taps import Capture, TapRequest
@@ -201,8 +201,8 @@ def perplexity(model: Model, domains, *, expert_mask=None, max_len: int | None =
             per_batch.append((b.index, (nll[keep] / cnt[keep]).tolist()))
             tokens += int(cnt[keep].sum())
         # corpus parallel: every rank's samples in corpus order, summed as one process does
-        logs = [x for part in D.in_order(per_batch) for x in part]
-        tokens = D.sum_int(tokens)
+        logs = [x for part in distributed.in_order(per_batch) for x in part]
+        tokens = distributed.sum_int(tokens)
         out[dom.name] = {"perplexity": math.exp(sum(logs) / len(logs)) if logs else float("nan"),
                          "samples": len(logs), "predicted_tokens": tokens}
     return out
@@ -273,20 +273,20 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        D.init(args.device)   # under torchrun: the corpus is shared out, rank 0 writes
+        distributed.init(args.device)   # under torchrun: the corpus is shared out, rank 0 writes
         model = Model.load(args.model, dtype=args.dtype, device=args.device,
                            backend=args.backend, progress=not args.no_progress)
         corpus = [C.domain_from_path(p) for p in args.corpus]
         heldout = [C.domain_from_path(p) for p in args.heldout]
         res = prune(model, corpus, heldout, keep=args.keep, keep_mass=args.keep_mass,
                     seed=args.seed, max_len=args.max_len, max_samples=args.max_samples,
-                    max_tokens=args.max_tokens, progress=not args.no_progress and D.is_main())
+                    max_tokens=args.max_tokens, progress=not args.no_progress and distributed.is_main())
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        D.finish()
-    if not D.is_main():
+        distributed.finish()
+    if not distributed.is_main():
         return 0
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

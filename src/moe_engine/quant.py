@@ -1,14 +1,14 @@
 """Weight-only quantization in the GPTQ checkpoint layout (docs/quantization.md).
 
-Shape legend (this module): a quantized linear weight has the logical shape [N out, K in]
-(y = x W^T), optionally with leading dims (experts: [E, N, K]); p = 32 / bits values per int32,
-g the group size along K, G = ceil(K / g) groups.
+Shape legend (this module): a quantized linear weight has the logical shape [Dout out, Din in]
+(y = x W^T), optionally with leading dims (experts: [E, Dout, Din]); p = 32 / bits values per int32,
+g the group size along Din, G = ceil(Din / g) groups.
 
-    qweight int32 [..., K / p, N]   packed along K: value j of a word holds row k = p*i + j in
+    qweight int32 [..., Din / p, Dout]   packed along Din: value j of a word holds row k = p*i + j in
                                     bits [bits*j, bits*j + bits) (low bits first)
-    qzeros  int32 [..., G, N / p]   packed along N, same bit order
-    scales  fp16  [..., G, N]
-    g_idx   int32 [K]               k // g (desc_act false: the only order we read or write)
+    qzeros  int32 [..., G, Dout / p]   packed along Dout, same bit order
+    scales  fp16  [..., G, Dout]
+    g_idx   int32 [Din]               k // g (desc_act false: the only order we read or write)
     W[n, k] = scales[k // g, n] * (q[k, n] - z[k // g, n])
 
 z is the true zero point. The original GPTQ format ("gptq", v1) stores z - 1 in qzeros and its
@@ -74,7 +74,7 @@ class QuantError(ValueError):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """bits (4 or 8), group size g along K (32, 64 or 128), symmetric or not; zero_offset: what
+    """bits (4 or 8), group size g along Din (32, 64 or 128), symmetric or not; zero_offset: what
     a reader adds to the stored zero (1: checkpoint_format "gptq", 0: "gptq_v2")."""
 
     bits: int
@@ -240,12 +240,12 @@ def unpack_cols(words: Tensor, bits: int) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedWeight:
-    """A quantized linear weight of logical shape [..., N, K] as the GPTQ tensors (module doc).
+    """A quantized linear weight of logical shape [..., Dout, Din] as the GPTQ tensors (module doc).
     g_idx is not stored: with desc_act false it is k // group_size (the loader checks it)."""
 
-    qweight: Tensor  # int32 [..., K / p, N]
-    scales: Tensor   # fp16 [..., G, N]
-    qzeros: Tensor   # int32 [..., G, N / p]
+    qweight: Tensor  # int32 [..., Din / p, Dout]
+    scales: Tensor   # fp16 [..., G, Dout]
+    qzeros: Tensor   # int32 [..., G, Dout / p]
     bits: int
     group_size: int
     sym: bool
@@ -259,28 +259,28 @@ class QuantizedWeight:
             if not isinstance(t, Tensor) or t.dim() < 2 or t.dtype not in (dt if isinstance(dt, tuple) else (dt,)):
                 raise QuantError(f"{name} must be a >= 2-d {dt} tensor, got "
                                  f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
-        lead, N, K = self.qweight.shape[:-2], self.qweight.shape[-1], self.qweight.shape[-2] * p
-        G = -(-K // self.group_size)
-        want = {"scales": (*lead, G, N), "qzeros": (*lead, G, N // p)}
+        lead, Dout, Din = self.qweight.shape[:-2], self.qweight.shape[-1], self.qweight.shape[-2] * p
+        G = -(-Din // self.group_size)
+        want = {"scales": (*lead, G, Dout), "qzeros": (*lead, G, Dout // p)}
         for name, shape in want.items():
-            if tuple(getattr(self, name).shape) != shape or N % p:
+            if tuple(getattr(self, name).shape) != shape or Dout % p:
                 raise QuantError(f"{name} has shape {list(getattr(self, name).shape)}; expected "
                                  f"{list(shape)} for qweight {list(self.qweight.shape)} ({self.bits}-bit, "
-                                 f"group size {self.group_size}; N = {N} must be a multiple of {p})")
+                                 f"group size {self.group_size}; Dout = {Dout} must be a multiple of {p})")
 
     # -- shape ----------------------------------------------------------------------------------
     @property
-    def N(self) -> int:
+    def Dout(self) -> int:
         return self.qweight.shape[-1]
 
     @property
-    def K(self) -> int:
+    def Din(self) -> int:
         return self.qweight.shape[-2] * (32 // self.bits)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The logical weight shape [..., N, K]."""
-        return (*self.qweight.shape[:-2], self.N, self.K)
+        """The logical weight shape [..., Dout, Din]."""
+        return (*self.qweight.shape[:-2], self.Dout, self.Din)
 
     @property
     def device(self) -> torch.device:
@@ -292,21 +292,21 @@ class QuantizedWeight:
 
     @property
     def g_idx(self) -> Tensor:
-        return group_index(self.K, self.group_size)
+        return group_index(self.Din, self.group_size)
 
     def _like(self, **tensors) -> "QuantizedWeight":
         return QuantizedWeight(tensors["qweight"], tensors["scales"], tensors["qzeros"],
                                self.bits, self.group_size, self.sym, self.zero_offset)
 
     def __getitem__(self, i) -> "QuantizedWeight":
-        """Index the leading dims (expert e of an [E, N, K] weight)."""
+        """Index the leading dims (expert e of an [E, Dout, Din] weight)."""
         if self.qweight.dim() == 2:
-            raise QuantError("a single [N, K] quantized weight has no leading dim to index")
+            raise QuantError("a single [Dout, Din] quantized weight has no leading dim to index")
         return self._like(qweight=self.qweight[i], scales=self.scales[i], qzeros=self.qzeros[i])
 
     # -- values ---------------------------------------------------------------------------------
     def codes(self) -> tuple[Tensor, Tensor]:
-        """(q int32 [..., K, N], z int32 [..., G, N]): the integer weights and true zero points."""
+        """(q int32 [..., Din, Dout], z int32 [..., G, Dout]): the integer weights and true zero points."""
         return unpack_rows(self.qweight, self.bits), unpack_cols(self.qzeros, self.bits) + self.zero_offset
 
     def kernel_qzeros(self) -> Tensor:
@@ -323,7 +323,7 @@ class QuantizedWeight:
         return pack_cols(z, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight [..., N, K]: scales * (q - z), computed in fp32 (exact: |q - z| <= 2^b and an
+        """The weight [..., Dout, Din]: scales * (q - z), computed in fp32 (exact: |q - z| <= 2^b and an
         fp16 scale fit a float's mantissa), then cast to `dtype`."""
         q, z = self.codes()
         gi = self.g_idx.to(q.device)
@@ -331,11 +331,11 @@ class QuantizedWeight:
         return w.transpose(-1, -2).to(dtype).contiguous()
 
     def linear(self, x: Tensor) -> Tensor:
-        """The PyTorch reference product x [..., K] @ W^T -> [..., N] in x's dtype (fp32 math)."""
+        """The PyTorch reference product x [..., Din] @ W^T -> [..., Dout] in x's dtype (fp32 math)."""
         if self.qweight.dim() != 2:
-            raise QuantError(f"linear needs an [N, K] weight, got {list(self.shape)}")
-        if x.shape[-1] != self.K:
-            raise QuantError(f"x has {x.shape[-1]} input features; the weight has K = {self.K}")
+            raise QuantError(f"linear needs an [Dout, Din] weight, got {list(self.shape)}")
+        if x.shape[-1] != self.Din:
+            raise QuantError(f"x has {x.shape[-1]} input features; the weight has Din = {self.Din}")
         return (x.float() @ self.dequantize().t()).to(x.dtype)
 
     # -- assembling the model's stacked weights -------------------------------------------------
@@ -347,7 +347,7 @@ class QuantizedWeight:
 
     @staticmethod
     def cat_rows(ws: list["QuantizedWeight"]) -> "QuantizedWeight":
-        """Stack along N (gate|up, q|k|v): the GPTQ tensors concatenate along their N axis."""
+        """Stack along Dout (gate|up, q|k|v): the GPTQ tensors concatenate along their Dout axis."""
         QuantizedWeight._same(ws)
         return ws[0]._like(qweight=torch.cat([w.qweight for w in ws], -1),
                            scales=torch.cat([w.scales for w in ws], -1),
@@ -376,17 +376,17 @@ class QuantizedWeight:
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Inverse of cat_rows."""
         p = 32 // self.bits
-        if sum(sizes) != self.N or any(s % p for s in sizes):
-            raise QuantError(f"cannot split N = {self.N} into {sizes} (each a multiple of {p})")
+        if sum(sizes) != self.Dout or any(s % p for s in sizes):
+            raise QuantError(f"cannot split Dout = {self.Dout} into {sizes} (each a multiple of {p})")
         parts = zip(self.qweight.split(sizes, -1), self.scales.split(sizes, -1),
                     self.qzeros.split([s // p for s in sizes], -1))
         return [self._like(qweight=a.contiguous(), scales=b.contiguous(), qzeros=c.contiguous())
                 for a, b, c in parts]
 
 
-def group_index(K: int, group_size: int) -> Tensor:
-    """g_idx int32 [K] = k // g (desc_act false)."""
-    return torch.arange(K, dtype=torch.int32) // group_size
+def group_index(Din: int, group_size: int) -> Tensor:
+    """g_idx int32 [Din] = k // g (desc_act false)."""
+    return torch.arange(Din, dtype=torch.int32) // group_size
 
 
 def is_quantized(w) -> bool:
@@ -397,20 +397,20 @@ def is_quantized(w) -> bool:
 
 def _check_quantizable(w, spec: QuantSpec) -> None:
     if not isinstance(w, Tensor) or not w.is_floating_point() or w.dim() < 2:
-        raise QuantError(f"quantize needs a >= 2-d float tensor [..., N, K], got "
+        raise QuantError(f"quantize needs a >= 2-d float tensor [..., Dout, Din], got "
                          f"{getattr(w, 'dtype', type(w).__name__)} {list(getattr(w, 'shape', []))}")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    N, K = w.shape[-2:]
-    if K % spec.pack or N % spec.pack:
-        raise QuantError(f"weight [N, K] = {[N, K]}: both must be multiples of {spec.pack} for "
+    Dout, Din = w.shape[-2:]
+    if Din % spec.pack or Dout % spec.pack:
+        raise QuantError(f"weight [Dout, Din] = {[Dout, Din]}: both must be multiples of {spec.pack} for "
                          f"{spec.bits}-bit GPTQ packing")
 
 
 def quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest group-wise quantization of w [..., N, K] (any float dtype; computed in
-    fp32) by the rule of the module docstring. K and N must be multiples of 32 / bits (the GPTQ
-    packing); the last group may be partial (K % g != 0).
+    """Round-to-nearest group-wise quantization of w [..., Dout, Din] (any float dtype; computed in
+    fp32) by the rule of the module docstring. Din and Dout must be multiples of 32 / bits (the GPTQ
+    packing); the last group may be partial (Din % g != 0).
 
     Runs csrc/cpu/quantize_rtn.cpp (one pass over the weight, every core) when the compiled
     module is there, else `quantize_reference`; both give the same bits
@@ -421,27 +421,27 @@ def quantize(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
         mod = native_module("cpu")
     except BackendUnavailable:  # no compiled module: the PyTorch path
         return quantize_reference(w, spec)
-    *lead, N, K = w.shape
+    *lead, Dout, Din = w.shape
     x = w.detach().to("cpu")
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
-    x = x.reshape(-1, N, K).contiguous()
-    E, p, G = x.shape[0], spec.pack, -(-K // spec.group_size)
-    qweight = torch.empty((E, K // p, N), dtype=torch.int32)
-    scales = torch.empty((E, G, N), dtype=torch.float16)
-    qzeros = torch.empty((E, G, N // p), dtype=torch.int32)
+    x = x.reshape(-1, Dout, Din).contiguous()
+    E, p, G = x.shape[0], spec.pack, -(-Din // spec.group_size)
+    qweight = torch.empty((E, Din // p, Dout), dtype=torch.int32)
+    scales = torch.empty((E, G, Dout), dtype=torch.float16)
+    qzeros = torch.empty((E, G, Dout // p), dtype=torch.int32)
     prm = mod.QRtnParams()
     prm.w, prm.qweight, prm.scales, prm.qzeros = (x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                                   qzeros.data_ptr())
     prm.dtype = mod.DType.f32 if x.dtype == torch.float32 else mod.DType.bf16
-    prm.E, prm.N, prm.K, prm.bits, prm.group_size = E, N, K, spec.bits, spec.group_size
+    prm.E, prm.Dout, prm.Din, prm.bits, prm.group_size = E, Dout, Din, spec.bits, spec.group_size
     prm.zero_offset, prm.sym = spec.zero_offset, spec.sym
     try:
         mod.quantize_rtn_cpu(prm)
     except ValueError as e:
         raise QuantError(str(e).partition(": ")[2] or str(e)) from None
-    return QuantizedWeight(qweight.reshape(*lead, K // p, N), scales.reshape(*lead, G, N),
-                           qzeros.reshape(*lead, G, N // p), spec.bits, spec.group_size, spec.sym,
+    return QuantizedWeight(qweight.reshape(*lead, Din // p, Dout), scales.reshape(*lead, G, Dout),
+                           qzeros.reshape(*lead, G, Dout // p), spec.bits, spec.group_size, spec.sym,
                            spec.zero_offset)
 
 
@@ -449,15 +449,15 @@ def quantize_reference(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
     """`quantize` in PyTorch ops, step by step as the module docstring states the rule: the
     reference the compiled quantizer is tested against, and the path without it."""
     _check_quantizable(w, spec)
-    *lead, N, K = w.shape
+    *lead, Dout, Din = w.shape
     p, g, b = spec.pack, spec.group_size, spec.bits
     x = w.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise QuantError("weight has non-finite values; cannot quantize")
-    G = -(-K // g)
+    G = -(-Din // g)
     # zero padding changes neither max|w| nor min(w, 0) / max(w, 0): every statistic below
     # includes 0 by construction
-    xg = torch.nn.functional.pad(x, (0, G * g - K)).reshape(*lead, N, G, g)
+    xg = torch.nn.functional.pad(x, (0, G * g - Din)).reshape(*lead, Dout, G, g)
     maxq = (1 << b) - 1
     if spec.sym:
         s = (2 * xg.abs().amax(-1) / maxq).clamp_min(_MIN_SCALE)
@@ -473,7 +473,7 @@ def quantize_reference(w: Tensor, spec: QuantSpec) -> QuantizedWeight:
             zf = torch.where(low, torch.ones_like(zf), zf)
         z = zf.clamp(1, maxq).to(torch.int32)
     q = (torch.round(xg / s16.float().unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
-    q = q.reshape(*lead, N, G * g)[..., :K].to(torch.int32)                # [..., N, K]
+    q = q.reshape(*lead, Dout, G * g)[..., :Din].to(torch.int32)                # [..., Dout, Din]
     return QuantizedWeight(pack_rows(q.transpose(-1, -2), b), s16.transpose(-1, -2).contiguous(),
                            pack_cols((z - spec.zero_offset).transpose(-1, -2) & maxq, b),
                            b, g, spec.sym, spec.zero_offset)
@@ -492,10 +492,10 @@ def _fp16(s: Tensor) -> Tensor:
 
 # ---- sizes (memory preflight) -------------------------------------------------------------------
 
-def quantized_nbytes(N: int, K: int, bits: int, group_size: int) -> int:
-    """Bytes of qweight + scales + qzeros + g_idx for one [N, K] linear."""
-    G = -(-K // group_size)
-    return K * N * bits // 8 + G * N * 2 + G * N * bits // 8 + K * 4
+def quantized_nbytes(Dout: int, Din: int, bits: int, group_size: int) -> int:
+    """Bytes of qweight + scales + qzeros + g_idx for one [Dout, Din] linear."""
+    G = -(-Din // group_size)
+    return Din * Dout * bits // 8 + G * Dout * 2 + G * Dout * bits // 8 + Din * 4
 
 
 def layout_nbytes(layout: dict[str, tuple[int, ...]], itemsize: int, spec: QuantSpec | None,

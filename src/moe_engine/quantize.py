@@ -145,7 +145,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, spec: QuantSpec, *,
             last.clear()
             qw = quantize(read(source), _spec_of(source, spec, head))
             last.update(source=source, qweight=qw.qweight, qzeros=qw.qzeros, scales=qw.scales,
-                        g_idx=group_index(qw.K, qw.group_size))
+                        g_idx=group_index(qw.Din, qw.group_size))
         return last[name.rsplit(".", 1)[1]]
 
     try:

@@ -1,7 +1,7 @@
 """Which path a forward call takes: the one rule, in one place (docs/design.md §2).
 
 Model.forward asks a Runner; nothing else decides between the paths. n is the token count of
-one product (B x T for attention and dense GEMMs, the valid tokens N for the MoE layer).
+one product (B x Q for attention and dense GEMMs, the valid tokens N for the MoE layer).
 
     backend    when                                                path
     ---------  --------------------------------------------------  ----------------------------------

@@ -12,7 +12,7 @@ row i of every tap belongs to the token described by `Capture.rows[i]` = (sequen
 generation step; 0 = the prompt). Expert outputs are unweighted, slot order = rank.
 
 Nothing is captured unless asked. A request names taps (fnmatch patterns), layers and
-positions ("all", "last", a slice or a list of positions, or a bool [B, T] mask). Selecting
+positions ("all", "last", a slice or a list of positions, or a bool [B, Q] mask). Selecting
 rows is a device-side index_select; "all" and "last" have fixed sizes (no host
 synchronisation), a slice, list or mask counts its rows with one nonzero() per call. Capturing never changes the
 outputs (the values are copied, never written back), so logits are bit-identical.
@@ -72,13 +72,13 @@ class TapRequest:
 
 def _check_selector(what: str, v, words: tuple[str, ...]) -> None:
     """layers / positions: one of `words`, a slice, a list of non-negative ints (or, for
-    positions, a bool [B, T] mask)."""
+    positions, a bool [B, Q] mask)."""
     if isinstance(v, str):
         if v not in words:
             raise ValueError(f"TapRequest {what} = {v!r}; expected {' or '.join(map(repr, words))}, a slice or a list")
     elif isinstance(v, torch.Tensor):
         if what != "positions" or v.dtype != torch.bool:
-            raise TypeError(f"TapRequest {what}: a tensor must be a bool [B, T] mask of positions, got {v.dtype}")
+            raise TypeError(f"TapRequest {what}: a tensor must be a bool [B, Q] mask of positions, got {v.dtype}")
     elif isinstance(v, slice):
         for part in (v.start, v.stop, v.step):
             if part is not None and (isinstance(part, bool) or not isinstance(part, int)):
@@ -135,7 +135,7 @@ def select_rows(positions: Positions, seq: torch.Tensor, pos: torch.Tensor, last
     """Indices (into the N valid tokens of this call) of the tokens `positions` selects.
 
     seq, pos, last: [N] sequence index, position and is-last-of-sequence flag of each valid token;
-    valid_index: [N] flat index into the [B, T] input of each valid token. n_last: how many
+    valid_index: [N] flat index into the [B, Q] input of each valid token. n_last: how many
     tokens `last` flags (B: every sequence of a forward call ends in a real token), so "last" is
     selected with a fixed size and no host synchronisation; None counts them (one sync). The
     other selectors keep a data-dependent count (nonzero(): one sync per call and selector)."""

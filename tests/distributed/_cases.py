@@ -7,8 +7,8 @@ import torch
 
 from moe_engine import Capture, TapRequest
 from moe_engine.taps import Patch
-from moe_engine.lens import analyses as A
-from moe_engine.lens import stats as S
+from moe_engine.lens import analyses
+from moe_engine.lens import stats
 from moe_engine.prune import perplexity
 
 # ragged batch (left-padded by forward): pads never reach the MoE layer, so the EP exchange
@@ -67,12 +67,12 @@ def corpus_results(model) -> dict:
     """Every corpus analysis's JSON (and the prune perplexity) on CORPUS; small batches so each
     domain has several, dealt out to the ranks."""
     return {
-        "routing": A.route_corpus(model, CORPUS, **CORPUS_KW).to_json(),
-        "routing_paper": A.route_corpus(model, CORPUS, preset="paper", **CORPUS_KW).to_json(),
-        "topk_sweep": A.topk_sweep(model, CORPUS, ks=[1, 2], **CORPUS_KW).to_json(),
-        "similarity": A.similarity(model, CORPUS, **CORPUS_KW).to_json(),
-        "router_stats": S.router_stats(model, CORPUS, **CORPUS_KW).to_json(),
-        "coactivation": S.coactivation(model, CORPUS, **CORPUS_KW).to_json(),
-        "vocab": S.vocab(model, CORPUS, top=3, **CORPUS_KW).to_json(),
+        "routing": analyses.route_corpus(model, CORPUS, **CORPUS_KW).to_json(),
+        "routing_paper": analyses.route_corpus(model, CORPUS, preset="paper", **CORPUS_KW).to_json(),
+        "topk_sweep": analyses.topk_sweep(model, CORPUS, ks=[1, 2], **CORPUS_KW).to_json(),
+        "similarity": analyses.similarity(model, CORPUS, **CORPUS_KW).to_json(),
+        "router_stats": stats.router_stats(model, CORPUS, **CORPUS_KW).to_json(),
+        "coactivation": stats.coactivation(model, CORPUS, **CORPUS_KW).to_json(),
+        "vocab": stats.vocab(model, CORPUS, top=3, **CORPUS_KW).to_json(),
         "perplexity": perplexity(model, CORPUS, max_len=24, batch_tokens=48),
     }

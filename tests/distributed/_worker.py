@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cases  # noqa: E402
 
 import moe_engine  # noqa: E402
-from moe_engine import distributed as D  # noqa: E402
+from moe_engine import distributed  # noqa: E402
 
 
 def main(task: str, out: str, *args: str) -> int:
@@ -27,24 +27,24 @@ def main(task: str, out: str, *args: str) -> int:
                                     quant=quant or None)
             res = _cases.forward_cases(model)
         elif task == "corpus":
-            D.init("cpu")
+            distributed.init("cpu")
             res = _cases.corpus_results(moe_engine.load(progress=False, dtype="float32"))
         elif task == "die":
-            D.init("cpu")
-            if D.rank() == 1:
+            distributed.init("cpu")
+            if distributed.rank() == 1:
                 os._exit(3)
-            D.sum_int(1)
+            distributed.sum_int(1)
             return 0
         else:
             raise ValueError(f"unknown task {task!r}")
-        if D.is_main():
+        if distributed.is_main():
             torch.save(res, out)
         return 0
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        D.finish()
+        distributed.finish()
 
 
 if __name__ == "__main__":

@@ -95,20 +95,20 @@ def test_expert_parallel_equals_one_process(ckpts, tmp_path, W, dtype, quant):
 
 def test_expert_parallel_loads_only_its_experts(ckpts):
     """The loader's filter: rank r of W reads experts [r*E//W, (r+1)*E//W) only."""
-    from moe_engine import distributed as D
+    from moe_engine import distributed
     from moe_engine.loader import load_checkpoint
     for W in (2, 3):
         for r in range(W):
-            lo, hi = D.expert_range(8, r, W)
+            lo, hi = distributed.expert_range(8, r, W)
             _, w = load_checkpoint(ckpts["float32"], dtype="float32", progress=False,
-                                   experts=lambda E: D.expert_range(E, r, W))
+                                   experts=lambda E: distributed.expert_range(E, r, W))
             _, full = load_checkpoint(ckpts["float32"], dtype="float32", progress=False)
             for lw, fw in zip(w.layers, full.layers):
                 if hasattr(lw.mlp, "experts_down"):
                     assert lw.mlp.experts_down.shape[0] == hi - lo
                     assert torch.equal(lw.mlp.experts_down, fw.mlp.experts_down[lo:hi])
     with pytest.raises(ValueError, match="cannot be split over 9 ranks"):
-        D.expert_range(8, 0, 9)
+        distributed.expert_range(8, 0, 9)
 
 
 def test_expert_parallel_needs_torchrun(ckpts, monkeypatch):

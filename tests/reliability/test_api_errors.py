@@ -46,7 +46,7 @@ MODEL_CASES = [
     ("ids-None", lambda m: m.forward(None), TypeError, r"input_ids must be token ids.*NoneType"),
     ("ids-bytes", lambda m: m.forward(b"ab"), TypeError, r"input_ids.*bytes"),
     ("ids-float", lambda m: m.forward(torch.tensor([[1.5]])), ValueError, r"integer token ids.*float"),
-    ("ids-empty", lambda m: m.forward(torch.zeros(1, 0, dtype=torch.long)), ValueError, r"T >= 1.*\[1, 0\]"),
+    ("ids-empty", lambda m: m.forward(torch.zeros(1, 0, dtype=torch.long)), ValueError, r"Q >= 1.*\[1, 0\]"),
     ("ids-vocab", lambda m: m.forward(torch.tensor([[10**6]])), ValueError, r"token id 1000000 is outside"),
     ("logits-mode", lambda m: m.forward(ONE, logits="first"), ValueError, r"logits = 'first'"),
     ("step-neg", lambda m: m.forward(ONE, step=-1), ValueError, r"step = -1"),
@@ -100,7 +100,7 @@ def test_a_mask_for_every_moe_layer_still_works(model):
 @pytest.mark.parametrize("value,pattern", [
     ("hello", r"TapRequest positions = 'hello'"), ([1, -2], r"-2 is not a non-negative int"),
     ([True], r"True is not a non-negative int"), (3.5, r"TapRequest positions = 3.5"),
-    (torch.tensor([1, 2]), r"bool \[B, T\] mask"),
+    (torch.tensor([1, 2]), r"bool \[B, Q\] mask"),
 ])
 def test_tap_request_refuses(value, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):

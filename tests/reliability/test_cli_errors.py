@@ -68,7 +68,7 @@ def test_not_writable_out_is_refused_before_the_analysis(files, capsys, monkeypa
     import moe_engine.lens.__main__ as cli
     import moe_engine.lens.files as lens_files
     ran = []
-    monkeypatch.setattr(cli.A, "route_corpus", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(cli.analyses, "route_corpus", lambda *a, **k: ran.append(1))
     monkeypatch.setattr(lens_files.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     code = main(f"routing --out {files}/o {files}/a.txt --no-progress".split())
     assert code == 2 and not ran

@@ -142,7 +142,7 @@ class _NoLock:
 
 def _decode_script(model, prompt, steps):
     """Prefill then greedy one-call decode steps; (outputs, tensors the C++ step may point at)."""
-    cache = model.new_cache(1, 8)  # one S_cap for every script: the same decode-step workspace
+    cache = model.new_cache(1, 8)  # one Tkv_cap for every script: the same decode-step workspace
     outs, keep = [model.forward(torch.tensor([prompt]), cache=cache, logits="last")], [cache]
     for _ in range(steps):
         nxt = outs[-1].argmax(-1, keepdim=True)

@@ -117,12 +117,12 @@ COMBINE_BAD = [*_null("expert_out", "topk_weights", "topk_ids", "out"),
 def pack_weights_cpu(mod):
     c = Case(mod)
     p = c.p = mod.PackParams()
-    p.src, p.dst, p.dtype, p.E, p.N, p.K, p.gate_up = c.buf(), c.buf(), mod.DType.f32, 2, 32, 16, True
+    p.src, p.dst, p.dtype, p.E, p.Dout, p.Din, p.gate_up = c.buf(), c.buf(), mod.DType.f32, 2, 32, 16, True
     c.run = lambda: mod.pack_weights_cpu(p)
     return c
 
 
-PACK_BAD = [*_null("src", "dst"), _set(E=0), _set(N=-1), _set(K=0), _set(N=31)]
+PACK_BAD = [*_null("src", "dst"), _set(E=0), _set(Dout=-1), _set(Din=0), _set(Dout=31)]
 
 
 def expert_ffn_cpu(mod):
@@ -141,12 +141,12 @@ FFN_BAD = [*_null("x", "w13", "w2", "topk_ids", "expert_out", "workspace"),
 def linear_cpu(mod):
     c = Case(mod)
     p = c.p = mod.LinearParams()
-    p.x, p.w, p.y, p.dtype, p.T, p.N, p.K = c.buf(), c.buf(), c.buf(), mod.DType.f32, 2, 32, 16
+    p.x, p.w, p.y, p.dtype, p.T, p.Dout, p.Din = c.buf(), c.buf(), c.buf(), mod.DType.f32, 2, 32, 16
     c.run = lambda: mod.linear_cpu(p)
     return c
 
 
-LINEAR_BAD = [*_null("x", "w", "y"), _set(T=-1), _set(N=0), _set(K=0), _set(K=-16)]
+LINEAR_BAD = [*_null("x", "w", "y"), _set(T=-1), _set(Dout=0), _set(Din=0), _set(Din=-16)]
 
 
 def _fmt(mod, bits, group_size=32):
@@ -201,13 +201,13 @@ def attention_decode_cpu(mod):
     p = c.p = mod.AttnDecodeParams()
     p.q, p.k_cache, p.v_cache, p.valid, p.out, p.workspace = (c.buf() for _ in range(6))
     p.scale, p.dtype = 0.5, mod.DType.f32
-    p.B, p.H, p.Hkv, p.hd, p.S, p.S_cap, p.valid_stride = 2, 4, 2, 16, 3, 8, 8
+    p.B, p.H, p.Hkv, p.hd, p.Tkv, p.Tkv_cap, p.valid_stride = 2, 4, 2, 16, 3, 8, 8
     c.run = lambda: mod.attention_decode_cpu(p)
     return c
 
 
 ATTN_BAD = [*_null("q", "k_cache", "v_cache", "valid", "out", "workspace"),
-            _set(B=-1), _set(H=0), _set(Hkv=0), _set(H=3), _set(hd=0), _set(hd=2048), _set(S=0), _set(S=9),
+            _set(B=-1), _set(H=0), _set(Hkv=0), _set(H=3), _set(hd=0), _set(hd=2048), _set(Tkv=0), _set(Tkv=9),
             _set(valid_stride=2)]
 
 
@@ -217,7 +217,7 @@ def attention_block_decode_cpu(mod):
     for f in ("x", "qkv", "o", "cos", "sin", "k_cache", "v_cache", "valid", "qkv_buf", "attn_buf", "scores", "out"):
         setattr(p, f, c.buf())
     p.scale, p.dtype = 0.5, mod.DType.f32
-    p.B, p.D, p.H, p.Hkv, p.hd, p.pos, p.S_cap, p.valid_stride = 2, 32, 4, 2, 8, 2, 8, 8
+    p.B, p.D, p.H, p.Hkv, p.hd, p.pos, p.Tkv_cap, p.valid_stride = 2, 32, 4, 2, 8, 2, 8, 8
     c.run = lambda: mod.attention_block_decode_cpu(p)
     return c
 
@@ -257,8 +257,8 @@ def decode_step_cpu(mod):
     p.k, p.force_expert = c.int32(1), c.int32(-1)
     p.eps, p.scale, p.dtype, p.mask_mode = 1e-6, 0.5, mod.DType.f32, mod.MaskMode.reroute
     p.B, p.D, p.H, p.Hkv, p.hd, p.E, p.k_max, p.V = 1, 16, 2, 1, 8, 0, 0, 32
-    p.pos, p.rope_len, p.S_cap, p.valid_stride = 0, 4, 4, 4
-    p.cache_bytes = 1 * 1 * 1 * 4 * 8 * 4  # L B Hkv S_cap hd, f32
+    p.pos, p.rope_len, p.Tkv_cap, p.valid_stride = 0, 4, 4, 4
+    p.cache_bytes = 1 * 1 * 1 * 4 * 8 * 4  # L B Hkv Tkv_cap hd, f32
     c.run = lambda: mod.decode_step_cpu(p, c.layers)
     return c
 
@@ -302,7 +302,7 @@ _no_layers.label = "no layers"
 DECODE_BAD = [*_null("ids", "embed", "rope_cos", "rope_sin", "next_pos", "k_cache", "v_cache", "valid",
                      "final_norm", "lm_head", "logits", "workspace"),
               _set(B=0), _set(D=0), _set(H=0), _set(Hkv=0), _set(H=3, Hkv=2), _set(hd=7), _set(hd=2048), _set(V=0),
-              _set(E=-1), _set(k_max=1), _set(S_cap=0), _set(rope_len=0), _set(pos=-1), _set(pos=4),
+              _set(E=-1), _set(k_max=1), _set(Tkv_cap=0), _set(rope_len=0), _set(pos=-1), _set(pos=4),
               _set(valid_stride=0), _set(cache_bytes=2 * 128), _set(cache_bytes=64), _set(cache_bytes=-1),
               _ids_value(32), _ids_value(-1), _no_layers, _layer(qkv=0), _layer(F=0), _layer(router=1 << 20),
               _layer(shared_w13=1 << 20), _layer(S=4), _layer_formats(qkv_fmt=(3, 32)),
@@ -435,8 +435,8 @@ def test_messages_name_the_argument():
     with pytest.raises(ValueError, match=r"k_cache/v_cache hold 64 bytes.*need 128"):
         c.run()
     c = linear_cpu(mod)
-    c.p.K = 0
-    with pytest.raises(ValueError, match=r"linear_cpu: bad sizes .*K=0"):
+    c.p.Din = 0
+    with pytest.raises(ValueError, match=r"linear_cpu: bad sizes .*Din=0"):
         c.run()
 
 
@@ -455,11 +455,11 @@ def _qfmt(mod, bits=8, group_size=128):
 
 # (helper name, backends it is in, valid arguments (mod -> tuple), index of the size to break, its name)
 SIZE_HELPERS = [
-    ("pack_size_bytes", ["cpu"], lambda m: (m.DType.bf16, 4, 64, 32, True), [(1, "E"), (2, "N"), (3, "K")]),
+    ("pack_size_bytes", ["cpu"], lambda m: (m.DType.bf16, 4, 64, 32, True), [(1, "E"), (2, "Dout"), (3, "Din")]),
     ("expert_ffn_workspace_bytes", ["cpu"], lambda m: (m.DType.bf16, 3, 2, 4, 32),
      [(1, "T"), (2, "k_max"), (3, "E"), (4, "F")]),
-    ("qpack_size_bytes", ["cpu"], lambda m: (4, 64, 128, _qfmt(m), True), [(0, "E"), (1, "N"), (2, "K")]),
-    ("linear_q_workspace_bytes", ["cpu"], lambda m: (3, 128, _qfmt(m)), [(0, "T"), (1, "K")]),
+    ("qpack_size_bytes", ["cpu"], lambda m: (4, 64, 128, _qfmt(m), True), [(0, "E"), (1, "Dout"), (2, "Din")]),
+    ("linear_q_workspace_bytes", ["cpu"], lambda m: (3, 128, _qfmt(m)), [(0, "T"), (1, "Din")]),
     ("expert_ffn_q_workspace_bytes", ["cpu"], lambda m: (3, 2, 4, 128, 64, _qfmt(m), _qfmt(m)),
      [(0, "T"), (1, "k_max"), (2, "E"), (3, "D"), (4, "F")]),
     ("align_capacity", ["cpu", "emu"], lambda m: (3, 2, 4, 16), [(0, "T"), (1, "k_max"), (2, "E"), (3, "block_m")]),

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import moe_engine
-from moe_engine import quantize as Q
+from moe_engine import quantize
 from moe_engine.lens import TapWriter, files
-from moe_engine.lens import plots as P
+from moe_engine.lens import plots
 from moe_engine.lens.capture import capture_corpus
 from moe_engine.lens.export import write_csv
 from moe_engine.loader import CheckpointError
@@ -36,7 +36,7 @@ def test_quantize_of_a_source_truncated_while_reading_is_a_checkpoint_error(tiny
     """The source shrinks after its headers were checked and the first tensor was read (another
     process rewriting it): the next read comes up short and says so, naming the file."""
     src = copy_ckpt(tiny_ckpt)
-    real, calls = Q.quantize, []
+    real, calls = quantize.quantize, []
 
     def quantize_then_truncate(w, spec):
         if not calls:
@@ -45,9 +45,9 @@ def test_quantize_of_a_source_truncated_while_reading_is_a_checkpoint_error(tiny
         calls.append(1)
         return real(w, spec)
 
-    monkeypatch.setattr(Q, "quantize", quantize_then_truncate)
+    monkeypatch.setattr(quantize, "quantize", quantize_then_truncate)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .*the file ended after \d+ bytes"):
-        Q.quantize_checkpoint(src, tmp_path / "q", QuantSpec(8), progress=False)
+        quantize.quantize_checkpoint(src, tmp_path / "q", QuantSpec(8), progress=False)
     assert calls, "the source was never truncated: the test did not run what it names"
 
 
@@ -55,14 +55,14 @@ def test_quantize_cli_truncated_source_is_one_error_line(tiny_ckpt, copy_ckpt, t
     src = copy_ckpt(tiny_ckpt)
     f = src / "model.safetensors"
     os.truncate(f, f.stat().st_size - 100)
-    assert Q.main([str(src), str(tmp_path / "q"), "--bits", "8", "--no-progress"]) != 0
+    assert quantize.main([str(src), str(tmp_path / "q"), "--bits", "8", "--no-progress"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "model.safetensors" in err[0], err
 
 
 def test_quantize_still_matches_quantize_on_load(tiny_ckpt, tmp_path):
     """Reading without the memory map changes nothing in what is written."""
-    out = Q.quantize_checkpoint(tiny_ckpt, tmp_path / "q", QuantSpec(8), progress=False)
+    out = quantize.quantize_checkpoint(tiny_ckpt, tmp_path / "q", QuantSpec(8), progress=False)
     a = moe_engine.load(out, backend="torch")
     b = moe_engine.load(tiny_ckpt, backend="torch", quant="int8", sym=True)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -104,10 +104,10 @@ def test_plot_that_fails_leaves_no_partial_png(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fig, "savefig", savefig)
     with pytest.raises(_Boom):
-        P._save(fig, path)
+        plots._save(fig, path)
     assert not path.exists() and _leftovers(tmp_path) == []
     fig = plt.figure()
-    assert P._save(fig, path).read_bytes().startswith(b"\x89PNG")  # the format follows the suffix
+    assert plots._save(fig, path).read_bytes().startswith(b"\x89PNG")  # the format follows the suffix
 
 
 def test_csv_that_fails_midway_leaves_no_partial_file(tmp_path):
@@ -122,7 +122,7 @@ def test_csv_that_fails_midway_leaves_no_partial_file(tmp_path):
 
 
 def test_tap_writer_shard_that_fails_leaves_no_shard(tmp_path, monkeypatch):
-    import moe_engine.lens.store as S
+    import moe_engine.lens.store as store
     model = moe_engine.load(backend="cpu")
     w = TapWriter(tmp_path, TapRequest(["logits"]))
     model.forward(torch.tensor([[5, 6]]), capture=w)
@@ -131,7 +131,7 @@ def test_tap_writer_shard_that_fails_leaves_no_shard(tmp_path, monkeypatch):
         Path(fname).write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(S, "save_file", save_half)
+    monkeypatch.setattr(store, "save_file", save_half)
     with pytest.raises(OSError):
         w.flush()
     assert not list(tmp_path.glob("taps-*")) and _leftovers(tmp_path) == []

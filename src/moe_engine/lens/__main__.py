@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed as D
+from .. import distributed
 from ..model import Model, set_threads
 from ..quant import add_quant_arguments, quant_kwargs
-from . import analyses as A
+from . import analyses
 from . import plots as P
 from .corpus import SPLITS, Domain, domain_from_path
 from .export import write_csv
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", help="checkpoint directory (default: the bundled small model)")
     common.add_argument("--out", required=True, type=Path,
                         help="directory for the JSON and PNG results")
-    common.add_argument("--preset", default="notes", choices=sorted(A.PRESETS))
+    common.add_argument("--preset", default="notes", choices=sorted(analyses.PRESETS))
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     common.add_argument("--backend", default="auto",
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-len", type=int, default=None,
                         help="tokens per sample (default 2048, routing under the paper presets"
                              " 4096; capped by the model's context)")
-    common.add_argument("--batch-tokens", type=int, default=A.BATCH_TOKENS,
+    common.add_argument("--batch-tokens", type=int, default=analyses.BATCH_TOKENS,
                         help="padded tokens per forward call")
     common.add_argument("--split", default=None, choices=SPLITS,
                         help="documents of a plain-text file (default: the preset's: notes "
@@ -175,14 +175,14 @@ def run(args) -> list[Path]:
         raise ValueError(f"{args.command}: give at least one corpus PATH")
     domains = [domain_from_path(p) for p in args.paths]
     out: Path = args.out
-    D.init(args.device, expert_parallel=args.expert_parallel)
-    if args.command == "capture" and D.world() > 1:
+    distributed.init(args.device, expert_parallel=args.expert_parallel)
+    if args.command == "capture" and distributed.world() > 1:
         raise ValueError("capture runs in one process (its shards are written as the batches "
                          "come); run it without torchrun")
-    if D.is_main():
+    if distributed.is_main():
         check_out_dir(out, "--out")  # before any analysis runs
     # bars only for a person watching, and from one process
-    progress = not args.no_progress and sys.stderr.isatty() and D.is_main()
+    progress = not args.no_progress and sys.stderr.isatty() and distributed.is_main()
     model = Model.load(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                        progress=progress, allow_nonfinite=args.allow_nonfinite,
                        expert_parallel=args.expert_parallel,
@@ -201,9 +201,9 @@ def run(args) -> list[Path]:
                                              c.n_routed_experts), mask_mode=args.mask_mode)
     files: list[Path] = []
     if args.command == "routing":
-        res = A.route_corpus(model, domains, preset=args.preset, topk=args.topk,
+        res = analyses.route_corpus(model, domains, preset=args.preset, topk=args.topk,
                              renormalize=renorm, **mask_kw, **corpus_kw).to_json()
-        if not D.is_main():   # every rank holds the result; rank 0 writes it
+        if not distributed.is_main():   # every rank holds the result; rank 0 writes it
             return []
         files.append(_write_json(out / "routing.json", res))
         files += write_csv(out / "routing", res)
@@ -215,29 +215,29 @@ def run(args) -> list[Path]:
             prompts.append((d.name, _first_prompt(model, d, args)))
         results = []
         for name, prompt in prompts:
-            r = A.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
+            r = analyses.early_decode(model, prompt, top=args.top, preset=args.preset, norm=args.norm,
                                label=name, topk=args.topk, renormalize=renorm,
                                **mask_kw).to_json()
             results.append(r)
-            if D.is_main():
+            if distributed.is_main():
                 files.append(P.plot_early_decode(r, out / f"early_decode_{_safe(name)}.png"))
-        if not D.is_main():
+        if not distributed.is_main():
             return []
         summary = {"analysis": "early-decode", "results": results}
         files[:0] = [_write_json(out / "early_decode.json", summary),
                      *write_csv(out / "early_decode", summary)]
     elif args.command == "topk-sweep":
-        res = A.topk_sweep(model, domains, ks=args.ks, preset=args.preset, renormalize=renorm,
+        res = analyses.topk_sweep(model, domains, ks=args.ks, preset=args.preset, renormalize=renorm,
                            **corpus_kw).to_json()
-        if not D.is_main():
+        if not distributed.is_main():
             return []
         files.append(_write_json(out / "topk_sweep.json", res))
         files += write_csv(out / "topk_sweep", res)
         files.append(P.plot_topk_sweep(res, out / "topk_sweep.png"))
     elif args.command == "similarity":
-        res = A.similarity(model, domains, preset=args.preset, topk=args.topk,
+        res = analyses.similarity(model, domains, preset=args.preset, topk=args.topk,
                            renormalize=renorm, **mask_kw, **corpus_kw).to_json()
-        if not D.is_main():
+        if not distributed.is_main():
             return []
         files.append(_write_json(out / "similarity.json", res))
         files += write_csv(out / "similarity", res)
@@ -257,7 +257,7 @@ def run(args) -> list[Path]:
 
 def _first_prompt(model: Model, d: Domain, args) -> list[int]:
     from .corpus import iter_samples
-    split = A.get_preset(args.preset).split if args.split is None else args.split
+    split = analyses.get_preset(args.preset).split if args.split is None else args.split
     for s in iter_samples(d, model.tokenizer, args.prompt_tokens, split=split):
         return s
     raise ValueError(f"domain {d.name!r} has no text to decode")
@@ -288,18 +288,18 @@ def _add_stats_parsers(sub, common) -> None:
 
 def _run_stats(args, model, domains, out: Path, corpus_kw: dict, renorm,
                mask_kw: dict) -> list[Path]:
-    from . import stats as S
+    from . import stats
     kw = dict(preset=args.preset, topk=args.topk, renormalize=renorm, **mask_kw, **corpus_kw)
     if args.command == "router-stats":
-        res = S.router_stats(model, domains, **kw).to_json()
+        res = stats.router_stats(model, domains, **kw).to_json()
         stem, plots = "router_stats", lambda r: [P.plot_router_stats(r, out / "router_stats.png")]
     elif args.command == "coactivation":
-        res = S.coactivation(model, domains, **kw).to_json()
+        res = stats.coactivation(model, domains, **kw).to_json()
         stem, plots = "coactivation", lambda r: P.plot_coactivation(r, out, args.plot_layers)
     else:
-        res = S.vocab(model, domains, top=args.top, layers=args.layers, **kw).to_json()
+        res = stats.vocab(model, domains, top=args.top, layers=args.layers, **kw).to_json()
         stem, plots = "vocab", lambda r: P.plot_vocab(r, out)
-    if not D.is_main():
+    if not distributed.is_main():
         return []
     return [_write_json(out / f"{stem}.json", res), *write_csv(out / stem, res), *plots(res)]
 
@@ -317,8 +317,8 @@ def main(argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:
-        D.finish()
-    if not D.is_main():
+        distributed.finish()
+    if not distributed.is_main():
         return 0
     for f in files:
         print(f)

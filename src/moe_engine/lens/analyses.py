@@ -6,7 +6,7 @@
     topk_sweep     per-sample perplexity (geometric mean per domain) with k overridden everywhere
     similarity     cos(H^{l_1}, H^{l_K}) per layer, mean over tokens
 
-Shape legend: B samples per batch, T batch length, N valid tokens, L layers, E routed experts,
+Shape legend: B samples per batch, Q batch length, N valid tokens, L layers, E routed experts,
 K top-k, D hidden, V vocab.
 
 Presets (docs/lens.md has the formulas per analysis): "notes" (the default, our clean
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed as D
+from .. import distributed
 from ..interventions import Interventions, for_call
 from ..model import Model, rms_norm
 from ..taps import Capture, TapRequest, _layer_of
-from . import corpus as C
+from . import corpus
 from .decode import cumulative, lens_tap_names, logit_lens, renormalised, single, token_text
 
 BATCH_TOKENS = 8192           # padded tokens per forward call in the corpus analyses
@@ -52,7 +52,7 @@ class Preset:
     documents: bool = False       # samples = stripped documents cut into chunks (the paper code)
                                   # and perplexity pooled per document, not per chunk
     weighted: bool = False        # stored expert outputs are w_j E_j (paper code as run)
-    routing_max_len: int = C.MAX_LEN          # tokens per routing sample
+    routing_max_len: int = corpus.MAX_LEN          # tokens per routing sample
     routing_denominator: str = "routed"       # "routed" tokens | "file": whole-file token count
 
 
@@ -86,10 +86,10 @@ def model_info(model: Model) -> dict:
 
 def _max_len(model: Model, max_len: int | None) -> int:
     ctx = model.config.max_position_embeddings
-    return min(C.MAX_LEN if max_len is None else max_len, ctx)
+    return min(corpus.MAX_LEN if max_len is None else max_len, ctx)
 
 
-def _bar(domain: C.Domain, what: str, progress: bool):
+def _bar(domain: corpus.Domain, what: str, progress: bool):
     """A bar of the tokens run through the model (advanced by _batches after each batch is
     processed). Counting the bytes read moved it only while a file was read, which for a whole
     file happens before the first forward: it sat at 100% for the whole run, or vanished."""
@@ -97,7 +97,7 @@ def _bar(domain: C.Domain, what: str, progress: bool):
                 leave=True)
 
 
-def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, split, max_samples,
+def _batches(model: Model, domain: corpus.Domain, bar, *, max_len, batch_tokens, split, max_samples,
              max_tokens, preset: Preset | None = None, bos: str = "every"):
     """Padded batches of the domain's samples, each with `doc` [B] int64: the document (the
     sample itself unless the preset pools chunks per document) of each of its samples, and
@@ -109,7 +109,7 @@ def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, spli
         pairs = document_samples(domain, model.tokenizer, _max_len(model, max_len), split=split,
                                  bos=bos, max_samples=max_samples, max_tokens=max_tokens)
     else:
-        pairs = enumerate(C.iter_samples(domain, model.tokenizer, _max_len(model, max_len),
+        pairs = enumerate(corpus.iter_samples(domain, model.tokenizer, _max_len(model, max_len),
                                          split=split, max_samples=max_samples,
                                          max_tokens=max_tokens))
     docs: list[int] = []
@@ -119,19 +119,19 @@ def _batches(model: Model, domain: C.Domain, bar, *, max_len, batch_tokens, spli
             docs.append(d)
             yield s
 
-    for i, b in enumerate(C.iter_batches(samples(), batch_tokens, model.device)):
+    for i, b in enumerate(corpus.iter_batches(samples(), batch_tokens, model.device)):
         n = len(b.lengths)
         b.doc = torch.tensor(docs[:n], dtype=torch.int64)
         b.index = i
         del docs[:n]
-        if not D.mine(i):
+        if not distributed.mine(i):
             continue
         yield b
         if bar is not None:  # the caller has run the batch through the model
             bar.update(sum(b.lengths))
 
 
-def document_samples(domain: C.Domain, tokenizer, max_len: int, *, split: str = "line",
+def document_samples(domain: corpus.Domain, tokenizer, max_len: int, *, split: str = "line",
                      bos: str = "every", max_samples: int | None = None,
                      max_tokens: int | None = None, progress=None):
     """(document index, token ids) as the MoE Lens code made its samples: each document
@@ -161,7 +161,7 @@ def document_samples(domain: C.Domain, tokenizer, max_len: int, *, split: str = 
         lead = ([tokenizer.bos_id] if tokenizer.add_bos_token and tokenizer.bos_id is not None
                 else [])
         parts: list[str] = []
-        for text, ends in C.iter_text_pieces(domain, split):
+        for text, ends in corpus.iter_text_pieces(domain, split):
             if progress is not None:
                 progress.update(len(text.encode("utf-8")))
             parts.append(text)
@@ -188,7 +188,7 @@ def document_samples(domain: C.Domain, tokenizer, max_len: int, *, split: str = 
                 return
 
 
-def file_tokens(domain: C.Domain, tokenizer) -> int:
+def file_tokens(domain: corpus.Domain, tokenizer) -> int:
     """Tokens of each plain-text file of the domain encoded whole, plus one BOS per file: the
     denominator of the MoE Lens routing code (it divided per-line routing counts by this).
     Encoded in blocks cut after a newline; other sources count 0 (then the routed tokens are
@@ -201,7 +201,7 @@ def file_tokens(domain: C.Domain, tokenizer) -> int:
         if path.suffix.lower() in (".json", ".jsonl"):
             return 0
         n += lead + sum(len(tokenizer.encode(t, add_bos=False))
-                        for t, _ in C.iter_file_blocks(path, "file") if t)
+                        for t, _ in corpus.iter_file_blocks(path, "file") if t)
     return n
 
 
@@ -286,7 +286,7 @@ def route_corpus(model: Model, domains, *, preset: str | Preset = "notes",
     preset: samples (and, under paper-as-run, the percentages' denominator) as docs/lens.md
     says; max_len defaults to the preset's routing length."""
     p = get_preset(preset)
-    doms = C.as_domains(domains)
+    doms = corpus.as_domains(domains)
     corpus_kw = dict(max_len=p.routing_max_len if max_len is None else max_len,
                      batch_tokens=batch_tokens, split=split, max_samples=max_samples,
                      max_tokens=max_tokens, preset=p)
@@ -308,9 +308,9 @@ def route_corpus(model: Model, domains, *, preset: str | Preset = "notes",
                 usage.zero_()
                 tokens += b.attention_mask.sum()
                 n_samples += len(b.lengths)
-        D.all_sum_(hits)
-        D.all_sum_(tokens)
-        n_samples = D.sum_int(n_samples)
+        distributed.all_sum_(hits)
+        distributed.all_sum_(tokens)
+        n_samples = distributed.sum_int(n_samples)
         if routing is None:
             iv = interventions if interventions is not None else for_call(None, intervention_kwargs)
             routing = iv.resolve(model.config, torch.device("cpu"))
@@ -454,14 +454,14 @@ class TopkSweepResult:
         return out
 
 
-def _sample_nll(model: Model, b: C.Batch, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_nll(model: Model, b: corpus.Batch, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed next-token NLL [B] and predicted-token counts [B] from the last layer's
     hook_resid_post [N, D] (valid tokens, sequence-major, in position order)."""
     w = model.weights
     flat_mask = b.attention_mask.reshape(-1)
     valid = flat_mask.nonzero().squeeze(1)
-    T = b.attention_mask.shape[1]
-    seq = valid // T
+    Q = b.attention_mask.shape[1]
+    seq = valid // Q
     tgt = b.input_ids.reshape(-1)[valid]
     has_next = torch.zeros_like(seq, dtype=torch.bool)
     has_next[:-1] = seq[1:] == seq[:-1]
@@ -500,7 +500,7 @@ def topk_sweep(model: Model, domains, ks: Sequence[int] | None = None, *,
     res = TopkSweepResult(model_info(model), ks, reference_k, preset=p.name)
     corpus_kw = dict(max_len=max_len, batch_tokens=batch_tokens, split=split,
                      max_samples=max_samples, max_tokens=max_tokens, preset=p, bos="first")
-    for dom in C.as_domains(domains):
+    for dom in corpus.as_domains(domains):
         per_batch = []   # (batch index, ({k: nll [B]}, counts [B], doc [B], lengths [B]))
         with _bar(dom, "topk-sweep", progress) as bar:
             for b in _batches(model, dom, bar, **corpus_kw):
@@ -513,7 +513,7 @@ def topk_sweep(model: Model, domains, ks: Sequence[int] | None = None, *,
                     b_nll[k] = s_nll.cpu()
                 per_batch.append((b.index, (b_nll, s_cnt.cpu(), b.doc,
                                             torch.tensor(b.lengths, dtype=torch.int64))))
-        batches = D.in_order(per_batch)   # every rank's batches, in corpus order
+        batches = distributed.in_order(per_batch)   # every rank's batches, in corpus order
         nll = {k: [x[0][k] for x in batches] for k in ks}
         cnt = [x[1] for x in batches]
         docs = [x[2] for x in batches]
@@ -582,12 +582,12 @@ def similarity(model: Model, domains, *, preset: str | Preset = "notes",
                      max_samples=max_samples, max_tokens=max_tokens, preset=p, bos="every")
     kw = dict(intervention_kwargs) if interventions is None else {"interventions": interventions}
     M = len(SIM_METRICS)
-    for dom in C.as_domains(domains):
+    for dom in corpus.as_domains(domains):
         # [L, metric, (sum, sum of squares, count)]
         # (a batch's partial sums, folded into the total in batch order: distributed.OrderedSum)
         acc = torch.zeros((model.config.num_hidden_layers, M, 3), dtype=torch.float64,
                           device=model.device)
-        total = D.OrderedSum(acc)
+        total = distributed.OrderedSum(acc)
 
         def on_layer(l, taps):
             # H^{l_1} and H^{l_K} only, slot by slot: O(N·D) fp32 besides the taps themselves,

@@ -5,7 +5,7 @@
     att.scores[i]      # [N, K] for MoE layer att.layers[i]; att.ids / att.weights alike
     att.per_expert()   # [len(layers), E] summed over tokens
 
-The target is a scalar function of the float32 logits [B, T, V]: an int t means the logit of
+The target is a scalar function of the float32 logits [B, Q, V]: an int t means the logit of
 token t at each sequence's last position (summed over sequences), "loss" the mean next-token
 NLL, or any callable(logits) -> scalar tensor.
 

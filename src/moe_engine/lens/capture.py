@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import distributed as D
+from .. import distributed
 from ..model import Model
 from ..taps import Capture, TapRequest
-from . import corpus as C
+from . import corpus
 from .analyses import BATCH_TOKENS, _bar, _batches, get_preset
 from .files import atomic_write, check_out_dir, write_text
 from .store import INDEX
@@ -50,13 +50,13 @@ def capture_corpus(model: Model, domains, taps: Sequence[str], out_dir: str | Pa
     returns the path of index.json. See the module docstring for the layout and resuming."""
     if not taps:
         raise ValueError("give at least one tap pattern")
-    if D.world() > 1:  # it writes shards as batches come: one writer, every batch
+    if distributed.world() > 1:  # it writes shards as batches come: one writer, every batch
         raise ValueError("capture_corpus runs in one process, not under torchrun")
     if positions not in ("all", "last"):
         raise ValueError(f"positions = {positions!r}; expected 'all' or 'last'")
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes = {shard_bytes}; expected a positive size")
-    doms = C.as_domains(domains)
+    doms = corpus.as_domains(domains)
     out = check_out_dir(out_dir, "capture_corpus: out_dir")  # before the corpus runs
     p = get_preset(preset)
     config = {"taps": list(taps), "positions": positions, "layers": layers

@@ -15,7 +15,7 @@ model's context if shorter) including the BOS that starts every chunk when the t
 Per-sample perplexity and the geometric mean over samples are computed on these.
 
 Everything is a generator: a corpus far larger than memory flows through in batches.
-Shape legend: B samples in a batch, T the batch's longest sample.
+Shape legend: B samples in a batch, Q the batch's longest sample.
 """
 from __future__ import annotations
 
@@ -336,8 +336,8 @@ def iter_samples(domain: Domain, tokenizer, max_len: int = MAX_LEN, *, split: st
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # [B, T] int64, left-padded with 0
-    attention_mask: torch.Tensor  # [B, T] bool
+    input_ids: torch.Tensor       # [B, Q] int64, left-padded with 0
+    attention_mask: torch.Tensor  # [B, Q] bool
     lengths: list[int]            # real tokens per sample
 
 

@@ -1,6 +1,6 @@
 """The logit lens and the MoE-specific residuals it decodes (docs/lens.md, early decoding).
 
-Shape legend: N captured tokens, K top-k of the layer, D hidden, V vocab, n top tokens.
+Shape legend: N captured tokens, K top-k of the layer, D hidden, V vocab, n_top top tokens.
 
 Per MoE layer l and token t, with a = hook_resid_mid, u = moe.hook_in, w_j = hook_topk_weights
 (rank order), E_j = hook_expert_out (unweighted):
@@ -95,9 +95,9 @@ def expert_view(taps, layer: int, expert: int) -> ExpertView:
 @dataclass
 class LensOutput:
     """Result of `logit_lens`; leading dims are those of the decoded tensor."""
-    top_ids: torch.Tensor | None = None          # [..., n] int64
-    top_probs: torch.Tensor | None = None        # [..., n] float32
-    top_logits: torch.Tensor | None = None       # [..., n] float32: the raw lm_head scores
+    top_ids: torch.Tensor | None = None          # [..., n_top] int64
+    top_probs: torch.Tensor | None = None        # [..., n_top] float32
+    top_logits: torch.Tensor | None = None       # [..., n_top] float32: the raw lm_head scores
     target_logprobs: torch.Tensor | None = None  # [..., m] float32
     logprobs: torch.Tensor | None = None         # [..., V] float32, only with full=True
 
@@ -176,10 +176,10 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
         targets = targets.reshape(N, -1)
         if int(targets.numel()) and (bool((targets < 0).any()) or bool((targets >= vocab).any())):
             raise ValueError(f"targets must be token ids in [0, {vocab})")
-    n = min(top, vocab)
-    ids_out = torch.empty((N, n), dtype=torch.long, device=model.device)
-    probs_out = torch.empty((N, n), dtype=torch.float32, device=model.device)
-    logit_out = torch.empty((N, n), dtype=torch.float32, device=model.device)
+    n_top = min(top, vocab)
+    ids_out = torch.empty((N, n_top), dtype=torch.long, device=model.device)
+    probs_out = torch.empty((N, n_top), dtype=torch.float32, device=model.device)
+    logit_out = torch.empty((N, n_top), dtype=torch.float32, device=model.device)
     tgt_out = (None if targets is None
                else torch.empty(targets.shape, dtype=torch.float32, device=model.device))
     full_out = torch.empty((N, vocab), dtype=torch.float32, device=model.device) if full else None
@@ -190,8 +190,8 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
             h = rms_norm(h, w.final_norm, model.config.rms_norm_eps)
         z = model.lm_head_logits(h).float()[:, :vocab]
         logp = torch.log_softmax(z, dim=-1)                                  # [n_rows, V]
-        if n:
-            lp, ix = torch.topk(logp, n, dim=-1)    # ties: torch.topk order (lower id first on CPU)
+        if n_top:
+            lp, ix = torch.topk(logp, n_top, dim=-1)    # ties: torch.topk order (lower id first on CPU)
             ids_out[lo:lo + step], probs_out[lo:lo + step] = ix, lp.exp()
             logit_out[lo:lo + step] = z.gather(1, ix)
         if targets is not None:
@@ -199,9 +199,9 @@ def logit_lens(model: Model, hidden: torch.Tensor, *, norm: str = "final", top: 
         if full:
             full_out[lo:lo + step] = logp
     out = LensOutput()
-    if n:
-        out.top_ids, out.top_probs = ids_out.view(*lead, n), probs_out.view(*lead, n)
-        out.top_logits = logit_out.view(*lead, n)
+    if n_top:
+        out.top_ids, out.top_probs = ids_out.view(*lead, n_top), probs_out.view(*lead, n_top)
+        out.top_logits = logit_out.view(*lead, n_top)
     if targets is not None:
         out.target_logprobs = tgt_out.view(*lead) if squeeze else tgt_out.view(*lead, -1)
     if full:

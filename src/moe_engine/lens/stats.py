@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import distributed as D
+from .. import distributed
 from ..model import Model
-from . import corpus as C
+from . import corpus
 from .analyses import (BATCH_TOKENS, LayerStream, _bar, _batches, get_preset, model_info)
 from .decode import token_text
 
@@ -38,7 +38,7 @@ def _stream(model, domains, suffixes, on_layer_for, *, preset, corpus_kw, kw, pr
     each batch fn.batch_done(batch index) when fn has it, and after the domain fn.tokens is
     summed over the ranks (corpus parallel)."""
     p = get_preset(preset)
-    for dom in C.as_domains(domains):
+    for dom in corpus.as_domains(domains):
         fn = on_layer_for(dom.name)
         fn.tokens = 0
         with _bar(dom, what, progress) as bar:
@@ -48,7 +48,7 @@ def _stream(model, domains, suffixes, on_layer_for, *, preset, corpus_kw, kw, pr
                 fn.tokens += int(b.attention_mask.sum())
                 if hasattr(fn, "batch_done"):
                     fn.batch_done(b.index)
-        fn.tokens = D.sum_int(fn.tokens)
+        fn.tokens = distributed.sum_int(fn.tokens)
         yield dom.name, fn
 
 
@@ -89,7 +89,7 @@ def router_stats(model: Model, domains, *, preset="notes", max_len=None,
         # one batch's sums, folded into the totals in batch order (distributed.OrderedSum)
         acc = torch.zeros((L, 4), dtype=torch.float64, device=model.device)  # H, H^2, n, mass
         probs = torch.zeros((L, E), dtype=torch.float64, device=model.device)
-        totals = (D.OrderedSum(acc), D.OrderedSum(probs))
+        totals = (distributed.OrderedSum(acc), distributed.OrderedSum(probs))
 
         def fn(l, taps):
             p = taps["moe.hook_router_probs"].double()
@@ -179,7 +179,7 @@ def coactivation(model: Model, domains, *, preset="notes", max_len=None,
                                                  max_tokens),
                             kw=_kw(interventions, intervention_kwargs), progress=progress,
                             what="coactivation"):
-        c = D.all_sum_(fn.counts.round().long()).cpu()   # integer counts: exact in any order
+        c = distributed.all_sum_(fn.counts.round().long()).cpu()   # integer counts: exact in any order
         res.domains[name] = {"tokens": getattr(fn, "tokens", 0),
                              "layers": {str(l): c[l].tolist() for l in moe}}
     return res
@@ -224,7 +224,7 @@ def vocab(model: Model, domains, *, top: int = 10, layers=None, preset="notes", 
     if need > VOCAB_BUDGET:
         raise ValueError(f"counting {len(layers)} layers needs {need >> 20} MiB of [V, E] "
                          f"counters (limit {VOCAB_BUDGET >> 20} MiB); pick fewer layers")
-    doms = C.as_domains(domains)
+    doms = corpus.as_domains(domains)
     counts = {l: torch.zeros((V, E), dtype=torch.int32, device=model.device) for l in layers}
     occ = torch.zeros(V, dtype=torch.int64, device=model.device)
     p = get_preset(preset)
@@ -256,9 +256,9 @@ def vocab(model: Model, domains, *, top: int = 10, layers=None, preset="notes", 
                 model.forward(b.input_ids, attention_mask=b.attention_mask, logits="last",
                               capture=LayerStream(model, ["moe.hook_topk_ids"], fn), **kw)
     for c in counts.values():
-        D.all_sum_(c)
-    D.all_sum_(occ)
-    n_tokens = D.sum_int(n_tokens)
+        distributed.all_sum_(c)
+    distributed.all_sum_(occ)
+    n_tokens = distributed.sum_int(n_tokens)
     res = VocabResult(model_info(model), top, [d.name for d in doms], n_tokens)
     o = occ.cpu()
     for l in layers:

@@ -98,7 +98,7 @@ class CpuExperts:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(E, D, F)"""
-        return self.w13.E, self.w13.K, self.w2.K
+        return self.w13.E, self.w13.Din, self.w2.Din
 
     @property
     def dtype(self) -> torch.dtype:

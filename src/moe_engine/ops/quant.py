@@ -1,18 +1,18 @@
 """Quantized weights on the cpu backend: repack GPTQ tensors into the kernels' panel layout, the
 quantized linear layer and the quantized fused expert FFN (csrc/cpu/quant_gemm.cpp).
 
-Shape legend: E experts, N output rows, K reduction length (input features), T tokens,
-D hidden, F expert width, k_max slots; g group size, G = ceil(K / g) groups.
+Shape legend: E experts, Dout output rows, Din reduction length (input features), T tokens,
+D hidden, F expert width, k_max slots; g group size, G = ceil(Din / g) groups.
 
-A weight W [N, K] (y = x W^T) quantized weight-only to `bits` in {4, 8}, group-wise along K:
+A weight W [Dout, Din] (y = x W^T) quantized weight-only to `bits` in {4, 8}, group-wise along Din:
 
     w[n, k] = scales[k // g, n] * (q[k, n] - z[k // g, n])
 
 arrives as the standard GPTQ tensors (per expert; stacked experts add a leading E):
-    qweight  int32 [K * bits / 32, N]   q packed along K, low bits first: element k of a word
+    qweight  int32 [Din * bits / 32, Dout]   q packed along Din, low bits first: element k of a word
                                         at bit offset (k % (32 / bits)) * bits
-    scales   fp16 or bf16 [G, N]
-    qzeros   int32 [G, ceil(N * bits / 32)]  z packed along N the same way; the zero exactly as
+    scales   fp16 or bf16 [G, Dout]
+    qzeros   int32 [G, ceil(Dout * bits / 32)]  z packed along Dout the same way; the zero exactly as
                                         the formula uses it (any "+1" convention of the
                                         checkpoint is resolved by the caller). With sym=True,
                                         z = 2^(bits - 1) and qzeros may be None (if given it
@@ -21,11 +21,11 @@ arrives as the standard GPTQ tensors (per expert; stacked experts add a leading 
 `pack_quantized` repacks once, at load, into 32-row panels (layout and bytes: csrc/ops.h
 "CPU quantized weights"); the kernels stream those bytes and dequantize in registers:
 
-    linear_q_cpu(x, W)                       y = x W^T          [T, N]
+    linear_q_cpu(x, W)                       y = x W^T          [T, Dout]
     expert_ffn_q_cpu(x, topk_ids, W13, W2)   expert_ffn_cpu's contract on quantized experts:
         expert_out[t, j] = W2[e] (SiLU(W13_gate[e] x[t]) * W13_up[e] x[t]), e = topk_ids[t, j],
         unweighted, [T, k_max, D]; sentinel slots (id < 0 or >= E) get zero rows
-    dequantize_packed(W)                     the dense [.., N, K] weight (fp32 exact)
+    dequantize_packed(W)                     the dense [.., Dout, Din] weight (fp32 exact)
 
 x is bf16 or fp32, the result has its dtype; accumulation is fp32 in a fixed order, so the bits
 do not depend on the thread count or on which other tokens share the call.
@@ -39,7 +39,7 @@ CUDA kernels' row layout (csrc/cuda/moe_decode_q.cu, its header gives the layout
         T <= 16 moe_decode_q, else align + expert_gemm_q (csrc/cuda/expert_gemm_q.cu);
         topk_ids None: dense, every token through expert 0 (shared experts, dense MLPs)
     CudaQExperts(w13, w2)(x, topk_ids)                    the same, on the weights' own backend
-    linear_q_cuda(x, w)                                   y = x W^T [T, N]: expert_gemm_q's down
+    linear_q_cuda(x, w)                                   y = x W^T [T, Dout]: expert_gemm_q's down
                                                           launch in dense mode (attention projections)
 
 Test: tests/test_quant_cuda.py (emu), tests/emu/test_moe_decode_q.py (the kernel's own program);
@@ -75,21 +75,21 @@ class _QuantLayout:
 
 @dataclass(frozen=True)
 class PackedQWeight(_QuantLayout):
-    """A quantized weight [E, N, K] in the kernels' panel layout."""
+    """A quantized weight [E, Dout, Din] in the kernels' panel layout."""
     data: torch.Tensor          # uint8 [qpack_size_bytes]
     E: int
-    N: int
-    K: int
+    Dout: int
+    Din: int
     bits: int
     group_size: int
     sym: bool
     gate_up: bool               # rows are [gate F | up F], panels pair them (expert FFN w13)
     scale_dtype: torch.dtype    # fp16 or bf16, as the checkpoint stores them
-    stacked: bool               # given as [E, ...] (else [N, K] with E = 1)
+    stacked: bool               # given as [E, ...] (else [Dout, Din] with E = 1)
 
     @property
     def groups(self) -> int:
-        return -(-self.K // self.group_size)
+        return -(-self.Din // self.group_size)
 
 
 
@@ -104,55 +104,55 @@ def _check_format(bits, group_size, sym):
 
 def pack_quantized(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
                    group_size: int, sym: bool, *, gate_up: bool = False) -> PackedQWeight:
-    """Repack GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N]) into quantized panels.
+    """Repack GPTQ tensors ([Din*bits/32, Dout] or stacked [E, Din*bits/32, Dout]) into quantized panels.
 
-    gate_up: the weight is an expert FFN's w13, rows [gate F | up F] (N = 2F)."""
+    gate_up: the weight is an expert FFN's w13, rows [gate F | up F] (Dout = 2F)."""
     mod = backends.native_module("cpu")
-    qw, sc, zc, E, N, K, stacked = _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, gate_up,
+    qw, sc, zc, E, Dout, Din, stacked = _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, gate_up,
                                                 torch.device("cpu"))
     fmt = mod.QFormat()
     fmt.bits, fmt.group_size, fmt.scales_bf16 = bits, group_size, sc.dtype == torch.bfloat16
-    data = torch.empty(mod.qpack_size_bytes(E, N, K, fmt, gate_up), dtype=torch.uint8)
+    data = torch.empty(mod.qpack_size_bytes(E, Dout, Din, fmt, gate_up), dtype=torch.uint8)
     p = mod.QPackParams()
     p.qweight, p.scales, p.qzeros, p.dst = qw.data_ptr(), sc.data_ptr(), backends.ptr(zc), data.data_ptr()
-    p.fmt, p.E, p.N, p.K, p.sym, p.gate_up = fmt, E, N, K, sym, gate_up
+    p.fmt, p.E, p.Dout, p.Din, p.sym, p.gate_up = fmt, E, Dout, Din, sym, gate_up
     mod.pack_quantized_cpu(p)
-    return PackedQWeight(data, E, N, K, bits, group_size, sym, gate_up, sc.dtype, stacked)
+    return PackedQWeight(data, E, Dout, Din, bits, group_size, sym, gate_up, sc.dtype, stacked)
 
 
 def _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, gate_up, device):
-    """Validate GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N]) on `device`; returns
-    them contiguous with a leading E, and (E, N, K, stacked)."""
+    """Validate GPTQ tensors ([Din*bits/32, Dout] or stacked [E, Din*bits/32, Dout]) on `device`; returns
+    them contiguous with a leading E, and (E, Dout, Din, stacked)."""
     _check_format(bits, group_size, sym)
     backends.check(qweight, "qweight", dtype=torch.int32, device=device, contiguous=False)
     if qweight.dim() not in (2, 3):
-        raise ValueError(f"qweight must be [K*bits/32, N] or [E, K*bits/32, N], got shape {list(qweight.shape)}")
+        raise ValueError(f"qweight must be [Din*bits/32, Dout] or [E, Din*bits/32, Dout], got shape {list(qweight.shape)}")
     stacked = qweight.dim() == 3
     qw = (qweight if stacked else qweight.unsqueeze(0)).contiguous()
-    E, rows, N = qw.shape
-    K = rows * 32 // bits
-    G = -(-K // group_size)
-    if E == 0 or rows == 0 or N == 0:
+    E, rows, Dout = qw.shape
+    Din = rows * 32 // bits
+    G = -(-Din // group_size)
+    if E == 0 or rows == 0 or Dout == 0:
         raise ValueError(f"qweight has shape {list(qweight.shape)}; every dimension must be > 0")
-    if gate_up and N % 2:
-        raise ValueError(f"gate_up weight has N={N} rows; expected an even 2F")
+    if gate_up and Dout % 2:
+        raise ValueError(f"gate_up weight has Dout={Dout} rows; expected an even 2F")
     lead = (E,) if stacked else ()
-    backends.check(scales, "scales", dtype=SCALE_DTYPES, shape=(*lead, G, N), device=device, contiguous=False)
+    backends.check(scales, "scales", dtype=SCALE_DTYPES, shape=(*lead, G, Dout), device=device, contiguous=False)
     sc = (scales if stacked else scales.unsqueeze(0)).contiguous()
     zc = None
     if qzeros is not None:
-        backends.check(qzeros, "qzeros", dtype=torch.int32, shape=(*lead, G, -(-N * bits // 32)), device=device,
+        backends.check(qzeros, "qzeros", dtype=torch.int32, shape=(*lead, G, -(-Dout * bits // 32)), device=device,
                        contiguous=False)
         zc = (qzeros if stacked else qzeros.unsqueeze(0)).contiguous()
         if sym:
-            z = _unpack_cols(zc, bits, N)
+            z = _unpack_cols(zc, bits, Dout)
             if not bool((z == 1 << (bits - 1)).all()):
                 bad = int(z[z != 1 << (bits - 1)][0])
                 raise ValueError(f"sym=True but qzeros holds {bad}; symmetric {bits}-bit zeros are "
                                  f"{1 << (bits - 1)} (pass qzeros=None or sym=False)")
     elif not sym:
         raise ValueError("qzeros is required when sym=False")
-    return qw, sc, zc, E, N, K, stacked
+    return qw, sc, zc, E, Dout, Din, stacked
 
 
 def _unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -164,15 +164,15 @@ def _unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def dequantize_packed(packed: PackedQWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense weight [N, K] (or [E, N, K] when stacked) in dtype (fp32: exact)."""
+    """The dense weight [Dout, Din] (or [E, Dout, Din] when stacked) in dtype (fp32: exact)."""
     if not isinstance(packed, PackedQWeight):
         raise TypeError(f"packed must be a PackedQWeight, got {type(packed).__name__}")
     mod = backends.native_module("cpu")
-    out = torch.empty((packed.E, packed.N, packed.K), dtype=dtype)
+    out = torch.empty((packed.E, packed.Dout, packed.Din), dtype=dtype)
     p = mod.QDequantParams()
     p.src, p.dst, p.fmt, p.dtype = packed.data.data_ptr(), out.data_ptr(), packed.native_format(mod), \
         backends.native_dtype(mod, dtype)
-    p.E, p.N, p.K, p.gate_up = packed.E, packed.N, packed.K, packed.gate_up
+    p.E, p.Dout, p.Din, p.gate_up = packed.E, packed.Dout, packed.Din, packed.gate_up
     mod.dequantize_packed_cpu(p)
     return out if packed.stacked else out[0]
 
@@ -180,13 +180,13 @@ def dequantize_packed(packed: PackedQWeight, dtype: torch.dtype = torch.float32)
 def linear_q_workspace_bytes(T: int, packed: PackedQWeight) -> int:
     """Bytes of the `workspace=` linear_q_cpu needs for T tokens (fp32 activations + group sums)."""
     mod = backends.native_module("cpu")
-    return mod.linear_q_workspace_bytes(T, packed.K, packed.native_format(mod)) + 64
+    return mod.linear_q_workspace_bytes(T, packed.Din, packed.native_format(mod)) + 64
 
 
 def expert_ffn_q_workspace_bytes(T: int, k_max: int, packed_w13: PackedQWeight, packed_w2: PackedQWeight) -> int:
     """Bytes of the `workspace=` expert_ffn_q_cpu needs for T tokens and k_max slots."""
     mod = backends.native_module("cpu")
-    return mod.expert_ffn_q_workspace_bytes(T, k_max, packed_w13.E, packed_w13.K, packed_w13.N // 2,
+    return mod.expert_ffn_q_workspace_bytes(T, k_max, packed_w13.E, packed_w13.Din, packed_w13.Dout // 2,
                                             packed_w13.native_format(mod), packed_w2.native_format(mod)) + 64
 
 
@@ -201,27 +201,27 @@ def _workspace(ws: torch.Tensor | None, need: int) -> torch.Tensor:
 
 def linear_q_cpu(x: torch.Tensor, packed: PackedQWeight, out: torch.Tensor | None = None, *,
                  workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T, x [T, K] bf16 or fp32, W a quantized packed [N, K] weight; y [T, N] in x's dtype.
+    """y = x W^T, x [T, Din] bf16 or fp32, W a quantized packed [Dout, Din] weight; y [T, Dout] in x's dtype.
 
     out: a preallocated y; workspace: uint8, >= linear_q_workspace_bytes(T, packed) (else
     allocated per call)."""
     if not isinstance(packed, PackedQWeight):
         raise TypeError(f"packed must be a PackedQWeight, got {type(packed).__name__}")
     if packed.E != 1 or packed.stacked or packed.gate_up:
-        raise ValueError(f"linear_q_cpu needs a plain [N, K] weight, got E={packed.E} stacked={packed.stacked} "
+        raise ValueError(f"linear_q_cpu needs a plain [Dout, Din] weight, got E={packed.E} stacked={packed.stacked} "
                          f"gate_up={packed.gate_up}")
     mod = backends.native_module("cpu")
-    backends.check(x, "x", dtype=(torch.float32, torch.bfloat16), shape=(None, packed.K), device="cpu")
+    backends.check(x, "x", dtype=(torch.float32, torch.bfloat16), shape=(None, packed.Din), device="cpu")
     T = x.shape[0]
-    y = torch.empty((T, packed.N), dtype=x.dtype) if out is None else out
-    backends.check(y, "out", dtype=x.dtype, shape=(T, packed.N), device="cpu")
+    y = torch.empty((T, packed.Dout), dtype=x.dtype) if out is None else out
+    backends.check(y, "out", dtype=x.dtype, shape=(T, packed.Dout), device="cpu")
     if T == 0:
         return y
     fmt = packed.native_format(mod)
     ws = _workspace(workspace, linear_q_workspace_bytes(T, packed))
     p = mod.QLinearParams()
     p.x, p.w, p.y, p.workspace = x.data_ptr(), packed.data.data_ptr(), y.data_ptr(), _aligned64(ws)
-    p.fmt, p.dtype, p.T, p.N, p.K = fmt, backends.native_dtype(mod, x.dtype), T, packed.N, packed.K
+    p.fmt, p.dtype, p.T, p.Dout, p.Din = fmt, backends.native_dtype(mod, x.dtype), T, packed.Dout, packed.Din
     mod.linear_q_cpu(p)
     return y
 
@@ -246,9 +246,9 @@ def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: Packed
     if not packed_w13.gate_up or packed_w2.gate_up:
         raise ValueError(f"packed_w13 must be packed with gate_up=True (got {packed_w13.gate_up}) and "
                          f"packed_w2 without (got {packed_w2.gate_up})")
-    E, D, F = packed_w13.E, packed_w13.K, packed_w13.N // 2
-    if (packed_w2.E, packed_w2.N, packed_w2.K) != (E, D, F):
-        raise ValueError(f"packed_w2 is (E, N, K) = {(packed_w2.E, packed_w2.N, packed_w2.K)}; gate|up "
+    E, D, F = packed_w13.E, packed_w13.Din, packed_w13.Dout // 2
+    if (packed_w2.E, packed_w2.Dout, packed_w2.Din) != (E, D, F):
+        raise ValueError(f"packed_w2 is (E, Dout, Din) = {(packed_w2.E, packed_w2.Dout, packed_w2.Din)}; gate|up "
                          f"(E, 2F, D) = {(E, 2 * F, D)} needs {(E, D, F)}")
     mod = backends.native_module("cpu")
     backends.check(x, "x", dtype=(torch.float32, torch.bfloat16), shape=(None, D), device="cpu")
@@ -273,17 +273,17 @@ def expert_ffn_q_cpu(x: torch.Tensor, topk_ids: torch.Tensor, packed_w13: Packed
 # ---- cuda / emu: csrc/cuda/moe_decode_q.cu ---------------------------------------------------------
 @dataclass(frozen=True)
 class CudaQWeight(_QuantLayout):
-    """A quantized weight [E, N, K] in the CUDA kernels' qrow layout (csrc/cuda/moe_decode_q.cu:
-    per row the codes along K, then one word per group with the scale bits and the folded zero),
+    """A quantized weight [E, Dout, Din] in the CUDA kernels' qrow layout (csrc/cuda/moe_decode_q.cu:
+    per row the codes along Din, then one word per group with the scale bits and the folded zero),
     on the device the kernels run on (CPU tensors for the emu backend)."""
-    data: torch.Tensor          # uint8 [E, N, qcuda_row_bytes(K)]
+    data: torch.Tensor          # uint8 [E, Dout, qcuda_row_bytes(Din)]
     E: int
-    N: int
-    K: int
+    Dout: int
+    Din: int
     bits: int
     group_size: int
     scale_dtype: torch.dtype    # fp16 or bf16, as the checkpoint stores them
-    stacked: bool               # given as [E, ...] (else [N, K] with E = 1)
+    stacked: bool               # given as [E, ...] (else [Dout, Din] with E = 1)
 
     @property
     def backend(self) -> str:
@@ -306,30 +306,30 @@ class CudaQExperts:
 
 def repack_quantized_cuda(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
                           group_size: int, sym: bool, *, backend: str = "auto") -> CudaQWeight:
-    """Repack GPTQ tensors ([K*bits/32, N] or stacked [E, K*bits/32, N], qzeros holding the true
+    """Repack GPTQ tensors ([Din*bits/32, Dout] or stacked [E, Din*bits/32, Dout], qzeros holding the true
     zeros, as pack_quantized) into the qrow layout, on their own device by a kernel (backend
     "cuda", or "emu" for CPU tensors). Done once at load; an expert FFN's w13 is the gate and up
-    weights concatenated along N ([gate F | up F])."""
+    weights concatenated along Dout ([gate F | up F])."""
     if not isinstance(qweight, torch.Tensor):
         raise TypeError(f"qweight must be a torch.Tensor, got {type(qweight).__name__}")
     backend = backends.resolve(backend, qweight.device)
     if backend not in ("cuda", "emu"):
         raise ValueError(f"repack_quantized_cuda runs on backend 'cuda' or 'emu', got {backend!r}")
     mod = backends.native_module(backend)
-    qw, sc, zc, E, N, K, stacked = _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, False,
+    qw, sc, zc, E, Dout, Din, stacked = _gptq_inputs(qweight, scales, qzeros, bits, group_size, sym, False,
                                                 qweight.device)
     per = 32 // bits
-    if N % per:
-        raise ValueError(f"N={N} must be a multiple of {per} at {bits} bits (qzeros packs N)")
-    out = CudaQWeight(None, E, N, K, bits, group_size, sc.dtype, stacked)
+    if Dout % per:
+        raise ValueError(f"Dout={Dout} must be a multiple of {per} at {bits} bits (qzeros packs Dout)")
+    out = CudaQWeight(None, E, Dout, Din, bits, group_size, sc.dtype, stacked)
     fmt = out.native_format(mod)
-    data = torch.empty((E, N, mod.qcuda_row_bytes(K, fmt)), dtype=torch.uint8, device=qweight.device)
+    data = torch.empty((E, Dout, mod.qcuda_row_bytes(Din, fmt)), dtype=torch.uint8, device=qweight.device)
     p = mod.QRepackParams()
     p.qweight, p.scales, p.qzeros, p.dst = qw.data_ptr(), sc.data_ptr(), backends.ptr(zc), data.data_ptr()
-    p.fmt, p.E, p.N, p.K, p.sym = fmt, E, N, K, sym and zc is None
+    p.fmt, p.E, p.Dout, p.Din, p.sym = fmt, E, Dout, Din, sym and zc is None
     dev = qweight.device
     mod.qrepack_cuda(p, backends.stream_of(backend, dev), backends.device_of(backend, dev))
-    return CudaQWeight(data, E, N, K, bits, group_size, sc.dtype, stacked)
+    return CudaQWeight(data, E, Dout, Din, bits, group_size, sc.dtype, stacked)
 
 
 def expert_ffn_q_cuda(x: torch.Tensor, topk_ids: torch.Tensor | None, w13: CudaQWeight, w2: CudaQWeight, *,
@@ -350,10 +350,10 @@ def expert_ffn_q_cuda(x: torch.Tensor, topk_ids: torch.Tensor | None, w13: CudaQ
     if backend not in ("cuda", "emu"):
         raise ValueError(f"expert_ffn_q_cuda runs on backend 'cuda' or 'emu', got {backend!r}")
     mod = backends.native_module(backend)
-    E, D, F = w13.E, w13.K, w13.N // 2
-    if w13.N % 2 or (w2.E, w2.N, w2.K) != (E, D, F):
-        raise ValueError(f"w13 (E, N, K) = {(w13.E, w13.N, w13.K)} needs an even N = 2F and w2 = (E, D, F) = "
-                         f"{(E, D, F)}; got w2 {(w2.E, w2.N, w2.K)}")
+    E, D, F = w13.E, w13.Din, w13.Dout // 2
+    if w13.Dout % 2 or (w2.E, w2.Dout, w2.Din) != (E, D, F):
+        raise ValueError(f"w13 (E, Dout, Din) = {(w13.E, w13.Dout, w13.Din)} needs an even Dout = 2F and w2 = (E, D, F) = "
+                         f"{(E, D, F)}; got w2 {(w2.E, w2.Dout, w2.Din)}")
     if (w13.bits, w13.group_size, w13.scale_dtype) != (w2.bits, w2.group_size, w2.scale_dtype):
         raise ValueError(f"w13 and w2 must share one format; got (bits, group, scales) "
                          f"{(w13.bits, w13.group_size, w13.scale_dtype)} and {(w2.bits, w2.group_size, w2.scale_dtype)}")
@@ -384,7 +384,7 @@ def _expert_gemm_q(mod, backend, x, topk_ids, w13, w2, out, stream, device):
     dense mode (row i is token i, expert 0)."""
     from .align import align
     T, D = x.shape
-    E, F = w13.E, w13.N // 2
+    E, F = w13.E, w13.Dout // 2
     k_max = out.shape[1]
     if topk_ids is None:
         block_m, slots, cap = 16, None, T
@@ -411,28 +411,28 @@ def _gemm_q(mod, stream, device, a, a_stride, w, c, up, T, k_max, D, F, cap, blo
 
 
 def linear_q_cuda(x: torch.Tensor, w: CudaQWeight, *, backend: str | None = None) -> torch.Tensor:
-    """y = x W^T for a plain quantized weight W [N, K] (repack_quantized_cuda of an unstacked
-    weight) through the CUDA kernels: x [T, K] bf16 -> y [T, N] bf16. It is expert_gemm_q's down
-    launch in dense mode (one expert, row i of x is slot i, D = N, F = K), so the weights enter
+    """y = x W^T for a plain quantized weight W [Dout, Din] (repack_quantized_cuda of an unstacked
+    weight) through the CUDA kernels: x [T, Din] bf16 -> y [T, Dout] bf16. It is expert_gemm_q's down
+    launch in dense mode (one expert, row i of x is slot i, D = Dout, F = Din), so the weights enter
     the tensor cores rounded to bf16 at every T and each row's bits do not depend on T (no
     switch at DECODE_MAX_T: moe_decode_q launches up and down together and has no plain mode).
     backend: "cuda" or "emu", default the weight's own (CudaQWeight.backend)."""
     if not isinstance(w, CudaQWeight):
         raise TypeError(f"w must be a CudaQWeight (repack_quantized_cuda), got {type(w).__name__}")
     if w.E != 1 or w.stacked:
-        raise ValueError(f"linear_q_cuda needs a plain [N, K] weight, got E={w.E} stacked={w.stacked}")
+        raise ValueError(f"linear_q_cuda needs a plain [Dout, Din] weight, got E={w.E} stacked={w.stacked}")
     backend = backends.resolve(w.backend if backend is None else backend, x.device)
     if backend not in ("cuda", "emu"):
         raise ValueError(f"linear_q_cuda runs on backend 'cuda' or 'emu', got {backend!r}")
-    backends.check(x, "x", dtype=torch.bfloat16, shape=(None, w.K))
+    backends.check(x, "x", dtype=torch.bfloat16, shape=(None, w.Din))
     backends.check_same_device(x.device, w=w.data)
     mod = backends.native_module(backend)
     T = x.shape[0]
-    y = torch.empty((T, w.N), dtype=x.dtype, device=x.device)
+    y = torch.empty((T, w.Dout), dtype=x.dtype, device=x.device)
     if T == 0:
         return y
-    _gemm_q(mod, backends.stream_of(backend, x.device), backends.device_of(backend, x.device), x, w.K, w, y, False,
-            T, 1, w.N, w.K, T, mod.expert_gemm_block_m(T, 1, 1), None, None)
+    _gemm_q(mod, backends.stream_of(backend, x.device), backends.device_of(backend, x.device), x, w.Din, w, y, False,
+            T, 1, w.Dout, w.Din, T, mod.expert_gemm_block_m(T, 1, 1), None, None)
     return y
 
 
@@ -446,5 +446,5 @@ def expert_ffn_q_cuda_bytes(T: int, k_max: int, w13: CudaQWeight, w2: CudaQWeigh
         ids = topk_ids.flatten()
         experts = int(torch.unique(ids[(ids >= 0) & (ids < w13.E)]).numel())
     per_expert = w13.data[0].numel() + w2.data[0].numel()
-    D, F = w13.K, w13.N // 2
+    D, F = w13.Din, w13.Dout // 2
     return experts * per_expert + 2 * (T * D + 2 * T * k_max * F + T * k_max * D)

@@ -7,8 +7,8 @@
 //       scenario: moe_test_util.h's, or "dense" (topk_ids null: every slot is expert 0)
 //   moe_decode_q_test errors      (launcher precondition messages)
 //
-// One case: random codes, scales (so that weights are ~N(0, 1/K)-sized) and zeros in the GPTQ
-// layout (qweight [E, K/p, N], scales [E, G, N], qzeros [E, G, N/p]) for w13 [E, 2F, D] and
+// One case: random codes, scales (so that weights are ~Dout(0, 1/Din)-sized) and zeros in the GPTQ
+// layout (qweight [E, Din/p, Dout], scales [E, G, Dout], qzeros [E, G, Dout/p]) for w13 [E, 2F, D] and
 // w2 [E, D, F], repacked on the device by qrepack_cuda, then moe_decode_q_cuda. Checks
 // (tolerances in moe_test_util.h):
 //   act    rows of real slots vs silu(x.Wg)*(x.Wu) in double, W = s (q - z) from the GPTQ tensors
@@ -41,8 +41,8 @@ int errors_case() {
   const moe::QRepackParams r{reinterpret_cast<int32_t*>(buf), reinterpret_cast<uint16_t*>(buf), nullptr, buf,
                              fmt, 1, 8, 64, false};
   expect_throw("repack without qzeros, asymmetric", [&] { moe::qrepack_cuda(r, nullptr); });
-  auto r2 = r; r2.sym = true; r2.K = 60;
-  expect_throw("repack K not a multiple of 8", [&] { moe::qrepack_cuda(r2, nullptr); });
+  auto r2 = r; r2.sym = true; r2.Din = 60;
+  expect_throw("repack Din not a multiple of 8", [&] { moe::qrepack_cuda(r2, nullptr); });
   return failures ? 1 : 0;
 }
 

@@ -7,11 +7,11 @@
 
 namespace moe_test {
 
-// A quantized [E, N, K] weight in GPTQ layout, with its dequantised values in double.
+// A quantized [E, Dout, Din] weight in GPTQ layout, with its dequantised values in double.
 struct GptqWeight {
   std::vector<int32_t> qweight, qzeros;
   std::vector<uint16_t> scales;
-  std::vector<double> w;       // [E, N, K] = s (q - z), exact
+  std::vector<double> w;       // [E, Dout, Din] = s (q - z), exact
   std::vector<double> w_bf16;  // the same rounded to bf16: what expert_gemm_q feeds the tensor cores
 };
 
@@ -21,20 +21,20 @@ inline double half_to_double(uint16_t h) {
   return h & 0x8000 ? -v : v;
 }
 
-inline GptqWeight make_weight(int E, int N, int K, int nb, int g, bool sym, bool bf16_scales, Rng& rng) {
-  const int per = 32 / nb, G = (K + g - 1) / g, levels = 1 << nb;
+inline GptqWeight make_weight(int E, int Dout, int Din, int nb, int g, bool sym, bool bf16_scales, Rng& rng) {
+  const int per = 32 / nb, G = (Din + g - 1) / g, levels = 1 << nb;
   GptqWeight q;
-  q.qweight.assign(static_cast<size_t>(E) * (K / per) * N, 0);
-  q.qzeros.assign(static_cast<size_t>(E) * G * (N / per), 0);
-  q.scales.resize(static_cast<size_t>(E) * G * N);
-  q.w.resize(static_cast<size_t>(E) * N * K);
+  q.qweight.assign(static_cast<size_t>(E) * (Din / per) * Dout, 0);
+  q.qzeros.assign(static_cast<size_t>(E) * G * (Dout / per), 0);
+  q.scales.resize(static_cast<size_t>(E) * G * Dout);
+  q.w.resize(static_cast<size_t>(E) * Dout * Din);
   q.w_bf16.resize(q.w.size());
-  std::vector<int> z(static_cast<size_t>(E) * G * N);
+  std::vector<int> z(static_cast<size_t>(E) * G * Dout);
   std::vector<double> sv(z.size());
-  // weights ~ s * uniform(+-2^(b-1)): std ~ s 2^(b-1) / sqrt(3); aim at weight_scale(K)
-  const double target = weight_scale(K) * std::sqrt(3.0) / (levels / 2);
+  // weights ~ s * uniform(+-2^(b-1)): std ~ s 2^(b-1) / sqrt(3); aim at weight_scale(Din)
+  const double target = weight_scale(Din) * std::sqrt(3.0) / (levels / 2);
   for (size_t i = 0; i < z.size(); ++i) {
-    // asymmetric zeros near the middle (weights stay ~N(0, 1/K)-sized, so the bf16 tests'
+    // asymmetric zeros near the middle (weights stay ~Dout(0, 1/Din)-sized, so the bf16 tests'
     // tolerances mean the same here), 1 in 16 row-groups at the ends of the range (1, 2^b - 1)
     // with a 4x smaller scale (their weights are mostly of one sign)
     const int extreme = !sym && rng.below(16) == 0 ? (rng.below(2) ? 1 : levels - 1) : 0;
@@ -53,32 +53,32 @@ inline GptqWeight make_weight(int E, int N, int K, int nb, int g, bool sym, bool
   }
   for (int e = 0; e < E; ++e)
     for (int gi = 0; gi < G; ++gi)
-      for (int n = 0; n < N; ++n) {
-        const size_t zi = (static_cast<size_t>(e) * G + gi) * N + n;
-        q.qzeros[(static_cast<size_t>(e) * G + gi) * (N / per) + n / per] |=
+      for (int n = 0; n < Dout; ++n) {
+        const size_t zi = (static_cast<size_t>(e) * G + gi) * Dout + n;
+        q.qzeros[(static_cast<size_t>(e) * G + gi) * (Dout / per) + n / per] |=
             static_cast<int32_t>(static_cast<uint32_t>(z[zi]) << (nb * (n % per)));
       }
   for (int e = 0; e < E; ++e)
-    for (int k = 0; k < K; ++k)
-      for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < Din; ++k)
+      for (int n = 0; n < Dout; ++n) {
         const int code = rng.below(levels);
-        q.qweight[(static_cast<size_t>(e) * (K / per) + k / per) * N + n] |=
+        q.qweight[(static_cast<size_t>(e) * (Din / per) + k / per) * Dout + n] |=
             static_cast<int32_t>(static_cast<uint32_t>(code) << (nb * (k % per)));
-        const size_t zi = (static_cast<size_t>(e) * G + k / g) * N + n;
-        q.w[(static_cast<size_t>(e) * N + n) * K + k] = sv[zi] * (code - z[zi]);
-        q.w_bf16[(static_cast<size_t>(e) * N + n) * K + k] = f(__float2bfloat16(static_cast<float>(sv[zi] * (code - z[zi]))));
+        const size_t zi = (static_cast<size_t>(e) * G + k / g) * Dout + n;
+        q.w[(static_cast<size_t>(e) * Dout + n) * Din + k] = sv[zi] * (code - z[zi]);
+        q.w_bf16[(static_cast<size_t>(e) * Dout + n) * Din + k] = f(__float2bfloat16(static_cast<float>(sv[zi] * (code - z[zi]))));
       }
   return q;
 }
 
-inline void* repack(const GptqWeight& q, int E, int N, int K, const moe::QFormat& fmt, bool sym) {
-  const size_t bytes = static_cast<size_t>(E) * N * moe::qcuda_row_bytes(K, fmt);
+inline void* repack(const GptqWeight& q, int E, int Dout, int Din, const moe::QFormat& fmt, bool sym) {
+  const size_t bytes = static_cast<size_t>(E) * Dout * moe::qcuda_row_bytes(Din, fmt);
   void* dst = nullptr;
   CHECK_CUDA(cudaMalloc(&dst, bytes));
   int32_t* d_qw = to_device(q.qweight);
   uint16_t* d_s = to_device(q.scales);
   int32_t* d_z = sym ? nullptr : to_device(q.qzeros);
-  moe::qrepack_cuda({d_qw, d_s, d_z, dst, fmt, E, N, K, sym}, nullptr);
+  moe::qrepack_cuda({d_qw, d_s, d_z, dst, fmt, E, Dout, Din, sym}, nullptr);
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaFree(d_qw));
   CHECK_CUDA(cudaFree(d_s));
