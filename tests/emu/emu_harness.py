@@ -19,6 +19,7 @@ text is part of every binary's cache key.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -111,9 +112,16 @@ class Builder:
         for s in sources:
             h.update(str(s).encode() + s.read_bytes())
         exe = self.out_dir / f"{name}-{sanitize_mode()}-{h.hexdigest()[:16]}"
-        if not exe.exists():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")  # pytest-xdist workers build side by side
+        if exe.exists():
+            return exe
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # pytest-xdist workers that need the same program at once: one compiles it, the others
+        # wait for it (an ASan build of a kernel test takes minutes; compiling it twice doubled that)
+        with open(self.out_dir / f".{name}-{sanitize_mode()}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if exe.exists():  # built by another worker while this one waited
+                return exe
+            tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
             cmd = [self.cxx, *self.flags, "-x", "c++", *map(str, sources), "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
