@@ -61,3 +61,14 @@ def copy_ckpt(tmp_path):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+# The files whose tests take tens of seconds each (doc commands that run the CLIs and benches,
+# nvcc builds): run first, so that under pytest-xdist (the README's `pytest -n auto`) the last
+# minutes are short tests spread over every worker rather than one long test on one core. A stable
+# sort: order within a file (and module-scoped fixtures) unchanged.
+_LONG_FIRST = ("tests/test_docs.py", "tests/emu/test_nvcc_build.py", "tests/test_bench.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(_LONG_FIRST))

@@ -227,11 +227,17 @@ def _popen(tiny_dir, *args, **kw):
 
 def test_cli_ctrl_c_keeps_the_text_prints_the_summary_and_exits_130(tiny_dir):
     import signal
-    p = _popen(tiny_dir, "--prompt", "hello", "--max-new-tokens", "400", stdout=subprocess.PIPE)
-    first = p.stdout.read(1)               # generation has started
-    p.send_signal(signal.SIGINT)
-    rest, err = p.communicate(timeout=120)
-    err = err.decode()
+    for attempt in range(3):
+        p = _popen(tiny_dir, "--prompt", "hello", "--max-new-tokens", "400", stdout=subprocess.PIPE)
+        first = p.stdout.read(1)           # generation has started
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=120)
+        err = err.decode()
+        # On a loaded machine this process can be descheduled long enough for the child to finish
+        # all 400 tokens before the signal lands (exit 0, no "interrupted"): try again then. A
+        # child that ignores Ctrl-C exits 0 every time, so the assert below still catches that.
+        if not (p.returncode == 0 and "interrupted]" not in err):
+            break
     assert p.returncode == 130, err
     assert first and "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "interrupted]" in err and " tokens in " in err
