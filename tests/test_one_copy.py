@@ -20,6 +20,7 @@ from moe_engine.ops.packed import pack_weight, unpack_weight
 from moe_engine.quant import QuantSpec
 from moe_engine.synthetic import make_checkpoint
 from tolerances import assert_close
+from test_quant_model import _tensors  # every tensor reachable through dataclasses, lists, dicts
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="cpu backend not built")
 
@@ -94,25 +95,6 @@ def test_tied_lm_head_stays_the_embedding(tiny_ckpt, tmp_path):
     untied = estimate_bytes(moe_engine.ModelConfig.from_json(tiny_ckpt / "config.json"), backend="cpu")
     tied = estimate_bytes(cfg, backend="cpu")
     assert tied["packed"] - untied["packed"] == cfg.vocab_size * cfg.hidden_size * 2
-
-
-def _tensors(obj, seen=None):
-    """Every tensor reachable from obj through dataclass fields, lists, tuples and dicts (once)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            yield from _tensors(x, seen)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from _tensors(x, seen)
-    elif hasattr(obj, "__dataclass_fields__"):
-        for f in obj.__dataclass_fields__:
-            yield from _tensors(getattr(obj, f), seen)
 
 
 _RSS_SCRIPT = """
