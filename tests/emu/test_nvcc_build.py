@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from emu_harness import tolerances_header
+from emu_harness import sanitize_mode, tolerances_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -22,6 +22,12 @@ _spec = importlib.util.spec_from_file_location("check_ptxas", ROOT / "tools" / "
 check_ptxas = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_ptxas)
 ARCHS = list(check_ptxas.ARCHS)
+
+# nvcc's output does not depend on the emulator's sanitizer: the plain tests/emu run (the README
+# test command) checks it; the sanitizer steps (tools/run_emu_tests.sh) would only compile it all
+# again, ~7 CPU-minutes of CI.
+pytestmark = pytest.mark.skipif(sanitize_mode() != "none",
+                                reason="nvcc build: checked in the run without MOE_EMU_SANITIZE")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the GPU build cannot be checked here")
