@@ -6,11 +6,8 @@
 # (links to src/moe_engine's Python files + the ASan modules) and runs the test with libasan
 # and libstdc++ preloaded (python itself is not instrumented). Leak reports are off: CPython's allocations at
 # exit are not ours.
-# Usage: tools/fuzz_asan.sh [--build-only | --test-only] [pytest args...]
-#   (.ci/run builds in the background while other stages leave a core idle, then tests)
+# Usage: tools/fuzz_asan.sh [pytest args...]
 set -euo pipefail
-step=all
-case ${1:-} in --build-only) step=build; shift ;; --test-only) step=test; shift ;; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MOE_ASAN_BUILD_DIR:-$root/build/asan}
 pkg=$build/pkg/moe_engine
@@ -21,15 +18,12 @@ for f in "$root"/src/moe_engine/*; do
 done
 # No LTO (pybind11 adds it to _C otherwise): it moves the compile of every object into one
 # serial-ish link step and buys nothing here; ASan instruments each object the same either way.
-if [ $step != test ]; then
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_ENGINE_CUDA=OFF \
   -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF \
   -DMOE_OUTPUT_DIR="$pkg" -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" \
   -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer" \
   -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address" >/dev/null
 cmake --build "$build" -j"$(nproc)"
-fi
-[ $step = build ] && exit 0
 # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find it at start-up, or the
 # first C++ exception (every refusal the fuzzer provokes) aborts in an ASan CHECK
 preload="$(${CXX:-c++} -print-file-name=libasan.so) $(${CXX:-c++} -print-file-name=libstdc++.so)"
