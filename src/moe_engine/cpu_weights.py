@@ -433,15 +433,19 @@ def linear(x: torch.Tensor, w, packed: PackedWeight | PackedQWeight | CudaQWeigh
     """x [..., K] @ w^T: the packed mat-vec for few tokens, torch's GEMM otherwise (on w made
     dense for this call when the model holds only the panels); a quantized packed weight (the
     only copy) at every size, on the cpu or (CudaQWeight) the CUDA kernels."""
-    n = x.numel() // x.shape[-1]
     if isinstance(packed, CudaQWeight):  # cuda / emu: the repacked weight (cuda_weights.py)
-        return linear_q_cuda(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.Dout)
+        return _on_rows(x, lambda x2: linear_q_cuda(x2, packed))
     if isinstance(packed, PackedQWeight):
-        return linear_q_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.Dout)
-    if packed is None or not use_packed(n, x.dtype):
+        return _on_rows(x, lambda x2: linear_q_cpu(x2, packed))
+    if packed is None or not use_packed(x.numel() // x.shape[-1], x.dtype):
         return x @ dense(w, x.dtype).t()
-    return linear_cpu(x.reshape(n, x.shape[-1]).contiguous(), packed).view(*x.shape[:-1], packed.Dout)
+    return _on_rows(x, lambda x2: linear_cpu(x2, packed))
 
+
+def _on_rows(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn on x as contiguous rows [n, Din] -> [n, Dout], viewed back to x's leading shape."""
+    y = fn(x.reshape(-1, x.shape[-1]).contiguous())
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 def ffn(x: torch.Tensor, mlp: DenseMLPWeights, packed: CpuExperts | QuantExperts | CudaQExperts | None) -> torch.Tensor:
     """A dense layer's SwiGLU MLP: one_expert on the cpu backend (packed given), the quantized CUDA
@@ -449,8 +453,7 @@ def ffn(x: torch.Tensor, mlp: DenseMLPWeights, packed: CpuExperts | QuantExperts
     if packed is None:
         return swiglu(x, mlp.gate_up, mlp.down)
     if isinstance(packed, CudaQExperts):  # cuda / emu: dense mode, every token through expert 0
-        n = x.numel() // x.shape[-1]
-        return packed(x.reshape(n, x.shape[-1]).contiguous(), None).view(x.shape)
+        return _on_rows(x, lambda x2: packed(x2, None))
     return one_expert(x, packed, mlp)
 
 
