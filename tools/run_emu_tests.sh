@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The emulator steps of CI (docs/emulator.md, "The CI steps"):
 #   1. tests/emu with fibers in forward, reverse and random thread order (-O2);
-#   2. the same tests built with -fsanitize=address,undefined (fibers on glibc ucontext with
-#      ASan's fiber annotations), in random order (one order: see docs/emulator.md);
+#   2. the same tests built with -fsanitize=address,undefined (the fibers' switches carry ASan's
+#      fiber annotations), in forward, reverse and random order;
 #   3. the threads backend under -fsanitize=thread (small cases; a missing barrier is a race);
 #   4. nvcc for sm_80 and sm_90a with -Xptxas -v: zero spills (tools/check_ptxas.py).
 # Usage: tools/run_emu_tests.sh [step...]   steps: orders asan tsan ptxas (default: all)
@@ -50,7 +50,7 @@ for s in "${steps[@]}"; do
             run "fibers, forward/reverse/random order" env MOE_EMU_SANITIZE=0 \
               MOE_EMU_ORDERS=forward,reverse,random $PYTEST -q tests/emu ;;
     asan) prebuild MOE_EMU_SANITIZE=address -- tests/emu
-          run "ASan + UBSan" env MOE_EMU_SANITIZE=address MOE_EMU_ORDERS=random \
+          run "ASan + UBSan" env MOE_EMU_SANITIZE=address MOE_EMU_ORDERS=forward,reverse,random \
             $PYTEST -q tests/emu ;;
     tsan) prebuild MOE_EMU_SANITIZE=thread -- tests/emu -k "$tsan_k"
           run "TSan, threads backend" env MOE_EMU_SANITIZE=thread MOE_EMU_ORDERS=forward \

@@ -5,8 +5,8 @@ by a hash of its sources, every header under csrc/, the compiler flags and the c
 reruns only link what changed.
 
 Environment:
-  MOE_EMU_SANITIZE   unset/0: -O2 | 1 or "address": -fsanitize=address,undefined (fibers switch to
-                     glibc ucontext with ASan's fiber annotations) | "thread": -fsanitize=thread
+  MOE_EMU_SANITIZE   unset/0: -O2 | 1 or "address": -fsanitize=address,undefined (the fibers'
+                     switches carry ASan's fiber annotations) | "thread": -fsanitize=thread
                      and the threads backend (a missing barrier becomes a reported data race)
   MOE_EMU_ORDERS     comma list of thread orders the order-parametrised tests run in
                      (default "forward,reverse,random")
@@ -163,7 +163,7 @@ def util_tag() -> str:
 def check_program(exe: Path, *args, order: str = "forward", seed=None) -> str:
     """Run one case of a kernel test program, which prints one line per checked tensor and
     exits 0 when all pass; assert it passed without emulator warnings."""
-    timeout = 300 if sanitize_mode() == "none" else 1500  # ASan runs are ~20x slower
+    timeout = 300 if sanitize_mode() == "none" else 1500  # TSan runs are ~100x slower
     r = run_program(exe, *map(str, args), order=order, seed=seed, timeout=timeout)
     assert r.returncode == 0, (f"{exe.name} {' '.join(map(str, args))} (order {order}): rc={r.returncode}\n"
                                f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")

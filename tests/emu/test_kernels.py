@@ -15,10 +15,11 @@ import pytest
 
 from emu_harness import CPP, ORDERS, REPO, run_program, sanitize_mode
 
-# Sanitized builds run 5-50x slower (ASan fibers use swapcontext: a syscall per switch), so
-# they take the smaller sweeps of the test programs: full = all T, quick = T <= 17, tiny = T <= 2.
+# TSan runs one OS thread per CUDA thread (~100x slower than fibers), so it takes the smaller
+# sweeps of the test programs: full = all T, quick = T <= 17, tiny = T <= 2. ASan runs the fibers
+# (a few times slower than -O2) and the full sweeps.
 SWEEPS = {"none": dict(route="full", align="full", combine="full"),
-          "address": dict(route="tiny", align="quick", combine="quick"),
+          "address": dict(route="full", align="full", combine="full"),
           "thread": dict(route="tiny", align="tiny", combine="tiny")}[sanitize_mode()]
 
 KERNELS = {

@@ -40,8 +40,8 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-k{}-E{}-D{}-F{}-{}".format(*c))
 def test_moe_decode(decode_prog, case):
-    if case[3] >= 1024 and sanitize_mode() != "none":
-        pytest.skip("the 16B shape takes over 5 min under sanitizers; the same paths run at small sizes")
+    if case[3] >= 1024 and sanitize_mode() == "thread":
+        pytest.skip("the 16B shape takes minutes on TSan's threads; the same paths run at small sizes")
     _run(decode_prog, *case, 1)
 
 

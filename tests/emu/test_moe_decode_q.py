@@ -12,7 +12,7 @@ of the bf16 decode tests (D = 136, F = 72: K not a multiple of 32 or of the grou
 codes and the short last group are exercised), T in {1, 2, 7, 16}, k = E, one expert taking
 every token (two passes of 8), runtime k < k_max with -1 and >= E sentinels, dense mode
 (topk_ids null: the shared experts' path), and K of several warp steps with a tail (D = 1096,
-F = 536; smaller under the sanitizers, see SANITIZER_SIZES).
+F = 536; smaller under TSan, see SANITIZER_SIZES).
 
 What the emulator cannot show: bandwidth, occupancy, registers and spills (tools/check_ptxas.py,
 test_nvcc_build.py), device numerics (FMA contraction; the dequantised weights are exact either
@@ -55,15 +55,14 @@ CASES = [
     (2, 2, 2, 1096, 536, 8, 64, 1, "bf16", "one"),       # 8 bits: 512 k a step, both launches 2+ steps
 ]
 
-# Under the sanitizers (tools/run_emu_tests.sh) the two cases above of several warp steps run at
-# the smallest D, F that keep their paths: indexing errors, which ASan/UBSan catch, depend on the
-# sizes' step counts and tails, not on their values, and these two cases were over half of the
-# quantized tests' ASan time. The fibers step runs them at full size.
+# Under TSan (one OS thread per CUDA thread; tools/run_emu_tests.sh) the two cases above of
+# several warp steps run at the smallest D, F that keep their paths: a race depends on the
+# sizes' step counts and tails, not on their values. The fibers and ASan steps run them at full size.
 #   4 bits, (1096, 536) -> (1096, 72): the up launch still spans a 1024-k step plus a 72-k tail;
 #           the down launch's K is one step with a tail at either F, as in the small cases.
 #   8 bits, (1096, 536) -> (536, 536): both launches still span a 512-k step plus a 24-k tail.
 SANITIZER_SIZES = {(1096, 536, 4): (1096, 72), (1096, 536, 8): (536, 536)}
-if sanitize_mode() != "none":
+if sanitize_mode() == "thread":
     CASES = [(*c[:3], *SANITIZER_SIZES.get((c[3], c[4], c[5]), c[3:5]), *c[5:]) for c in CASES]
 
 
@@ -79,8 +78,8 @@ def test_moe_decode_q(decode_q_prog, case):
 def test_moe_decode_q_16b_shape(decode_q_prog, bits):
     """The DeepSeekMoE-16B expert shape (D 2048, F 1408: several warp steps per row, 11 or 16
     groups of 128). Cannot show: bandwidth at that size."""
-    if sanitize_mode() != "none":
-        pytest.skip("minutes under sanitizers; the same paths run at small sizes")
+    if sanitize_mode() == "thread":
+        pytest.skip("minutes on TSan's threads; the same paths run at small sizes")
     _run(decode_q_prog, 2, 2, 2, 2048, 1408, bits, 128, 0, "fp16", "uniform", 1)
 
 
