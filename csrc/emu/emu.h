@@ -85,6 +85,9 @@
 #include <vector>
 
 #include "fiber.h"
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 namespace moe_emu {
 
@@ -979,9 +982,16 @@ inline cudaError_t set_error(cudaError_t e) {
 
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
   if (!p) return set_error(cudaErrorInvalidValue);
-  void* q = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+  // aligned_alloc takes a multiple of its alignment: round up, plus one more block so that a
+  // zero-byte allocation is still a distinct pointer
+  const size_t padded = (bytes + 255) / 256 * 256 + 256;
+  void* q = std::aligned_alloc(256, padded);
   if (!q) return set_error(cudaErrorMemoryAllocation);
   std::memset(q, 0xCD, bytes);  // fresh device memory is garbage, not zeros
+#if defined(__SANITIZE_ADDRESS__)
+  // the rounding is ours, not the caller's: a kernel access past `bytes` is out of bounds
+  ASAN_POISON_MEMORY_REGION((char*)q + bytes, padded - bytes);
+#endif
   std::lock_guard<std::mutex> g(rt().alloc_mutex);
   rt().allocs[q] = bytes;
   *p = q;
@@ -999,6 +1009,9 @@ inline cudaError_t cudaFree(void* p) {
     std::fprintf(stderr, "moe_emu: error: cudaFree(%p) of a pointer cudaMalloc never returned\n", p);
     std::abort();
   }
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION((char*)p + it->second, (it->second + 255) / 256 * 256 + 256 - it->second);
+#endif
   rt().allocs.erase(it);
   std::free(p);
   return cudaSuccess;

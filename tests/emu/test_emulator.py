@@ -150,6 +150,20 @@ def test_mma_ldmatrix_formulas_matmul(mma_selftest, order):
     _ok(r, "mma_selftest")
 
 
+@pytest.mark.skipif(sanitize_mode() != "address", reason="needs MOE_EMU_SANITIZE=address")
+@pytest.mark.parametrize("case,report", [("neg_asan_global_oob", "use-after-poison"),
+                                         ("neg_asan_fiber_stack_oob", "stack-buffer-overflow")])
+def test_asan_reports_kernel_out_of_bounds(selftest, case, report):
+    """Under -fsanitize=address a kernel's write one past a cudaMalloc'd buffer (the emulator's
+    cudaMalloc poisons its rounding, hence "use-after-poison"), and a read one past a local array
+    on the emulated thread's own (fiber) stack, are reported: the fibers' context switch carries
+    ASan's fiber annotations, so ASan knows which stack is live. Cannot show: an
+    access that lands inside another valid allocation (ASan sees only redzones), or a GPU's own
+    memory checker (compute-sanitizer) on device memory."""
+    r = run_program(selftest, case)
+    assert r.returncode != 0 and f"AddressSanitizer: {report}" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+
+
 @pytest.mark.skipif(sanitize_mode() != "thread", reason="needs MOE_EMU_SANITIZE=thread")
 def test_tsan_reports_missing_barrier(selftest):
     """Under -fsanitize=thread (threads backend forced) the reduction without its barrier is a

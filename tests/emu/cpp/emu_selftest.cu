@@ -409,6 +409,18 @@ __global__ void static_plus_dyn_kernel(int* out) {  // 40 KB static beside the l
 }
 __global__ void plain_kernel(int* out) { out[threadIdx.x % 256] = 1; }
 
+// ---------------------------------------------------------------- AddressSanitizer sees the kernels
+// (run under MOE_EMU_SANITIZE=address only: without ASan they are undefined behaviour, not a test)
+__global__ void global_oob_kernel(int* out, int n) {  // the last thread writes one int past the end
+  out[threadIdx.x + (threadIdx.x == blockDim.x - 1 ? n - blockDim.x + 1 : 0)] = 1;
+}
+// (UBSan off in it: its bounds and object-size checks would report the read before ASan does)
+__global__ __attribute__((no_sanitize("undefined"))) void fiber_stack_oob_kernel(int* out, int i) {
+  int local[8];  // a local array on the emulated thread's (fiber's) stack
+  for (int j = 0; j < 8; ++j) local[j] = j;
+  out[threadIdx.x] = local[threadIdx.x == 5 ? i : 0];  // i = 8 in thread 5: one past the end
+}
+
 // Dynamic shared memory of `bytes` after setting the attribute to `attr` (< 0: not set).
 static void run_dyn_smem(int attr, size_t bytes, bool expect_abort) {
   Buf<int> out(128, 0);
@@ -494,6 +506,8 @@ int main(int argc, char** argv) {
          std::printf("FAIL grid_y: the emulator did not stop it\n");
          std::exit(1);
        }},
+      {"neg_asan_global_oob", [&] { launch_negative(global_oob_kernel, "global_oob", 32, scratch.d, 256); }},
+      {"neg_asan_fiber_stack_oob", [&] { launch_negative(fiber_stack_oob_kernel, "fiber_stack_oob", 32, scratch.d, 8); }},
       {"neg_ldmatrix_global", [&] {
          launch_negative(ldmatrix_global_kernel, "ldmatrix_global", 32, (const uint16_t*)g16.d, g32.d);
        }},
