@@ -18,10 +18,13 @@ for f in "$root"/src/moe_engine/*; do
 done
 # No LTO (pybind11 adds it to _C otherwise): it moves the compile of every object into one
 # serial-ish link step and buys nothing here; ASan instruments each object the same either way.
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_ENGINE_CUDA=OFF \
+# -O1 -g1 (line tables: file:line in every report) rather than RelWithDebInfo's -O2 -g: what ASan
+# checks is the same (ASan's own advice is -O1 or higher) and the build takes ~30% less CPU;
+# NDEBUG as in the release build, so the entry points are fuzzed as users get them.
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=None -DMOE_ENGINE_CUDA=OFF \
   -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF \
   -DMOE_OUTPUT_DIR="$pkg" -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" \
-  -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer" \
+  -DCMAKE_CXX_FLAGS="-O1 -g1 -DNDEBUG -fsanitize=address -fno-omit-frame-pointer" \
   -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address" >/dev/null
 cmake --build "$build" -j"$(nproc)"
 # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find it at start-up, or the
