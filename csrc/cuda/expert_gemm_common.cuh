@@ -98,11 +98,19 @@ __device__ __forceinline__ void mma_ktile(float (&acc)[Warps<BM, UP>::NMAT][Warp
   }
 }
 
+__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+}
+__device__ __forceinline__ void store_pair(float* dst, float v0, float v1) {  // split-K partial sums
+  dst[0] = v0;
+  dst[1] = v1;
+}
+
 // The epilogue: each accumulator pair to its output row s_dst (padding rows skipped), up as
-// silu(gate) * up, rounded to bf16 once.
-template <int BM, bool UP>
+// silu(gate) * up, rounded to bf16 once (or kept in fp32: OutT float, a split-K partial).
+template <int BM, bool UP, class OutT>
 __device__ __forceinline__ void store_tile(const float (&acc)[Warps<BM, UP>::NMAT][Warps<BM, UP>::MI][Warps<BM, UP>::NI][4],
-                                           __nv_bfloat16* C, const int* s_dst, int n0, int N, int wm, int wn, int lane) {
+                                           OutT* C, const int* s_dst, int n0, int N, int wm, int wn, int lane) {
   using W = Warps<BM, UP>;
 #pragma unroll
   for (int mi = 0; mi < W::MI; ++mi) {
@@ -119,7 +127,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[Warps<BM, UP>::NMA
           v0 = silu(v0) * acc[W::NMAT - 1][mi][ni][2 * h];
           v1 = silu(v1) * acc[W::NMAT - 1][mi][ni][2 * h + 1];
         }
-        *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(dst) * N + col) = __floats2bfloat162_rn(v0, v1);
+        store_pair(C + static_cast<int64_t>(dst) * N + col, v0, v1);
       }
     }
   }

@@ -14,29 +14,149 @@
 //     hook_expert_out tap (routed experts only, slot order = rank); keeping the shared MLP apart
 //     keeps that tap, the counters (sum = k T) and the ABI of align / combine unchanged.
 //   - Traffic is the same either way: the shared weights are read once per layer (34.6 MB in
-//     16B), and a dense launch can run on a second stream beside the routed path, which is where
-//     the peers' 15-34 % came from. What the fused variant would save is two launches.
-//     (Not done here yet: the layer runs it on the caller's stream after the routed experts.)
-//   So it reuses the same kernels with no new device code: T <= 16 (and x contiguous) runs
-//   moe_decode in dense mode (topk_ids null: one expert, k_max 1); larger T runs expert_gemm in
-//   dense mode (no slot list: row i = token i, expert 0, capacity T).
+//     16B), and the dense launches run on a second stream beside the routed path: moe.py forks
+//     a side stream after the router input is ready and joins it before combine
+//     (src/moe_engine/streams.py; inside a captured decode step the graph records both branches).
+//     What the fused variant would save is two launches.
+//   So it reuses the same kernels: T <= 16 (and x contiguous) runs moe_decode in dense mode
+//   (topk_ids null: one expert, k_max 1); larger T runs expert_gemm in dense mode (no slot list:
+//   row i = token i, expert 0, capacity T). The only code of its own is the plan below and the
+//   split-K reduce.
+//
+// Small-T grids (shared_expert_plan; an H100 / H200 has 132 SMs, an A100 108, so the target is
+//   kFillCtas = 132 CTAs a launch, and a launch below 3/4 of it is split):
+//   - down, split-K over S: a down launch alone has ceil(D / 32) (moe_decode) or
+//     ceil(T / BM) x ceil(D / 128) (expert_gemm) CTAs; below the target, S is cut into
+//     k_splits = ceil(kFillCtas / CTAs) ranges (whole 256-element warp steps for moe_decode, whole
+//     64-wide k-tiles for expert_gemm; at most the number of steps and kMaxSplits), each CTA
+//     writes its range's fp32 sums to partial [k_splits, T, D], and splitk_reduce adds the ranges
+//     in order z = 0, 1, ... in fp32 and rounds to bf16 once. No atomics: the bits do not depend
+//     on which CTA finishes first.
+//   - up, tile height: expert_gemm takes BM = 16 up to T = 64 (up to 4 row tiles; BM 64 would
+//     leave one row tile of 44 CTAs at 33-64 tokens in 16B), expert_gemm_block_m above. A tile
+//     height never changes the bits (expert_gemm.cu, "Batch invariance"). The up launch of
+//     moe_decode already has ceil(S / 16) CTAs (176 in 16B).
+//   16B (D 2048, S 2816), CTAs up / down (x k_splits):
+//     T 1-16    moe_decode    176 / 64 x 3 = 192
+//     T 17-32   BM 16         88 / 32 x 5 = 160      (up below the target: not split, see below)
+//     T 33-64   BM 16         132-176 / 48-64 x 3 = 144-192
+//     T 65-128  BM 64         88 / 32 x 5 = 160
+//     T 129-256 BM 64         132-176 / 48-64 x 3 = 144-192
+//     T 257-384 BM 64         220-264 / 80-96 x 2 = 160-192;   T > 384: no split
+//   Not done: split-K of the up projection (its epilogue needs the whole gate and up sums before
+//   silu, so a split would keep 2 S fp32 sums a token and apply silu in the reduce) or a BN = 32
+//   up tile, for the 88-CTA up launches at 17-32 and 65-128 tokens. Whether BM 16's re-reads of
+//   the weights from L2 (up to 4 row tiles) cost more than the idle SMs of BM 64 at 33-64 tokens
+//   is a GPU measurement (bench/kernels.py measures the shared experts at T = 1, 8, 64, 512).
+// Batch invariance (stated and tested: tests/emu/test_shared_expert_plan.py): a token's
+//   shared_out row has the same bits in two batches whenever shared_expert_plan gives them the
+//   same (decode, down_splits): every row's sums run in an order fixed by the path and the split
+//   ranges (moe_decode lane order, expert_gemm k-order, splits added z = 0, 1, ...), never by the
+//   other rows; the tile height does not matter. Between plans (T = 16 / 17 and wherever the
+//   split count changes) the rows agree within the expert_ffn tolerance (tests/tolerances.py).
 // Memory traffic: 2 x 3 S D bytes of weights (34.6 MB in 16B; H100 floor: bench/README.md) plus
-//   2 T (2 D + 2 S) bytes of activations.
-// Launch / limits: those of moe_decode.cu (T <= 16) and expert_gemm.cu (T > 16);
+//   2 T (2 D + 2 S) bytes of activations, plus 8 k_splits T D bytes of fp32 partial sums (written
+//   once, read once by the reduce; 0.15 MB at T = 1 and 1.3 MB at T = 64 in 16B, mostly L2).
+// Launch / limits: those of moe_decode.cu (T <= 16) and expert_gemm.cu (T > 16); splitk_reduce:
+//   grid ceil(T D / 4 / 256), block 256, no shared memory (4 elements a thread, float4 loads);
 //   D and S multiples of 8, pointers 16-byte aligned.
-// Test: tests/emu/cpp/shared_expert_test.cu via tests/emu/test_expert_gemm.py.
+// ptxas (CUDA 13.0, -O3; tools/check_ptxas.py), registers sm_80 / sm_90a, CTAs per SM that
+//   registers and threads allow, PTX instructions; zero spills; split twin vs unsplit kernel:
+//     moe_decode_kernel<down, split>       123 / 127 regs, 2 CTAs (launch bounds), 3188 PTX
+//                                          (unsplit down 113 / 115, 2, 3269)
+//     expert_gemm_kernel<16, down, split>   66 / 62 regs, 7 / 8 CTAs, 1222 PTX (unsplit 64 / 56, 8 / 9, 1136)
+//     expert_gemm_kernel<64, down, split>  128 / 128 regs, 4 CTAs, 1679 PTX (unsplit 128 / 128, 4, 1553)
+//     splitk_reduce_kernel                  32 / 32 regs, 8 CTAs, 82 PTX
+//   expert_gemm's 72 KB of dynamic shared memory caps its CTAs per SM as before (3 on H100/H200).
+// Test: tests/emu/cpp/shared_expert_test.cu via tests/emu/test_expert_gemm.py (every plan, awkward
+//   sizes, three thread orders); the plan and the invariance: tests/emu/test_shared_expert_plan.py.
 #include "common.cuh"
+#include "expert_gemm_common.cuh"
+#include "moe_decode_common.cuh"
 #include "ops.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 namespace moe {
+namespace shared_detail {  // named, so the kernel files can share one translation unit in tests
+
+constexpr int kFillCtas = 132;     // CTAs a launch should have (see the header)
+constexpr int kMaxSplits = 16;     // fewer K steps a split than this would be mostly prologue
+constexpr int kReduceThreads = 256;
+// The tiles of the kernels it launches (their split ranges are whole steps / k-tiles).
+constexpr int kDecodeFeatPerCta = decode_common::kFeatPerCta<false>;  // moe_decode down features a CTA
+constexpr int kDecodeStep = decode_common::kStep;                     // moe_decode K elements a step
+constexpr int kGemmBN = gemm_common::Warps<16, false>::BN;            // expert_gemm down N tile
+constexpr int kGemmBK = gemm_common::kBK;                             // expert_gemm k-tile
+static_assert(gemm_common::Warps<64, false>::BN == kGemmBN, "one down N tile for both tile heights");
+
+// k_splits for a launch of `ctas` CTAs over `steps` K steps: 1 when the launch is near the target,
+// else enough to reach it, then trimmed so no range is empty (steps spread evenly).
+int splits_for(int64_t ctas, int steps) {
+  if (ctas >= kFillCtas * 3 / 4) return 1;
+  int splits = static_cast<int>((kFillCtas + ctas - 1) / ctas);
+  splits = std::min({splits, steps, kMaxSplits});
+  if (splits <= 1) return 1;
+  const int per = (steps + splits - 1) / splits;
+  return (steps + per - 1) / per;
+}
+
+// out[i] = bf16(sum_z partial[z][i]), z = 0, 1, ... in fp32 (fixed order: deterministic bits).
+__global__ void __launch_bounds__(kReduceThreads) splitk_reduce_kernel(const float* partial, __nv_bfloat16* out,
+                                                                       int splits, int64_t n) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x) * 4;
+  if (i >= n) return;  // n is a multiple of 8 (D is)
+  float4 acc = *reinterpret_cast<const float4*>(partial + i);
+  for (int z = 1; z < splits; ++z) {
+    const float4 v = *reinterpret_cast<const float4*>(partial + z * n + i);
+    acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+  }
+  reinterpret_cast<__nv_bfloat162*>(out + i)[0] = __floats2bfloat162_rn(acc.x, acc.y);
+  reinterpret_cast<__nv_bfloat162*>(out + i)[1] = __floats2bfloat162_rn(acc.z, acc.w);
+}
+
+void reduce(const float* partial, void* out, int splits, int64_t n, cudaStream_t stream) {
+  const int64_t blocks = (n / 4 + kReduceThreads - 1) / kReduceThreads;
+  if (blocks >= (1LL << 31)) throw std::invalid_argument("shared_expert: T*D too large for the split-K reduce");
+  auto* splitk_reduce = &splitk_reduce_kernel;
+  MOE_LAUNCH(splitk_reduce, dim3(static_cast<unsigned>(blocks)), dim3(kReduceThreads), 0, stream, partial,
+             static_cast<__nv_bfloat16*>(out), splits, n);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace shared_detail
+
+SharedExpertPlan shared_expert_plan(int T, int D, int S, bool x_contiguous) {
+  using namespace shared_detail;
+  SharedExpertPlan p;
+  if (T <= 0 || D <= 0 || S <= 0) return p;
+  p.decode = T <= 16 && x_contiguous;
+  if (p.decode) {
+    p.down_splits = splits_for((D + kDecodeFeatPerCta - 1) / kDecodeFeatPerCta, (S + kDecodeStep - 1) / kDecodeStep);
+  } else {
+    p.block_m = T <= 64 ? 16 : expert_gemm_block_m(T, 1, 1);
+    const int64_t row_tiles = (T + p.block_m - 1) / p.block_m;
+    p.down_splits = splits_for(row_tiles * ((D + kGemmBN - 1) / kGemmBN), (S + kGemmBK - 1) / kGemmBK);
+  }
+  p.partial_floats = p.down_splits > 1 ? static_cast<int64_t>(p.down_splits) * T * D : 0;
+  return p;
+}
 
 void shared_expert_cuda(const SharedExpertParams& p, void* stream, int device) {
   const DeviceGuard device_guard(device);
-  if (p.T < 0) throw std::invalid_argument("shared_expert: T must be >= 0; got " + std::to_string(p.T));
-  if (p.T <= 16 && p.x_stride == p.D) {
+  auto s = [](int64_t v) { return std::to_string(v); };
+  if (p.T < 0) throw std::invalid_argument("shared_expert: T must be >= 0; got " + s(p.T));
+  if (p.T == 0) return;
+  const SharedExpertPlan plan = shared_expert_plan(p.T, p.D, p.S, p.x_stride == p.D);
+  const bool split = plan.down_splits > 1;
+  if (split && !p.partial)
+    throw std::invalid_argument("shared_expert: T=" + s(p.T) + " D=" + s(p.D) + " S=" + s(p.S) +
+                                " splits the down projection: partial must hold shared_expert_plan(...)"
+                                ".partial_floats = " + s(plan.partial_floats) + " floats");
+  auto st = static_cast<cudaStream_t>(stream);
+  if (plan.decode) {
     MoeDecodeParams d{};
     d.x = p.x;
     d.topk_ids = nullptr;  // dense: every slot is expert 0
@@ -45,17 +165,20 @@ void shared_expert_cuda(const SharedExpertParams& p, void* stream, int device) {
     d.act = p.act;
     d.expert_out = p.shared_out;
     d.T = p.T, d.k_max = 1, d.E = 1, d.D = p.D, d.F = p.S;
+    d.partial = p.partial, d.k_splits = plan.down_splits;
     moe_decode_cuda(d, stream);
-    return;
+  } else {
+    ExpertGemmParams g{};
+    g.sorted_slots = nullptr, g.tile_experts = nullptr, g.num_padded = nullptr;  // dense: row i = token i
+    g.T = p.T, g.k_max = 1, g.E = 1, g.D = p.D, g.F = p.S, g.capacity = p.T;
+    g.block_m = plan.block_m;
+    g.a = p.x, g.a_stride = p.x_stride, g.w = p.gate_up, g.c = p.act, g.up = true;
+    expert_gemm_cuda(g, stream);
+    g.a = p.act, g.a_stride = p.S, g.w = p.down, g.c = p.shared_out, g.up = false;
+    g.partial = p.partial, g.k_splits = plan.down_splits;
+    expert_gemm_cuda(g, stream);
   }
-  ExpertGemmParams g{};
-  g.sorted_slots = nullptr, g.tile_experts = nullptr, g.num_padded = nullptr;  // dense: row i = token i
-  g.T = p.T, g.k_max = 1, g.E = 1, g.D = p.D, g.F = p.S, g.capacity = p.T;
-  g.block_m = expert_gemm_block_m(p.T, 1, 1);
-  g.a = p.x, g.a_stride = p.x_stride, g.w = p.gate_up, g.c = p.act, g.up = true;
-  expert_gemm_cuda(g, stream);
-  g.a = p.act, g.a_stride = p.S, g.w = p.down, g.c = p.shared_out, g.up = false;
-  expert_gemm_cuda(g, stream);
+  if (split) shared_detail::reduce(p.partial, p.shared_out, plan.down_splits, static_cast<int64_t>(p.T) * p.D, st);
 }
 
 }  // namespace moe

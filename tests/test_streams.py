@@ -1,0 +1,121 @@
+"""The shared experts' side stream (src/moe_engine/streams.py, used by moe.py) without a GPU: a fake
+stream API records every fork, switch and join, and the MoE layer's ops record the stream that
+was current when they ran.
+
+What this cannot show: real concurrency on a GPU (that the two streams overlap, and how much
+time it saves), that CUDA-graph capture records both branches (torch's fork/join idiom is what
+its documentation prescribes for capture; the GPU suite runs captured steps), and the caching
+allocator's behaviour across streams (streams.py argues why no record_stream is needed)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import moe_engine
+import moe_engine.moe as moe
+from moe_engine.ops import available_backends
+from moe_engine.streams import Branch, fork
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+class FakeApi:
+    """streams.Branch's api: one main and one side stream; `current` follows use()."""
+
+    def __init__(self):
+        self.log: list[str] = []
+        self.main, self.side = FakeStream("main", self.log), FakeStream("side", self.log)
+        self.current = self.main
+
+    def current_stream(self, device):
+        return self.current
+
+    def side_stream(self, device):
+        return self.side
+
+    @contextlib.contextmanager
+    def use(self, stream):
+        prev, self.current = self.current, stream
+        self.log.append(f"on {stream.name}")
+        try:
+            yield
+        finally:
+            self.current = prev
+            self.log.append(f"on {prev.name}")
+
+
+def test_fork_join_order():
+    api = FakeApi()
+    b = Branch(api, "cuda:0")
+    assert api.log == ["side waits main"], "the fork must make the side stream wait first"
+    with b:
+        assert api.current is api.side
+    assert api.current is api.main
+    b.join()
+    assert api.log == ["side waits main", "on side", "on main", "main waits side"]
+
+
+def test_misuse_is_refused():
+    api = FakeApi()
+    b = Branch(api, "cuda:0")
+    with b:
+        with pytest.raises(RuntimeError, match="inside"):
+            b.join()
+    b.join()
+    with pytest.raises(RuntimeError, match="after join"):
+        with b:
+            pass
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        fork("gpu", "cpu")
+
+
+@pytest.mark.parametrize("backend", ["emu", "cpu", "torch"])
+def test_no_op_off_cuda(backend):
+    """Off cuda the branch does nothing: no stream is touched (torch.cuda is not even needed)."""
+    b = fork(backend, torch.device("cpu"))
+    with b:
+        pass
+    b.join()
+
+
+@pytest.fixture(scope="module")
+def emu_model(tiny_ckpt):
+    if "emu" not in available_backends():
+        pytest.skip("emu backend not built")
+    return moe_engine.load(tiny_ckpt, dtype="bfloat16", backend="emu", progress=False)
+
+
+def test_moe_layer_runs_shared_on_the_side_stream(emu_model, monkeypatch):
+    """The MoE layer with the fake API in place of CUDA: the shared experts launch on the side
+    stream after the fork; router, route and routed experts on the caller's stream; the join comes
+    after the routed experts and before combine; and the logits are those of the plain run."""
+    ids = [[1, 5, 9, 3], [2, 7, 4, 4]]
+    plain = emu_model.forward(ids)
+    api = FakeApi()
+    monkeypatch.setattr(moe, "fork", lambda backend, device: Branch(api, device))
+    for name in ("shared_expert_cuda", "expert_ffn", "route", "combine"):
+        fn = getattr(moe, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            api.log.append(f"{_name} on {api.current.name}")
+            return _fn(*a, **k)
+        monkeypatch.setattr(moe, name, wrapped)
+    forked = emu_model.forward(ids)
+    assert torch.equal(plain, forked)
+
+    layers = [i for i, e in enumerate(api.log) if e == "side waits main"]
+    assert len(layers) == len(emu_model.config.moe_layers) >= 1, api.log
+    for start in layers:
+        log = api.log[start:]
+        log = log[:log.index("combine on main") + 1]
+        assert log[:4] == ["side waits main", "on side", "shared_expert_cuda on side", "on main"], log
+        assert log.index("main waits side") > log.index("expert_ffn on main") > log.index("route on main"), log
+        assert log[-2:] == ["main waits side", "combine on main"], log
