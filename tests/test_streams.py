@@ -119,3 +119,49 @@ def test_moe_layer_runs_shared_on_the_side_stream(emu_model, monkeypatch):
         assert log[:4] == ["side waits main", "on side", "shared_expert_cuda on side", "on main"], log
         assert log.index("main waits side") > log.index("expert_ffn on main") > log.index("route on main"), log
         assert log[-2:] == ["main waits side", "combine on main"], log
+
+
+def _gpu():
+    if not torch.cuda.is_available() or "cuda" not in available_backends():
+        pytest.skip("needs a GPU and the cuda backend")
+
+
+@pytest.mark.cuda
+def test_fork_join_inside_graph_capture_on_the_gpu():
+    """A fork/join captured in a CUDA graph (graphs.CudaGraph: warm-up, capture, replay) gives the
+    eager result after its input changes, so the graph holds both branches and the join."""
+    from moe_engine.graphs import CudaGraph
+    _gpu()
+    x = torch.randn(256, 256, device="cuda")
+    out = {}
+
+    def body():
+        b = fork("cuda", x.device)
+        with b:
+            side = x @ x          # on the side stream
+        main = x.sum(0) * 2       # on the capture stream meanwhile
+        b.join()
+        out["y"] = side + main
+
+    g = CudaGraph(x.device)
+    g.warmup(body)
+    g.capture(body)
+    x.copy_(torch.randn(256, 256, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out["y"], x @ x + x.sum(0) * 2)
+
+
+@pytest.mark.cuda
+def test_graphed_decode_equals_eager_on_the_gpu(tiny_ckpt):
+    """The tiny model (2 shared experts a MoE layer) on cuda: decode steps replaying the captured
+    graph (shared experts on the side stream inside it) give the eager steps' tokens, and logits
+    within tests/tolerances.py (as tests/test_graphs.py checks on emu with a fake graph)."""
+    from test_graphs import _close, _decode_both
+    _gpu()
+    kw = dict(dtype="bfloat16", device="cuda", backend="cuda", progress=False)
+    graphed = moe_engine.load(tiny_ckpt, cuda_graph=True, **kw)
+    eager = moe_engine.load(tiny_ckpt, cuda_graph=False, **kw)
+    for lg, le in _decode_both(graphed, eager, [{}] * 4):
+        _close(lg, le)
+    assert graphed._graphs.captures == 1
