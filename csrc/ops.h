@@ -249,9 +249,10 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p);
   X(bool, up)                                                                                          \
   X(const int32_t*, topk_ids)      /* [T, k_max]; down only, nullable: the rows of c of sentinel */    \
   /* slots (id < 0 or >= E) are written as zeros, as moe_decode does */                                \
-  /* split-K (down, dense mode, used by shared_expert.cu): k_splits > 1 splits K into k_splits */      \
-  /* ranges and writes each range's fp32 sums to partial [k_splits, capacity, D] instead of c; */      \
-  /* the caller reduces them in a fixed order. 0 or 1: no split. */                                    \
+  /* split-K (dense mode, used by shared_expert.cu): k_splits > 1 splits K into k_splits ranges */    \
+  /* and writes each range's fp32 sums to partial instead of c: down [k_splits, capacity, D], up */     \
+  /* [k_splits, capacity, 2F] (gate sums, then up sums); the caller reduces them in a fixed order */    \
+  /* (and applies silu for up). 0 or 1: no split. */                                                   \
   X(float*, partial) X(int32_t, k_splits)
 struct ExpertGemmParams { MOE_EXPERT_GEMM_PARAMS(MOE_DECLARE) };
 
@@ -290,11 +291,13 @@ struct SharedExpertParams { MOE_SHARED_EXPERT_PARAMS(MOE_DECLARE) };
 // batches give a token's row the same bits whenever their plans are equal (the batch-invariance
 // property of the shared experts on cuda).
 //   decode: moe_decode in dense mode (else expert_gemm in dense mode, tile height block_m)
+//   up_splits: split-K of the gate_up projection over D (1 = none; expert_gemm path only)
 //   down_splits: split-K of the down projection over S (1 = none)
 //   partial_floats: fp32 scratch elements the caller passes as SharedExpertParams::partial
 struct SharedExpertPlan {
   bool decode = false;
   int32_t block_m = 0;
+  int32_t up_splits = 1;
   int32_t down_splits = 1;
   int64_t partial_floats = 0;
 };

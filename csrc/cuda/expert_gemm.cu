@@ -26,9 +26,10 @@
 //   silu(g)*u in bf16 (the [.., 2F] intermediate never reaches memory; rounded once).
 //   Tiles at or past num_padded (a device value) exit at once, so the grid is sized for the
 //   worst case (capacity / BM tiles) and the launch is CUDA-graph safe.
-//   Split-K (k_splits > 1; down, dense mode; shared_expert.cu's small batches): grid z = k_splits,
+//   Split-K (k_splits > 1; dense mode; shared_expert.cu's small batches): grid z = k_splits,
 //   CTA z walks k-tiles [z c, (z + 1) c), c = ceil(KT / k_splits), and stores its fp32 accumulators
-//   to partial [k_splits, capacity, D] (same epilogue, fp32 pairs); the caller adds the ranges in
+//   to partial [k_splits, capacity, D] (down) or [k_splits, capacity, 2F] (up: gate and up sums;
+//   silu needs the whole sums, so the caller's reduce applies it); the caller adds the ranges in
 //   order z = 0, 1, ... Registers of the split kernels: shared_expert.cu.
 //
 // Tiles (128 threads = 4 warps; each stage = BM x 64 of A + 128 x 64 of W):
@@ -103,12 +104,11 @@ using namespace gemm_common;  // kThreads, kBK, kChunks, kWRows, Tile, swz and t
 template <int BM> constexpr int stage_bytes() { return (BM + kWRows) * kBK * 2; }
 template <int BM> constexpr int smem_bytes() { return Tile<BM>::kStages * stage_bytes<BM>(); }
 
-// SPLIT (down, dense mode): CTA z = blockIdx.z walks k-tiles [z c, min(KT, (z + 1) c)),
-// c = ceil(KT / gridDim.z), and writes fp32 sums to p.partial + z capacity D (an empty range
-// writes zeros).
+// SPLIT (dense mode): CTA z = blockIdx.z walks k-tiles [z c, min(KT, (z + 1) c)),
+// c = ceil(KT / gridDim.z), and writes fp32 sums to p.partial + z capacity D (down) or
+// + z capacity 2F (up: gate and up sums, store_tile); an empty range writes zeros.
 template <int BM, bool UP, bool SPLIT = false>
 __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmParams p) {
-  static_assert(!(UP && SPLIT), "split-K is for the down projection only");
   constexpr int kStages = Tile<BM>::kStages;
   constexpr int kWarpsN = Tile<BM>::kWarpsN;
   constexpr int BN = Warps<BM, UP>::BN;  // output columns per CTA
@@ -203,7 +203,8 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
   cp_async_wait<0>();  // only empty groups remain; retire them so no copy outlives the CTA
 
   if constexpr (SPLIT)
-    store_tile<BM, UP>(acc, p.partial + static_cast<int64_t>(blockIdx.z) * p.capacity * N, s_dst, n0, N, wm, wn, lane);
+    store_tile<BM, UP>(acc, p.partial + static_cast<int64_t>(blockIdx.z) * p.capacity * (UP ? 2 : 1) * N, s_dst, n0,
+                       N, wm, wn, lane);
   else
     store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, N, wm, wn, lane);
 }
@@ -255,13 +256,14 @@ void expert_gemm_cuda(const ExpertGemmParams& p, void* stream, int device) {
   if (misaligned(p.a) || misaligned(p.w) || misaligned(p.c)) bad("a, w and c must be 16-byte aligned");
   const bool split = p.k_splits > 1;
   if (p.k_splits < 0 || p.k_splits > 64) bad("k_splits must be in [0, 64]; got " + s(p.k_splits));
-  if (split && (p.up || !dense || p.topk_ids || !p.partial))
-    bad("k_splits > 1 needs the down launch in dense mode (no topk_ids) and a partial buffer "
-        "[k_splits, capacity, D]");
+  if (split && (!dense || p.topk_ids || !p.partial))
+    bad("k_splits > 1 needs dense mode (no topk_ids) and a partial buffer [k_splits, capacity, D] "
+        "(down) or [k_splits, capacity, 2F] (up)");
   if (split && misaligned(p.partial)) bad("partial must be 16-byte aligned");
   if (p.capacity == 0 || p.T == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
-  if (split) p.block_m == 16 ? launch<16, false, true>(p, st) : launch<64, false, true>(p, st);
+  if (split && p.block_m == 16) p.up ? launch<16, true, true>(p, st) : launch<16, false, true>(p, st);
+  else if (split) p.up ? launch<64, true, true>(p, st) : launch<64, false, true>(p, st);
   else if (p.block_m == 16) p.up ? launch<16, true>(p, st) : launch<16, false>(p, st);
   else p.up ? launch<64, true>(p, st) : launch<64, false>(p, st);
 }

@@ -90,23 +90,24 @@ def test_expert_gemm_errors(gemm_prog):
 
 
 # T, D, S, x_stride, expected plan: T <= 16 with contiguous x runs moe_decode, otherwise
-# expert_gemm (dense mode); "split N" = the down projection split over S into N ranges
-# (csrc/cuda/shared_expert.cu). D = 136 is no multiple of either down N tile (32 / 128) and
-# S = 1032 of neither K step (256 / 64), so the last split range is a tail (8 elements).
+# expert_gemm (dense mode); up_splits / down_splits = the gate_up projection split over D / the
+# down projection over S into that many ranges (csrc/cuda/shared_expert.cu). D = 136 is no
+# multiple of any N tile or K step (32 / 64 / 128, 64), nor S = 1032 (64, 256), so the last
+# split range of each is a tail (8 elements).
 SHARED_CASES = [
-    (1, 64, 128, 64, "decode=1 block_m=0 down_splits=1"),       # too few K steps to split
-    (1, 136, 1032, 136, "decode=1 block_m=0 down_splits=5"),
-    (7, 136, 144, 136, "decode=1 block_m=0 down_splits=1"),
-    (7, 136, 1032, 144, "decode=0 block_m=16 down_splits=9"),   # strided x: the GEMM path at T = 7
-    (16, 64, 72, 72, "decode=0 block_m=16 down_splits=2"),
-    (16, 136, 1032, 136, "decode=1 block_m=0 down_splits=5"),
-    (17, 64, 128, 64, "decode=0 block_m=16 down_splits=2"),
-    (17, 136, 1032, 136, "decode=0 block_m=16 down_splits=9"),
-    (33, 136, 1032, 136, "decode=0 block_m=16 down_splits=9"),
-    (127, 136, 1032, 136, "decode=0 block_m=64 down_splits=9"),
-    (128, 136, 1032, 136, "decode=0 block_m=64 down_splits=9"),
-    (129, 136, 144, 144, "decode=0 block_m=64 down_splits=3"),
-    (1, 2048, 2816, 2048, "decode=1 block_m=0 down_splits=3"),  # the 16B shape
+    (1, 64, 128, 64, "decode=1 block_m=0 up_splits=1 down_splits=1"),       # too few K steps to split
+    (1, 136, 1032, 136, "decode=1 block_m=0 up_splits=1 down_splits=5"),
+    (7, 136, 144, 136, "decode=1 block_m=0 up_splits=1 down_splits=1"),
+    (7, 136, 1032, 144, "decode=0 block_m=16 up_splits=3 down_splits=9"),   # strided x: the GEMM path at T = 7
+    (16, 64, 72, 72, "decode=0 block_m=16 up_splits=1 down_splits=2"),
+    (16, 136, 1032, 136, "decode=1 block_m=0 up_splits=1 down_splits=5"),
+    (17, 64, 128, 64, "decode=0 block_m=16 up_splits=1 down_splits=2"),
+    (17, 136, 1032, 136, "decode=0 block_m=16 up_splits=3 down_splits=9"),
+    (33, 136, 1032, 136, "decode=0 block_m=16 up_splits=3 down_splits=9"),
+    (127, 136, 1032, 136, "decode=0 block_m=64 up_splits=3 down_splits=9"),
+    (128, 136, 1032, 136, "decode=0 block_m=64 up_splits=3 down_splits=9"),
+    (129, 136, 144, 144, "decode=0 block_m=64 up_splits=3 down_splits=3"),
+    (1, 2048, 2816, 2048, "decode=1 block_m=0 up_splits=1 down_splits=3"),  # the 16B shape
 ]
 
 

@@ -2,13 +2,14 @@
 ("Batch invariance"), checked on the emulator through the emu backend:
 
   - a token's shared_out row has the same bits in two batches whose shared_expert_plan has the
-    same (decode, down_splits), whatever the tile height (block_m 16 or 64) and the other rows;
+    same (decode, up_splits, down_splits), whatever the tile height (block_m 16 or 64) and the
+    other rows;
   - between plans (moe_decode vs expert_gemm, or another split count) the rows agree within the
     expert_ffn tolerance (tests/tolerances.py).
 
 D = 136 and S = 1032 are no tile multiples, and at these sizes every batch splits the down
-projection (5 ranges on the decode path, 9 on the GEMM path), so the split-K reduce is in every
-comparison. Cannot show: the tensor cores' own rounding (the `cuda` test repeats it on a GPU),
+projection (5 ranges on the decode path, 9 on the GEMM path, which also splits gate_up into 3),
+so the split-K reduces are in every comparison. Cannot show: the tensor cores' own rounding (the `cuda` test repeats it on a GPU),
 whether the split grids fill a GPU, or their speed.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _check_invariance(data, backend):
     outs = _outputs(data, backend)
     same = other = across_tiles = 0
     for a, b in itertools.combinations(TS, 2):
-        key_a, key_b = plans[a][0:3:2], plans[b][0:3:2]  # (decode, down_splits)
+        key_a, key_b = (plans[a][0], *plans[a][2:4]), (plans[b][0], *plans[b][2:4])  # (decode, up, down splits)
         if key_a == key_b:
             assert torch.equal(outs[a], outs[b][:a]), f"T={a} and T={b} share the plan {key_a} but differ"
             same += 1
@@ -70,13 +71,15 @@ def _check_invariance(data, backend):
 def test_plan_table():
     """The plan the header's table describes, on the DeepSeekMoE-16B shape (D 2048, S 2816)."""
     mod = _module("emu")
-    plan = {T: mod.shared_expert_plan(T, 2048, 2816, True) for T in (1, 16, 17, 33, 64, 65, 128, 129, 384, 385)}
-    assert plan[1][:3] == (True, 0, 3) and plan[16][:3] == (True, 0, 3)
-    assert plan[17][:3] == (False, 16, 5) and plan[33][:3] == (False, 16, 3) and plan[64][:3] == (False, 16, 3)
-    assert plan[65][:3] == (False, 64, 5) and plan[128][:3] == (False, 64, 5) and plan[129][:3] == (False, 64, 3)
-    assert plan[384][:3] == (False, 64, 2) and plan[385] == (False, 64, 1, 0)
-    for T, (decode, _, splits, floats) in plan.items():
-        assert floats == (splits * T * 2048 if splits > 1 else 0), (T, plan[T])
+    D16, S16 = 2048, 2816
+    plan = {T: mod.shared_expert_plan(T, D16, S16, True) for T in (1, 16, 17, 32, 33, 64, 65, 128, 129, 384, 385)}
+    want = {1: (True, 0, 1, 3), 16: (True, 0, 1, 3), 17: (False, 16, 2, 5), 32: (False, 16, 2, 5),
+            33: (False, 16, 1, 3), 64: (False, 16, 1, 3), 65: (False, 64, 2, 5), 128: (False, 64, 2, 5),
+            129: (False, 64, 1, 3), 384: (False, 64, 1, 2), 385: (False, 64, 1, 1)}
+    assert {T: p[:4] for T, p in plan.items()} == want
+    for T, (_, _, up, down, floats) in plan.items():  # one scratch, the larger of the two
+        need = max(2 * up * T * S16 if up > 1 else 0, down * T * D16 if down > 1 else 0)
+        assert floats == need, (T, plan[T])
     # a strided x cannot take moe_decode; bad sizes are refused with their name
     assert mod.shared_expert_plan(8, 2048, 2816, False)[0] is False
     with pytest.raises(ValueError, match="T=-1"):

@@ -199,7 +199,7 @@ def shared_expert_cuda(x, gate_up, down, *, backend: str):
     act = torch.empty((T, S), dtype=x.dtype, device=x.device)
     # The down projection of a small batch is split over S (csrc/cuda/shared_expert.cu): its fp32
     # partial sums need this scratch.
-    partial_floats = mod.shared_expert_plan(T, D, S, True)[3]
+    partial_floats = mod.shared_expert_plan(T, D, S, True)[4]
     partial = torch.empty(partial_floats, dtype=torch.float32, device=x.device) if partial_floats else None
     p = mod.SharedExpertParams()
     p.x, p.x_stride, p.gate_up, p.down = backends.ptr(x), D, backends.ptr(gate_up), backends.ptr(down)

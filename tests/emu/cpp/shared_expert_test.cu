@@ -7,7 +7,7 @@
 // x [T, D] with row stride x_stride (scale 1), gate_up [2S, D] and down [D, S] (scale 1/sqrt(K), see weight_scale).
 // Checks shared_out [T, D] with the tolerances of moe_test_util.h. A strided x at T <= 16 takes
 // the GEMM path (moe_decode needs contiguous rows), so both paths are reachable at small T.
-// Prints the plan (path, block_m, down_splits); the partial scratch is filled with NaN first, so a
+// Prints the plan (path, block_m, up_splits, down_splits); the partial scratch is filled with NaN first, so a
 // split range that is never written, or a reduce that reads past the written ones, shows.
 #include "cuda/common.cuh"
 #include "cuda/expert_gemm.cu"
@@ -37,7 +37,8 @@ int main(int argc, char** argv) {
   bf16* d_act = canary_rows(T, S);
   bf16* d_out = canary_rows(T, D);
   const moe::SharedExpertPlan plan = moe::shared_expert_plan(T, D, S, xs == D);
-  std::printf("plan decode=%d block_m=%d down_splits=%d\n", plan.decode ? 1 : 0, plan.block_m, plan.down_splits);
+  std::printf("plan decode=%d block_m=%d up_splits=%d down_splits=%d\n", plan.decode ? 1 : 0, plan.block_m,
+              plan.up_splits, plan.down_splits);
   float* d_partial = plan.partial_floats
                          ? to_device(std::vector<float>(plan.partial_floats, std::numeric_limits<float>::quiet_NaN()))
                          : nullptr;
