@@ -77,10 +77,11 @@ def test_misuse_is_refused():
         fork("gpu", "cpu")
 
 
-@pytest.mark.parametrize("backend", ["emu", "cpu", "torch"])
+@pytest.mark.parametrize("backend", ["emu", "cpu", "torch", "cuda-disabled"])
 def test_no_op_off_cuda(backend):
-    """Off cuda the branch does nothing: no stream is touched (torch.cuda is not even needed)."""
-    b = fork(backend, torch.device("cpu"))
+    """Off cuda (or with nothing to fork) the branch does nothing: no stream is touched, so
+    torch.cuda is not even needed."""
+    b = fork("cuda", torch.device("cpu"), enabled=False) if backend == "cuda-disabled" else fork(backend, "cpu")
     with b:
         pass
     b.join()
@@ -100,7 +101,7 @@ def test_moe_layer_runs_shared_on_the_side_stream(emu_model, monkeypatch):
     ids = [[1, 5, 9, 3], [2, 7, 4, 4]]
     plain = emu_model.forward(ids)
     api = FakeApi()
-    monkeypatch.setattr(moe, "fork", lambda backend, device: Branch(api, device))
+    monkeypatch.setattr(moe, "fork", lambda backend, device, enabled=True: Branch(api if enabled else None, device))
     for name in ("shared_expert_cuda", "expert_ffn", "route", "combine"):
         fn = getattr(moe, name)
 

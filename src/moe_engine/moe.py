@@ -72,7 +72,7 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
     u = t(pre + "hook_in", u)
     # The shared experts need only u: on cuda they run on a side stream beside the router and the
     # routed experts, joined before combine (streams.py; a no-op order on the other backends).
-    branch = fork(backend, u.device)
+    branch = fork(backend, u.device, enabled=w.shared is not None)
     shared = None
     with branch:
         if w.shared is not None:

@@ -92,8 +92,9 @@ class Branch:
 _CUDA = _TorchCuda()
 
 
-def fork(backend: str, device) -> Branch:
-    """A Branch on a side stream of `device` when backend is "cuda"; a no-op Branch otherwise."""
+def fork(backend: str, device, enabled: bool = True) -> Branch:
+    """A Branch on a side stream of `device` when backend is "cuda" (and enabled: False when there
+    is nothing to run beside, which saves the two event waits); a no-op Branch otherwise."""
     if backend not in ("cuda", "emu", "cpu", "torch"):
         raise ValueError(f"streams.fork: unknown backend {backend!r}; expected cuda, emu, cpu or torch")
-    return Branch(_CUDA if backend == "cuda" else None, device)
+    return Branch(_CUDA if backend == "cuda" and enabled else None, device)
