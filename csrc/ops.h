@@ -288,8 +288,9 @@ struct MoeDecodeParams { MOE_MOE_DECODE_PARAMS(MOE_DECLARE) };
   /* when that is 0 */
 struct SharedExpertParams { MOE_SHARED_EXPERT_PARAMS(MOE_DECLARE) };
 // How shared_expert_cuda runs a batch (csrc/cuda/shared_expert.cu explains the choice). Two
-// batches give a token's row the same bits whenever their plans are equal (the batch-invariance
-// property of the shared experts on cuda).
+// batches give a token's row the same bits whenever their plans have the same (decode, up_splits,
+// down_splits) (the batch-invariance property of the shared experts on cuda; block_m does not
+// change bits).
 //   decode: moe_decode in dense mode (else expert_gemm in dense mode, tile height block_m)
 //   up_splits: split-K of the gate_up projection over D (1 = none; expert_gemm path only)
 //   down_splits: split-K of the down projection over S (1 = none)

@@ -60,7 +60,8 @@
 //   by the reduce: 4 k_splits T D bytes (down) and 8 k_splits T S (up); in 16B 0.15 MB at T = 1,
 //   2.6 MB at T = 32, 11 MB at T = 128 (mostly L2).
 // Launch / limits: those of moe_decode.cu (T <= 16) and expert_gemm.cu (T > 16); splitk_reduce:
-//   grid ceil(T D / 4 / 256), block 256, no shared memory (4 elements a thread, float4 loads);
+//   grid ceil(T N / 4 / 256) (N = D down, S up), block 256, no shared memory (4 elements a
+//   thread, float4 loads); the up reduce needs T S < 2^31;
 //   D and S multiples of 8, pointers 16-byte aligned.
 // ptxas (CUDA 13.0, -O3; tools/check_ptxas.py), registers sm_80 / sm_90a, CTAs per SM that
 //   registers and threads allow, PTX instructions; zero spills; split twin vs unsplit kernel:
@@ -90,7 +91,7 @@ namespace moe {
 namespace shared_detail {  // named, so the kernel files can share one translation unit in tests
 
 constexpr int kFillCtas = 132;     // CTAs a launch should have (see the header)
-constexpr int kMaxSplits = 16;     // fewer K steps a split than this would be mostly prologue
+constexpr int kMaxSplits = 16;     // at most this many ranges (each adds 4 T N bytes of fp32 partials)
 constexpr int kReduceThreads = 256;
 // The tiles of the kernels it launches (their split ranges are whole steps / k-tiles).
 constexpr int kDecodeFeatPerCta = decode_common::kFeatPerCta<false>;  // moe_decode down features a CTA
