@@ -15,6 +15,8 @@ must move at least once (weights of the experts it touches, activations in and o
 be read against the machine's read bandwidth printed on the first line. The quantized ops
 (cpu backend, csrc/cpu/quant_gemm.cpp) also print "floor": (bytes / read bandwidth) / time, the
 fraction of the read-bandwidth floor reached, with bytes = the quantized panels they stream.
+The shared experts print as "shared" (one dense SwiGLU of width S = 2F: csrc/cuda/shared_expert.cu on
+cuda / emu, the PyTorch GEMMs on torch) with bytes = their weights plus x and the output.
 On the cuda backend (and emu, at T <= 64 only: it is slow) the quantized expert FFN
 (csrc/cuda/moe_decode_q.cu for T <= 16, expert_gemm_q.cu above) prints as ffn_q4 / ffn_q8 with
 bytes = the qrow rows of the experts the call touches plus activations
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from moe_engine.ops import align, align_ref, available_backends, combine, combine_ref, expert_ffn, expert_ffn_ref
 from moe_engine.ops import backend as native
 from moe_engine.ops import route, route_ref
-from moe_engine.ops.expert_ffn import CpuExperts
+from moe_engine.ops.expert_ffn import CpuExperts, shared_expert_cuda, swiglu
 from moe_engine.ops.packed import linear_cpu, pack_weight
 from moe_engine.ops.quant import dequantize_packed, expert_ffn_q_cpu, linear_q_cpu, pack_quantized
 from moe_engine.ops.quant import expert_ffn_q_cuda, expert_ffn_q_cuda_bytes, repack_quantized_cuda
@@ -198,6 +200,9 @@ def bench(args):
     dn = (torch.randn(E, D, F, generator=g) * 0.05).to(dt).to(dev)
     packed = CpuExperts.pack(gu, dn) if "cpu" in backends else None
     router = (torch.randn(E, D, generator=g) * 2 / D ** 0.5).to(dt).to(dev)
+    S = 2 * F  # shared width
+    sgu = [(torch.randn(2 * S, D, generator=g) / D ** 0.5).to(dt).to(dev) for _ in range(4 if dev.type == "cuda" else 1)]
+    sdn = [(torch.randn(D, S, generator=g) / S ** 0.5).to(dt).to(dev) for _ in range(len(sgu))]
 
     for T in tokens:
         x = (torch.randn(T, D, generator=g) * 0.1).to(dt).to(dev)
@@ -242,6 +247,25 @@ def bench(args):
             it = iter(range(1 << 62))
             ts[be] = timeit(lambda: expert_ffn(x, variants[next(it) % 16], gu, dn, backend=be, **kw))
             tab.add("expert_ffn", f"T={T} D={D} F={F} ({n_exp} exp)", be, ts[be], nbytes, flops,
+                    None if be == "torch" else ts.get("torch"))
+
+        # shared experts: one dense SwiGLU of width S = 2F (DeepSeekMoE's two shared experts),
+        # csrc/cuda/shared_expert.cu on cuda / emu (emu at T <= 64 only: it is slow), swiglu on
+        # torch; the cpu backend runs it as one packed expert (the expert_ffn row, E = 1). Timed
+        # over rotating weight copies, so a GPU cannot serve them from L2 (16b: 4 x 34.6 MB).
+        ts = {}
+        for be in backends:
+            if be == "cpu" or (be == "emu" and T > 64) or (be in ("cuda", "emu") and dt != torch.bfloat16):
+                continue
+            got = shared_expert_cuda(x, sgu[0], sdn[0], backend=be) if be != "torch" else swiglu(x, sgu[0], sdn[0])
+            assert_close(got, swiglu(x, sgu[0], sdn[0]), "expert_ffn", dt, f"shared {be} T={T}")
+            it = iter(range(1 << 62))
+            if be == "torch":
+                fn = lambda: swiglu(x, *(w[next(it) % len(w)] for w in (sgu, sdn)))  # noqa: E731
+            else:
+                fn = lambda: shared_expert_cuda(x, sgu[(i := next(it) % len(sgu))], sdn[i], backend=be)  # noqa: E731
+            ts[be] = timeit(fn)
+            tab.add("shared", f"T={T} D={D} S={S}", be, ts[be], 3 * S * D * el + 2 * T * D * el, 2 * T * 3 * D * S,
                     None if be == "torch" else ts.get("torch"))
 
         # combine

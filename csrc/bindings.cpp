@@ -146,6 +146,12 @@ static void bind_cuda_experts(py::module_& m) {
     sizes("expert_gemm_block_m", {{"T", T, 0}, {"k_max", k_max, 0}, {"E", E, 0}});
     return expert_gemm_block_m(T, k_max, E);
   });
+  // -> (decode, block_m, up_splits, down_splits, partial_floats): how shared_expert_cuda runs T tokens.
+  m.def("shared_expert_plan", [](int T, int D, int S, bool x_contiguous) {
+    sizes("shared_expert_plan", {{"T", T, 0}, {"D", D, 1}, {"S", S, 1}});
+    const SharedExpertPlan p = shared_expert_plan(T, D, S, x_contiguous);
+    return py::make_tuple(p.decode, p.block_m, p.up_splits, p.down_splits, p.partial_floats);
+  }, py::arg("T"), py::arg("D"), py::arg("S"), py::arg("x_contiguous") = true);
 #endif
 }
 

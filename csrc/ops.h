@@ -248,7 +248,12 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p);
   X(int32_t, block_m)                                                                                  \
   X(bool, up)                                                                                          \
   X(const int32_t*, topk_ids)      /* [T, k_max]; down only, nullable: the rows of c of sentinel */    \
-  /* slots (id < 0 or >= E) are written as zeros, as moe_decode does */
+  /* slots (id < 0 or >= E) are written as zeros, as moe_decode does */                                \
+  /* split-K (dense mode, used by shared_expert.cu): k_splits > 1 splits K into k_splits ranges */    \
+  /* and writes each range's fp32 sums to partial instead of c: down [k_splits, capacity, D], up */     \
+  /* [k_splits, capacity, 2F] (gate sums, then up sums); the caller reduces them in a fixed order */    \
+  /* (and applies silu for up). 0 or 1: no split. */                                                   \
+  X(float*, partial) X(int32_t, k_splits)
 struct ExpertGemmParams { MOE_EXPERT_GEMM_PARAMS(MOE_DECLARE) };
 
 // Small-batch path (csrc/cuda/moe_decode.cu), T <= 16: no sort, no align.
@@ -262,7 +267,11 @@ struct ExpertGemmParams { MOE_EXPERT_GEMM_PARAMS(MOE_DECLARE) };
   X(const void*, experts_down)     /* [E, D, F] */                                                     \
   X(void*, act)                    /* [T*k_max, F] scratch */                                          \
   X(void*, expert_out)             /* [T*k_max, D] */                                                  \
-  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, D) X(int32_t, F)
+  X(int32_t, T) X(int32_t, k_max) X(int32_t, E) X(int32_t, D) X(int32_t, F)                          \
+  /* split-K of the down launch (dense mode, used by shared_expert.cu): k_splits > 1 splits F */       \
+  /* into k_splits ranges and writes fp32 sums to partial [k_splits, T*k_max, D] instead of */         \
+  /* expert_out; the caller reduces them in a fixed order. 0 or 1: no split. */                        \
+  X(float*, partial) X(int32_t, k_splits)
 struct MoeDecodeParams { MOE_MOE_DECODE_PARAMS(MOE_DECLARE) };
 
 // Shared experts (csrc/cuda/shared_expert.cu): one dense SwiGLU MLP of width S.
@@ -274,8 +283,26 @@ struct MoeDecodeParams { MOE_MOE_DECODE_PARAMS(MOE_DECLARE) };
   X(const void*, down)     /* [D, S] */                                                                \
   X(void*, act)            /* [T, S] scratch */                                                        \
   X(void*, shared_out)     /* [T, D] (the hook_shared_out tap) */                                      \
-  X(int32_t, T) X(int32_t, D) X(int32_t, S)
+  X(int32_t, T) X(int32_t, D) X(int32_t, S)                                                          \
+  X(float*, partial)       /* [shared_expert_plan(T, D, S).partial_floats] fp32 scratch; nullable */   \
+  /* when that is 0 */
 struct SharedExpertParams { MOE_SHARED_EXPERT_PARAMS(MOE_DECLARE) };
+// How shared_expert_cuda runs a batch (csrc/cuda/shared_expert.cu explains the choice). Two
+// batches give a token's row the same bits whenever their plans have the same (decode, up_splits,
+// down_splits) (the batch-invariance property of the shared experts on cuda; block_m does not
+// change bits).
+//   decode: moe_decode in dense mode (else expert_gemm in dense mode, tile height block_m)
+//   up_splits: split-K of the gate_up projection over D (1 = none; expert_gemm path only)
+//   down_splits: split-K of the down projection over S (1 = none)
+//   partial_floats: fp32 scratch elements the caller passes as SharedExpertParams::partial
+struct SharedExpertPlan {
+  bool decode = false;
+  int32_t block_m = 0;
+  int32_t up_splits = 1;
+  int32_t down_splits = 1;
+  int64_t partial_floats = 0;
+};
+SharedExpertPlan shared_expert_plan(int T, int D, int S, bool x_contiguous = true);
 
 // ---- CUDA quantized experts (csrc/cuda/moe_decode_q.cu; layout and bytes in its header) ----
 // Weight-only 4/8-bit experts in the "qrow" layout: row n of a [E, Dout, Din] weight is

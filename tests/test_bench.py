@@ -84,7 +84,7 @@ def test_kernels_json():
     backends = [b for b in ("torch", "cpu") if b in available_backends()]
     r = run("kernels.py", "--threads", "1", "--tokens", "1", "--backends", ",".join(backends))
     ops = {row["op"] for row in r["rows"]}
-    assert {"route", "align", "combine"} <= ops, ops
+    assert {"route", "align", "shared", "combine"} <= ops, ops
     assert {row["backend"] for row in r["rows"]} == set(backends)
     assert r["cpu_isa"] in (("avx512", "avx2", "portable") if "cpu" in backends else (None,))
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in r["rows"])

@@ -10,7 +10,7 @@
 #   3. tests     pytest -m cuda (the GPU test suite)
 #   4. selftests the nvcc-built kernel self-tests, one case each on the GPU
 #                (tests/emu/test_nvcc_build.py::test_kernel_tests_build_for_the_gpu)
-#   5. kernels   bench/kernels.py on cuda: route / align / expert_ffn / combine at T = 1, 8, 64,
+#   5. kernels   bench/kernels.py on cuda: route / align / expert_ffn / shared / combine at T = 1, 8, 64,
 #                512, 4096, bench-small and 16b shapes, and the quantized expert FFN (ffn_q8 and
 #                ffn_q4, g128: moe_decode_q / expert_gemm_q), each result checked against PyTorch
 #                first, with the HBM floor (bench/gpu.py, bench/README.md) beside each figure
@@ -24,7 +24,7 @@
 #   build ~120 s (8 .cu files x 2 architectures, the same as CI's nvcc step) [240 s];
 #   gpu ~10 s (CUDA context) [60 s]; tests ~30 s (a handful of small ops) [120 s];
 #   selftests 5 nvcc compiles ~20 s each + runs < 1 s [150 s];
-#   kernels: 2 shapes x 5 T x 6 ops x (1 check + 5 x 0.04 s timed) ~ 15 s of timing, plus the
+#   kernels: 2 shapes x 5 T x 7 ops x (1 check + 5 x 0.04 s timed) ~ 18 s of timing, plus the
 #     16b weights (1.1 GB bf16 made on the CPU, copied once, and the GPTQ tensors of both widths,
 #     dequantised on the CPU for the checks) ~40 s per shape [150 s];
 #   layer: 2 models x 5 T x 12 reps; 16b-layer is 2 layers (~2.3 GB of synthetic weights written

@@ -26,6 +26,11 @@
 //   silu(g)*u in bf16 (the [.., 2F] intermediate never reaches memory; rounded once).
 //   Tiles at or past num_padded (a device value) exit at once, so the grid is sized for the
 //   worst case (capacity / BM tiles) and the launch is CUDA-graph safe.
+//   Split-K (k_splits > 1; dense mode; shared_expert.cu's small batches): grid z = k_splits,
+//   CTA z walks k-tiles [z c, (z + 1) c), c = ceil(KT / k_splits), and stores its fp32 accumulators
+//   to partial [k_splits, capacity, D] (down) or [k_splits, capacity, 2F] (up: gate and up sums;
+//   silu needs the whole sums, so the caller's reduce applies it); the caller adds the ranges in
+//   order z = 0, 1, ... Registers of the split kernels: shared_expert.cu.
 //
 // Tiles (128 threads = 4 warps; each stage = BM x 64 of A + 128 x 64 of W):
 //   BM = 16: 4 stages, warps 1 x 4, warp tile 16 x 16 (up: gate+up) / 16 x 32 (down);
@@ -99,7 +104,10 @@ using namespace gemm_common;  // kThreads, kBK, kChunks, kWRows, Tile, swz and t
 template <int BM> constexpr int stage_bytes() { return (BM + kWRows) * kBK * 2; }
 template <int BM> constexpr int smem_bytes() { return Tile<BM>::kStages * stage_bytes<BM>(); }
 
-template <int BM, bool UP>
+// SPLIT (dense mode): CTA z = blockIdx.z walks k-tiles [z c, min(KT, (z + 1) c)),
+// c = ceil(KT / gridDim.z), and writes fp32 sums to p.partial + z capacity D (down) or
+// + z capacity 2F (up: gate and up sums, store_tile); an empty range writes zeros.
+template <int BM, bool UP, bool SPLIT = false>
 __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmParams p) {
   constexpr int kStages = Tile<BM>::kStages;
   constexpr int kWarpsN = Tile<BM>::kWarpsN;
@@ -169,17 +177,22 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
 
   float acc[Warps<BM, UP>::NMAT][Warps<BM, UP>::MI][Warps<BM, UP>::NI][4] = {};
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-  const int KT = (K + kBK - 1) / kBK;
+  int KT = (K + kBK - 1) / kBK, kt0 = 0;  // this CTA's k-tiles: [kt0, kt0 + KT)
+  if constexpr (SPLIT) {
+    const int chunk = (KT + static_cast<int>(gridDim.z) - 1) / static_cast<int>(gridDim.z);
+    kt0 = static_cast<int>(blockIdx.z) * chunk;
+    KT = max(0, min(KT - kt0, chunk));
+  }
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < KT) load_stage(s, s);
+    if (s < KT) load_stage(s, kt0 + s);
     cp_async_commit();
   }
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage kt landed for everyone; stage kt-1 is no longer being read
-    if (kt + kStages - 1 < KT) load_stage((kt + kStages - 1) % kStages, kt + kStages - 1);
+    if (kt + kStages - 1 < KT) load_stage((kt + kStages - 1) % kStages, kt0 + kt + kStages - 1);
     cp_async_commit();
 
     const uint4* sA = smem + (kt % kStages) * kStageChunks;
@@ -189,18 +202,22 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const ExpertGemmP
 
   cp_async_wait<0>();  // only empty groups remain; retire them so no copy outlives the CTA
 
-  store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, N, wm, wn, lane);
+  if constexpr (SPLIT)
+    store_tile<BM, UP>(acc, p.partial + static_cast<int64_t>(blockIdx.z) * p.capacity * (UP ? 2 : 1) * N, s_dst, n0,
+                       N, wm, wn, lane);
+  else
+    store_tile<BM, UP>(acc, static_cast<bf16*>(p.c), s_dst, n0, N, wm, wn, lane);
 }
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("expert_gemm: " + what); }
 
-template <int BM, bool UP>
+template <int BM, bool UP, bool SPLIT = false>
 void launch(const ExpertGemmParams& p, cudaStream_t stream) {
   constexpr int BN = Warps<BM, UP>::BN;
   const int N = UP ? p.F : p.D;
-  const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN);
+  const dim3 grid((p.capacity + BM - 1) / BM, (N + BN - 1) / BN, SPLIT ? p.k_splits : 1);
   constexpr int smem = smem_bytes<BM>();
-  auto* expert_gemm = &expert_gemm_kernel<BM, UP>;  // one token for MOE_LAUNCH (and its messages)
+  auto* expert_gemm = &expert_gemm_kernel<BM, UP, SPLIT>;  // one token for MOE_LAUNCH (and its messages)
   static DeviceOnce smem_attribute;  // per instantiation and device; not on every launch
   smem_attribute.run(
       [&] { MOE_CUDA_CHECK(cudaFuncSetAttribute(expert_gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
@@ -237,9 +254,17 @@ void expert_gemm_cuda(const ExpertGemmParams& p, void* stream, int device) {
     bad("a_stride must be >= " + s(K) + " and a multiple of 8; got " + s(p.a_stride));
   auto misaligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 != 0; };
   if (misaligned(p.a) || misaligned(p.w) || misaligned(p.c)) bad("a, w and c must be 16-byte aligned");
+  const bool split = p.k_splits > 1;
+  if (p.k_splits < 0 || p.k_splits > 64) bad("k_splits must be in [0, 64]; got " + s(p.k_splits));
+  if (split && (!dense || p.topk_ids || !p.partial))
+    bad("k_splits > 1 needs dense mode (no topk_ids) and a partial buffer [k_splits, capacity, D] "
+        "(down) or [k_splits, capacity, 2F] (up)");
+  if (split && misaligned(p.partial)) bad("partial must be 16-byte aligned");
   if (p.capacity == 0 || p.T == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
-  if (p.block_m == 16) p.up ? launch<16, true>(p, st) : launch<16, false>(p, st);
+  if (split && p.block_m == 16) p.up ? launch<16, true, true>(p, st) : launch<16, false, true>(p, st);
+  else if (split) p.up ? launch<64, true, true>(p, st) : launch<64, false, true>(p, st);
+  else if (p.block_m == 16) p.up ? launch<16, true>(p, st) : launch<16, false>(p, st);
   else p.up ? launch<64, true>(p, st) : launch<64, false>(p, st);
 }
 

@@ -98,12 +98,23 @@ __device__ __forceinline__ void mma_ktile(float (&acc)[Warps<BM, UP>::NMAT][Warp
   }
 }
 
+__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
+}
+__device__ __forceinline__ void store_pair(float* dst, float v0, float v1) {  // split-K partial sums
+  dst[0] = v0;
+  dst[1] = v1;
+}
+
 // The epilogue: each accumulator pair to its output row s_dst (padding rows skipped), up as
-// silu(gate) * up, rounded to bf16 once.
-template <int BM, bool UP>
+// silu(gate) * up, rounded to bf16 once. OutT float = a split-K partial, kept in fp32: down the
+// sums (rows of N), up the gate and up sums side by side (rows of 2N: gate at col, up at N + col;
+// silu waits for the reduce, which has the whole sums).
+template <int BM, bool UP, class OutT>
 __device__ __forceinline__ void store_tile(const float (&acc)[Warps<BM, UP>::NMAT][Warps<BM, UP>::MI][Warps<BM, UP>::NI][4],
-                                           __nv_bfloat16* C, const int* s_dst, int n0, int N, int wm, int wn, int lane) {
+                                           OutT* C, const int* s_dst, int n0, int N, int wm, int wn, int lane) {
   using W = Warps<BM, UP>;
+  constexpr bool kRawUp = UP && sizeof(OutT) == sizeof(float);
 #pragma unroll
   for (int mi = 0; mi < W::MI; ++mi) {
 #pragma unroll
@@ -115,11 +126,16 @@ __device__ __forceinline__ void store_tile(const float (&acc)[Warps<BM, UP>::NMA
         const int dst = s_dst[wm * W::WTM + mi * 16 + lane / 4 + 8 * h];
         if (dst < 0) continue;
         float v0 = acc[0][mi][ni][2 * h], v1 = acc[0][mi][ni][2 * h + 1];
-        if constexpr (UP) {
+        if constexpr (kRawUp) {
+          OutT* out = C + static_cast<int64_t>(dst) * 2 * N + col;
+          store_pair(out, v0, v1);
+          store_pair(out + N, acc[W::NMAT - 1][mi][ni][2 * h], acc[W::NMAT - 1][mi][ni][2 * h + 1]);
+          continue;
+        } else if constexpr (UP) {
           v0 = silu(v0) * acc[W::NMAT - 1][mi][ni][2 * h];
           v1 = silu(v1) * acc[W::NMAT - 1][mi][ni][2 * h + 1];
         }
-        *reinterpret_cast<__nv_bfloat162*>(C + static_cast<int64_t>(dst) * N + col) = __floats2bfloat162_rn(v0, v1);
+        store_pair(C + static_cast<int64_t>(dst) * N + col, v0, v1);
       }
     }
   }

@@ -23,6 +23,9 @@
 //   come from L1/L2 for every pass over the weights. Sentinel slots: the down CTAs of column x
 //   zero the expert_out rows x, x + min(R, E), ... whose id is a sentinel.
 //   Lane partial sums are reduced with xor shuffles; lane 0 writes.
+//   Split-K (k_splits > 1; down, dense mode; shared_expert.cu's small batches): the down grid
+//   gets a z dimension, CTA z walks F range z (whole warp steps) and writes its fp32 sums to
+//   partial [k_splits, R, D] instead of expert_out; the caller adds the ranges in order z = 0, 1, ...
 //
 // Memory traffic (bf16): per touched expert 2 (2F D + D F) bytes of weights, read once
 //   (more than 8 tokens on one expert: once per pass of 8); plus 2 D x T (x), 2 F x R (act,
@@ -60,8 +63,7 @@ namespace decode_detail {  // named, so the kernel files can share one translati
 
 using bf16 = __nv_bfloat16;
 
-using namespace decode_common;  // kMaxT, kThreads, kRowsPerWarp, kPass, the scheduling and epilogue
-constexpr int kStep = 32 * 8;      // K elements per warp step (16 bytes per lane)
+using namespace decode_common;  // kMaxT, kThreads, kRowsPerWarp, kPass, kStep, the scheduling and epilogue
 constexpr int kUnroll = 2;         // warp steps whose weight loads are issued together
 
 // Dot product of 8 bf16 pairs held in two uint4. The words are unpacked with shifts (a bf16 is
@@ -79,8 +81,11 @@ __device__ inline float dot8(const uint4& a, const uint4& b, float acc) {
   return dot_word(a.w, b.w, acc);
 }
 
-template <bool UP>
+// SPLIT (down, dense mode): CTA z = blockIdx.z sums K range z of gridDim.z (whole warp steps of
+// kStep, ceil(K / kStep / gridDim.z) of them each) and writes fp32 to p.partial + z R N.
+template <bool UP, bool SPLIT = false>
 __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecodeParams p) {
+  static_assert(!(UP && SPLIT), "split-K is for the down projection only");
   constexpr int kMats = UP ? 2 : 1;                  // up: gate and up rows
   constexpr int kFeatPerWarp = kRowsPerWarp / kMats;
   const int R = p.T * p.k_max;
@@ -92,7 +97,14 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
   auto id_of = [&](int jj) { return ids ? ids[jj] : 0; };
   auto valid = [&](int e) { return e >= 0 && e < p.E; };
 
-  if constexpr (!UP) zero_sentinel_rows(out, R, N, f0, id_of, valid);
+  if constexpr (!UP && !SPLIT) zero_sentinel_rows(out, R, N, f0, id_of, valid);  // (split: dense, none)
+  int k_begin = 0, k_end = K;
+  if constexpr (SPLIT) {
+    const int splits = static_cast<int>(gridDim.z), z = static_cast<int>(blockIdx.z);
+    const int steps = ((K + kStep - 1) / kStep + splits - 1) / splits;
+    k_begin = z * steps * kStep;
+    k_end = min(K, k_begin + steps * kStep);
+  }
 
   MOE_SHARED_ARRAY(int, s_list, kPass);  // slots served in this pass
   MOE_SHARED_ARRAY(int, s_pass, 2);      // [0] their count, [1] where the next pass resumes
@@ -132,26 +144,29 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
     float acc[kRowsPerWarp][kPass] = {};
     // kUnroll steps of weight loads are issued before any math, so each lane keeps
     // kUnroll x kRowsPerWarp 16-byte loads in flight (the input rows are L1/L2 hits).
-    for (int k0 = lane * 8; k0 < K; k0 += kUnroll * kStep) {
+    for (int k0 = k_begin + lane * 8; k0 < k_end; k0 += kUnroll * kStep) {
       uint4 w[kUnroll][kRowsPerWarp];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
         for (int q = 0; q < kRowsPerWarp; ++q)
-          w[u][q] = k0 + u * kStep < K ? *reinterpret_cast<const uint4*>(wrow[q] + k0 + u * kStep) : uint4{};
+          w[u][q] = k0 + u * kStep < k_end ? *reinterpret_cast<const uint4*>(wrow[q] + k0 + u * kStep) : uint4{};
 #pragma unroll
       for (int r = 0; r < kPass; ++r) {
         if (r >= n) break;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          if (k0 + u * kStep >= K) break;
+          if (k0 + u * kStep >= k_end) break;
           const uint4 v = *reinterpret_cast<const uint4*>(in + in_off[r] + k0 + u * kStep);
 #pragma unroll
           for (int q = 0; q < kRowsPerWarp; ++q) acc[q][r] = dot8(w[u][q], v, acc[q][r]);
         }
       }
     }
-    store_pass<UP>(acc, n, s_list, feat, N, out, lane);
+    if constexpr (SPLIT)
+      store_pass<UP>(acc, n, s_list, feat, N, p.partial + static_cast<int64_t>(blockIdx.z) * R * N, lane);
+    else
+      store_pass<UP>(acc, n, s_list, feat, N, out, lane);
     if (cursor >= R) return;
     __syncthreads();  // everyone has read s_list before warp 0 refills it
   }
@@ -159,13 +174,13 @@ __global__ void __launch_bounds__(kThreads, 2) moe_decode_kernel(const MoeDecode
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("moe_decode: " + what); }
 
-template <bool UP>
+template <bool UP, bool SPLIT = false>
 void launch(const MoeDecodeParams& p, cudaStream_t stream) {
   const int N = UP ? p.F : p.D;
   const int R = p.T * p.k_max;
   const int experts = p.topk_ids ? (R < p.E ? R : p.E) : 1;  // distinct experts at most (dense: one)
-  const dim3 grid(experts, (N + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>);
-  auto* moe_decode = &moe_decode_kernel<UP>;  // one token for MOE_LAUNCH (and its messages)
+  const dim3 grid(experts, (N + kFeatPerCta<UP> - 1) / kFeatPerCta<UP>, SPLIT ? p.k_splits : 1);
+  auto* moe_decode = &moe_decode_kernel<UP, SPLIT>;  // one token for MOE_LAUNCH (and its messages)
   MOE_LAUNCH(moe_decode, grid, dim3(kThreads), 0, stream, p);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
@@ -187,10 +202,15 @@ void moe_decode_cuda(const MoeDecodeParams& p, void* stream, int device) {
   if (misaligned(p.x) || misaligned(p.experts_gate_up) || misaligned(p.experts_down) || misaligned(p.act) ||
       misaligned(p.expert_out))
     bad("x, experts_gate_up, experts_down, act and expert_out must be 16-byte aligned");
+  const bool split = p.k_splits > 1;
+  if (p.k_splits < 0 || p.k_splits > 64) bad("k_splits must be in [0, 64]; got " + s(p.k_splits));
+  if (split && (p.topk_ids || !p.partial))
+    bad("k_splits > 1 needs dense mode (topk_ids null) and a partial buffer [k_splits, T*k_max, D]");
+  if (split && misaligned(p.partial)) bad("partial must be 16-byte aligned");
   if (p.T == 0) return;
   auto st = static_cast<cudaStream_t>(stream);
   launch<true>(p, st);
-  launch<false>(p, st);
+  split ? launch<false, true>(p, st) : launch<false>(p, st);
 }
 
 }  // namespace moe

@@ -21,6 +21,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;    // weight rows one warp streams together
 constexpr int kPass = 8;           // slots served per pass over an expert's weight rows
+constexpr int kStep = 32 * 8;      // bf16 weights: K elements a warp step (16 bytes a lane)
 
 template <bool UP> constexpr int kFeatPerCta = kWarps * kRowsPerWarp / (UP ? 2 : 1);
 
@@ -89,11 +90,15 @@ __device__ __forceinline__ void pass_offsets(int (&in_off)[kPass], int n, const 
     in_off[r] = r < n ? (UP ? s_list[r] / k_max : s_list[r]) * K : 0;
 }
 
+__device__ __forceinline__ void store_as(__nv_bfloat16* dst, float v) { *dst = __float2bfloat16(v); }
+__device__ __forceinline__ void store_as(float* dst, float v) { *dst = v; }  // split-K partial sums
+
 // The pass's lane partial sums reduced with xor shuffles; lane 0 writes feature feat[q] of each
-// slot's row of out [R, N]: up silu(gate) * up (rows q and q + kFeatPerWarp), down the sum.
-template <bool UP>
+// slot's row of out [R, N]: up silu(gate) * up (rows q and q + kFeatPerWarp), down the sum
+// (bf16, or fp32 for a split-K partial).
+template <bool UP, class OutT>
 __device__ __forceinline__ void store_pass(float (&acc)[kRowsPerWarp][kPass], int n, const int* s_list,
-                                           const int (&feat)[kRowsPerWarp], int N, __nv_bfloat16* out, int lane) {
+                                           const int (&feat)[kRowsPerWarp], int N, OutT* out, int lane) {
   constexpr int kMats = UP ? 2 : 1;
   constexpr int kFeatPerWarp = kRowsPerWarp / kMats;
 #pragma unroll
@@ -109,7 +114,7 @@ __device__ __forceinline__ void store_pass(float (&acc)[kRowsPerWarp][kPass], in
       for (int q = 0; q < kFeatPerWarp; ++q) {
         if (feat[q] >= N) continue;
         const float v = UP ? silu(acc[q][r]) * acc[q + kFeatPerWarp * (kMats - 1)][r] : acc[q][r];
-        out[row + feat[q]] = __float2bfloat16(v);
+        store_as(out + row + feat[q], v);
       }
     }
   }

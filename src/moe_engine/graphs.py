@@ -24,8 +24,14 @@ Not graphed (the eager layer loop runs instead, Runner.graph_step and DecodeGrap
 prefill, an attention_mask, per-position / per-token routing controls, patches, grad, dynamic
 rope scaling beyond the context.
 
-Only `CudaGraph` touches torch.cuda; everything else runs on any device with another graph
-object of the same three methods (tests/test_graphs.py replays on emu with a fake one).
+Two streams: each MoE layer forks the shared experts onto a side stream and joins it before
+combine (moe.py, streams.py). The fork and join are event waits between the capture stream and
+the side stream, which the capture records as the graph's edges, so a replay runs the shared
+experts beside the router and the routed experts. The side stream is created in the eager
+warm-up that precedes every capture (CudaGraph.warmup), not inside the capture.
+
+Only `CudaGraph` and streams.py touch torch.cuda; everything else runs on any device with another
+graph object of the same three methods (tests/test_graphs.py replays on emu with a fake one).
 """
 from __future__ import annotations
 

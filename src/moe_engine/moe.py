@@ -2,6 +2,10 @@
 
     router GEMM -> route -> expert_ffn -> shared experts -> combine (+ residual)
 
+On cuda the shared experts run on a side stream, forked once hook_in is taken and joined before
+combine, so they overlap the router and the routed experts (streams.py; graphs.py captures both
+branches). Every other backend runs the same code in program order.
+
 Shape legend: N tokens, D hidden, E routed experts, K top-k of this layer (runtime), k_max
 buffer width of this call, F expert width, S shared width.
 
@@ -32,6 +36,7 @@ from .ops.combine import combine
 from .ops.expert_ffn import expert_ffn, shared_expert_cuda, swiglu
 from .ops.packed import linear_cpu
 from .ops.route import route
+from .streams import fork
 
 
 def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: Routing, l: int, *,
@@ -65,6 +70,20 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         return cpu.fused(u, resid_mid, k, routing.k_max, routing.controls(l), routing.mask_mode,
                          routing.renormalize, usage)
     u = t(pre + "hook_in", u)
+    # The shared experts need only u: on cuda they run on a side stream beside the router and the
+    # routed experts, joined before combine (streams.py; a no-op order on the other backends).
+    branch = fork(backend, u.device, enabled=w.shared is not None)
+    shared = None
+    with branch:
+        if w.shared is not None:
+            if qshared is not None:  # the quantized kernels in dense mode
+                shared = qshared(u, None).view(u.shape)
+            elif backend in ("cuda", "emu"):
+                shared = shared_expert_cuda(u, w.shared.gate_up, w.shared.down, backend=backend)
+            elif cpu is None:
+                shared = swiglu(u, w.shared.gate_up, w.shared.down)
+            else:
+                shared = one_expert(u, cpu.shared)
     # cpu: the router and shared MLP always run on the packed kernels (any N), so the fused call
     # and this op-by-op path give the same bits.
     router_logits = u @ w.router.t() if cpu is None else linear_cpu(u, cpu.router)
@@ -96,17 +115,8 @@ def moe_layer(u: torch.Tensor, resid_mid: torch.Tensor, w: MoEWeights, routing: 
         expert_out = torch.zeros((u.shape[0], routing.k_max, u.shape[1]), dtype=u.dtype, device=u.device)
     if want(pre + "hook_expert_out"):
         expert_out = _patch_cols(t, pre + "hook_expert_out", expert_out, k)
-    shared_out = None
-    if w.shared is not None:
-        if qshared is not None:  # the quantized kernels in dense mode
-            shared = qshared(u, None).view(u.shape)
-        elif backend in ("cuda", "emu"):
-            shared = shared_expert_cuda(u, w.shared.gate_up, w.shared.down, backend=backend)
-        elif cpu is None:
-            shared = swiglu(u, w.shared.gate_up, w.shared.down)
-        else:
-            shared = one_expert(u, cpu.shared)
-        shared_out = t(pre + "hook_shared_out", shared)
+    branch.join()
+    shared_out = None if shared is None else t(pre + "hook_shared_out", shared)
     want_routed = want(pre + "hook_routed_out") or want(f"blocks.{l}.hook_mlp_out")
     out, routed = combine(expert_out, weights, ids, shared_out, resid_mid, backend=backend,
                           want_routed=want_routed)

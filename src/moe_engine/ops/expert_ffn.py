@@ -197,8 +197,13 @@ def shared_expert_cuda(x, gate_up, down, *, backend: str):
     if T == 0:
         return out
     act = torch.empty((T, S), dtype=x.dtype, device=x.device)
+    # The down projection of a small batch is split over S (csrc/cuda/shared_expert.cu): its fp32
+    # partial sums need this scratch.
+    partial_floats = mod.shared_expert_plan(T, D, S, True)[4]
+    partial = torch.empty(partial_floats, dtype=torch.float32, device=x.device) if partial_floats else None
     p = mod.SharedExpertParams()
     p.x, p.x_stride, p.gate_up, p.down = backends.ptr(x), D, backends.ptr(gate_up), backends.ptr(down)
     p.act, p.shared_out, p.T, p.D, p.S = backends.ptr(act), backends.ptr(out), T, D, S
+    p.partial = 0 if partial is None else backends.ptr(partial)
     mod.shared_expert_cuda(p, backends.stream_of(backend, x.device), backends.device_of(backend, x.device))
     return out
