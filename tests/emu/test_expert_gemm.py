@@ -116,8 +116,8 @@ def test_shared_expert(shared_prog, case):
     """Every plan of shared_expert_plan (decode / GEMM, split or not) against the double reference;
     the partial scratch starts as NaN, so a split range left unwritten fails. Cannot show: whether
     the split grids fill a GPU (occupancy, speed) or the concurrency with the routed experts."""
-    if case[1] >= 1024 and sanitize_mode() != "none":
-        pytest.skip("the 16B shape is slow under sanitizers; the same paths run at small sizes")
+    if case[1] >= 1024 and sanitize_mode() == "thread":
+        pytest.skip("the 16B shape takes minutes on TSan's threads; the same paths run at small sizes")
     out = _run(shared_prog, *case[:4], 1)
     assert f"plan {case[4]}" in out, out
 
