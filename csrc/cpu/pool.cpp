@@ -8,9 +8,10 @@
 // the pool has moved on to another job, so a worker that wakes late can never claim (or run) a
 // chunk of a job it did not read. It reads the slot BEFORE the claim: the slot of job g is only
 // rewritten for job g + 2, after state has left generation g, so a successful claim proves the
-// slot it read belonged to g. After running a chunk it adds one to `done`; the caller returns
-// when done == n (a job cannot finish while any claimed chunk is still running, so `done` and the
-// exception below are never touched by a job other than the one they belong to).
+// slot it read belonged to g. When a participant finds no chunk left it adds the number of chunks
+// it ran to `done` (one write to that shared line per participant and job, not per chunk); the
+// caller returns when done == n. A job cannot finish while a claimed chunk is running or not yet
+// counted, so `done` and the exception below are never touched by a job other than their own.
 #include "pool.h"
 
 #include <pthread.h>
@@ -99,6 +100,7 @@ class Pool {
   // Claims and runs chunks of the current job until none is left; `id` is the worker's index
   // (-1: the caller). Returns at once if the job's team has no place for this worker.
   void work(int id) {
+    int64_t finished = 0;  // chunks run here, added to done_ once (one write to a shared line per job)
     for (;;) {
       uint64_t s = state_.load(std::memory_order_acquire);
       const Slot& slot = slots_[(s >> 32) & 1];
@@ -106,7 +108,7 @@ class Pool {
       const int team = slot.team.load(std::memory_order_acquire);
       const detail::ChunkCall call = slot.call.load(std::memory_order_acquire);
       const void* ctx = slot.ctx.load(std::memory_order_acquire);
-      if (id + 1 >= team || int64_t(s & 0xffffffffu) >= n) return;
+      if (id + 1 >= team || int64_t(s & 0xffffffffu) >= n) break;
       if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       if (!failed_.load(std::memory_order_relaxed)) {
         try {
@@ -119,8 +121,11 @@ class Pool {
           }
         }
       }
-      done_.fetch_add(1, std::memory_order_acq_rel);
+      ++finished;
     }
+    // The chunks counted here all belong to the job the last claim came from: that job cannot
+    // be complete before this add, so no later job can have started.
+    if (finished) done_.fetch_add(finished, std::memory_order_acq_rel);
   }
 
   void worker(int id) {
