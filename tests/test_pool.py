@@ -93,6 +93,9 @@ def test_two_python_threads_at_once():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="fork")
+@pytest.mark.skipif(os.environ.get("MOE_ENGINE_POOL") == "0",
+                    reason="MOE_ENGINE_POOL=0 runs OpenMP regions, and libgomp hangs in a fork's child "
+                           "once its threads exist in the parent")
 def test_fork_child_gets_a_working_pool():
     """The parent's workers do not exist in a fork's child: its first job must not wait for them."""
     before = _C.kernel_threads(2)
