@@ -3,7 +3,7 @@
 Every chunk must run exactly once whatever the team, whatever thread is slow, and the pool must
 survive what a process does to it: a chunk that throws, a kernel called from inside a chunk
 (nested), two Python threads at once, a fork. Bits of the kernels across team sizes are pinned
-by tests/test_ops.py and tests/test_cpu_ops.py; this file checks the pool's own bookkeeping.
+by tests/test_ops.py and the decode-step tests; this file checks the pool's own bookkeeping.
 """
 from __future__ import annotations
 
