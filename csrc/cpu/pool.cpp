@@ -98,8 +98,8 @@ class Pool {
 
  private:
   // Claims and runs chunks of the current job until none is left; `id` is the worker's index
-  // (-1: the caller). Returns at once if the job's team has no place for this worker.
-  void work(int id) {
+  // (-1: the caller). Returns false at once if the job's team has no place for this worker.
+  bool work(int id) {
     int64_t finished = 0;  // chunks run here, added to done_ once (one write to a shared line per job)
     for (;;) {
       uint64_t s = state_.load(std::memory_order_acquire);
@@ -108,7 +108,8 @@ class Pool {
       const int team = slot.team.load(std::memory_order_acquire);
       const detail::ChunkCall call = slot.call.load(std::memory_order_acquire);
       const void* ctx = slot.ctx.load(std::memory_order_acquire);
-      if (id + 1 >= team || int64_t(s & 0xffffffffu) >= n) break;
+      if (id + 1 >= team) return false;
+      if (int64_t(s & 0xffffffffu) >= n) break;
       if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       if (!failed_.load(std::memory_order_relaxed)) {
         try {
@@ -126,13 +127,17 @@ class Pool {
     // The chunks counted here all belong to the job the last claim came from: that job cannot
     // be complete before this add, so no later job can have started.
     if (finished) done_.fetch_add(finished, std::memory_order_acq_rel);
+    return true;
   }
 
   void worker(int id) {
     t_in_pool = true;  // a kernel called from a chunk runs its own chunks serially
     uint32_t seen = gen_.load(std::memory_order_acquire);
+    bool member = true;  // whether the last job's team had a place for this worker
     for (;;) {
-      const auto until = Clock::now() + kSpin;
+      // a worker outside the current team (a larger team ran before) sleeps at once instead of
+      // spinning beside the threads that work
+      const auto until = member ? Clock::now() + kSpin : Clock::now();
       for (int spins = 0; gen_.load(std::memory_order_acquire) == seen; ++spins) {
         if ((spins & 63) != 63 || Clock::now() < until) {
           MOE_PAUSE();
@@ -143,7 +148,7 @@ class Pool {
         sleepers_.fetch_sub(1, std::memory_order_seq_cst);
       }
       seen = gen_.load(std::memory_order_acquire);
-      work(id);
+      member = work(id);
     }
   }
 

@@ -28,8 +28,9 @@
 // - MOE_ENGINE_POOL=0 (read once, at the first job) runs the same chunks as an OpenMP
 //   `parallel for` instead, to compare the two on one build (bench/contention.py --modes).
 #pragma once
+#include <algorithm>
 #include <cstdint>
-#include <utility>
+#include <type_traits>
 
 #include "common.h"
 
