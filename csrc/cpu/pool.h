@@ -58,7 +58,8 @@ void parallel_for(int64_t n, Fn&& fn, bool parallel = true) {
 }
 
 // Chunks for n units of roughly equal cost: at most kChunksPerThread per team member, so a
-// thread that loses its core holds back at most that share, and claims stay rare next to the work.
+// thread that loses its core while it runs a chunk holds back one chunk, a small share of the job,
+// and claims (each a write to a shared cache line) stay rare next to the work.
 constexpr int kChunksPerThread = 4;
 inline int64_t chunk_count(int64_t units) {
   return std::min<int64_t>(units, int64_t(kChunksPerThread) * max_threads());
