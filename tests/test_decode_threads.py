@@ -198,7 +198,7 @@ def test_disabled_or_one_thread_never_changes_the_team(full):
         assert dt.switches == 0
 
 
-@pytest.mark.parametrize("value, on", [(None, True), ("", True), ("1", True), ("on", True),
+@pytest.mark.parametrize("value, on", [(None, False), ("", False), ("1", True), ("on", True),
                                        ("TRUE", True), ("0", False), ("off", False), ("false", False)])
 def test_the_environment_variable_forces_it_either_way(value, on, monkeypatch):
     if value is None:
