@@ -18,6 +18,13 @@
 
 #include "ops.h"
 #if !defined(MOE_EMU)
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "cpu/pool.h"
 #include "cpu/simd.h"
 #endif
 #if defined(_OPENMP)
@@ -247,6 +254,35 @@ static void bind_runtime(py::module_& m) {
 #endif
   }, py::arg("n") = 0);
   m.attr("cpu_isa") = MOE_CPU_ISA;  // which of csrc/cpu/simd.h's three builds this is
+  // A test hook of csrc/cpu/pool.h (tests/test_pool.py): one parallel_for of n chunks on the
+  // calling thread's team; chunk slow_chunk sleeps slow_ms first, chunk throw_chunk throws, and
+  // with nested each chunk runs a parallel_for of 3 chunks inside. Returns how many times each
+  // chunk ran (nested: the inner chunks' runs summed) and the number of distinct threads that ran
+  // chunks. Releases the GIL, so Python threads can call it at once.
+  m.def("pool_check", [](int64_t n, int64_t slow_chunk, int slow_ms, int64_t throw_chunk, bool nested) {
+    sizes("pool_check", {{"n", n, 0}, {"slow_ms", slow_ms, 0}});
+    std::vector<std::atomic<int>> runs(static_cast<size_t>(n));
+    std::mutex mu;
+    std::set<std::thread::id> ids;
+    {
+      py::gil_scoped_release release;
+      cpu::parallel_for(n, [&](int64_t i) {
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          ids.insert(std::this_thread::get_id());
+        }
+        if (i == slow_chunk) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+        if (i == throw_chunk) throw std::runtime_error("pool_check: chunk " + std::to_string(i) + " threw");
+        if (nested) cpu::parallel_for(3, [&](int64_t) { runs[size_t(i)].fetch_add(1); });
+        else runs[size_t(i)].fetch_add(1);
+      });
+    }
+    py::list out;
+    for (auto& r : runs) out.append(r.load());
+    return py::make_tuple(out, int(ids.size()));
+  }, py::arg("n"), py::arg("slow_chunk") = -1, py::arg("slow_ms") = 0, py::arg("throw_chunk") = -1,
+     py::arg("nested") = false);
+  m.def("pool_threads", &cpu::pool_threads, "threads the cpu kernels' pool holds (0 before its first job)");
 #endif
 #if defined(MOE_WITH_CUDA) && !defined(MOE_EMU)
   m.attr("has_cuda_kernels") = true;

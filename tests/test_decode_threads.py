@@ -198,7 +198,7 @@ def test_disabled_or_one_thread_never_changes_the_team(full):
         assert dt.switches == 0
 
 
-@pytest.mark.parametrize("value, on", [(None, True), ("", True), ("1", True), ("on", True),
+@pytest.mark.parametrize("value, on", [(None, False), ("", False), ("1", True), ("on", True),
                                        ("TRUE", True), ("0", False), ("off", False), ("false", False)])
 def test_the_environment_variable_forces_it_either_way(value, on, monkeypatch):
     if value is None:
@@ -285,3 +285,11 @@ def test_contention_bench_computes_the_targets_against_the_fixed_idle_row():
     rows[("adaptive", 0)] = row(380.0, 3.0)
     assert dict((w, m) for w, _, _, m in contention.targets(rows))["adaptive idle speed / fixed idle speed"] is False
     assert contention.targets({("adaptive", 4): row(1.0, 1.0)}) == []               # no idle row: no verdict
+    # the pool's idle speed against the OpenMP regions' (MOE_ENGINE_POOL=0), when both are measured
+    assert "fixed idle speed / fixed-omp idle speed" not in dict((w, m) for w, _, _, m in contention.targets(rows))
+    rows[("fixed-omp", 0)], rows[("fixed-omp", 4)] = row(410.0, 3.0), row(20.0, 80.0)
+    got = {what: (round(value, 4), met) for what, value, _, met in contention.targets(rows)}
+    assert got["fixed idle speed / fixed-omp idle speed"] == (round(400 / 410, 4), True)
+    assert got["fixed-omp beside 4: speed / fixed idle speed"] == (0.05, False)
+    rows[("fixed-omp", 0)] = row(420.0, 3.0)
+    assert dict((w, m) for w, _, _, m in contention.targets(rows))["fixed idle speed / fixed-omp idle speed"] is False

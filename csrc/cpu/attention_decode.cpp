@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "either_panels.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace moe {
@@ -40,11 +41,10 @@ void for_each_head(const AttnDecodeParams& p, Fn fn) {
   const X* q = static_cast<const X*>(p.q);
   const X* kc = static_cast<const X*>(p.k_cache);
   const X* vc = static_cast<const X*>(p.v_cache);
-#pragma omp parallel for schedule(static) if (B * H * Tkv * hd >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
-  for (int64_t bh = 0; bh < B * H; ++bh) {
+  cpu::parallel_for(B * H, [&](int64_t bh) {  // one head per chunk: its output is its own
     const int64_t b = bh / H, g = bh % H / group, cache = (b * p.Hkv + g) * int64_t(p.Tkv_cap) * hd;
     fn(bh, q + bh * hd, kc + cache, vc + cache, p.valid + b * int64_t(p.valid_stride), p.workspace + bh * Tkv);
-  }
+  }, B * H * Tkv * hd >= cpu::kParallelMinWork);
 }
 
 template <typename X>
@@ -303,19 +303,20 @@ void rms_norm_cpu(const RMSNormParams& p) {
     cpu::need("rms_norm_cpu", p.out, "out");
   }
   const int64_t T = p.T, D = p.D;
-#pragma omp parallel for schedule(static) if (T * D >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
-  for (int64_t t = 0; t < T; ++t) {
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = cpu::load(p.x, p.dtype, t * D + d);
-      ss += v * v;
+  cpu::parallel_ranges(T, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = cpu::load(p.x, p.dtype, t * D + d);
+        ss += v * v;
+      }
+      const float r = 1.f / std::sqrt(ss / float(D) + p.eps);
+      for (int64_t d = 0; d < D; ++d) {
+        const float n = rnd(p.dtype, cpu::load(p.x, p.dtype, t * D + d) * r);
+        cpu::store(p.out, p.dtype, t * D + d, cpu::load(p.w, p.dtype, d) * n);
+      }
     }
-    const float r = 1.f / std::sqrt(ss / float(D) + p.eps);
-    for (int64_t d = 0; d < D; ++d) {
-      const float n = rnd(p.dtype, cpu::load(p.x, p.dtype, t * D + d) * r);
-      cpu::store(p.out, p.dtype, t * D + d, cpu::load(p.w, p.dtype, d) * n);
-    }
-  }
+  }, T * D >= cpu::kParallelMinWork);
 }
 
 }  // namespace moe

@@ -10,6 +10,7 @@
 // Traffic: T*D*(k_max + 3 or 4) * bytes(dtype) + T*k_max*8.
 // Reference: src/moe_engine/ops/combine.py (combine_ref); test: tests/test_ops.py.
 #include "common.h"
+#include "pool.h"
 
 namespace moe {
 namespace {
@@ -24,8 +25,7 @@ void combine_impl(const CombineParams& p) {
   X* routed = static_cast<X*>(p.routed_out);
   constexpr int64_t kChunk = 256;  // fp32 accumulator strip that stays in registers / L1
   const int64_t chunks = (D + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (T * D * (K + 2) >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
-  for (int64_t item = 0; item < T * chunks; ++item) {
+  cpu::parallel_for(T * chunks, [&](int64_t item) {
     const int64_t t = item / chunks, d0 = item % chunks * kChunk, n = std::min(kChunk, D - d0);
     float acc[kChunk];
     for (int64_t d = 0; d < n; ++d) acc[d] = 0.f;
@@ -43,7 +43,7 @@ void combine_impl(const CombineParams& p) {
     if (res)
       for (int64_t d = 0; d < n; ++d) acc[d] += cpu::load(res, t * D + d0 + d);
     for (int64_t d = 0; d < n; ++d) cpu::store(out, t * D + d0 + d, acc[d]);
-  }
+  }, T * D * (K + 2) >= cpu::kParallelMinWork);
 }
 
 }  // namespace

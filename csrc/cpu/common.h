@@ -80,7 +80,7 @@ inline void group_by_expert(const int32_t* topk_ids, int64_t R, int32_t E, int32
   group_by_expert(topk_ids, R, E, block_m, counts, offsets, slots, [](int64_t) {});
 }
 
-// Below this many elements of work an OpenMP region costs more than it saves (a fork/join
+// Below this many elements of work a parallel region costs more than it saves (a fork/join
 // costs more than a decode step's route or combine; bench/README.md has the measurement).
 constexpr int64_t kParallelMinWork = 1 << 14;
 
@@ -110,7 +110,7 @@ inline void need_sizes(const char* op, std::initializer_list<SizeArg> sizes) {
 // Threads of a parallel region: torch.set_num_threads(n) sets OpenMP's default for every
 // region, and asking libgomp for far more threads than it can create crashes it (100000 did in
 // pack_weights_cpu). More threads than 4x the processors only adds fork/join cost, so every
-// parallel region of csrc/cpu takes num_threads(cpu::max_threads()).
+// parallel region of csrc/cpu (a pool job, pool.h, or an OpenMP region) takes this team size.
 inline int max_threads() {
 #if defined(_OPENMP)
   const int cap = 4 * omp_get_num_procs();
@@ -125,9 +125,9 @@ inline int max_threads() {
 // c + kPanelCost. Balances a decode step (every unit 1 token) evenly and a prefill by compute.
 constexpr int64_t kPanelCost = 4;
 
-// Calls fn(e, panel) for this thread's share of the units (e, panel), e over experts with
-// count > 0, shares cut by cost so threads get equal work and contiguous weight streams
-// (the bf16 and the quantized expert kernels schedule alike).
+// Calls fn(e, panel) for share tid of nth of the units (e, panel), e over experts with count > 0,
+// shares cut by cost so they hold equal work and contiguous weight streams (the bf16 and the
+// quantized expert kernels cut their pool jobs' chunks alike: share = chunk).
 template <class Fn>
 void for_my_units(int tid, int nth, int32_t E, const int32_t* counts, int64_t n_panels, Fn fn) {
   int64_t total = 0;
@@ -143,7 +143,7 @@ void for_my_units(int tid, int nth, int32_t E, const int32_t* counts, int64_t n_
       continue;
     }
     for (int64_t p = 0; p < n_panels; ++p, c += u) {
-      const int64_t mid = c + u / 2;  // a unit belongs to the thread owning its midpoint
+      const int64_t mid = c + u / 2;  // a unit belongs to the share owning its midpoint
       if (mid >= lo && mid < hi) fn(e, p);
     }
   }

@@ -9,11 +9,13 @@
 //   token's (x[k], x[k+1]) + 2M vdpbf16ps (bf16) or 2M FMAs per k (fp32). No horizontal sums,
 //   no activation copies: token rows are read in place through their slot's pointer.
 //   1. group slots by expert (cpu::group_by_expert, align's counting sort; ascending slot order);
-//   2. gate|up phase: units (expert, panel) over the chosen experts only, split across threads
-//      by cost (tokens + panel streaming), each panel read once for all the expert's tokens,
-//      epilogue h = SiLU(g)*u (vectorised exp) into the workspace;
-//   3. barrier; down phase: units (expert, down panel), A = h rows, stores into expert_out.
-//   Each output element has one fixed summation order, so thread count never changes results.
+//   2. gate|up phase: units (expert, panel) over the chosen experts only, cut by cost (tokens +
+//      panel streaming) into the chunks of one pool job (pool.h), each panel read once for all
+//      the expert's tokens, epilogue h = SiLU(g)*u (vectorised exp) into the workspace;
+//   3. a second job once the first is complete: units (expert, down panel), A = h rows, stores
+//      into expert_out.
+//   Each output element has one fixed summation order, so neither the thread count nor which
+//   thread runs a chunk changes results.
 // Traffic (decode, bf16): sum over distinct chosen experts of 3*D*F*2 B, read once per call;
 //   + T*k_max*(D + 2F)*2 B of activations. Prefill: the same weight bytes (all experts once)
 //   and 2*T*k_max*3*D*F FLOP. The AVX-512 microkernel runs level with oneDNN's bf16 GEMM, and
@@ -25,12 +27,12 @@
 // Limits: any T, D, F, E (panels zero-pad Dout to 32 and Din to even). Reference:
 //   src/moe_engine/ops/expert_ffn.py (expert_ffn_ref); test: tests/test_ops.py.
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "common.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace moe {
@@ -442,16 +444,18 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
   const char* x = static_cast<const char*>(p.x);
   const char* w13 = static_cast<const char*>(p.w13);
   const char* w2 = static_cast<const char*>(p.w2);
-  const int nth = std::max(1, std::min(cpu::max_threads(), int(ws.offsets[E] * (np13 + np2) / 2)));
-#pragma omp parallel num_threads(nth)
-  {
-    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+  // units (expert, panel) of the chosen experts, cut by cost into chunks (cpu::for_my_units with
+  // chunk c of nc in place of a thread); every unit writes its own output rows
+  int64_t active = 0;
+  for (int32_t e = 0; e < p.E; ++e) active += ws.counts[e] > 0;
+  const int mg = tile_rows(D * bytes), md = tile_rows(hs * bytes);
+  // 2. gate|up -> h
+  const int64_t nc13 = cpu::chunk_count(active * np13);
+  cpu::parallel_for(nc13, [&](int64_t c) {
     alignas(64) AccT acc;
     const void* a[kMaxM];
     void* o[kMaxM];
-    // 2. gate|up -> h
-    const int mg = tile_rows(D * bytes), md = tile_rows(hs * bytes);
-    for_my_units(tid, n, p.E, ws.counts, np13, [&](int32_t e, int64_t q) {
+    for_my_units(int(c), int(nc13), p.E, ws.counts, np13, [&](int32_t e, int64_t q) {
       const char* panel = w13 + ((e * np13 + q) * pe13) * bytes;
       for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += mg) {
         const int M = std::min<int>(mg, ws.offsets[e + 1] - i);
@@ -463,9 +467,14 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
         epi_silu(dt, acc, M, o, q * kHalf);
       }
     });
-#pragma omp barrier
-    // 3. down -> expert_out
-    for_my_units(tid, n, p.E, ws.counts, np2, [&](int32_t e, int64_t q) {
+  });
+  // 3. down -> expert_out (the job above is complete: every h row is written)
+  const int64_t nc2 = cpu::chunk_count(active * np2);
+  cpu::parallel_for(nc2, [&](int64_t c) {
+    alignas(64) AccT acc;
+    const void* a[kMaxM];
+    void* o[kMaxM];
+    for_my_units(int(c), int(nc2), p.E, ws.counts, np2, [&](int32_t e, int64_t q) {
       const char* panel = w2 + ((e * np2 + q) * pe2) * bytes;
       for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += md) {
         const int M = std::min<int>(md, ws.offsets[e + 1] - i);
@@ -477,7 +486,7 @@ void expert_ffn_cpu(const ExpertFFNParams& p) {
         epi_store(dt, acc, M, o, q * kPanel, D);
       }
     });
-  }
+  });
 }
 
 void linear_cpu(const LinearParams& p) {
@@ -495,26 +504,26 @@ void linear_cpu(const LinearParams& p) {
   const int64_t mr = tile_rows(p.Din * bytes), mt = (p.T + mr - 1) / mr;
   const char* x = static_cast<const char*>(p.x);
   char* y = static_cast<char*>(p.y);
-  // Panel-major units so each thread streams a contiguous range of the weight; token tiles
+  // Panel-major units so each chunk streams a contiguous range of the weight; token tiles
   // inner, so a panel is reused from L1/L2 across tiles. Parallel from 64K multiply-adds (a
   // 128 KB bf16 mat-vec): one thread streams a weight at well under the machine's bandwidth,
   // so a decode step's o projection (512 x 512) is faster split than serial (the router,
   // 64 x 512, is not).
-#pragma omp parallel for schedule(static) if (np * kPanel * p.Din * p.T >= 4 * cpu::kParallelMinWork) num_threads(cpu::max_threads())
-  for (int64_t q = 0; q < np; ++q) {
+  cpu::parallel_ranges(np, [&](int64_t q0, int64_t q1) {
     alignas(64) AccT acc;
     const void* a[kMaxM];
     void* o[kMaxM];
-    for (int64_t i = 0; i < mt; ++i) {
-      const int M = int(std::min<int64_t>(mr, p.T - i * mr));
-      for (int m = 0; m < M; ++m) {
-        a[m] = x + (i * mr + m) * p.Din * bytes;
-        o[m] = y + (i * mr + m) * p.Dout * bytes;
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t i = 0; i < mt; ++i) {
+        const int M = int(std::min<int64_t>(mr, p.T - i * mr));
+        for (int m = 0; m < M; ++m) {
+          a[m] = x + (i * mr + m) * p.Din * bytes;
+          o[m] = y + (i * mr + m) * p.Dout * bytes;
+        }
+        tile_dispatch(M, dt, a, p.Din, static_cast<const char*>(p.w) + q * pe * bytes, acc);
+        epi_store(dt, acc, M, o, q * kPanel, p.Dout);
       }
-      tile_dispatch(M, dt, a, p.Din, static_cast<const char*>(p.w) + q * pe * bytes, acc);
-      epi_store(dt, acc, M, o, q * kPanel, p.Dout);
-    }
-  }
+  }, np * kPanel * p.Din * p.T >= 4 * cpu::kParallelMinWork);
 }
 
 }  // namespace moe

@@ -16,8 +16,9 @@
 // Algorithm: as expert_ffn.cpp. A tile of M <= kMaxM token rows times one 32-row panel: per k
 //   the panel's codes are loaded once (32 B int8, 16 B int4), widened to fp32 in registers and
 //   FMA'd against the M rows' broadcasts; per group the 2x16 scales and zeros (96 B) update the
-//   accumulators. Threads split the panels (linear) or (expert, panel) units by cost (expert
-//   FFN), so each streams a contiguous range of quantized bytes, each panel once per call.
+//   accumulators. The pool's chunks (pool.h) are ranges of panels (linear) or of (expert, panel)
+//   units cut by cost (expert FFN), so each streams a contiguous range of quantized bytes, each
+//   panel once per call.
 //   Decode (T <= 16) streams the codes at ~1 FMA per weight per token (AVX-512 one-row tiles
 //   run two groups' sums at once to hide FMA latency, each in its own order); prefill reuses each
 //   panel from L1/L2 across token tiles (no separate dequantized buffer).
@@ -29,7 +30,6 @@
 // Reference: the dequantize-then-matmul formula in tests/test_quant_kernels.py; Python entry
 //   points: src/moe_engine/ops/quant.py.
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +37,7 @@
 
 #include "common.h"
 #include "either_panels.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace moe {
@@ -525,16 +526,16 @@ void linear_q_cpu(const QLinearParams& p) {
   char* y = static_cast<char*>(p.y);
   const uint8_t* wp = static_cast<const uint8_t*>(p.w);
   // Parallel from 64K multiply-adds, as linear_cpu.
-#pragma omp parallel if (np * kPanel * Din * T >= 4 * cpu::kParallelMinWork)
-  {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) widen_row(x + t * Din * esize(dt), dt, Din, w.g, xf + t * xs, xsum + t * w.groups);
-#pragma omp for schedule(static)
-    for (int64_t q = 0; q < np; ++q) {
-      alignas(64) AccT acc;
-      const float* a[kMaxM];
-      const float* as[kMaxM];
-      void* o[kMaxM];
+  const bool parallel = np * kPanel * Din * T >= 4 * cpu::kParallelMinWork;
+  cpu::parallel_ranges(T, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) widen_row(x + t * Din * esize(dt), dt, Din, w.g, xf + t * xs, xsum + t * w.groups);
+  }, parallel);
+  cpu::parallel_ranges(np, [&](int64_t q0, int64_t q1) {
+    alignas(64) AccT acc;
+    const float* a[kMaxM];
+    const float* as[kMaxM];
+    void* o[kMaxM];
+    for (int64_t q = q0; q < q1; ++q)
       for (int64_t t0 = 0; t0 < T; t0 += kMaxM) {
         const int M = int(std::min<int64_t>(kMaxM, T - t0));
         for (int m = 0; m < M; ++m) {
@@ -545,8 +546,7 @@ void linear_q_cpu(const QLinearParams& p) {
         qtile_dispatch(M, w, a, as, wp + q * w.panel_bytes, acc);
         epi_store(dt, acc, M, o, q * kPanel, Dout);
       }
-    }
-  }
+  }, parallel);
 }
 
 int64_t expert_ffn_q_workspace_bytes(int64_t T, int64_t k_max, int64_t E, int64_t D, int64_t F,
@@ -589,20 +589,21 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p) {
   const char* x = static_cast<const char*>(p.x);
   const uint8_t* q13 = static_cast<const uint8_t*>(p.w13);
   const uint8_t* q2 = static_cast<const uint8_t*>(p.w2);
-  const int nth = std::max(1, std::min(omp_get_max_threads(), int(n_slots * (np13 + np2) / 2)));
-#pragma omp parallel num_threads(nth)
-  {
-    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+  int64_t active = 0;  // units (expert, panel) cut into chunks as in expert_ffn_cpu
+  for (int32_t e = 0; e < p.E; ++e) active += ws.counts[e] > 0;
+  // 2. activations to fp32 with their group sums
+  cpu::parallel_ranges(T, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      widen_row(x + t * D * bytes, dt, D, w13.g, ws.xf + t * xs, ws.xsum + t * w13.groups);
+  }, T * D >= cpu::kParallelMinWork);
+  // 3. gate|up -> h (fp32 values rounded to dtype)
+  const int64_t nc13 = cpu::chunk_count(active * np13);
+  cpu::parallel_for(nc13, [&](int64_t c) {
     alignas(64) AccT acc;
     const float* a[kMaxM];
     const float* as[kMaxM];
     float* hrow[kMaxM];
-    void* o[kMaxM];
-    // 2. activations to fp32 with their group sums
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) widen_row(x + t * D * bytes, dt, D, w13.g, ws.xf + t * xs, ws.xsum + t * w13.groups);
-    // 3. gate|up -> h (fp32 values rounded to dtype)
-    for_my_units(tid, n, p.E, ws.counts, np13, [&](int32_t e, int64_t q) {
+    for_my_units(int(c), int(nc13), p.E, ws.counts, np13, [&](int32_t e, int64_t q) {
       const uint8_t* panel = q13 + (e * np13 + q) * w13.panel_bytes;
       for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += kMaxM) {
         const int M = std::min<int>(kMaxM, ws.offsets[e + 1] - i);
@@ -616,12 +617,19 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p) {
         epi_silu(dt, acc, M, hrow, q * kHalf);
       }
     });
-#pragma omp barrier
-    // 4. group sums of h
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n_slots; ++i) group_sums(ws.hf + i * hs, F, w2.g, ws.hsum + i * w2.groups);
-    // 5. down -> expert_out
-    for_my_units(tid, n, p.E, ws.counts, np2, [&](int32_t e, int64_t q) {
+  });
+  // 4. group sums of h
+  cpu::parallel_ranges(n_slots, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) group_sums(ws.hf + i * hs, F, w2.g, ws.hsum + i * w2.groups);
+  }, n_slots * F >= cpu::kParallelMinWork);
+  // 5. down -> expert_out
+  const int64_t nc2 = cpu::chunk_count(active * np2);
+  cpu::parallel_for(nc2, [&](int64_t c) {
+    alignas(64) AccT acc;
+    const float* a[kMaxM];
+    const float* as[kMaxM];
+    void* o[kMaxM];
+    for_my_units(int(c), int(nc2), p.E, ws.counts, np2, [&](int32_t e, int64_t q) {
       const uint8_t* panel = q2 + (e * np2 + q) * w2.panel_bytes;
       for (int32_t i = ws.offsets[e]; i < ws.offsets[e + 1]; i += kMaxM) {
         const int M = std::min<int>(kMaxM, ws.offsets[e + 1] - i);
@@ -634,7 +642,7 @@ void expert_ffn_q_cpu(const QExpertFFNParams& p) {
         epi_store(dt, acc, M, o, q * kPanel, D);
       }
     });
-  }
+  });
 }
 
 }  // namespace moe

@@ -15,10 +15,12 @@
 // Limits: E <= kMaxExperts (stack row buffer). Reference: src/moe_engine/ops/route.py (route_ref);
 //   test: tests/test_ops.py; tolerances: tests/tolerances.py.
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 
 #include "common.h"
+#include "pool.h"
 
 namespace moe {
 namespace {
@@ -87,8 +89,7 @@ void route_row(const RouteParams& p, int32_t k, int64_t t) {
   if (p.usage_counts)
     for (j = 0; j < k; ++j)
       if (ids[j] >= 0) {
-#pragma omp atomic
-        p.usage_counts[ids[j]] += 1;
+        std::atomic_ref<int32_t>(p.usage_counts[ids[j]]).fetch_add(1, std::memory_order_relaxed);
       }
 }
 
@@ -120,8 +121,9 @@ void route_cpu(const RouteParams& p) {
       if (p.force_expert[t] < -1 || p.force_expert[t] >= p.E)
         cpu::fail("route_cpu", "force_expert[" + std::to_string(t) + "]=" + std::to_string(p.force_expert[t]) +
                                    " outside [-1, E)");
-#pragma omp parallel for schedule(static) if (T * p.E >= cpu::kParallelMinWork) num_threads(cpu::max_threads())
-  for (int64_t t = 0; t < T; ++t) route_row(p, k, t);
+  cpu::parallel_ranges(T, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) route_row(p, k, t);
+  }, T * p.E >= cpu::kParallelMinWork);
 }
 
 }  // namespace moe

@@ -1,11 +1,13 @@
 """How many threads a one-call decode step runs on, chosen step by step from its own timings.
 
-Why: a decode step of the cpu backend is dozens of short OpenMP parallel regions, each ending in
-a barrier that waits for every thread of the team. When other processes hold the cores, the
-scheduler takes one of the step's threads off for a time slice and the whole step waits for it
-at the next barrier; no OpenMP wait policy changes that (bench/README.md, contention.py). One
-thread has no barrier to wait at: it runs whenever it holds a core. So the step's team follows
-the machine: the full team while it is fastest, half of it (down to one thread) while that is
+Why: a decode step of the cpu backend is dozens of short parallel regions. Run as OpenMP regions
+(MOE_ENGINE_POOL=0), each ends in a barrier that waits for every thread of the team: when other
+processes hold the cores, the scheduler takes one of the step's threads off for a time slice and
+the whole step waits for it at the next barrier; no OpenMP wait policy changes that
+(bench/README.md, contention.py). The kernels' own pool (csrc/cpu/pool.h, the default) waits
+only for chunks in flight, but a chunk whose thread loses its core still holds its job up. One
+thread waits for nobody: it runs whenever it holds a core. So the step's team follows the
+machine: the full team while it is fastest, half of it (down to one thread) while that is
 faster.
 
 The rule (`TeamPolicy`, a pure function of the step times it is given; no clock):
@@ -27,10 +29,12 @@ The rule (`TeamPolicy`, a pure function of the step times it is given; no clock)
 Bits: the kernels give the same bits for any thread count (the fixed summation order of
 csrc/cpu; tests/test_ops.py), so the choice changes only the speed.
 
-Scope: the thread count of the calling thread's OpenMP regions (`_C.kernel_threads`), set for the
-step and restored after it; torch's own setting and other threads are not touched. On by
-default; MOE_ENGINE_ADAPT_THREADS=0 (read when a model is loaded) keeps every step on the full
-team, =1 forces it on. Measurements: bench/contention.py, bench/README.md.
+Scope: the team of the calling thread's parallel regions (`_C.kernel_threads`), set for the
+step and restored after it; torch's own setting and other threads are not touched. Off by
+default since the kernels run on their own pool: on a quiet machine the pool's full team was as
+fast as the rule or faster beside 0, 1 and 4 busy processes (bench/README.md, "The kernels' own
+thread pool"). MOE_ENGINE_ADAPT_THREADS=1 (read when a model is loaded) turns it on, =0 or unset
+keeps every step on the full team. Measurements: bench/contention.py, bench/README.md.
 """
 from __future__ import annotations
 
@@ -55,14 +59,14 @@ ENV = "MOE_ENGINE_ADAPT_THREADS"
 
 
 def enabled_from_env(environ=None) -> bool:
-    """MOE_ENGINE_ADAPT_THREADS: unset or empty -> on (the default); 1/on/true -> on;
+    """MOE_ENGINE_ADAPT_THREADS: unset or empty -> off (the default); 1/on/true -> on;
     0/off/false -> off; anything else raises ValueError naming the value."""
     value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
-    if value in ("", "1", "on", "true"):
+    if value in ("1", "on", "true"):
         return True
-    if value in ("0", "off", "false"):
+    if value in ("", "0", "off", "false"):
         return False
-    raise ValueError(f"{ENV}={value!r}; expected 1/on/true or 0/off/false (unset: on)")
+    raise ValueError(f"{ENV}={value!r}; expected 1/on/true or 0/off/false (unset: off)")
 
 
 def _quantile(times, q: float) -> float:
