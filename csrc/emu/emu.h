@@ -980,11 +980,13 @@ inline cudaError_t set_error(cudaError_t e) {
   return e;
 }
 
+// The bytes cudaMalloc(bytes) really allocates: aligned_alloc takes a multiple of its alignment,
+// so round up, plus one more block so that a zero-byte allocation is still a distinct pointer.
+inline size_t malloc_padded(size_t bytes) { return (bytes + 255) / 256 * 256 + 256; }
+
 inline cudaError_t cudaMalloc(void** p, size_t bytes) {
   if (!p) return set_error(cudaErrorInvalidValue);
-  // aligned_alloc takes a multiple of its alignment: round up, plus one more block so that a
-  // zero-byte allocation is still a distinct pointer
-  const size_t padded = (bytes + 255) / 256 * 256 + 256;
+  const size_t padded = malloc_padded(bytes);
   void* q = std::aligned_alloc(256, padded);
   if (!q) return set_error(cudaErrorMemoryAllocation);
   std::memset(q, 0xCD, bytes);  // fresh device memory is garbage, not zeros
@@ -1010,7 +1012,7 @@ inline cudaError_t cudaFree(void* p) {
     std::abort();
   }
 #if defined(__SANITIZE_ADDRESS__)
-  ASAN_UNPOISON_MEMORY_REGION((char*)p + it->second, (it->second + 255) / 256 * 256 + 256 - it->second);
+  ASAN_UNPOISON_MEMORY_REGION((char*)p + it->second, malloc_padded(it->second) - it->second);
 #endif
   rt().allocs.erase(it);
   std::free(p);
