@@ -50,6 +50,15 @@ def tiny_fp32(tiny_fp32_dir):
     return moe_engine.load(tiny_fp32_dir, dtype="float32", backend="torch", progress=False)
 
 
+@pytest.fixture(scope="module")
+def emu_model(tiny_ckpt):
+    """tiny_ckpt in bf16 on the emu backend (the CUDA kernels on the CPU), one per test module."""
+    import moe_engine
+    if "emu" not in available_backends():
+        pytest.skip("emu backend not built")
+    return moe_engine.load(tiny_ckpt, dtype="bfloat16", backend="emu", progress=False)
+
+
 @pytest.fixture
 def copy_ckpt(tmp_path):
     """copy_ckpt(src) -> a private, mutable copy of a checkpoint directory."""

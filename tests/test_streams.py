@@ -87,13 +87,6 @@ def test_no_op_off_cuda(backend):
     b.join()
 
 
-@pytest.fixture(scope="module")
-def emu_model(tiny_ckpt):
-    if "emu" not in available_backends():
-        pytest.skip("emu backend not built")
-    return moe_engine.load(tiny_ckpt, dtype="bfloat16", backend="emu", progress=False)
-
-
 def test_moe_layer_runs_shared_on_the_side_stream(emu_model, monkeypatch):
     """The MoE layer with the fake API in place of CUDA: the shared experts launch on the side
     stream after the fork; router, route and routed experts on the caller's stream; the join comes

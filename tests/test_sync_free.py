@@ -20,7 +20,6 @@ from torch.overrides import TorchFunctionMode
 import moe_engine
 from moe_engine import Capture, TapRequest
 from moe_engine.model import Model
-from moe_engine.ops import available_backends
 from tolerances import TOL
 
 T_ = torch.Tensor
@@ -75,13 +74,6 @@ def count_forward_syncs(monkeypatch) -> list[list[str]]:
         return out
     monkeypatch.setattr(Model, "_forward", counted)
     return seen
-
-
-@pytest.fixture(scope="module")
-def emu_model(tiny_ckpt):
-    if "emu" not in available_backends():
-        pytest.skip("emu backend not built")
-    return moe_engine.load(tiny_ckpt, dtype="bfloat16", backend="emu", progress=False)
 
 
 @pytest.mark.parametrize("kw", [{}, {"topk": [None, 1, 0]}, {"expert_mask": {1: [0, 2]}, "mask_mode": "zero"},
